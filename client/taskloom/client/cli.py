@@ -1,0 +1,414 @@
+"""The ``taskloom`` command.
+
+Client commands live here; ``supervisor`` and ``worker`` come from their own
+packages through the ``taskloom.commands`` entry points, loaded only when
+used, so the client never imports them.
+
+Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad usage or
+input; 3 a service is unreachable; 4 no such task; 5 any other error;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from taskloom.client.client import TaskloomClient
+from taskloom.client.display import event_json, event_line, follow, task_json, task_text
+from taskloom.client.local import LocalCluster
+from taskloom.client.settings import ClientSettings
+from taskloom.core.errors import (
+    ConfigError,
+    InvalidArgument,
+    TaskloomError,
+    TaskNotFound,
+    Unavailable,
+)
+from taskloom.core.llm import create_llm
+from taskloom.core.model import Plan, PlannedSubtask, Task, TaskStatus
+from taskloom.core.plan import parse_plan
+from taskloom.core.settings import LLMSettings
+
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_ERROR = 5
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console(highlight=False)
+_following: list[str] = []
+"""The task a command is following, for the message on Ctrl-C."""
+err = Console(stderr=True, highlight=False)
+
+
+def exit_code(error: TaskloomError) -> int:
+    if isinstance(error, InvalidArgument | ConfigError):
+        return EXIT_USAGE
+    if isinstance(error, Unavailable):
+        return EXIT_UNAVAILABLE
+    if isinstance(error, TaskNotFound):
+        return EXIT_NOT_FOUND
+    return EXIT_ERROR
+
+
+def _fail(error: TaskloomError) -> None:
+    err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+    sys.exit(exit_code(error))
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """Run an async command; print taskloom errors as one line with a distinct exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except TaskloomError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            if _following:
+                task_id = _following[-1]
+                err.print(
+                    f"stopped following; task {task_id} goes on. See it with "
+                    f"`taskloom watch {task_id}`, stop it with `taskloom cancel {task_id}`"
+                )
+            else:
+                err.print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+def supervisor_option(fn: F) -> F:
+    return click.option(
+        "--supervisor",
+        metavar="HOST:PORT",
+        help="Supervisor address [TASKLOOM_SUPERVISOR, 127.0.0.1:50051]",
+    )(fn)
+
+
+def _client(supervisor: str | None) -> TaskloomClient:
+    try:
+        return TaskloomClient(settings=ClientSettings.load(supervisor=supervisor))
+    except ConfigError as e:
+        _fail(e)
+        raise
+
+
+class TaskloomGroup(click.Group):
+    """Built-in commands plus those other packages register as entry points."""
+
+    def _plugins(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group="taskloom.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in self._plugins():
+            loaded = self._plugins()[cmd_name].load()
+            command = loaded if isinstance(loaded, click.Command) else None
+        return command
+
+
+@click.group(cls=TaskloomGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="taskloom")
+def cli() -> None:
+    """taskloom: LLM-planned tasks on a cluster of workers."""
+
+
+def main() -> None:
+    cli()
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    # Not rich: it may wrap long strings to the console width.
+    print(json.dumps(document, indent=2, ensure_ascii=False), flush=True)
+
+
+def _exit_for(task: Task) -> None:
+    sys.exit(0 if task.status == TaskStatus.SUCCEEDED else EXIT_TASK_FAILED)
+
+
+def _read_plan(path: str) -> Plan:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read the plan file {path}: {e.strerror}") from None
+    return parse_plan(text)
+
+
+async def _follow(client: TaskloomClient, task_id: str) -> Task:
+    """Follow a task live on the console; returns it once it has ended."""
+    task = await client.get(task_id)
+    await follow(
+        out,
+        task,
+        client.watch(task_id),
+        functools.partial(client.get, task_id),
+    )
+    task = await client.get(task_id)
+    out.print(task_text(task))
+    return task
+
+
+@cli.command()
+@click.argument("goal")
+@supervisor_option
+@click.option(
+    "--plan", "plan_file", metavar="FILE", help="Run this JSON plan instead of asking the LLM"
+)
+@click.option("--wait", is_flag=True, help="Follow progress live until the task ends")
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON")
+@click.option("--no-synthesize", is_flag=True, help="Skip the final synthesis step")
+@click.option("--priority", type=int, default=0, help="Higher runs first")
+@click.option("--max-parallel", type=int, default=0, help="At most this many subtasks at once")
+@click.option(
+    "--idempotency-key", default="", help="Submitting again with it returns the same task"
+)
+@run_async
+async def submit(
+    goal: str,
+    supervisor: str | None,
+    plan_file: str | None,
+    wait: bool,
+    as_json: bool,
+    no_synthesize: bool,
+    priority: int,
+    max_parallel: int,
+    idempotency_key: str,
+) -> None:
+    """Submit GOAL; print its task id, or with --wait follow it to the end.
+
+    With --wait the exit status is 0 only if the task SUCCEEDED.
+    """
+    plan = _read_plan(plan_file) if plan_file else None
+    async with _client(supervisor) as client:
+        task_id = await client.submit(
+            goal,
+            plan=plan,
+            synthesize=False if no_synthesize else None,
+            priority=priority,
+            max_parallel=max_parallel,
+            idempotency_key=idempotency_key,
+        )
+        if not wait:
+            if as_json:
+                _print_json(task_json(await client.get(task_id)))
+            else:
+                out.print(task_id)
+            return
+        _following.append(task_id)
+        if as_json:
+            task = await client.wait(task_id)
+            _print_json(task_json(task))
+        else:
+            err.print(f"task {task_id} submitted; following it (Ctrl-C stops following)")
+            task = await _follow(client, task_id)
+    _exit_for(task)
+
+
+@cli.command()
+@click.argument("task_id")
+@supervisor_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line")
+@click.option("--after", default="", metavar="EVENT_ID", help="Only events after this one")
+@run_async
+async def watch(task_id: str, supervisor: str | None, as_json: bool, after: str) -> None:
+    """Print TASK_ID's events, then follow it live until it ends.
+
+    The exit status is 0 only if the task SUCCEEDED.
+    """
+    async with _client(supervisor) as client:
+        async for event in client.watch(task_id, after_event_id=after):
+            if as_json:
+                print(json.dumps(event_json(event), ensure_ascii=False), flush=True)
+            else:
+                out.print(event_line(event), soft_wrap=True)
+        task = await client.get(task_id, subtasks=False)
+    _exit_for(task)
+
+
+@cli.command()
+@click.argument("task_id")
+@supervisor_option
+@click.option("--json", "as_json", is_flag=True, help="Print the task as JSON")
+@run_async
+async def get(task_id: str, supervisor: str | None, as_json: bool) -> None:
+    """Show one task with its subtasks and result."""
+    async with _client(supervisor) as client:
+        task = await client.get(task_id)
+    if as_json:
+        _print_json(task_json(task))
+    else:
+        out.print(task_text(task))
+
+
+@cli.command()
+@supervisor_option
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in TaskStatus], case_sensitive=False),
+    help="Only tasks in this state (repeatable)",
+)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task and line")
+@run_async
+async def tasks(
+    supervisor: str | None, statuses: tuple[str, ...], limit: int, as_json: bool
+) -> None:
+    """List tasks, newest first."""
+    async with _client(supervisor) as client:
+        found = await client.list(statuses=[TaskStatus(s.upper()) for s in statuses], limit=limit)
+    for task in found:
+        if as_json:
+            print(json.dumps(task_json(task), ensure_ascii=False))
+        else:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(task.created_at))
+            progress = f"{task.subtasks_succeeded}/{task.subtasks_total}"
+            goal = task.goal.replace("\n", " ")
+            out.print(f"{task.id}  {created}  {task.status:<10} {progress:>7}  {goal[:60]}")
+
+
+@cli.command()
+@click.argument("task_id")
+@supervisor_option
+@click.option("--reason", default="", help="Recorded in the task's events")
+@run_async
+async def cancel(task_id: str, supervisor: str | None, reason: str) -> None:
+    """Cancel an unfinished task and its running subtasks."""
+    async with _client(supervisor) as client:
+        task = await client.cancel(task_id, reason)
+    out.print(f"{task.id} {task.status}")
+
+
+DEMO_PLAN = Plan(
+    subtasks=(
+        PlannedSubtask("research", "Gather facts", "Collect the key facts about the goal.", "echo"),
+        PlannedSubtask(
+            "outline", "Draft an outline", "Sketch the structure.", "echo", ("research",)
+        ),
+        PlannedSubtask("examples", "Find examples", "Pick three examples.", "echo", ("research",)),
+        PlannedSubtask(
+            "write", "Write it up", "Combine outline and examples.", "echo", ("outline", "examples")
+        ),
+    ),
+    synthesize=False,
+)
+
+
+@cli.command()
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True)
+@click.option("--listen", metavar="HOST:PORT", help="Supervisor address [127.0.0.1:50051 if free]")
+@click.option(
+    "--redis-url",
+    envvar="TASKLOOM_REDIS_URL",
+    help="Use this Redis instead of starting one [TASKLOOM_REDIS_URL]",
+)
+@click.option("--capabilities", default="llm,echo", show_default=True, help="Of each worker")
+@click.option("--concurrency", type=click.IntRange(1, 1000), default=4, show_default=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".taskloom"),
+    show_default=True,
+    help="Redis data and process logs",
+)
+@click.option("--demo", metavar="GOAL", help="Run GOAL on the cluster, show it live, then stop")
+def up(
+    workers: int,
+    listen: str | None,
+    redis_url: str | None,
+    capabilities: str,
+    concurrency: int,
+    data_dir: Path,
+    demo: str | None,
+) -> None:
+    """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
+    cluster = LocalCluster(
+        data_dir=data_dir,
+        workers=workers,
+        listen=listen,
+        redis_url=redis_url,
+        capabilities=capabilities,
+        concurrency=concurrency,
+    )
+    try:
+        err.print(f"starting a local cluster (logs in {cluster.log_dir}) …")
+        cluster.start()
+        err.print(
+            f"supervisor on [bold]{cluster.address}[/], {workers} workers "
+            f"({capabilities}), Redis at {cluster.redis_url}",
+            markup=True,
+        )
+        if demo is not None:
+            code = asyncio.run(_demo(cluster.address, demo))
+        else:
+            err.print(
+                f"try: taskloom submit 'your goal' --wait --supervisor {cluster.address}\n"
+                "Ctrl-C stops the cluster."
+            )
+            code = _wait_for_interrupt()
+    except TaskloomError as e:
+        cluster.stop()
+        _fail(e)
+        return
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    err.print("stopping …")
+    cluster.stop()
+    sys.exit(code)
+
+
+def _wait_for_interrupt() -> int:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _demo(address: str, goal: str) -> int:
+    llm = create_llm(LLMSettings.load())
+    try:
+        await llm.check()
+        offline = False
+    except TaskloomError as e:
+        offline = True
+        err.print(
+            f"\n[bold yellow]No usable Ollama:[/] {e}\n"
+            "To see taskloom plan and answer with a real model: install Ollama from "
+            "https://ollama.com/download, run `ollama serve` and "
+            f"`ollama pull {llm.model}` (or set OLLAMA_HOST / TASKLOOM_MODEL), then "
+            "run `make demo` again.\n"
+            "Meanwhile, here is the same machinery on an explicit plan of `echo` "
+            "subtasks (no model involved):\n",
+            markup=True,
+            soft_wrap=True,
+        )
+    finally:
+        await llm.close()
+    async with TaskloomClient(address) as client:
+        task_id = await client.submit(goal, plan=DEMO_PLAN if offline else None)
+        err.print(f"task {task_id}")
+        task = await _follow(client, task_id)
+    return 0 if task.status == TaskStatus.SUCCEEDED else EXIT_TASK_FAILED

@@ -1,0 +1,265 @@
+"""The taskloom SDK: submit goals, follow them, read their results.
+
+    async with TaskloomClient("127.0.0.1:50051") as client:
+        task_id = await client.submit("Compare three e-bike motors for hill climbing")
+        async for event in client.watch(task_id):
+            print(event.type, event.subtask_id, event.message)
+        task = await client.get(task_id)
+        print(task.status, task.result)
+
+``SyncTaskloomClient`` offers the same calls without ``await``. Every failure
+is a ``TaskloomError`` subclass (``TaskNotFound``, ``PlanError``,
+``SupervisorUnavailable``, ...), never a raw ``grpc.RpcError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+import time
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from taskloom.client import codec
+from taskloom.client.settings import ClientSettings
+from taskloom.core.channel import insecure_channel
+from taskloom.core.errors import Unavailable
+from taskloom.core.model import Event, Plan, Task, TaskStatus
+from taskloom.core.plan import parse_plan
+from taskloom.core.status import from_rpc_error
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import tasks_pb2_grpc
+
+T = TypeVar("T")
+PlanLike = Plan | Mapping[str, Any] | str
+
+
+class TaskloomClient:
+    """Async client for one supervisor (or a Service in front of several)."""
+
+    def __init__(
+        self, address: str | None = None, *, settings: ClientSettings | None = None
+    ) -> None:
+        self.settings = settings or ClientSettings.load(supervisor=address)
+        self._channel = insecure_channel(self.settings.supervisor, self.settings.max_message_bytes)
+        self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+
+    async def __aenter__(self) -> TaskloomClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        try:
+            return await method(request, timeout=self.settings.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, target=self.settings.supervisor) from None
+
+    async def submit(
+        self,
+        goal: str,
+        *,
+        plan: PlanLike | None = None,
+        synthesize: bool | None = None,
+        priority: int = 0,
+        max_parallel: int = 0,
+        idempotency_key: str = "",
+    ) -> str:
+        """Submit a goal; returns the task id as soon as the task is stored.
+
+        Without ``plan`` the supervisor asks its LLM for one. A plan may be a
+        ``Plan``, its JSON form, or a JSON string; a ``"synthesize"`` field in
+        it counts unless ``synthesize`` is given.
+        """
+        request = pb.SubmitTaskRequest(goal=goal, idempotency_key=idempotency_key)
+        if plan is not None:
+            parsed = plan if isinstance(plan, Plan) else parse_plan(plan)
+            request.plan.CopyFrom(codec.plan_to_pb(parsed))
+            if synthesize is None:
+                synthesize = parsed.synthesize
+        request.options.CopyFrom(
+            codec.options_to_pb(synthesize=synthesize, priority=priority, max_parallel=max_parallel)
+        )
+        response: pb.SubmitTaskResponse = await self._call(self._stub.SubmitTask, request)
+        return response.task_id
+
+    async def get(self, task_id: str, *, subtasks: bool = True) -> Task:
+        """The task, with its subtasks unless ``subtasks`` is False."""
+        view = pb.TASK_VIEW_FULL if subtasks else pb.TASK_VIEW_SUMMARY
+        response: pb.GetTaskResponse = await self._call(
+            self._stub.GetTask, pb.GetTaskRequest(task_id=task_id, view=view)
+        )
+        return codec.task_from_pb(response.task)
+
+    async def list(
+        self, *, statuses: Iterable[TaskStatus] = (), limit: int = 50
+    ) -> builtins.list[Task]:
+        """Up to ``limit`` tasks, newest first, optionally only in some states."""
+        tasks: builtins.list[Task] = []
+        token = ""
+        while len(tasks) < limit:
+            request = pb.ListTasksRequest(
+                page_size=min(limit - len(tasks), 1000),
+                page_token=token,
+                statuses=[codec.status_to_pb(s) for s in statuses],
+            )
+            response: pb.ListTasksResponse = await self._call(self._stub.ListTasks, request)
+            tasks += [codec.task_from_pb(t) for t in response.tasks]
+            token = response.next_page_token
+            if not token:
+                break
+        return tasks
+
+    async def cancel(self, task_id: str, reason: str = "") -> Task:
+        """Cancel an unfinished task; returns it as it ended."""
+        response: pb.CancelTaskResponse = await self._call(
+            self._stub.CancelTask, pb.CancelTaskRequest(task_id=task_id, reason=reason)
+        )
+        return codec.task_from_pb(response.task)
+
+    async def watch(self, task_id: str, *, after_event_id: str = "") -> AsyncIterator[Event]:
+        """The task's events after the cursor, then live, until its terminal event.
+
+        If the supervisor goes away the watch resumes from the last event it
+        delivered (for up to ``reconnect_timeout``), so no event is missed or
+        delivered twice.
+        """
+        cursor = after_event_id
+        deadline: float | None = None
+        delay = 0.2
+        while True:
+            call = self._stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_event_id=cursor))
+            try:
+                async for response in call:
+                    deadline, delay = None, 0.2
+                    for message in response.events:
+                        event = codec.event_from_pb(message)
+                        cursor = event.id
+                        yield event
+                        if event.terminal:
+                            return
+                return
+            except grpc.aio.AioRpcError as e:
+                error = from_rpc_error(e, target=self.settings.supervisor)
+                if not isinstance(error, Unavailable):
+                    raise error from None
+                now = time.monotonic()
+                deadline = deadline or now + self.settings.reconnect_timeout
+                if now >= deadline:
+                    raise error from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                call.cancel()
+
+    async def wait(self, task_id: str) -> Task:
+        """Block until the task ends; returns it with its subtasks."""
+        async for _ in self.watch(task_id):
+            pass
+        return await self.get(task_id)
+
+
+class SyncTaskloomClient:
+    """The same client without ``await``, for scripts and notebooks.
+
+    It runs an event loop on a background thread; close it (or use ``with``).
+    """
+
+    def __init__(
+        self, address: str | None = None, *, settings: ClientSettings | None = None
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def make() -> TaskloomClient:
+            return TaskloomClient(address, settings=settings)
+
+        self._client = self._run(make())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(
+        self,
+        goal: str,
+        *,
+        plan: PlanLike | None = None,
+        synthesize: bool | None = None,
+        priority: int = 0,
+        max_parallel: int = 0,
+        idempotency_key: str = "",
+    ) -> str:
+        return self._run(
+            self._client.submit(
+                goal,
+                plan=plan,
+                synthesize=synthesize,
+                priority=priority,
+                max_parallel=max_parallel,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def get(self, task_id: str, *, subtasks: bool = True) -> Task:
+        return self._run(self._client.get(task_id, subtasks=subtasks))
+
+    def list(self, *, statuses: Iterable[TaskStatus] = (), limit: int = 50) -> builtins.list[Task]:
+        return self._run(self._client.list(statuses=statuses, limit=limit))
+
+    def cancel(self, task_id: str, reason: str = "") -> Task:
+        return self._run(self._client.cancel(task_id, reason))
+
+    def watch(self, task_id: str, *, after_event_id: str = "") -> Iterator[Event]:
+        events = self._client.watch(task_id, after_event_id=after_event_id)
+        try:
+            while True:
+                try:
+                    yield self._run(anext(events))  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(events.aclose())  # type: ignore[attr-defined]
+
+    def wait(self, task_id: str) -> Task:
+        return self._run(self._client.wait(task_id))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> SyncTaskloomClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

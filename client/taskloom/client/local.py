@@ -1,0 +1,154 @@
+"""``taskloom up``: Redis, a supervisor and N workers on this machine, in one command.
+
+Each runs as a child process in its own process group, logging to a file in
+the data folder; ``stop()`` sends SIGTERM (so workers drain and Redis flushes
+its AOF) and SIGKILLs whatever lingers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from taskloom.core.errors import ConfigError
+from taskloom.core.localredis import LocalRedis, free_port
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+
+
+def default_listen() -> str:
+    """127.0.0.1:50051 if it is free, else any free port."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", DEFAULT_PORT))
+        return f"127.0.0.1:{DEFAULT_PORT}"
+    except OSError:
+        return f"127.0.0.1:{free_port()}"
+
+
+def wait_serving(
+    address: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll the gRPC health service until it says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise ConfigError(f"the supervisor exited with status {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise ConfigError(f"the supervisor at {address} was not serving within {timeout:.0f}s")
+
+
+class LocalCluster:
+    """Redis + supervisor + workers as child processes."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        workers: int = 2,
+        listen: str | None = None,
+        redis_url: str | None = None,
+        capabilities: str = "llm,echo",
+        concurrency: int = 4,
+    ) -> None:
+        self.data_dir = data_dir
+        self.n_workers = workers
+        self.listen = listen or default_listen()
+        self.capabilities = capabilities
+        self.concurrency = concurrency
+        self.redis: LocalRedis | None = None
+        self.redis_url = redis_url or ""
+        self.supervisor: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def address(self) -> str:
+        return self.listen
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.redis = LocalRedis(self.data_dir / "redis")
+            self.redis.start()
+            self.redis_url = self.redis.url
+        self.supervisor = self._spawn(
+            "supervisor",
+            ["supervisor", "--listen", self.listen, "--redis-url", self.redis_url],
+        )
+        wait_serving(self.listen, 30.0, self.supervisor)
+        for i in range(1, self.n_workers + 1):
+            self.workers.append(
+                self._spawn(
+                    f"worker-{i}",
+                    [
+                        "worker",
+                        "--supervisor",
+                        self.listen,
+                        "--capabilities",
+                        self.capabilities,
+                        "--concurrency",
+                        str(self.concurrency),
+                        "--name",
+                        f"worker-{i}",
+                    ],
+                )
+            )
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self._logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "taskloom.client", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def stop(self, timeout: float = 40.0) -> None:
+        """Workers first (they drain), then the supervisor, then Redis."""
+        _terminate(self.workers, timeout)
+        _terminate([self.supervisor] if self.supervisor else [], timeout)
+        if self.redis is not None:
+            self.redis.stop()
+        for log in self._logs:
+            log.close()
+
+
+def _terminate(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -1,0 +1,93 @@
+"""The one error hierarchy of taskloom.
+
+Every error a user can meet is a ``TaskloomError`` with a message that says what
+went wrong and what to do. Lower layers translate what they catch (Redis,
+gRPC, HTTP) into these classes at one seam each: the store for Redis, the LLM
+providers for their clients, ``taskloom.core.status`` for gRPC.
+
+    TaskloomError
+    ├── ConfigError              a setting is missing or malformed
+    ├── InvalidArgument          the request itself is wrong
+    │   └── PlanError            a plan breaks the rules (also: planning failed)
+    ├── TaskNotFound             no task with that id (or it expired)
+    ├── TaskFinished             the task already ended; the request needs a live one
+    ├── PermissionDenied         the caller may not do this
+    ├── ResourceExhausted        a limit was reached; try later or ask for less
+    ├── Unavailable              a dependency cannot be reached; retrying may help
+    │   ├── StoreUnavailable     Redis
+    │   ├── LLMUnavailable       the LLM server
+    │   └── SupervisorUnavailable
+    └── LLMError                 the LLM answered, but with an error
+"""
+
+from __future__ import annotations
+
+
+class TaskloomError(Exception):
+    """Base of every error taskloom raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(TaskloomError):
+    """A setting is missing or malformed; the message names the variable or flag."""
+
+
+class InvalidArgument(TaskloomError):
+    """The request is malformed: an empty goal, an oversized field, a bad id."""
+
+
+class PlanError(InvalidArgument):
+    """A plan breaks the rules, or no valid plan could be obtained from the model.
+
+    ``violations`` lists each problem in words the model (or a person) can act on.
+    """
+
+    def __init__(self, message: str, violations: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.violations = list(violations or [])
+
+
+class TaskNotFound(TaskloomError):
+    """No task has this id, or it expired after the retention period."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task with id {task_id!r} (it may have expired)")
+        self.task_id = task_id
+
+
+class TaskFinished(TaskloomError):
+    """The task has already ended, so it cannot be changed."""
+
+
+class PermissionDenied(TaskloomError):
+    """The caller is not allowed to do this."""
+
+
+class ResourceExhausted(TaskloomError):
+    """A limit was reached."""
+
+
+class Unavailable(TaskloomError):
+    """Something taskloom depends on cannot be reached right now."""
+
+
+class StoreUnavailable(Unavailable):
+    """Redis cannot be reached or refused the operation."""
+
+
+class LLMUnavailable(Unavailable):
+    """The LLM server cannot be reached."""
+
+
+class SupervisorUnavailable(Unavailable):
+    """No supervisor answers at the configured address."""
+
+
+class LLMError(TaskloomError):
+    """The LLM server answered with an error (unknown model, bad request, ...)."""

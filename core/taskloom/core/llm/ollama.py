@@ -1,0 +1,117 @@
+"""The Ollama backend, through the official ``ollama`` client."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import ollama
+
+from taskloom.core.errors import LLMError, LLMUnavailable
+from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback
+from taskloom.core.model import Usage
+
+DEFAULT_PORT = 11434
+
+
+def normalize_host(host: str) -> str:
+    """``localhost`` → ``http://localhost:11434``, as Ollama's own CLI reads OLLAMA_HOST."""
+    host = host.strip() or "127.0.0.1"
+    if "://" not in host:
+        host = f"http://{host}"
+    parts = urlsplit(host)
+    if parts.port is None:
+        host = f"{parts.scheme}://{parts.hostname}:{DEFAULT_PORT}{parts.path}"
+    return host.rstrip("/")
+
+
+class OllamaLLM(LLM):
+    """A model served by Ollama at ``host``."""
+
+    provider = "ollama"
+
+    def __init__(self, host: str, model: str, *, timeout: float = 300.0) -> None:
+        self.host = normalize_host(host)
+        self.model = model
+        self._client = ollama.AsyncClient(
+            host=self.host, timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        temperature: float = 0.0,
+        on_text: TextCallback | None = None,
+    ) -> ChatReply:
+        payload = [{"role": m.role, "content": m.content} for m in messages]
+        options = {"temperature": temperature}
+        fmt = dict(schema) if schema is not None else None
+        try:
+            if on_text is None:
+                response = await self._client.chat(
+                    model=self.model, messages=payload, format=fmt, options=options
+                )
+                return ChatReply(response.message.content or "", self._usage(response))
+            parts: list[str] = []
+            last: ollama.ChatResponse | None = None
+            stream = await self._client.chat(
+                model=self.model, messages=payload, format=fmt, options=options, stream=True
+            )
+            async for chunk in stream:
+                last = chunk
+                text = chunk.message.content or ""
+                if text:
+                    parts.append(text)
+                    await on_text(text)
+            return ChatReply("".join(parts), self._usage(last))
+        except (ConnectionError, httpx.TransportError) as e:
+            raise self._unreachable(e) from None
+        except ollama.ResponseError as e:
+            raise self._refused(e) from None
+
+    async def check(self) -> None:
+        try:
+            listing = await self._client.list()
+        except (ConnectionError, httpx.TransportError) as e:
+            raise self._unreachable(e) from None
+        except ollama.ResponseError as e:
+            raise self._refused(e) from None
+        names = {m.model or "" for m in listing.models}
+        wanted = {self.model, f"{self.model}:latest"}
+        if not names & wanted:
+            raise LLMError(
+                f"model {self.model!r} is not pulled on Ollama at {self.host}; "
+                f"run `ollama pull {self.model}` (or set TASKLOOM_MODEL to one of: "
+                f"{', '.join(sorted(names)) or 'none pulled yet'})"
+            )
+
+    async def close(self) -> None:
+        await self._client.close()  # type: ignore[no-untyped-call]
+
+    def _usage(self, response: ollama.ChatResponse | None) -> Usage:
+        if response is None:
+            return Usage(model=self.model)
+        return Usage(
+            input_tokens=response.prompt_eval_count or 0,
+            output_tokens=response.eval_count or 0,
+            model=self.model,
+        )
+
+    def _unreachable(self, error: BaseException) -> LLMUnavailable:
+        reason = type(error).__name__ if isinstance(error, httpx.TimeoutException) else "no answer"
+        return LLMUnavailable(
+            f"cannot reach Ollama at {self.host} ({reason}); start it with `ollama serve` "
+            "or point OLLAMA_HOST at a running server"
+        )
+
+    def _refused(self, error: ollama.ResponseError) -> LLMError:
+        if error.status_code == 404:
+            return LLMError(
+                f"Ollama at {self.host} does not have model {self.model!r}; "
+                f"run `ollama pull {self.model}`"
+            )
+        return LLMError(f"Ollama at {self.host} answered {error.status_code}: {error.error}")

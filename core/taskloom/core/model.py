@@ -1,0 +1,248 @@
+"""The domain model every component shares: tasks, subtasks, plans, events.
+
+These are plain frozen dataclasses. Protocol buffers never get past the gRPC
+edges (each side's ``codec.py``); the scheduler, planner and store see only
+these types. Times are Unix seconds as floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+SYNTHESIZE_ID = "synthesize"
+"""The id of the synthesis subtask the supervisor appends to a plan."""
+
+
+class TaskStatus(StrEnum):
+    PLANNING = "PLANNING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL_TASK
+
+
+class SubtaskStatus(StrEnum):
+    PENDING = "PENDING"
+    READY = "READY"
+    ASSIGNED = "ASSIGNED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    SKIPPED = "SKIPPED"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL_SUBTASK
+
+
+_TERMINAL_TASK = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+_TERMINAL_SUBTASK = frozenset(
+    {
+        SubtaskStatus.SUCCEEDED,
+        SubtaskStatus.FAILED,
+        SubtaskStatus.CANCELLED,
+        SubtaskStatus.SKIPPED,
+    }
+)
+
+
+class EventType(StrEnum):
+    """The types of events in a task's log."""
+
+    TASK_SUBMITTED = "task.submitted"
+    PLAN_REQUESTED = "plan.requested"
+    PLAN_REJECTED = "plan.rejected"
+    PLAN_CREATED = "plan.created"
+    SUBTASK_READY = "subtask.ready"
+    SUBTASK_ASSIGNED = "subtask.assigned"
+    SUBTASK_RUNNING = "subtask.running"
+    SUBTASK_PROGRESS = "subtask.progress"
+    SUBTASK_RETRYING = "subtask.retrying"
+    SUBTASK_SUCCEEDED = "subtask.succeeded"
+    SUBTASK_FAILED = "subtask.failed"
+    SUBTASK_CANCELLED = "subtask.cancelled"
+    TASK_SUCCEEDED = "task.succeeded"
+    TASK_FAILED = "task.failed"
+    TASK_CANCELLED = "task.cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the event that ends a task's log."""
+        return self in _TERMINAL_EVENTS
+
+
+_TERMINAL_EVENTS = frozenset(
+    {EventType.TASK_SUCCEEDED, EventType.TASK_FAILED, EventType.TASK_CANCELLED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRef:
+    """One attempt of one subtask: the unit of assignment and of reporting."""
+
+    task_id: str
+    subtask_id: str
+    attempt: int
+
+    def __str__(self) -> str:
+        return f"{self.task_id}/{self.subtask_id}#{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSubtask:
+    """One node of a plan as the planner or a caller wrote it."""
+
+    id: str
+    title: str
+    instruction: str
+    capability: str
+    depends_on: tuple[str, ...] = ()
+    params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A dependency graph of subtasks. ``synthesize`` None means "by the options"."""
+
+    subtasks: tuple[PlannedSubtask, ...]
+    synthesize: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    synthesize: bool = True
+    priority: int = 0
+    max_parallel: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Subtask:
+    id: str
+    title: str
+    instruction: str
+    capability: str
+    depends_on: tuple[str, ...]
+    status: SubtaskStatus
+    output: str = ""
+    error: str = ""
+    attempt: int = 0
+    worker: str = ""
+    progress: str = ""
+    params: Mapping[str, str] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    goal: str
+    status: TaskStatus
+    options: TaskOptions
+    created_at: float
+    updated_at: float
+    result: str = ""
+    error: str = ""
+    finished_at: float | None = None
+    subtasks_total: int = 0
+    subtasks_succeeded: int = 0
+    subtasks: tuple[Subtask, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a task's event log; ``id`` is its Redis stream id."""
+
+    id: str
+    time: float
+    type: str
+    task_id: str
+    subtask_id: str = ""
+    status: str = ""
+    message: str = ""
+    attempt: int = 0
+    worker: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in _TERMINAL_EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """The output of a dependency, as its dependent receives it."""
+
+    subtask_id: str
+    title: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """One attempt of a subtask handed to a worker."""
+
+    task_id: str
+    subtask_id: str
+    attempt: int
+    capability: str
+    title: str
+    instruction: str
+    goal: str
+    inputs: tuple[Input, ...] = ()
+    params: Mapping[str, str] = field(default_factory=dict)
+    deadline: float | None = None
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> AttemptRef:
+        return AttemptRef(self.task_id, self.subtask_id, self.attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressUpdate:
+    ref: AttemptRef
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubtaskResult:
+    ref: AttemptRef
+    output: str
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True, slots=True)
+class SubtaskFailure:
+    ref: AttemptRef
+    error: str
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker says about itself in Hello."""
+
+    worker_id: str
+    name: str
+    capabilities: frozenset[str]
+    max_concurrency: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    in_flight: tuple[AttemptRef, ...] = ()
+    version: str = ""

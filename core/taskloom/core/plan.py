@@ -1,0 +1,261 @@
+"""Reading and checking plans.
+
+A plan is JSON of the form::
+
+    {"subtasks": [{"id": "s1", "title": "...", "instruction": "...",
+                   "capability": "llm", "depends_on": []}],
+     "synthesize": true}
+
+Unknown fields are ignored. ``parse_plan`` turns such a document into a
+``Plan``; ``validate_plan`` lists every way the plan breaks the rules, in words
+that can be fed back to the model that wrote it ("s4 depends on missing s9").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from taskloom.core.errors import PlanError
+from taskloom.core.model import SYNTHESIZE_ID, Plan, PlannedSubtask
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""Subtask ids end up inside Redis keys, so they are short and plain."""
+
+_ID_RE = re.compile(ID_PATTERN)
+MAX_REPORTED_VIOLATIONS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimits:
+    """Size limits for one plan; LLM plans get much tighter ones than explicit plans."""
+
+    max_subtasks: int
+    max_title_chars: int = 200
+    max_instruction_chars: int = 20_000
+    max_params: int = 32
+    max_param_chars: int = 4_000
+
+
+def parse_plan(document: Any) -> Plan:
+    """Build a ``Plan`` from decoded JSON (or a JSON string); raise ``PlanError`` if malformed."""
+    if isinstance(document, str | bytes):
+        try:
+            document = json.loads(document)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"the plan is not valid JSON: {e}", [f"not valid JSON: {e}"]) from None
+    if not isinstance(document, dict):
+        raise PlanError("a plan must be a JSON object with a 'subtasks' list")
+    raw = document.get("subtasks")
+    if not isinstance(raw, list):
+        raise PlanError("a plan must have a 'subtasks' list", ["'subtasks' must be a list"])
+    problems: list[str] = []
+    subtasks = [_parse_subtask(i, item, problems) for i, item in enumerate(raw)]
+    synthesize = document.get("synthesize")
+    if synthesize is not None and not isinstance(synthesize, bool):
+        problems.append("'synthesize' must be true or false")
+    if problems:
+        raise PlanError(_summary(problems), problems)
+    return Plan(subtasks=tuple(s for s in subtasks if s is not None), synthesize=synthesize)
+
+
+def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask | None:
+    where = f"subtasks[{index}]"
+    if not isinstance(item, dict):
+        problems.append(f"{where} must be an object")
+        return None
+    fields: dict[str, str] = {}
+    for name in ("id", "title", "instruction", "capability"):
+        value = item.get(name, "" if name == "title" else None)
+        if not isinstance(value, str):
+            problems.append(f"{where}.{name} must be a string")
+            value = ""
+        fields[name] = value
+    deps = item.get("depends_on", [])
+    if deps is None:
+        deps = []
+    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+        problems.append(f"{where}.depends_on must be a list of subtask ids")
+        deps = []
+    params = item.get("params", {}) or {}
+    if not isinstance(params, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in params.values()
+    ):
+        problems.append(f"{where}.params must be an object of strings, numbers or booleans")
+        params = {}
+    return PlannedSubtask(
+        id=fields["id"],
+        title=fields["title"],
+        instruction=fields["instruction"],
+        capability=fields["capability"],
+        depends_on=tuple(deps),
+        params={str(k): _param_str(v) for k, v in params.items()},
+    )
+
+
+def _param_str(value: str | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def plan_to_document(plan: Plan) -> dict[str, Any]:
+    """The JSON form of a plan (the inverse of ``parse_plan``)."""
+    document: dict[str, Any] = {
+        "subtasks": [
+            {
+                "id": s.id,
+                "title": s.title,
+                "instruction": s.instruction,
+                "capability": s.capability,
+                "depends_on": list(s.depends_on),
+                **({"params": dict(s.params)} if s.params else {}),
+            }
+            for s in plan.subtasks
+        ]
+    }
+    if plan.synthesize is not None:
+        document["synthesize"] = plan.synthesize
+    return document
+
+
+def validate_plan(
+    plan: Plan,
+    *,
+    capabilities: Collection[str],
+    limits: PlanLimits,
+    reserved_ids: Collection[str] = (SYNTHESIZE_ID,),
+) -> list[str]:
+    """Every way ``plan`` breaks the rules, most fundamental first; empty if valid."""
+    violations: list[str] = []
+    subtasks = plan.subtasks
+    if not subtasks:
+        return ["the plan has no subtasks; it needs at least one"]
+    if len(subtasks) > limits.max_subtasks:
+        violations.append(
+            f"the plan has {len(subtasks)} subtasks; at most {limits.max_subtasks} are allowed"
+        )
+    all_ids = {s.id for s in subtasks}
+    seen: set[str] = set()
+    for s in subtasks:
+        name = s.id or "(empty id)"
+        if not _ID_RE.match(s.id):
+            violations.append(
+                f"subtask id {s.id!r} is not valid: use 1-64 letters, digits, '_', '.' or '-'"
+            )
+        elif s.id in seen:
+            violations.append(f"duplicate id {s.id}")
+        elif s.id in reserved_ids:
+            violations.append(f"id {s.id} is reserved for the step taskloom adds; rename it")
+        seen.add(s.id)
+        if len(s.title) > limits.max_title_chars:
+            violations.append(f"{name} has a title over {limits.max_title_chars} characters")
+        if not s.instruction.strip():
+            violations.append(f"{name} has an empty instruction")
+        elif len(s.instruction) > limits.max_instruction_chars:
+            violations.append(
+                f"{name} has an instruction of {len(s.instruction)} characters; "
+                f"the limit is {limits.max_instruction_chars}"
+            )
+        if s.capability not in capabilities:
+            available = ", ".join(sorted(capabilities)) or "none"
+            violations.append(
+                f"{name} uses unknown capability {s.capability!r}; available: {available}"
+            )
+        if len(s.params) > limits.max_params or any(
+            len(v) > limits.max_param_chars for v in s.params.values()
+        ):
+            violations.append(f"{name} has too many or too long params")
+        for dep in s.depends_on:
+            if dep == s.id:
+                violations.append(f"{name} depends on itself")
+            elif dep not in all_ids:
+                violations.append(f"{name} depends on missing {dep}")
+        if len(set(s.depends_on)) != len(s.depends_on):
+            violations.append(f"{name} lists a dependency twice")
+    cycle = find_cycle(subtasks)
+    if cycle:
+        violations.append("cycle " + " → ".join(cycle))
+    return violations[:MAX_REPORTED_VIOLATIONS]
+
+
+def check_plan(plan: Plan, *, capabilities: Collection[str], limits: PlanLimits) -> None:
+    """Raise ``PlanError`` naming every violation, or return if the plan is valid."""
+    violations = validate_plan(plan, capabilities=capabilities, limits=limits)
+    if violations:
+        raise PlanError(_summary(violations), violations)
+
+
+def _summary(violations: list[str]) -> str:
+    head = "; ".join(violations[:5])
+    more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+    return f"invalid plan: {head}{more}"
+
+
+def find_cycle(subtasks: Iterable[PlannedSubtask]) -> list[str] | None:
+    """A dependency cycle as a closed path ``[a, b, a]``, or None.
+
+    Iterative depth-first search, so plans of many thousands of subtasks do not
+    hit the recursion limit. Dependencies on unknown ids are ignored here.
+    """
+    graph = {s.id: [d for d in s.depends_on if d != s.id] for s in subtasks}
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(graph, white)
+    for root in graph:
+        if color[root] != white:
+            continue
+        path = [root]
+        stack = [iter(graph[root])]
+        color[root] = grey
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                color[path.pop()] = black
+                continue
+            if nxt not in graph:
+                continue
+            if color[nxt] == grey:
+                return [*path[path.index(nxt) :], nxt]
+            if color[nxt] == white:
+                color[nxt] = grey
+                path.append(nxt)
+                stack.append(iter(graph[nxt]))
+    return None
+
+
+def sinks(plan: Plan) -> list[str]:
+    """Ids no other subtask depends on, in plan order."""
+    depended = {d for s in plan.subtasks for d in s.depends_on}
+    return [s.id for s in plan.subtasks if s.id not in depended]
+
+
+SYNTHESIS_TITLE = "Synthesize the final answer"
+SYNTHESIS_INSTRUCTION = (
+    "Write the final answer to the goal, using the results of the earlier steps given to you. "
+    "Merge them into one coherent, complete answer in the form the goal asks for. "
+    "Do not describe the steps or mention that there were several."
+)
+
+
+def finalize(plan: Plan, *, synthesize: bool) -> tuple[Plan, list[str]]:
+    """The plan as it runs, and the ids the task's result is taken from.
+
+    With synthesis, a ``synthesize`` subtask (capability ``llm``) depending on
+    every sink is appended and the result is its output; without, the result
+    is made of the sinks' outputs.
+    """
+    ends = sinks(plan)
+    if not synthesize:
+        return plan, ends
+    step = PlannedSubtask(
+        id=SYNTHESIZE_ID,
+        title=SYNTHESIS_TITLE,
+        instruction=SYNTHESIS_INSTRUCTION,
+        capability="llm",
+        depends_on=tuple(ends),
+    )
+    return Plan(subtasks=(*plan.subtasks, step), synthesize=True), [SYNTHESIZE_ID]

@@ -1,0 +1,104 @@
+"""Settings shared by every process, and the machinery to load them.
+
+Each process has one settings class (``SupervisorSettings``, ``WorkerSettings``,
+``ClientSettings``) built on ``TaskloomSettings``: fields are read from
+``TASKLOOM_<FIELD>`` environment variables (or the alias a field names, such
+as ``OLLAMA_HOST``), CLI flags override them, and a bad value fails at start-up
+with a ``ConfigError`` naming the variable. Durations accept plain seconds or a
+unit: ``250ms``, ``15s``, ``5m``, ``2h``, ``7d``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from taskloom.core.errors import ConfigError
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """``"15s"`` → 15.0; numbers pass through; anything else is left for pydantic to reject."""
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 30, 250ms, 15s, 5m, 2h, 7d")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    return value
+
+
+def split_list(value: Any) -> Any:
+    """``"llm, echo"`` → ``("llm", "echo")``."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_list)]
+
+
+class TaskloomSettings(BaseSettings):
+    """Base of each process's settings: environment first, then overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TASKLOOM_",
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+    flag_names: ClassVar[dict[str, str]] = {}
+    """Field name → CLI flag, so errors can name both."""
+
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Read the environment, apply non-None overrides (CLI flags win), validate."""
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as e:
+            raise ConfigError(cls._describe(e)) from None
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable a field is read from."""
+        info = cls.model_fields[field]
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            return str(alias.choices[0])
+        if isinstance(alias, str):
+            return alias
+        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+    @classmethod
+    def _describe(cls, error: ValidationError) -> str:
+        lines = []
+        for problem in error.errors():
+            field = str(problem["loc"][0]) if problem["loc"] else ""
+            if field in cls.model_fields:
+                name = cls.env_name(field)
+                if field in cls.flag_names:
+                    name += f" / {cls.flag_names[field]}"
+            else:
+                name = field or "settings"
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            lines.append(f"{name}: {message} (got {problem.get('input')!r})")
+        return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+class LLMSettings(TaskloomSettings):
+    """Where the LLM is. Used by the planner and by the built-in ``llm`` handler."""
+
+    ollama_host: str = Field(
+        default="http://127.0.0.1:11434",
+        validation_alias=AliasChoices("OLLAMA_HOST", "ollama_host"),
+    )
+    model: str = Field(default="llama3.2", min_length=1)
+    llm_timeout: Seconds = 300.0
+    """Longest wait for one LLM reply."""

@@ -1,0 +1,60 @@
+"""``taskloom supervisor``: run a supervisor until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+
+from taskloom.core.errors import ConfigError, TaskloomError, Unavailable
+from taskloom.core.logs import setup_logging
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.settings import SupervisorSettings
+
+logger = logging.getLogger(__name__)
+
+
+@click.command("supervisor")
+@click.option("--listen", help="HOST:PORT to serve gRPC on [TASKLOOM_LISTEN, 127.0.0.1:50051]")
+@click.option("--redis-url", help="Redis to keep state in [TASKLOOM_REDIS_URL]")
+@click.option("--redis-prefix", help="Prefix of every Redis key [TASKLOOM_REDIS_PREFIX]")
+@click.option("--ollama-host", help="Ollama for planning [OLLAMA_HOST]")
+@click.option("--model", help="Model for planning [TASKLOOM_MODEL]")
+@click.option("--heartbeat-interval", help="Worker heartbeat period [TASKLOOM_HEARTBEAT_INTERVAL]")
+@click.option("--lease-ttl", help="Silence after which a worker's work moves [TASKLOOM_LEASE_TTL]")
+@click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
+def command(**flags: str | None) -> None:
+    """Run a supervisor: plan goals, schedule subtasks on workers, keep state in Redis."""
+    try:
+        settings = SupervisorSettings.load(**flags)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    setup_logging(settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except Unavailable as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(3)
+    except TaskloomError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+async def _serve(settings: SupervisorSettings) -> None:
+    supervisor = Supervisor(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await supervisor.start()
+    try:
+        await stop.wait()
+        logger.info("stopping (grace %.0fs)", settings.shutdown_grace)
+    finally:
+        await supervisor.stop()

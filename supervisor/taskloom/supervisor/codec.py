@@ -1,0 +1,235 @@
+"""Protocol buffers ↔ the domain model, on the supervisor's side of the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from taskloom.core.model import (
+    AttemptRef,
+    Event,
+    Plan,
+    PlannedSubtask,
+    ProgressUpdate,
+    Subtask,
+    SubtaskFailure,
+    SubtaskResult,
+    SubtaskStatus,
+    Task,
+    TaskOptions,
+    TaskStatus,
+    Usage,
+    WorkerInfo,
+)
+from taskloom.supervisor.scheduler import (
+    AckReports,
+    AssignBatch,
+    CancelAttempts,
+    DrainNotice,
+    Outgoing,
+)
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import workers_pb2 as wpb
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+# -- tasks --------------------------------------------------------------------
+
+
+def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
+    return TaskOptions(
+        synthesize=message.synthesize if message.HasField("synthesize") else True,
+        priority=message.priority,
+        max_parallel=message.max_parallel,
+    )
+
+
+def plan_from_pb(message: pb.Plan) -> Plan:
+    return Plan(
+        subtasks=tuple(
+            PlannedSubtask(
+                id=s.id,
+                title=s.title,
+                instruction=s.instruction,
+                capability=s.capability,
+                depends_on=tuple(s.depends_on),
+                params=dict(s.params),
+            )
+            for s in message.subtasks
+        )
+    )
+
+
+def statuses_from_pb(values: Iterable[pb.TaskStatus.ValueType]) -> list[TaskStatus]:
+    return [TaskStatus(pb.TaskStatus.Name(v).removeprefix("TASK_STATUS_")) for v in values if v]
+
+
+def task_to_pb(task: Task) -> pb.Task:
+    return pb.Task(
+        id=task.id,
+        goal=task.goal,
+        status=pb.TaskStatus.Value(f"TASK_STATUS_{task.status}"),
+        result=task.result,
+        error=task.error,
+        options=pb.TaskOptions(
+            synthesize=task.options.synthesize,
+            priority=task.options.priority,
+            max_parallel=task.options.max_parallel,
+        ),
+        created_at=_timestamp(task.created_at),
+        updated_at=_timestamp(task.updated_at),
+        finished_at=_timestamp(task.finished_at),
+        subtasks_total=task.subtasks_total,
+        subtasks_succeeded=task.subtasks_succeeded,
+        subtasks=[_subtask_to_pb(s) for s in task.subtasks],
+    )
+
+
+def _subtask_to_pb(sub: Subtask) -> pb.Subtask:
+    return pb.Subtask(
+        id=sub.id,
+        title=sub.title,
+        instruction=sub.instruction,
+        capability=sub.capability,
+        depends_on=list(sub.depends_on),
+        status=_subtask_status(sub.status),
+        output=sub.output,
+        error=sub.error,
+        attempt=sub.attempt,
+        worker=sub.worker,
+        progress=sub.progress,
+        params=dict(sub.params),
+        usage=pb.Usage(
+            input_tokens=sub.usage.input_tokens,
+            output_tokens=sub.usage.output_tokens,
+            model=sub.usage.model,
+        ),
+        started_at=_timestamp(sub.started_at),
+        finished_at=_timestamp(sub.finished_at),
+    )
+
+
+def _subtask_status(status: SubtaskStatus) -> pb.SubtaskStatus.ValueType:
+    return pb.SubtaskStatus.Value(f"SUBTASK_STATUS_{status}")
+
+
+def event_to_pb(event: Event) -> pb.Event:
+    return pb.Event(
+        id=event.id,
+        time=_timestamp(event.time),
+        type=event.type,
+        task_id=event.task_id,
+        subtask_id=event.subtask_id,
+        status=event.status,
+        message=event.message,
+        attempt=event.attempt,
+        worker=event.worker,
+    )
+
+
+# -- workers ------------------------------------------------------------------
+
+
+def ref_from_pb(message: wpb.AttemptRef) -> AttemptRef:
+    return AttemptRef(message.task_id, message.subtask_id, message.attempt)
+
+
+def _ref_to_pb(ref: AttemptRef) -> wpb.AttemptRef:
+    return wpb.AttemptRef(task_id=ref.task_id, subtask_id=ref.subtask_id, attempt=ref.attempt)
+
+
+def worker_info_from_pb(hello: wpb.Hello) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=hello.worker_id,
+        name=hello.name or hello.worker_id,
+        capabilities=frozenset(hello.capabilities),
+        max_concurrency=hello.max_concurrency,
+        labels=dict(hello.labels),
+        in_flight=tuple(ref_from_pb(r) for r in hello.in_flight),
+        version=hello.version,
+    )
+
+
+def progress_from_pb(message: wpb.Progress) -> list[ProgressUpdate]:
+    return [ProgressUpdate(ref_from_pb(u.ref), u.message) for u in message.updates]
+
+
+def results_from_pb(message: wpb.Completed) -> list[SubtaskResult]:
+    return [
+        SubtaskResult(
+            ref_from_pb(r.ref),
+            r.output,
+            Usage(r.usage.input_tokens, r.usage.output_tokens, r.usage.model),
+        )
+        for r in message.results
+    ]
+
+
+def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
+    return [SubtaskFailure(ref_from_pb(f.ref), f.error, f.retryable) for f in message.failures]
+
+
+def welcome_to_pb(
+    session_id: str, supervisor_id: str, heartbeat_interval: float, lease_ttl: float
+) -> wpb.ConnectResponse:
+    return wpb.ConnectResponse(
+        welcome=wpb.Welcome(
+            session_id=session_id,
+            supervisor_id=supervisor_id,
+            heartbeat_interval=_duration(heartbeat_interval),
+            lease_ttl=_duration(lease_ttl),
+        )
+    )
+
+
+def outgoing_to_pb(message: Outgoing) -> wpb.ConnectResponse:
+    """One frame for the worker (CloseSession is not a frame; the caller handles it)."""
+    match message:
+        case AssignBatch(assignments):
+            return wpb.ConnectResponse(
+                assign=wpb.Assign(
+                    assignments=[
+                        wpb.Assignment(
+                            task_id=a.task_id,
+                            subtask_id=a.subtask_id,
+                            attempt=a.attempt,
+                            capability=a.capability,
+                            title=a.title,
+                            instruction=a.instruction,
+                            goal=a.goal,
+                            inputs=[
+                                wpb.Input(subtask_id=i.subtask_id, title=i.title, output=i.output)
+                                for i in a.inputs
+                            ],
+                            params=dict(a.params),
+                            deadline=_timestamp(a.deadline),
+                            trace_context=dict(a.trace_context),
+                        )
+                        for a in assignments
+                    ]
+                )
+            )
+        case CancelAttempts(refs, reason):
+            return wpb.ConnectResponse(
+                cancel=wpb.Cancel(refs=[_ref_to_pb(r) for r in refs], reason=reason)
+            )
+        case AckReports(refs):
+            return wpb.ConnectResponse(ack=wpb.Ack(refs=[_ref_to_pb(r) for r in refs]))
+        case DrainNotice(reason):
+            return wpb.ConnectResponse(drain=wpb.Drain(reason=reason))
+    raise TypeError(f"not a frame: {message!r}")

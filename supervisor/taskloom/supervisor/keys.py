@@ -1,0 +1,72 @@
+"""Every Redis key taskloom uses, in one place.
+
+All keys share one prefix (``TASKLOOM_REDIS_PREFIX``, default ``taskloom:``),
+so a deployment, a test or later a partition of tasks is a prefix. The Lua
+scripts get the same key builders, generated from the templates below by
+``lua_prelude``, so the scheme is never written twice.
+
+    {prefix}task:{task}              hash    the task's fields
+    {prefix}task:{task}:subs         list    its subtask ids in plan order
+    {prefix}task:{task}:sub:{sub}    hash    one subtask's fields
+    {prefix}task:{task}:events       stream  the task's event log
+    {prefix}tasks                    zset    every task, scored by creation time
+    {prefix}active                   zset    tasks not yet finished (for recovery)
+    {prefix}finished                 zset    finished tasks, scored by finish time
+    {prefix}idem:{key}               string  idempotency key → task id
+"""
+
+from __future__ import annotations
+
+_TEMPLATES = {
+    "task": "task:{task}",
+    "subtasks": "task:{task}:subs",
+    "subtask": "task:{task}:sub:{sub}",
+    "events": "task:{task}:events",
+    "tasks_index": "tasks",
+    "active_index": "active",
+    "finished_index": "finished",
+    "idempotency": "idem:{key}",
+}
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.tasks_index = prefix + _TEMPLATES["tasks_index"]
+        self.active_index = prefix + _TEMPLATES["active_index"]
+        self.finished_index = prefix + _TEMPLATES["finished_index"]
+
+    def task(self, task: str) -> str:
+        return self.prefix + _TEMPLATES["task"].format(task=task)
+
+    def subtasks(self, task: str) -> str:
+        return self.prefix + _TEMPLATES["subtasks"].format(task=task)
+
+    def subtask(self, task: str, sub: str) -> str:
+        return self.prefix + _TEMPLATES["subtask"].format(task=task, sub=sub)
+
+    def events(self, task: str) -> str:
+        return self.prefix + _TEMPLATES["events"].format(task=task)
+
+    def idempotency(self, key: str) -> str:
+        return self.prefix + _TEMPLATES["idempotency"].format(key=key)
+
+
+def lua_prelude() -> str:
+    """Lua functions ``k_task(t)``, ``k_subtask(t, s)``, ... built from the templates.
+
+    The scripts take the prefix as ARGV[1]; keys are derived inside the script
+    because a transition touches keys (dependents, the synthesis step) that
+    are only known once the script has read the subtask.
+    """
+    lines = ["local PREFIX = ARGV[1]"]
+    for name, template in _TEMPLATES.items():
+        params = [p for p in ("task", "sub", "key") if "{" + p + "}" in template]
+        body = "PREFIX .. '" + template + "'"
+        for p in params:
+            body = body.replace("{" + p + "}", "' .. " + p + " .. '")
+        body = body.replace(" .. ''", "")
+        lines.append(f"local function k_{name}({', '.join(params)}) return {body} end")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,31 @@
+-- Assign READY subtasks to workers: READY -> ASSIGNED with attempt + 1.
+-- Written before the Assignment is sent, so a crash in between leaves an
+-- ASSIGNED subtask whose lease expires, never a subtask nobody holds.
+-- PAYLOAD: {{task, sub, worker_id, worker_name}, ...}
+-- Returns JSON: {assigned = {{index, attempt, title, instruction, capability,
+--   params, inputs = {{dep, title, output}, ...}}, ...}, goals = {task = goal}}
+local assigned, goals = {}, {}
+for i, item in ipairs(PAYLOAD) do
+  local task, sub, worker_id, worker = item[1], item[2], item[3], item[4]
+  local sk = k_subtask(task, sub)
+  local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
+    'capability', 'params', 'deps')
+  -- A subtask can be queued twice (recovery racing a requeue); only the
+  -- first assignment finds it READY.
+  if st[1] == 'READY' and redis.call('HGET', k_task(task), 'status') == 'RUNNING' then
+    local attempt = tonumber(st[2]) + 1
+    redis.call('HSET', sk, 'status', 'ASSIGNED', 'attempt', attempt, 'worker', worker,
+      'worker_id', worker_id, 'assigned_at', NOW, 'progress', '')
+    emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
+    local inputs = {}
+    for _, dep in ipairs(cjson.decode(st[7])) do
+      local dv = redis.call('HMGET', k_subtask(task, dep), 'title', 'output')
+      table.insert(inputs, {dep, dv[1] or '', dv[2] or ''})
+    end
+    if goals[task] == nil then
+      goals[task] = redis.call('HGET', k_task(task), 'goal') or ''
+    end
+    table.insert(assigned, {i, attempt, st[3], st[4], st[5], st[6], inputs})
+  end
+end
+return cjson.encode({assigned = assigned, goals = goals})

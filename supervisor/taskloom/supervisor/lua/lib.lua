@@ -1,0 +1,79 @@
+-- Shared by every script; loaded after the key builders from keys.py.
+-- ARGV: [1] key prefix, [2] now (Unix seconds), [3] retention (seconds),
+-- [4] the script's payload as JSON.
+local NOW = ARGV[2]
+local RETENTION = tonumber(ARGV[3])
+local PAYLOAD = cjson.decode(ARGV[4])
+
+local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKIPPED = true}
+local TASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
+
+-- Append one event to the task's log. Event ids are the stream ids.
+local function emit(task, etype, sub, status, message, attempt, worker)
+  redis.call('XADD', k_events(task), '*',
+    'type', etype, 'subtask', sub or '', 'status', status or '',
+    'message', message or '', 'attempt', tostring(attempt or 0), 'worker', worker or '')
+end
+
+-- End a task: set its state, cancel every subtask that has not ended, log it,
+-- move it from the active to the finished index and start its retention
+-- clock. Returns the attempts that were held by workers, so the caller can
+-- tell those workers to stop: {{task, sub, attempt}, ...}.
+local function finish_task(task, status, err, etype, message)
+  local tk = k_task(task)
+  redis.call('HSET', tk, 'status', status, 'error', err, 'finished_at', NOW, 'updated_at', NOW)
+  local subs = redis.call('LRANGE', k_subtasks(task), 0, -1)
+  local held = {}
+  for _, sub in ipairs(subs) do
+    local sk = k_subtask(task, sub)
+    if status ~= 'SUCCEEDED' then
+      local st = redis.call('HMGET', sk, 'status', 'attempt', 'worker')
+      if not SUBTASK_TERMINAL[st[1]] then
+        redis.call('HSET', sk, 'status', 'CANCELLED', 'finished_at', NOW, 'progress', '')
+        emit(task, 'subtask.cancelled', sub, 'CANCELLED', message, st[2], st[3])
+        if st[1] == 'ASSIGNED' or st[1] == 'RUNNING' then
+          table.insert(held, {task, sub, tonumber(st[2])})
+        end
+      end
+    end
+    redis.call('EXPIRE', sk, RETENTION)
+  end
+  emit(task, etype, '', status, message)
+  redis.call('ZREM', k_active_index(), task)
+  redis.call('ZADD', k_finished_index(), tonumber(NOW), task)
+  redis.call('EXPIRE', tk, RETENTION)
+  redis.call('EXPIRE', k_subtasks(task), RETENTION)
+  redis.call('EXPIRE', k_events(task), RETENTION)
+  return held
+end
+
+-- The task's result: the output of the one subtask it is taken from, or the
+-- outputs of several under their titles.
+local function task_result(task)
+  local from = cjson.decode(redis.call('HGET', k_task(task), 'result_from') or '[]')
+  if #from == 1 then
+    return redis.call('HGET', k_subtask(task, from[1]), 'output') or ''
+  end
+  local parts = {}
+  for _, sub in ipairs(from) do
+    local v = redis.call('HMGET', k_subtask(task, sub), 'title', 'output')
+    local title = v[1]
+    if title == nil or title == '' then title = sub end
+    table.insert(parts, '## ' .. title .. '\n\n' .. (v[2] or ''))
+  end
+  return table.concat(parts, '\n\n')
+end
+
+-- Whether a report for (sub, attempt) may be committed: the subtask is held
+-- by exactly that attempt and its task is still running. Anything else is a
+-- stale report (an older attempt, a cancelled task) and is dropped.
+local function held_by(task, sub, attempt)
+  local st = redis.call('HMGET', k_subtask(task, sub), 'status', 'attempt')
+  if (st[1] ~= 'ASSIGNED' and st[1] ~= 'RUNNING') or tonumber(st[2]) ~= attempt then
+    return nil
+  end
+  if redis.call('HGET', k_task(task), 'status') ~= 'RUNNING' then
+    return nil
+  end
+  return st[1]
+end

@@ -1,0 +1,417 @@
+"""The life of a task: submit, plan, schedule, collect reports, finish.
+
+The orchestrator is what the gRPC servicers call. It holds no state of its
+own beyond the scheduler's cache: every decision is committed to the store
+first (write before you tell), and only then are workers and watchers told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import replace
+
+from taskloom.core.errors import (
+    InvalidArgument,
+    LLMError,
+    LLMUnavailable,
+    PlanError,
+    StoreUnavailable,
+    TaskFinished,
+    TaskNotFound,
+)
+from taskloom.core.model import (
+    AttemptRef,
+    Event,
+    EventType,
+    Plan,
+    ProgressUpdate,
+    SubtaskFailure,
+    SubtaskResult,
+    SubtaskStatus,
+    Task,
+    TaskOptions,
+    TaskStatus,
+    WorkerInfo,
+)
+from taskloom.core.plan import check_plan, finalize
+from taskloom.supervisor.planner import Planner
+from taskloom.supervisor.scheduler import CancelAttempts, Lease, Scheduler, WorkerSession
+from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.supervisor.store import Outcome, ReadyItem, Store
+
+logger = logging.getLogger(__name__)
+
+_EVENT_ID = re.compile(r"^\d+-\d+$")
+_UNFINISHED = (TaskStatus.PLANNING, TaskStatus.RUNNING, TaskStatus.AWAITING_APPROVAL)
+WATCH_BLOCK_MS = 5_000
+JANITOR_INTERVAL = 60.0
+
+
+class Orchestrator:
+    """Runs tasks from submission to their end, through the store and the scheduler."""
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        store: Store,
+        planner: Planner,
+        scheduler: Scheduler,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.planner = planner
+        self.scheduler = scheduler
+        scheduler.on_expired = self._leases_expired
+        self._planning_slots = asyncio.Semaphore(settings.planning_concurrency)
+        self._planning: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self.stale_reports = 0
+
+    async def start(self) -> None:
+        """Pick up unfinished tasks from Redis, then start dispatching."""
+        await self.recover()
+        self._loops = [
+            asyncio.create_task(self.scheduler.run(), name="taskloom-dispatch"),
+            asyncio.create_task(self._janitor(), name="taskloom-janitor"),
+        ]
+
+    async def stop(self) -> None:
+        tasks = [*self._loops, *self._planning]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loops = []
+
+    async def recover(self) -> None:
+        """Rebuild the scheduler's cache from the unfinished tasks in Redis.
+
+        PLANNING tasks are planned again; READY subtasks are queued; ASSIGNED
+        and RUNNING ones get a lease that lasts one TTL, so their workers can
+        reconnect and keep them, or they run again.
+        """
+        tasks = await self.store.load_active()
+        queued = leased = 0
+        for task in tasks:
+            self.scheduler.set_task_limit(task.task_id, task.options.max_parallel)
+            if task.status == TaskStatus.PLANNING:
+                self._start_planning(task.task_id, task.goal, task.options)
+                continue
+            ready = []
+            for sub in task.subtasks:
+                if sub.status == SubtaskStatus.READY:
+                    ready.append(
+                        ReadyItem(
+                            task.task_id, sub.subtask_id, sub.capability, task.options.priority
+                        )
+                    )
+                elif sub.status in (SubtaskStatus.ASSIGNED, SubtaskStatus.RUNNING):
+                    self.scheduler.restore_lease(
+                        AttemptRef(task.task_id, sub.subtask_id, sub.attempt), sub.worker_id
+                    )
+                    leased += 1
+            self.scheduler.enqueue(ready)
+            queued += len(ready)
+        if tasks:
+            logger.info(
+                "recovered %d unfinished tasks: %d subtasks queued, %d held by workers",
+                len(tasks),
+                queued,
+                leased,
+            )
+
+    def known_capabilities(self) -> frozenset[str]:
+        """What plans may use: the connected workers' capabilities and the configured ones."""
+        return self.scheduler.capabilities() | frozenset(self.settings.capabilities)
+
+    # -- clients -------------------------------------------------------------------
+
+    async def submit(
+        self,
+        goal: str,
+        *,
+        plan: Plan | None = None,
+        options: TaskOptions | None = None,
+        idempotency_key: str = "",
+    ) -> tuple[str, bool]:
+        """Store a task and start it; returns ``(task_id, created)``."""
+        options = options or TaskOptions()
+        goal = goal.strip()
+        if not goal:
+            raise InvalidArgument("the goal is empty; say what you want done")
+        if len(goal) > self.settings.max_goal_chars:
+            raise InvalidArgument(
+                f"the goal is {len(goal):,} characters; the limit is "
+                f"{self.settings.max_goal_chars:,} (TASKLOOM_MAX_GOAL_CHARS)"
+            )
+        if options.max_parallel < 0:
+            raise InvalidArgument("max_parallel must be 0 (no limit) or more")
+        if len(idempotency_key) > 200:
+            raise InvalidArgument("the idempotency key is longer than 200 characters")
+        if plan is None:
+            task_id, created, _ = await self.store.create_task(
+                goal=goal, options=options, plan=None, idempotency_key=idempotency_key
+            )
+            if created:
+                logger.info("task %s submitted; planning", task_id)
+                self._start_planning(task_id, goal, options)
+            return task_id, created
+        if plan.synthesize is not None:
+            options = replace(options, synthesize=plan.synthesize)
+        check_plan(
+            plan,
+            capabilities=self.known_capabilities(),
+            limits=self.settings.explicit_plan_limits(),
+        )
+        graph, result_from = finalize(plan, synthesize=options.synthesize)
+        task_id, created, ready = await self.store.create_task(
+            goal=goal,
+            options=options,
+            plan=graph,
+            result_from=result_from,
+            max_attempts=self.settings.max_attempts,
+            idempotency_key=idempotency_key,
+        )
+        if created:
+            logger.info(
+                "task %s submitted with a plan of %d subtasks", task_id, len(graph.subtasks)
+            )
+            self.scheduler.set_task_limit(task_id, options.max_parallel)
+            self.scheduler.enqueue(ready)
+        return task_id, created
+
+    async def get(self, task_id: str, *, subtasks: bool = True) -> Task:
+        return await self.store.get_task(task_id, subtasks=subtasks)
+
+    async def list_tasks(
+        self, *, statuses: Iterable[TaskStatus], page_size: int, page_token: str
+    ) -> tuple[list[Task], str]:
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(page_size or 50, 1000)
+        return await self.store.list_tasks(statuses=statuses, page_size=size, page_token=page_token)
+
+    async def cancel(self, task_id: str, reason: str = "") -> Task:
+        """Cancel an unfinished task and stop its running subtasks."""
+        reason = reason.strip()[:500] or "cancelled on request"
+        changed, found, held = await self.store.finish(
+            task_id, TaskStatus.CANCELLED, reason, EventType.TASK_CANCELLED, expected=_UNFINISHED
+        )
+        if found is None:
+            raise TaskNotFound(task_id)
+        if not changed and found != TaskStatus.CANCELLED:
+            raise TaskFinished(
+                f"task {task_id} already ended as {found}; only unfinished tasks can be cancelled"
+            )
+        if changed:
+            logger.info("task %s cancelled: %s", task_id, reason)
+            self._stop_attempts(held, reason)
+            self.scheduler.forget_task(task_id)
+        return await self.store.get_task(task_id)
+
+    async def watch(self, task_id: str, after: str = "") -> AsyncIterator[list[Event]]:
+        """The task's events after ``after``: first the log, then live; ends after the terminal one.
+
+        Replay, then follow: each read starts at the last event sent, so
+        nothing is missed or repeated, whatever happens between reads.
+        """
+        if after and after != "0" and not _EVENT_ID.match(after):
+            raise InvalidArgument(
+                f"after_event_id {after!r} is not an event id like 1700000000000-0"
+            )
+        if await self.store.task_status(task_id) is None:
+            raise TaskNotFound(task_id)
+        cursor = after
+        while True:
+            events = await self.store.read_events(task_id, cursor)
+            if not events:
+                status = await self.store.task_status(task_id)
+                if status is None:
+                    raise TaskNotFound(task_id)
+                if status.terminal:
+                    # The terminal event is committed with the status; read
+                    # once more in case it landed after our first read.
+                    events = await self.store.read_events(task_id, cursor)
+                    if not events:
+                        return
+                else:
+                    events = await self.store.wait_events(task_id, cursor, block_ms=WATCH_BLOCK_MS)
+                    if not events:
+                        continue
+            yield events
+            cursor = events[-1].id
+            if any(e.terminal for e in events):
+                return
+
+    # -- planning --------------------------------------------------------------------
+
+    def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
+        job = asyncio.create_task(self._plan(task_id, goal, options), name=f"plan-{task_id}")
+        self._planning.add(job)
+        job.add_done_callback(self._planning.discard)
+
+    async def _plan(self, task_id: str, goal: str, options: TaskOptions) -> None:
+        delay = 1.0
+        while True:
+            try:
+                async with self._planning_slots:
+                    await self._plan_once(task_id, goal, options)
+                return
+            except StoreUnavailable as e:
+                # The task is still PLANNING in Redis; try again when it is back.
+                logger.warning("planning task %s paused: %s", task_id, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except Exception as e:
+                # A bug must not leave the task PLANNING for ever.
+                logger.exception("planning task %s failed unexpectedly", task_id)
+                with contextlib.suppress(StoreUnavailable):
+                    await self._planning_failed(
+                        task_id, f"planning failed: internal error ({type(e).__name__}: {e})"
+                    )
+                return
+
+    async def _plan_once(self, task_id: str, goal: str, options: TaskOptions) -> None:
+        await self.store.note(
+            task_id,
+            TaskStatus.PLANNING,
+            EventType.PLAN_REQUESTED,
+            f"asking {self.planner.llm.describe()} for a plan",
+        )
+
+        async def rejected(message: str) -> None:
+            await self.store.note(task_id, TaskStatus.PLANNING, EventType.PLAN_REJECTED, message)
+
+        try:
+            plan = await self.planner.plan(
+                goal,
+                capabilities=self.known_capabilities(),
+                synthesize=options.synthesize,
+                on_rejected=rejected,
+            )
+        except (PlanError, LLMError, LLMUnavailable) as e:
+            await self._planning_failed(task_id, f"planning failed: {e}")
+            return
+        graph, result_from = finalize(plan, synthesize=options.synthesize)
+        ready = await self.store.set_plan(
+            task_id,
+            graph,
+            result_from=result_from,
+            max_attempts=self.settings.max_attempts,
+            priority=options.priority,
+        )
+        if ready is None:
+            logger.info("task %s ended while it was being planned", task_id)
+            return
+        logger.info("task %s planned: %d subtasks", task_id, len(graph.subtasks))
+        self.scheduler.set_task_limit(task_id, options.max_parallel)
+        self.scheduler.enqueue(ready)
+
+    async def _planning_failed(self, task_id: str, reason: str) -> None:
+        logger.warning("task %s: %s", task_id, reason)
+        await self.store.finish(
+            task_id,
+            TaskStatus.FAILED,
+            reason,
+            EventType.TASK_FAILED,
+            expected=(TaskStatus.PLANNING,),
+        )
+
+    # -- workers ---------------------------------------------------------------------
+
+    def worker_connected(self, info: WorkerInfo) -> WorkerSession:
+        session, stale = self.scheduler.connect(info)
+        logger.info(
+            "worker %s connected: %s, %d slots, %d in flight",
+            info.name,
+            ",".join(sorted(info.capabilities)),
+            info.max_concurrency,
+            len(info.in_flight),
+        )
+        if stale:
+            session.send(CancelAttempts(tuple(stale), "no longer assigned to this worker"))
+        return session
+
+    def worker_disconnected(self, session: WorkerSession) -> None:
+        self.scheduler.disconnect(session)
+        logger.info("worker %s disconnected", session.info.name)
+
+    def heard_from(self, session: WorkerSession, *, draining: bool | None = None) -> None:
+        self.scheduler.heard_from(session, draining=draining)
+
+    async def accepted(self, refs: Sequence[AttemptRef]) -> None:
+        ok = await self.store.start(refs)
+        self._count_stale(ok)
+
+    async def progress(self, updates: Sequence[ProgressUpdate]) -> None:
+        ok = await self.store.progress(updates)
+        self._count_stale(ok)
+
+    async def completed(self, results: Sequence[SubtaskResult]) -> list[AttemptRef]:
+        """Commit results; returns the refs to acknowledge (committed or stale)."""
+        outcome = await self.store.complete(results)
+        refs = [r.ref for r in results]
+        self._apply(outcome, refs)
+        return refs
+
+    async def failed(self, failures: Sequence[SubtaskFailure]) -> list[AttemptRef]:
+        """Commit failures; returns the refs to acknowledge."""
+        outcome = await self.store.fail(failures)
+        refs = [f.ref for f in failures]
+        self._apply(outcome, refs)
+        return refs
+
+    async def _leases_expired(self, leases: list[Lease]) -> None:
+        failures = [
+            SubtaskFailure(
+                lease.ref,
+                f"worker {lease.worker_name or lease.worker_id} stopped answering "
+                "and its lease expired",
+                retryable=True,
+            )
+            for lease in leases
+        ]
+        for lease in leases:
+            logger.warning("lease %s of worker %s expired", lease.ref, lease.worker_name)
+        outcome = await self.store.fail(failures)
+        self._apply(outcome, [lease.ref for lease in leases])
+
+    def _apply(self, outcome: Outcome, refs: Sequence[AttemptRef]) -> None:
+        self._count_stale(outcome.committed)
+        self.scheduler.release(refs)
+        self.scheduler.enqueue(outcome.ready)
+        if outcome.held:
+            self._stop_attempts(outcome.held, "the task failed")
+        for task_id in outcome.finished:
+            logger.info("task %s finished", task_id)
+            self.scheduler.forget_task(task_id)
+
+    def _stop_attempts(self, refs: Iterable[AttemptRef], reason: str) -> None:
+        """Tell the workers holding these attempts to stop, and free the slots."""
+        by_session: dict[WorkerSession, list[AttemptRef]] = defaultdict(list)
+        refs = list(refs)
+        for ref in refs:
+            session = self.scheduler.holder(ref)
+            if session is not None:
+                by_session[session].append(ref)
+        for session, held in by_session.items():
+            session.send(CancelAttempts(tuple(held), reason))
+        self.scheduler.release(refs)
+
+    def _count_stale(self, committed: Sequence[bool]) -> None:
+        stale = sum(1 for ok in committed if not ok)
+        if stale:
+            self.stale_reports += stale
+            logger.debug("discarded %d stale reports", stale)
+
+    async def _janitor(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL)
+            try:
+                await self.store.trim_indexes()
+            except StoreUnavailable as e:
+                logger.warning("janitor: %s", e)

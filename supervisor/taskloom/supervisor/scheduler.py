@@ -1,0 +1,397 @@
+"""Matching READY subtasks to worker slots, and keeping leases.
+
+Everything here is a cache of Redis, rebuilt at start-up: a priority queue of
+READY subtasks per capability, the connected worker sessions, and a lease per
+assigned attempt.
+
+Flow control is by credit: a worker's free slots are its ``max_concurrency``
+minus the attempts it holds (and the ones being assigned to it right now), so
+no worker ever holds more than it said it can run. Among the workers with the
+capability and a free slot, the least loaded gets the next subtask.
+
+A lease lives as long as its worker's session heartbeats. When a session ends
+(stream broken, heartbeats missed) its leases are orphaned and expire
+``lease_ttl`` after the worker was last heard from, unless the worker
+reconnects and reports them in flight. Expired leases go to the orchestrator,
+which puts their subtasks back to READY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from taskloom.core.errors import StoreUnavailable, TaskloomError
+from taskloom.core.model import Assignment, AttemptRef, WorkerInfo
+from taskloom.supervisor.store import ReadyItem, Store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AssignBatch:
+    assignments: tuple[Assignment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAttempts:
+    refs: tuple[AttemptRef, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckReports:
+    refs: tuple[AttemptRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainNotice:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """Ends the session's stream, with an error status if one is given."""
+
+    error: TaskloomError | None = None
+
+
+Outgoing = AssignBatch | CancelAttempts | AckReports | DrainNotice | CloseSession
+
+
+class WorkerSession:
+    """One connected worker stream and the attempts it holds."""
+
+    def __init__(self, info: WorkerInfo, now: float) -> None:
+        self.id = uuid.uuid4().hex
+        self.info = info
+        self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.leases: set[AttemptRef] = set()
+        self.reserved = 0
+        self.last_seen = now
+        self.draining = False
+        self.closed = False
+
+    @property
+    def free(self) -> int:
+        if self.draining or self.closed:
+            return 0
+        return self.info.max_concurrency - len(self.leases) - self.reserved
+
+    @property
+    def load(self) -> float:
+        return (len(self.leases) + self.reserved) / self.info.max_concurrency
+
+    def send(self, message: Outgoing) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(message)
+
+    def close(self, error: TaskloomError | None = None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(CloseSession(error))
+
+    def __repr__(self) -> str:
+        return f"<worker {self.info.name} session {self.id[:8]}>"
+
+
+@dataclass(slots=True)
+class Lease:
+    """An attempt held by a worker. ``expires_at`` counts only while orphaned."""
+
+    ref: AttemptRef
+    worker_id: str
+    worker_name: str
+    session: WorkerSession | None
+    expires_at: float
+
+
+ExpiryHandler = Callable[[list[Lease]], Awaitable[None]]
+
+
+class Scheduler:
+    """READY queues, worker sessions and leases; dispatches in batches."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lease_ttl: float,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 60.0,
+        batch_size: int = 512,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self.lease_ttl = lease_ttl
+        self.retry_backoff = retry_backoff
+        self.retry_backoff_max = retry_backoff_max
+        self.batch_size = batch_size
+        self._clock = clock
+        self._queues: dict[str, list[tuple[int, int, ReadyItem]]] = defaultdict(list)
+        self._delayed: list[tuple[float, int, ReadyItem]] = []
+        self._seq = itertools.count()
+        self._rotation = 0
+        self._sessions: dict[str, WorkerSession] = {}
+        self._leases: dict[AttemptRef, Lease] = {}
+        self._limits: dict[str, int] = {}
+        self._in_flight: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self.on_expired: ExpiryHandler | None = None
+        self.dispatched = 0
+
+    # -- the queue ---------------------------------------------------------------
+
+    def enqueue(self, items: Iterable[ReadyItem]) -> None:
+        """Queue READY subtasks; retries wait out an exponential backoff with jitter."""
+        now = self._clock()
+        for item in items:
+            if item.failed_attempt and self.retry_backoff > 0:
+                delay = min(
+                    self.retry_backoff * 2 ** (item.failed_attempt - 1), self.retry_backoff_max
+                )
+                delay *= random.uniform(0.5, 1.0)
+                heapq.heappush(self._delayed, (now + delay, next(self._seq), item))
+            else:
+                self._push(item)
+        self._wake.set()
+
+    def _push(self, item: ReadyItem) -> None:
+        heapq.heappush(self._queues[item.capability], (-item.priority, next(self._seq), item))
+
+    def set_task_limit(self, task_id: str, max_parallel: int) -> None:
+        """At most ``max_parallel`` attempts of the task in flight (0: no limit)."""
+        if max_parallel > 0:
+            self._limits[task_id] = max_parallel
+
+    def forget_task(self, task_id: str) -> None:
+        """The task ended: drop its queued subtasks and its limit."""
+        self._limits.pop(task_id, None)
+        for capability, queue in self._queues.items():
+            kept = [entry for entry in queue if entry[2].task_id != task_id]
+            if len(kept) != len(queue):
+                heapq.heapify(kept)
+                self._queues[capability] = kept
+        self._delayed = [entry for entry in self._delayed if entry[2].task_id != task_id]
+        heapq.heapify(self._delayed)
+
+    def queued(self) -> int:
+        """How many READY subtasks wait (including retries in backoff)."""
+        return sum(len(q) for q in self._queues.values()) + len(self._delayed)
+
+    # -- workers -------------------------------------------------------------------
+
+    def connect(self, info: WorkerInfo) -> tuple[WorkerSession, list[AttemptRef]]:
+        """Open a session. Returns it and the in-flight attempts the worker must drop.
+
+        The worker's report of what it holds is the truth about it: leases it
+        reports move to the new session, leases recorded for it that it does
+        not report are lost (the Assignment never reached it) and expire now.
+        """
+        now = self._clock()
+        for old in [s for s in self._sessions.values() if s.info.worker_id == info.worker_id]:
+            old.close()
+            self.disconnect(old)
+        session = WorkerSession(info, now)
+        self._sessions[session.id] = session
+        held = set(info.in_flight)
+        stale: list[AttemptRef] = []
+        for ref in info.in_flight:
+            lease = self._leases.get(ref)
+            if lease is not None and lease.worker_id == info.worker_id:
+                lease.session = session
+                session.leases.add(ref)
+            else:
+                stale.append(ref)
+        for lease in self._leases.values():
+            if lease.worker_id == info.worker_id and lease.ref not in held:
+                lease.session = None
+                lease.expires_at = now
+        self._wake.set()
+        return session, stale
+
+    def disconnect(self, session: WorkerSession) -> None:
+        """The session ended; its leases are orphaned and start to expire."""
+        self._sessions.pop(session.id, None)
+        session.closed = True
+        for ref in session.leases:
+            lease = self._leases.get(ref)
+            if lease is not None and lease.session is session:
+                lease.session = None
+                lease.expires_at = session.last_seen + self.lease_ttl
+        session.leases.clear()
+
+    def heard_from(self, session: WorkerSession, *, draining: bool | None = None) -> None:
+        """Any message from a worker renews all its leases."""
+        session.last_seen = self._clock()
+        if draining is not None and draining != session.draining:
+            session.draining = draining
+            if draining:
+                logger.info("%s is draining: no new work for it", session)
+
+    def sessions(self) -> list[WorkerSession]:
+        return list(self._sessions.values())
+
+    def capabilities(self) -> frozenset[str]:
+        """What the connected workers can do."""
+        return frozenset(c for s in self._sessions.values() for c in s.info.capabilities)
+
+    # -- leases ----------------------------------------------------------------------
+
+    def holder(self, ref: AttemptRef) -> WorkerSession | None:
+        lease = self._leases.get(ref)
+        return lease.session if lease is not None else None
+
+    def release(self, refs: Iterable[AttemptRef]) -> None:
+        """These attempts are over (reported, stale or cancelled): free their slots."""
+        for ref in refs:
+            lease = self._leases.pop(ref, None)
+            if lease is None:
+                continue
+            if lease.session is not None:
+                lease.session.leases.discard(ref)
+            self._in_flight[ref.task_id] -= 1
+            if self._in_flight[ref.task_id] <= 0:
+                del self._in_flight[ref.task_id]
+        self._wake.set()
+
+    def restore_lease(self, ref: AttemptRef, worker_id: str) -> None:
+        """At start-up: an attempt Redis says a worker holds. It has one TTL to reconnect."""
+        self._leases[ref] = Lease(ref, worker_id, "", None, self._clock() + self.lease_ttl)
+        self._in_flight[ref.task_id] += 1
+
+    def leases(self) -> int:
+        return len(self._leases)
+
+    async def reap(self) -> None:
+        """Close silent sessions and hand expired leases to ``on_expired``."""
+        now = self._clock()
+        for session in list(self._sessions.values()):
+            if now - session.last_seen > self.lease_ttl:
+                logger.warning(
+                    "%s sent nothing for %.1fs; closing it", session, now - session.last_seen
+                )
+                session.close()
+                self.disconnect(session)
+        expired = [
+            lease
+            for lease in self._leases.values()
+            if lease.session is None and lease.expires_at <= now
+        ]
+        if expired and self.on_expired is not None:
+            try:
+                await self.on_expired(expired)
+            except StoreUnavailable as e:
+                # The leases stay; the next round tries again.
+                logger.warning("cannot expire %d leases yet: %s", len(expired), e)
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch whenever something changes, and reap leases, until cancelled."""
+        reaper = asyncio.create_task(self._reap_forever())
+        try:
+            while True:
+                delay = self._delayed[0][0] - self._clock() if self._delayed else None
+                if delay is None or delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                self._wake.clear()
+                while await self.dispatch():
+                    pass
+        finally:
+            reaper.cancel()
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.05, min(1.0, self.lease_ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reap()
+            except Exception:
+                logger.exception("lease reaper failed; trying again")
+
+    async def dispatch(self) -> bool:
+        """Assign one batch; True if it assigned anything (there may be more)."""
+        now = self._clock()
+        while self._delayed and self._delayed[0][0] <= now:
+            self._push(heapq.heappop(self._delayed)[2])
+        picks = self._pick()
+        if not picks:
+            return False
+        try:
+            assignments = await self._store.assign(
+                [(item, s.info.worker_id, s.info.name) for item, s in picks]
+            )
+        except StoreUnavailable as e:
+            logger.warning("cannot assign %d subtasks: %s", len(picks), e)
+            for item, session in picks:
+                session.reserved -= 1
+                self._in_flight[item.task_id] -= 1
+                self._push(item)
+            await asyncio.sleep(1.0)
+            self._wake.set()
+            return False
+        batches: dict[WorkerSession, list[Assignment]] = defaultdict(list)
+        for (item, session), assignment in zip(picks, assignments, strict=True):
+            session.reserved -= 1
+            if assignment is None:
+                # Not READY any more (cancelled, or queued twice): drop it.
+                self._in_flight[item.task_id] -= 1
+                continue
+            lease = Lease(assignment.ref, session.info.worker_id, session.info.name, None, 0.0)
+            self._leases[assignment.ref] = lease
+            if session.closed:
+                lease.expires_at = session.last_seen + self.lease_ttl
+            else:
+                lease.session = session
+                session.leases.add(assignment.ref)
+                batches[session].append(assignment)
+        for session, batch in batches.items():
+            session.send(AssignBatch(tuple(batch)))
+            self.dispatched += len(batch)
+        return True
+
+    def _pick(self) -> list[tuple[ReadyItem, WorkerSession]]:
+        picks: list[tuple[ReadyItem, WorkerSession]] = []
+        capabilities = [c for c, q in self._queues.items() if q]
+        if not capabilities:
+            return picks
+        # Rotate which capability goes first so none starves the others.
+        self._rotation = (self._rotation + 1) % len(capabilities)
+        for capability in capabilities[self._rotation :] + capabilities[: self._rotation]:
+            queue = self._queues[capability]
+            workers = [
+                (s.load, s.id, s)
+                for s in self._sessions.values()
+                if s.free > 0 and capability in s.info.capabilities
+            ]
+            heapq.heapify(workers)
+            deferred = []
+            while queue and workers and len(picks) < self.batch_size:
+                entry = heapq.heappop(queue)
+                item = entry[2]
+                limit = self._limits.get(item.task_id, 0)
+                if limit and self._in_flight[item.task_id] >= limit:
+                    deferred.append(entry)
+                    continue
+                _, sid, session = heapq.heappop(workers)
+                session.reserved += 1
+                self._in_flight[item.task_id] += 1
+                picks.append((item, session))
+                if session.free > 0:
+                    heapq.heappush(workers, (session.load, sid, session))
+            for entry in deferred:
+                heapq.heappush(queue, entry)
+        return picks

@@ -1,0 +1,237 @@
+"""The gRPC servicers: TaskService for clients, WorkerService for workers.
+
+This is the edge: requests are converted to the domain model (``codec``),
+handed to the orchestrator, and domain errors become gRPC statuses in one
+place (``taskloom.core.status``). Nothing past this module sees protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+
+from taskloom.core.errors import InvalidArgument, StoreUnavailable, TaskloomError
+from taskloom.core.status import abort
+from taskloom.supervisor import codec
+from taskloom.supervisor.orchestrator import Orchestrator
+from taskloom.supervisor.scheduler import (
+    AckReports,
+    AssignBatch,
+    CloseSession,
+    Outgoing,
+    WorkerSession,
+)
+from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import tasks_pb2_grpc, workers_pb2_grpc
+from taskloom.v1 import workers_pb2 as wpb
+
+logger = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+MAX_CONCURRENCY = 10_000
+
+
+def _unary(
+    method: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Turn taskloom errors into statuses; anything else is logged and INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except TaskloomError as e:
+            await abort(context, e)
+        except Exception:
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the supervisor log")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
+    """Submit, read, list, cancel and watch tasks."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self._orchestrator = orchestrator
+
+    @_unary
+    async def SubmitTask(
+        self, request: pb.SubmitTaskRequest, context: Context
+    ) -> pb.SubmitTaskResponse:
+        plan = codec.plan_from_pb(request.plan) if request.HasField("plan") else None
+        task_id, created = await self._orchestrator.submit(
+            request.goal,
+            plan=plan,
+            options=codec.options_from_pb(request.options),
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.SubmitTaskResponse(task_id=task_id, created=created)
+
+    @_unary
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
+        task = await self._orchestrator.get(
+            request.task_id, subtasks=request.view != pb.TASK_VIEW_SUMMARY
+        )
+        return pb.GetTaskResponse(task=codec.task_to_pb(task))
+
+    @_unary
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: Context
+    ) -> pb.ListTasksResponse:
+        tasks, token = await self._orchestrator.list_tasks(
+            statuses=codec.statuses_from_pb(request.statuses),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListTasksResponse(
+            tasks=[codec.task_to_pb(t) for t in tasks], next_page_token=token
+        )
+
+    @_unary
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: Context
+    ) -> pb.CancelTaskResponse:
+        task = await self._orchestrator.cancel(request.task_id, request.reason)
+        return pb.CancelTaskResponse(task=codec.task_to_pb(task))
+
+    async def WatchTask(
+        self, request: pb.WatchTaskRequest, context: Context
+    ) -> AsyncIterator[pb.WatchTaskResponse]:
+        try:
+            async for events in self._orchestrator.watch(request.task_id, request.after_event_id):
+                yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
+        except TaskloomError as e:
+            await abort(context, e)
+
+
+class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
+    """One bidirectional stream per worker: assignments down, reports up."""
+
+    def __init__(self, orchestrator: Orchestrator, settings: SupervisorSettings) -> None:
+        self._orchestrator = orchestrator
+        self._settings = settings
+
+    async def Connect(self, request_iterator: Any, context: Context) -> None:  # type: ignore[override]
+        # Reads go through context.read() (the reader task), writes through
+        # context.write() (this coroutine): one of each at a time, as grpc.aio allows.
+        del request_iterator
+        hello = await self._hello(context)
+        session = self._orchestrator.worker_connected(codec.worker_info_from_pb(hello))
+        reader = asyncio.create_task(self._read(session, context), name=f"read-{session.id[:8]}")
+        try:
+            await context.write(
+                codec.welcome_to_pb(
+                    session.id,
+                    self._settings.supervisor_id,
+                    self._settings.heartbeat_interval,
+                    self._settings.lease_ttl,
+                )
+            )
+            await self._write(session, context)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._orchestrator.worker_disconnected(session)
+
+    async def _hello(self, context: Context) -> wpb.Hello:
+        try:
+            async with asyncio.timeout(self._settings.hello_timeout):
+                first = await context.read()
+        except TimeoutError:
+            await abort(
+                context,
+                InvalidArgument(f"no Hello within {self._settings.hello_timeout:g}s; closing"),
+            )
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+            await abort(context, InvalidArgument("a Connect stream must start with Hello"))
+        hello: wpb.Hello = first.hello
+        problem = ""
+        if not hello.worker_id:
+            problem = "Hello needs a worker_id"
+        elif not hello.capabilities:
+            problem = "Hello lists no capabilities"
+        elif not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
+            problem = f"max_concurrency must be between 1 and {MAX_CONCURRENCY}"
+        if problem:
+            await abort(context, InvalidArgument(problem))
+        return hello
+
+    async def _write(self, session: WorkerSession, context: Context) -> None:
+        while True:
+            pending = [await session.outbox.get()]
+            while not session.outbox.empty():
+                pending.append(session.outbox.get_nowait())
+            for message in _coalesce(pending):
+                if isinstance(message, CloseSession):
+                    if message.error is not None:
+                        await abort(context, message.error)
+                    return
+                await context.write(codec.outgoing_to_pb(message))
+
+    async def _read(self, session: WorkerSession, context: Context) -> None:
+        orchestrator = self._orchestrator
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                kind = request.WhichOneof("message")
+                draining = request.heartbeat.draining if kind == "heartbeat" else None
+                orchestrator.heard_from(session, draining=draining)
+                if kind == "accepted":
+                    await orchestrator.accepted(
+                        [codec.ref_from_pb(r) for r in request.accepted.refs]
+                    )
+                elif kind == "progress":
+                    await orchestrator.progress(codec.progress_from_pb(request.progress))
+                elif kind == "completed":
+                    acks = await orchestrator.completed(codec.results_from_pb(request.completed))
+                    session.send(AckReports(tuple(acks)))
+                elif kind == "failed":
+                    acks = await orchestrator.failed(codec.failures_from_pb(request.failed))
+                    session.send(AckReports(tuple(acks)))
+                elif kind == "hello":
+                    session.close(InvalidArgument("Hello may only be sent once per stream"))
+                    return
+        except StoreUnavailable as e:
+            # Nothing was acknowledged: the worker reconnects and sends again.
+            logger.warning("closing %s: %s", session, e)
+            session.close(e)
+            return
+        except grpc.aio.AioRpcError:
+            pass
+        except Exception:
+            logger.exception("error on %s", session)
+            session.close(TaskloomError("internal error in the supervisor; see its log"))
+            return
+        session.close()
+
+
+def _coalesce(messages: list[Outgoing]) -> list[Outgoing]:
+    """Merge queued assignments and acks into as few frames as possible."""
+    assignments = [a for m in messages if isinstance(m, AssignBatch) for a in m.assignments]
+    acks = [r for m in messages if isinstance(m, AckReports) for r in m.refs]
+    rest = [m for m in messages if not isinstance(m, AssignBatch | AckReports)]
+    merged: list[Outgoing] = []
+    if acks:
+        merged.append(AckReports(tuple(acks)))
+    if assignments:
+        merged.append(AssignBatch(tuple(assignments)))
+    # Cancels and drains after the assignments they may refer to; a close last.
+    merged += [m for m in rest if not isinstance(m, CloseSession)]
+    merged += [m for m in rest if isinstance(m, CloseSession)][:1]
+    return merged

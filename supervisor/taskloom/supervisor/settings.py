@@ -1,0 +1,85 @@
+"""The supervisor's settings: ``TASKLOOM_*`` variables, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES, parse_address
+from taskloom.core.plan import PlanLimits
+from taskloom.core.settings import LLMSettings, Seconds, StrList
+
+
+class SupervisorSettings(LLMSettings):
+    """Everything ``taskloom supervisor`` reads. Each field is ``TASKLOOM_<NAME>``."""
+
+    flag_names: ClassVar[dict[str, str]] = {
+        "listen": "--listen",
+        "redis_url": "--redis-url",
+        "redis_prefix": "--redis-prefix",
+        "ollama_host": "--ollama-host",
+        "model": "--model",
+        "heartbeat_interval": "--heartbeat-interval",
+        "lease_ttl": "--lease-ttl",
+        "log_level": "--log-level",
+    }
+
+    listen: str = "127.0.0.1:50051"
+    """Where the gRPC server listens (port 0: any free port)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="taskloom:", min_length=1)
+    """Prefix of every Redis key, so several clusters or tests can share a server."""
+    supervisor_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    heartbeat_interval: Seconds = 5.0
+    """How often workers heartbeat."""
+    lease_ttl: Seconds = 15.0
+    """A worker silent this long loses its subtasks; they run again elsewhere."""
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    """Attempts per subtask before it fails for good."""
+    retry_backoff: Seconds = 1.0
+    """Wait before the 2nd attempt; doubles each attempt (with jitter), up to 60 s."""
+    retention: Seconds = 7 * 86400.0
+    """How long finished tasks, their subtasks and events are kept."""
+
+    capabilities: StrList = ("llm",)
+    """Capabilities plans may use even while no worker offering them is connected."""
+    max_goal_chars: int = Field(default=20_000, ge=1)
+    max_plan_subtasks: int = Field(default=20_000, ge=1)
+    """Largest explicit plan."""
+    max_llm_plan_subtasks: int = Field(default=50, ge=1, le=500)
+    """Largest plan accepted from the model."""
+    plan_repairs: int = Field(default=3, ge=0, le=10)
+    """How often the model is asked to fix a rejected plan."""
+    planning_concurrency: int = Field(default=4, ge=1)
+    """Plans requested from the LLM at once."""
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
+    shutdown_grace: Seconds = 10.0
+    """On SIGTERM, how long in-flight RPCs get to finish."""
+    hello_timeout: Seconds = 10.0
+    """A worker stream that does not say Hello this soon is closed."""
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return parse_address(value, setting="TASKLOOM_LISTEN")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    def explicit_plan_limits(self) -> PlanLimits:
+        return PlanLimits(max_subtasks=self.max_plan_subtasks)
+
+    def llm_plan_limits(self) -> PlanLimits:
+        return PlanLimits(
+            max_subtasks=self.max_llm_plan_subtasks,
+            max_title_chars=120,
+            max_instruction_chars=2_000,
+        )

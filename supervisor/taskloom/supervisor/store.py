@@ -1,0 +1,708 @@
+"""The Redis store: the truth about every task, subtask and event.
+
+Every state transition is one atomic step -- a Lua script from ``lua/`` for
+the transitions that must check the current state (assign, start, progress,
+complete, fail, finish), a MULTI/EXEC pipeline for writing a new task or plan
+-- and appends its event to the task's stream in the same step. Methods take
+and return batches, so the hot path pays one round trip for many subtasks.
+
+Redis errors are translated here, and only here, into ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+
+from taskloom.core.errors import InvalidArgument, StoreUnavailable, TaskNotFound
+from taskloom.core.model import (
+    Assignment,
+    AttemptRef,
+    Event,
+    EventType,
+    Input,
+    Plan,
+    ProgressUpdate,
+    Subtask,
+    SubtaskFailure,
+    SubtaskResult,
+    SubtaskStatus,
+    Task,
+    TaskOptions,
+    TaskStatus,
+    Usage,
+)
+from taskloom.supervisor.keys import Keys, lua_prelude
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_SCRIPTS = ("assign", "start", "progress", "complete", "fail", "finish", "note")
+_UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyItem:
+    """A READY subtask waiting for a worker."""
+
+    task_id: str
+    subtask_id: str
+    capability: str
+    priority: int = 0
+    failed_attempt: int = 0
+    """The attempt that just failed, for retry backoff; 0 for a first run."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a batch of reports changed."""
+
+    committed: list[bool] = field(default_factory=list)
+    ready: list[ReadyItem] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    held: list[AttemptRef] = field(default_factory=list)
+    """Attempts workers still hold in tasks that just ended: to be cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredSubtask:
+    subtask_id: str
+    status: SubtaskStatus
+    attempt: int
+    worker_id: str
+    capability: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredTask:
+    """An unfinished task found at start-up."""
+
+    task_id: str
+    status: TaskStatus
+    goal: str
+    options: TaskOptions
+    subtasks: tuple[RecoveredSubtask, ...]
+
+
+def new_task_id() -> str:
+    """Time-ordered and unguessable: 12 hex digits of milliseconds, 8 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+def _translated(
+    method: Callable[Concatenate[Store, P], Awaitable[T]],
+) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, T]]:
+    @functools.wraps(method)
+    async def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(
+                f"Redis at {self.safe_url} is unavailable ({e}); "
+                "check that it runs and TASKLOOM_REDIS_URL points at it"
+            ) from None
+
+    return wrapper
+
+
+def _list(value: Any) -> list[Any]:
+    # cjson encodes an empty Lua table as {}.
+    return value if isinstance(value, list) else []
+
+
+class Store:
+    """Tasks, subtasks and events in Redis under one key prefix."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "taskloom:",
+        retention: float = 7 * 86400.0,
+        socket_timeout: float = 10.0,
+    ) -> None:
+        self.keys = Keys(prefix)
+        self.retention = max(1, int(retention))
+        self.safe_url = _without_password(url)
+        options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5.0}
+        # redis-py's annotations cannot express decode_responses=True (every
+        # reply is str); the store is the one module that touches it, so it
+        # holds the clients as Any rather than casting each reply.
+        self._redis: Any = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, **options)
+        # Watchers block in XREAD; they get their own pool so that they can
+        # never starve the transitions of connections.
+        self._blocking: Any = aioredis.Redis.from_url(url, socket_timeout=None, **options)
+        prelude = lua_prelude() + _lua("lib")
+        self._scripts = {
+            name: self._redis.register_script(prelude + _lua(name)) for name in _SCRIPTS
+        }
+
+    @_translated
+    async def connect(self) -> None:
+        """Check that Redis answers and load the scripts."""
+        await self._redis.ping()
+        for script in self._scripts.values():
+            script.sha = await self._redis.script_load(script.script)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+    async def _run(self, name: str, payload: Any) -> Any:
+        args: list[str | int] = [
+            self.keys.prefix,
+            repr(time.time()),
+            self.retention,
+            json.dumps(payload),
+        ]
+        return json.loads(await self._scripts[name](keys=[], args=args))
+
+    # -- creating tasks --------------------------------------------------------
+
+    @_translated
+    async def create_task(
+        self,
+        *,
+        goal: str,
+        options: TaskOptions,
+        plan: Plan | None,
+        result_from: Sequence[str] = (),
+        max_attempts: int = 3,
+        idempotency_key: str = "",
+    ) -> tuple[str, bool, list[ReadyItem]]:
+        """Store a new task (PLANNING, or RUNNING with ``plan``).
+
+        Returns ``(task_id, created, ready)``; ``created`` is False when the
+        idempotency key already names a task, which is returned instead.
+        """
+        idem = self.keys.idempotency(idempotency_key) if idempotency_key else ""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idem:
+                        # WATCH: a concurrent submit with the same key makes
+                        # our EXEC fail, and the retry then finds its task.
+                        await pipe.watch(idem)
+                        existing = await pipe.get(idem)
+                        if existing and await pipe.exists(self.keys.task(existing)):
+                            return str(existing), False, []
+                    task_id = new_task_id()
+                    now = time.time()
+                    pipe.multi()
+                    if idem:
+                        pipe.set(idem, task_id, ex=self.retention)
+                    pipe.hset(
+                        self.keys.task(task_id),
+                        mapping={
+                            "id": task_id,
+                            "goal": goal,
+                            "status": TaskStatus.PLANNING,
+                            "options": json.dumps(_options_doc(options)),
+                            "priority": options.priority,
+                            "created_at": repr(now),
+                            "updated_at": repr(now),
+                            "total": 0,
+                            "succeeded": 0,
+                        },
+                    )
+                    pipe.zadd(self.keys.tasks_index, {task_id: now})
+                    pipe.zadd(self.keys.active_index, {task_id: now})
+                    pipe.xadd(
+                        self.keys.events(task_id),
+                        _event(
+                            EventType.TASK_SUBMITTED, status=TaskStatus.PLANNING, message=goal[:200]
+                        ),
+                    )
+                    ready: list[ReadyItem] = []
+                    if plan is not None:
+                        ready = self._queue_plan(
+                            pipe, task_id, plan, result_from, max_attempts, options.priority, now
+                        )
+                    await pipe.execute()
+                    return task_id, True, ready
+                except rexc.WatchError:
+                    continue
+
+    @_translated
+    async def set_plan(
+        self,
+        task_id: str,
+        plan: Plan,
+        *,
+        result_from: Sequence[str],
+        max_attempts: int,
+        priority: int,
+    ) -> list[ReadyItem] | None:
+        """Store the graph of a PLANNING task and start it; None if it is no longer PLANNING."""
+        key = self.keys.task(task_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    # WATCH: the task may be cancelled while the model thinks;
+                    # a cancelled task must not come back to life.
+                    await pipe.watch(key)
+                    if await pipe.hget(key, "status") != TaskStatus.PLANNING:
+                        return None
+                    pipe.multi()
+                    ready = self._queue_plan(
+                        pipe, task_id, plan, result_from, max_attempts, priority, time.time()
+                    )
+                    await pipe.execute()
+                    return ready
+                except rexc.WatchError:
+                    continue
+
+    def _queue_plan(
+        self,
+        pipe: Any,
+        task_id: str,
+        plan: Plan,
+        result_from: Sequence[str],
+        max_attempts: int,
+        priority: int,
+        now: float,
+    ) -> list[ReadyItem]:
+        dependents: dict[str, list[str]] = defaultdict(list)
+        for s in plan.subtasks:
+            for dep in s.depends_on:
+                dependents[dep].append(s.id)
+        subs = self.keys.subtasks(task_id)
+        pipe.delete(subs)
+        ids = [s.id for s in plan.subtasks]
+        for start in range(0, len(ids), 1000):
+            pipe.rpush(subs, *ids[start : start + 1000])
+        ready: list[ReadyItem] = []
+        for s in plan.subtasks:
+            status = SubtaskStatus.PENDING if s.depends_on else SubtaskStatus.READY
+            pipe.hset(
+                self.keys.subtask(task_id, s.id),
+                mapping={
+                    "id": s.id,
+                    "title": s.title,
+                    "instruction": s.instruction,
+                    "capability": s.capability,
+                    "deps": json.dumps(list(s.depends_on)),
+                    "dependents": json.dumps(dependents.get(s.id, [])),
+                    "pending": len(s.depends_on),
+                    "params": json.dumps(dict(s.params)),
+                    "status": status,
+                    "attempt": 0,
+                    "max_attempts": max_attempts,
+                    "created_at": repr(now),
+                },
+            )
+            if status == SubtaskStatus.READY:
+                ready.append(ReadyItem(task_id, s.id, s.capability, priority))
+        pipe.hset(
+            self.keys.task(task_id),
+            mapping={
+                "status": TaskStatus.RUNNING,
+                "total": len(plan.subtasks),
+                "succeeded": 0,
+                "result_from": json.dumps(list(result_from)),
+                "updated_at": repr(now),
+            },
+        )
+        events = self.keys.events(task_id)
+        pipe.xadd(
+            events,
+            _event(
+                EventType.PLAN_CREATED,
+                status=TaskStatus.RUNNING,
+                message=f"plan with {len(plan.subtasks)} subtasks",
+            ),
+        )
+        for item in ready:
+            pipe.xadd(events, _event(EventType.SUBTASK_READY, sub=item.subtask_id, status="READY"))
+        return ready
+
+    @_translated
+    async def note(
+        self, task_id: str, expected: TaskStatus, type_: EventType, message: str
+    ) -> bool:
+        """Log an event while the task is still in the ``expected`` state."""
+        return bool(await self._run("note", [task_id, expected, type_, message]))
+
+    # -- transitions -----------------------------------------------------------
+
+    @_translated
+    async def assign(self, items: Sequence[tuple[ReadyItem, str, str]]) -> list[Assignment | None]:
+        """READY → ASSIGNED for each ``(item, worker_id, worker_name)``; None where stale."""
+        reply = await self._run(
+            "assign", [[i.task_id, i.subtask_id, wid, name] for i, wid, name in items]
+        )
+        goals: Mapping[str, str] = reply["goals"] or {}
+        out: list[Assignment | None] = [None] * len(items)
+        for index, attempt, title, instruction, capability, params, inputs in _list(
+            reply["assigned"]
+        ):
+            item = items[index - 1][0]
+            out[index - 1] = Assignment(
+                task_id=item.task_id,
+                subtask_id=item.subtask_id,
+                attempt=int(attempt),
+                capability=capability,
+                title=title or "",
+                instruction=instruction or "",
+                goal=goals.get(item.task_id, ""),
+                inputs=tuple(Input(d, t, o) for d, t, o in _list(inputs)),
+                params=json.loads(params or "{}"),
+            )
+        return out
+
+    @_translated
+    async def start(self, refs: Sequence[AttemptRef]) -> list[bool]:
+        """ASSIGNED → RUNNING; False where the report is stale."""
+        reply = await self._run("start", [[r.task_id, r.subtask_id, r.attempt] for r in refs])
+        return [bool(x) for x in _list(reply)]
+
+    @_translated
+    async def progress(self, updates: Sequence[ProgressUpdate]) -> list[bool]:
+        """Log progress; False where the report is stale."""
+        reply = await self._run(
+            "progress",
+            [[u.ref.task_id, u.ref.subtask_id, u.ref.attempt, u.message] for u in updates],
+        )
+        return [bool(x) for x in _list(reply)]
+
+    @_translated
+    async def complete(self, results: Sequence[SubtaskResult]) -> Outcome:
+        """Commit results, unlock dependents, finish tasks whose last subtask this was."""
+        payload = [
+            [
+                r.ref.task_id,
+                r.ref.subtask_id,
+                r.ref.attempt,
+                r.output,
+                json.dumps(
+                    {
+                        "input_tokens": r.usage.input_tokens,
+                        "output_tokens": r.usage.output_tokens,
+                        "model": r.usage.model,
+                    }
+                ),
+            ]
+            for r in results
+        ]
+        return _outcome(await self._run("complete", payload))
+
+    @_translated
+    async def fail(self, failures: Sequence[SubtaskFailure]) -> Outcome:
+        """Commit failures: retry while attempts remain, else fail the task."""
+        payload = [
+            [f.ref.task_id, f.ref.subtask_id, f.ref.attempt, f.error, int(f.retryable)]
+            for f in failures
+        ]
+        return _outcome(await self._run("fail", payload))
+
+    @_translated
+    async def finish(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        error: str,
+        event: EventType,
+        *,
+        expected: Iterable[TaskStatus],
+    ) -> tuple[bool, TaskStatus | None, list[AttemptRef]]:
+        """End a task that is in one of the ``expected`` states.
+
+        Returns ``(changed, status found, attempts held by workers)``.
+        """
+        reply = await self._run("finish", [task_id, status, error, event, list(expected)])
+        found = TaskStatus(reply["status"]) if reply["status"] else None
+        held = [AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))]
+        return bool(reply["changed"]), found, held
+
+    # -- reading ---------------------------------------------------------------
+
+    @_translated
+    async def get_task(self, task_id: str, *, subtasks: bool = True) -> Task:
+        """One task, with its subtasks unless ``subtasks`` is False."""
+        raw = await self._redis.hgetall(self.keys.task(task_id)) if _plain(task_id) else {}
+        if not raw:
+            raise TaskNotFound(task_id)
+        children: tuple[Subtask, ...] = ()
+        if subtasks:
+            ids = await self._redis.lrange(self.keys.subtasks(task_id), 0, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    pipe.hgetall(self.keys.subtask(task_id, sid))
+                rows = await pipe.execute()
+            children = tuple(_subtask(row) for row in rows if row)
+        return _task(raw, children)
+
+    @_translated
+    async def task_status(self, task_id: str) -> TaskStatus | None:
+        """The task's state, or None if there is no such task."""
+        status = (
+            await self._redis.hget(self.keys.task(task_id), "status") if _plain(task_id) else None
+        )
+        return TaskStatus(status) if status else None
+
+    @_translated
+    async def list_tasks(
+        self,
+        *,
+        statuses: Iterable[TaskStatus] = (),
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[Task], str]:
+        """Tasks newest first, ``page_size`` at a time; the token continues the listing."""
+        wanted = set(statuses)
+        max_score, last_id = _decode_token(page_token)
+        found: list[Task] = []
+        offset = 0
+        batch = max(page_size * 2, 100)
+        while len(found) < page_size:
+            entries = await self._redis.zrange(
+                self.keys.tasks_index,
+                repr(max_score),
+                "-inf",
+                desc=True,
+                byscore=True,
+                offset=offset,
+                num=batch,
+                withscores=True,
+            )
+            if not entries:
+                return found, ""
+            offset += len(entries)
+            # Equal scores come in reverse id order; skip those at or above the cursor.
+            fresh = [
+                (tid, score)
+                for tid, score in entries
+                if not (last_id and score == max_score and tid >= last_id)
+            ]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for tid, _ in fresh:
+                    pipe.hgetall(self.keys.task(tid))
+                rows = await pipe.execute()
+            missing = []
+            for (tid, score), row in zip(fresh, rows, strict=True):
+                if not row:
+                    missing.append(tid)
+                    continue
+                task = _task(row, ())
+                if wanted and task.status not in wanted:
+                    continue
+                found.append(task)
+                if len(found) == page_size:
+                    return found, _encode_token(score, tid)
+            if missing:
+                # Expired after the retention period: drop from the index too.
+                await self._redis.zrem(self.keys.tasks_index, *missing)
+                offset -= len(missing)
+        return found, ""
+
+    @_translated
+    async def read_events(self, task_id: str, after: str, count: int = 1000) -> list[Event]:
+        """Up to ``count`` events after the cursor (``""`` or ``"0"``: from the start)."""
+        start = f"({after}" if after and after != "0" else "-"
+        entries = await self._redis.xrange(self.keys.events(task_id), start, "+", count=count)
+        return [_decode_event(task_id, eid, fields) for eid, fields in entries]
+
+    @_translated
+    async def wait_events(
+        self, task_id: str, after: str, *, block_ms: int, count: int = 1000
+    ) -> list[Event]:
+        """Block until events after the cursor arrive, or ``block_ms`` passes."""
+        reply = await self._blocking.xread(
+            {self.keys.events(task_id): after or "0"}, count=count, block=block_ms
+        )
+        return [_decode_event(task_id, eid, f) for _, entries in reply or [] for eid, f in entries]
+
+    @_translated
+    async def load_active(self) -> list[RecoveredTask]:
+        """Every unfinished task with the state of its subtasks, for recovery at start-up."""
+        ids = await self._redis.zrange(self.keys.active_index, 0, -1)
+        recovered: list[RecoveredTask] = []
+        for task_id in ids:
+            raw = await self._redis.hgetall(self.keys.task(task_id))
+            if not raw:
+                await self._redis.zrem(self.keys.active_index, task_id)
+                continue
+            sids = await self._redis.lrange(self.keys.subtasks(task_id), 0, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in sids:
+                    pipe.hmget(
+                        self.keys.subtask(task_id, sid),
+                        ["status", "attempt", "worker_id", "capability"],
+                    )
+                rows = await pipe.execute()
+            subs = tuple(
+                RecoveredSubtask(sid, SubtaskStatus(st), int(att or 0), wid or "", cap or "")
+                for sid, (st, att, wid, cap) in zip(sids, rows, strict=True)
+                if st
+            )
+            task = _task(raw, ())
+            recovered.append(RecoveredTask(task_id, task.status, task.goal, task.options, subs))
+        return recovered
+
+    @_translated
+    async def trim_indexes(self, now: float | None = None) -> int:
+        """Drop tasks past their retention from the indexes; returns how many."""
+        cutoff = (now or time.time()) - self.retention
+        old = await self._redis.zrangebyscore(
+            self.keys.finished_index, "-inf", cutoff, start=0, num=1000
+        )
+        if old:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.keys.finished_index, *old)
+                pipe.zrem(self.keys.tasks_index, *old)
+                await pipe.execute()
+        return len(old)
+
+
+def _lua(name: str) -> str:
+    return resources.files("taskloom.supervisor").joinpath(f"lua/{name}.lua").read_text()
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _plain(task_id: str) -> bool:
+    # Task ids are ours (hex); anything else cannot exist and must not be
+    # spliced into a key name.
+    return 0 < len(task_id) <= 64 and task_id.isalnum()
+
+
+def _options_doc(options: TaskOptions) -> dict[str, Any]:
+    return {
+        "synthesize": options.synthesize,
+        "priority": options.priority,
+        "max_parallel": options.max_parallel,
+    }
+
+
+def _event(
+    type_: EventType,
+    *,
+    sub: str = "",
+    status: str = "",
+    message: str = "",
+    attempt: int = 0,
+    worker: str = "",
+) -> dict[str, str]:
+    return {
+        "type": type_,
+        "subtask": sub,
+        "status": status,
+        "message": message,
+        "attempt": str(attempt),
+        "worker": worker,
+    }
+
+
+def _decode_event(task_id: str, event_id: str, fields: Mapping[str, str]) -> Event:
+    return Event(
+        id=event_id,
+        time=int(event_id.split("-", 1)[0]) / 1000.0,
+        type=fields.get("type", ""),
+        task_id=task_id,
+        subtask_id=fields.get("subtask", ""),
+        status=fields.get("status", ""),
+        message=fields.get("message", ""),
+        attempt=int(fields.get("attempt") or 0),
+        worker=fields.get("worker", ""),
+    )
+
+
+def _outcome(reply: Mapping[str, Any]) -> Outcome:
+    return Outcome(
+        committed=[bool(x) for x in _list(reply["committed"])],
+        ready=[
+            ReadyItem(t, s, cap, int(prio), int(rest[0]) if rest else 0)
+            for t, s, cap, prio, *rest in _list(reply["ready"])
+        ],
+        finished=list(_list(reply["finished"])),
+        held=[AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))],
+    )
+
+
+def _time(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
+    opts = json.loads(raw.get("options") or "{}")
+    return Task(
+        id=raw["id"],
+        goal=raw.get("goal", ""),
+        status=TaskStatus(raw["status"]),
+        options=TaskOptions(
+            synthesize=bool(opts.get("synthesize", True)),
+            priority=int(opts.get("priority", 0)),
+            max_parallel=int(opts.get("max_parallel", 0)),
+        ),
+        created_at=float(raw.get("created_at") or 0.0),
+        updated_at=float(raw.get("updated_at") or 0.0),
+        result=raw.get("result", ""),
+        error=raw.get("error", ""),
+        finished_at=_time(raw.get("finished_at")),
+        subtasks_total=int(raw.get("total") or 0),
+        subtasks_succeeded=int(raw.get("succeeded") or 0),
+        subtasks=subtasks,
+    )
+
+
+def _subtask(raw: Mapping[str, str]) -> Subtask:
+    usage = json.loads(raw.get("usage") or "{}")
+    return Subtask(
+        id=raw["id"],
+        title=raw.get("title", ""),
+        instruction=raw.get("instruction", ""),
+        capability=raw.get("capability", ""),
+        depends_on=tuple(json.loads(raw.get("deps") or "[]")),
+        status=SubtaskStatus(raw["status"]),
+        output=raw.get("output", ""),
+        error=raw.get("error", ""),
+        attempt=int(raw.get("attempt") or 0),
+        worker=raw.get("worker", ""),
+        progress=raw.get("progress", ""),
+        params=json.loads(raw.get("params") or "{}"),
+        usage=Usage(
+            input_tokens=int(usage.get("input_tokens", 0)),
+            output_tokens=int(usage.get("output_tokens", 0)),
+            model=str(usage.get("model", "")),
+        ),
+        started_at=_time(raw.get("started_at")),
+        finished_at=_time(raw.get("finished_at")),
+    )
+
+
+def _encode_token(score: float, task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score!r}:{task_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[float, str]:
+    """The page token → (highest score to list, last task id listed)."""
+    if not token:
+        return float("inf"), ""
+    try:
+        score, task_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        return float(score), task_id
+    except ValueError:
+        raise InvalidArgument("page_token is not one this server issued") from None

@@ -1,0 +1,39 @@
+"""``taskloom worker``: run a worker until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from taskloom.core.errors import ConfigError
+from taskloom.core.logs import setup_logging
+from taskloom.worker.settings import WorkerSettings
+from taskloom.worker.worker import Worker, load_handlers
+
+
+@click.command("worker")
+@click.option("--supervisor", help="Supervisor HOST:PORT [TASKLOOM_SUPERVISOR]")
+@click.option("--capabilities", help="Comma-separated, e.g. llm,echo [TASKLOOM_CAPABILITIES]")
+@click.option("--concurrency", type=int, help="Subtasks run at once [TASKLOOM_CONCURRENCY, 4]")
+@click.option("--name", help="Name shown in tasks and logs [TASKLOOM_NAME]")
+@click.option("--app", help="MODULE:ATTR with custom handlers [TASKLOOM_APP]")
+@click.option("--ollama-host", help="Ollama for the llm handler [OLLAMA_HOST]")
+@click.option("--model", help="Model for the llm handler [TASKLOOM_MODEL]")
+@click.option(
+    "--drain-timeout", help="Grace for running subtasks on SIGTERM [TASKLOOM_DRAIN_TIMEOUT]"
+)
+@click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
+def command(**flags: str | int | None) -> None:
+    """Run a worker: take subtasks from a supervisor and run their handlers."""
+    try:
+        settings = WorkerSettings.load(**flags)
+        setup_logging(settings.log_level)
+        registry = load_handlers(settings.app) if settings.app else None
+        worker = Worker(settings, registry=registry)
+        worker.check()
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    asyncio.run(worker.serve(install_signal_handlers=True))

@@ -1,0 +1,127 @@
+"""Protocol buffers ↔ the domain model, on the worker's side of the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from taskloom.core.model import (
+    Assignment,
+    AttemptRef,
+    Input,
+    ProgressUpdate,
+    SubtaskFailure,
+    SubtaskResult,
+)
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import workers_pb2 as wpb
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    ref: AttemptRef
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    running: int
+    draining: bool
+
+
+Report = SubtaskResult | SubtaskFailure
+Outgoing = Accepted | Heartbeat | ProgressUpdate | SubtaskResult | SubtaskFailure
+
+
+def _ref_to_pb(ref: AttemptRef) -> wpb.AttemptRef:
+    return wpb.AttemptRef(task_id=ref.task_id, subtask_id=ref.subtask_id, attempt=ref.attempt)
+
+
+def refs_from_pb(refs: Iterable[wpb.AttemptRef]) -> list[AttemptRef]:
+    return [AttemptRef(r.task_id, r.subtask_id, r.attempt) for r in refs]
+
+
+def hello_to_pb(
+    *,
+    worker_id: str,
+    name: str,
+    capabilities: Sequence[str],
+    max_concurrency: int,
+    in_flight: Iterable[AttemptRef],
+    version: str,
+) -> wpb.ConnectRequest:
+    return wpb.ConnectRequest(
+        hello=wpb.Hello(
+            worker_id=worker_id,
+            name=name,
+            capabilities=list(capabilities),
+            max_concurrency=max_concurrency,
+            in_flight=[_ref_to_pb(r) for r in in_flight],
+            version=version,
+        )
+    )
+
+
+def assignments_from_pb(message: wpb.Assign) -> list[Assignment]:
+    return [
+        Assignment(
+            task_id=a.task_id,
+            subtask_id=a.subtask_id,
+            attempt=a.attempt,
+            capability=a.capability,
+            title=a.title,
+            instruction=a.instruction,
+            goal=a.goal,
+            inputs=tuple(Input(i.subtask_id, i.title, i.output) for i in a.inputs),
+            params=dict(a.params),
+            deadline=a.deadline.ToNanoseconds() / 1e9 if a.HasField("deadline") else None,
+            trace_context=dict(a.trace_context),
+        )
+        for a in message.assignments
+    ]
+
+
+def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
+    """Batch queued items into frames, in an order that keeps each attempt's story
+    straight: heartbeat, accepted, progress, then results and failures."""
+    frames: list[wpb.ConnectRequest] = []
+    beats = [i for i in items if isinstance(i, Heartbeat)]
+    if beats:
+        last = beats[-1]
+        frames.append(
+            wpb.ConnectRequest(
+                heartbeat=wpb.Heartbeat(running=last.running, draining=last.draining)
+            )
+        )
+    accepted = [_ref_to_pb(i.ref) for i in items if isinstance(i, Accepted)]
+    if accepted:
+        frames.append(wpb.ConnectRequest(accepted=wpb.Accepted(refs=accepted)))
+    progress = [
+        wpb.ProgressUpdate(ref=_ref_to_pb(i.ref), message=i.message)
+        for i in items
+        if isinstance(i, ProgressUpdate)
+    ]
+    if progress:
+        frames.append(wpb.ConnectRequest(progress=wpb.Progress(updates=progress)))
+    results = [
+        wpb.SubtaskResult(
+            ref=_ref_to_pb(i.ref),
+            output=i.output,
+            usage=pb.Usage(
+                input_tokens=i.usage.input_tokens,
+                output_tokens=i.usage.output_tokens,
+                model=i.usage.model,
+            ),
+        )
+        for i in items
+        if isinstance(i, SubtaskResult)
+    ]
+    if results:
+        frames.append(wpb.ConnectRequest(completed=wpb.Completed(results=results)))
+    failures = [
+        wpb.SubtaskFailure(ref=_ref_to_pb(i.ref), error=i.error, retryable=i.retryable)
+        for i in items
+        if isinstance(i, SubtaskFailure)
+    ]
+    if failures:
+        frames.append(wpb.ConnectRequest(failed=wpb.Failed(failures=failures)))
+    return frames

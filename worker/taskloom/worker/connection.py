@@ -1,0 +1,186 @@
+"""The worker's stream to its supervisor, kept open for the worker's whole life.
+
+A session: Hello (with the attempts the worker still holds), Welcome, then
+assignments down and batched reports up, with heartbeats. When the stream
+breaks, the connection waits a jittered, exponentially growing delay (full
+jitter, capped at ``reconnect_max``) and opens a new one; reports that were
+never acknowledged are sent again on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from importlib.metadata import version
+from typing import Protocol
+
+import grpc
+
+from taskloom.core.channel import insecure_channel
+from taskloom.core.model import Assignment, AttemptRef
+from taskloom.v1 import workers_pb2 as wpb
+from taskloom.v1 import workers_pb2_grpc
+from taskloom.worker import codec
+from taskloom.worker.codec import Heartbeat, Outgoing, Report
+from taskloom.worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+WELCOME_TIMEOUT = 10.0
+
+
+class SessionHandler(Protocol):
+    """What the connection needs from the worker."""
+
+    def in_flight(self) -> list[AttemptRef]: ...
+    def unacked(self) -> list[Report]: ...
+    def running(self) -> int: ...
+    def draining(self) -> bool: ...
+    def on_assign(self, assignments: Sequence[Assignment]) -> None: ...
+    def on_cancel(self, refs: Sequence[AttemptRef], reason: str) -> None: ...
+    def on_ack(self, refs: Sequence[AttemptRef]) -> None: ...
+
+
+class Connection:
+    """Connects, and reconnects, to the supervisor until ``close()``."""
+
+    def __init__(self, settings: WorkerSettings, worker_id: str, handler: SessionHandler) -> None:
+        self._settings = settings
+        self._worker_id = worker_id
+        self._handler = handler
+        self._queue: asyncio.Queue[Outgoing] | None = None
+        self._call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse] | None = None
+        self._closing = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.heartbeat_interval = 5.0
+
+    def send(self, item: Outgoing) -> None:
+        """Queue an item for the current session; dropped while disconnected
+        (reports are kept by the worker and sent again after reconnecting)."""
+        if self._queue is not None:
+            self._queue.put_nowait(item)
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    async def run(self) -> None:
+        failures = 0
+        async with insecure_channel(
+            self._settings.supervisor, self._settings.max_message_bytes
+        ) as channel:
+            stub: workers_pb2_grpc.WorkerServiceAsyncStub = workers_pb2_grpc.WorkerServiceStub(
+                channel
+            )
+            while not self._closing.is_set():
+                welcomed = False
+                try:
+                    welcomed = await self._session(stub)
+                except grpc.aio.AioRpcError as e:
+                    if not self._closing.is_set():
+                        level = logging.WARNING if failures == 0 else logging.DEBUG
+                        logger.log(
+                            level,
+                            "supervisor at %s: %s (%s); reconnecting",
+                            self._settings.supervisor,
+                            e.code().name,
+                            e.details(),
+                        )
+                except TimeoutError:
+                    logger.warning("supervisor at %s sent no Welcome", self._settings.supervisor)
+                finally:
+                    self.connected.clear()
+                if self._closing.is_set():
+                    break
+                failures = 0 if welcomed else failures + 1
+                cap = min(self._settings.reconnect_max, 0.1 * 2**failures)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), random.uniform(0.05, cap))
+
+    async def _session(self, stub: workers_pb2_grpc.WorkerServiceAsyncStub) -> bool:
+        call = stub.Connect()
+        self._call = call
+        handler = self._handler
+        try:
+            await call.write(
+                codec.hello_to_pb(
+                    worker_id=self._worker_id,
+                    name=self._settings.name,
+                    capabilities=self._settings.capabilities,
+                    max_concurrency=self._settings.concurrency,
+                    in_flight=handler.in_flight(),
+                    version=version("taskloom"),
+                )
+            )
+            async with asyncio.timeout(WELCOME_TIMEOUT):
+                first = await call.read()
+            if not isinstance(first, wpb.ConnectResponse) or not first.HasField("welcome"):
+                return False
+            welcome = first.welcome
+            self.heartbeat_interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9 or 5.0
+            logger.info(
+                "connected to supervisor %s at %s",
+                welcome.supervisor_id,
+                self._settings.supervisor,
+            )
+            queue: asyncio.Queue[Outgoing] = asyncio.Queue()
+            for report in handler.unacked():
+                queue.put_nowait(report)
+            if handler.draining():
+                queue.put_nowait(Heartbeat(handler.running(), True))
+            self._queue = queue
+            self.connected.set()
+            sender = asyncio.create_task(self._send_forever(call, queue))
+            beats = asyncio.create_task(self._beat_forever(queue))
+            try:
+                await self._receive(call)
+            finally:
+                self._queue = None
+                for task in (sender, beats):
+                    task.cancel()
+                await asyncio.gather(sender, beats, return_exceptions=True)
+            return True
+        finally:
+            self._call = None
+            call.cancel()
+
+    async def _receive(
+        self, call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse]
+    ) -> None:
+        handler = self._handler
+        while True:
+            message = await call.read()
+            if not isinstance(message, wpb.ConnectResponse):
+                logger.info("supervisor closed the stream")
+                return
+            kind = message.WhichOneof("message")
+            if kind == "assign":
+                handler.on_assign(codec.assignments_from_pb(message.assign))
+            elif kind == "ack":
+                handler.on_ack(codec.refs_from_pb(message.ack.refs))
+            elif kind == "cancel":
+                handler.on_cancel(codec.refs_from_pb(message.cancel.refs), message.cancel.reason)
+            elif kind == "drain":
+                logger.info("supervisor is going away (%s); reconnecting", message.drain.reason)
+                return
+
+    async def _send_forever(
+        self,
+        call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse],
+        queue: asyncio.Queue[Outgoing],
+    ) -> None:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for frame in codec.frames_to_pb(items):
+                await call.write(frame)
+
+    async def _beat_forever(self, queue: asyncio.Queue[Outgoing]) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            queue.put_nowait(Heartbeat(self._handler.running(), self._handler.draining()))

@@ -1,0 +1,59 @@
+"""The worker's settings: ``TASKLOOM_*`` variables, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES, parse_address
+from taskloom.core.settings import LLMSettings, Seconds, StrList
+
+
+class WorkerSettings(LLMSettings):
+    """Everything ``taskloom worker`` reads. Each field is ``TASKLOOM_<NAME>``."""
+
+    flag_names: ClassVar[dict[str, str]] = {
+        "supervisor": "--supervisor",
+        "capabilities": "--capabilities",
+        "concurrency": "--concurrency",
+        "name": "--name",
+        "app": "--app",
+        "ollama_host": "--ollama-host",
+        "model": "--model",
+        "drain_timeout": "--drain-timeout",
+        "log_level": "--log-level",
+    }
+
+    supervisor: str = "127.0.0.1:50051"
+    """The supervisor's HOST:PORT."""
+    capabilities: StrList = ("llm",)
+    """What this worker runs; each needs a handler (built in: llm, echo)."""
+    concurrency: int = Field(default=4, ge=1, le=10_000)
+    """Subtasks run at once."""
+    name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    app: str | None = None
+    """``module:attribute`` holding a Worker or HandlerRegistry with custom handlers."""
+    drain_timeout: Seconds = 30.0
+    """On SIGTERM, how long running subtasks get to finish before they are handed back."""
+    reconnect_max: Seconds = 10.0
+    """Longest wait between reconnection attempts."""
+    progress_interval: Seconds = 1.0
+    """Least time between two progress reports of one streaming LLM subtask."""
+    max_context_chars: int = Field(default=24_000, ge=1_000)
+    """Budget for dependency outputs in an llm subtask's prompt."""
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
+
+    @field_validator("supervisor")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return parse_address(value, setting="TASKLOOM_SUPERVISOR")
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one capability, e.g. llm")
+        return value

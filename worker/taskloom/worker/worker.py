@@ -1,0 +1,269 @@
+"""The worker runtime: run assignments concurrently, keep reports until acknowledged.
+
+    worker = Worker(WorkerSettings.load(capabilities="llm,summarize"))
+
+    @worker.handler("summarize")
+    async def summarize(ctx: SubtaskContext) -> str:
+        return ctx.instruction[:100]
+
+    worker.run()        # or: await worker.serve()
+
+Reports (results and failures) stay in memory until the supervisor
+acknowledges them, and are sent again after a reconnect, so a supervisor that
+dies between "done" and "stored" loses nothing. On SIGTERM the worker drains:
+it takes no new work, gives running subtasks ``drain_timeout`` to finish,
+hands back the rest, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+
+from taskloom.core.errors import ConfigError
+from taskloom.core.llm import LLM, create_llm
+from taskloom.core.model import (
+    Assignment,
+    AttemptRef,
+    ProgressUpdate,
+    SubtaskFailure,
+    SubtaskResult,
+)
+from taskloom.worker.codec import Accepted, Heartbeat, Report
+from taskloom.worker.connection import Connection
+from taskloom.worker.context import SubtaskContext, SubtaskError
+from taskloom.worker.handlers import Handler, HandlerRegistry, echo, llm_handler
+from taskloom.worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+ACK_WAIT = 5.0
+"""On shutdown, how long to wait for the last reports to be acknowledged."""
+
+
+class Worker:
+    """A worker process: a connection to the supervisor and a set of handlers."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings | None = None,
+        *,
+        registry: HandlerRegistry | None = None,
+        llm: LLM | None = None,
+    ) -> None:
+        self.settings = settings or WorkerSettings.load()
+        self.worker_id = uuid.uuid4().hex
+        self.registry = HandlerRegistry()
+        self.registry.add("echo", echo)
+        self.registry.add(
+            "llm",
+            llm_handler(
+                max_context_chars=self.settings.max_context_chars,
+                progress_interval=self.settings.progress_interval,
+            ),
+        )
+        if registry is not None:
+            self.registry.update(registry)
+        self.llm = llm or create_llm(self.settings)
+        self._running: dict[AttemptRef, asyncio.Task[None]] = {}
+        self._cancelled: set[AttemptRef] = set()
+        self._unacked: dict[AttemptRef, Report] = {}
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+        self._draining = False
+        self._stopped = asyncio.Event()
+        self._connection = Connection(self.settings, self.worker_id, self)
+        self._logger = logging.getLogger("taskloom.worker.handler")
+
+    def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: register an async function of a ``SubtaskContext`` for capability ``name``."""
+        return self.registry.handler(name)
+
+    def check(self) -> None:
+        """Every advertised capability needs a handler."""
+        missing = [c for c in self.settings.capabilities if c not in self.registry]
+        if missing:
+            raise ConfigError(
+                f"TASKLOOM_CAPABILITIES / --capabilities: no handler for {', '.join(missing)}; "
+                f"known: {', '.join(self.registry)} (add yours with --app MODULE:ATTR)"
+            )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM or Ctrl-C (twice to skip the drain)."""
+        asyncio.run(self.serve(install_signal_handlers=True))
+
+    async def serve(self, *, install_signal_handlers: bool = False) -> None:
+        """Connect and run assignments until ``stop()`` or ``drain()`` completes."""
+        self.check()
+        if install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal)
+        connection = asyncio.create_task(self._connection.run(), name="taskloom-connection")
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._connection.close()
+            await asyncio.gather(connection, return_exceptions=True)
+            for task in self._running.values():
+                task.cancel()
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+            await self.llm.close()
+
+    def _on_signal(self) -> None:
+        if self._draining:
+            logger.warning("second signal: stopping now")
+            self._stopped.set()
+        else:
+            asyncio.get_running_loop().create_task(self.drain())
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Take no new work, let running subtasks finish, hand back the rest, stop."""
+        timeout = self.settings.drain_timeout if grace is None else grace
+        self._draining = True
+        logger.info("draining: %d subtasks running, up to %.0fs", len(self._running), timeout)
+        self._connection.send(Heartbeat(len(self._running), True))
+        if self._running:
+            _, late = await asyncio.wait(list(self._running.values()), timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self._wait_for_acks()
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop now; running subtasks are abandoned and their leases expire."""
+        self._stopped.set()
+
+    async def _wait_for_acks(self) -> None:
+        if not self._connection.connected.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ACK_WAIT):
+                await self._all_acked.wait()
+
+    # -- the session (called by the connection) ----------------------------------------
+
+    def in_flight(self) -> list[AttemptRef]:
+        return [*self._running, *self._unacked]
+
+    def unacked(self) -> list[Report]:
+        return list(self._unacked.values())
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def draining(self) -> bool:
+        return self._draining
+
+    def on_assign(self, assignments: Sequence[Assignment]) -> None:
+        for assignment in assignments:
+            ref = assignment.ref
+            if ref in self._running or ref in self._unacked:
+                continue
+            handler = self.registry.get(assignment.capability)
+            if self._draining:
+                self._report(SubtaskFailure(ref, "the worker is shutting down; handed back", True))
+            elif handler is None:
+                self._report(
+                    SubtaskFailure(
+                        ref,
+                        f"worker {self.settings.name} has no handler for {assignment.capability}",
+                        True,
+                    )
+                )
+            else:
+                self._running[ref] = asyncio.create_task(
+                    self._execute(assignment, handler), name=f"subtask-{ref}"
+                )
+
+    def on_cancel(self, refs: Sequence[AttemptRef], reason: str) -> None:
+        self.on_ack(refs)
+        for ref in refs:
+            task = self._running.get(ref)
+            if task is not None:
+                logger.info("cancelling %s: %s", ref, reason)
+                self._cancelled.add(ref)
+                task.cancel()
+
+    def on_ack(self, refs: Sequence[AttemptRef]) -> None:
+        for ref in refs:
+            self._unacked.pop(ref, None)
+        if not self._unacked:
+            self._all_acked.set()
+
+    # -- running handlers ---------------------------------------------------------------
+
+    async def _execute(self, assignment: Assignment, handler: Handler) -> None:
+        ref = assignment.ref
+        self._connection.send(Accepted(ref))
+
+        async def report_progress(message: str) -> None:
+            if ref in self._running:
+                self._connection.send(ProgressUpdate(ref, message))
+
+        ctx = SubtaskContext(assignment, self.llm, self._logger, report_progress)
+        report: Report
+        try:
+            output = await handler(ctx)
+            report = SubtaskResult(ref, _as_text(output), ctx.usage)
+        except asyncio.CancelledError:
+            if ref in self._cancelled:
+                self._cancelled.discard(ref)
+                return
+            report = SubtaskFailure(ref, "the worker shut down before finishing; handed back", True)
+        except SubtaskError as e:
+            report = SubtaskFailure(ref, e.message, e.retryable)
+        except Exception as e:
+            logger.exception("handler %s failed on %s", assignment.capability, ref)
+            report = SubtaskFailure(ref, f"{type(e).__name__}: {e}", True)
+        finally:
+            self._running.pop(ref, None)
+        self._report(report)
+
+    def _report(self, report: Report) -> None:
+        self._unacked[report.ref] = report
+        self._all_acked.clear()
+        self._connection.send(report)
+
+
+def _as_text(output: object) -> str:
+    if output is None:
+        return ""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, bytes):
+        return output.decode("utf-8", errors="replace")
+    return json.dumps(output, default=str, ensure_ascii=False)
+
+
+def load_handlers(spec: str) -> HandlerRegistry:
+    """The handlers at ``module:attribute`` (a ``Worker`` or a ``HandlerRegistry``)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"TASKLOOM_APP / --app: {spec!r} is not MODULE:ATTRIBUTE")
+    # Like celery and uvicorn: the app is found relative to where the worker starts.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"TASKLOOM_APP / --app: cannot import {module_name}: {e}") from None
+    target = getattr(module, attribute, None)
+    if isinstance(target, Worker):
+        return target.registry
+    if isinstance(target, HandlerRegistry):
+        return target
+    raise ConfigError(
+        f"TASKLOOM_APP / --app: {spec} is {type(target).__name__}, not a Worker or HandlerRegistry"
+    )
