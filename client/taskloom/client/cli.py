@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -344,6 +345,8 @@ def up(
     demo: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
+    # SIGTERM stops the cluster as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cluster = LocalCluster(
         data_dir=data_dir,
         workers=workers,

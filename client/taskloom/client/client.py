@@ -19,7 +19,7 @@ import builtins
 import threading
 import time
 from collections.abc import (
-    AsyncIterator,
+    AsyncGenerator,
     Awaitable,
     Callable,
     Coroutine,
@@ -138,7 +138,7 @@ class TaskloomClient:
         )
         return codec.task_from_pb(response.task)
 
-    async def watch(self, task_id: str, *, after_event_id: str = "") -> AsyncIterator[Event]:
+    async def watch(self, task_id: str, *, after_event_id: str = "") -> AsyncGenerator[Event, None]:
         """The task's events after the cursor, then live, until its terminal event.
 
         If the supervisor goes away the watch resumes from the last event it
@@ -236,11 +236,11 @@ class SyncTaskloomClient:
         try:
             while True:
                 try:
-                    yield self._run(anext(events))  # type: ignore[arg-type]
+                    yield self._run(anext(events))
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(events.aclose())  # type: ignore[attr-defined]
+            self._run(events.aclose())
 
     def wait(self, task_id: str) -> Task:
         return self._run(self._client.wait(task_id))

@@ -96,9 +96,12 @@ class LocalCluster:
             self.redis = LocalRedis(self.data_dir / "redis")
             self.redis.start()
             self.redis_url = self.redis.url
+        # The supervisor learns its workers' capabilities when they connect;
+        # telling it up front lets plans be submitted before they have.
         self.supervisor = self._spawn(
             "supervisor",
             ["supervisor", "--listen", self.listen, "--redis-url", self.redis_url],
+            {"TASKLOOM_CAPABILITIES": self.capabilities},
         )
         wait_serving(self.listen, 30.0, self.supervisor)
         for i in range(1, self.n_workers + 1):
@@ -119,7 +122,9 @@ class LocalCluster:
                 )
             )
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(log)
         return subprocess.Popen(
@@ -128,7 +133,7 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def stop(self, timeout: float = 40.0) -> None:

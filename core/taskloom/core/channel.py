@@ -33,10 +33,11 @@ def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Option
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        # Reconnect quickly after a supervisor restart; the default backoff
-        # grows to two minutes.
-        ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 5_000),
+        # Reconnect quickly after a supervisor restart: the default backoff
+        # grows to two minutes, far past a worker's lease. Callers add their
+        # own jittered backoff on top.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 

@@ -111,7 +111,9 @@ class Orchestrator:
                     )
                 elif sub.status in (SubtaskStatus.ASSIGNED, SubtaskStatus.RUNNING):
                     self.scheduler.restore_lease(
-                        AttemptRef(task.task_id, sub.subtask_id, sub.attempt), sub.worker_id
+                        AttemptRef(task.task_id, sub.subtask_id, sub.attempt),
+                        sub.worker_id,
+                        sub.worker,
                     )
                     leased += 1
             self.scheduler.enqueue(ready)
@@ -369,8 +371,7 @@ class Orchestrator:
         failures = [
             SubtaskFailure(
                 lease.ref,
-                f"worker {lease.worker_name or lease.worker_id} stopped answering "
-                "and its lease expired",
+                f"worker {lease.worker_name} stopped answering and its lease expired",
                 retryable=True,
             )
             for lease in leases

@@ -263,9 +263,10 @@ class Scheduler:
                 del self._in_flight[ref.task_id]
         self._wake.set()
 
-    def restore_lease(self, ref: AttemptRef, worker_id: str) -> None:
+    def restore_lease(self, ref: AttemptRef, worker_id: str, worker_name: str) -> None:
         """At start-up: an attempt Redis says a worker holds. It has one TTL to reconnect."""
-        self._leases[ref] = Lease(ref, worker_id, "", None, self._clock() + self.lease_ttl)
+        expires = self._clock() + self.lease_ttl
+        self._leases[ref] = Lease(ref, worker_id, worker_name, None, expires)
         self._in_flight[ref.task_id] += 1
 
     def leases(self) -> int:

@@ -85,6 +85,7 @@ class RecoveredSubtask:
     status: SubtaskStatus
     attempt: int
     worker_id: str
+    worker: str
     capability: str
 
 
@@ -542,12 +543,14 @@ class Store:
                 for sid in sids:
                     pipe.hmget(
                         self.keys.subtask(task_id, sid),
-                        ["status", "attempt", "worker_id", "capability"],
+                        ["status", "attempt", "worker_id", "worker", "capability"],
                     )
                 rows = await pipe.execute()
             subs = tuple(
-                RecoveredSubtask(sid, SubtaskStatus(st), int(att or 0), wid or "", cap or "")
-                for sid, (st, att, wid, cap) in zip(sids, rows, strict=True)
+                RecoveredSubtask(
+                    sid, SubtaskStatus(st), int(att or 0), wid or "", name or "", cap or ""
+                )
+                for sid, (st, att, wid, name, cap) in zip(sids, rows, strict=True)
                 if st
             )
             task = _task(raw, ())

@@ -4,7 +4,9 @@ A session: Hello (with the attempts the worker still holds), Welcome, then
 assignments down and batched reports up, with heartbeats. When the stream
 breaks, the connection waits a jittered, exponentially growing delay (full
 jitter, capped at ``reconnect_max``) and opens a new one; reports that were
-never acknowledged are sent again on it.
+never acknowledged are sent again on it. The delay never exceeds a third of
+the lease TTL the supervisor announced, so a worker is back before the leases
+it holds expire, even when the supervisor restarts.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Connection:
         self._closing = asyncio.Event()
         self.connected = asyncio.Event()
         self.heartbeat_interval = 5.0
+        self.lease_ttl = 15.0
 
     def send(self, item: Outgoing) -> None:
         """Queue an item for the current session; dropped while disconnected
@@ -97,7 +100,7 @@ class Connection:
                 if self._closing.is_set():
                     break
                 failures = 0 if welcomed else failures + 1
-                cap = min(self._settings.reconnect_max, 0.1 * 2**failures)
+                cap = min(self._settings.reconnect_max, self.lease_ttl / 3, 0.1 * 2**failures)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), random.uniform(0.05, cap))
 
@@ -122,6 +125,7 @@ class Connection:
                 return False
             welcome = first.welcome
             self.heartbeat_interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9 or 5.0
+            self.lease_ttl = welcome.lease_ttl.ToNanoseconds() / 1e9 or 15.0
             logger.info(
                 "connected to supervisor %s at %s",
                 welcome.supervisor_id,

@@ -1,0 +1,1 @@
+"""Benchmarks. ``python -m bench.baseline`` measures this machine's baseline."""

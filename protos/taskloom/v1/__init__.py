@@ -1,0 +1,1 @@
+"""taskloom's wire protocol, version 1: generated from the ``.proto`` files beside this one."""

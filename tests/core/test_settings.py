@@ -1,0 +1,55 @@
+"""Settings: environment, flag overrides, and errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskloom.core.errors import ConfigError
+from taskloom.core.settings import parse_duration
+from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.worker.settings import WorkerSettings
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("15", 15.0), ("250ms", 0.25), ("1.5s", 1.5), ("5m", 300.0), ("7d", 604800.0)],
+)
+def test_durations_take_units(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_environment_is_read_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKLOOM_LEASE_TTL", "30s")
+    monkeypatch.setenv("TASKLOOM_CAPABILITIES", "llm, search")
+    monkeypatch.setenv("OLLAMA_HOST", "gpu-box:11434")
+    monkeypatch.setenv("TASKLOOM_REDIS_URL", "redis://env:6379/0")
+    settings = SupervisorSettings.load(redis_url="redis://flag:6379/1", listen=None)
+    assert settings.lease_ttl == 30.0
+    assert settings.capabilities == ("llm", "search")
+    assert settings.ollama_host == "gpu-box:11434"
+    assert settings.redis_url == "redis://flag:6379/1"
+    assert settings.listen == "127.0.0.1:50051"
+
+
+def test_bad_values_fail_at_start_naming_the_variable_and_the_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TASKLOOM_LEASE_TTL", "soon")
+    monkeypatch.setenv("TASKLOOM_MAX_ATTEMPTS", "0")
+    with pytest.raises(ConfigError) as caught:
+        SupervisorSettings.load(redis_url="http://nope")
+    message = str(caught.value)
+    assert "TASKLOOM_LEASE_TTL / --lease-ttl: 'soon' is not a duration" in message
+    assert "TASKLOOM_MAX_ATTEMPTS: Input should be greater than or equal to 1" in message
+    assert "TASKLOOM_REDIS_URL / --redis-url: must start with redis://" in message
+
+
+def test_addresses_and_capabilities_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="TASKLOOM_SUPERVISOR: 'localhost' is not HOST:PORT"):
+        WorkerSettings.load(supervisor="localhost")
+    with pytest.raises(
+        ConfigError, match=r"TASKLOOM_CAPABILITIES / --capabilities: .*at least one"
+    ):
+        WorkerSettings.load(capabilities=" , ")
+    with pytest.raises(ConfigError, match="TASKLOOM_LISTEN"):
+        SupervisorSettings.load(listen="0.0.0.0:99999")

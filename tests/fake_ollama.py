@@ -1,0 +1,180 @@
+"""A real HTTP server that speaks Ollama's API, scripted by the test.
+
+It serves ``/api/chat`` (streamed as NDJSON or not, with ``format``),
+``/api/tags`` and ``/api/version`` on a free loopback port, from a thread of
+its own, so supervisors and worker processes reach it as they would reach
+Ollama. Every chat call is recorded; the test's ``responder`` decides each
+reply and may block (to hold a subtask open) or return an ``HTTPError``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class ChatCall:
+    model: str
+    messages: list[dict[str, Any]]
+    format: Any
+    stream: bool
+    options: dict[str, Any]
+    received_at: float = field(default_factory=time.monotonic)
+    responded_at: float | None = None
+
+    @property
+    def system(self) -> str:
+        return next((m["content"] for m in self.messages if m["role"] == "system"), "")
+
+    @property
+    def prompt(self) -> str:
+        """The last user message."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+
+    @property
+    def planning(self) -> bool:
+        return self.format is not None
+
+
+@dataclass
+class HTTPError:
+    status: int
+    message: str
+
+
+Responder = Callable[[ChatCall], "str | HTTPError"]
+
+
+class FakeOllama:
+    """Ollama's HTTP API on ``url``; set ``responder`` to script replies."""
+
+    def __init__(self, models: tuple[str, ...] = ("llama3.2:latest",)) -> None:
+        self.models = models
+        self.calls: list[ChatCall] = []
+        self.responder: Responder = lambda call: f"echo: {call.prompt[-200:]}"
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/api/version":
+                    self._json(200, {"version": "0.12.0"})
+                elif self.path == "/api/tags":
+                    self._json(200, {"models": [_model(m) for m in fake.models]})
+                else:
+                    self._json(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if self.path != "/api/chat":
+                    self._json(404, {"error": "not found"})
+                    return
+                if body.get("model") not in {m.removesuffix(":latest") for m in fake.models} | set(
+                    fake.models
+                ):
+                    self._json(404, {"error": f"model '{body.get('model')}' not found"})
+                    return
+                call = ChatCall(
+                    model=body["model"],
+                    messages=body.get("messages", []),
+                    format=body.get("format"),
+                    stream=bool(body.get("stream", True)),
+                    options=body.get("options") or {},
+                )
+                with fake._lock:
+                    fake.calls.append(call)
+                try:
+                    reply = fake.responder(call)
+                except Exception as e:
+                    reply = HTTPError(500, f"responder failed: {e!r}")
+                call.responded_at = time.monotonic()
+                if isinstance(reply, HTTPError):
+                    self._json(reply.status, {"error": reply.message})
+                elif call.stream:
+                    self._stream(call, reply)
+                else:
+                    self._json(200, _chunk(call, reply, done=True))
+
+            def _json(self, status: int, payload: Any) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _stream(self, call: ChatCall, text: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                pieces = [text[i : i + 16] for i in range(0, len(text), 16)] or [""]
+                lines = [_chunk(call, p, done=False) for p in pieces]
+                lines.append(_chunk(call, "", done=True))
+                for line in lines:
+                    data = (json.dumps(line) + "\n").encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeOllama:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def planning_calls(self) -> list[ChatCall]:
+        with self._lock:
+            return [c for c in self.calls if c.planning]
+
+    def step_calls(self, title: str) -> list[ChatCall]:
+        """Calls of the built-in llm handler for the step with this title."""
+        with self._lock:
+            return [c for c in self.calls if f"Your step: {title}\n" in c.prompt]
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2026-01-01T00:00:00Z",
+        "size": 1,
+        "digest": "0" * 64,
+        "details": {"format": "gguf", "family": "llama"},
+    }
+
+
+def _chunk(call: ChatCall, content: str, *, done: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "model": call.model,
+        "created_at": "2026-01-01T00:00:00Z",
+        "message": {"role": "assistant", "content": content},
+        "done": done,
+    }
+    if done:
+        chunk |= {
+            "done_reason": "stop",
+            "prompt_eval_count": sum(len(m["content"]) // 4 for m in call.messages),
+            "eval_count": 7,
+        }
+    return chunk

@@ -1,0 +1,54 @@
+"""Handlers that worker processes in the tests load with ``--app tests.handlers:registry``.
+
+They talk to the test through files in ``TASKLOOM_TEST_DIR``: a ``gate``
+subtask runs until the file ``open-<subtask>`` appears, and handlers leave
+``started-``, ``finished-``, ``cancelled-`` and ``attempt-`` marks the test can poll for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from taskloom.worker import HandlerRegistry, SubtaskContext, SubtaskError
+
+registry = HandlerRegistry()
+
+
+def _dir() -> Path:
+    return Path(os.environ["TASKLOOM_TEST_DIR"])
+
+
+def _mark(name: str, content: str = "") -> None:
+    (_dir() / name).write_text(content)
+
+
+@registry.handler("gate")
+async def gate(ctx: SubtaskContext) -> str:
+    """Runs until the test opens its gate; returns its instruction and its inputs."""
+    _mark(f"started-{ctx.subtask_id}-{ctx.attempt}", os.environ.get("TASKLOOM_NAME", ""))
+    try:
+        while not (_dir() / f"open-{ctx.subtask_id}").exists():
+            await asyncio.sleep(0.02)
+    except asyncio.CancelledError:
+        _mark(f"cancelled-{ctx.subtask_id}-{ctx.attempt}")
+        raise
+    _mark(f"finished-{ctx.subtask_id}-{ctx.attempt}")
+    inputs = ",".join(i.output for i in ctx.inputs)
+    return f"{ctx.instruction}[{inputs}]" if inputs else ctx.instruction
+
+
+@registry.handler("flaky")
+async def flaky(ctx: SubtaskContext) -> str:
+    """Fails (retryably) on attempts before the one its instruction names."""
+    _mark(f"attempt-{ctx.subtask_id}-{ctx.attempt}")
+    if ctx.attempt < int(ctx.instruction):
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return f"ok on attempt {ctx.attempt}"
+
+
+@registry.handler("broken")
+async def broken(ctx: SubtaskContext) -> str:
+    """Fails for good."""
+    raise SubtaskError(f"cannot do {ctx.instruction!r}", retryable=False)

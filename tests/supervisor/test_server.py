@@ -1,0 +1,117 @@
+"""The supervisor's gRPC surface: health, reflection, worker-stream protocol, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from taskloom.client import TaskloomClient
+from taskloom.core.errors import StoreUnavailable
+from taskloom.core.localredis import LocalRedis, free_port
+from taskloom.core.model import TaskStatus
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.v1 import workers_pb2 as wpb
+from taskloom.v1 import workers_pb2_grpc
+from tests.conftest import Processes
+from tests.helpers import plan
+
+
+async def test_health_and_reflection_are_served(supervisor: Supervisor) -> None:
+    async with grpc.aio.insecure_channel(supervisor.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "taskloom.v1.TaskService", "taskloom.v1.WorkerService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"taskloom.v1.TaskService", "taskloom.v1.WorkerService"} <= names
+
+
+async def _connect(supervisor: Supervisor, *frames: wpb.ConnectRequest) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(supervisor.address) as channel:
+        call = workers_pb2_grpc.WorkerServiceStub(channel).Connect()
+        for frame in frames:
+            await call.write(frame)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                if await call.read() is grpc.aio.EOF:
+                    break
+        return caught.value
+
+
+def _hello(**fields: object) -> wpb.ConnectRequest:
+    defaults: dict[str, object] = {"worker_id": "w", "capabilities": ["echo"], "max_concurrency": 1}
+    return wpb.ConnectRequest(hello=wpb.Hello(**(defaults | fields)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        ((wpb.ConnectRequest(heartbeat=wpb.Heartbeat()),), "must start with Hello"),
+        ((_hello(capabilities=[]),), "Hello lists no capabilities"),
+        ((_hello(worker_id=""),), "Hello needs a worker_id"),
+        ((_hello(max_concurrency=0),), "max_concurrency must be between 1 and 10000"),
+        ((_hello(), _hello()), "Hello may only be sent once per stream"),
+    ],
+)
+async def test_a_malformed_worker_stream_is_refused_with_the_reason(
+    supervisor: Supervisor, frames: tuple[wpb.ConnectRequest, ...], message: str
+) -> None:
+    error = await _connect(supervisor, *frames)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (error.details() or "")
+
+
+async def test_a_worker_that_never_says_hello_is_closed(
+    supervisor_settings: SupervisorSettings,
+) -> None:
+    settings = supervisor_settings.model_copy(update={"hello_timeout": 0.2})
+    async with Supervisor(settings) as supervisor:
+        error = await _connect(supervisor)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no Hello within 0.2s" in (error.details() or "")
+
+
+async def test_a_supervisor_without_redis_says_so_at_start(
+    supervisor_settings: SupervisorSettings,
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    settings = supervisor_settings.model_copy(update={"redis_url": url})
+    with pytest.raises(StoreUnavailable, match=rf"Redis at {url} is unavailable"):
+        await Supervisor(settings).start()
+
+
+async def test_while_redis_is_down_calls_fail_fast_and_work_resumes_when_it_returns(
+    supervisor_settings: SupervisorSettings, tmp_path: Path, processes: Processes
+) -> None:
+    redis = LocalRedis(tmp_path / "redis")
+    redis.start()
+    settings = supervisor_settings.model_copy(update={"redis_url": redis.url})
+    async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
+        processes.worker(supervisor.address)
+        done = await client.wait(await client.submit("before", plan=plan(("a", "echo", "1"))))
+        assert done.status == TaskStatus.SUCCEEDED
+
+        redis.kill()
+        for call in (
+            client.get(done.id),
+            client.submit("during", plan=plan(("a", "echo", "1"))),
+            client.list(),
+        ):
+            with pytest.raises(StoreUnavailable, match=r"Redis at .* is unavailable"):
+                await asyncio.wait_for(call, 30)
+
+        with LocalRedis(tmp_path / "redis", port=redis.port):
+            assert (await client.get(done.id)).status == TaskStatus.SUCCEEDED
+            task = await client.wait(await client.submit("after", plan=plan(("b", "echo", "2"))))
+            assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "2")

@@ -1,0 +1,303 @@
+"""The Redis store on a real Redis: atomic transitions, stale reports, indexes, expiry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from taskloom.core.errors import InvalidArgument, StoreUnavailable, TaskNotFound
+from taskloom.core.localredis import LocalRedis
+from taskloom.core.model import (
+    AttemptRef,
+    EventType,
+    Plan,
+    PlannedSubtask,
+    ProgressUpdate,
+    SubtaskFailure,
+    SubtaskResult,
+    SubtaskStatus,
+    TaskOptions,
+    TaskStatus,
+)
+from taskloom.core.plan import finalize
+from taskloom.supervisor.store import ReadyItem, Store
+
+RETENTION = 3600.0
+
+
+@pytest.fixture
+async def store(redis_server: LocalRedis, prefix: str) -> AsyncIterator[Store]:
+    s = Store(redis_server.url, prefix=prefix, retention=RETENTION)
+    await s.connect()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def raw(redis_server: LocalRedis) -> AsyncIterator[aioredis.Redis]:
+    r = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield r
+    await r.aclose()
+
+
+def diamond() -> Plan:
+    return Plan(
+        subtasks=(
+            PlannedSubtask("a", "A", "first", "echo"),
+            PlannedSubtask("b", "B", "left", "echo", ("a",)),
+            PlannedSubtask("c", "C", "right", "llm", ("a",)),
+            PlannedSubtask("d", "D", "join", "echo", ("b", "c")),
+        )
+    )
+
+
+async def start(
+    store: Store, plan: Plan | None = None, **kw: object
+) -> tuple[str, list[ReadyItem]]:
+    graph, result_from = finalize(plan or diamond(), synthesize=False)
+    task_id, created, ready = await store.create_task(
+        goal="g",
+        options=TaskOptions(),
+        plan=graph,
+        result_from=result_from,
+        **kw,  # type: ignore[arg-type]
+    )
+    assert created
+    return task_id, ready
+
+
+async def run(store: Store, item: ReadyItem, output: str = "out") -> AttemptRef:
+    (assignment,) = await store.assign([(item, "wid", "w")])
+    assert assignment is not None
+    outcome = await store.complete([SubtaskResult(assignment.ref, output)])
+    assert outcome.committed == [True]
+    return assignment.ref
+
+
+async def test_completion_unlocks_dependents_only_when_all_their_dependencies_succeeded(
+    store: Store,
+) -> None:
+    task_id, ready = await start(store)
+    assert [(r.subtask_id, r.capability) for r in ready] == [("a", "echo")]
+
+    (a,) = await store.assign([(ready[0], "wid", "w1")])
+    assert a is not None and a.attempt == 1 and a.goal == "g" and a.inputs == ()
+    outcome = await store.complete([SubtaskResult(a.ref, "A-out")])
+    assert sorted((r.subtask_id, r.capability) for r in outcome.ready) == [
+        ("b", "echo"),
+        ("c", "llm"),
+    ]
+    b_item, c_item = sorted(outcome.ready, key=lambda r: r.subtask_id)
+
+    await run(store, b_item, "B-out")
+    task = await store.get_task(task_id)
+    assert {s.id: s.status for s in task.subtasks}["d"] == SubtaskStatus.PENDING
+
+    (c,) = await store.assign([(c_item, "wid", "w2")])
+    assert c is not None and [(i.subtask_id, i.output) for i in c.inputs] == [("a", "A-out")]
+    outcome = await store.complete([SubtaskResult(c.ref, "C-out")])
+    assert [r.subtask_id for r in outcome.ready] == ["d"]
+
+    (d,) = await store.assign([(outcome.ready[0], "wid", "w1")])
+    assert d is not None
+    assert [(i.subtask_id, i.title, i.output) for i in d.inputs] == [
+        ("b", "B", "B-out"),
+        ("c", "C", "C-out"),
+    ]
+    outcome = await store.complete([SubtaskResult(d.ref, "D-out")])
+    assert outcome.finished == [task_id]
+    task = await store.get_task(task_id)
+    assert (task.status, task.result, task.subtasks_succeeded) == (TaskStatus.SUCCEEDED, "D-out", 4)
+
+
+async def test_reports_from_an_older_attempt_are_discarded(store: Store) -> None:
+    task_id, (item,) = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
+    (first,) = await store.assign([(item, "wid", "slow")])
+    assert first is not None
+    outcome = await store.fail([SubtaskFailure(first.ref, "lost", retryable=True)])
+    assert outcome.committed == [True] and outcome.ready[0].failed_attempt == 1
+    (second,) = await store.assign([(outcome.ready[0], "wid2", "fast")])
+    assert second is not None and second.attempt == 2
+
+    # The slow worker comes back from a partition with attempt 1.
+    assert await store.start([first.ref]) == [False]
+    assert await store.progress([ProgressUpdate(first.ref, "50%")]) == [False]
+    stale = await store.complete([SubtaskResult(first.ref, "old")])
+    assert stale.committed == [False] and stale.finished == []
+    assert (await store.fail([SubtaskFailure(first.ref, "x", False)])).committed == [False]
+
+    assert await store.start([second.ref]) == [True]
+    fresh = await store.complete([SubtaskResult(second.ref, "new")])
+    assert fresh.committed == [True] and fresh.finished == [task_id]
+    task = await store.get_task(task_id)
+    assert (task.result, task.subtasks[0].attempt, task.subtasks[0].worker) == ("new", 2, "fast")
+
+
+async def test_a_subtask_queued_twice_is_assigned_once(store: Store) -> None:
+    _, (item,) = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
+    first, second = await store.assign([(item, "w1", "w1"), (item, "w2", "w2")])
+    assert first is not None and second is None
+
+
+async def test_every_transition_is_logged_in_order_with_its_state(store: Store) -> None:
+    task_id, (item,) = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
+    (a,) = await store.assign([(item, "wid", "w1")])
+    assert a is not None
+    await store.start([a.ref])
+    await store.progress([ProgressUpdate(a.ref, "halfway")])
+    await store.complete([SubtaskResult(a.ref, "done")])
+    events = await store.read_events(task_id, "")
+    assert [(e.type, e.subtask_id, e.status) for e in events] == [
+        ("task.submitted", "", "PLANNING"),
+        ("plan.created", "", "RUNNING"),
+        ("subtask.ready", "a", "READY"),
+        ("subtask.assigned", "a", "ASSIGNED"),
+        ("subtask.running", "a", "RUNNING"),
+        ("subtask.progress", "a", "RUNNING"),
+        ("subtask.succeeded", "a", "SUCCEEDED"),
+        ("task.succeeded", "", "SUCCEEDED"),
+    ]
+    assert events[5].message == "halfway" and events[4].worker == "w1" and events[4].attempt == 1
+    assert await store.read_events(task_id, events[3].id) == events[4:]
+    assert await store.wait_events(task_id, events[-1].id, block_ms=10) == []
+
+
+async def test_a_finished_task_expires_after_the_retention_period(
+    store: Store, raw: aioredis.Redis, prefix: str
+) -> None:
+    task_id, ready = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
+    await run(store, ready[0])
+    keys = [k async for k in raw.scan_iter(f"{prefix}task:{task_id}*")]
+    assert len(keys) == 4
+    for key in keys:
+        assert 0 < await raw.ttl(key) <= RETENTION
+    assert not await raw.zscore(store.keys.active_index, task_id)
+    assert await raw.zscore(store.keys.finished_index, task_id)
+    assert await store.trim_indexes(now=10**10) == 1
+    assert not await raw.zscore(store.keys.tasks_index, task_id)
+
+
+async def test_every_key_lives_under_the_prefix(
+    store: Store, raw: aioredis.Redis, prefix: str
+) -> None:
+    await start(store, idempotency_key="k")
+    await store.create_task(goal="planning", options=TaskOptions(), plan=None)
+    keys = [k async for k in raw.scan_iter(f"{prefix}*")]
+    assert len(keys) >= 9
+    assert {k.removeprefix(prefix).split(":")[0] for k in keys} <= {
+        "task", "tasks", "active", "finished", "idem"
+    }  # fmt: skip
+
+
+async def test_the_same_idempotency_key_returns_the_same_task(store: Store) -> None:
+    first, created, ready = await store.create_task(
+        goal="g", options=TaskOptions(), plan=None, idempotency_key="order-42"
+    )
+    again, created_again, _ = await store.create_task(
+        goal="other", options=TaskOptions(), plan=None, idempotency_key="order-42"
+    )
+    other, _, _ = await store.create_task(
+        goal="g", options=TaskOptions(), plan=None, idempotency_key="order-43"
+    )
+    assert (created, created_again, ready) == (True, False, [])
+    assert again == first != other
+    assert (await store.get_task(again)).goal == "g"
+
+
+async def test_cancel_and_planning_failure_end_only_the_states_they_expect(store: Store) -> None:
+    task_id, (item,) = await start(store)
+    (a,) = await store.assign([(item, "wid", "w1")])
+    assert a is not None
+    changed, found, held = await store.finish(
+        task_id,
+        TaskStatus.CANCELLED,
+        "stop",
+        EventType.TASK_CANCELLED,
+        expected=[TaskStatus.RUNNING],
+    )
+    assert (changed, found, held) == (True, TaskStatus.RUNNING, [a.ref])
+    task = await store.get_task(task_id)
+    assert {s.status for s in task.subtasks} == {SubtaskStatus.CANCELLED}
+    assert (await store.complete([SubtaskResult(a.ref, "late")])).committed == [False]
+    changed, found, _ = await store.finish(
+        task_id, TaskStatus.FAILED, "x", EventType.TASK_FAILED, expected=[TaskStatus.PLANNING]
+    )
+    assert (changed, found) == (False, TaskStatus.CANCELLED)
+    assert (await store.finish(
+        "0000", TaskStatus.FAILED, "x", EventType.TASK_FAILED, expected=[TaskStatus.PLANNING]
+    ))[:2] == (False, None)  # fmt: skip
+    # A plan arriving for a task that ended while it was planned is dropped.
+    planning, _, _ = await store.create_task(goal="g", options=TaskOptions(), plan=None)
+    await store.finish(
+        planning,
+        TaskStatus.CANCELLED,
+        "x",
+        EventType.TASK_CANCELLED,
+        expected=[TaskStatus.PLANNING],
+    )
+    assert (
+        await store.set_plan(planning, diamond(), result_from=["d"], max_attempts=3, priority=0)
+        is None
+    )
+    assert not await store.note(planning, TaskStatus.PLANNING, EventType.PLAN_REJECTED, "late")
+
+
+async def test_listing_pages_newest_first_and_filters_by_state(store: Store) -> None:
+    ids = []
+    for _ in range(7):
+        task_id, _, _ = await store.create_task(goal="g", options=TaskOptions(), plan=None)
+        ids.append(task_id)
+    await store.finish(
+        ids[2], TaskStatus.CANCELLED, "x", EventType.TASK_CANCELLED, expected=[TaskStatus.PLANNING]
+    )
+    seen, token = [], ""
+    while True:
+        page, token = await store.list_tasks(page_size=3, page_token=token)
+        seen += [t.id for t in page]
+        if not token:
+            break
+    assert seen == ids[::-1]
+    cancelled, token = await store.list_tasks(statuses=[TaskStatus.CANCELLED], page_size=5)
+    assert [t.id for t in cancelled] == [ids[2]] and token == ""
+    with pytest.raises(InvalidArgument, match="page_token"):
+        await store.list_tasks(page_token="garbage!")
+
+
+async def test_recovery_reads_unfinished_tasks_with_their_subtasks(store: Store) -> None:
+    task_id, (item,) = await start(store)
+    (a,) = await store.assign([(item, "wid-1", "w1")])
+    assert a is not None
+    planning, _, _ = await store.create_task(goal="later", options=TaskOptions(), plan=None)
+    recovered = {t.task_id: t for t in await store.load_active()}
+    assert set(recovered) == {task_id, planning}
+    assert recovered[planning].status == TaskStatus.PLANNING
+    subs = {s.subtask_id: s for s in recovered[task_id].subtasks}
+    assert (subs["a"].status, subs["a"].attempt, subs["a"].worker_id, subs["a"].worker) == (
+        SubtaskStatus.ASSIGNED, 1, "wid-1", "w1"
+    )  # fmt: skip
+    assert subs["d"].status == SubtaskStatus.PENDING
+
+
+async def test_unknown_task_ids_are_not_found_and_never_reach_a_key(store: Store) -> None:
+    for task_id in ("ffffffff", "../etc", "a:b", "x" * 100, ""):
+        with pytest.raises(TaskNotFound):
+            await store.get_task(task_id)
+        assert await store.task_status(task_id) is None
+
+
+async def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path: Path) -> None:
+    redis = LocalRedis(tmp_path / "redis")
+    redis.start()
+    store = Store(redis.url, prefix="p:", socket_timeout=2.0)
+    await store.connect()
+    task_id, _, _ = await store.create_task(goal="g", options=TaskOptions(), plan=None)
+    redis.kill()
+    with pytest.raises(StoreUnavailable, match=rf"Redis at {redis.url} is unavailable"):
+        await store.get_task(task_id)
+    # The same server comes back (AOF on): the store works again, data intact.
+    with LocalRedis(tmp_path / "redis", port=redis.port):
+        assert (await store.get_task(task_id)).goal == "g"
+        await store.close()

@@ -1,0 +1,309 @@
+"""The whole loop on real parts: goal → plan from an Ollama-speaking server →
+Redis → worker processes over bidirectional streams → synthesized answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from taskloom.client import TaskloomClient
+from taskloom.client.local import wait_serving
+from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
+from taskloom.core.localredis import free_port
+from taskloom.core.model import Event, SubtaskStatus, TaskStatus
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.settings import SupervisorSettings
+from tests.conftest import Processes
+from tests.fake_ollama import ChatCall, FakeOllama, HTTPError
+from tests.helpers import eventually, plan, wait_status, wait_subtask
+
+DIAMOND = {
+    "subtasks": [
+        {"id": "facts", "title": "Facts", "instruction": "List the facts.", "capability": "llm",
+         "depends_on": []},
+        {"id": "pros", "title": "Pros", "instruction": "List the pros.", "capability": "llm",
+         "depends_on": ["facts"]},
+        {"id": "cons", "title": "Cons", "instruction": "List the cons.", "capability": "llm",
+         "depends_on": ["facts"]},
+        {"id": "verdict", "title": "Verdict", "instruction": "Weigh them.", "capability": "llm",
+         "depends_on": ["pros", "cons"], "confidence": "ignored extra field"},
+    ]
+}  # fmt: skip
+OUTPUTS = {"Facts": "FACT-1", "Pros": "PRO-1", "Cons": "CON-1", "Verdict": "VERDICT-1"}
+
+
+def answered(call: ChatCall) -> float:
+    assert call.responded_at is not None
+    return call.responded_at
+
+
+async def test_goal_planned_into_a_diamond_runs_on_two_workers(
+    supervisor: Supervisor, client: TaskloomClient, fake_ollama: FakeOllama, processes: Processes
+) -> None:
+    # Pros and Cons are answered only once both are being asked at the same
+    # time: the task can only succeed if the two ran in parallel.
+    both_in_flight = threading.Barrier(2, timeout=30)
+
+    def respond(call: ChatCall) -> str | HTTPError:
+        if call.planning:
+            return json.dumps(DIAMOND)
+        step = re.search(r"Your step: (.+)\n", call.prompt)
+        title = step.group(1) if step else ""
+        if title in ("Pros", "Cons"):
+            both_in_flight.wait()
+        return OUTPUTS.get(title, "FINAL ANSWER")
+
+    fake_ollama.responder = respond
+    processes.worker(supervisor.address, name="w1", concurrency=1)
+    processes.worker(supervisor.address, name="w2", concurrency=1)
+    await eventually(lambda: len(supervisor.scheduler.sessions()) == 2)
+
+    task_id = await client.submit("Should I buy an e-bike?")
+    task = await client.wait(task_id)
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.result == "FINAL ANSWER"
+    subtasks = {s.id: s for s in task.subtasks}
+    assert list(subtasks) == ["facts", "pros", "cons", "verdict", "synthesize"]
+    assert subtasks["synthesize"].depends_on == ("verdict",)
+    assert all(s.status == SubtaskStatus.SUCCEEDED and s.attempt == 1 for s in task.subtasks)
+    assert {subtasks["pros"].worker, subtasks["cons"].worker} == {"w1", "w2"}
+    assert subtasks["verdict"].output == "VERDICT-1"
+
+    calls = {title: fake_ollama.step_calls(title) for title in OUTPUTS}
+    assert all(len(c) == 1 for c in calls.values()), calls
+    facts, pros, cons, verdict = (calls[t][0] for t in OUTPUTS)
+    synthesis = fake_ollama.step_calls("Synthesize the final answer")[0]
+    # Dependents start only after their dependencies answered...
+    assert pros.received_at > answered(facts)
+    assert cons.received_at > answered(facts)
+    assert verdict.received_at > max(answered(pros), answered(cons))
+    assert synthesis.received_at > answered(verdict)
+    # ...and see their direct dependencies' outputs, and the goal.
+    assert "FACT-1" in pros.prompt and "FACT-1" in cons.prompt
+    assert "PRO-1" in verdict.prompt and "CON-1" in verdict.prompt
+    assert "FACT-1" not in verdict.prompt
+    assert "VERDICT-1" in synthesis.prompt
+    assert "Should I buy an e-bike?" in verdict.prompt
+
+    (planning,) = fake_ollama.planning_calls()
+    assert planning.options["temperature"] == 0
+    assert "<goal>\nShould I buy an e-bike?\n</goal>" in planning.prompt
+    item = planning.format["properties"]["subtasks"]["items"]["properties"]
+    assert set(item["capability"]["enum"]) >= {"llm", "echo", "gate"}
+    assert "llm" in planning.system and "gate" in planning.system
+
+    events = [e async for e in client.watch(task_id)]
+    types = [e.type for e in events]
+    assert types[:3] == ["task.submitted", "plan.requested", "plan.created"]
+    assert types[-1] == "task.succeeded"
+    ends = {e.subtask_id: i for i, e in enumerate(events) if e.type == "subtask.succeeded"}
+    starts = {e.subtask_id: i for i, e in enumerate(events) if e.type == "subtask.assigned"}
+    assert starts["verdict"] > max(ends["pros"], ends["cons"])
+
+
+async def test_watch_resumed_from_its_last_event_gets_every_remaining_event_once(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+) -> None:
+    processes.worker(supervisor.address)
+    task_id = await client.submit(
+        "a chain",
+        plan=plan(("a", "echo", "one"), ("g", "gate", "two", "a"), ("c", "echo", "3", "g")),
+    )
+    first: list[Event] = []
+    async with contextlib.aclosing(client.watch(task_id)) as events:
+        async for event in events:
+            first.append(event)
+            if event.subtask_id == "g" and event.type == "subtask.running":
+                break
+    (test_dir / "open-g").touch()
+
+    rest = [e async for e in client.watch(task_id, after_event_id=first[-1].id)]
+    whole = [e async for e in client.watch(task_id)]
+
+    assert [e.id for e in first + rest] == [e.id for e in whole]
+    assert len({e.id for e in whole}) == len(whole)
+    assert rest[0].id > first[-1].id
+    assert whole[-1].type == "task.succeeded"
+    # A cursor past the terminal event ends at once.
+    assert [e async for e in client.watch(task_id, after_event_id=whole[-1].id)] == []
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
+    stop: signal.Signals,
+    supervisor_settings: SupervisorSettings,
+    processes: Processes,
+    listen_address: str,
+    test_dir: Path,
+    tmp_path: Path,
+) -> None:
+    first = processes.supervisor(supervisor_settings, listen=listen_address, name="supervisor-1")
+    await asyncio.to_thread(wait_serving, listen_address, 30.0, first)
+    processes.worker(listen_address, name="w1")
+    async with TaskloomClient(listen_address) as client:
+        task_id = await client.submit(
+            "survive", plan=plan(("a", "gate", "A"), ("b", "gate", "B", "a"))
+        )
+        await wait_subtask(client, task_id, "a", "RUNNING")
+        first.send_signal(stop)
+        assert await asyncio.to_thread(first.wait, 30) == (0 if stop == signal.SIGTERM else -stop)
+        # The worker finishes `a` while no supervisor runs; it keeps the
+        # unacknowledged result and reports it to the next supervisor.
+        (test_dir / "open-a").touch()
+        await eventually(lambda: (test_dir / "finished-a-1").exists())
+
+        second = processes.supervisor(
+            supervisor_settings, listen=listen_address, name="supervisor-2"
+        )
+        await asyncio.to_thread(wait_serving, listen_address, 30.0, second)
+        await wait_subtask(client, task_id, "b", "RUNNING")
+        (test_dir / "open-b").touch()
+        task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    subtasks = {s.id: s for s in task.subtasks}
+    assert subtasks["a"].attempt == 1
+    assert not (test_dir / "started-a-2").exists()
+    assert subtasks["b"].output == "B[A]"
+    if stop == signal.SIGTERM:
+        log = (tmp_path / "w1.log").read_text()
+        assert "supervisor is going away (the supervisor is shutting down)" in log
+
+
+async def test_work_of_a_worker_that_never_comes_back_runs_again_elsewhere(
+    supervisor_settings: SupervisorSettings,
+    processes: Processes,
+    listen_address: str,
+    test_dir: Path,
+) -> None:
+    first = processes.supervisor(supervisor_settings, listen=listen_address, name="supervisor-1")
+    await asyncio.to_thread(wait_serving, listen_address, 30.0, first)
+    lost = processes.worker(listen_address, name="lost")
+    async with TaskloomClient(listen_address) as client:
+        task_id = await client.submit("orphan", plan=plan(("x", "gate", "X")))
+        await wait_subtask(client, task_id, "x", "RUNNING")
+        for process in (first, lost):
+            process.kill()
+            process.wait()
+
+        second = processes.supervisor(
+            supervisor_settings, listen=listen_address, name="supervisor-2"
+        )
+        await asyncio.to_thread(wait_serving, listen_address, 30.0, second)
+        processes.worker(listen_address, name="survivor")
+        await eventually(lambda: (test_dir / "started-x-2").exists())
+        (test_dir / "open-x").touch()
+        task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+        events = [e async for e in client.watch(task_id)]
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    (x,) = task.subtasks
+    assert (x.attempt, x.worker) == (2, "survivor")
+    assert (test_dir / "started-x-2").read_text() == "survivor"
+    retry = next(e for e in events if e.type == "subtask.retrying")
+    assert "lost stopped answering and its lease expired" in retry.message
+
+
+async def test_bad_requests_get_clear_errors_and_the_supervisor_keeps_serving(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    with pytest.raises(InvalidArgument, match="the goal is empty"):
+        await client.submit("   ")
+    with pytest.raises(InvalidArgument, match=r"20,001 characters; the limit is 20,000"):
+        await client.submit("x" * 20_001)
+    with pytest.raises(PlanError, match="cycle a → b → a"):
+        await client.submit("g", plan=plan(("a", "echo", "1", "b"), ("b", "echo", "2", "a")))
+    with pytest.raises(PlanError, match="a uses unknown capability 'teleport'"):
+        await client.submit("g", plan=plan(("a", "teleport", "1")))
+    with pytest.raises(PlanError, match="a depends on missing nine"):
+        await client.submit("g", plan=plan(("a", "echo", "1", "nine")))
+    with pytest.raises(PlanError, match="the plan has no subtasks"):
+        await client.submit("g", plan={"subtasks": []})
+    with pytest.raises(TaskNotFound, match="no task with id 'feedfacefeedface'"):
+        await client.get("feedfacefeedface")
+    with pytest.raises(TaskNotFound):
+        await client.cancel("feedfacefeedface")
+    with pytest.raises(TaskNotFound):
+        [e async for e in client.watch("no/such:task")]
+    task_id = await client.submit("fine", plan=plan(("a", "echo", "ok")))
+    with pytest.raises(InvalidArgument, match="is not an event id"):
+        [e async for e in client.watch(task_id, after_event_id="yesterday")]
+
+    processes.worker(supervisor.address)
+    task = await client.wait(task_id)
+    assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "ok")
+
+
+BAD_PLANS = {
+    "cycle": (plan(("a", "llm", "x", "b"), ("b", "llm", "y", "a")), "cycle a → b → a"),
+    "capability": (plan(("a", "teleport", "x")), "a uses unknown capability 'teleport'"),
+    "dangling": (plan(("a", "llm", "x", "s9")), "a depends on missing s9"),
+    "not json": ("this is not a plan", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_PLANS)
+async def test_a_model_that_keeps_returning_a_bad_plan_fails_the_task_with_the_reason(
+    kind: str, client: TaskloomClient, fake_ollama: FakeOllama
+) -> None:
+    document, reason = BAD_PLANS[kind]
+    reply = document if isinstance(document, str) else json.dumps(document)
+    fake_ollama.responder = lambda call: reply
+    task_id = await client.submit("do something")
+    task = await wait_status(client, task_id, TaskStatus.FAILED)
+
+    assert "did not produce a valid plan after 3 repairs" in task.error
+    assert reason in task.error
+    calls = fake_ollama.planning_calls()
+    assert len(calls) == 4
+    assert reason in calls[-1].prompt and "Return the whole corrected plan" in calls[-1].prompt
+    events = [e async for e in client.watch(task_id)]
+    assert [e.type for e in events].count("plan.rejected") == 4
+    assert events[-1].type == "task.failed"
+
+
+async def test_a_bad_plan_is_repaired_by_the_model(
+    supervisor: Supervisor, client: TaskloomClient, fake_ollama: FakeOllama, processes: Processes
+) -> None:
+    duplicated = plan(("s1", "echo", "one"), ("s1", "echo", "two"))
+    fixed = plan(("s1", "echo", "one"), ("s2", "echo", "two", "s1"))
+    fake_ollama.responder = lambda call: json.dumps(
+        fixed if len(fake_ollama.planning_calls()) > 1 else duplicated
+    )
+    processes.worker(supervisor.address)
+    task_id = await client.submit("count to two", synthesize=False)
+    task = await client.wait(task_id)
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.result == "two"
+    repair = fake_ollama.planning_calls()[1]
+    assert "duplicate id s1" in repair.prompt
+    assert any(m["role"] == "assistant" for m in repair.messages)
+    events = [e async for e in client.watch(task_id)]
+    rejected = [e for e in events if e.type == "plan.rejected"]
+    assert len(rejected) == 1 and "duplicate id s1" in rejected[0].message
+
+
+async def test_an_unreachable_ollama_fails_the_task_readably_and_explicit_plans_still_run(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = supervisor_settings.model_copy(update={"ollama_host": dead})
+    async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
+        task_id = await client.submit("needs a model")
+        task = await wait_status(client, task_id, TaskStatus.FAILED)
+        assert task.error == (
+            f"planning failed: cannot reach Ollama at {dead} (no answer); start it with "
+            "`ollama serve` or point OLLAMA_HOST at a running server"
+        )
+        processes.worker(supervisor.address)
+        task = await client.wait(await client.submit("no model", plan=plan(("a", "echo", "ok"))))
+        assert task.status == TaskStatus.SUCCEEDED
