@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 from taskloom.client import TaskloomClient
-from taskloom.core.localredis import LocalRedis
+from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import Plan, PlannedSubtask, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
@@ -48,49 +47,40 @@ async def timed(client: TaskloomClient, name: str, plan: Plan) -> float:
     return elapsed
 
 
-async def main(args: argparse.Namespace) -> None:
+async def measure(args: argparse.Namespace, redis_url: str, address: str) -> None:
+    settings = SupervisorSettings.load(
+        listen=address, redis_url=redis_url, capabilities="echo", log_level="WARNING"
+    )
+    async with Supervisor(settings) as supervisor:
+        while len(supervisor.scheduler.sessions()) < args.workers:
+            await asyncio.sleep(0.05)
+        async with TaskloomClient(supervisor.address) as client:
+            await timed(client, "warm-up", independent(200))
+            for _ in range(args.repeat):
+                n = args.subtasks
+                took = await timed(client, "no-op", independent(n))
+                print(f"no-op x{n}: {took:.2f}s = {n / took:,.0f} subtasks/s", flush=True)
+                took = await timed(client, "fan", fan(1000))
+                print(f"fan-out/fan-in 1 -> 998 -> 1: {took:.2f}s", flush=True)
+
+
+def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
+    address = f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
-        settings = SupervisorSettings.load(
-            listen="127.0.0.1:0", redis_url=redis.url, capabilities="echo", log_level="WARNING"
-        )
-        async with Supervisor(settings) as supervisor:
-            workers = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "taskloom.client",
-                        "worker",
-                        "--supervisor",
-                        supervisor.address,
-                        "--capabilities",
-                        "echo",
-                        "--concurrency",
-                        str(args.concurrency),
-                        "--log-level",
-                        "warning",
-                    ],
-                    env={**os.environ},
-                )  # fmt: skip
-                for _ in range(args.workers)
-            ]
-            try:
-                while len(supervisor.scheduler.sessions()) < args.workers:
-                    await asyncio.sleep(0.05)
-                async with TaskloomClient(supervisor.address) as client:
-                    await timed(client, "warm-up", independent(200))
-                    for _ in range(args.repeat):
-                        n = args.subtasks
-                        took = await timed(client, "no-op", independent(n))
-                        print(f"no-op x{n}: {took:.2f}s = {n / took:,.0f} subtasks/s", flush=True)
-                        took = await timed(client, "fan", fan(1000))
-                        print(f"fan-out/fan-in 1 -> 998 -> 1: {took:.2f}s", flush=True)
-            finally:
-                for w in workers:
-                    w.send_signal(signal.SIGTERM)
-                for w in workers:
-                    w.wait()
+        # Workers retry until the supervisor is up.
+        command = [sys.executable, "-m", "taskloom.client", "worker", "--supervisor", address]
+        command += ["--capabilities", "echo", "--concurrency", str(args.concurrency)]
+        workers = [
+            subprocess.Popen([*command, "--log-level", "warning"]) for _ in range(args.workers)
+        ]
+        try:
+            asyncio.run(measure(args, redis.url, address))
+        finally:
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+            for w in workers:
+                w.wait()
 
 
 if __name__ == "__main__":
@@ -99,4 +89,4 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
-    asyncio.run(main(parser.parse_args()))
+    main(parser.parse_args())
