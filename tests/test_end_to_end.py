@@ -307,3 +307,22 @@ async def test_an_unreachable_ollama_fails_the_task_readably_and_explicit_plans_
         processes.worker(supervisor.address)
         task = await client.wait(await client.submit("no model", plan=plan(("a", "echo", "ok"))))
         assert task.status == TaskStatus.SUCCEEDED
+
+
+async def test_an_explicit_plan_of_ten_thousand_subtasks_runs_to_the_end(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    """Fan-out/fan-in: one root, 9,998 in the middle, one sink that needs them all."""
+    middle = [(f"m{i}", "echo", f"v{i}", "root") for i in range(9_998)]
+    document = plan(
+        ("root", "echo", "r"), *middle, ("sink", "echo", "done", *[m[0] for m in middle])
+    )
+    processes.worker(supervisor.address, concurrency=64)
+    processes.worker(supervisor.address, concurrency=64)
+    task = await client.wait(await client.submit("big", plan=document))
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert (task.subtasks_total, task.subtasks_succeeded, task.result) == (10_000, 10_000, "done")
+    assert len(task.subtasks) == 10_000
+    assert {s.attempt for s in task.subtasks} == {1}
+    assert task.subtasks[-1].depends_on == tuple(m[0] for m in middle)

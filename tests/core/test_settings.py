@@ -45,7 +45,9 @@ def test_bad_values_fail_at_start_naming_the_variable_and_the_flag(
 
 
 def test_addresses_and_capabilities_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="TASKLOOM_SUPERVISOR: 'localhost' is not HOST:PORT"):
+    with pytest.raises(
+        ConfigError, match="TASKLOOM_SUPERVISOR / --supervisor: 'localhost' is not HOST:PORT"
+    ):
         WorkerSettings.load(supervisor="localhost")
     with pytest.raises(
         ConfigError, match=r"TASKLOOM_CAPABILITIES / --capabilities: .*at least one"

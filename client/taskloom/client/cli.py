@@ -105,11 +105,7 @@ def supervisor_option(fn: F) -> F:
 
 
 def _client(supervisor: str | None) -> TaskloomClient:
-    try:
-        return TaskloomClient(settings=ClientSettings.load(supervisor=supervisor))
-    except ConfigError as e:
-        _fail(e)
-        raise
+    return TaskloomClient(settings=ClientSettings.load(supervisor=supervisor))
 
 
 class TaskloomGroup(click.Group):
@@ -362,6 +358,7 @@ def up(
             f"supervisor on [bold]{cluster.address}[/], {workers} workers "
             f"({capabilities}), Redis at {cluster.redis_url}",
             markup=True,
+            soft_wrap=True,
         )
         if demo is not None:
             code = asyncio.run(_demo(cluster.address, demo))

@@ -191,7 +191,7 @@ async def follow(console: Console, task: Task, events: AsyncIterator[Event], ref
             console.print(event_line(event), highlight=False, soft_wrap=True)
         return
     view = LiveView(task)
-    with Live(view.render(), console=console, refresh_per_second=8, transient=False) as live:
+    with Live(view.render(), console=console, refresh_per_second=8, transient=True) as live:
         async for event in events:
             view.apply(event)
             if event.type == "plan.created":

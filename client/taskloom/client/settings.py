@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES, parse_address
-from taskloom.core.settings import Seconds, TaskloomSettings
+from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
+from taskloom.core.settings import Address, Seconds, TaskloomSettings
 
 
 class ClientSettings(TaskloomSettings):
@@ -15,15 +15,10 @@ class ClientSettings(TaskloomSettings):
 
     flag_names: ClassVar[dict[str, str]] = {"supervisor": "--supervisor"}
 
-    supervisor: str = "127.0.0.1:50051"
+    supervisor: Address = "127.0.0.1:50051"
     """The supervisor's HOST:PORT."""
     timeout: Seconds = 30.0
     """Deadline for each unary call."""
     reconnect_timeout: Seconds = 60.0
     """How long ``watch`` keeps trying to resume after losing the supervisor."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
-
-    @field_validator("supervisor")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return parse_address(value, setting="TASKLOOM_SUPERVISOR")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import grpc
 
-from taskloom.core.errors import ConfigError
-
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
@@ -17,21 +15,19 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 Options = list[tuple[str, int | str]]
 
 
-def parse_address(value: str, *, setting: str) -> str:
-    """Check a ``HOST:PORT`` address; the error names ``setting``."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{setting}: {value!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
-    return value.strip()
-
-
-def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Options:
+def _common(max_message_bytes: int) -> Options:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Options:
+    return [
+        *_common(max_message_bytes),
         ("grpc.http2.max_pings_without_data", 0),
         # Reconnect quickly after a supervisor restart: the default backoff
         # grows to two minutes, far past a worker's lease. Callers add their
@@ -43,11 +39,7 @@ def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Option
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Options:
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *_common(max_message_bytes),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
     ]

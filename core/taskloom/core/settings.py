@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import AliasChoices, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taskloom.core.errors import ConfigError
@@ -39,7 +39,16 @@ def split_list(value: Any) -> Any:
     return value
 
 
+def check_address(value: str) -> str:
+    """``HOST:PORT``, as gRPC wants it."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    return value.strip()
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Address = Annotated[str, AfterValidator(check_address)]
 StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_list)]
 
 

@@ -8,9 +8,9 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES, parse_address
+from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
 from taskloom.core.plan import PlanLimits
-from taskloom.core.settings import LLMSettings, Seconds, StrList
+from taskloom.core.settings import Address, LLMSettings, Seconds, StrList
 
 
 class SupervisorSettings(LLMSettings):
@@ -27,7 +27,7 @@ class SupervisorSettings(LLMSettings):
         "log_level": "--log-level",
     }
 
-    listen: str = "127.0.0.1:50051"
+    listen: Address = "127.0.0.1:50051"
     """Where the gRPC server listens (port 0: any free port)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field(default="taskloom:", min_length=1)
@@ -61,11 +61,6 @@ class SupervisorSettings(LLMSettings):
     """On SIGTERM, how long in-flight RPCs get to finish."""
     hello_timeout: Seconds = 10.0
     """A worker stream that does not say Hello this soon is closed."""
-
-    @field_validator("listen")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return parse_address(value, setting="TASKLOOM_LISTEN")
 
     @field_validator("redis_url")
     @classmethod

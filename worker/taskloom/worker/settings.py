@@ -8,8 +8,8 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES, parse_address
-from taskloom.core.settings import LLMSettings, Seconds, StrList
+from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
+from taskloom.core.settings import Address, LLMSettings, Seconds, StrList
 
 
 class WorkerSettings(LLMSettings):
@@ -27,7 +27,7 @@ class WorkerSettings(LLMSettings):
         "log_level": "--log-level",
     }
 
-    supervisor: str = "127.0.0.1:50051"
+    supervisor: Address = "127.0.0.1:50051"
     """The supervisor's HOST:PORT."""
     capabilities: StrList = ("llm",)
     """What this worker runs; each needs a handler (built in: llm, echo)."""
@@ -45,11 +45,6 @@ class WorkerSettings(LLMSettings):
     max_context_chars: int = Field(default=24_000, ge=1_000)
     """Budget for dependency outputs in an llm subtask's prompt."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
-
-    @field_validator("supervisor")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return parse_address(value, setting="TASKLOOM_SUPERVISOR")
 
     @field_validator("capabilities")
     @classmethod
