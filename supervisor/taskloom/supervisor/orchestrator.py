@@ -70,7 +70,6 @@ class Orchestrator:
         self._planning_slots = asyncio.Semaphore(settings.planning_concurrency)
         self._planning: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self.stale_reports = 0
 
     async def start(self) -> None:
         """Pick up unfinished tasks from Redis, then start dispatching."""
@@ -406,7 +405,6 @@ class Orchestrator:
     def _count_stale(self, committed: Sequence[bool]) -> None:
         stale = sum(1 for ok in committed if not ok)
         if stale:
-            self.stale_reports += stale
             logger.debug("discarded %d stale reports", stale)
 
     async def _janitor(self) -> None:

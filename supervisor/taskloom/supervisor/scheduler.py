@@ -146,7 +146,6 @@ class Scheduler:
         self._in_flight: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self.on_expired: ExpiryHandler | None = None
-        self.dispatched = 0
 
     # -- the queue ---------------------------------------------------------------
 
@@ -182,10 +181,6 @@ class Scheduler:
                 self._queues[capability] = kept
         self._delayed = [entry for entry in self._delayed if entry[2].task_id != task_id]
         heapq.heapify(self._delayed)
-
-    def queued(self) -> int:
-        """How many READY subtasks wait (including retries in backoff)."""
-        return sum(len(q) for q in self._queues.values()) + len(self._delayed)
 
     # -- workers -------------------------------------------------------------------
 
@@ -268,9 +263,6 @@ class Scheduler:
         expires = self._clock() + self.lease_ttl
         self._leases[ref] = Lease(ref, worker_id, worker_name, None, expires)
         self._in_flight[ref.task_id] += 1
-
-    def leases(self) -> int:
-        return len(self._leases)
 
     async def reap(self) -> None:
         """Close silent sessions and hand expired leases to ``on_expired``."""
@@ -361,7 +353,6 @@ class Scheduler:
                 batches[session].append(assignment)
         for session, batch in batches.items():
             session.send(AssignBatch(tuple(batch)))
-            self.dispatched += len(batch)
         return True
 
     def _pick(self) -> list[tuple[ReadyItem, WorkerSession]]:
