@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from taskloom.client import TaskloomClient
-from taskloom.core.model import TaskStatus
+from taskloom.core.model import SubtaskStatus, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.worker import SubtaskContext, Worker, WorkerSettings
 from tests.helpers import eventually, plan
@@ -62,11 +62,15 @@ async def test_max_parallel_bounds_a_task_however_many_slots_are_free(
         "two at a time", plan=plan(*[(n, "hold", n) for n in names]), max_parallel=2
     )
     for held in range(2, 7, 2):
-        await eventually(lambda held=held: len(order) == held)
+
+        def holding(held: int = held) -> bool:
+            return len(order) == held
+
+        await eventually(holding)
         # Without the limit all six would have left in one batch; with it,
         # the rest stay READY while two are held.
         task = await client.get(task_id)
-        assert [s.status for s in task.subtasks].count("READY") == 6 - held
+        assert [s.status for s in task.subtasks].count(SubtaskStatus.READY) == 6 - held
         release(gates, *order[held - 2 : held])
     task = await client.wait(task_id)
     assert task.status == TaskStatus.SUCCEEDED
