@@ -136,6 +136,10 @@ async def test_watch_resumed_from_its_last_event_gets_every_remaining_event_once
     assert [e async for e in client.watch(task_id, after_event_id=whole[-1].id)] == []
 
 
+async def _collect(client: TaskloomClient, task_id: str) -> list[Event]:
+    return [e async for e in client.watch(task_id)]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
 async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
     stop: signal.Signals,
@@ -152,6 +156,8 @@ async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
         task_id = await client.submit(
             "survive", plan=plan(("a", "gate", "A"), ("b", "gate", "B", "a"))
         )
+        # A watcher that lives through the outage: it resumes by itself.
+        watched = asyncio.create_task(_collect(client, task_id))
         await wait_subtask(client, task_id, "a", "RUNNING")
         first.send_signal(stop)
         assert await asyncio.to_thread(first.wait, 30) == (0 if stop == signal.SIGTERM else -stop)
@@ -167,8 +173,12 @@ async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
         await wait_subtask(client, task_id, "b", "RUNNING")
         (test_dir / "open-b").touch()
         task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+        seen = await asyncio.wait_for(watched, 30)
+        whole = [e async for e in client.watch(task_id)]
 
     assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert [e.id for e in seen] == [e.id for e in whole]
+    assert seen[-1].type == "task.succeeded"
     subtasks = {s.id: s for s in task.subtasks}
     assert subtasks["a"].attempt == 1
     assert not (test_dir / "started-a-2").exists()
@@ -326,3 +336,29 @@ async def test_an_explicit_plan_of_ten_thousand_subtasks_runs_to_the_end(
     assert len(task.subtasks) == 10_000
     assert {s.attempt for s in task.subtasks} == {1}
     assert task.subtasks[-1].depends_on == tuple(m[0] for m in middle)
+
+
+async def test_a_task_cancelled_while_the_model_plans_stays_cancelled(
+    supervisor: Supervisor, client: TaskloomClient, fake_ollama: FakeOllama
+) -> None:
+    planning = threading.Event()
+    cancelled = threading.Event()
+
+    def respond(call: ChatCall) -> str:
+        planning.set()
+        cancelled.wait(30)
+        return json.dumps(plan(("a", "echo", "too late")))
+
+    fake_ollama.responder = respond
+    task_id = await client.submit("slow to plan")
+    await eventually(planning.is_set)
+    task = await client.cancel(task_id, "no longer needed")
+    cancelled.set()
+    # The plan arrives after the cancellation; wait until the planner is done with it.
+    await eventually(lambda: not supervisor.orchestrator._planning)
+    log = await supervisor.store.read_events(task_id, "")
+
+    assert (task.status, task.error) == (TaskStatus.CANCELLED, "no longer needed")
+    assert [e.type for e in log] == ["task.submitted", "plan.requested", "task.cancelled"]
+    final = await client.get(task_id)
+    assert (final.status, final.subtasks) == (TaskStatus.CANCELLED, ())

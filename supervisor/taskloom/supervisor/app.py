@@ -113,17 +113,18 @@ class Supervisor:
             logger.warning("%s; tasks without an explicit plan will fail until it is fixed", e)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop serving: NOT_SERVING, Drain to workers, finish RPCs within ``grace``."""
+        """Stop serving: NOT_SERVING, stop deciding, Drain to workers, finish RPCs
+        within ``grace``."""
         grace = self.settings.shutdown_grace if grace is None else grace
         if self._llm_check is not None:
             self._llm_check.cancel()
+        await self.orchestrator.stop()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             for session in self.scheduler.sessions():
                 session.send(DrainNotice("the supervisor is shutting down"))
             await self._server.stop(grace)
             self._server = None
-        await self.orchestrator.stop()
         await self.store.close()
         await self.llm.close()
         logger.info("supervisor stopped")

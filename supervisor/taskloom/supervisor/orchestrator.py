@@ -23,6 +23,7 @@ from taskloom.core.errors import (
     StoreUnavailable,
     TaskFinished,
     TaskNotFound,
+    Unavailable,
 )
 from taskloom.core.model import (
     AttemptRef,
@@ -70,6 +71,7 @@ class Orchestrator:
         self._planning_slots = asyncio.Semaphore(settings.planning_concurrency)
         self._planning: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._closing = asyncio.Event()
 
     async def start(self) -> None:
         """Pick up unfinished tasks from Redis, then start dispatching."""
@@ -80,6 +82,13 @@ class Orchestrator:
         ]
 
     async def stop(self) -> None:
+        """Stop deciding: no dispatch, no lease expiry, no planning; end watches.
+
+        Called first when the supervisor goes away, so that while its RPCs
+        finish it cannot expire the leases of workers it told to go elsewhere.
+        Reports that still arrive are committed as usual.
+        """
+        self._closing.set()
         tasks = [*self._loops, *self._planning]
         for task in tasks:
             task.cancel()
@@ -228,6 +237,8 @@ class Orchestrator:
             raise TaskNotFound(task_id)
         cursor = after
         while True:
+            if self._closing.is_set():
+                raise Unavailable("the supervisor is shutting down; watch again to resume")
             events = await self.store.read_events(task_id, cursor)
             if not events:
                 status = await self.store.task_status(task_id)
@@ -247,6 +258,23 @@ class Orchestrator:
             cursor = events[-1].id
             if any(e.terminal for e in events):
                 return
+
+    async def _wait_events(self, task_id: str, cursor: str) -> list[Event]:
+        """Block for new events, but give up at once when the supervisor stops."""
+        waiting = asyncio.ensure_future(
+            self.store.wait_events(task_id, cursor, block_ms=WATCH_BLOCK_MS)
+        )
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        if waiting.cancelled():
+            return []
+        return waiting.result()
 
     # -- planning --------------------------------------------------------------------
 
