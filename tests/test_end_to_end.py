@@ -362,3 +362,31 @@ async def test_a_task_cancelled_while_the_model_plans_stays_cancelled(
     assert [e.type for e in log] == ["task.submitted", "plan.requested", "task.cancelled"]
     final = await client.get(task_id)
     assert (final.status, final.subtasks) == (TaskStatus.CANCELLED, ())
+
+
+async def test_a_frozen_worker_loses_its_lease_and_its_late_result_changes_nothing(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+) -> None:
+    frozen = processes.worker(supervisor.address, name="frozen")
+    task_id = await client.submit("freeze", plan=plan(("x", "gate", "X")))
+    await eventually(lambda: (test_dir / "started-x-1").exists())
+    # Its stream stays open, but no heartbeat comes: after the lease TTL the
+    # subtask runs again elsewhere.
+    frozen.send_signal(signal.SIGSTOP)
+    processes.worker(supervisor.address, name="healthy")
+    await eventually(lambda: (test_dir / "started-x-2").exists())
+    (test_dir / "open-x").touch()
+    task = await client.wait(task_id)
+    assert task.status == TaskStatus.SUCCEEDED
+    assert (task.subtasks[0].attempt, task.subtasks[0].worker) == (2, "healthy")
+
+    # Thawed, it finishes attempt 1, reconnects and reports: the report is stale.
+    frozen.send_signal(signal.SIGCONT)
+    await eventually(lambda: (test_dir / "finished-x-1").exists())
+    await eventually(lambda: "frozen" in {s.info.name for s in supervisor.scheduler.sessions()})
+    after = await client.get(task_id)
+    assert (after.subtasks[0].attempt, after.subtasks[0].worker) == (2, "healthy")
+    events = await supervisor.store.read_events(task_id, "")
+    assert [e.worker for e in events if e.type == "subtask.succeeded"] == ["healthy"]
+    retry = next(e for e in events if e.type == "subtask.retrying")
+    assert "worker frozen stopped answering and its lease expired" in retry.message
