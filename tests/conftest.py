@@ -8,6 +8,7 @@ without seeing each other's keys. The LLM is a ``FakeOllama`` HTTP server.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from taskloom.client import TaskloomClient
+from taskloom.client.local import wait_serving
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
@@ -133,9 +135,10 @@ class Processes:
         args += ["--app", "tests.handlers:registry"]
         return self._spawn(name, args, {"TASKLOOM_NAME": name, **(env or {})})
 
-    def supervisor(
+    async def supervisor(
         self, settings: SupervisorSettings, *, listen: str, name: str = "supervisor"
     ) -> subprocess.Popen[bytes]:
+        """A supervisor process with these settings; returns once it is serving."""
         env = {
             "TASKLOOM_REDIS_PREFIX": settings.redis_prefix,
             "TASKLOOM_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
@@ -144,7 +147,9 @@ class Processes:
             "TASKLOOM_CAPABILITIES": ",".join(settings.capabilities),
         }
         args = ["supervisor", "--listen", listen, "--redis-url", settings.redis_url]
-        return self._spawn(name, args, env)
+        process = self._spawn(name, args, env)
+        await asyncio.to_thread(wait_serving, listen, 30.0, process)
+        return process
 
     def logs(self) -> str:
         parts = []

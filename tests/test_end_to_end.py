@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from taskloom.client import TaskloomClient
-from taskloom.client.local import wait_serving
 from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
 from taskloom.core.localredis import free_port
 from taskloom.core.model import Event, SubtaskStatus, TaskStatus
@@ -149,8 +148,9 @@ async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
     test_dir: Path,
     tmp_path: Path,
 ) -> None:
-    first = processes.supervisor(supervisor_settings, listen=listen_address, name="supervisor-1")
-    await asyncio.to_thread(wait_serving, listen_address, 30.0, first)
+    first = await processes.supervisor(
+        supervisor_settings, listen=listen_address, name="supervisor-1"
+    )
     processes.worker(listen_address, name="w1")
     async with TaskloomClient(listen_address) as client:
         task_id = await client.submit(
@@ -166,10 +166,7 @@ async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
         (test_dir / "open-a").touch()
         await eventually(lambda: (test_dir / "finished-a-1").exists())
 
-        second = processes.supervisor(
-            supervisor_settings, listen=listen_address, name="supervisor-2"
-        )
-        await asyncio.to_thread(wait_serving, listen_address, 30.0, second)
+        await processes.supervisor(supervisor_settings, listen=listen_address, name="supervisor-2")
         await wait_subtask(client, task_id, "b", "RUNNING")
         (test_dir / "open-b").touch()
         task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
@@ -194,8 +191,9 @@ async def test_work_of_a_worker_that_never_comes_back_runs_again_elsewhere(
     listen_address: str,
     test_dir: Path,
 ) -> None:
-    first = processes.supervisor(supervisor_settings, listen=listen_address, name="supervisor-1")
-    await asyncio.to_thread(wait_serving, listen_address, 30.0, first)
+    first = await processes.supervisor(
+        supervisor_settings, listen=listen_address, name="supervisor-1"
+    )
     lost = processes.worker(listen_address, name="lost")
     async with TaskloomClient(listen_address) as client:
         task_id = await client.submit("orphan", plan=plan(("x", "gate", "X")))
@@ -204,10 +202,7 @@ async def test_work_of_a_worker_that_never_comes_back_runs_again_elsewhere(
             process.kill()
             process.wait()
 
-        second = processes.supervisor(
-            supervisor_settings, listen=listen_address, name="supervisor-2"
-        )
-        await asyncio.to_thread(wait_serving, listen_address, 30.0, second)
+        await processes.supervisor(supervisor_settings, listen=listen_address, name="supervisor-2")
         processes.worker(listen_address, name="survivor")
         await eventually(lambda: (test_dir / "started-x-2").exists())
         (test_dir / "open-x").touch()
