@@ -70,6 +70,7 @@ def supervisor_settings(
         model="llama3.2",
         heartbeat_interval=0.3,
         lease_ttl=3.0,
+        leader_ttl=1.5,
         retry_backoff=0.05,
         capabilities=TEST_CAPABILITIES,
     )
@@ -136,19 +137,26 @@ class Processes:
         return self._spawn(name, args, {"TASKLOOM_NAME": name, **(env or {})})
 
     async def supervisor(
-        self, settings: SupervisorSettings, *, listen: str, name: str = "supervisor"
+        self,
+        settings: SupervisorSettings,
+        *,
+        listen: str,
+        name: str = "supervisor",
+        standby: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """A supervisor process with these settings; returns once it is serving."""
+        """A supervisor process with these settings; returns once it is serving
+        (with ``standby``, once it answers)."""
         env = {
             "TASKLOOM_REDIS_PREFIX": settings.redis_prefix,
             "TASKLOOM_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
             "TASKLOOM_LEASE_TTL": str(settings.lease_ttl),
+            "TASKLOOM_LEADER_TTL": str(settings.leader_ttl),
             "TASKLOOM_RETRY_BACKOFF": str(settings.retry_backoff),
             "TASKLOOM_CAPABILITIES": ",".join(settings.capabilities),
         }
         args = ["supervisor", "--listen", listen, "--redis-url", settings.redis_url]
         process = self._spawn(name, args, env)
-        await asyncio.to_thread(wait_serving, listen, 30.0, process)
+        await asyncio.to_thread(wait_serving, listen, 30.0, process, standby=standby)
         return process
 
     def logs(self) -> str:

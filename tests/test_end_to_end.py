@@ -350,7 +350,7 @@ async def test_a_task_cancelled_while_the_model_plans_stays_cancelled(
     task = await client.cancel(task_id, "no longer needed")
     cancelled.set()
     # The plan arrives after the cancellation; wait until the planner is done with it.
-    await eventually(lambda: not supervisor.orchestrator._planning)
+    await eventually(lambda: not supervisor.current()._planning)
     log = await supervisor.store.read_events(task_id, "")
 
     assert (task.status, task.error) == (TaskStatus.CANCELLED, "no longer needed")

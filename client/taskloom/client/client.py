@@ -18,6 +18,7 @@ import asyncio
 import builtins
 import threading
 import time
+import uuid
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
@@ -35,7 +36,7 @@ import grpc
 from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
 from taskloom.core.channel import insecure_channel
-from taskloom.core.errors import Unavailable
+from taskloom.core.errors import NotLeader, SupervisorUnavailable, TaskloomError, Unavailable
 from taskloom.core.model import Event, Plan, Task, TaskStatus
 from taskloom.core.plan import parse_plan
 from taskloom.core.status import from_rpc_error
@@ -47,14 +48,20 @@ PlanLike = Plan | Mapping[str, Any] | str
 
 
 class TaskloomClient:
-    """Async client for one supervisor (or a Service in front of several)."""
+    """Async client for a supervisor, a Service in front of several, or a list
+    of supervisors (``"host1:50051,host2:50051"``): calls go to whichever leads,
+    and move on when it goes away."""
 
     def __init__(
         self, address: str | None = None, *, settings: ClientSettings | None = None
     ) -> None:
         self.settings = settings or ClientSettings.load(supervisor=address)
-        self._channel = insecure_channel(self.settings.supervisor, self.settings.max_message_bytes)
-        self._stub = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._addresses = self.settings.supervisor
+        self._channels = [
+            insecure_channel(a, self.settings.max_message_bytes) for a in self._addresses
+        ]
+        self._stubs: list[Any] = [tasks_pb2_grpc.TaskServiceStub(c) for c in self._channels]
+        self._current = 0
 
     async def __aenter__(self) -> TaskloomClient:
         return self
@@ -68,13 +75,26 @@ class TaskloomClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        try:
-            return await method(request, timeout=self.settings.timeout)
-        except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e, target=self.settings.supervisor) from None
+    async def _call(self, pick: Callable[[Any], Callable[..., Awaitable[T]]], request: Any) -> T:
+        """Call the supervisor that answers; on UNAVAILABLE try each other address once."""
+        errors: builtins.list[TaskloomError] = []
+        for step in range(len(self._stubs)):
+            index = (self._current + step) % len(self._stubs)
+            try:
+                reply = await pick(self._stubs[index])(request, timeout=self.settings.timeout)
+            except grpc.aio.AioRpcError as e:
+                error = from_rpc_error(e, target=self._addresses[index])
+                if not isinstance(error, Unavailable):
+                    self._current = index
+                    raise error from None
+                errors.append(error)
+                continue
+            self._current = index
+            return reply
+        raise _most_telling(errors) from None
 
     async def submit(
         self,
@@ -92,7 +112,12 @@ class TaskloomClient:
         ``Plan``, its JSON form, or a JSON string; a ``"synthesize"`` field in
         it counts unless ``synthesize`` is given.
         """
-        request = pb.SubmitTaskRequest(goal=goal, idempotency_key=idempotency_key)
+        # A key of our own makes the call safe to retry on another supervisor:
+        # if the first one stored the task before it went away, the retry
+        # finds that task instead of creating a second.
+        request = pb.SubmitTaskRequest(
+            goal=goal, idempotency_key=idempotency_key or uuid.uuid4().hex
+        )
         if plan is not None:
             parsed = plan if isinstance(plan, Plan) else parse_plan(plan)
             request.plan.CopyFrom(codec.plan_to_pb(parsed))
@@ -101,14 +126,14 @@ class TaskloomClient:
         request.options.CopyFrom(
             codec.options_to_pb(synthesize=synthesize, priority=priority, max_parallel=max_parallel)
         )
-        response: pb.SubmitTaskResponse = await self._call(self._stub.SubmitTask, request)
+        response: pb.SubmitTaskResponse = await self._call(lambda s: s.SubmitTask, request)
         return response.task_id
 
     async def get(self, task_id: str, *, subtasks: bool = True) -> Task:
         """The task, with its subtasks unless ``subtasks`` is False."""
         view = pb.TASK_VIEW_FULL if subtasks else pb.TASK_VIEW_SUMMARY
         response: pb.GetTaskResponse = await self._call(
-            self._stub.GetTask, pb.GetTaskRequest(task_id=task_id, view=view)
+            lambda s: s.GetTask, pb.GetTaskRequest(task_id=task_id, view=view)
         )
         return codec.task_from_pb(response.task)
 
@@ -124,7 +149,7 @@ class TaskloomClient:
                 page_token=token,
                 statuses=[codec.status_to_pb(s) for s in statuses],
             )
-            response: pb.ListTasksResponse = await self._call(self._stub.ListTasks, request)
+            response: pb.ListTasksResponse = await self._call(lambda s: s.ListTasks, request)
             tasks += [codec.task_from_pb(t) for t in response.tasks]
             token = response.next_page_token
             if not token:
@@ -134,7 +159,7 @@ class TaskloomClient:
     async def cancel(self, task_id: str, reason: str = "") -> Task:
         """Cancel an unfinished task; returns it as it ended."""
         response: pb.CancelTaskResponse = await self._call(
-            self._stub.CancelTask, pb.CancelTaskRequest(task_id=task_id, reason=reason)
+            lambda s: s.CancelTask, pb.CancelTaskRequest(task_id=task_id, reason=reason)
         )
         return codec.task_from_pb(response.task)
 
@@ -142,14 +167,15 @@ class TaskloomClient:
         """The task's events after the cursor, then live, until its terminal event.
 
         If the supervisor goes away the watch resumes from the last event it
-        delivered (for up to ``reconnect_timeout``), so no event is missed or
-        delivered twice.
+        delivered, at the next address that serves (for up to
+        ``reconnect_timeout``), so no event is missed or delivered twice.
         """
         cursor = after_event_id
         deadline: float | None = None
         delay = 0.2
         while True:
-            call = self._stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_event_id=cursor))
+            stub = self._stubs[self._current]
+            call = stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_event_id=cursor))
             try:
                 async for response in call:
                     deadline, delay = None, 0.2
@@ -161,9 +187,10 @@ class TaskloomClient:
                             return
                 return
             except grpc.aio.AioRpcError as e:
-                error = from_rpc_error(e, target=self.settings.supervisor)
+                error = from_rpc_error(e, target=self._addresses[self._current])
                 if not isinstance(error, Unavailable):
                     raise error from None
+                self._current = (self._current + 1) % len(self._stubs)
                 now = time.monotonic()
                 deadline = deadline or now + self.settings.reconnect_timeout
                 if now >= deadline:
@@ -178,6 +205,16 @@ class TaskloomClient:
         async for _ in self.watch(task_id):
             pass
         return await self.get(task_id)
+
+
+def _most_telling(errors: builtins.list[TaskloomError]) -> TaskloomError:
+    """Of the errors from each address, the one that says most: the leader's own
+    (say, Redis is down), else a standby's (it names the leader), else unreachable."""
+
+    def rank(error: TaskloomError) -> int:
+        return 2 if isinstance(error, SupervisorUnavailable) else int(isinstance(error, NotLeader))
+
+    return sorted(errors, key=rank)[0]
 
 
 class SyncTaskloomClient:

@@ -39,9 +39,14 @@ def default_listen() -> str:
 
 
 def wait_serving(
-    address: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+    address: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    *,
+    standby: bool = False,
 ) -> None:
-    """Poll the gRPC health service until it says SERVING."""
+    """Poll the gRPC health service until it says SERVING (or, with
+    ``standby``, until it answers at all: a standby says NOT_SERVING)."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -50,7 +55,7 @@ def wait_serving(
                 raise ConfigError(f"the supervisor exited with status {process.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if standby or reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass

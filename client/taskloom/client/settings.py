@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
-from taskloom.core.settings import Address, Seconds, TaskloomSettings
+from taskloom.core.settings import Addresses, Seconds, TaskloomSettings
 
 
 class ClientSettings(TaskloomSettings):
@@ -15,8 +15,9 @@ class ClientSettings(TaskloomSettings):
 
     flag_names: ClassVar[dict[str, str]] = {"supervisor": "--supervisor"}
 
-    supervisor: Address = "127.0.0.1:50051"
-    """The supervisor's HOST:PORT."""
+    supervisor: Addresses = ("127.0.0.1:50051",)
+    """The supervisor's HOST:PORT; several, comma-separated, when standbys run
+    (calls go to whichever leads)."""
     timeout: Seconds = 30.0
     """Deadline for each unary call."""
     reconnect_timeout: Seconds = 60.0

@@ -16,7 +16,8 @@ providers for their clients, ``taskloom.core.status`` for gRPC.
     ├── Unavailable              a dependency cannot be reached; retrying may help
     │   ├── StoreUnavailable     Redis
     │   ├── LLMUnavailable       the LLM server
-    │   └── SupervisorUnavailable
+    │   ├── SupervisorUnavailable
+    │   └── NotLeader            this supervisor is a standby, or lost its lease
     └── LLMError                 the LLM answered, but with an error
 """
 
@@ -87,6 +88,10 @@ class LLMUnavailable(Unavailable):
 
 class SupervisorUnavailable(Unavailable):
     """No supervisor answers at the configured address."""
+
+
+class NotLeader(Unavailable):
+    """This supervisor is on standby or has lost the leader lease; another one serves."""
 
 
 class LLMError(TaskloomError):

@@ -47,9 +47,19 @@ def check_address(value: str) -> str:
     return value.strip()
 
 
+def check_addresses(value: tuple[str, ...]) -> tuple[str, ...]:
+    """One or more ``HOST:PORT``, tried in turn (several supervisors, one leader)."""
+    if not value:
+        raise ValueError("name at least one HOST:PORT")
+    return tuple(check_address(v) for v in value)
+
+
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Address = Annotated[str, AfterValidator(check_address)]
 StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_list)]
+Addresses = Annotated[
+    tuple[str, ...], NoDecode, BeforeValidator(split_list), AfterValidator(check_addresses)
+]
 
 
 class TaskloomSettings(BaseSettings):

@@ -13,6 +13,8 @@ scripts get the same key builders, generated from the templates below by
     {prefix}active                   zset    tasks not yet finished (for recovery)
     {prefix}finished                 zset    finished tasks, scored by finish time
     {prefix}idem:{key}               string  idempotency key → task id
+    {prefix}leader                   string  the leader lease: its fencing token (PX ttl)
+    {prefix}leader:epoch             string  counter; each new lease takes the next number
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _TEMPLATES = {
     "active_index": "active",
     "finished_index": "finished",
     "idempotency": "idem:{key}",
+    "leader": "leader",
+    "leader_epoch": "leader:epoch",
 }
 
 
@@ -37,6 +41,8 @@ class Keys:
         self.tasks_index = prefix + _TEMPLATES["tasks_index"]
         self.active_index = prefix + _TEMPLATES["active_index"]
         self.finished_index = prefix + _TEMPLATES["finished_index"]
+        self.leader = prefix + _TEMPLATES["leader"]
+        self.leader_epoch = prefix + _TEMPLATES["leader_epoch"]
 
     def task(self, task: str) -> str:
         return self.prefix + _TEMPLATES["task"].format(task=task)

@@ -251,7 +251,7 @@ class Orchestrator:
                     if not events:
                         return
                 else:
-                    events = await self.store.wait_events(task_id, cursor, block_ms=WATCH_BLOCK_MS)
+                    events = await self._wait_events(task_id, cursor)
                     if not events:
                         continue
             yield events

@@ -16,7 +16,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from taskloom.core.errors import InvalidArgument, StoreUnavailable, TaskloomError
+from taskloom.core.errors import InvalidArgument, TaskloomError, Unavailable
 from taskloom.core.status import abort
 from taskloom.supervisor import codec
 from taskloom.supervisor.orchestrator import Orchestrator
@@ -38,6 +38,8 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_CONCURRENCY = 10_000
+Current = Callable[[], Orchestrator]
+"""The orchestrator of this leadership term; raises NotLeader on standby."""
 
 
 def _unary(
@@ -64,15 +66,15 @@ def _unary(
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     """Submit, read, list, cancel and watch tasks."""
 
-    def __init__(self, orchestrator: Orchestrator) -> None:
-        self._orchestrator = orchestrator
+    def __init__(self, current: Current) -> None:
+        self._current = current
 
     @_unary
     async def SubmitTask(
         self, request: pb.SubmitTaskRequest, context: Context
     ) -> pb.SubmitTaskResponse:
         plan = codec.plan_from_pb(request.plan) if request.HasField("plan") else None
-        task_id, created = await self._orchestrator.submit(
+        task_id, created = await self._current().submit(
             request.goal,
             plan=plan,
             options=codec.options_from_pb(request.options),
@@ -82,7 +84,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 
     @_unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
-        task = await self._orchestrator.get(
+        task = await self._current().get(
             request.task_id, subtasks=request.view != pb.TASK_VIEW_SUMMARY
         )
         return pb.GetTaskResponse(task=codec.task_to_pb(task))
@@ -91,7 +93,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
-        tasks, token = await self._orchestrator.list_tasks(
+        tasks, token = await self._current().list_tasks(
             statuses=codec.statuses_from_pb(request.statuses),
             page_size=request.page_size,
             page_token=request.page_token,
@@ -104,14 +106,15 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context
     ) -> pb.CancelTaskResponse:
-        task = await self._orchestrator.cancel(request.task_id, request.reason)
+        task = await self._current().cancel(request.task_id, request.reason)
         return pb.CancelTaskResponse(task=codec.task_to_pb(task))
 
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: Context
     ) -> AsyncIterator[pb.WatchTaskResponse]:
         try:
-            async for events in self._orchestrator.watch(request.task_id, request.after_event_id):
+            orchestrator = self._current()
+            async for events in orchestrator.watch(request.task_id, request.after_event_id):
                 yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
         except TaskloomError as e:
             await abort(context, e)
@@ -120,17 +123,25 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     """One bidirectional stream per worker: assignments down, reports up."""
 
-    def __init__(self, orchestrator: Orchestrator, settings: SupervisorSettings) -> None:
-        self._orchestrator = orchestrator
+    def __init__(self, current: Current, settings: SupervisorSettings) -> None:
+        self._current = current
         self._settings = settings
 
     async def Connect(self, request_iterator: Any, context: Context) -> None:  # type: ignore[override]
         # Reads go through context.read() (the reader task), writes through
         # context.write() (this coroutine): one of each at a time, as grpc.aio allows.
         del request_iterator
+        try:
+            orchestrator = self._current()
+        except TaskloomError as e:
+            await abort(context, e)
         hello = await self._hello(context)
-        session = self._orchestrator.worker_connected(codec.worker_info_from_pb(hello))
-        reader = asyncio.create_task(self._read(session, context), name=f"read-{session.id[:8]}")
+        # The session belongs to this term: when the supervisor steps down
+        # the stream ends and the worker looks for the new leader.
+        session = orchestrator.worker_connected(codec.worker_info_from_pb(hello))
+        reader = asyncio.create_task(
+            self._read(orchestrator, session, context), name=f"read-{session.id[:8]}"
+        )
         try:
             await context.write(
                 codec.welcome_to_pb(
@@ -145,7 +156,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            self._orchestrator.worker_disconnected(session)
+            orchestrator.worker_disconnected(session)
 
     async def _hello(self, context: Context) -> wpb.Hello:
         try:
@@ -182,8 +193,9 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                     return
                 await context.write(codec.outgoing_to_pb(message))
 
-    async def _read(self, session: WorkerSession, context: Context) -> None:
-        orchestrator = self._orchestrator
+    async def _read(
+        self, orchestrator: Orchestrator, session: WorkerSession, context: Context
+    ) -> None:
         try:
             while True:
                 request = await context.read()
@@ -207,8 +219,9 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                 elif kind == "hello":
                     session.close(InvalidArgument("Hello may only be sent once per stream"))
                     return
-        except StoreUnavailable as e:
-            # Nothing was acknowledged: the worker reconnects and sends again.
+        except Unavailable as e:
+            # Redis is away or we lost the lease. Nothing was acknowledged:
+            # the worker reconnects (here or to the new leader) and sends again.
             logger.warning("closing %s: %s", session, e)
             session.close(e)
             return

@@ -24,6 +24,7 @@ class SupervisorSettings(LLMSettings):
         "model": "--model",
         "heartbeat_interval": "--heartbeat-interval",
         "lease_ttl": "--lease-ttl",
+        "leader_ttl": "--leader-ttl",
         "log_level": "--log-level",
     }
 
@@ -40,6 +41,9 @@ class SupervisorSettings(LLMSettings):
     """A worker silent this long loses its subtasks; they run again elsewhere."""
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Attempts per subtask before it fails for good."""
+    leader_ttl: Seconds = 5.0
+    """The leader lease: renewed every third of this; a standby takes over
+    within about this long after the leader dies."""
     retry_backoff: Seconds = 1.0
     """Wait before the 2nd attempt; doubles each attempt (with jitter), up to 60 s."""
     retention: Seconds = 7 * 86400.0

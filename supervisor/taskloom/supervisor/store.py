@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from taskloom.core.errors import InvalidArgument, StoreUnavailable, TaskNotFound
+from taskloom.core.errors import InvalidArgument, NotLeader, StoreUnavailable, TaskNotFound
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_SCRIPTS = ("assign", "start", "progress", "complete", "fail", "finish", "note")
+_SCRIPTS = ("assign", "start", "progress", "complete", "fail", "finish", "note", "lead")
+_FENCED = "TASKLOOM_FENCED"
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError)
 
 
@@ -117,6 +118,13 @@ def _translated(
                 f"Redis at {self.safe_url} is unavailable ({e}); "
                 "check that it runs and TASKLOOM_REDIS_URL points at it"
             ) from None
+        except rexc.ResponseError as e:
+            if str(e).startswith(_FENCED):
+                raise NotLeader(
+                    "this supervisor lost the leader lease"
+                    f"{str(e).removeprefix(_FENCED).replace(' the leader lease', ';')}"
+                ) from None
+            raise
 
     return wrapper
 
@@ -138,6 +146,9 @@ class Store:
         socket_timeout: float = 10.0,
     ) -> None:
         self.keys = Keys(prefix)
+        self.fence = ""
+        """The leader lease's token; every write checks that it still holds the lease.
+        Empty only for tools and tests that run without a leader."""
         self.retention = max(1, int(retention))
         self.safe_url = _without_password(url)
         options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5.0}
@@ -164,14 +175,45 @@ class Store:
         await self._redis.aclose()
         await self._blocking.aclose()
 
-    async def _run(self, name: str, payload: Any) -> Any:
+    async def _run(self, name: str, payload: Any, *, fenced: bool = True) -> Any:
         args: list[str | int] = [
             self.keys.prefix,
             repr(time.time()),
             self.retention,
             json.dumps(payload),
+            self.fence if fenced else "",
         ]
         return json.loads(await self._scripts[name](keys=[], args=args))
+
+    async def _check_fence(self, pipe: Any) -> None:
+        """In a WATCH block: fail unless we hold the lease; EXEC fails if it changes."""
+        if self.fence:
+            await pipe.watch(self.keys.leader)
+            holder = await pipe.get(self.keys.leader)
+            if holder != self.fence:
+                raise NotLeader(
+                    f"this supervisor lost the leader lease; {holder or 'nobody'} holds it"
+                )
+
+    # -- the leader lease --------------------------------------------------------
+
+    @_translated
+    async def acquire_lease(self, holder: str, ttl: float) -> tuple[bool, str]:
+        """Take the lease if it is free: ``(True, token)``, else ``(False, the holder's token)``."""
+        reply = await self._run("lead", ["acquire", holder, int(ttl * 1000)], fenced=False)
+        return bool(reply["ok"]), str(reply["token"])
+
+    @_translated
+    async def renew_lease(self, token: str, ttl: float) -> tuple[bool, str]:
+        """Extend our lease: ``(True, token)``, or ``(False, whoever holds it now)``."""
+        reply = await self._run("lead", ["renew", token, int(ttl * 1000)], fenced=False)
+        return bool(reply["ok"]), str(reply["token"])
+
+    @_translated
+    async def release_lease(self, token: str) -> bool:
+        """Give the lease up if we still hold it."""
+        reply = await self._run("lead", ["release", token, 0], fenced=False)
+        return bool(reply["ok"])
 
     # -- creating tasks --------------------------------------------------------
 
@@ -195,6 +237,7 @@ class Store:
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    await self._check_fence(pipe)
                     if idem:
                         # WATCH: a concurrent submit with the same key makes
                         # our EXEC fail, and the retry then finds its task.
@@ -256,6 +299,7 @@ class Store:
                 try:
                     # WATCH: the task may be cancelled while the model thinks;
                     # a cancelled task must not come back to life.
+                    await self._check_fence(pipe)
                     await pipe.watch(key)
                     if await pipe.hget(key, "status") != TaskStatus.PLANNING:
                         return None

@@ -6,7 +6,9 @@ breaks, the connection waits a jittered, exponentially growing delay (full
 jitter, capped at ``reconnect_max``) and opens a new one; reports that were
 never acknowledged are sent again on it. The delay never exceeds a third of
 the lease TTL the supervisor announced, so a worker is back before the leases
-it holds expire, even when the supervisor restarts.
+it holds expire, even when the supervisor restarts. Given several supervisor
+addresses, a session that fails or ends moves on to the next one: standbys
+refuse workers, so the worker settles on whichever leads.
 """
 
 from __future__ import annotations
@@ -72,39 +74,47 @@ class Connection:
             self._call.cancel()
 
     async def run(self) -> None:
+        addresses = self._settings.supervisor
+        channels = [insecure_channel(a, self._settings.max_message_bytes) for a in addresses]
+        stubs: list[workers_pb2_grpc.WorkerServiceAsyncStub] = [
+            workers_pb2_grpc.WorkerServiceStub(c) for c in channels
+        ]
         failures = 0
-        async with insecure_channel(
-            self._settings.supervisor, self._settings.max_message_bytes
-        ) as channel:
-            stub: workers_pb2_grpc.WorkerServiceAsyncStub = workers_pb2_grpc.WorkerServiceStub(
-                channel
-            )
+        index = 0
+        try:
             while not self._closing.is_set():
                 welcomed = False
+                address = addresses[index]
                 try:
-                    welcomed = await self._session(stub)
+                    welcomed = await self._session(stubs[index], address)
                 except grpc.aio.AioRpcError as e:
                     if not self._closing.is_set():
                         level = logging.WARNING if failures == 0 else logging.DEBUG
                         logger.log(
                             level,
                             "supervisor at %s: %s (%s); reconnecting",
-                            self._settings.supervisor,
+                            address,
                             e.code().name,
                             e.details(),
                         )
                 except TimeoutError:
-                    logger.warning("supervisor at %s sent no Welcome", self._settings.supervisor)
+                    logger.warning("supervisor at %s sent no Welcome", address)
                 finally:
                     self.connected.clear()
                 if self._closing.is_set():
                     break
+                index = (index + 1) % len(addresses)
                 failures = 0 if welcomed else failures + 1
+                if index != 0:
+                    continue  # try every address once before waiting
                 cap = min(self._settings.reconnect_max, self.lease_ttl / 3, 0.1 * 2**failures)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), random.uniform(0.05, cap))
+        finally:
+            for channel in channels:
+                await channel.close()
 
-    async def _session(self, stub: workers_pb2_grpc.WorkerServiceAsyncStub) -> bool:
+    async def _session(self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, address: str) -> bool:
         call = stub.Connect()
         self._call = call
         handler = self._handler
@@ -129,7 +139,7 @@ class Connection:
             logger.info(
                 "connected to supervisor %s at %s",
                 welcome.supervisor_id,
-                self._settings.supervisor,
+                address,
             )
             queue: asyncio.Queue[Outgoing] = asyncio.Queue()
             for report in handler.unacked():

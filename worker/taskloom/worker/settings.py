@@ -9,7 +9,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
-from taskloom.core.settings import Address, LLMSettings, Seconds, StrList
+from taskloom.core.settings import Addresses, LLMSettings, Seconds, StrList
 
 
 class WorkerSettings(LLMSettings):
@@ -27,8 +27,9 @@ class WorkerSettings(LLMSettings):
         "log_level": "--log-level",
     }
 
-    supervisor: Address = "127.0.0.1:50051"
-    """The supervisor's HOST:PORT."""
+    supervisor: Addresses = ("127.0.0.1:50051",)
+    """The supervisor's HOST:PORT; several, comma-separated, when standbys run
+    (the worker connects to whichever leads)."""
     capabilities: StrList = ("llm",)
     """What this worker runs; each needs a handler (built in: llm, echo)."""
     concurrency: int = Field(default=4, ge=1, le=10_000)

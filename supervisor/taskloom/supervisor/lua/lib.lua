@@ -1,9 +1,18 @@
 -- Shared by every script; loaded after the key builders from keys.py.
 -- ARGV: [1] key prefix, [2] now (Unix seconds), [3] retention (seconds),
--- [4] the script's payload as JSON.
+-- [4] the script's payload as JSON, [5] the caller's fencing token.
 local NOW = ARGV[2]
 local RETENTION = tonumber(ARGV[3])
 local PAYLOAD = cjson.decode(ARGV[4])
+
+-- Fencing: a supervisor writes only while the leader lease holds its token.
+-- A former leader that was paused or cut off past its lease gets this error
+-- instead of overwriting what the new leader decided. (The leadership script
+-- itself passes no token.)
+if ARGV[5] ~= '' and redis.call('GET', k_leader()) ~= ARGV[5] then
+  return redis.error_reply('TASKLOOM_FENCED the leader lease is held by ' ..
+    tostring(redis.call('GET', k_leader()) or 'nobody'))
+end
 
 local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKIPPED = true}
 local TASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
