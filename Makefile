@@ -7,8 +7,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 GOAL   ?= Write a short guide to brewing good coffee at home: beans, grinding, water, methods.
 PYTEST_ARGS ?=
+N      ?= 100
+SEED   ?= 1
 
-.PHONY: setup demo test lint format protos protos-check wheel clean
+.PHONY: setup demo test chaos lint format protos protos-check wheel clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +25,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# N random fault schedules through the fault-injection suite (tests/chaos);
+# `make test` runs each scenario once and 2 random schedules.
+chaos: setup
+	$(BIN)/python -m tests.chaos --runs $(N) --seed $(SEED)
 
 lint: setup protos-check
 	$(BIN)/ruff check .

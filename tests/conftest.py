@@ -27,7 +27,7 @@ from taskloom.supervisor.settings import SupervisorSettings
 from tests.fake_ollama import FakeOllama
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_CAPABILITIES = "llm,echo,gate,flaky,broken"
+TEST_CAPABILITIES = "llm,echo,gate,flaky,broken,stall,pulse"
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +81,18 @@ async def supervisor(supervisor_settings: SupervisorSettings) -> AsyncIterator[S
     server = Supervisor(supervisor_settings)
     await server.start()
     yield server
-    await server.stop(grace=0.5)
+    await stop_or_explain(server)
+
+
+async def stop_or_explain(server: Supervisor) -> None:
+    """Stop a supervisor; if that hangs, show where every task is stuck."""
+    try:
+        async with asyncio.timeout(30):
+            await server.stop(grace=0.5)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        raise
 
 
 @pytest.fixture

@@ -52,3 +52,27 @@ async def flaky(ctx: SubtaskContext) -> str:
 async def broken(ctx: SubtaskContext) -> str:
     """Fails for good."""
     raise SubtaskError(f"cannot do {ctx.instruction!r}", retryable=False)
+
+
+@registry.handler("stall")
+async def stall(ctx: SubtaskContext) -> str:
+    """Hangs without a word on its first attempt; answers on later ones."""
+    _mark(f"attempt-{ctx.subtask_id}-{ctx.attempt}")
+    if ctx.attempt == 1:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            _mark(f"cancelled-{ctx.subtask_id}-{ctx.attempt}")
+            raise
+    return f"answered on attempt {ctx.attempt}"
+
+
+@registry.handler("pulse")
+async def pulse(ctx: SubtaskContext) -> str:
+    """Works for as many seconds as its instruction says, reporting progress all along."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + float(ctx.instruction)
+    while loop.time() < end:
+        await ctx.progress(f"{end - loop.time():.1f}s to go")
+        await asyncio.sleep(0.1)
+    return f"pulsed on attempt {ctx.attempt}"

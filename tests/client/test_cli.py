@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from taskloom.client import SyncTaskloomClient, TaskloomClient
@@ -256,3 +257,49 @@ async def test_demo_with_ollama_plans_and_answers_with_the_model(
     assert "No usable Ollama" not in err
     assert "THE ANSWER" in out
     assert len(fake_ollama.planning_calls()) == 1
+
+
+def _submit_and_interrupt(address: str, plan_file: Path, answer: str) -> tuple[int, str]:
+    """Run ``submit --wait`` on a terminal, press Ctrl-C, answer the question."""
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "taskloom.client", "submit", "interrupt me", "--plan", str(plan_file), "--wait",
+         "--supervisor", address],
+        cwd=str(REPO), env={**os.environ, "COLUMNS": "200"}, encoding="utf-8", timeout=30,
+    )  # fmt: skip
+    try:
+        child.expect("following it")
+        child.expect("RUNNING")
+        child.sendintr()
+        child.expect(r"cancel task \w+\? \[y/N\]")
+        child.sendline(answer)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    return child.exitstatus if child.exitstatus is not None else -1, str(child.before)
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+async def test_ctrl_c_on_submit_wait_asks_whether_to_cancel(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    tmp_path: Path,
+    answer: str,
+) -> None:
+    processes.worker(supervisor.address)
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(plan(("g", "gate", "wait for ever"))))
+
+    code, output = await asyncio.to_thread(
+        _submit_and_interrupt, supervisor.address, plan_file, answer
+    )
+
+    assert code == 130, output
+    (task,) = await client.list()
+    if answer == "y":
+        assert f"task {task.id} CANCELLED" in output
+        assert task.status == TaskStatus.CANCELLED
+    else:
+        assert f"task {task.id} goes on" in output
+        assert task.status == TaskStatus.RUNNING

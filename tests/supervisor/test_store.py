@@ -238,10 +238,7 @@ async def test_cancel_and_planning_failure_end_only_the_states_they_expect(store
         EventType.TASK_CANCELLED,
         expected=[TaskStatus.PLANNING],
     )
-    assert (
-        await store.set_plan(planning, diamond(), result_from=["d"], max_attempts=3, priority=0)
-        is None
-    )
+    assert await store.set_plan(planning, diamond(), result_from=["d"], priority=0) is None
     assert not await store.note(planning, TaskStatus.PLANNING, EventType.PLAN_REJECTED, "late")
 
 

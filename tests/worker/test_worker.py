@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import ConfigError
-from taskloom.core.model import SubtaskStatus, TaskStatus
+from taskloom.core.model import Event, SubtaskStatus, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.worker import SubtaskContext, Worker, WorkerSettings
 from taskloom.worker.worker import load_handlers
@@ -91,6 +92,11 @@ async def test_cancelling_a_task_cancels_the_running_handler(
     await eventually(lambda: (test_dir / "cancelled-g-1").exists())
     events = [e async for e in client.watch(task_id)]
     assert events[-1].type == "task.cancelled"
+    # The worker acknowledged that the handler stopped.
+    log = await eventually(
+        lambda: _with_type(supervisor.store.read_events(task_id, ""), "subtask.stopped")
+    )
+    assert (log[0].subtask_id, log[0].attempt) == ("g", 1)
     # Cancelling again is harmless; the task stays as it ended.
     assert (await client.cancel(task_id)).status == TaskStatus.CANCELLED
 
@@ -241,3 +247,7 @@ def test_handlers_load_from_module_and_attribute() -> None:
         load_handlers("no_such_module:x")
     with pytest.raises(ConfigError, match="not a Worker or HandlerRegistry"):
         load_handlers("tests.handlers:gate")
+
+
+async def _with_type(events: Awaitable[list[Event]], type_: str) -> list[Event]:
+    return [e for e in await events if e.type == type_]

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,9 +38,9 @@ from taskloom.core.errors import (
     Unavailable,
 )
 from taskloom.core.llm import create_llm
-from taskloom.core.model import Plan, PlannedSubtask, Task, TaskStatus
+from taskloom.core.model import OnFailure, Plan, PlannedSubtask, Task, TaskStatus
 from taskloom.core.plan import parse_plan
-from taskloom.core.settings import LLMSettings
+from taskloom.core.settings import LLMSettings, parse_duration
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -52,8 +53,18 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 out = Console(highlight=False)
-_following: list[str] = []
-"""The task a command is following, for the message on Ctrl-C."""
+
+
+@dataclass(frozen=True)
+class Following:
+    task_id: str
+    supervisor: str | None
+    submitted: bool
+    """This command submitted the task, so Ctrl-C offers to cancel it."""
+
+
+_following: list[Following] = []
+"""The task a command is following, for what to do on Ctrl-C."""
 err = Console(stderr=True, highlight=False)
 
 
@@ -83,17 +94,39 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
             _fail(e)
         except KeyboardInterrupt:
             if _following:
-                task_id = _following[-1]
-                err.print(
-                    f"stopped following; task {task_id} goes on. See it with "
-                    f"`taskloom watch {task_id}`, stop it with `taskloom cancel {task_id}`"
-                )
+                _interrupted(_following[-1])
             else:
                 err.print("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
+
+
+def _interrupted(following: Following) -> None:
+    """Ctrl-C while following: ask whether to cancel a task we submitted, else say how to go on."""
+    task_id = following.task_id
+    if following.submitted and sys.stdin.isatty():
+        try:
+            answer = click.confirm(f"\ncancel task {task_id}?", default=False, err=True)
+        except (KeyboardInterrupt, click.Abort):
+            answer = False
+        if answer:
+            try:
+                task = asyncio.run(_cancel(following.supervisor, task_id))
+            except TaskloomError as e:
+                _fail(e)
+            err.print(f"task {task_id} {task.status}")
+            return
+    err.print(
+        f"stopped following; task {task_id} goes on. See it with "
+        f"`taskloom watch {task_id}`, stop it with `taskloom cancel {task_id}`"
+    )
+
+
+async def _cancel(supervisor: str | None, task_id: str) -> Task:
+    async with _client(supervisor) as client:
+        return await client.cancel(task_id, "cancelled with Ctrl-C")
 
 
 def supervisor_option(fn: F) -> F:
@@ -178,6 +211,15 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
 @click.option("--priority", type=int, default=0, help="Higher runs first")
 @click.option("--max-parallel", type=int, default=0, help="At most this many subtasks at once")
 @click.option(
+    "--on-failure",
+    type=click.Choice([p.value for p in OnFailure]),
+    default=OnFailure.FAIL.value,
+    help="When a subtask fails for good: fail the task, or skip its dependents",
+)
+@click.option("--max-attempts", type=int, default=0, help="Attempts per subtask [supervisor's]")
+@click.option("--timeout", "subtask_timeout", metavar="DURATION", help="Longest one attempt runs")
+@click.option("--stall-timeout", metavar="DURATION", help="Longest an attempt may show no progress")
+@click.option(
     "--idempotency-key", default="", help="Submitting again with it returns the same task"
 )
 @run_async
@@ -190,11 +232,16 @@ async def submit(
     no_synthesize: bool,
     priority: int,
     max_parallel: int,
+    on_failure: str,
+    max_attempts: int,
+    subtask_timeout: str | None,
+    stall_timeout: str | None,
     idempotency_key: str,
 ) -> None:
     """Submit GOAL; print its task id, or with --wait follow it to the end.
 
-    With --wait the exit status is 0 only if the task SUCCEEDED.
+    With --wait the exit status is 0 only if the task SUCCEEDED; Ctrl-C asks
+    whether to cancel the task.
     """
     plan = _read_plan(plan_file) if plan_file else None
     async with _client(supervisor) as client:
@@ -204,6 +251,10 @@ async def submit(
             synthesize=False if no_synthesize else None,
             priority=priority,
             max_parallel=max_parallel,
+            on_failure=on_failure,
+            max_attempts=max_attempts,
+            subtask_timeout=_seconds("--timeout", subtask_timeout),
+            stall_timeout=_seconds("--stall-timeout", stall_timeout),
             idempotency_key=idempotency_key,
         )
         if not wait:
@@ -212,12 +263,12 @@ async def submit(
             else:
                 out.print(task_id)
             return
-        _following.append(task_id)
+        _following.append(Following(task_id, supervisor, submitted=True))
         if as_json:
             task = await client.wait(task_id)
             _print_json(task_json(task))
         else:
-            err.print(f"task {task_id} submitted; following it (Ctrl-C stops following)")
+            err.print(f"task {task_id} submitted; following it (Ctrl-C to stop or cancel)")
             task = await _follow(client, task_id)
     _exit_for(task)
 
@@ -290,12 +341,28 @@ async def tasks(
 @click.argument("task_id")
 @supervisor_option
 @click.option("--reason", default="", help="Recorded in the task's events")
+@click.option("--subtask", "subtask_id", default="", help="Cancel only this subtask")
 @run_async
-async def cancel(task_id: str, supervisor: str | None, reason: str) -> None:
-    """Cancel an unfinished task and its running subtasks."""
+async def cancel(task_id: str, supervisor: str | None, reason: str, subtask_id: str) -> None:
+    """Cancel an unfinished task and its running subtasks, or one subtask
+    (whose dependents are then skipped)."""
     async with _client(supervisor) as client:
-        task = await client.cancel(task_id, reason)
-    out.print(f"{task.id} {task.status}")
+        task = await client.cancel(task_id, reason, subtask_id=subtask_id)
+    if subtask_id:
+        sub = next(s for s in task.subtasks if s.id == subtask_id)
+        out.print(f"{task.id} {subtask_id} {sub.status}")
+    else:
+        out.print(f"{task.id} {task.status}")
+
+
+def _seconds(flag: str, value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise InvalidArgument(f"{flag}: {e}") from None
+    return float(seconds)
 
 
 DEMO_PLAN = Plan(

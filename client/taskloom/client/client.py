@@ -37,7 +37,7 @@ from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
 from taskloom.core.channel import insecure_channel
 from taskloom.core.errors import NotLeader, SupervisorUnavailable, TaskloomError, Unavailable
-from taskloom.core.model import Event, Plan, Task, TaskStatus
+from taskloom.core.model import Event, OnFailure, Plan, Task, TaskOptions, TaskStatus
 from taskloom.core.plan import parse_plan
 from taskloom.core.status import from_rpc_error
 from taskloom.v1 import tasks_pb2 as pb
@@ -104,13 +104,20 @@ class TaskloomClient:
         synthesize: bool | None = None,
         priority: int = 0,
         max_parallel: int = 0,
+        on_failure: OnFailure | str = OnFailure.FAIL,
+        max_attempts: int = 0,
+        subtask_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
         idempotency_key: str = "",
     ) -> str:
         """Submit a goal; returns the task id as soon as the task is stored.
 
         Without ``plan`` the supervisor asks its LLM for one. A plan may be a
         ``Plan``, its JSON form, or a JSON string; a ``"synthesize"`` field in
-        it counts unless ``synthesize`` is given.
+        it counts unless ``synthesize`` is given. ``on_failure`` says what a
+        subtask that fails for good does to the task (fail, skip its
+        dependents, replan); ``max_attempts``, ``subtask_timeout`` and
+        ``stall_timeout`` (seconds) override the supervisor's defaults.
         """
         # A key of our own makes the call safe to retry on another supervisor:
         # if the first one stored the task before it went away, the retry
@@ -123,9 +130,15 @@ class TaskloomClient:
             request.plan.CopyFrom(codec.plan_to_pb(parsed))
             if synthesize is None:
                 synthesize = parsed.synthesize
-        request.options.CopyFrom(
-            codec.options_to_pb(synthesize=synthesize, priority=priority, max_parallel=max_parallel)
+        options = TaskOptions(
+            priority=priority,
+            max_parallel=max_parallel,
+            on_failure=OnFailure(on_failure),
+            max_attempts=max_attempts,
+            subtask_timeout=subtask_timeout,
+            stall_timeout=stall_timeout,
         )
+        request.options.CopyFrom(codec.options_to_pb(options, synthesize=synthesize))
         response: pb.SubmitTaskResponse = await self._call(lambda s: s.SubmitTask, request)
         return response.task_id
 
@@ -156,10 +169,12 @@ class TaskloomClient:
                 break
         return tasks
 
-    async def cancel(self, task_id: str, reason: str = "") -> Task:
-        """Cancel an unfinished task; returns it as it ended."""
+    async def cancel(self, task_id: str, reason: str = "", *, subtask_id: str = "") -> Task:
+        """Cancel an unfinished task, or with ``subtask_id`` one of its subtasks
+        (whose dependents are then skipped); returns the task."""
         response: pb.CancelTaskResponse = await self._call(
-            lambda s: s.CancelTask, pb.CancelTaskRequest(task_id=task_id, reason=reason)
+            lambda s: s.CancelTask,
+            pb.CancelTaskRequest(task_id=task_id, reason=reason, subtask_id=subtask_id),
         )
         return codec.task_from_pb(response.task)
 
@@ -246,6 +261,10 @@ class SyncTaskloomClient:
         synthesize: bool | None = None,
         priority: int = 0,
         max_parallel: int = 0,
+        on_failure: OnFailure | str = OnFailure.FAIL,
+        max_attempts: int = 0,
+        subtask_timeout: float = 0.0,
+        stall_timeout: float = 0.0,
         idempotency_key: str = "",
     ) -> str:
         return self._run(
@@ -255,6 +274,10 @@ class SyncTaskloomClient:
                 synthesize=synthesize,
                 priority=priority,
                 max_parallel=max_parallel,
+                on_failure=on_failure,
+                max_attempts=max_attempts,
+                subtask_timeout=subtask_timeout,
+                stall_timeout=stall_timeout,
                 idempotency_key=idempotency_key,
             )
         )
@@ -265,8 +288,8 @@ class SyncTaskloomClient:
     def list(self, *, statuses: Iterable[TaskStatus] = (), limit: int = 50) -> builtins.list[Task]:
         return self._run(self._client.list(statuses=statuses, limit=limit))
 
-    def cancel(self, task_id: str, reason: str = "") -> Task:
-        return self._run(self._client.cancel(task_id, reason))
+    def cancel(self, task_id: str, reason: str = "", *, subtask_id: str = "") -> Task:
+        return self._run(self._client.cancel(task_id, reason, subtask_id=subtask_id))
 
     def watch(self, task_id: str, *, after_event_id: str = "") -> Iterator[Event]:
         events = self._client.watch(task_id, after_event_id=after_event_id)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskloom.core.model import (
     Event,
+    OnFailure,
     Plan,
     Subtask,
     SubtaskStatus,
@@ -31,17 +33,35 @@ def plan_to_pb(plan: Plan) -> pb.Plan:
                 capability=s.capability,
                 depends_on=list(s.depends_on),
                 params=dict(s.params),
+                max_attempts=s.max_attempts,
+                timeout=_duration(s.timeout) if s.timeout else None,
             )
             for s in plan.subtasks
         ]
     )
 
 
-def options_to_pb(*, synthesize: bool | None, priority: int, max_parallel: int) -> pb.TaskOptions:
-    options = pb.TaskOptions(priority=priority, max_parallel=max_parallel)
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def options_to_pb(options: TaskOptions, *, synthesize: bool | None) -> pb.TaskOptions:
+    """The options to send; ``synthesize`` None leaves the choice to the supervisor."""
+    message = pb.TaskOptions(
+        priority=options.priority,
+        max_parallel=options.max_parallel,
+        on_failure=pb.OnFailure.Value(f"ON_FAILURE_{options.on_failure.name}"),
+        max_attempts=options.max_attempts,
+    )
+    if options.subtask_timeout:
+        message.subtask_timeout.CopyFrom(_duration(options.subtask_timeout))
+    if options.stall_timeout:
+        message.stall_timeout.CopyFrom(_duration(options.stall_timeout))
     if synthesize is not None:
-        options.synthesize = synthesize
-    return options
+        message.synthesize = synthesize
+    return message
 
 
 def status_to_pb(status: TaskStatus) -> pb.TaskStatus.ValueType:
@@ -57,6 +77,14 @@ def task_from_pb(message: pb.Task) -> Task:
             synthesize=message.options.synthesize,
             priority=message.options.priority,
             max_parallel=message.options.max_parallel,
+            on_failure=OnFailure[
+                pb.OnFailure.Name(message.options.on_failure).removeprefix("ON_FAILURE_")
+            ]
+            if message.options.on_failure
+            else OnFailure.FAIL,
+            max_attempts=message.options.max_attempts,
+            subtask_timeout=message.options.subtask_timeout.ToNanoseconds() / 1e9,
+            stall_timeout=message.options.stall_timeout.ToNanoseconds() / 1e9,
         ),
         created_at=_seconds(message.created_at),
         updated_at=_seconds(message.updated_at),

@@ -70,6 +70,9 @@ class EventType(StrEnum):
     SUBTASK_SUCCEEDED = "subtask.succeeded"
     SUBTASK_FAILED = "subtask.failed"
     SUBTASK_CANCELLED = "subtask.cancelled"
+    SUBTASK_SKIPPED = "subtask.skipped"
+    SUBTASK_STOPPED = "subtask.stopped"
+    """A worker acknowledged a Cancel: the attempt's handler has stopped."""
     TASK_SUCCEEDED = "task.succeeded"
     TASK_FAILED = "task.failed"
     TASK_CANCELLED = "task.cancelled"
@@ -107,6 +110,10 @@ class PlannedSubtask:
     capability: str
     depends_on: tuple[str, ...] = ()
     params: Mapping[str, str] = field(default_factory=dict)
+    max_attempts: int = 0
+    """Attempts before it fails for good; 0: the task's setting."""
+    timeout: float = 0.0
+    """Seconds one attempt may run; 0: the task's, else the capability's default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +124,29 @@ class Plan:
     synthesize: bool | None = None
 
 
+class OnFailure(StrEnum):
+    """What a task does when one of its subtasks fails for good."""
+
+    FAIL = "fail"
+    """The task fails; its other subtasks are cancelled."""
+    SKIP = "skip"
+    """Dependents of the failed subtask are skipped; the rest run on."""
+    REPLAN = "replan"
+    """The planner replaces the unfinished part of the graph."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
     synthesize: bool = True
     priority: int = 0
     max_parallel: int = 0
+    on_failure: OnFailure = OnFailure.FAIL
+    max_attempts: int = 0
+    """Attempts per subtask; 0: the supervisor's default."""
+    subtask_timeout: float = 0.0
+    """Seconds one attempt may run; 0: the default for its capability."""
+    stall_timeout: float = 0.0
+    """Seconds without progress before an attempt is stopped; 0: the supervisor's default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +234,10 @@ class Assignment:
     params: Mapping[str, str] = field(default_factory=dict)
     deadline: float | None = None
     trace_context: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 0.0
+    """Seconds the attempt may run (``deadline`` is when that ends)."""
+    stall_timeout: float = 0.0
+    """Seconds without progress before the supervisor stops the attempt (0: never)."""
 
     @property
     def ref(self) -> AttemptRef:
@@ -233,6 +262,9 @@ class SubtaskFailure:
     ref: AttemptRef
     error: str
     retryable: bool = True
+    counts: bool = True
+    """False when the attempt ended for a reason outside the subtask (its worker
+    died or shut down): it does not use up one of the subtask's attempts."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,18 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
     ):
         problems.append(f"{where}.params must be an object of strings, numbers or booleans")
         params = {}
+    max_attempts = item.get("max_attempts", 0) or 0
+    if (
+        not isinstance(max_attempts, int)
+        or isinstance(max_attempts, bool)
+        or not (0 <= max_attempts <= 100)
+    ):
+        problems.append(f"{where}.max_attempts must be a whole number from 1 to 100")
+        max_attempts = 0
+    timeout = item.get("timeout", 0) or 0
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+        problems.append(f"{where}.timeout must be a number of seconds")
+        timeout = 0
     return PlannedSubtask(
         id=fields["id"],
         title=fields["title"],
@@ -93,6 +105,8 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
         capability=fields["capability"],
         depends_on=tuple(deps),
         params={str(k): _param_str(v) for k, v in params.items()},
+        max_attempts=max_attempts,
+        timeout=float(timeout),
     )
 
 
@@ -113,6 +127,8 @@ def plan_to_document(plan: Plan) -> dict[str, Any]:
                 "capability": s.capability,
                 "depends_on": list(s.depends_on),
                 **({"params": dict(s.params)} if s.params else {}),
+                **({"max_attempts": s.max_attempts} if s.max_attempts else {}),
+                **({"timeout": s.timeout} if s.timeout else {}),
             }
             for s in plan.subtasks
         ]

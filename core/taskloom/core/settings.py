@@ -47,6 +47,21 @@ def check_address(value: str) -> str:
     return value.strip()
 
 
+def parse_duration_map(value: Any) -> Any:
+    """``"llm=10m, echo=30s"`` → ``{"llm": 600.0, "echo": 30.0}``."""
+    if isinstance(value, str):
+        out: dict[str, float] = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            key, sep, duration = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{part.strip()!r} is not NAME=DURATION (e.g. llm=10m)")
+            out[key.strip()] = parse_duration(duration)
+        return out
+    return value
+
+
 def check_addresses(value: tuple[str, ...]) -> tuple[str, ...]:
     """One or more ``HOST:PORT``, tried in turn (several supervisors, one leader)."""
     if not value:
@@ -57,6 +72,9 @@ def check_addresses(value: tuple[str, ...]) -> tuple[str, ...]:
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Address = Annotated[str, AfterValidator(check_address)]
 StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_list)]
+DurationMap = Annotated[
+    dict[str, Annotated[float, Field(gt=0)]], NoDecode, BeforeValidator(parse_duration_map)
+]
 Addresses = Annotated[
     tuple[str, ...], NoDecode, BeforeValidator(split_list), AfterValidator(check_addresses)
 ]

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17taskloom/v1/tasks.proto\x12\x0btaskloom.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd0\x01\n\x0ePlannedSubtask\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12\x37\n\x06params\x18\x06 \x03(\x0b\x32\'.taskloom.v1.PlannedSubtask.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x04Plan\x12-\n\x08subtasks\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.PlannedSubtask\"]\n\x0bTaskOptions\x12\x17\n\nsynthesize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x14\n\x0cmax_parallel\x18\x03 \x01(\x05\x42\r\n\x0b_synthesize\"\x86\x01\n\x11SubmitTaskRequest\x12\x0c\n\x04goal\x18\x01 \x01(\t\x12\x1f\n\x04plan\x18\x02 \x01(\x0b\x32\x11.taskloom.v1.Plan\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.taskloom.v1.TaskOptions\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"6\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"C\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\"\xc4\x03\n\x07Subtask\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.taskloom.v1.SubtaskStatus\x12\x0e\n\x06output\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\t\x12\x30\n\x06params\x18\x0c \x03(\x0b\x32 .taskloom.v1.Subtask.ParamsEntry\x12!\n\x05usage\x18\r \x01(\x0b\x32\x12.taskloom.v1.Usage\x12.\n\nstarted_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.taskloom.v1.TaskStatus\x12\x0e\n\x06result\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12)\n\x07options\x18\x06 \x01(\x0b\x32\x18.taskloom.v1.TaskOptions\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esubtasks_total\x18\n \x01(\x05\x12\x1a\n\x12subtasks_succeeded\x18\x0b \x01(\x05\x12&\n\x08subtasks\x18\x0c \x03(\x0b\x32\x14.taskloom.v1.Subtask\"F\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04view\x18\x02 \x01(\x0e\x32\x15.taskloom.v1.TaskView\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskloom.v1.Task\"d\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x08statuses\x18\x03 \x03(\x0e\x32\x17.taskloom.v1.TaskStatus\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.taskloom.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskloom.v1.Task\";\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"\xb2\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x12\n\nsubtask_id\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x0e\n\x06worker\x18\t \x01(\t\"7\n\x11WatchTaskResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.taskloom.v1.Event*\xcd\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATUS_PLANNING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x12!\n\x1dTASK_STATUS_AWAITING_APPROVAL\x10\x06*\xb7\x02\n\rSubtaskStatus\x12\x1e\n\x1aSUBTASK_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBTASK_STATUS_PENDING\x10\x01\x12\x18\n\x14SUBTASK_STATUS_READY\x10\x02\x12\x1b\n\x17SUBTASK_STATUS_ASSIGNED\x10\x03\x12\x1a\n\x16SUBTASK_STATUS_RUNNING\x10\x04\x12\x1c\n\x18SUBTASK_STATUS_SUCCEEDED\x10\x05\x12\x19\n\x15SUBTASK_STATUS_FAILED\x10\x06\x12\x1c\n\x18SUBTASK_STATUS_CANCELLED\x10\x07\x12\x1a\n\x16SUBTASK_STATUS_SKIPPED\x10\x08\x12$\n SUBTASK_STATUS_AWAITING_APPROVAL\x10\t*P\n\x08TaskView\x12\x19\n\x15TASK_VIEW_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_VIEW_SUMMARY\x10\x01\x12\x12\n\x0eTASK_VIEW_FULL\x10\x02\x32\x8b\x03\n\x0bTaskService\x12M\n\nSubmitTask\x12\x1e.taskloom.v1.SubmitTaskRequest\x1a\x1f.taskloom.v1.SubmitTaskResponse\x12\x44\n\x07GetTask\x12\x1b.taskloom.v1.GetTaskRequest\x1a\x1c.taskloom.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.taskloom.v1.ListTasksRequest\x1a\x1e.taskloom.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.taskloom.v1.CancelTaskRequest\x1a\x1f.taskloom.v1.CancelTaskResponse\x12L\n\tWatchTask\x12\x1d.taskloom.v1.WatchTaskRequest\x1a\x1e.taskloom.v1.WatchTaskResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17taskloom/v1/tasks.proto\x12\x0btaskloom.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x02\n\x0ePlannedSubtask\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12\x37\n\x06params\x18\x06 \x03(\x0b\x32\'.taskloom.v1.PlannedSubtask.ParamsEntry\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x04Plan\x12-\n\x08subtasks\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.PlannedSubtask\"\x85\x02\n\x0bTaskOptions\x12\x17\n\nsynthesize\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12\x14\n\x0cmax_parallel\x18\x03 \x01(\x05\x12*\n\non_failure\x18\x04 \x01(\x0e\x32\x16.taskloom.v1.OnFailure\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x32\n\x0fsubtask_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rstall_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\r\n\x0b_synthesize\"\x86\x01\n\x11SubmitTaskRequest\x12\x0c\n\x04goal\x18\x01 \x01(\t\x12\x1f\n\x04plan\x18\x02 \x01(\x0b\x32\x11.taskloom.v1.Plan\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.taskloom.v1.TaskOptions\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"6\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"C\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\"\xc4\x03\n\x07Subtask\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.taskloom.v1.SubtaskStatus\x12\x0e\n\x06output\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\x05\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x10\n\x08progress\x18\x0b \x01(\t\x12\x30\n\x06params\x18\x0c \x03(\x0b\x32 .taskloom.v1.Subtask.ParamsEntry\x12!\n\x05usage\x18\r \x01(\x0b\x32\x12.taskloom.v1.Usage\x12.\n\nstarted_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04goal\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.taskloom.v1.TaskStatus\x12\x0e\n\x06result\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12)\n\x07options\x18\x06 \x01(\x0b\x32\x18.taskloom.v1.TaskOptions\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esubtasks_total\x18\n \x01(\x05\x12\x1a\n\x12subtasks_succeeded\x18\x0b \x01(\x05\x12&\n\x08subtasks\x18\x0c \x03(\x0b\x32\x14.taskloom.v1.Subtask\"F\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04view\x18\x02 \x01(\x0e\x32\x15.taskloom.v1.TaskView\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskloom.v1.Task\"d\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x08statuses\x18\x03 \x03(\x0e\x32\x17.taskloom.v1.TaskStatus\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.taskloom.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsubtask_id\x18\x03 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskloom.v1.Task\";\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"\xb2\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x12\n\nsubtask_id\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x0e\n\x06worker\x18\t \x01(\t\"7\n\x11WatchTaskResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.taskloom.v1.Event*\xcd\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATUS_PLANNING\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x03\x12\x16\n\x12TASK_STATUS_FAILED\x10\x04\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x05\x12!\n\x1dTASK_STATUS_AWAITING_APPROVAL\x10\x06*\xb7\x02\n\rSubtaskStatus\x12\x1e\n\x1aSUBTASK_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBTASK_STATUS_PENDING\x10\x01\x12\x18\n\x14SUBTASK_STATUS_READY\x10\x02\x12\x1b\n\x17SUBTASK_STATUS_ASSIGNED\x10\x03\x12\x1a\n\x16SUBTASK_STATUS_RUNNING\x10\x04\x12\x1c\n\x18SUBTASK_STATUS_SUCCEEDED\x10\x05\x12\x19\n\x15SUBTASK_STATUS_FAILED\x10\x06\x12\x1c\n\x18SUBTASK_STATUS_CANCELLED\x10\x07\x12\x1a\n\x16SUBTASK_STATUS_SKIPPED\x10\x08\x12$\n SUBTASK_STATUS_AWAITING_APPROVAL\x10\t*P\n\x08TaskView\x12\x19\n\x15TASK_VIEW_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_VIEW_SUMMARY\x10\x01\x12\x12\n\x0eTASK_VIEW_FULL\x10\x02*h\n\tOnFailure\x12\x1a\n\x16ON_FAILURE_UNSPECIFIED\x10\x00\x12\x13\n\x0fON_FAILURE_FAIL\x10\x01\x12\x13\n\x0fON_FAILURE_SKIP\x10\x02\x12\x15\n\x11ON_FAILURE_REPLAN\x10\x03\x32\x8b\x03\n\x0bTaskService\x12M\n\nSubmitTask\x12\x1e.taskloom.v1.SubmitTaskRequest\x1a\x1f.taskloom.v1.SubmitTaskResponse\x12\x44\n\x07GetTask\x12\x1b.taskloom.v1.GetTaskRequest\x1a\x1c.taskloom.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.taskloom.v1.ListTasksRequest\x1a\x1e.taskloom.v1.ListTasksResponse\x12M\n\nCancelTask\x12\x1e.taskloom.v1.CancelTaskRequest\x1a\x1f.taskloom.v1.CancelTaskResponse\x12L\n\tWatchTask\x12\x1d.taskloom.v1.WatchTaskRequest\x1a\x1e.taskloom.v1.WatchTaskResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,50 +37,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANNEDSUBTASK_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_SUBTASK_PARAMSENTRY']._loaded_options = None
   _globals['_SUBTASK_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATUS']._serialized_start=2253
-  _globals['_TASKSTATUS']._serialized_end=2458
-  _globals['_SUBTASKSTATUS']._serialized_start=2461
-  _globals['_SUBTASKSTATUS']._serialized_end=2772
-  _globals['_TASKVIEW']._serialized_start=2774
-  _globals['_TASKVIEW']._serialized_end=2854
-  _globals['_PLANNEDSUBTASK']._serialized_start=74
-  _globals['_PLANNEDSUBTASK']._serialized_end=282
-  _globals['_PLANNEDSUBTASK_PARAMSENTRY']._serialized_start=237
-  _globals['_PLANNEDSUBTASK_PARAMSENTRY']._serialized_end=282
-  _globals['_PLAN']._serialized_start=284
-  _globals['_PLAN']._serialized_end=337
-  _globals['_TASKOPTIONS']._serialized_start=339
-  _globals['_TASKOPTIONS']._serialized_end=432
-  _globals['_SUBMITTASKREQUEST']._serialized_start=435
-  _globals['_SUBMITTASKREQUEST']._serialized_end=569
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=571
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=625
-  _globals['_USAGE']._serialized_start=627
-  _globals['_USAGE']._serialized_end=694
-  _globals['_SUBTASK']._serialized_start=697
-  _globals['_SUBTASK']._serialized_end=1149
-  _globals['_SUBTASK_PARAMSENTRY']._serialized_start=237
-  _globals['_SUBTASK_PARAMSENTRY']._serialized_end=282
-  _globals['_TASK']._serialized_start=1152
-  _globals['_TASK']._serialized_end=1536
-  _globals['_GETTASKREQUEST']._serialized_start=1538
-  _globals['_GETTASKREQUEST']._serialized_end=1608
-  _globals['_GETTASKRESPONSE']._serialized_start=1610
-  _globals['_GETTASKRESPONSE']._serialized_end=1660
-  _globals['_LISTTASKSREQUEST']._serialized_start=1662
-  _globals['_LISTTASKSREQUEST']._serialized_end=1762
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1764
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1842
-  _globals['_CANCELTASKREQUEST']._serialized_start=1844
-  _globals['_CANCELTASKREQUEST']._serialized_end=1896
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1898
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1951
-  _globals['_WATCHTASKREQUEST']._serialized_start=1953
-  _globals['_WATCHTASKREQUEST']._serialized_end=2012
-  _globals['_EVENT']._serialized_start=2015
-  _globals['_EVENT']._serialized_end=2193
-  _globals['_WATCHTASKRESPONSE']._serialized_start=2195
-  _globals['_WATCHTASKRESPONSE']._serialized_end=2250
-  _globals['_TASKSERVICE']._serialized_start=2857
-  _globals['_TASKSERVICE']._serialized_end=3252
+  _globals['_TASKSTATUS']._serialized_start=2540
+  _globals['_TASKSTATUS']._serialized_end=2745
+  _globals['_SUBTASKSTATUS']._serialized_start=2748
+  _globals['_SUBTASKSTATUS']._serialized_end=3059
+  _globals['_TASKVIEW']._serialized_start=3061
+  _globals['_TASKVIEW']._serialized_end=3141
+  _globals['_ONFAILURE']._serialized_start=3143
+  _globals['_ONFAILURE']._serialized_end=3247
+  _globals['_PLANNEDSUBTASK']._serialized_start=106
+  _globals['_PLANNEDSUBTASK']._serialized_end=380
+  _globals['_PLANNEDSUBTASK_PARAMSENTRY']._serialized_start=335
+  _globals['_PLANNEDSUBTASK_PARAMSENTRY']._serialized_end=380
+  _globals['_PLAN']._serialized_start=382
+  _globals['_PLAN']._serialized_end=435
+  _globals['_TASKOPTIONS']._serialized_start=438
+  _globals['_TASKOPTIONS']._serialized_end=699
+  _globals['_SUBMITTASKREQUEST']._serialized_start=702
+  _globals['_SUBMITTASKREQUEST']._serialized_end=836
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=838
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=892
+  _globals['_USAGE']._serialized_start=894
+  _globals['_USAGE']._serialized_end=961
+  _globals['_SUBTASK']._serialized_start=964
+  _globals['_SUBTASK']._serialized_end=1416
+  _globals['_SUBTASK_PARAMSENTRY']._serialized_start=335
+  _globals['_SUBTASK_PARAMSENTRY']._serialized_end=380
+  _globals['_TASK']._serialized_start=1419
+  _globals['_TASK']._serialized_end=1803
+  _globals['_GETTASKREQUEST']._serialized_start=1805
+  _globals['_GETTASKREQUEST']._serialized_end=1875
+  _globals['_GETTASKRESPONSE']._serialized_start=1877
+  _globals['_GETTASKRESPONSE']._serialized_end=1927
+  _globals['_LISTTASKSREQUEST']._serialized_start=1929
+  _globals['_LISTTASKSREQUEST']._serialized_end=2029
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2031
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2109
+  _globals['_CANCELTASKREQUEST']._serialized_start=2111
+  _globals['_CANCELTASKREQUEST']._serialized_end=2183
+  _globals['_CANCELTASKRESPONSE']._serialized_start=2185
+  _globals['_CANCELTASKRESPONSE']._serialized_end=2238
+  _globals['_WATCHTASKREQUEST']._serialized_start=2240
+  _globals['_WATCHTASKREQUEST']._serialized_end=2299
+  _globals['_EVENT']._serialized_start=2302
+  _globals['_EVENT']._serialized_end=2480
+  _globals['_WATCHTASKRESPONSE']._serialized_start=2482
+  _globals['_WATCHTASKRESPONSE']._serialized_end=2537
+  _globals['_TASKSERVICE']._serialized_start=3250
+  _globals['_TASKSERVICE']._serialized_end=3645
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -100,6 +101,38 @@ TASK_VIEW_FULL: TaskView.ValueType  # 2
 """The task with every subtask."""
 Global___TaskView: _TypeAlias = TaskView  # noqa: Y015
 
+class _OnFailure:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnFailureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnFailure.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_FAILURE_UNSPECIFIED: _OnFailure.ValueType  # 0
+    """The supervisor's default (FAIL)."""
+    ON_FAILURE_FAIL: _OnFailure.ValueType  # 1
+    """The task fails and its other subtasks are cancelled."""
+    ON_FAILURE_SKIP: _OnFailure.ValueType  # 2
+    """The subtasks that depend on it are skipped; the rest, and the synthesis
+    step, run on with what there is.
+    """
+    ON_FAILURE_REPLAN: _OnFailure.ValueType  # 3
+    """The planner is asked to replace the unfinished part of the graph."""
+
+class OnFailure(_OnFailure, metaclass=_OnFailureEnumTypeWrapper):
+    """What happens to a task when one of its subtasks fails for good."""
+
+ON_FAILURE_UNSPECIFIED: OnFailure.ValueType  # 0
+"""The supervisor's default (FAIL)."""
+ON_FAILURE_FAIL: OnFailure.ValueType  # 1
+"""The task fails and its other subtasks are cancelled."""
+ON_FAILURE_SKIP: OnFailure.ValueType  # 2
+"""The subtasks that depend on it are skipped; the rest, and the synthesis
+step, run on with what there is.
+"""
+ON_FAILURE_REPLAN: OnFailure.ValueType  # 3
+"""The planner is asked to replace the unfinished part of the graph."""
+Global___OnFailure: _TypeAlias = OnFailure  # noqa: Y015
+
 @_typing.final
 class PlannedSubtask(_message.Message):
     """PlannedSubtask is one node of a plan, as the planner or a caller writes it."""
@@ -132,15 +165,23 @@ class PlannedSubtask(_message.Message):
     CAPABILITY_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     instruction: _builtins.str
     capability: _builtins.str
+    max_attempts: _builtins.int
+    """Attempts before the subtask fails for good (0: the task's setting)."""
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form parameters handed to the handler unchanged."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Longest one attempt may run (unset: the task's, else the capability's default)."""
 
     def __init__(
         self,
@@ -151,10 +192,12 @@ class PlannedSubtask(_message.Message):
         capability: _builtins.str = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        max_attempts: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "id", b"id", "instruction", b"instruction", "params", b"params", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "id", b"id", "instruction", b"instruction", "max_attempts", b"max_attempts", "params", b"params", "timeout", b"timeout", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,22 +232,41 @@ class TaskOptions(_message.Message):
     SYNTHESIZE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_PARALLEL_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    SUBTASK_TIMEOUT_FIELD_NUMBER: _builtins.int
+    STALL_TIMEOUT_FIELD_NUMBER: _builtins.int
     synthesize: _builtins.bool
     """Append a final `synthesize` subtask that merges the results (default true)."""
     priority: _builtins.int
     """Higher runs first among READY subtasks of the same capability."""
     max_parallel: _builtins.int
     """At most this many subtasks of the task in flight at once (0: no limit)."""
+    on_failure: Global___OnFailure.ValueType
+    max_attempts: _builtins.int
+    """Attempts per subtask before it fails for good (0: the supervisor's default)."""
+    @_builtins.property
+    def subtask_timeout(self) -> _duration_pb2.Duration:
+        """Longest one attempt of a subtask may run (unset: per capability)."""
+
+    @_builtins.property
+    def stall_timeout(self) -> _duration_pb2.Duration:
+        """A running subtask that reports no progress this long is stopped and retried."""
+
     def __init__(
         self,
         *,
         synthesize: _builtins.bool | None = ...,
         priority: _builtins.int = ...,
         max_parallel: _builtins.int = ...,
+        on_failure: Global___OnFailure.ValueType = ...,
+        max_attempts: _builtins.int = ...,
+        subtask_timeout: _duration_pb2.Duration | None = ...,
+        stall_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize", "synthesize", b"synthesize"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize", "max_parallel", b"max_parallel", "priority", b"priority", "synthesize", b"synthesize"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize", "max_attempts", b"max_attempts", "max_parallel", b"max_parallel", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__synthesize: _TypeAlias = _typing.Literal["synthesize"]  # noqa: Y015
     _WhichOneofArgType__synthesize: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize"]  # noqa: Y015
@@ -542,17 +604,21 @@ class CancelTaskRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SUBTASK_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     reason: _builtins.str
+    subtask_id: _builtins.str
+    """Cancel only this subtask; its dependents are skipped and the task goes on."""
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        subtask_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "subtask_id", b"subtask_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,7 +90,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTask(self, request, context):
-        """CancelTask cancels a task that has not finished, and its running subtasks.
+        """CancelTask cancels a task that has not finished, and its running subtasks;
+        with subtask_id, only that subtask (its dependents are skipped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,7 +43,9 @@ class TaskServiceStub:
     ListTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]
     """ListTasks returns tasks newest first, a page at a time."""
     CancelTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.CancelTaskResponse]
-    """CancelTask cancels a task that has not finished, and its running subtasks."""
+    """CancelTask cancels a task that has not finished, and its running subtasks;
+    with subtask_id, only that subtask (its dependents are skipped).
+    """
     WatchTask: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WatchTaskRequest, _tasks_pb2.WatchTaskResponse]
     """WatchTask replays the task's events after a cursor, then follows them
     live; the stream ends after the task's terminal event.
@@ -64,7 +66,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
     ListTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ListTasksRequest, _tasks_pb2.ListTasksResponse]  # type: ignore[assignment]
     """ListTasks returns tasks newest first, a page at a time."""
     CancelTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.CancelTaskRequest, _tasks_pb2.CancelTaskResponse]  # type: ignore[assignment]
-    """CancelTask cancels a task that has not finished, and its running subtasks."""
+    """CancelTask cancels a task that has not finished, and its running subtasks;
+    with subtask_id, only that subtask (its dependents are skipped).
+    """
     WatchTask: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchTaskRequest, _tasks_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """WatchTask replays the task's events after a cursor, then follows them
     live; the stream ends after the task's terminal event.
@@ -106,7 +110,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tasks_pb2.CancelTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tasks_pb2.CancelTaskResponse, _abc.Awaitable[_tasks_pb2.CancelTaskResponse]]:
-        """CancelTask cancels a task that has not finished, and its running subtasks."""
+        """CancelTask cancels a task that has not finished, and its running subtasks;
+        with subtask_id, only that subtask (its dependents are skipped).
+        """
 
     @_abc_1.abstractmethod
     def WatchTask(

@@ -62,6 +62,7 @@ class ConnectRequest(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -74,6 +75,8 @@ class ConnectRequest(_message.Message):
     def completed(self) -> Global___Completed: ...
     @_builtins.property
     def failed(self) -> Global___Failed: ...
+    @_builtins.property
+    def stopped(self) -> Global___Stopped: ...
     def __init__(
         self,
         *,
@@ -83,12 +86,13 @@ class ConnectRequest(_message.Message):
         progress: Global___Progress | None = ...,
         completed: Global___Completed | None = ...,
         failed: Global___Failed | None = ...,
+        stopped: Global___Stopped | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "stopped", b"stopped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "stopped", b"stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "progress", "completed", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "progress", "completed", "failed", "stopped"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -301,9 +305,14 @@ class SubtaskFailure(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    HANDED_BACK_FIELD_NUMBER: _builtins.int
     error: _builtins.str
     retryable: _builtins.bool
     """A retryable failure is tried again while attempts remain."""
+    handed_back: _builtins.bool
+    """The attempt ended for a reason outside the subtask (the worker shut
+    down and handed it back): it does not count against max_attempts.
+    """
     @_builtins.property
     def ref(self) -> Global___AttemptRef: ...
     def __init__(
@@ -312,10 +321,11 @@ class SubtaskFailure(_message.Message):
         ref: Global___AttemptRef | None = ...,
         error: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        handed_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ref", b"ref", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,6 +350,28 @@ class Failed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Failed: _TypeAlias = Failed  # noqa: Y015
+
+@_typing.final
+class Stopped(_message.Message):
+    """Acknowledges a Cancel: these attempts' handlers have stopped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRef]: ...
+    def __init__(
+        self,
+        *,
+        refs: _abc.Iterable[Global___AttemptRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Stopped: _TypeAlias = Stopped  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
@@ -493,6 +525,7 @@ class Assignment(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     subtask_id: _builtins.str
     attempt: _builtins.int
@@ -515,6 +548,12 @@ class Assignment(_message.Message):
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context (traceparent, tracestate) of the task's trace."""
 
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long the attempt may run, counted from when the worker receives it
+        (the deadline above is the same end in the supervisor's clock).
+        """
+
     def __init__(
         self,
         *,
@@ -529,10 +568,11 @@ class Assignment(_message.Message):
         params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "goal", b"goal", "inputs", b"inputs", "instruction", b"instruction", "params", b"params", "subtask_id", b"subtask_id", "task_id", b"task_id", "title", b"title", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "goal", b"goal", "inputs", b"inputs", "instruction", b"instruction", "params", b"params", "subtask_id", b"subtask_id", "task_id", b"task_id", "timeout", b"timeout", "title", b"title", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,6 +72,7 @@ class Supervisor:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._ending: asyncio.Future[None] | None = None
         self._leading = asyncio.Event()
         self.port = 0
 
@@ -212,18 +213,23 @@ class Supervisor:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("leading (lease %s)", token)
 
-    async def _end_term(self, reason: str, *, release: bool = False) -> None:
-        """Stop deciding, refuse writes, send the workers elsewhere."""
+    async def _end_term(self, reason: str) -> None:
+        """Stop deciding, refuse writes, send the workers elsewhere.
+
+        The winding down runs to its end even if the caller is cancelled (a
+        stop() during a step-down), or the term's loops would run on.
+        """
         orchestrator, self.orchestrator = self.orchestrator, None
-        if orchestrator is None:
-            return
-        self._leading.clear()
+        if orchestrator is not None:
+            self._leading.clear()
+            self._ending = asyncio.ensure_future(self._wind_down(orchestrator, reason))
+        if self._ending is not None:
+            await asyncio.shield(self._ending)
+
+    async def _wind_down(self, orchestrator: Orchestrator, reason: str) -> None:
         logger.warning("stepping down: %s", reason)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await orchestrator.stop()
-        if release:
-            with contextlib.suppress(TaskloomError):
-                await self.store.release_lease(self.leader_token)
         self.store.fence = NO_LEASE
         for session in orchestrator.scheduler.sessions():
             session.send(DrainNotice(reason))
@@ -251,7 +257,11 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
-        await self._end_term("the supervisor is shutting down", release=True)
+        await self._end_term("the supervisor is shutting down")
+        if self.leader_token:
+            # Hand over at once: a standby need not wait for the lease to expire.
+            with contextlib.suppress(TaskloomError):
+                await self.store.release_lease(self.leader_token)
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)

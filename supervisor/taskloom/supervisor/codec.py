@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from taskloom.core.model import (
     AttemptRef,
     Event,
+    OnFailure,
     Plan,
     PlannedSubtask,
     ProgressUpdate,
@@ -56,6 +57,29 @@ def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
         synthesize=message.synthesize if message.HasField("synthesize") else True,
         priority=message.priority,
         max_parallel=message.max_parallel,
+        on_failure=_ON_FAILURE.get(message.on_failure, OnFailure.FAIL),
+        max_attempts=message.max_attempts,
+        subtask_timeout=message.subtask_timeout.ToNanoseconds() / 1e9,
+        stall_timeout=message.stall_timeout.ToNanoseconds() / 1e9,
+    )
+
+
+_ON_FAILURE = {
+    pb.ON_FAILURE_FAIL: OnFailure.FAIL,
+    pb.ON_FAILURE_SKIP: OnFailure.SKIP,
+    pb.ON_FAILURE_REPLAN: OnFailure.REPLAN,
+}
+
+
+def _options_to_pb(options: TaskOptions) -> pb.TaskOptions:
+    return pb.TaskOptions(
+        synthesize=options.synthesize,
+        priority=options.priority,
+        max_parallel=options.max_parallel,
+        on_failure=pb.OnFailure.Value(f"ON_FAILURE_{options.on_failure.name}"),
+        max_attempts=options.max_attempts,
+        subtask_timeout=_duration(options.subtask_timeout),
+        stall_timeout=_duration(options.stall_timeout),
     )
 
 
@@ -69,6 +93,8 @@ def plan_from_pb(message: pb.Plan) -> Plan:
                 capability=s.capability,
                 depends_on=tuple(s.depends_on),
                 params=dict(s.params),
+                max_attempts=s.max_attempts,
+                timeout=s.timeout.ToNanoseconds() / 1e9,
             )
             for s in message.subtasks
         )
@@ -86,11 +112,7 @@ def task_to_pb(task: Task) -> pb.Task:
         status=pb.TaskStatus.Value(f"TASK_STATUS_{task.status}"),
         result=task.result,
         error=task.error,
-        options=pb.TaskOptions(
-            synthesize=task.options.synthesize,
-            priority=task.options.priority,
-            max_parallel=task.options.max_parallel,
-        ),
+        options=_options_to_pb(task.options),
         created_at=_timestamp(task.created_at),
         updated_at=_timestamp(task.updated_at),
         finished_at=_timestamp(task.finished_at),
@@ -180,8 +202,15 @@ def results_from_pb(message: wpb.Completed) -> list[SubtaskResult]:
     ]
 
 
+def stopped_from_pb(message: wpb.Stopped) -> list[AttemptRef]:
+    return [ref_from_pb(r) for r in message.refs]
+
+
 def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
-    return [SubtaskFailure(ref_from_pb(f.ref), f.error, f.retryable) for f in message.failures]
+    return [
+        SubtaskFailure(ref_from_pb(f.ref), f.error, f.retryable, counts=not f.handed_back)
+        for f in message.failures
+    ]
 
 
 def welcome_to_pb(
@@ -218,6 +247,7 @@ def outgoing_to_pb(message: Outgoing) -> wpb.ConnectResponse:
                             ],
                             params=dict(a.params),
                             deadline=_timestamp(a.deadline),
+                            timeout=_duration(a.timeout) if a.timeout else None,
                             trace_context=dict(a.trace_context),
                         )
                         for a in assignments

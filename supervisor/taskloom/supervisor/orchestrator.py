@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 from taskloom.core.errors import (
@@ -29,6 +29,7 @@ from taskloom.core.model import (
     AttemptRef,
     Event,
     EventType,
+    OnFailure,
     Plan,
     ProgressUpdate,
     SubtaskFailure,
@@ -68,8 +69,10 @@ class Orchestrator:
         self.planner = planner
         self.scheduler = scheduler
         scheduler.on_expired = self._leases_expired
+        scheduler.on_overdue = self._leases_overdue
         self._planning_slots = asyncio.Semaphore(settings.planning_concurrency)
         self._planning: set[asyncio.Task[None]] = set()
+        self._planning_ids: set[str] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._closing = asyncio.Event()
 
@@ -79,6 +82,7 @@ class Orchestrator:
         self._loops = [
             asyncio.create_task(self.scheduler.run(), name="taskloom-dispatch"),
             asyncio.create_task(self._janitor(), name="taskloom-janitor"),
+            asyncio.create_task(self._resync_forever(), name="taskloom-resync"),
         ]
 
     async def stop(self) -> None:
@@ -100,14 +104,17 @@ class Orchestrator:
 
         PLANNING tasks are planned again; READY subtasks are queued; ASSIGNED
         and RUNNING ones get a lease that lasts one TTL, so their workers can
-        reconnect and keep them, or they run again.
+        reconnect and keep them, or they run again. Safe to run again at any
+        time: what the cache already knows is left as it is, and a subtask
+        queued twice is assigned once.
         """
         tasks = await self.store.load_active()
         queued = leased = 0
         for task in tasks:
             self.scheduler.set_task_limit(task.task_id, task.options.max_parallel)
             if task.status == TaskStatus.PLANNING:
-                self._start_planning(task.task_id, task.goal, task.options)
+                if task.task_id not in self._planning_ids:
+                    self._start_planning(task.task_id, task.goal, task.options)
                 continue
             ready = []
             for sub in task.subtasks:
@@ -118,10 +125,15 @@ class Orchestrator:
                         )
                     )
                 elif sub.status in (SubtaskStatus.ASSIGNED, SubtaskStatus.RUNNING):
+                    ref = AttemptRef(task.task_id, sub.subtask_id, sub.attempt)
+                    if self.scheduler.holds(ref):
+                        continue
                     self.scheduler.restore_lease(
-                        AttemptRef(task.task_id, sub.subtask_id, sub.attempt),
+                        ref,
                         sub.worker_id,
                         sub.worker,
+                        deadline=sub.deadline,
+                        stall_timeout=task.options.stall_timeout,
                     )
                     leased += 1
             self.scheduler.enqueue(ready)
@@ -160,6 +172,18 @@ class Orchestrator:
             )
         if options.max_parallel < 0:
             raise InvalidArgument("max_parallel must be 0 (no limit) or more")
+        if not 0 <= options.max_attempts <= 100:
+            raise InvalidArgument("max_attempts must be from 1 to 100 (0: the default)")
+        if options.subtask_timeout < 0 or options.stall_timeout < 0:
+            raise InvalidArgument("timeouts must be positive (0: the default)")
+        if options.on_failure == OnFailure.REPLAN:
+            raise InvalidArgument(
+                "on_failure=replan needs the replanning planner, which this "
+                "supervisor does not have yet; use fail or skip"
+            )
+        options = replace(
+            options, stall_timeout=options.stall_timeout or self.settings.stall_timeout
+        )
         if len(idempotency_key) > 200:
             raise InvalidArgument("the idempotency key is longer than 200 characters")
         if plan is None:
@@ -181,9 +205,8 @@ class Orchestrator:
         task_id, created, ready = await self.store.create_task(
             goal=goal,
             options=options,
-            plan=graph,
+            plan=self._resolve(graph, options),
             result_from=result_from,
-            max_attempts=self.settings.max_attempts,
             idempotency_key=idempotency_key,
         )
         if created:
@@ -193,6 +216,23 @@ class Orchestrator:
             self.scheduler.set_task_limit(task_id, options.max_parallel)
             self.scheduler.enqueue(ready)
         return task_id, created
+
+    def _resolve(self, plan: Plan, options: TaskOptions) -> Plan:
+        """Each subtask's attempts and timeout: its own, else the task's, else the defaults."""
+        max_attempts = options.max_attempts or self.settings.max_attempts
+        return Plan(
+            subtasks=tuple(
+                replace(
+                    s,
+                    max_attempts=s.max_attempts or max_attempts,
+                    timeout=s.timeout
+                    or options.subtask_timeout
+                    or self.settings.timeout_for(s.capability),
+                )
+                for s in plan.subtasks
+            ),
+            synthesize=plan.synthesize,
+        )
 
     async def get(self, task_id: str, *, subtasks: bool = True) -> Task:
         return await self.store.get_task(task_id, subtasks=subtasks)
@@ -205,9 +245,12 @@ class Orchestrator:
         size = min(page_size or 50, 1000)
         return await self.store.list_tasks(statuses=statuses, page_size=size, page_token=page_token)
 
-    async def cancel(self, task_id: str, reason: str = "") -> Task:
-        """Cancel an unfinished task and stop its running subtasks."""
+    async def cancel(self, task_id: str, reason: str = "", *, subtask_id: str = "") -> Task:
+        """Cancel an unfinished task and stop its running subtasks; or, with
+        ``subtask_id``, only that subtask (its dependents are skipped)."""
         reason = reason.strip()[:500] or "cancelled on request"
+        if subtask_id:
+            return await self._cancel_subtask(task_id, subtask_id, reason)
         changed, found, held = await self.store.finish(
             task_id, TaskStatus.CANCELLED, reason, EventType.TASK_CANCELLED, expected=_UNFINISHED
         )
@@ -221,6 +264,31 @@ class Orchestrator:
             logger.info("task %s cancelled: %s", task_id, reason)
             self._stop_attempts(held, reason)
             self.scheduler.forget_task(task_id)
+        return await self.store.get_task(task_id)
+
+    async def _cancel_subtask(self, task_id: str, subtask_id: str, reason: str) -> Task:
+        task_status, sub_status, outcome = await self.store.cancel_subtask(
+            task_id, subtask_id, reason
+        )
+        if task_status is None:
+            raise TaskNotFound(task_id)
+        if sub_status is None:
+            raise InvalidArgument(f"task {task_id} has no subtask {subtask_id!r}")
+        if outcome is None:
+            if sub_status == SubtaskStatus.CANCELLED:
+                return await self.store.get_task(task_id)
+            if task_status != TaskStatus.RUNNING:
+                raise TaskFinished(
+                    f"task {task_id} is {task_status}; only a running task's subtasks "
+                    "can be cancelled"
+                )
+            raise TaskFinished(
+                f"subtask {subtask_id} already ended as {sub_status}; only unfinished "
+                "subtasks can be cancelled"
+            )
+        logger.info("subtask %s of task %s cancelled: %s", subtask_id, task_id, reason)
+        self._stop_attempts(outcome.held, reason)
+        self._apply(outcome, [])
         return await self.store.get_task(task_id)
 
     async def watch(self, task_id: str, after: str = "") -> AsyncIterator[list[Event]]:
@@ -281,7 +349,13 @@ class Orchestrator:
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
         job = asyncio.create_task(self._plan(task_id, goal, options), name=f"plan-{task_id}")
         self._planning.add(job)
-        job.add_done_callback(self._planning.discard)
+        self._planning_ids.add(task_id)
+
+        def done(job: asyncio.Task[None]) -> None:
+            self._planning.discard(job)
+            self._planning_ids.discard(task_id)
+
+        job.add_done_callback(done)
 
     async def _plan(self, task_id: str, goal: str, options: TaskOptions) -> None:
         delay = 1.0
@@ -328,9 +402,8 @@ class Orchestrator:
         graph, result_from = finalize(plan, synthesize=options.synthesize)
         ready = await self.store.set_plan(
             task_id,
-            graph,
+            self._resolve(graph, options),
             result_from=result_from,
-            max_attempts=self.settings.max_attempts,
             priority=options.priority,
         )
         if ready is None:
@@ -373,23 +446,31 @@ class Orchestrator:
         self.scheduler.heard_from(session, draining=draining)
 
     async def accepted(self, refs: Sequence[AttemptRef]) -> None:
+        self.scheduler.touch(refs)
         ok = await self.store.start(refs)
         self._count_stale(ok)
 
     async def progress(self, updates: Sequence[ProgressUpdate]) -> None:
+        self.scheduler.touch(u.ref for u in updates)
         ok = await self.store.progress(updates)
         self._count_stale(ok)
 
+    async def stopped(self, session: WorkerSession, refs: Sequence[AttemptRef]) -> None:
+        """The worker acknowledged a Cancel: those handlers have stopped."""
+        await self.store.stopped(refs, session.info.name)
+
     async def completed(self, results: Sequence[SubtaskResult]) -> list[AttemptRef]:
         """Commit results; returns the refs to acknowledge (committed or stale)."""
-        outcome = await self.store.complete(results)
+        with self._checked():
+            outcome = await self.store.complete(results)
         refs = [r.ref for r in results]
         self._apply(outcome, refs)
         return refs
 
     async def failed(self, failures: Sequence[SubtaskFailure]) -> list[AttemptRef]:
         """Commit failures; returns the refs to acknowledge."""
-        outcome = await self.store.fail(failures)
+        with self._checked():
+            outcome = await self.store.fail(failures)
         refs = [f.ref for f in failures]
         self._apply(outcome, refs)
         return refs
@@ -400,6 +481,7 @@ class Orchestrator:
                 lease.ref,
                 f"worker {lease.worker_name} stopped answering and its lease expired",
                 retryable=True,
+                counts=False,
             )
             for lease in leases
         ]
@@ -407,6 +489,17 @@ class Orchestrator:
             logger.warning("lease %s of worker %s expired", lease.ref, lease.worker_name)
         outcome = await self.store.fail(failures)
         self._apply(outcome, [lease.ref for lease in leases])
+
+    async def _leases_overdue(self, overdue: list[tuple[Lease, str]]) -> None:
+        """Attempts past their timeout, or stalled: stop them and run them again."""
+        for lease, why in overdue:
+            logger.warning("%s on worker %s %s", lease.ref, lease.worker_name, why)
+        outcome = await self.store.fail(
+            [SubtaskFailure(lease.ref, why, retryable=True) for lease, why in overdue]
+        )
+        refs = [lease.ref for lease, _ in overdue]
+        self._stop_attempts(refs, "; ".join(sorted({why for _, why in overdue})))
+        self._apply(outcome, refs)
 
     def _apply(self, outcome: Outcome, refs: Sequence[AttemptRef]) -> None:
         self._count_stale(outcome.committed)
@@ -434,6 +527,28 @@ class Orchestrator:
         stale = sum(1 for ok in committed if not ok)
         if stale:
             logger.debug("discarded %d stale reports", stale)
+
+    @contextlib.contextmanager
+    def _checked(self) -> Iterator[None]:
+        """A transition whose reply may be lost: if so, check the cache against Redis."""
+        try:
+            yield
+        except StoreUnavailable:
+            self.scheduler.out_of_sync.set()
+            raise
+
+    async def _resync_forever(self) -> None:
+        """After a write whose reply was lost (Redis died mid-way), Redis may
+        have made subtasks READY or ASSIGNED that this cache does not know:
+        once Redis answers, pick them up as at start-up."""
+        while True:
+            await self.scheduler.out_of_sync.wait()
+            await asyncio.sleep(0.5)
+            self.scheduler.out_of_sync.clear()
+            try:
+                await self.recover()
+            except StoreUnavailable:
+                self.scheduler.out_of_sync.set()
 
     async def _janitor(self) -> None:
         while True:

@@ -13,7 +13,9 @@ A lease lives as long as its worker's session heartbeats. When a session ends
 (stream broken, heartbeats missed) its leases are orphaned and expire
 ``lease_ttl`` after the worker was last heard from, unless the worker
 reconnects and reports them in flight. Expired leases go to the orchestrator,
-which puts their subtasks back to READY.
+which puts their subtasks back to READY. So do leases that are overdue while
+their worker is alive: past the attempt's timeout, or without progress for its
+stall timeout.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from taskloom.core.errors import StoreUnavailable, TaskloomError
+from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, WorkerInfo
 from taskloom.supervisor.store import ReadyItem, Store
 
@@ -112,9 +114,21 @@ class Lease:
     worker_name: str
     session: WorkerSession | None
     expires_at: float
+    deadline: float = float("inf")
+    """When the attempt's timeout ends (scheduler clock)."""
+    timeout: float = 0.0
+    stall_timeout: float = 0.0
+    active_at: float = 0.0
+    """When the attempt last showed progress (assigned, accepted, progress)."""
+    overdue: bool = False
+    """Reported as timed out or stalled; waiting for the failure to commit."""
 
 
 ExpiryHandler = Callable[[list[Lease]], Awaitable[None]]
+OverdueHandler = Callable[[list[tuple[Lease, str]]], Awaitable[None]]
+
+DEADLINE_GRACE = 2.0
+"""The worker enforces the timeout itself; the supervisor steps in this much later."""
 
 
 class Scheduler:
@@ -146,6 +160,10 @@ class Scheduler:
         self._in_flight: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self.on_expired: ExpiryHandler | None = None
+        self.on_overdue: OverdueHandler | None = None
+        self.out_of_sync = asyncio.Event()
+        """Set when a write to Redis failed without a reply: Redis may have
+        done it, so this cache must be checked against Redis again."""
 
     # -- the queue ---------------------------------------------------------------
 
@@ -241,6 +259,9 @@ class Scheduler:
 
     # -- leases ----------------------------------------------------------------------
 
+    def holds(self, ref: AttemptRef) -> bool:
+        return ref in self._leases
+
     def holder(self, ref: AttemptRef) -> WorkerSession | None:
         lease = self._leases.get(ref)
         return lease.session if lease is not None else None
@@ -258,11 +279,33 @@ class Scheduler:
                 del self._in_flight[ref.task_id]
         self._wake.set()
 
-    def restore_lease(self, ref: AttemptRef, worker_id: str, worker_name: str) -> None:
-        """At start-up: an attempt Redis says a worker holds. It has one TTL to reconnect."""
-        expires = self._clock() + self.lease_ttl
-        self._leases[ref] = Lease(ref, worker_id, worker_name, None, expires)
+    def restore_lease(
+        self,
+        ref: AttemptRef,
+        worker_id: str,
+        worker_name: str,
+        *,
+        deadline: float | None = None,
+        stall_timeout: float = 0.0,
+    ) -> None:
+        """At start-up: an attempt Redis says a worker holds. It has one TTL to
+        reconnect. ``deadline`` is when its timeout ends, in Unix time."""
+        now = self._clock()
+        lease = Lease(ref, worker_id, worker_name, None, now + self.lease_ttl)
+        if deadline is not None:
+            lease.deadline = now + (deadline - time.time())
+        lease.stall_timeout = stall_timeout
+        lease.active_at = now
+        self._leases[ref] = lease
         self._in_flight[ref.task_id] += 1
+
+    def touch(self, refs: Iterable[AttemptRef]) -> None:
+        """These attempts showed progress: their stall clock starts again."""
+        now = self._clock()
+        for ref in refs:
+            lease = self._leases.get(ref)
+            if lease is not None:
+                lease.active_at = now
 
     async def reap(self) -> None:
         """Close silent sessions and hand expired leases to ``on_expired``."""
@@ -274,17 +317,34 @@ class Scheduler:
                 )
                 session.close()
                 self.disconnect(session)
-        expired = [
-            lease
-            for lease in self._leases.values()
-            if lease.session is None and lease.expires_at <= now
-        ]
-        if expired and self.on_expired is not None:
-            try:
+        expired: list[Lease] = []
+        overdue: list[tuple[Lease, str]] = []
+        for lease in self._leases.values():
+            if lease.session is None:
+                if lease.expires_at <= now:
+                    expired.append(lease)
+            elif lease.overdue:
+                continue
+            elif now > lease.deadline + DEADLINE_GRACE:
+                limit = f" after {lease.timeout:g}s" if lease.timeout else ""
+                overdue.append((lease, f"timed out{limit}; stopped it"))
+            elif lease.stall_timeout and now - lease.active_at > lease.stall_timeout:
+                overdue.append(
+                    (lease, f"stalled: no progress for {lease.stall_timeout:g}s; stopped it")
+                )
+        for lease, _ in overdue:
+            lease.overdue = True
+        try:
+            if expired and self.on_expired is not None:
                 await self.on_expired(expired)
-            except StoreUnavailable as e:
-                # The leases stay; the next round tries again.
-                logger.warning("cannot expire %d leases yet: %s", len(expired), e)
+            if overdue and self.on_overdue is not None:
+                await self.on_overdue(overdue)
+        except TaskloomError as e:
+            # The leases stay; the next round tries again.
+            self.out_of_sync.set()
+            for lease, _ in overdue:
+                lease.overdue = False
+            logger.warning("cannot end %d leases yet: %s", len(expired) + len(overdue), e)
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -327,7 +387,8 @@ class Scheduler:
             assignments = await self._store.assign(
                 [(item, s.info.worker_id, s.info.name) for item, s in picks]
             )
-        except StoreUnavailable as e:
+        except Unavailable as e:
+            self.out_of_sync.set()
             logger.warning("cannot assign %d subtasks: %s", len(picks), e)
             for item, session in picks:
                 session.reserved -= 1
@@ -343,7 +404,17 @@ class Scheduler:
                 # Not READY any more (cancelled, or queued twice): drop it.
                 self._in_flight[item.task_id] -= 1
                 continue
-            lease = Lease(assignment.ref, session.info.worker_id, session.info.name, None, 0.0)
+            lease = Lease(
+                assignment.ref,
+                session.info.worker_id,
+                session.info.name,
+                None,
+                0.0,
+                deadline=now + assignment.timeout if assignment.timeout else float("inf"),
+                timeout=assignment.timeout,
+                stall_timeout=assignment.stall_timeout,
+                active_at=now,
+            )
             self._leases[assignment.ref] = lease
             if session.closed:
                 lease.expires_at = session.last_seen + self.lease_ttl

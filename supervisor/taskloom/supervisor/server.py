@@ -106,7 +106,9 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context
     ) -> pb.CancelTaskResponse:
-        task = await self._current().cancel(request.task_id, request.reason)
+        task = await self._current().cancel(
+            request.task_id, request.reason, subtask_id=request.subtask_id
+        )
         return pb.CancelTaskResponse(task=codec.task_to_pb(task))
 
     async def WatchTask(
@@ -213,6 +215,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                 elif kind == "completed":
                     acks = await orchestrator.completed(codec.results_from_pb(request.completed))
                     session.send(AckReports(tuple(acks)))
+                elif kind == "stopped":
+                    await orchestrator.stopped(session, codec.stopped_from_pb(request.stopped))
                 elif kind == "failed":
                     acks = await orchestrator.failed(codec.failures_from_pb(request.failed))
                     session.send(AckReports(tuple(acks)))

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
 from taskloom.core.plan import PlanLimits
-from taskloom.core.settings import Address, LLMSettings, Seconds, StrList
+from taskloom.core.settings import Address, DurationMap, LLMSettings, Seconds, StrList
 
 
 class SupervisorSettings(LLMSettings):
@@ -40,7 +40,14 @@ class SupervisorSettings(LLMSettings):
     lease_ttl: Seconds = 15.0
     """A worker silent this long loses its subtasks; they run again elsewhere."""
     max_attempts: int = Field(default=3, ge=1, le=100)
-    """Attempts per subtask before it fails for good."""
+    """Attempts per subtask before it fails for good (a task or subtask may say otherwise)."""
+    subtask_timeout: Seconds = 1800.0
+    """Longest one attempt may run, unless its task, subtask or capability says otherwise."""
+    timeouts: DurationMap = Field(default_factory=lambda: {"echo": 60.0})
+    """Default attempt timeout per capability, e.g. ``llm=10m,echo=30s``."""
+    stall_timeout: Seconds = 600.0
+    """A running attempt that reports no progress (no message, no tokens) this
+    long is stopped and retried. Long silent handlers call ``ctx.progress()``."""
     leader_ttl: Seconds = 5.0
     """The leader lease: renewed every third of this; a standby takes over
     within about this long after the leader dies."""
@@ -72,6 +79,9 @@ class SupervisorSettings(LLMSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    def timeout_for(self, capability: str) -> float:
+        return self.timeouts.get(capability, self.subtask_timeout)
 
     def explicit_plan_limits(self) -> PlanLimits:
         return PlanLimits(max_subtasks=self.max_plan_subtasks)

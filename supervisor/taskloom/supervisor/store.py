@@ -29,11 +29,13 @@ import redis.exceptions as rexc
 
 from taskloom.core.errors import InvalidArgument, NotLeader, StoreUnavailable, TaskNotFound
 from taskloom.core.model import (
+    SYNTHESIZE_ID,
     Assignment,
     AttemptRef,
     Event,
     EventType,
     Input,
+    OnFailure,
     Plan,
     ProgressUpdate,
     Subtask,
@@ -52,8 +54,21 @@ logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_SCRIPTS = ("assign", "start", "progress", "complete", "fail", "finish", "note", "lead")
+_SCRIPTS = (
+    "assign",
+    "start",
+    "progress",
+    "complete",
+    "fail",
+    "finish",
+    "note",
+    "lead",
+    "cancel_subtask",
+    "stopped",
+)
 _FENCED = "TASKLOOM_FENCED"
+DEFAULT_MAX_ATTEMPTS = 3
+"""For a planned subtask that does not say (the orchestrator always does)."""
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError)
 
 
@@ -88,6 +103,8 @@ class RecoveredSubtask:
     worker_id: str
     worker: str
     capability: str
+    deadline: float | None = None
+    """When the held attempt's timeout ends (Unix time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +242,12 @@ class Store:
         options: TaskOptions,
         plan: Plan | None,
         result_from: Sequence[str] = (),
-        max_attempts: int = 3,
         idempotency_key: str = "",
     ) -> tuple[str, bool, list[ReadyItem]]:
         """Store a new task (PLANNING, or RUNNING with ``plan``).
+
+        Each planned subtask's ``max_attempts`` and ``timeout`` must be
+        resolved already, and ``options.stall_timeout`` too.
 
         Returns ``(task_id, created, ready)``; ``created`` is False when the
         idempotency key already names a task, which is returned instead.
@@ -258,6 +277,8 @@ class Store:
                             "status": TaskStatus.PLANNING,
                             "options": json.dumps(_options_doc(options)),
                             "priority": options.priority,
+                            "on_failure": options.on_failure,
+                            "stall": repr(options.stall_timeout),
                             "created_at": repr(now),
                             "updated_at": repr(now),
                             "total": 0,
@@ -275,7 +296,7 @@ class Store:
                     ready: list[ReadyItem] = []
                     if plan is not None:
                         ready = self._queue_plan(
-                            pipe, task_id, plan, result_from, max_attempts, options.priority, now
+                            pipe, task_id, plan, result_from, options.priority, now
                         )
                     await pipe.execute()
                     return task_id, True, ready
@@ -289,7 +310,6 @@ class Store:
         plan: Plan,
         *,
         result_from: Sequence[str],
-        max_attempts: int,
         priority: int,
     ) -> list[ReadyItem] | None:
         """Store the graph of a PLANNING task and start it; None if it is no longer PLANNING."""
@@ -305,7 +325,7 @@ class Store:
                         return None
                     pipe.multi()
                     ready = self._queue_plan(
-                        pipe, task_id, plan, result_from, max_attempts, priority, time.time()
+                        pipe, task_id, plan, result_from, priority, time.time()
                     )
                     await pipe.execute()
                     return ready
@@ -318,7 +338,6 @@ class Store:
         task_id: str,
         plan: Plan,
         result_from: Sequence[str],
-        max_attempts: int,
         priority: int,
         now: float,
     ) -> list[ReadyItem]:
@@ -347,7 +366,10 @@ class Store:
                     "params": json.dumps(dict(s.params)),
                     "status": status,
                     "attempt": 0,
-                    "max_attempts": max_attempts,
+                    "max_attempts": s.max_attempts or DEFAULT_MAX_ATTEMPTS,
+                    "timeout": repr(s.timeout),
+                    # The synthesis step runs even when some of its inputs failed.
+                    "tolerant": int(s.id == SYNTHESIZE_ID),
                     "created_at": repr(now),
                 },
             )
@@ -359,6 +381,7 @@ class Store:
                 "status": TaskStatus.RUNNING,
                 "total": len(plan.subtasks),
                 "succeeded": 0,
+                "settled": 0,
                 "result_from": json.dumps(list(result_from)),
                 "updated_at": repr(now),
             },
@@ -393,7 +416,8 @@ class Store:
         )
         goals: Mapping[str, str] = reply["goals"] or {}
         out: list[Assignment | None] = [None] * len(items)
-        for index, attempt, title, instruction, capability, params, inputs in _list(
+        now = time.time()
+        for index, attempt, title, instruction, capability, params, inputs, timeout, stall in _list(
             reply["assigned"]
         ):
             item = items[index - 1][0]
@@ -407,6 +431,9 @@ class Store:
                 goal=goals.get(item.task_id, ""),
                 inputs=tuple(Input(d, t, o) for d, t, o in _list(inputs)),
                 params=json.loads(params or "{}"),
+                deadline=now + float(timeout) if timeout else None,
+                timeout=float(timeout),
+                stall_timeout=float(stall),
             )
         return out
 
@@ -450,7 +477,14 @@ class Store:
     async def fail(self, failures: Sequence[SubtaskFailure]) -> Outcome:
         """Commit failures: retry while attempts remain, else fail the task."""
         payload = [
-            [f.ref.task_id, f.ref.subtask_id, f.ref.attempt, f.error, int(f.retryable)]
+            [
+                f.ref.task_id,
+                f.ref.subtask_id,
+                f.ref.attempt,
+                f.error,
+                int(f.retryable),
+                int(f.counts),
+            ]
             for f in failures
         ]
         return _outcome(await self._run("fail", payload))
@@ -473,6 +507,27 @@ class Store:
         found = TaskStatus(reply["status"]) if reply["status"] else None
         held = [AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))]
         return bool(reply["changed"]), found, held
+
+    @_translated
+    async def cancel_subtask(
+        self, task_id: str, subtask_id: str, reason: str
+    ) -> tuple[TaskStatus | None, SubtaskStatus | None, Outcome | None]:
+        """Cancel one subtask of a running task and skip its dependents.
+
+        Returns ``(task status, subtask status found, outcome)``; the outcome
+        is None when nothing changed.
+        """
+        reply = await self._run("cancel_subtask", [task_id, subtask_id, reason])
+        task = TaskStatus(reply["task"]) if reply["task"] else None
+        sub = SubtaskStatus(reply["sub"]) if reply["sub"] else None
+        if not reply["changed"]:
+            return task, sub, None
+        return task, sub, _outcome({"committed": [1], **reply})
+
+    @_translated
+    async def stopped(self, refs: Sequence[AttemptRef], worker: str) -> None:
+        """Log that a worker stopped these attempts after a Cancel."""
+        await self._run("stopped", [[r.task_id, r.subtask_id, r.attempt, worker] for r in refs])
 
     # -- reading ---------------------------------------------------------------
 
@@ -587,14 +642,28 @@ class Store:
                 for sid in sids:
                     pipe.hmget(
                         self.keys.subtask(task_id, sid),
-                        ["status", "attempt", "worker_id", "worker", "capability"],
+                        [
+                            "status",
+                            "attempt",
+                            "worker_id",
+                            "worker",
+                            "capability",
+                            "assigned_at",
+                            "timeout",
+                        ],
                     )
                 rows = await pipe.execute()
             subs = tuple(
                 RecoveredSubtask(
-                    sid, SubtaskStatus(st), int(att or 0), wid or "", name or "", cap or ""
+                    sid,
+                    SubtaskStatus(st),
+                    int(att or 0),
+                    wid or "",
+                    name or "",
+                    cap or "",
+                    float(at) + float(timeout) if at and timeout and float(timeout) else None,
                 )
-                for sid, (st, att, wid, name, cap) in zip(sids, rows, strict=True)
+                for sid, (st, att, wid, name, cap, at, timeout) in zip(sids, rows, strict=True)
                 if st
             )
             task = _task(raw, ())
@@ -641,6 +710,10 @@ def _options_doc(options: TaskOptions) -> dict[str, Any]:
         "synthesize": options.synthesize,
         "priority": options.priority,
         "max_parallel": options.max_parallel,
+        "on_failure": options.on_failure,
+        "max_attempts": options.max_attempts,
+        "subtask_timeout": options.subtask_timeout,
+        "stall_timeout": options.stall_timeout,
     }
 
 
@@ -703,6 +776,10 @@ def _task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
             synthesize=bool(opts.get("synthesize", True)),
             priority=int(opts.get("priority", 0)),
             max_parallel=int(opts.get("max_parallel", 0)),
+            on_failure=OnFailure(opts.get("on_failure", OnFailure.FAIL)),
+            max_attempts=int(opts.get("max_attempts", 0)),
+            subtask_timeout=float(opts.get("subtask_timeout", 0.0)),
+            stall_timeout=float(opts.get("stall_timeout", 0.0)),
         ),
         created_at=float(raw.get("created_at") or 0.0),
         updated_at=float(raw.get("updated_at") or 0.0),

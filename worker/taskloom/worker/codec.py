@@ -23,13 +23,20 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class Stopped:
+    """A cancelled attempt's handler has stopped."""
+
+    ref: AttemptRef
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     running: int
     draining: bool
 
 
 Report = SubtaskResult | SubtaskFailure
-Outgoing = Accepted | Heartbeat | ProgressUpdate | SubtaskResult | SubtaskFailure
+Outgoing = Accepted | Heartbeat | ProgressUpdate | SubtaskResult | SubtaskFailure | Stopped
 
 
 def _ref_to_pb(ref: AttemptRef) -> wpb.AttemptRef:
@@ -74,6 +81,7 @@ def assignments_from_pb(message: wpb.Assign) -> list[Assignment]:
             inputs=tuple(Input(i.subtask_id, i.title, i.output) for i in a.inputs),
             params=dict(a.params),
             deadline=a.deadline.ToNanoseconds() / 1e9 if a.HasField("deadline") else None,
+            timeout=a.timeout.ToNanoseconds() / 1e9,
             trace_context=dict(a.trace_context),
         )
         for a in message.assignments
@@ -118,10 +126,15 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
     if results:
         frames.append(wpb.ConnectRequest(completed=wpb.Completed(results=results)))
     failures = [
-        wpb.SubtaskFailure(ref=_ref_to_pb(i.ref), error=i.error, retryable=i.retryable)
+        wpb.SubtaskFailure(
+            ref=_ref_to_pb(i.ref), error=i.error, retryable=i.retryable, handed_back=not i.counts
+        )
         for i in items
         if isinstance(i, SubtaskFailure)
     ]
     if failures:
         frames.append(wpb.ConnectRequest(failed=wpb.Failed(failures=failures)))
+    stopped = [_ref_to_pb(i.ref) for i in items if isinstance(i, Stopped)]
+    if stopped:
+        frames.append(wpb.ConnectRequest(stopped=wpb.Stopped(refs=stopped)))
     return frames

@@ -37,7 +37,7 @@ from taskloom.core.model import (
     SubtaskFailure,
     SubtaskResult,
 )
-from taskloom.worker.codec import Accepted, Heartbeat, Report
+from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
 from taskloom.worker.context import SubtaskContext, SubtaskError
 from taskloom.worker.handlers import Handler, HandlerRegistry, echo, llm_handler
@@ -173,7 +173,9 @@ class Worker:
                 continue
             handler = self.registry.get(assignment.capability)
             if self._draining:
-                self._report(SubtaskFailure(ref, "the worker is shutting down; handed back", True))
+                self._report(
+                    SubtaskFailure(ref, "the worker is shutting down; handed back", counts=False)
+                )
             elif handler is None:
                 self._report(
                     SubtaskFailure(
@@ -188,6 +190,8 @@ class Worker:
                 )
 
     def on_cancel(self, refs: Sequence[AttemptRef], reason: str) -> None:
+        """Stop these attempts' handlers (asyncio cancellation); each one that
+        stops is acknowledged with Stopped."""
         self.on_ack(refs)
         for ref in refs:
             task = self._running.get(ref)
@@ -214,14 +218,25 @@ class Worker:
 
         ctx = SubtaskContext(assignment, self.llm, self._logger, report_progress)
         report: Report
+        scope = asyncio.timeout(assignment.timeout or None)
         try:
-            output = await handler(ctx)
+            async with scope:
+                output = await handler(ctx)
             report = SubtaskResult(ref, _as_text(output), ctx.usage)
+        except TimeoutError as e:
+            if scope.expired():
+                report = SubtaskFailure(ref, f"timed out after {assignment.timeout:g}s", True)
+            else:
+                report = SubtaskFailure(ref, f"TimeoutError: {e}", True)
         except asyncio.CancelledError:
             if ref in self._cancelled:
                 self._cancelled.discard(ref)
+                self._running.pop(ref, None)
+                self._connection.send(Stopped(ref))
                 return
-            report = SubtaskFailure(ref, "the worker shut down before finishing; handed back", True)
+            report = SubtaskFailure(
+                ref, "the worker shut down before finishing; handed back", counts=False
+            )
         except SubtaskError as e:
             report = SubtaskFailure(ref, e.message, e.retryable)
         except Exception as e:

@@ -26,12 +26,8 @@ for i, item in ipairs(PAYLOAD) do
       end
     end
     redis.call('HSET', tk, 'updated_at', NOW)
-    local done = redis.call('HINCRBY', tk, 'succeeded', 1)
-    if done >= tonumber(redis.call('HGET', tk, 'total')) then
-      redis.call('HSET', tk, 'result', task_result(task))
-      finish_task(task, 'SUCCEEDED', '', 'task.succeeded', 'all subtasks succeeded')
-      table.insert(finished, task)
-    end
+    redis.call('HINCRBY', tk, 'succeeded', 1)
+    settle(task, finished)
   end
 end
 return cjson.encode({committed = committed, ready = ready, finished = finished})

@@ -1,36 +1,74 @@
--- Commit failures, including lost leases. A retryable failure with attempts
--- left puts the subtask back to READY (the next assignment is attempt + 1);
--- otherwise the subtask FAILS and so does its task, which cancels the rest.
--- PAYLOAD: {{task, sub, attempt, error, retryable (0|1)}, ...}
+-- Commit failures, including lost leases, timeouts and stalls. A retryable
+-- failure with attempts left puts the subtask back to READY (the next
+-- assignment is attempt + 1); otherwise the subtask FAILS, and then by the
+-- task's on_failure policy either the task fails too (cancelling the rest)
+-- or the subtask's dependents are skipped and the task runs on.
+-- A failure that does not count (the worker died or shut down) uses up none
+-- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
+-- that kills every worker it lands on from looping for ever.
+-- PAYLOAD: {{task, sub, attempt, error, retryable (0|1), counts (0|1)}, ...}
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
 --   priority, attempt}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
+local MAX_LOST = 20
 local committed, ready, finished, held = {}, {}, {}, {}
 for i, item in ipairs(PAYLOAD) do
   local task, sub, attempt, err, retryable = item[1], item[2], item[3], item[4], item[5]
+  local counts = item[6] ~= 0
   committed[i] = 0
   if held_by(task, sub, attempt) then
     local tk, sk = k_task(task), k_subtask(task, sub)
     local v = redis.call('HMGET', sk, 'max_attempts', 'capability', 'title', 'worker')
     local max_attempts = tonumber(v[1])
+    local failures = tonumber(redis.call('HGET', sk, 'failures') or '0')
+    local lost = tonumber(redis.call('HGET', sk, 'lost') or '0')
+    if counts then
+      failures = redis.call('HINCRBY', sk, 'failures', 1)
+    else
+      lost = redis.call('HINCRBY', sk, 'lost', 1)
+    end
     committed[i] = 1
     redis.call('HSET', tk, 'updated_at', NOW)
-    if retryable == 1 and attempt < max_attempts then
+    local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
+    if retryable == 1 and failures < max_attempts and lost < MAX_LOST then
       redis.call('HSET', sk, 'status', 'READY', 'error', err, 'ready_at', NOW, 'progress', '')
-      emit(task, 'subtask.retrying', sub, 'READY',
-        'attempt ' .. attempt .. ' of ' .. max_attempts .. ' failed: ' .. err, attempt, v[4])
-      table.insert(ready, {task, sub, v[2], tonumber(redis.call('HGET', tk, 'priority') or '0'), attempt})
+      local message
+      if not counts then
+        message = 'attempt ' .. attempt .. ' lost: ' .. err ..
+          '; running it again (this does not use up one of its ' .. max_attempts .. ' attempts)'
+        table.insert(ready, {task, sub, v[2], priority, 0})
+      else
+        if failures == attempt then
+          message = 'attempt ' .. attempt .. ' of ' .. max_attempts .. ' failed: ' .. err
+        else
+          message = 'attempt ' .. attempt .. ' failed (' .. failures .. ' of ' .. max_attempts ..
+            ' failures allowed): ' .. err
+        end
+        table.insert(ready, {task, sub, v[2], priority, failures})
+      end
+      emit(task, 'subtask.retrying', sub, 'READY', message, attempt, v[4])
     else
       redis.call('HSET', sk, 'status', 'FAILED', 'error', err, 'finished_at', NOW, 'progress', '')
-      local why = 'failed after ' .. attempt .. ' attempt(s): ' .. err
-      if retryable ~= 1 then why = 'failed: ' .. err end
+      local why = 'failed after ' .. failures .. ' attempt(s): ' .. err
+      if retryable ~= 1 then
+        why = 'failed: ' .. err
+      elseif lost >= MAX_LOST then
+        why = 'lost its worker ' .. lost .. ' times (' .. err .. '); it may be what stops them'
+      end
       emit(task, 'subtask.failed', sub, 'FAILED', why, attempt, v[4])
       local title = v[3]
       if title == nil or title == '' then title = sub end
       local reason = 'subtask ' .. sub .. ' (' .. title .. ') ' .. why
-      for _, h in ipairs(finish_task(task, 'FAILED', reason, 'task.failed', reason)) do
-        table.insert(held, h)
+      if redis.call('HGET', tk, 'on_failure') == 'skip' then
+        redis.call('HSETNX', tk, 'first_failure', reason)
+        redis.call('HINCRBY', tk, 'settled', 1)
+        skip_dependents(task, sub, ready)
+        settle(task, finished)
+      else
+        for _, h in ipairs(finish_task(task, 'FAILED', reason, 'task.failed', reason)) do
+          table.insert(held, h)
+        end
+        table.insert(finished, task)
       end
-      table.insert(finished, task)
     end
   end
 end

@@ -86,3 +86,67 @@ local function held_by(task, sub, attempt)
   end
   return st[1]
 end
+
+-- The subtasks that depend on `sub`, which will never succeed, cannot run:
+-- skip them, and theirs, transitively. A tolerant subtask (the synthesis
+-- step) is not skipped: it counts the dependency as settled and runs with
+-- what there is once all have. Newly READY subtasks are added to `ready`.
+local function skip_dependents(task, sub, ready)
+  local tk = k_task(task)
+  local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
+  local queue, skipped = {sub}, 0
+  while #queue > 0 do
+    local cur = table.remove(queue)
+    for _, dep in ipairs(cjson.decode(redis.call('HGET', k_subtask(task, cur), 'dependents') or '[]')) do
+      local dk = k_subtask(task, dep)
+      if redis.call('HGET', dk, 'status') == 'PENDING' then
+        if redis.call('HGET', dk, 'tolerant') == '1' then
+          if redis.call('HINCRBY', dk, 'pending', -1) <= 0 then
+            redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
+            emit(task, 'subtask.ready', dep, 'READY', 'runs with what its dependencies produced', 0, '')
+            table.insert(ready, {task, dep, redis.call('HGET', dk, 'capability'), priority})
+          end
+        else
+          local why = 'skipped: it depends on ' .. cur .. ', which did not succeed'
+          redis.call('HSET', dk, 'status', 'SKIPPED', 'finished_at', NOW, 'error', why)
+          emit(task, 'subtask.skipped', dep, 'SKIPPED', why, 0, '')
+          skipped = skipped + 1
+          table.insert(queue, dep)
+        end
+      end
+    end
+  end
+  if skipped > 0 then
+    redis.call('HINCRBY', tk, 'settled', skipped)
+  end
+end
+
+-- Once every subtask has ended, end the task: SUCCEEDED if every subtask its
+-- result is taken from succeeded, else FAILED with the first failure.
+local function settle(task, finished)
+  local tk = k_task(task)
+  local v = redis.call('HMGET', tk, 'succeeded', 'settled', 'total', 'status')
+  local settled = tonumber(v[2] or '0')
+  if v[4] ~= 'RUNNING' or tonumber(v[1]) + settled < tonumber(v[3]) then
+    return
+  end
+  local missing = {}
+  for _, sub in ipairs(cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')) do
+    if redis.call('HGET', k_subtask(task, sub), 'status') ~= 'SUCCEEDED' then
+      table.insert(missing, sub)
+    end
+  end
+  if #missing == 0 then
+    redis.call('HSET', tk, 'result', task_result(task))
+    local message = 'all subtasks succeeded'
+    if settled > 0 then
+      message = settled .. ' subtask(s) failed, were cancelled or skipped; the result covers the rest'
+    end
+    finish_task(task, 'SUCCEEDED', '', 'task.succeeded', message)
+  else
+    local reason = redis.call('HGET', tk, 'first_failure') or ''
+    reason = 'no result from ' .. table.concat(missing, ', ') .. (reason ~= '' and ('; ' .. reason) or '')
+    finish_task(task, 'FAILED', reason, 'task.failed', reason)
+  end
+  table.insert(finished, task)
+end

@@ -1,0 +1,11 @@
+-- A worker acknowledged a Cancel: the handler of each attempt has stopped.
+-- Logged for tasks that still exist. PAYLOAD: {{task, sub, attempt, worker}, ...}
+for _, item in ipairs(PAYLOAD) do
+  local task, sub, attempt, worker = item[1], item[2], item[3], item[4]
+  if redis.call('EXISTS', k_task(task)) == 1 then
+    local status = redis.call('HGET', k_subtask(task, sub), 'status') or ''
+    emit(task, 'subtask.stopped', sub, status,
+      'worker ' .. worker .. ' stopped attempt ' .. attempt, attempt, worker)
+  end
+end
+return cjson.encode(1)

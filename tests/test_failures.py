@@ -1,0 +1,155 @@
+"""What happens when subtasks fail, hang or are cancelled: timeouts, stall
+detection, the on_failure policy, and cancelling one subtask."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from taskloom.client import TaskloomClient
+from taskloom.core.errors import InvalidArgument, TaskFinished
+from taskloom.core.model import Event, SubtaskStatus, TaskStatus
+from taskloom.supervisor.app import Supervisor
+from tests.conftest import Processes
+from tests.fake_ollama import ChatCall, FakeOllama
+from tests.helpers import eventually, plan, wait_status, wait_subtask
+
+
+async def events_of(supervisor: Supervisor, task_id: str, type_: str) -> list[Event]:
+    return [e for e in await supervisor.store.read_events(task_id, "") if e.type == type_]
+
+
+async def test_an_attempt_past_its_timeout_is_cancelled_and_retried(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+) -> None:
+    processes.worker(supervisor.address)
+    doc = plan(("g", "gate", "never opens"))
+    doc["subtasks"][0]["timeout"] = 0.5
+    task = await client.wait(await client.submit("too slow", plan=doc, max_attempts=2))
+
+    assert task.status == TaskStatus.FAILED
+    assert task.error == "subtask g (G) failed after 2 attempt(s): timed out after 0.5s"
+    # Each attempt's handler was stopped, not left running.
+    await eventually(lambda: (test_dir / "cancelled-g-2").exists())
+    assert (test_dir / "cancelled-g-1").exists()
+    retries = await events_of(supervisor, task.id, "subtask.retrying")
+    assert [e.message for e in retries] == ["attempt 1 of 2 failed: timed out after 0.5s"]
+
+
+async def test_a_silent_attempt_is_stopped_as_stalled_and_retried(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+) -> None:
+    processes.worker(supervisor.address)
+    task = await client.wait(
+        await client.submit("hangs once", plan=plan(("s", "stall", "x")), stall_timeout=1.0)
+    )
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.subtasks[0].output == "answered on attempt 2"
+    (retry,) = await events_of(supervisor, task.id, "subtask.retrying")
+    assert "stalled: no progress for 1s" in retry.message
+    await eventually(lambda: (test_dir / "cancelled-s-1").exists())
+    stopped = await eventually(lambda: events_of(supervisor, task.id, "subtask.stopped"))
+    assert [(e.subtask_id, e.attempt) for e in stopped] == [("s", 1)]
+
+
+async def test_an_attempt_that_reports_progress_is_not_a_stall(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    processes.worker(supervisor.address)
+    task = await client.wait(
+        await client.submit("busy", plan=plan(("p", "pulse", "2.5")), stall_timeout=1.0)
+    )
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.subtasks[0].output == "pulsed on attempt 1"
+
+
+async def test_on_failure_skip_skips_dependents_and_synthesizes_what_there_is(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    fake_ollama: FakeOllama,
+) -> None:
+    prompts: list[str] = []
+
+    def respond(call: ChatCall) -> str:
+        prompts.append(call.prompt)
+        return "PARTIAL ANSWER"
+
+    fake_ollama.responder = respond
+    processes.worker(supervisor.address)
+    doc = plan(
+        ("a", "broken", "impossible"),
+        ("b", "echo", "needs a", "a"),
+        ("c", "echo", "independent"),
+        synthesize=True,
+    )
+    task = await client.wait(await client.submit("partial", plan=doc, on_failure="skip"))
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.result == "PARTIAL ANSWER"
+    statuses = {s.id: s.status for s in task.subtasks}
+    assert statuses == {
+        "a": SubtaskStatus.FAILED,
+        "b": SubtaskStatus.SKIPPED,
+        "c": SubtaskStatus.SUCCEEDED,
+        "synthesize": SubtaskStatus.SUCCEEDED,
+    }
+    # The synthesis step was told what is missing rather than handed nothing.
+    (prompt,) = prompts
+    assert (
+        "[no output: this step ended SKIPPED "
+        "(skipped: it depends on a, which did not succeed)]" in prompt
+    )
+    (done,) = await events_of(supervisor, task.id, "task.succeeded")
+    assert done.message.startswith("2 subtask(s) failed, were cancelled or skipped")
+
+
+async def test_on_failure_skip_without_a_result_fails_with_the_first_failure(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    processes.worker(supervisor.address)
+    doc = plan(("a", "broken", "impossible"), ("b", "echo", "needs a", "a"), ("c", "echo", "x"))
+    task = await client.wait(await client.submit("no result", plan=doc, on_failure="skip"))
+
+    assert task.status == TaskStatus.FAILED
+    assert task.error == "no result from b; subtask a (A) failed: cannot do 'impossible'"
+    assert {s.id: s.status for s in task.subtasks}["c"] == SubtaskStatus.SUCCEEDED
+
+
+async def test_cancelling_one_subtask_stops_it_skips_its_dependents_and_the_task_goes_on(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    fake_ollama: FakeOllama,
+    test_dir: Path,
+) -> None:
+    fake_ollama.responder = lambda call: "WHAT THERE IS"
+    processes.worker(supervisor.address)
+    doc = plan(("a", "gate", "A"), ("b", "echo", "B", "a"), ("c", "gate", "C"), synthesize=True)
+    task_id = await client.submit("drop a branch", plan=doc)
+    await wait_subtask(client, task_id, "a", "RUNNING")
+
+    task = await client.cancel(task_id, "not needed", subtask_id="a")
+
+    assert task.status == TaskStatus.RUNNING
+    statuses = {s.id: s.status for s in task.subtasks}
+    assert (statuses["a"], statuses["b"]) == (SubtaskStatus.CANCELLED, SubtaskStatus.SKIPPED)
+    await eventually(lambda: (test_dir / "cancelled-a-1").exists())
+    await eventually(lambda: events_of(supervisor, task_id, "subtask.stopped"))
+    with pytest.raises(TaskFinished, match="already ended as SKIPPED"):
+        await client.cancel(task_id, subtask_id="b")
+    with pytest.raises(InvalidArgument, match="no subtask 'zz'"):
+        await client.cancel(task_id, subtask_id="zz")
+
+    (test_dir / "open-c").write_text("")
+    task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.result == "WHAT THERE IS"
+
+
+async def test_replan_is_refused_until_the_planner_can_replan(client: TaskloomClient) -> None:
+    with pytest.raises(InvalidArgument, match="use fail or skip"):
+        await client.submit("x", plan=plan(("a", "echo", "x")), on_failure="replan")
