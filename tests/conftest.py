@@ -70,7 +70,9 @@ def supervisor_settings(
         model="llama3.2",
         heartbeat_interval=0.3,
         lease_ttl=3.0,
-        leader_ttl=1.5,
+        # Long enough that a busy test machine does not cost the lease;
+        # the failover tests shorten it.
+        leader_ttl=5.0,
         retry_backoff=0.05,
         capabilities=TEST_CAPABILITIES,
     )

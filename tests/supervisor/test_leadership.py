@@ -28,6 +28,12 @@ async def health(address: str) -> int:
 
 
 @pytest.fixture
+def supervisor_settings(supervisor_settings: SupervisorSettings) -> SupervisorSettings:
+    """Quick failover: a standby takes over within about 1.5 s."""
+    return supervisor_settings.model_copy(update={"leader_ttl": 1.5})
+
+
+@pytest.fixture
 def standby_settings(supervisor_settings: SupervisorSettings) -> SupervisorSettings:
     return supervisor_settings.model_copy(update={"supervisor_id": "standby"})
 

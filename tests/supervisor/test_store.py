@@ -298,3 +298,31 @@ async def test_an_unreachable_redis_is_a_clear_store_unavailable(tmp_path: Path)
     with LocalRedis(tmp_path / "redis", port=redis.port):
         assert (await store.get_task(task_id)).goal == "g"
         await store.close()
+
+
+async def test_attempts_lost_with_their_worker_do_not_use_up_max_attempts(store: Store) -> None:
+    only = Plan((PlannedSubtask("a", "A", "x", "echo", max_attempts=1),))
+    task_id, _, _ = await store.create_task(
+        goal="g", options=TaskOptions(), plan=only, result_from=["a"]
+    )
+    item = ReadyItem(task_id, "a", "echo")
+    for attempt in (1, 2, 3):
+        (assigned,) = await store.assign([(item, "w1", "w1")])
+        assert assigned is not None and assigned.attempt == attempt
+        lost = await store.fail([SubtaskFailure(assigned.ref, "worker w1 stopped answering",
+                                                counts=False)])  # fmt: skip
+        assert [r.subtask_id for r in lost.ready] == ["a"] and not lost.finished
+
+    (assigned,) = await store.assign([(item, "w2", "w2")])
+    assert assigned is not None
+    outcome = await store.fail([SubtaskFailure(assigned.ref, "boom")])
+    assert outcome.finished == [task_id]
+    task = await store.get_task(task_id)
+    assert task.error == "subtask a (A) failed after 1 attempt(s): boom"
+    messages = [
+        e.message for e in await store.read_events(task_id, "") if e.type == "subtask.retrying"
+    ]
+    assert messages[0] == (
+        "attempt 1 lost: worker w1 stopped answering; running it again "
+        "(this does not use up one of its 1 attempts)"
+    )

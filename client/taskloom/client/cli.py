@@ -397,6 +397,13 @@ DEMO_PLAN = Plan(
     show_default=True,
     help="Redis data and process logs",
 )
+@click.option(
+    "--redis-fsync",
+    type=click.Choice(["everysec", "always"]),
+    default="everysec",
+    show_default=True,
+    help="AOF fsync of the Redis it starts: always loses nothing acknowledged (see README)",
+)
 @click.option("--demo", metavar="GOAL", help="Run GOAL on the cluster, show it live, then stop")
 def up(
     workers: int,
@@ -405,6 +412,7 @@ def up(
     capabilities: str,
     concurrency: int,
     data_dir: Path,
+    redis_fsync: str,
     demo: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
@@ -417,6 +425,7 @@ def up(
         redis_url=redis_url,
         capabilities=capabilities,
         concurrency=concurrency,
+        redis_fsync=redis_fsync,
     )
     try:
         err.print(f"starting a local cluster (logs in {cluster.log_dir}) …")

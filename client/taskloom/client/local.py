@@ -75,8 +75,10 @@ class LocalCluster:
         redis_url: str | None = None,
         capabilities: str = "llm,echo",
         concurrency: int = 4,
+        redis_fsync: str = "everysec",
     ) -> None:
         self.data_dir = data_dir
+        self.redis_fsync = redis_fsync
         self.n_workers = workers
         self.listen = listen or default_listen()
         self.capabilities = capabilities
@@ -98,7 +100,7 @@ class LocalCluster:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
-            self.redis = LocalRedis(self.data_dir / "redis")
+            self.redis = LocalRedis(self.data_dir / "redis", appendfsync=self.redis_fsync)
             self.redis.start()
             self.redis_url = self.redis.url
         # The supervisor learns its workers' capabilities when they connect;

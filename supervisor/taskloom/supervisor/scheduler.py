@@ -354,12 +354,17 @@ class Scheduler:
         try:
             while True:
                 delay = self._delayed[0][0] - self._clock() if self._delayed else None
-                if delay is None or delay > 0:
+                if delay is None:
+                    await self._wake.wait()
+                elif delay > 0:
+                    # Not asyncio.timeout: on 3.11 a cancel that lands as the
+                    # timeout fires can come out as TimeoutError, and the loop
+                    # would outlive its orchestrator.
+                    woken = asyncio.ensure_future(self._wake.wait())
                     try:
-                        async with asyncio.timeout(delay):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        pass
+                        await asyncio.wait({woken}, timeout=delay)
+                    finally:
+                        woken.cancel()
                 self._wake.clear()
                 while await self.dispatch():
                     pass
