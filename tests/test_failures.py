@@ -3,6 +3,7 @@ detection, the on_failure policy, and cancelling one subtask."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,51 @@ async def test_cancelling_one_subtask_stops_it_skips_its_dependents_and_the_task
     assert task.result == "WHAT THERE IS"
 
 
-async def test_replan_is_refused_until_the_planner_can_replan(client: TaskloomClient) -> None:
-    with pytest.raises(InvalidArgument, match="use fail or skip"):
-        await client.submit("x", plan=plan(("a", "echo", "x")), on_failure="replan")
+async def test_on_failure_replan_replaces_the_failed_step_and_the_task_succeeds(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    fake_ollama: FakeOllama,
+) -> None:
+    replacement = {"subtasks": [{"id": "fix", "title": "Fix", "instruction": "FIXED",
+                                 "capability": "echo", "depends_on": ["a"]}]}  # fmt: skip
+    fake_ollama.responder = lambda call: json.dumps(replacement)
+    processes.worker(supervisor.address)
+    doc = plan(("a", "echo", "A-OUT"), ("b", "broken", "impossible", "a"), ("c", "echo", "C", "b"))
+    task = await client.wait(await client.submit("recover", plan=doc, on_failure="replan"))
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.plan_version == 2
+    subs = {s.id: s for s in task.subtasks}
+    assert subs["b"].status == SubtaskStatus.FAILED
+    assert (subs["v2-fix"].status, subs["v2-fix"].output) == (SubtaskStatus.SUCCEEDED, "FIXED")
+    assert subs["v2-fix"].depends_on == ("a",)
+    assert subs["c"].depends_on == ("v2-fix",)
+    assert task.result == "C"
+    (revised,) = await events_of(supervisor, task.id, "plan.revised")
+    assert revised.message == (
+        "plan v2: b (B) failed; replaced by v2-fix (Fix); c now wait for v2-fix"
+    )
+    # The planner was told what is done, with outputs, and what failed and why.
+    (call,) = fake_ollama.planning_calls()
+    assert '<done id="a" title="A">\nA-OUT' in call.prompt
+    assert "error: cannot do 'impossible'" in call.prompt
+
+
+async def test_replanning_stops_after_max_replans_and_the_task_fails(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    fake_ollama: FakeOllama,
+) -> None:
+    doomed = {"subtasks": [{"id": "again", "title": "Again", "instruction": "no",
+                            "capability": "broken", "depends_on": []}]}  # fmt: skip
+    fake_ollama.responder = lambda call: json.dumps(doomed)
+    processes.worker(supervisor.address)
+    doc = plan(("b", "broken", "impossible"), ("c", "echo", "C", "b"))
+    task = await client.wait(await client.submit("hopeless", plan=doc, on_failure="replan"))
+
+    assert task.status == TaskStatus.FAILED
+    assert task.plan_version == 3  # two replacements, then no more
+    assert task.error == "subtask v3-again (Again) failed: cannot do 'no'"
+    assert len(await events_of(supervisor, task.id, "plan.revised")) == 2

@@ -10,6 +10,7 @@ import pytest
 from taskloom.core.errors import LLMError, LLMUnavailable, PlanError
 from taskloom.core.llm import OllamaLLM
 from taskloom.core.localredis import free_port
+from taskloom.core.model import Subtask, SubtaskStatus
 from taskloom.core.plan import PlanLimits
 from taskloom.supervisor.planner import Planner
 from tests.fake_ollama import FakeOllama
@@ -117,3 +118,28 @@ async def test_an_unknown_model_and_an_unreachable_server_are_told_apart(
     present = OllamaLLM(fake_ollama.url, "llama3.2")
     await present.check()
     await present.close()
+
+
+async def test_a_replacement_may_depend_on_done_steps_but_not_on_unknown_ones(
+    llm: OllamaLLM, fake_ollama: FakeOllama
+) -> None:
+    replies = iter([
+        plan(("r1", "llm", "retry", "s1"), ("r2", "llm", "more", "s9")),
+        plan(("r1", "llm", "retry", "s1"), ("r2", "llm", "more", "r1")),
+    ])  # fmt: skip
+    fake_ollama.responder = lambda call: json.dumps(next(replies))
+    done = Subtask("s1", "Facts", "list facts", "llm", (), SubtaskStatus.SUCCEEDED, "F1")
+    failed = Subtask("s2", "Fetch", "fetch it", "llm", ("s1",), SubtaskStatus.FAILED,
+                     error="HTTP 500")  # fmt: skip
+
+    result = await Planner(llm, limits=LIMITS).replan(
+        "a goal", failed=failed, done=[done], capabilities={"llm"}
+    )
+
+    assert [(s.id, s.depends_on) for s in result.subtasks] == [("r1", ("s1",)), ("r2", ("r1",))]
+    first, repair = fake_ollama.calls
+    assert "replacing one step that failed" in first.system
+    assert '<failed id="s2" title="Fetch" capability="llm">\nfetch it\nerror: HTTP 500' in (
+        first.prompt
+    )
+    assert "r2 depends on missing s9" in repair.prompt

@@ -214,7 +214,7 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
     "--on-failure",
     type=click.Choice([p.value for p in OnFailure]),
     default=OnFailure.FAIL.value,
-    help="When a subtask fails for good: fail the task, or skip its dependents",
+    help="When a subtask fails for good: fail the task, skip its dependents, or replan it",
 )
 @click.option("--max-attempts", type=int, default=0, help="Attempts per subtask [supervisor's]")
 @click.option("--timeout", "subtask_timeout", metavar="DURATION", help="Longest one attempt runs")

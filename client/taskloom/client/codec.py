@@ -93,6 +93,7 @@ def task_from_pb(message: pb.Task) -> Task:
         finished_at=_seconds(message.finished_at) if message.HasField("finished_at") else None,
         subtasks_total=message.subtasks_total,
         subtasks_succeeded=message.subtasks_succeeded,
+        plan_version=message.plan_version or 1,
         subtasks=tuple(_subtask_from_pb(s) for s in message.subtasks),
     )
 

@@ -62,6 +62,7 @@ class EventType(StrEnum):
     PLAN_REQUESTED = "plan.requested"
     PLAN_REJECTED = "plan.rejected"
     PLAN_CREATED = "plan.created"
+    PLAN_REVISED = "plan.revised"
     SUBTASK_READY = "subtask.ready"
     SUBTASK_ASSIGNED = "subtask.assigned"
     SUBTASK_RUNNING = "subtask.running"
@@ -189,6 +190,8 @@ class Task:
     subtasks_total: int = 0
     subtasks_succeeded: int = 0
     subtasks: tuple[Subtask, ...] = ()
+    plan_version: int = 1
+    """Goes up each time the planner replaces a failed subtask."""
 
 
 @dataclass(frozen=True, slots=True)

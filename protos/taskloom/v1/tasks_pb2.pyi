@@ -459,6 +459,7 @@ class Task(_message.Message):
     SUBTASKS_TOTAL_FIELD_NUMBER: _builtins.int
     SUBTASKS_SUCCEEDED_FIELD_NUMBER: _builtins.int
     SUBTASKS_FIELD_NUMBER: _builtins.int
+    PLAN_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     goal: _builtins.str
     status: Global___TaskStatus.ValueType
@@ -466,6 +467,8 @@ class Task(_message.Message):
     error: _builtins.str
     subtasks_total: _builtins.int
     subtasks_succeeded: _builtins.int
+    plan_version: _builtins.int
+    """1, plus one for each time the planner replaced a failed subtask."""
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
     @_builtins.property
@@ -493,10 +496,11 @@ class Task(_message.Message):
         subtasks_total: _builtins.int = ...,
         subtasks_succeeded: _builtins.int = ...,
         subtasks: _abc.Iterable[Global___Subtask] | None = ...,
+        plan_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "options", b"options", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

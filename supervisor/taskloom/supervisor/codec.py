@@ -118,6 +118,7 @@ def task_to_pb(task: Task) -> pb.Task:
         finished_at=_timestamp(task.finished_at),
         subtasks_total=task.subtasks_total,
         subtasks_succeeded=task.subtasks_succeeded,
+        plan_version=task.plan_version,
         subtasks=[_subtask_to_pb(s) for s in task.subtasks],
     )
 

@@ -29,7 +29,6 @@ from taskloom.core.model import (
     AttemptRef,
     Event,
     EventType,
-    OnFailure,
     Plan,
     ProgressUpdate,
     SubtaskFailure,
@@ -116,6 +115,8 @@ class Orchestrator:
                 if task.task_id not in self._planning_ids:
                     self._start_planning(task.task_id, task.goal, task.options)
                 continue
+            if task.replan_pending and task.task_id not in self._planning_ids:
+                self._start_replanning(task.task_id, task.replan_pending)
             ready = []
             for sub in task.subtasks:
                 if sub.status == SubtaskStatus.READY:
@@ -176,11 +177,6 @@ class Orchestrator:
             raise InvalidArgument("max_attempts must be from 1 to 100 (0: the default)")
         if options.subtask_timeout < 0 or options.stall_timeout < 0:
             raise InvalidArgument("timeouts must be positive (0: the default)")
-        if options.on_failure == OnFailure.REPLAN:
-            raise InvalidArgument(
-                "on_failure=replan needs the replanning planner, which this "
-                "supervisor does not have yet; use fail or skip"
-            )
         options = replace(
             options, stall_timeout=options.stall_timeout or self.settings.stall_timeout
         )
@@ -188,7 +184,11 @@ class Orchestrator:
             raise InvalidArgument("the idempotency key is longer than 200 characters")
         if plan is None:
             task_id, created, _ = await self.store.create_task(
-                goal=goal, options=options, plan=None, idempotency_key=idempotency_key
+                goal=goal,
+                options=options,
+                plan=None,
+                idempotency_key=idempotency_key,
+                max_replans=self.settings.max_replans,
             )
             if created:
                 logger.info("task %s submitted; planning", task_id)
@@ -208,6 +208,7 @@ class Orchestrator:
             plan=self._resolve(graph, options),
             result_from=result_from,
             idempotency_key=idempotency_key,
+            max_replans=self.settings.max_replans,
         )
         if created:
             logger.info(
@@ -413,6 +414,108 @@ class Orchestrator:
         self.scheduler.set_task_limit(task_id, options.max_parallel)
         self.scheduler.enqueue(ready)
 
+    def _start_replanning(self, task_id: str, subtask_id: str) -> None:
+        job = asyncio.create_task(
+            self._replan(task_id, subtask_id), name=f"replan-{task_id}-{subtask_id}"
+        )
+        self._planning.add(job)
+        self._planning_ids.add(task_id)
+
+        def done(job: asyncio.Task[None]) -> None:
+            self._planning.discard(job)
+            self._planning_ids.discard(task_id)
+
+        job.add_done_callback(done)
+
+    async def _replan(self, task_id: str, failed_id: str) -> None:
+        """Ask the planner to replace a subtask that failed for good, and splice
+        the answer into the graph; if it cannot, the task fails."""
+        delay = 1.0
+        while True:
+            try:
+                async with self._planning_slots:
+                    await self._replan_once(task_id, failed_id)
+                return
+            except StoreUnavailable as e:
+                logger.warning("replanning task %s paused: %s", task_id, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except Exception as e:
+                logger.exception("replanning task %s failed unexpectedly", task_id)
+                with contextlib.suppress(StoreUnavailable):
+                    await self._replanning_failed(
+                        task_id, f"replanning failed: internal error ({type(e).__name__}: {e})"
+                    )
+                return
+
+    async def _replan_once(self, task_id: str, failed_id: str) -> None:
+        task = await self.store.get_task(task_id)
+        failed = next((s for s in task.subtasks if s.id == failed_id), None)
+        if task.status != TaskStatus.RUNNING or failed is None:
+            return
+        await self.store.note(
+            task_id,
+            TaskStatus.RUNNING,
+            EventType.PLAN_REQUESTED,
+            f"asking {self.planner.llm.describe()} to replace {failed_id} ({failed.title})",
+        )
+
+        async def rejected(message: str) -> None:
+            await self.store.note(task_id, TaskStatus.RUNNING, EventType.PLAN_REJECTED, message)
+
+        done = [s for s in task.subtasks if s.status == SubtaskStatus.SUCCEEDED]
+        try:
+            plan = await self.planner.replan(
+                task.goal,
+                failed=failed,
+                done=done,
+                capabilities=self.known_capabilities(),
+                on_rejected=rejected,
+            )
+        except (PlanError, LLMError, LLMUnavailable) as e:
+            await self._replanning_failed(
+                task_id,
+                f"subtask {failed_id} ({failed.title}) failed: {failed.error}; no replacement: {e}",
+            )
+            return
+        version = task.plan_version + 1
+        ids = {s.id: f"v{version}-{s.id}" for s in plan.subtasks}
+        renamed = Plan(
+            tuple(
+                replace(s, id=ids[s.id], depends_on=tuple(ids.get(d, d) for d in s.depends_on))
+                for s in plan.subtasks
+            )
+        )
+        graph = self._resolve(renamed, task.options)
+        needed = {d for s in graph.subtasks for d in s.depends_on}
+        sinks = [s.id for s in graph.subtasks if s.id not in needed]
+        waiting = [s.id for s in task.subtasks if failed_id in s.depends_on]
+        added = ", ".join(f"{s.id} ({s.title})" for s in graph.subtasks)
+        message = f"plan v{version}: {failed_id} ({failed.title}) failed; replaced by {added}"
+        if waiting:
+            message += f"; {', '.join(waiting)} now wait for {', '.join(sinks)}"
+        ready = await self.store.revise_plan(
+            task_id, failed_id, task.plan_version, graph.subtasks, sinks, message
+        )
+        if ready is None:
+            logger.info("task %s moved on while it was being replanned", task_id)
+            return
+        logger.info("task %s: %s", task_id, message)
+        self.scheduler.enqueue(ready)
+
+    async def _replanning_failed(self, task_id: str, reason: str) -> None:
+        logger.warning("task %s: %s", task_id, reason)
+        changed, _, held = await self.store.finish(
+            task_id,
+            TaskStatus.FAILED,
+            reason,
+            EventType.TASK_FAILED,
+            expected=(TaskStatus.RUNNING,),
+        )
+        if changed:
+            self._stop_attempts(held, "the task failed")
+            self.scheduler.forget_task(task_id)
+
     async def _planning_failed(self, task_id: str, reason: str) -> None:
         logger.warning("task %s: %s", task_id, reason)
         await self.store.finish(
@@ -507,6 +610,8 @@ class Orchestrator:
         self.scheduler.enqueue(outcome.ready)
         if outcome.held:
             self._stop_attempts(outcome.held, "the task failed")
+        for task_id, subtask_id in outcome.replan:
+            self._start_replanning(task_id, subtask_id)
         for task_id in outcome.finished:
             logger.info("task %s finished", task_id)
             self.scheduler.forget_task(task_id)

@@ -41,6 +41,8 @@ class SupervisorSettings(LLMSettings):
     """A worker silent this long loses its subtasks; they run again elsewhere."""
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Attempts per subtask before it fails for good (a task or subtask may say otherwise)."""
+    max_replans: int = Field(default=2, ge=0, le=10)
+    """With on_failure=replan: how often the planner may replace failed subtasks of one task."""
     subtask_timeout: Seconds = 1800.0
     """Longest one attempt may run, unless its task, subtask or capability says otherwise."""
     timeouts: DurationMap = Field(default_factory=lambda: {"echo": 60.0})

@@ -37,6 +37,7 @@ from taskloom.core.model import (
     Input,
     OnFailure,
     Plan,
+    PlannedSubtask,
     ProgressUpdate,
     Subtask,
     SubtaskFailure,
@@ -65,6 +66,7 @@ _SCRIPTS = (
     "lead",
     "cancel_subtask",
     "stopped",
+    "revise",
 )
 _FENCED = "TASKLOOM_FENCED"
 DEFAULT_MAX_ATTEMPTS = 3
@@ -93,6 +95,8 @@ class Outcome:
     finished: list[str] = field(default_factory=list)
     held: list[AttemptRef] = field(default_factory=list)
     """Attempts workers still hold in tasks that just ended: to be cancelled."""
+    replan: list[tuple[str, str]] = field(default_factory=list)
+    """``(task, subtask)``: failed for good in a task that replans; ask the planner."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,8 @@ class RecoveredTask:
     goal: str
     options: TaskOptions
     subtasks: tuple[RecoveredSubtask, ...]
+    replan_pending: str = ""
+    """A subtask whose replacement the planner was asked for when the supervisor stopped."""
 
 
 def new_task_id() -> str:
@@ -243,6 +249,7 @@ class Store:
         plan: Plan | None,
         result_from: Sequence[str] = (),
         idempotency_key: str = "",
+        max_replans: int = 0,
     ) -> tuple[str, bool, list[ReadyItem]]:
         """Store a new task (PLANNING, or RUNNING with ``plan``).
 
@@ -279,6 +286,9 @@ class Store:
                             "priority": options.priority,
                             "on_failure": options.on_failure,
                             "stall": repr(options.stall_timeout),
+                            "max_replans": max_replans,
+                            "replans": 0,
+                            "version": 1,
                             "created_at": repr(now),
                             "updated_at": repr(now),
                             "total": 0,
@@ -525,6 +535,43 @@ class Store:
         return task, sub, _outcome({"committed": [1], **reply})
 
     @_translated
+    async def revise_plan(
+        self,
+        task_id: str,
+        failed: str,
+        version: int,
+        subtasks: Sequence[PlannedSubtask],
+        sinks: Sequence[str],
+        message: str,
+    ) -> list[ReadyItem] | None:
+        """Replace the failed subtask with ``subtasks`` (ids already unique);
+        None if the task moved on (ended, or was revised already)."""
+        payload = [
+            task_id,
+            failed,
+            version,
+            [
+                [
+                    s.id,
+                    s.title,
+                    s.instruction,
+                    s.capability,
+                    list(s.depends_on),
+                    json.dumps(dict(s.params)),
+                    s.max_attempts or DEFAULT_MAX_ATTEMPTS,
+                    repr(s.timeout),
+                ]
+                for s in subtasks
+            ],
+            list(sinks),
+            message,
+        ]
+        reply = await self._run("revise", payload)
+        if not reply["ok"]:
+            return None
+        return [ReadyItem(t, s, cap, int(prio)) for t, s, cap, prio in _list(reply["ready"])]
+
+    @_translated
     async def stopped(self, refs: Sequence[AttemptRef], worker: str) -> None:
         """Log that a worker stopped these attempts after a Cancel."""
         await self._run("stopped", [[r.task_id, r.subtask_id, r.attempt, worker] for r in refs])
@@ -667,7 +714,16 @@ class Store:
                 if st
             )
             task = _task(raw, ())
-            recovered.append(RecoveredTask(task_id, task.status, task.goal, task.options, subs))
+            recovered.append(
+                RecoveredTask(
+                    task_id,
+                    task.status,
+                    task.goal,
+                    task.options,
+                    subs,
+                    raw.get("replan_pending", ""),
+                )
+            )
         return recovered
 
     @_translated
@@ -759,6 +815,7 @@ def _outcome(reply: Mapping[str, Any]) -> Outcome:
         ],
         finished=list(_list(reply["finished"])),
         held=[AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))],
+        replan=[(t, s) for t, s in _list(reply.get("replan"))],
     )
 
 
@@ -789,6 +846,7 @@ def _task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
         subtasks_total=int(raw.get("total") or 0),
         subtasks_succeeded=int(raw.get("succeeded") or 0),
         subtasks=subtasks,
+        plan_version=int(raw.get("version") or 1),
     )
 
 

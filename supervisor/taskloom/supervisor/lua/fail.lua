@@ -2,7 +2,8 @@
 -- failure with attempts left puts the subtask back to READY (the next
 -- assignment is attempt + 1); otherwise the subtask FAILS, and then by the
 -- task's on_failure policy either the task fails too (cancelling the rest)
--- or the subtask's dependents are skipped and the task runs on.
+-- or the subtask's dependents are skipped and the task runs on, or the
+-- planner is asked for a replacement (at most max_replans times).
 -- A failure that does not count (the worker died or shut down) uses up none
 -- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
 -- that kills every worker it lands on from looping for ever.
@@ -10,7 +11,7 @@
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
 --   priority, attempt}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
 local MAX_LOST = 20
-local committed, ready, finished, held = {}, {}, {}, {}
+local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
 for i, item in ipairs(PAYLOAD) do
   local task, sub, attempt, err, retryable = item[1], item[2], item[3], item[4], item[5]
   local counts = item[6] ~= 0
@@ -58,7 +59,17 @@ for i, item in ipairs(PAYLOAD) do
       local title = v[3]
       if title == nil or title == '' then title = sub end
       local reason = 'subtask ' .. sub .. ' (' .. title .. ') ' .. why
-      if redis.call('HGET', tk, 'on_failure') == 'skip' then
+      local policy = redis.call('HGET', tk, 'on_failure')
+      local replans = tonumber(redis.call('HGET', tk, 'replans') or '0')
+      local max_replans = tonumber(redis.call('HGET', tk, 'max_replans') or '0')
+      if policy == 'replan' and replans < max_replans
+          and redis.call('HGET', sk, 'tolerant') ~= '1' then
+        -- The task waits (its dependents stay PENDING) while the planner
+        -- replaces this step; recovery finds the mark and asks again.
+        redis.call('HSETNX', tk, 'first_failure', reason)
+        redis.call('HSET', tk, 'replan_pending', sub)
+        table.insert(replan, {task, sub})
+      elseif policy == 'skip' then
         redis.call('HSETNX', tk, 'first_failure', reason)
         redis.call('HINCRBY', tk, 'settled', 1)
         skip_dependents(task, sub, ready)
@@ -72,4 +83,5 @@ for i, item in ipairs(PAYLOAD) do
     end
   end
 end
-return cjson.encode({committed = committed, ready = ready, finished = finished, held = held})
+return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
+  replan = replan})

@@ -1,0 +1,94 @@
+-- Replace a subtask that failed for good with subtasks the planner wrote.
+-- The failed subtask stays FAILED; its dependents now wait for the new
+-- subtasks that nothing else in the replacement depends on (its sinks), and
+-- the task's result takes them where it took the failed one. Finished
+-- subtasks never change. The graph's version goes up by one.
+-- PAYLOAD: {task, failed, version, subtasks = {{id, title, instruction,
+--   capability, deps, params_json, max_attempts, timeout}, ...}, sinks, message}
+-- Returns JSON: {ok = 1|0, ready = {{task, sub, capability, priority}, ...}}
+local task, failed, version = PAYLOAD[1], PAYLOAD[2], PAYLOAD[3]
+local new, sinks, message = PAYLOAD[4], PAYLOAD[5], PAYLOAD[6]
+local tk, fk = k_task(task), k_subtask(task, failed)
+if redis.call('HGET', tk, 'status') ~= 'RUNNING'
+    or tonumber(redis.call('HGET', tk, 'version') or '1') ~= version
+    or redis.call('HGET', tk, 'replan_pending') ~= failed then
+  return cjson.encode({ok = 0, ready = {}})
+end
+local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
+local is_new, dependents = {}, {}
+for _, s in ipairs(new) do
+  is_new[s[1]] = true
+  dependents[s[1]] = {}
+end
+for _, s in ipairs(new) do
+  for _, dep in ipairs(s[5]) do
+    dependents[dep] = dependents[dep] or {}
+    table.insert(dependents[dep], s[1])
+  end
+end
+-- The failed step's dependents depend on the sinks instead.
+local waiting = cjson.decode(redis.call('HGET', fk, 'dependents') or '[]')
+for _, x in ipairs(waiting) do
+  local xk = k_subtask(task, x)
+  local deps = {}
+  for _, d in ipairs(cjson.decode(redis.call('HGET', xk, 'deps') or '[]')) do
+    if d ~= failed then table.insert(deps, d) end
+  end
+  for _, sink in ipairs(sinks) do
+    table.insert(deps, sink)
+    table.insert(dependents[sink], x)
+  end
+  redis.call('HSET', xk, 'deps', cjson.encode(deps))
+  redis.call('HINCRBY', xk, 'pending', #sinks - 1)
+end
+-- Existing subtasks the new ones depend on, not yet done, must tell them.
+for dep, list in pairs(dependents) do
+  if not is_new[dep] then
+    local dk = k_subtask(task, dep)
+    if redis.call('HGET', dk, 'status') ~= 'SUCCEEDED' then
+      local mine = cjson.decode(redis.call('HGET', dk, 'dependents') or '[]')
+      for _, d in ipairs(list) do table.insert(mine, d) end
+      redis.call('HSET', dk, 'dependents', cjson.encode(mine))
+    end
+  end
+end
+local ready = {}
+for _, s in ipairs(new) do
+  local id = s[1]
+  local pending = 0
+  for _, dep in ipairs(s[5]) do
+    if is_new[dep] or redis.call('HGET', k_subtask(task, dep), 'status') ~= 'SUCCEEDED' then
+      pending = pending + 1
+    end
+  end
+  local status = 'PENDING'
+  if pending == 0 then status = 'READY' end
+  redis.call('HSET', k_subtask(task, id), 'id', id, 'title', s[2], 'instruction', s[3],
+    'capability', s[4], 'deps', cjson.encode(s[5]), 'dependents', cjson.encode(dependents[id]),
+    'pending', pending, 'params', s[6], 'status', status, 'attempt', 0,
+    'max_attempts', s[7], 'timeout', s[8], 'tolerant', 0, 'created_at', NOW)
+  redis.call('RPUSH', k_subtasks(task), id)
+  if status == 'READY' then
+    redis.call('HSET', k_subtask(task, id), 'ready_at', NOW)
+    table.insert(ready, {task, id, s[4], priority})
+  end
+end
+local from = cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')
+local result_from = {}
+for _, sub in ipairs(from) do
+  if sub == failed then
+    for _, sink in ipairs(sinks) do table.insert(result_from, sink) end
+  else
+    table.insert(result_from, sub)
+  end
+end
+redis.call('HSET', tk, 'result_from', cjson.encode(result_from), 'version', version + 1,
+  'replan_pending', '', 'updated_at', NOW)
+redis.call('HINCRBY', tk, 'total', #new)
+redis.call('HINCRBY', tk, 'settled', 1)
+redis.call('HINCRBY', tk, 'replans', 1)
+emit(task, 'plan.revised', '', 'RUNNING', message, 0, '')
+for _, item in ipairs(ready) do
+  emit(task, 'subtask.ready', item[2], 'READY', '', 0, '')
+end
+return cjson.encode({ok = 1, ready = ready})
