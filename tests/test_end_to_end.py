@@ -385,3 +385,5 @@ async def test_a_frozen_worker_loses_its_lease_and_its_late_result_changes_nothi
     assert [e.worker for e in events if e.type == "subtask.succeeded"] == ["healthy"]
     retry = next(e for e in events if e.type == "subtask.retrying")
     assert "worker frozen stopped answering and its lease expired" in retry.message
+    # Its late attempt was rejected, and counted.
+    assert supervisor.current().stale_reports >= 1

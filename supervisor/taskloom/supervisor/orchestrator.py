@@ -72,6 +72,8 @@ class Orchestrator:
         self._planning_slots = asyncio.Semaphore(settings.planning_concurrency)
         self._planning: set[asyncio.Task[None]] = set()
         self._planning_ids: set[str] = set()
+        self.stale_reports = 0
+        """Reports for attempts that no longer hold their subtask: dropped, counted."""
         self._loops: list[asyncio.Task[None]] = []
         self._closing = asyncio.Event()
 
@@ -538,6 +540,9 @@ class Orchestrator:
             len(info.in_flight),
         )
         if stale:
+            # Their results, if any, are late: the worker drops them.
+            self.stale_reports += len(stale)
+            logger.info("worker %s holds %d stale attempts; cancelling them", info.name, len(stale))
             session.send(CancelAttempts(tuple(stale), "no longer assigned to this worker"))
         return session
 
@@ -631,6 +636,7 @@ class Orchestrator:
     def _count_stale(self, committed: Sequence[bool]) -> None:
         stale = sum(1 for ok in committed if not ok)
         if stale:
+            self.stale_reports += stale
             logger.debug("discarded %d stale reports", stale)
 
     @contextlib.contextmanager
