@@ -3,7 +3,9 @@ and a leader that lost its lease cannot write."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -12,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import NotLeader
 from taskloom.core.localredis import free_port
-from taskloom.core.model import TaskStatus
+from taskloom.core.model import Event, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
@@ -36,6 +38,10 @@ def supervisor_settings(supervisor_settings: SupervisorSettings) -> SupervisorSe
 @pytest.fixture
 def standby_settings(supervisor_settings: SupervisorSettings) -> SupervisorSettings:
     return supervisor_settings.model_copy(update={"supervisor_id": "standby"})
+
+
+async def _collect(events: AsyncIterator[Event]) -> list[Event]:
+    return [e async for e in events]
 
 
 async def test_a_standby_refuses_work_and_names_the_leader(
@@ -76,6 +82,8 @@ async def test_a_clean_shutdown_hands_over_and_the_task_finishes(
                 plan=plan(("a", "gate", "A"), ("b", "echo", "B", "a")),
             )
             await eventually(lambda: (processes.test_dir / "started-a-1").exists())
+            # A watcher started on the leader follows the task across the handover.
+            watched = asyncio.create_task(_collect(client.watch(task_id)))
 
             await leader.stop(grace=0.5)
             await eventually(lambda: standby.orchestrator is not None, timeout=10)
@@ -83,9 +91,14 @@ async def test_a_clean_shutdown_hands_over_and_the_task_finishes(
 
             (processes.test_dir / "open-a").write_text("")
             task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+            events = await asyncio.wait_for(watched, 30)
         assert task.status == TaskStatus.SUCCEEDED, task.error
         # The worker kept its attempt across the handover: it ran once.
         assert [s.attempt for s in task.subtasks] == [1, 1]
+        # The watcher missed nothing and saw nothing twice.
+        ids = [e.id for e in events]
+        assert len(ids) == len(set(ids)) and events[-1].type == "task.succeeded"
+        assert [e.type for e in events].count("subtask.succeeded") == 2
     finally:
         await leader.stop(grace=0.1)
         await standby.stop(grace=0.1)
