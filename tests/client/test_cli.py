@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import select
 import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pexpect
 import pytest
 
 from taskloom.client import SyncTaskloomClient, TaskloomClient
@@ -260,23 +263,52 @@ async def test_demo_with_ollama_plans_and_answers_with_the_model(
 
 
 def _submit_and_interrupt(address: str, plan_file: Path, answer: str) -> tuple[int, str]:
-    """Run ``submit --wait`` on a terminal, press Ctrl-C, answer the question."""
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "taskloom.client", "submit", "interrupt me", "--plan", str(plan_file), "--wait",
-         "--supervisor", address],
-        cwd=str(REPO), env={**os.environ, "COLUMNS": "200"}, encoding="utf-8", timeout=30,
+    """Run ``submit --wait`` on a terminal, press Ctrl-C, answer the question.
+
+    The child gets a pseudo-terminal from ``subprocess`` (fork and exec in C):
+    forking this process in Python, as pexpect does, is unsafe while gRPC
+    threads run in it.
+    """
+    master, slave = os.openpty()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "taskloom.client", "submit", "interrupt me", "--plan",
+         str(plan_file), "--wait", "--supervisor", address],
+        cwd=REPO, env={**os.environ, "COLUMNS": "200"},
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
     )  # fmt: skip
+    os.close(slave)
+    output = ""
+
+    def read_until(pattern: str, timeout: float = 30.0) -> None:
+        nonlocal output
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, output):
+            if time.monotonic() > deadline or (child.poll() is not None and not _readable(master)):
+                raise AssertionError(f"no {pattern!r} in the output:\n{output}")
+            if _readable(master):
+                try:
+                    output += os.read(master, 65536).decode(errors="replace")
+                except OSError:  # EIO: the child has closed the terminal
+                    time.sleep(0.05)
+
     try:
-        child.expect("following it")
-        child.expect("RUNNING")
-        child.sendintr()
-        child.expect(r"cancel task \w+\? \[y/N\]")
-        child.sendline(answer)
-        child.expect(pexpect.EOF)
+        read_until("following it")
+        read_until("RUNNING")
+        child.send_signal(signal.SIGINT)
+        read_until(r"cancel task \w+\? \[y/N\]")
+        os.write(master, f"{answer}\n".encode())
+        read_until("CANCELLED" if answer == "y" else "goes on")
+        code = child.wait(30)
     finally:
-        child.close()
-    return child.exitstatus if child.exitstatus is not None else -1, str(child.before)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.close(master)
+    return code, output
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0.1)[0])
 
 
 @pytest.mark.parametrize("answer", ["y", "n"])
