@@ -203,7 +203,10 @@ class TaskloomClient:
                 return
             except grpc.aio.AioRpcError as e:
                 error = from_rpc_error(e, target=self._addresses[self._current])
-                if not isinstance(error, Unavailable):
+                # A server that stops cancels the streams it still has open:
+                # from here that is the supervisor going away, not our cancel.
+                gone = e.code() == grpc.StatusCode.CANCELLED
+                if not (gone or isinstance(error, Unavailable)):
                     raise error from None
                 self._current = (self._current + 1) % len(self._stubs)
                 now = time.monotonic()
