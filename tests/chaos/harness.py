@@ -351,8 +351,14 @@ class Cluster:
                 os.killpg(member.process.pid, signal.SIGKILL)
             member.process.wait()
         for process in self._stopped:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                # A SIGTERMed process must exit by itself; say so, then clean up.
+                print(f"process {process.pid} ignored SIGTERM for 15 s", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         self.redis.stop()
 
     # the task

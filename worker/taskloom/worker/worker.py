@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 ACK_WAIT = 5.0
 """On shutdown, how long to wait for the last reports to be acknowledged."""
+SHUTDOWN_WAIT = 5.0
+"""Then, how long closing the connection and the LLM client may take."""
 
 
 class Worker:
@@ -114,11 +116,18 @@ class Worker:
             await self._stopped.wait()
         finally:
             await self._connection.close()
-            await asyncio.gather(connection, return_exceptions=True)
             for task in self._running.values():
                 task.cancel()
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
-            await self.llm.close()
+            # Once stopping, the worker exits: a gRPC call or channel that
+            # never finishes closing (seen when the supervisor died during a
+            # drain) must not keep the process alive.
+            pending = [connection, *self._running.values()]
+            _, stuck = await asyncio.wait(pending, timeout=SHUTDOWN_WAIT)
+            if stuck:
+                logger.warning("%d tasks did not stop within %.0fs; exiting anyway", len(stuck),
+                               SHUTDOWN_WAIT)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.llm.close(), SHUTDOWN_WAIT)
 
     def _on_signal(self) -> None:
         if self._draining:
