@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 from taskloom.core.errors import (
@@ -350,7 +350,34 @@ class Orchestrator:
     # -- planning --------------------------------------------------------------------
 
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
-        job = asyncio.create_task(self._plan(task_id, goal, options), name=f"plan-{task_id}")
+        self._spawn_planner(
+            task_id,
+            f"plan-{task_id}",
+            "planning",
+            lambda: self._plan_once(task_id, goal, options),
+            lambda reason: self._planning_failed(task_id, reason),
+        )
+
+    def _start_replanning(self, task_id: str, subtask_id: str) -> None:
+        """Ask the planner to replace a subtask that failed for good, and splice
+        the answer into the graph; if it cannot, the task fails."""
+        self._spawn_planner(
+            task_id,
+            f"replan-{task_id}-{subtask_id}",
+            "replanning",
+            lambda: self._replan_once(task_id, subtask_id),
+            lambda reason: self._replanning_failed(task_id, reason),
+        )
+
+    def _spawn_planner(
+        self,
+        task_id: str,
+        name: str,
+        what: str,
+        once: Callable[[], Awaitable[None]],
+        give_up: Callable[[str], Awaitable[None]],
+    ) -> None:
+        job = asyncio.create_task(self._keep_planning(task_id, what, once, give_up), name=name)
         self._planning.add(job)
         self._planning_ids.add(task_id)
 
@@ -360,25 +387,29 @@ class Orchestrator:
 
         job.add_done_callback(done)
 
-    async def _plan(self, task_id: str, goal: str, options: TaskOptions) -> None:
+    async def _keep_planning(
+        self,
+        task_id: str,
+        what: str,
+        once: Callable[[], Awaitable[None]],
+        give_up: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Run ``once`` through Redis outages (the task waits in Redis meanwhile);
+        a bug ends the task through ``give_up`` rather than leaving it waiting."""
         delay = 1.0
         while True:
             try:
                 async with self._planning_slots:
-                    await self._plan_once(task_id, goal, options)
+                    await once()
                 return
             except StoreUnavailable as e:
-                # The task is still PLANNING in Redis; try again when it is back.
-                logger.warning("planning task %s paused: %s", task_id, e)
+                logger.warning("%s task %s paused: %s", what, task_id, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
             except Exception as e:
-                # A bug must not leave the task PLANNING for ever.
-                logger.exception("planning task %s failed unexpectedly", task_id)
+                logger.exception("%s task %s failed unexpectedly", what, task_id)
                 with contextlib.suppress(StoreUnavailable):
-                    await self._planning_failed(
-                        task_id, f"planning failed: internal error ({type(e).__name__}: {e})"
-                    )
+                    await give_up(f"{what} failed: internal error ({type(e).__name__}: {e})")
                 return
 
     async def _plan_once(self, task_id: str, goal: str, options: TaskOptions) -> None:
@@ -415,40 +446,6 @@ class Orchestrator:
         logger.info("task %s planned: %d subtasks", task_id, len(graph.subtasks))
         self.scheduler.set_task_limit(task_id, options.max_parallel)
         self.scheduler.enqueue(ready)
-
-    def _start_replanning(self, task_id: str, subtask_id: str) -> None:
-        job = asyncio.create_task(
-            self._replan(task_id, subtask_id), name=f"replan-{task_id}-{subtask_id}"
-        )
-        self._planning.add(job)
-        self._planning_ids.add(task_id)
-
-        def done(job: asyncio.Task[None]) -> None:
-            self._planning.discard(job)
-            self._planning_ids.discard(task_id)
-
-        job.add_done_callback(done)
-
-    async def _replan(self, task_id: str, failed_id: str) -> None:
-        """Ask the planner to replace a subtask that failed for good, and splice
-        the answer into the graph; if it cannot, the task fails."""
-        delay = 1.0
-        while True:
-            try:
-                async with self._planning_slots:
-                    await self._replan_once(task_id, failed_id)
-                return
-            except StoreUnavailable as e:
-                logger.warning("replanning task %s paused: %s", task_id, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-            except Exception as e:
-                logger.exception("replanning task %s failed unexpectedly", task_id)
-                with contextlib.suppress(StoreUnavailable):
-                    await self._replanning_failed(
-                        task_id, f"replanning failed: internal error ({type(e).__name__}: {e})"
-                    )
-                return
 
     async def _replan_once(self, task_id: str, failed_id: str) -> None:
         task = await self.store.get_task(task_id)
