@@ -3,15 +3,20 @@ detection, the on_failure policy, and cancelling one subtask."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import InvalidArgument, TaskFinished
-from taskloom.core.model import Event, SubtaskStatus, TaskStatus
+from taskloom.core.localredis import LocalRedis
+from taskloom.core.model import Event, SubtaskResult, SubtaskStatus, TaskStatus
 from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.store import ReadyItem
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
 from tests.helpers import eventually, plan, wait_status, wait_subtask
@@ -199,3 +204,34 @@ async def test_replanning_stops_after_max_replans_and_the_task_fails(
     assert task.plan_version == 3  # two replacements, then no more
     assert task.error == "subtask v3-again (Again) failed: cannot do 'no'"
     assert len(await events_of(supervisor, task.id, "plan.revised")) == 2
+
+
+async def test_a_commit_whose_caller_goes_away_still_unlocks_the_dependents(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    redis_server: LocalRedis,
+) -> None:
+    # As when a worker's stream ends just after its result was sent: the
+    # reader committing it is cancelled while Redis runs the commit.
+    task_id = await client.submit(
+        "cut short", plan=plan(("a", "echo", "A"), ("b", "echo", "B", "a"))
+    )
+    (assigned,) = await supervisor.store.assign([(ReadyItem(task_id, "a", "echo"), "w0", "w0")])
+    assert assigned is not None
+    supervisor.scheduler.restore_lease(assigned.ref, "w0", "w0")
+    raw: Any = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await raw.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+        reader = asyncio.create_task(
+            supervisor.current().completed([SubtaskResult(assigned.ref, "A")])
+        )
+        await asyncio.sleep(0.2)
+        reader.cancel()
+    finally:
+        await raw.aclose()
+
+    processes.worker(supervisor.address)
+    task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, timeout=20)
+    # The commit ran to its end (a was not run again) and unlocked b.
+    assert [(s.id, s.attempt, s.output) for s in task.subtasks] == [("a", 1, "A"), ("b", 1, "B")]

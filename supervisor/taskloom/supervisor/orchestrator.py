@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any, TypeVar
 
 from taskloom.core.errors import (
     InvalidArgument,
@@ -46,6 +47,7 @@ from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.supervisor.store import Outcome, ReadyItem, Store
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _EVENT_ID = re.compile(r"^\d+-\d+$")
 _UNFINISHED = (TaskStatus.PLANNING, TaskStatus.RUNNING, TaskStatus.AWAITING_APPROVAL)
@@ -72,6 +74,7 @@ class Orchestrator:
         self._planning_slots = asyncio.Semaphore(settings.planning_concurrency)
         self._planning: set[asyncio.Task[None]] = set()
         self._planning_ids: set[str] = set()
+        self._unbroken_jobs: set[asyncio.Future[Any]] = set()
         self.stale_reports = 0
         """Reports for attempts that no longer hold their subtask: dropped, counted."""
         self._loops: list[asyncio.Task[None]] = []
@@ -185,17 +188,7 @@ class Orchestrator:
         if len(idempotency_key) > 200:
             raise InvalidArgument("the idempotency key is longer than 200 characters")
         if plan is None:
-            task_id, created, _ = await self.store.create_task(
-                goal=goal,
-                options=options,
-                plan=None,
-                idempotency_key=idempotency_key,
-                max_replans=self.settings.max_replans,
-            )
-            if created:
-                logger.info("task %s submitted; planning", task_id)
-                self._start_planning(task_id, goal, options)
-            return task_id, created
+            return await self._unbroken(self._create(goal, options, None, (), idempotency_key))
         if plan.synthesize is not None:
             options = replace(options, synthesize=plan.synthesize)
         check_plan(
@@ -204,15 +197,33 @@ class Orchestrator:
             limits=self.settings.explicit_plan_limits(),
         )
         graph, result_from = finalize(plan, synthesize=options.synthesize)
+        return await self._unbroken(
+            self._create(goal, options, self._resolve(graph, options), result_from, idempotency_key)
+        )
+
+    async def _create(
+        self,
+        goal: str,
+        options: TaskOptions,
+        graph: Plan | None,
+        result_from: Sequence[str],
+        idempotency_key: str,
+    ) -> tuple[str, bool]:
+        """Store the task, then plan it or queue its READY subtasks."""
         task_id, created, ready = await self.store.create_task(
             goal=goal,
             options=options,
-            plan=self._resolve(graph, options),
+            plan=graph,
             result_from=result_from,
             idempotency_key=idempotency_key,
             max_replans=self.settings.max_replans,
         )
-        if created:
+        if not created:
+            return task_id, created
+        if graph is None:
+            logger.info("task %s submitted; planning", task_id)
+            self._start_planning(task_id, goal, options)
+        else:
             logger.info(
                 "task %s submitted with a plan of %d subtasks", task_id, len(graph.subtasks)
             )
@@ -254,24 +265,29 @@ class Orchestrator:
         reason = reason.strip()[:500] or "cancelled on request"
         if subtask_id:
             return await self._cancel_subtask(task_id, subtask_id, reason)
-        changed, found, held = await self.store.finish(
-            task_id, TaskStatus.CANCELLED, reason, EventType.TASK_CANCELLED, expected=_UNFINISHED
-        )
+        found = await self._unbroken(self._cancel_task(task_id, reason))
         if found is None:
             raise TaskNotFound(task_id)
-        if not changed and found != TaskStatus.CANCELLED:
+        if found not in (*_UNFINISHED, TaskStatus.CANCELLED):
             raise TaskFinished(
                 f"task {task_id} already ended as {found}; only unfinished tasks can be cancelled"
             )
+        return await self.store.get_task(task_id)
+
+    async def _cancel_task(self, task_id: str, reason: str) -> TaskStatus | None:
+        """End the task as CANCELLED and stop its attempts; returns the state it was in."""
+        changed, found, held = await self.store.finish(
+            task_id, TaskStatus.CANCELLED, reason, EventType.TASK_CANCELLED, expected=_UNFINISHED
+        )
         if changed:
             logger.info("task %s cancelled: %s", task_id, reason)
             self._stop_attempts(held, reason)
             self.scheduler.forget_task(task_id)
-        return await self.store.get_task(task_id)
+        return found
 
     async def _cancel_subtask(self, task_id: str, subtask_id: str, reason: str) -> Task:
-        task_status, sub_status, outcome = await self.store.cancel_subtask(
-            task_id, subtask_id, reason
+        task_status, sub_status, outcome = await self._unbroken(
+            self._cancel_one(task_id, subtask_id, reason)
         )
         if task_status is None:
             raise TaskNotFound(task_id)
@@ -289,10 +305,18 @@ class Orchestrator:
                 f"subtask {subtask_id} already ended as {sub_status}; only unfinished "
                 "subtasks can be cancelled"
             )
-        logger.info("subtask %s of task %s cancelled: %s", subtask_id, task_id, reason)
-        self._stop_attempts(outcome.held, reason)
-        self._apply(outcome, [])
         return await self.store.get_task(task_id)
+
+    async def _cancel_one(
+        self, task_id: str, subtask_id: str, reason: str
+    ) -> tuple[TaskStatus | None, SubtaskStatus | None, Outcome | None]:
+        found = await self.store.cancel_subtask(task_id, subtask_id, reason)
+        outcome = found[2]
+        if outcome is not None:
+            logger.info("subtask %s of task %s cancelled: %s", subtask_id, task_id, reason)
+            self._stop_attempts(outcome.held, reason)
+            self._apply(outcome, [])
+        return found
 
     async def watch(self, task_id: str, after: str = "") -> AsyncIterator[list[Event]]:
         """The task's events after ``after``: first the log, then live; ends after the terminal one.
@@ -566,19 +590,35 @@ class Orchestrator:
 
     async def completed(self, results: Sequence[SubtaskResult]) -> list[AttemptRef]:
         """Commit results; returns the refs to acknowledge (committed or stale)."""
-        with self._checked():
-            outcome = await self.store.complete(results)
         refs = [r.ref for r in results]
-        self._apply(outcome, refs)
+        await self._unbroken(self._commit(self.store.complete(results), refs))
         return refs
 
     async def failed(self, failures: Sequence[SubtaskFailure]) -> list[AttemptRef]:
         """Commit failures; returns the refs to acknowledge."""
-        with self._checked():
-            outcome = await self.store.fail(failures)
         refs = [f.ref for f in failures]
-        self._apply(outcome, refs)
+        await self._unbroken(self._commit(self.store.fail(failures), refs))
         return refs
+
+    async def _commit(self, write: Awaitable[Outcome], refs: Sequence[AttemptRef]) -> None:
+        with self._checked():
+            outcome = await write
+        self._apply(outcome, refs)
+
+    async def _unbroken(self, work: Awaitable[T]) -> T:
+        """Run ``work`` to its end even if the caller is cancelled (its worker's
+        stream or its client's call ended). A write to Redis and what the
+        scheduler learns from it must not come apart: subtasks made READY in
+        Redis but never queued would wait for ever."""
+        job = asyncio.ensure_future(work)
+        self._unbroken_jobs.add(job)
+        job.add_done_callback(self._unbroken_done)
+        return await asyncio.shield(job)
+
+    def _unbroken_done(self, job: asyncio.Future[Any]) -> None:
+        self._unbroken_jobs.discard(job)
+        if not job.cancelled():
+            job.exception()  # retrieved here: the caller that wanted it may be gone
 
     async def _leases_expired(self, leases: list[Lease]) -> None:
         failures = [
