@@ -17,7 +17,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# The embedded extra builds llama-cpp-python from source the first time
+	# (about 3.5 minutes on 2 cores; pip caches the wheel). GGML_NATIVE=OFF:
+	# a build tuned to the build machine's CPU crashes on some others.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,embedded]'
 	touch $@
 
 demo: setup

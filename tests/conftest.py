@@ -93,7 +93,9 @@ async def stop_or_explain(server: Supervisor) -> None:
             await server.stop(grace=0.5)
     except TimeoutError:
         for task in asyncio.all_tasks():
-            task.print_stack(file=sys.stderr)
+            frames = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                      for f in task.get_stack()]  # fmt: skip
+            print(f"{task.get_name()}: {' <- '.join(reversed(frames))}", file=sys.stderr)
         raise
 
 

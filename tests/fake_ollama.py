@@ -1,10 +1,13 @@
 """A real HTTP server that speaks Ollama's API, scripted by the test.
 
 It serves ``/api/chat`` (streamed as NDJSON or not, with ``format``),
-``/api/tags`` and ``/api/version`` on a free loopback port, from a thread of
-its own, so supervisors and worker processes reach it as they would reach
-Ollama. Every chat call is recorded; the test's ``responder`` decides each
-reply and may block (to hold a subtask open) or return an ``HTTPError``.
+``/api/tags``, ``/api/show`` and ``/api/version`` on a free loopback port,
+from a thread of its own, so supervisors and worker processes reach it as
+they would reach Ollama. It also speaks the OpenAI-compatible API under
+``/v1`` (``/v1/chat/completions`` streamed as server-sent events or not, with
+``response_format``; ``/v1/models``), as vLLM or llama.cpp's server would.
+Every chat call is recorded; the test's ``responder`` decides each reply and
+may block (to hold a subtask open) or return an ``HTTPError``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class ChatCall:
     format: Any
     stream: bool
     options: dict[str, Any]
+    api: str = "ollama"
     received_at: float = field(default_factory=time.monotonic)
     responded_at: float | None = None
 
@@ -54,8 +58,15 @@ Responder = Callable[[ChatCall], "str | HTTPError"]
 class FakeOllama:
     """Ollama's HTTP API on ``url``; set ``responder`` to script replies."""
 
-    def __init__(self, models: tuple[str, ...] = ("llama3.2:latest",)) -> None:
+    def __init__(
+        self, models: tuple[str, ...] = ("llama3.2:latest",), *, context_length: int = 8192
+    ) -> None:
         self.models = models
+        self.context_length = context_length
+        self.structured_output = True
+        """False: the OpenAI API refuses response_format, like servers without it."""
+        self.api_key = ""
+        """Set: the OpenAI API wants this bearer token."""
         self.calls: list[ChatCall] = []
         self.responder: Responder = lambda call: f"echo: {call.prompt[-200:]}"
         self._lock = threading.Lock()
@@ -72,17 +83,33 @@ class FakeOllama:
                     self._json(200, {"version": "0.12.0"})
                 elif self.path == "/api/tags":
                     self._json(200, {"models": [_model(m) for m in fake.models]})
+                elif self.path == "/v1/models":
+                    if self._authorized():
+                        self._json(200, {"object": "list", "data": [
+                            {"id": m.removesuffix(":latest"), "object": "model"}
+                            for m in fake.models
+                        ]})  # fmt: skip
                 else:
                     self._json(404, {"error": "not found"})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                known = {m.removesuffix(":latest") for m in fake.models} | set(fake.models)
+                if self.path == "/api/show":
+                    if body.get("model") not in known:
+                        self._json(404, {"error": f"model '{body.get('model')}' not found"})
+                        return
+                    info = {"general.architecture": "llama",
+                            "llama.context_length": fake.context_length}  # fmt: skip
+                    self._json(200, {"modelfile": "", "template": "", "model_info": info})
+                    return
+                if self.path == "/v1/chat/completions":
+                    self._openai_chat(body, known)
+                    return
                 if self.path != "/api/chat":
                     self._json(404, {"error": "not found"})
                     return
-                if body.get("model") not in {m.removesuffix(":latest") for m in fake.models} | set(
-                    fake.models
-                ):
+                if body.get("model") not in known:
                     self._json(404, {"error": f"model '{body.get('model')}' not found"})
                     return
                 call = ChatCall(
@@ -105,6 +132,67 @@ class FakeOllama:
                     self._stream(call, reply)
                 else:
                     self._json(200, _chunk(call, reply, done=True))
+
+            def _authorized(self) -> bool:
+                if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    self._json(401, {"error": {"message": "Incorrect API key provided"}})
+                    return False
+                return True
+
+            def _openai_chat(self, body: dict[str, Any], known: set[str]) -> None:
+                if not self._authorized():
+                    return
+                if body.get("model") not in known:
+                    error = {"message": f"The model `{body.get('model')}` does not exist"}
+                    self._json(404, {"error": error})
+                    return
+                response_format = body.get("response_format")
+                if response_format is not None and not fake.structured_output:
+                    self._json(400, {"error": {"message": "response_format is not supported"}})
+                    return
+                schema = (response_format or {}).get("json_schema", {}).get("schema")
+                call = ChatCall(
+                    model=body["model"],
+                    messages=body.get("messages", []),
+                    format=schema,
+                    stream=bool(body.get("stream", False)),
+                    options={k: body[k] for k in ("temperature", "max_tokens") if k in body},
+                    api="openai",
+                )
+                with fake._lock:
+                    fake.calls.append(call)
+                try:
+                    reply = fake.responder(call)
+                except Exception as e:
+                    reply = HTTPError(500, f"responder failed: {e!r}")
+                call.responded_at = time.monotonic()
+                if isinstance(reply, HTTPError):
+                    self._json(reply.status, {"error": {"message": reply.message}})
+                    return
+                usage = {"prompt_tokens": sum(len(m["content"]) // 4 for m in call.messages),
+                         "completion_tokens": 7}  # fmt: skip
+                if not call.stream:
+                    self._json(200, {
+                        "id": "chatcmpl-1", "object": "chat.completion", "model": call.model,
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": reply}}],
+                        "usage": usage,
+                    })  # fmt: skip
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                events: list[dict[str, Any]] = [
+                    {"choices": [{"index": 0, "delta": {"content": reply[i : i + 16]}}]}
+                    for i in range(0, len(reply), 16)
+                ]
+                events.append({"choices": [], "usage": usage})
+                lines = [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+                for line in lines:
+                    data = line.encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
 
             def _json(self, status: int, payload: Any) -> None:
                 data = json.dumps(payload).encode()

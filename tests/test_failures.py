@@ -217,7 +217,9 @@ async def test_a_commit_whose_caller_goes_away_still_unlocks_the_dependents(
     task_id = await client.submit(
         "cut short", plan=plan(("a", "echo", "A"), ("b", "echo", "B", "a"))
     )
-    (assigned,) = await supervisor.store.assign([(ReadyItem(task_id, "a", "echo"), "w0", "w0")])
+    (assigned,), _ = await supervisor.store.assign(
+        [(ReadyItem(task_id, "a", "echo"), "w0", "w0", "")]
+    )
     assert assigned is not None
     supervisor.scheduler.restore_lease(assigned.ref, "w0", "w0")
     raw: Any = aioredis.Redis.from_url(redis_server.url)

@@ -24,10 +24,12 @@ from taskloom.supervisor.app import Supervisor
 from tests.conftest import REPO, Processes
 from tests.fake_ollama import FakeOllama
 from tests.helpers import plan, wait_subtask
+from tests.test_real_model import embedded_model_present
 
-TASK_KEYS = {"id", "status", "goal", "result", "error", "subtasks"}
+TASK_KEYS = {"id", "status", "goal", "result", "error", "failure_reason", "usage", "subtasks"}
 SUBTASK_KEYS = {
-    "id", "title", "capability", "depends_on", "status", "output", "error", "attempts", "worker"
+    "id", "title", "capability", "depends_on", "status", "output", "error", "attempts", "worker",
+    "cache_hit", "usage",
 }  # fmt: skip
 EVENT_KEYS = {"event_id", "time", "type", "task_id", "subtask_id", "status", "message"}
 
@@ -76,6 +78,10 @@ async def test_submit_wait_json_prints_the_finished_task(
         "SUCCEEDED", "count", "two", ""
     )  # fmt: skip
     assert [set(s) for s in task["subtasks"]] == [SUBTASK_KEYS, SUBTASK_KEYS]
+    assert task["failure_reason"] is None
+    assert task["usage"] == {
+        "input_tokens": 0, "output_tokens": 0, "calls": 0, "seconds": 0.0, "models": []
+    }  # fmt: skip
     b = task["subtasks"][1]
     assert (b["id"], b["depends_on"], b["status"], b["output"], b["attempts"]) == (
         "b", ["a"], "SUCCEEDED", "two", 1
@@ -230,17 +236,26 @@ async def test_up_runs_a_whole_cluster_and_ctrl_c_stops_all_of_it(tmp_path: Path
     assert "draining" in logs
 
 
-async def test_demo_without_ollama_says_so_and_shows_the_machinery_anyway(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_demo_without_ollama_says_so_and_runs_anyway(tmp_path: Path) -> None:
+    """With the embedded extra (as `make demo` installs it) the tiny offline
+    model stands in; without it, an explicit plan of echo subtasks."""
     env = {"OLLAMA_HOST": f"127.0.0.1:{free_port()}"}
     code, out, err = await asyncio.wait_for(
         taskloom("up", "--workers", "1", "--data-dir", str(tmp_path), "--demo", "a goal", env=env),
-        120,
+        800,
     )
     assert code == 0, err
     assert "No usable Ollama: cannot reach Ollama at http://127.0.0.1:" in err
     assert "https://ollama.com/download" in err and "ollama pull llama3.2" in err
     assert "Traceback" not in err
-    assert "SUCCEEDED" in out and "Combine outline and examples." in out
+    assert "SUCCEEDED" in out
+    if embedded_model_present():
+        assert "Using the embedded model instead: SmolLM2-135M, a tiny offline model" in err
+        assert "note: answered by SmolLM2-135M, a tiny offline model" in out
+    else:
+        assert "Combine outline and examples." in out
 
 
 async def test_demo_with_ollama_plans_and_answers_with_the_model(

@@ -70,7 +70,7 @@ async def start(
 
 
 async def run(store: Store, item: ReadyItem, output: str = "out") -> AttemptRef:
-    (assignment,) = await store.assign([(item, "wid", "w")])
+    (assignment,), _ = await store.assign([(item, "wid", "w", "")])
     assert assignment is not None
     outcome = await store.complete([SubtaskResult(assignment.ref, output)])
     assert outcome.committed == [True]
@@ -83,7 +83,7 @@ async def test_completion_unlocks_dependents_only_when_all_their_dependencies_su
     task_id, ready = await start(store)
     assert [(r.subtask_id, r.capability) for r in ready] == [("a", "echo")]
 
-    (a,) = await store.assign([(ready[0], "wid", "w1")])
+    (a,), _ = await store.assign([(ready[0], "wid", "w1", "")])
     assert a is not None and a.attempt == 1 and a.goal == "g" and a.inputs == ()
     outcome = await store.complete([SubtaskResult(a.ref, "A-out")])
     assert sorted((r.subtask_id, r.capability) for r in outcome.ready) == [
@@ -96,12 +96,12 @@ async def test_completion_unlocks_dependents_only_when_all_their_dependencies_su
     task = await store.get_task(task_id)
     assert {s.id: s.status for s in task.subtasks}["d"] == SubtaskStatus.PENDING
 
-    (c,) = await store.assign([(c_item, "wid", "w2")])
+    (c,), _ = await store.assign([(c_item, "wid", "w2", "")])
     assert c is not None and [(i.subtask_id, i.output) for i in c.inputs] == [("a", "A-out")]
     outcome = await store.complete([SubtaskResult(c.ref, "C-out")])
     assert [r.subtask_id for r in outcome.ready] == ["d"]
 
-    (d,) = await store.assign([(outcome.ready[0], "wid", "w1")])
+    (d,), _ = await store.assign([(outcome.ready[0], "wid", "w1", "")])
     assert d is not None
     assert [(i.subtask_id, i.title, i.output) for i in d.inputs] == [
         ("b", "B", "B-out"),
@@ -115,11 +115,11 @@ async def test_completion_unlocks_dependents_only_when_all_their_dependencies_su
 
 async def test_reports_from_an_older_attempt_are_discarded(store: Store) -> None:
     task_id, (item,) = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
-    (first,) = await store.assign([(item, "wid", "slow")])
+    (first,), _ = await store.assign([(item, "wid", "slow", "")])
     assert first is not None
     outcome = await store.fail([SubtaskFailure(first.ref, "lost", retryable=True)])
     assert outcome.committed == [True] and outcome.ready[0].failed_attempt == 1
-    (second,) = await store.assign([(outcome.ready[0], "wid2", "fast")])
+    (second,), _ = await store.assign([(outcome.ready[0], "wid2", "fast", "")])
     assert second is not None and second.attempt == 2
 
     # The slow worker comes back from a partition with attempt 1.
@@ -138,13 +138,13 @@ async def test_reports_from_an_older_attempt_are_discarded(store: Store) -> None
 
 async def test_a_subtask_queued_twice_is_assigned_once(store: Store) -> None:
     _, (item,) = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
-    first, second = await store.assign([(item, "w1", "w1"), (item, "w2", "w2")])
+    (first, second), _ = await store.assign([(item, "w1", "w1", ""), (item, "w2", "w2", "")])
     assert first is not None and second is None
 
 
 async def test_every_transition_is_logged_in_order_with_its_state(store: Store) -> None:
     task_id, (item,) = await start(store, Plan((PlannedSubtask("a", "A", "x", "echo"),)))
-    (a,) = await store.assign([(item, "wid", "w1")])
+    (a,), _ = await store.assign([(item, "wid", "w1", "")])
     assert a is not None
     await store.start([a.ref])
     await store.progress([ProgressUpdate(a.ref, "halfway")])
@@ -209,7 +209,7 @@ async def test_the_same_idempotency_key_returns_the_same_task(store: Store) -> N
 
 async def test_cancel_and_planning_failure_end_only_the_states_they_expect(store: Store) -> None:
     task_id, (item,) = await start(store)
-    (a,) = await store.assign([(item, "wid", "w1")])
+    (a,), _ = await store.assign([(item, "wid", "w1", "")])
     assert a is not None
     changed, found, held = await store.finish(
         task_id,
@@ -265,7 +265,7 @@ async def test_listing_pages_newest_first_and_filters_by_state(store: Store) -> 
 
 async def test_recovery_reads_unfinished_tasks_with_their_subtasks(store: Store) -> None:
     task_id, (item,) = await start(store)
-    (a,) = await store.assign([(item, "wid-1", "w1")])
+    (a,), _ = await store.assign([(item, "wid-1", "w1", "")])
     assert a is not None
     planning, _, _ = await store.create_task(goal="later", options=TaskOptions(), plan=None)
     recovered = {t.task_id: t for t in await store.load_active()}
@@ -307,13 +307,13 @@ async def test_attempts_lost_with_their_worker_do_not_use_up_max_attempts(store:
     )
     item = ReadyItem(task_id, "a", "echo")
     for attempt in (1, 2, 3):
-        (assigned,) = await store.assign([(item, "w1", "w1")])
+        (assigned,), _ = await store.assign([(item, "w1", "w1", "")])
         assert assigned is not None and assigned.attempt == attempt
         lost = await store.fail([SubtaskFailure(assigned.ref, "worker w1 stopped answering",
                                                 counts=False)])  # fmt: skip
         assert [r.subtask_id for r in lost.ready] == ["a"] and not lost.finished
 
-    (assigned,) = await store.assign([(item, "w2", "w2")])
+    (assigned,), _ = await store.assign([(item, "w2", "w2", "")])
     assert assigned is not None
     outcome = await store.fail([SubtaskFailure(assigned.ref, "boom")])
     assert outcome.finished == [task_id]

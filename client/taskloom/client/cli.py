@@ -38,7 +38,16 @@ from taskloom.core.errors import (
     Unavailable,
 )
 from taskloom.core.llm import create_llm
-from taskloom.core.model import OnFailure, Plan, PlannedSubtask, Task, TaskStatus
+from taskloom.core.llm.embedded import TINY_NOTICE
+from taskloom.core.model import (
+    ContextMode,
+    Fallback,
+    OnFailure,
+    Plan,
+    PlannedSubtask,
+    Task,
+    TaskStatus,
+)
 from taskloom.core.plan import parse_plan
 from taskloom.core.settings import LLMSettings, parse_duration
 
@@ -220,6 +229,25 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
 @click.option("--timeout", "subtask_timeout", metavar="DURATION", help="Longest one attempt runs")
 @click.option("--stall-timeout", metavar="DURATION", help="Longest an attempt may show no progress")
 @click.option(
+    "--fallback",
+    type=click.Choice([f.value for f in Fallback]),
+    default=Fallback.NONE.value,
+    help="If the model gives no valid plan: fail, or run the goal as one subtask",
+)
+@click.option(
+    "--context-tokens", type=click.IntRange(0), default=0, help="Context budget of an llm call"
+)
+@click.option(
+    "--context",
+    "context_mode",
+    type=click.Choice([c.value for c in ContextMode]),
+    default=ContextMode.TRUNCATE.value,
+    help="Inputs over the budget: cut them, or summarise them first",
+)
+@click.option("--max-tokens", type=click.IntRange(0), default=0, help="Token budget of the task")
+@click.option("--max-duration", metavar="DURATION", help="Time budget of the task")
+@click.option("--no-cache", is_flag=True, help="Run every subtask, even if an identical one ran")
+@click.option(
     "--idempotency-key", default="", help="Submitting again with it returns the same task"
 )
 @run_async
@@ -236,6 +264,12 @@ async def submit(
     max_attempts: int,
     subtask_timeout: str | None,
     stall_timeout: str | None,
+    fallback: str,
+    context_tokens: int,
+    context_mode: str,
+    max_tokens: int,
+    max_duration: str | None,
+    no_cache: bool,
     idempotency_key: str,
 ) -> None:
     """Submit GOAL; print its task id, or with --wait follow it to the end.
@@ -255,6 +289,12 @@ async def submit(
             max_attempts=max_attempts,
             subtask_timeout=_seconds("--timeout", subtask_timeout),
             stall_timeout=_seconds("--stall-timeout", stall_timeout),
+            fallback=fallback,
+            context_tokens=context_tokens,
+            context=context_mode,
+            max_tokens=max_tokens,
+            max_duration=_seconds("--max-duration", max_duration),
+            cache=False if no_cache else None,
             idempotency_key=idempotency_key,
         )
         if not wait:
@@ -404,6 +444,12 @@ DEMO_PLAN = Plan(
     show_default=True,
     help="AOF fsync of the Redis it starts: always loses nothing acknowledged (see README)",
 )
+@click.option(
+    "--llm",
+    envvar="TASKLOOM_LLM",
+    help="provider:model for planning and llm subtasks [TASKLOOM_LLM, ollama:llama3.2]; "
+    "with --demo, the embedded model stands in when Ollama does not answer",
+)
 @click.option("--demo", metavar="GOAL", help="Run GOAL on the cluster, show it live, then stop")
 def up(
     workers: int,
@@ -413,11 +459,18 @@ def up(
     concurrency: int,
     data_dir: Path,
     redis_fsync: str,
+    llm: str | None,
     demo: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
     # SIGTERM stops the cluster as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    offline = False
+    if demo is not None:
+        try:
+            llm, offline = asyncio.run(_demo_llm(llm))
+        except TaskloomError as e:
+            _fail(e)
     cluster = LocalCluster(
         data_dir=data_dir,
         workers=workers,
@@ -426,6 +479,7 @@ def up(
         capabilities=capabilities,
         concurrency=concurrency,
         redis_fsync=redis_fsync,
+        llm=llm,
     )
     try:
         err.print(f"starting a local cluster (logs in {cluster.log_dir}) …")
@@ -437,7 +491,7 @@ def up(
             soft_wrap=True,
         )
         if demo is not None:
-            code = asyncio.run(_demo(cluster.address, demo))
+            code = asyncio.run(_demo(cluster.address, demo, offline=offline))
         else:
             err.print(
                 f"try: taskloom submit 'your goal' --wait --supervisor {cluster.address}\n"
@@ -463,28 +517,66 @@ def _wait_for_interrupt() -> int:
         return 0
 
 
-async def _demo(address: str, goal: str) -> int:
-    llm = create_llm(LLMSettings.load())
+async def _usable(settings: LLMSettings) -> str:
+    """'' if the model answers, else why not."""
     try:
-        await llm.check()
-        offline = False
+        model = create_llm(settings)
     except TaskloomError as e:
-        offline = True
+        return str(e)
+    try:
+        await model.check()
+        return ""
+    except TaskloomError as e:
+        return str(e)
+    finally:
+        await model.close()
+
+
+async def _demo_llm(requested: str | None) -> tuple[str | None, bool]:
+    """The model the demo runs with, and whether it must do without one.
+
+    Ollama when it answers; else the embedded SmolLM2 if installed; else no
+    model (an explicit plan of echo subtasks). A model named with --llm or
+    TASKLOOM_LLM other than Ollama must work.
+    """
+    settings = LLMSettings.load(llm=requested)
+    provider, model = settings.llm_spec
+    problem = await _usable(settings)
+    if not problem:
+        err.print(f"LLM: {provider}:{model}")
+        return requested, False
+    if provider != "ollama":
+        raise ConfigError(f"{provider}:{model} cannot be used: {problem}")
+    get_ollama = (
+        "For answers from a real model: install Ollama from https://ollama.com/download, run "
+        f"`ollama serve` and `ollama pull {model}` (or set OLLAMA_HOST / TASKLOOM_LLM)."
+    )
+    embedded = LLMSettings.load(llm="embedded:smollm2")
+    embedded_problem = await _usable(embedded)
+    if not embedded_problem:
         err.print(
-            f"\n[bold yellow]No usable Ollama:[/] {e}\n"
-            "To see taskloom plan and answer with a real model: install Ollama from "
-            "https://ollama.com/download, run `ollama serve` and "
-            f"`ollama pull {llm.model}` (or set OLLAMA_HOST / TASKLOOM_MODEL), then "
-            "run `make demo` again.\n"
-            "Meanwhile, here is the same machinery on an explicit plan of `echo` "
-            "subtasks (no model involved):\n",
+            f"\n[bold yellow]No usable Ollama:[/] {problem}\n"
+            f"Using the embedded model instead: {TINY_NOTICE}. {get_ollama}\n",
             markup=True,
             soft_wrap=True,
         )
-    finally:
-        await llm.close()
+        return "embedded:smollm2", False
+    err.print(
+        f"\n[bold yellow]No usable Ollama:[/] {problem}\n"
+        f"No embedded model either: {embedded_problem}\n{get_ollama}\n"
+        "Meanwhile, here is the same machinery on an explicit plan of `echo` "
+        "subtasks (no model involved):\n",
+        markup=True,
+        soft_wrap=True,
+    )
+    return requested, True
+
+
+async def _demo(address: str, goal: str, *, offline: bool) -> int:
     async with TaskloomClient(address) as client:
-        task_id = await client.submit(goal, plan=DEMO_PLAN if offline else None)
+        task_id = await client.submit(
+            goal, plan=DEMO_PLAN if offline else None, fallback=Fallback.SINGLE
+        )
         err.print(f"task {task_id}")
         task = await _follow(client, task_id)
     return 0 if task.status == TaskStatus.SUCCEEDED else EXIT_TASK_FAILED

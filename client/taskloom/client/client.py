@@ -37,7 +37,16 @@ from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
 from taskloom.core.channel import insecure_channel
 from taskloom.core.errors import NotLeader, SupervisorUnavailable, TaskloomError, Unavailable
-from taskloom.core.model import Event, OnFailure, Plan, Task, TaskOptions, TaskStatus
+from taskloom.core.model import (
+    ContextMode,
+    Event,
+    Fallback,
+    OnFailure,
+    Plan,
+    Task,
+    TaskOptions,
+    TaskStatus,
+)
 from taskloom.core.plan import parse_plan
 from taskloom.core.status import from_rpc_error
 from taskloom.v1 import tasks_pb2 as pb
@@ -79,22 +88,32 @@ class TaskloomClient:
             await channel.close()
 
     async def _call(self, pick: Callable[[Any], Callable[..., Awaitable[T]]], request: Any) -> T:
-        """Call the supervisor that answers; on UNAVAILABLE try each other address once."""
-        errors: builtins.list[TaskloomError] = []
-        for step in range(len(self._stubs)):
-            index = (self._current + step) % len(self._stubs)
-            try:
-                reply = await pick(self._stubs[index])(request, timeout=self.settings.timeout)
-            except grpc.aio.AioRpcError as e:
-                error = from_rpc_error(e, target=self._addresses[index])
-                if not isinstance(error, Unavailable):
-                    self._current = index
-                    raise error from None
-                errors.append(error)
-                continue
-            self._current = index
-            return reply
-        raise _most_telling(errors) from None
+        """Call the supervisor that answers: on UNAVAILABLE try each other address;
+        when none answers, try the round again for ``unavailable_grace`` seconds
+        (a supervisor restarting, a standby taking over, a channel still in its
+        reconnect backoff) before giving up. Every call is safe to repeat:
+        submits carry an idempotency key."""
+        deadline = time.monotonic() + self.settings.unavailable_grace
+        pause = 0.1
+        while True:
+            errors: builtins.list[TaskloomError] = []
+            for step in range(len(self._stubs)):
+                index = (self._current + step) % len(self._stubs)
+                try:
+                    reply = await pick(self._stubs[index])(request, timeout=self.settings.timeout)
+                except grpc.aio.AioRpcError as e:
+                    error = from_rpc_error(e, target=self._addresses[index])
+                    if not isinstance(error, Unavailable):
+                        self._current = index
+                        raise error from None
+                    errors.append(error)
+                    continue
+                self._current = index
+                return reply
+            if time.monotonic() + pause > deadline:
+                raise _most_telling(errors) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def submit(
         self,
@@ -108,6 +127,12 @@ class TaskloomClient:
         max_attempts: int = 0,
         subtask_timeout: float = 0.0,
         stall_timeout: float = 0.0,
+        fallback: Fallback | str = Fallback.NONE,
+        context_tokens: int = 0,
+        context: ContextMode | str = ContextMode.TRUNCATE,
+        max_tokens: int = 0,
+        max_duration: float = 0.0,
+        cache: bool | None = None,
         idempotency_key: str = "",
     ) -> str:
         """Submit a goal; returns the task id as soon as the task is stored.
@@ -118,6 +143,14 @@ class TaskloomClient:
         subtask that fails for good does to the task (fail, skip its
         dependents, replan); ``max_attempts``, ``subtask_timeout`` and
         ``stall_timeout`` (seconds) override the supervisor's defaults.
+
+        ``fallback="single"`` runs the whole goal as one subtask when the model
+        cannot produce a valid plan. ``context_tokens`` is the context budget of
+        each llm call (0: the model's) and ``context="summarize"`` has inputs
+        that do not fit summarised before they are cut. ``max_tokens`` and
+        ``max_duration`` (seconds) bound the task: past either it fails with
+        ``BUDGET_EXCEEDED``. ``cache=False`` runs every subtask even if an
+        identical one ran before.
         """
         # A key of our own makes the call safe to retry on another supervisor:
         # if the first one stored the task before it went away, the retry
@@ -137,6 +170,12 @@ class TaskloomClient:
             max_attempts=max_attempts,
             subtask_timeout=subtask_timeout,
             stall_timeout=stall_timeout,
+            fallback=Fallback(fallback),
+            context_tokens=context_tokens,
+            context=ContextMode(context),
+            max_tokens=max_tokens,
+            max_duration=max_duration,
+            cache=cache,
         )
         request.options.CopyFrom(codec.options_to_pb(options, synthesize=synthesize))
         response: pb.SubmitTaskResponse = await self._call(lambda s: s.SubmitTask, request)
@@ -268,6 +307,12 @@ class SyncTaskloomClient:
         max_attempts: int = 0,
         subtask_timeout: float = 0.0,
         stall_timeout: float = 0.0,
+        fallback: Fallback | str = Fallback.NONE,
+        context_tokens: int = 0,
+        context: ContextMode | str = ContextMode.TRUNCATE,
+        max_tokens: int = 0,
+        max_duration: float = 0.0,
+        cache: bool | None = None,
         idempotency_key: str = "",
     ) -> str:
         return self._run(
@@ -281,6 +326,12 @@ class SyncTaskloomClient:
                 max_attempts=max_attempts,
                 subtask_timeout=subtask_timeout,
                 stall_timeout=stall_timeout,
+                fallback=fallback,
+                context_tokens=context_tokens,
+                context=context,
+                max_tokens=max_tokens,
+                max_duration=max_duration,
+                cache=cache,
                 idempotency_key=idempotency_key,
             )
         )

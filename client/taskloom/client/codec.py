@@ -6,7 +6,10 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskloom.core.model import (
+    ContextMode,
     Event,
+    FailureReason,
+    Fallback,
     OnFailure,
     Plan,
     Subtask,
@@ -61,7 +64,27 @@ def options_to_pb(options: TaskOptions, *, synthesize: bool | None) -> pb.TaskOp
         message.stall_timeout.CopyFrom(_duration(options.stall_timeout))
     if synthesize is not None:
         message.synthesize = synthesize
+    if options.fallback == Fallback.SINGLE:
+        message.fallback = pb.FALLBACK_SINGLE
+    message.context_tokens = options.context_tokens
+    if options.context == ContextMode.SUMMARIZE:
+        message.context = pb.CONTEXT_MODE_SUMMARIZE
+    message.max_tokens = options.max_tokens
+    if options.max_duration:
+        message.max_duration.CopyFrom(_duration(options.max_duration))
+    if options.cache is not None:
+        message.cache = options.cache
     return message
+
+
+def _usage_from_pb(message: pb.Usage) -> Usage:
+    return Usage(
+        input_tokens=message.input_tokens,
+        output_tokens=message.output_tokens,
+        model=message.model,
+        seconds=message.duration.ToNanoseconds() / 1e9,
+        calls=message.calls,
+    )
 
 
 def status_to_pb(status: TaskStatus) -> pb.TaskStatus.ValueType:
@@ -85,6 +108,16 @@ def task_from_pb(message: pb.Task) -> Task:
             max_attempts=message.options.max_attempts,
             subtask_timeout=message.options.subtask_timeout.ToNanoseconds() / 1e9,
             stall_timeout=message.options.stall_timeout.ToNanoseconds() / 1e9,
+            fallback=Fallback.SINGLE
+            if message.options.fallback == pb.FALLBACK_SINGLE
+            else Fallback.NONE,
+            context_tokens=message.options.context_tokens,
+            context=ContextMode.SUMMARIZE
+            if message.options.context == pb.CONTEXT_MODE_SUMMARIZE
+            else ContextMode.TRUNCATE,
+            max_tokens=message.options.max_tokens,
+            max_duration=message.options.max_duration.ToNanoseconds() / 1e9,
+            cache=message.options.cache if message.options.HasField("cache") else None,
         ),
         created_at=_seconds(message.created_at),
         updated_at=_seconds(message.updated_at),
@@ -95,6 +128,12 @@ def task_from_pb(message: pb.Task) -> Task:
         subtasks_succeeded=message.subtasks_succeeded,
         plan_version=message.plan_version or 1,
         subtasks=tuple(_subtask_from_pb(s) for s in message.subtasks),
+        usage=_usage_from_pb(message.usage),
+        failure_reason=FailureReason(
+            pb.FailureReason.Name(message.failure_reason).removeprefix("FAILURE_REASON_")
+        )
+        if message.failure_reason
+        else FailureReason.NONE,
     )
 
 
@@ -112,7 +151,8 @@ def _subtask_from_pb(message: pb.Subtask) -> Subtask:
         worker=message.worker,
         progress=message.progress,
         params=dict(message.params),
-        usage=Usage(message.usage.input_tokens, message.usage.output_tokens, message.usage.model),
+        usage=_usage_from_pb(message.usage),
+        cache_hit=message.cache_hit,
         started_at=_seconds(message.started_at) if message.HasField("started_at") else None,
         finished_at=_seconds(message.finished_at) if message.HasField("finished_at") else None,
     )

@@ -14,7 +14,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from taskloom.core.model import Event, Task
+from taskloom.core.llm.embedded import TINY_NOTICE
+from taskloom.core.model import Event, EventType, Task, Usage
 
 STYLES = {
     "PENDING": "dim",
@@ -36,6 +37,30 @@ def iso_time(seconds: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "calls": usage.calls,
+        "seconds": round(usage.seconds, 3),
+        "models": [m for m in usage.model.split(",") if m],
+    }
+
+
+def usage_line(usage: Usage) -> str:
+    """``1,234 tokens in, 56 out; 3 calls, 4.2 s (ollama:llama3.2)``."""
+    line = (
+        f"{usage.input_tokens:,} tokens in, {usage.output_tokens:,} out; "
+        f"{usage.calls} LLM call{'s' if usage.calls != 1 else ''}, {usage.seconds:.1f} s"
+    )
+    return f"{line} ({usage.model})" if usage.model else line
+
+
+def model_notice(usage: Usage) -> str:
+    """A warning to show with output from a tiny model, else ''."""
+    return TINY_NOTICE if "embedded:smollm2" in usage.model.split(",") else ""
+
+
 def task_json(task: Task) -> dict[str, Any]:
     """The task as ``submit --json`` and ``get --json`` print it."""
     return {
@@ -44,6 +69,8 @@ def task_json(task: Task) -> dict[str, Any]:
         "goal": task.goal,
         "result": task.result,
         "error": task.error,
+        "failure_reason": str(task.failure_reason) or None,
+        "usage": usage_json(task.usage),
         "subtasks": [
             {
                 "id": s.id,
@@ -55,6 +82,8 @@ def task_json(task: Task) -> dict[str, Any]:
                 "error": s.error,
                 "attempts": s.attempt,
                 "worker": s.worker,
+                "cache_hit": s.cache_hit,
+                "usage": usage_json(s.usage),
             }
             for s in task.subtasks
         ],
@@ -98,7 +127,7 @@ def task_text(task: Task) -> Group:
     parts: list[Any] = [header, Text(task.goal, style="italic")]
     if task.subtasks:
         table = Table(show_edge=False, pad_edge=False)
-        for column in ("id", "title", "capability", "status", "attempts", "worker"):
+        for column in ("id", "title", "capability", "status", "attempts", "worker", "tokens"):
             table.add_column(column)
         for s in task.subtasks:
             table.add_row(
@@ -106,14 +135,21 @@ def task_text(task: Task) -> Group:
                 s.title,
                 s.capability,
                 Text(str(s.status), STYLES.get(s.status, "")),
-                str(s.attempt),
+                "cached" if s.cache_hit else str(s.attempt),
                 s.worker,
+                f"{s.usage.tokens:,}" if s.usage.tokens else "",
             )
         parts.append(table)
+    if task.usage.calls:
+        parts.append(Text(f"usage: {usage_line(task.usage)}", style="dim"))
     if task.error:
-        parts.append(Text(f"error: {task.error}", style="bold red"))
+        reason = f" ({task.failure_reason})" if task.failure_reason else ""
+        parts.append(Text(f"error: {task.error}{reason}", style="bold red"))
     if task.result:
         parts.append(Panel(Markdown(task.result), title="result", expand=False))
+        notice = model_notice(task.usage)
+        if notice:
+            parts.append(Text(f"note: answered by {notice}", style="yellow"))
     return Group(*parts)
 
 
@@ -126,6 +162,7 @@ class _Row:
     attempt: int = 0
     worker: str = ""
     note: str = ""
+    streamed: str = ""
 
 
 class LiveView:
@@ -136,6 +173,8 @@ class LiveView:
         self.goal = task.goal
         self.status = str(task.status)
         self.note = ""
+        self.streaming = ""
+        """The subtask whose output arrived last: its tail is shown under the table."""
         self.rows: dict[str, _Row] = {}
         self.load(task)
 
@@ -148,6 +187,12 @@ class LiveView:
             row.status, row.attempt, row.worker = str(s.status), s.attempt, s.worker
 
     def apply(self, event: Event) -> None:
+        if event.type == EventType.SUBTASK_OUTPUT:
+            row = self.rows.setdefault(event.subtask_id, _Row(event.subtask_id))
+            row.streamed = (row.streamed + event.message)[-4000:]
+            row.note = " ".join(row.streamed.split())[-48:]
+            self.streaming = event.subtask_id
+            return
         if not event.subtask_id:
             self.status = event.status or self.status
             self.note = event.message
@@ -178,7 +223,12 @@ class LiveView:
             (self.status, STYLES.get(self.status, "")),
             f"  {self.note}" if self.note else "",
         )
-        return Group(header, Text(self.goal[:200], style="italic"), table)
+        parts: list[Any] = [header, Text(self.goal[:200], style="italic"), table]
+        current = self.rows.get(self.streaming)
+        if current is not None and current.status == "RUNNING" and current.streamed:
+            tail = "\n".join(current.streamed.splitlines()[-6:])[-600:]
+            parts.append(Panel(Text(tail), title=f"{current.id} writing …", expand=False))
+        return Group(*parts)
 
 
 async def follow(console: Console, task: Task, events: AsyncIterator[Event], refresh: Any) -> None:
@@ -187,7 +237,19 @@ async def follow(console: Console, task: Task, events: AsyncIterator[Event], ref
     ``refresh`` re-reads the task (for subtask titles once the plan exists).
     """
     if not console.is_terminal:
+        # Streamed output is written as it comes, under a header per subtask;
+        # every other event is one line.
+        streaming = ""
         async for event in events:
+            if event.type == EventType.SUBTASK_OUTPUT:
+                if streaming != event.subtask_id:
+                    streaming = event.subtask_id
+                    console.print(f"[{streaming} output]", highlight=False, markup=False)
+                console.print(event.message, end="", highlight=False, markup=False)
+                continue
+            if streaming:
+                console.print()
+                streaming = ""
             console.print(event_line(event), highlight=False, soft_wrap=True)
         return
     view = LiveView(task)

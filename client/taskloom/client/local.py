@@ -76,8 +76,10 @@ class LocalCluster:
         capabilities: str = "llm,echo",
         concurrency: int = 4,
         redis_fsync: str = "everysec",
+        llm: str | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.llm = llm
         self.redis_fsync = redis_fsync
         self.n_workers = workers
         self.listen = listen or default_listen()
@@ -140,7 +142,12 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                **({"TASKLOOM_LLM": self.llm} if self.llm else {}),
+                **(env or {}),
+            },
         )
 
     def stop(self, timeout: float = 40.0) -> None:

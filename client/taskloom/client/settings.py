@@ -20,6 +20,9 @@ class ClientSettings(TaskloomSettings):
     (calls go to whichever leads)."""
     timeout: Seconds = 30.0
     """Deadline for each unary call."""
+    unavailable_grace: float = Field(default=3.0, ge=0)
+    """How long a call keeps trying while no supervisor answers (one is
+    restarting, or a standby is taking over) before it reports unavailable."""
     reconnect_timeout: Seconds = 60.0
     """How long ``watch`` keeps trying to resume after losing the supervisor."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)

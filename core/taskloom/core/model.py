@@ -61,12 +61,18 @@ class EventType(StrEnum):
     TASK_SUBMITTED = "task.submitted"
     PLAN_REQUESTED = "plan.requested"
     PLAN_REJECTED = "plan.rejected"
+    PLAN_NORMALIZED = "plan.normalized"
+    """The planner fixed something in the model's plan without asking it again."""
+    PLAN_FALLBACK = "plan.fallback"
+    """No valid plan: with fallback=single, one subtask carries the whole goal."""
     PLAN_CREATED = "plan.created"
     PLAN_REVISED = "plan.revised"
     SUBTASK_READY = "subtask.ready"
     SUBTASK_ASSIGNED = "subtask.assigned"
     SUBTASK_RUNNING = "subtask.running"
     SUBTASK_PROGRESS = "subtask.progress"
+    SUBTASK_OUTPUT = "subtask.output"
+    """Output as it is generated (streamed LLM tokens, coalesced)."""
     SUBTASK_RETRYING = "subtask.retrying"
     SUBTASK_SUCCEEDED = "subtask.succeeded"
     SUBTASK_FAILED = "subtask.failed"
@@ -136,6 +142,33 @@ class OnFailure(StrEnum):
     """The planner replaces the unfinished part of the graph."""
 
 
+class Fallback(StrEnum):
+    """What a task does when the model cannot produce a valid plan."""
+
+    NONE = "none"
+    SINGLE = "single"
+    """One subtask carries the whole goal."""
+
+
+class ContextMode(StrEnum):
+    """How the llm handler fits inputs that exceed its context budget."""
+
+    TRUNCATE = "truncate"
+    SUMMARIZE = "summarize"
+
+
+class FailureReason(StrEnum):
+    """Why a task failed, for programs; the task's error says it in words."""
+
+    NONE = ""
+    PLAN_INVALID = "PLAN_INVALID"
+    LLM_UNAVAILABLE = "LLM_UNAVAILABLE"
+    SUBTASK_FAILED = "SUBTASK_FAILED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    REPLAN_FAILED = "REPLAN_FAILED"
+    INTERNAL = "INTERNAL"
+
+
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
     synthesize: bool = True
@@ -148,13 +181,41 @@ class TaskOptions:
     """Seconds one attempt may run; 0: the default for its capability."""
     stall_timeout: float = 0.0
     """Seconds without progress before an attempt is stopped; 0: the supervisor's default."""
+    fallback: Fallback = Fallback.NONE
+    context_tokens: int = 0
+    """Context budget of one llm call; 0: the model's context length."""
+    context: ContextMode = ContextMode.TRUNCATE
+    max_tokens: int = 0
+    """Tokens the task may use, planning included; 0: no limit."""
+    max_duration: float = 0.0
+    """Seconds from submission the task may take; 0: no limit."""
+    cache: bool | None = None
+    """Reuse outputs of identical earlier subtasks; None: the supervisor's default."""
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """What LLM calls cost: tokens in and out, seconds spent waiting, calls made."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     model: str = ""
+    seconds: float = 0.0
+    calls: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        models = dict.fromkeys(m for u in (self, other) for m in u.model.split(",") if m)
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            model=",".join(models),
+            seconds=self.seconds + other.seconds,
+            calls=self.calls + other.calls,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +235,7 @@ class Subtask:
     usage: Usage = field(default_factory=Usage)
     started_at: float | None = None
     finished_at: float | None = None
+    cache_hit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +254,9 @@ class Task:
     subtasks: tuple[Subtask, ...] = ()
     plan_version: int = 1
     """Goes up each time the planner replaces a failed subtask."""
+    usage: Usage = field(default_factory=Usage)
+    """Planning and every attempt, failed ones included."""
+    failure_reason: FailureReason = FailureReason.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +306,8 @@ class Assignment:
     """Seconds the attempt may run (``deadline`` is when that ends)."""
     stall_timeout: float = 0.0
     """Seconds without progress before the supervisor stops the attempt (0: never)."""
+    context_tokens: int = 0
+    context: ContextMode = ContextMode.TRUNCATE
 
     @property
     def ref(self) -> AttemptRef:
@@ -251,6 +318,8 @@ class Assignment:
 class ProgressUpdate:
     ref: AttemptRef
     message: str
+    text: str = ""
+    """Output generated since the last update."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +337,7 @@ class SubtaskFailure:
     counts: bool = True
     """False when the attempt ended for a reason outside the subtask (its worker
     died or shut down): it does not use up one of the subtask's attempts."""
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,3 +351,5 @@ class WorkerInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     in_flight: tuple[AttemptRef, ...] = ()
     version: str = ""
+    cache_keys: Mapping[str, str] = field(default_factory=dict)
+    """Capability → fingerprint (handler version, model) for cacheable capabilities."""

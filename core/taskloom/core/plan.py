@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from taskloom.core.errors import PlanError
@@ -46,7 +46,10 @@ def parse_plan(document: Any) -> Plan:
         try:
             document = json.loads(document)
         except json.JSONDecodeError as e:
-            raise PlanError(f"the plan is not valid JSON: {e}", [f"not valid JSON: {e}"]) from None
+            problem = f"not valid JSON: {e}"
+            if e.pos >= len(e.doc.rstrip()) - 1:
+                problem = "the JSON ends too early (the reply was cut off); return a shorter plan"
+            raise PlanError(f"the plan is {problem}", [problem]) from None
     if not isinstance(document, dict):
         raise PlanError("a plan must be a JSON object with a 'subtasks' list")
     raw = document.get("subtasks")
@@ -196,6 +199,86 @@ def validate_plan(
     if cycle:
         violations.append("cycle " + " → ".join(cycle))
     return violations[:MAX_REPORTED_VIOLATIONS]
+
+
+def normalize_plan(plan: Plan, *, capabilities: Collection[str]) -> tuple[Plan, list[str]]:
+    """Fix what can be fixed without asking the model again, and say what was fixed.
+
+    Spaces around ids, titles, instructions and capabilities are trimmed; a
+    capability in the wrong case is matched to the listed one; a subtask's
+    dependency on itself and repeated dependencies are dropped; a subtask
+    that repeats another exactly (same id or not) is dropped, and what
+    depended on the copy depends on the original. Anything else (a missing
+    dependency, a cycle, two different subtasks with one id) is left for
+    ``validate_plan`` to report.
+    """
+    notes: list[str] = []
+    by_lower = {c.lower(): c for c in capabilities}
+    trimmed = 0
+    cleaned: list[PlannedSubtask] = []
+    for s in plan.subtasks:
+        fields = [s.id, s.title, s.instruction, s.capability]
+        stripped: list[str] = []
+        for d in (d.strip() for d in s.depends_on):
+            if d == s.id.strip():
+                notes.append(f"dropped {d}'s dependency on itself")
+            elif d in stripped:
+                notes.append(f"dropped {s.id.strip()}'s second dependency on {d}")
+            else:
+                stripped.append(d)
+        new = replace(
+            s,
+            id=s.id.strip(),
+            title=s.title.strip(),
+            instruction=s.instruction.strip(),
+            capability=s.capability.strip(),
+            depends_on=tuple(stripped),
+        )
+        trimmed += sum(
+            1
+            for a, b in zip(
+                fields,
+                [new.id, new.title, new.instruction, new.capability],
+                strict=True,
+            )
+            if a != b
+        ) + sum(1 for d in s.depends_on if d != d.strip())
+        if new.capability not in capabilities and new.capability.lower() in by_lower:
+            listed = by_lower[new.capability.lower()]
+            notes.append(f"{new.id}: capability {new.capability!r} read as {listed!r}")
+            new = replace(new, capability=listed)
+        cleaned.append(new)
+    if trimmed:
+        notes.insert(0, f"trimmed spaces around {trimmed} field(s)")
+    # Exact repeats: keep the first; what depended on a copy depends on it.
+    alias: dict[str, str] = {}
+    kept: list[PlannedSubtask] = []
+    seen: dict[tuple[object, ...], str] = {}
+    ids = [s.id for s in cleaned]
+    for s in cleaned:
+        body = (s.title, s.instruction, s.capability, s.depends_on, tuple(sorted(s.params.items())))
+        original = seen.get(body)
+        if original is not None and (original == s.id or ids.count(s.id) == 1):
+            if original == s.id:
+                notes.append(f"dropped a repeated copy of {s.id}")
+            else:
+                alias[s.id] = original
+                notes.append(f"merged {s.id} into {original}: the two were identical")
+            continue
+        seen.setdefault(body, s.id)
+        kept.append(s)
+    subtasks: list[PlannedSubtask] = []
+    for s in kept:
+        deps: list[str] = []
+        for d in (alias.get(d, d) for d in s.depends_on):
+            if d == s.id:
+                notes.append(f"dropped {s.id}'s dependency on itself")
+            elif d in deps:
+                notes.append(f"dropped {s.id}'s second dependency on {d}")
+            else:
+                deps.append(d)
+        subtasks.append(replace(s, depends_on=tuple(deps)))
+    return Plan(tuple(subtasks), synthesize=plan.synthesize), notes
 
 
 def check_plan(plan: Plan, *, capabilities: Collection[str], limits: PlanLimits) -> None:

@@ -129,13 +129,55 @@ class TaskloomSettings(BaseSettings):
         return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-class LLMSettings(TaskloomSettings):
-    """Where the LLM is. Used by the planner and by the built-in ``llm`` handler."""
+PROVIDERS = ("ollama", "openai", "embedded")
 
+
+def check_llm(value: str) -> str:
+    """``provider:model`` with a known provider; a bare name means Ollama."""
+    value = value.strip()
+    if not value:
+        return value
+    provider, sep, model = value.partition(":")
+    if not sep or provider not in PROVIDERS:
+        return f"ollama:{value}"
+    if not model.strip():
+        raise ValueError(f"{value!r} names no model; write e.g. ollama:llama3.2")
+    return value
+
+
+class LLMSettings(TaskloomSettings):
+    """Which LLM, and where. Used by the planner and by the built-in ``llm`` handler."""
+
+    llm: Annotated[str, AfterValidator(check_llm)] = ""
+    """``provider:model``: ``ollama:llama3.2``, ``openai:gpt-4o-mini``,
+    ``embedded:smollm2``. Empty: ``ollama:`` + ``model``."""
+    model: str = Field(default="llama3.2", min_length=1)
+    """The Ollama model when ``llm`` is not set (kept for TASKLOOM_MODEL)."""
     ollama_host: str = Field(
         default="http://127.0.0.1:11434",
         validation_alias=AliasChoices("OLLAMA_HOST", "ollama_host"),
     )
-    model: str = Field(default="llama3.2", min_length=1)
+    openai_base_url: str = "https://api.openai.com/v1"
+    """Any OpenAI-compatible server: vLLM, llama.cpp's server, OpenAI itself."""
+    openai_api_key: str = Field(
+        default="",
+        validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key"),
+        repr=False,
+    )
     llm_timeout: Seconds = 300.0
     """Longest wait for one LLM reply."""
+    context_tokens: int = Field(default=0, ge=0)
+    """The context budget of one LLM call; 0: the model's context length, at most
+    ``MAX_DEFAULT_CONTEXT`` (a larger window costs memory on the server)."""
+    max_output_tokens: int = Field(default=1024, ge=16)
+    """Longest reply of one LLM call, so a looping model stops."""
+
+    @property
+    def provider(self) -> str:
+        return self.llm_spec[0]
+
+    @property
+    def llm_spec(self) -> tuple[str, str]:
+        """``(provider, model)``."""
+        provider, _, model = (self.llm or f"ollama:{self.model}").partition(":")
+        return provider, model

@@ -133,6 +133,90 @@ ON_FAILURE_REPLAN: OnFailure.ValueType  # 3
 """The planner is asked to replace the unfinished part of the graph."""
 Global___OnFailure: _TypeAlias = OnFailure  # noqa: Y015
 
+class _Fallback:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FallbackEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fallback.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FALLBACK_UNSPECIFIED: _Fallback.ValueType  # 0
+    FALLBACK_NONE: _Fallback.ValueType  # 1
+    """The task fails with the planner's reasons."""
+    FALLBACK_SINGLE: _Fallback.ValueType  # 2
+    """One subtask carries the whole goal."""
+
+class Fallback(_Fallback, metaclass=_FallbackEnumTypeWrapper):
+    """Plan is a dependency graph of subtasks.
+    What a task does when the model cannot produce a valid plan.
+    """
+
+FALLBACK_UNSPECIFIED: Fallback.ValueType  # 0
+FALLBACK_NONE: Fallback.ValueType  # 1
+"""The task fails with the planner's reasons."""
+FALLBACK_SINGLE: Fallback.ValueType  # 2
+"""One subtask carries the whole goal."""
+Global___Fallback: _TypeAlias = Fallback  # noqa: Y015
+
+class _ContextMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContextModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContextMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTEXT_MODE_UNSPECIFIED: _ContextMode.ValueType  # 0
+    CONTEXT_MODE_TRUNCATE: _ContextMode.ValueType  # 1
+    """Cut with a visible marker."""
+    CONTEXT_MODE_SUMMARIZE: _ContextMode.ValueType  # 2
+    """Summarised by the model first, then cut if still too long."""
+
+class ContextMode(_ContextMode, metaclass=_ContextModeEnumTypeWrapper):
+    """How the llm handler fits dependency outputs that exceed the context budget."""
+
+CONTEXT_MODE_UNSPECIFIED: ContextMode.ValueType  # 0
+CONTEXT_MODE_TRUNCATE: ContextMode.ValueType  # 1
+"""Cut with a visible marker."""
+CONTEXT_MODE_SUMMARIZE: ContextMode.ValueType  # 2
+"""Summarised by the model first, then cut if still too long."""
+Global___ContextMode: _TypeAlias = ContextMode  # noqa: Y015
+
+class _FailureReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_REASON_UNSPECIFIED: _FailureReason.ValueType  # 0
+    FAILURE_REASON_PLAN_INVALID: _FailureReason.ValueType  # 1
+    """The model produced no valid plan after its repairs."""
+    FAILURE_REASON_LLM_UNAVAILABLE: _FailureReason.ValueType  # 2
+    """The LLM could not be reached, or refused (unknown model, bad key)."""
+    FAILURE_REASON_SUBTASK_FAILED: _FailureReason.ValueType  # 3
+    """A subtask the result depends on failed for good."""
+    FAILURE_REASON_BUDGET_EXCEEDED: _FailureReason.ValueType  # 4
+    """The task used more tokens or time than its max_tokens or max_duration."""
+    FAILURE_REASON_REPLAN_FAILED: _FailureReason.ValueType  # 5
+    """on_failure=replan could not replace a failed subtask."""
+    FAILURE_REASON_INTERNAL: _FailureReason.ValueType  # 6
+    """A bug in taskloom; the error says what."""
+
+class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
+    """Why a task failed, for programs to act on; Task.error says it in words."""
+
+FAILURE_REASON_UNSPECIFIED: FailureReason.ValueType  # 0
+FAILURE_REASON_PLAN_INVALID: FailureReason.ValueType  # 1
+"""The model produced no valid plan after its repairs."""
+FAILURE_REASON_LLM_UNAVAILABLE: FailureReason.ValueType  # 2
+"""The LLM could not be reached, or refused (unknown model, bad key)."""
+FAILURE_REASON_SUBTASK_FAILED: FailureReason.ValueType  # 3
+"""A subtask the result depends on failed for good."""
+FAILURE_REASON_BUDGET_EXCEEDED: FailureReason.ValueType  # 4
+"""The task used more tokens or time than its max_tokens or max_duration."""
+FAILURE_REASON_REPLAN_FAILED: FailureReason.ValueType  # 5
+"""on_failure=replan could not replace a failed subtask."""
+FAILURE_REASON_INTERNAL: FailureReason.ValueType  # 6
+"""A bug in taskloom; the error says what."""
+Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
+
 @_typing.final
 class PlannedSubtask(_message.Message):
     """PlannedSubtask is one node of a plan, as the planner or a caller writes it."""
@@ -205,8 +289,6 @@ Global___PlannedSubtask: _TypeAlias = PlannedSubtask  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
-    """Plan is a dependency graph of subtasks."""
-
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBTASKS_FIELD_NUMBER: _builtins.int
@@ -236,6 +318,12 @@ class TaskOptions(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     SUBTASK_TIMEOUT_FIELD_NUMBER: _builtins.int
     STALL_TIMEOUT_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     synthesize: _builtins.bool
     """Append a final `synthesize` subtask that merges the results (default true)."""
     priority: _builtins.int
@@ -245,6 +333,14 @@ class TaskOptions(_message.Message):
     on_failure: Global___OnFailure.ValueType
     max_attempts: _builtins.int
     """Attempts per subtask before it fails for good (0: the supervisor's default)."""
+    fallback: Global___Fallback.ValueType
+    context_tokens: _builtins.int
+    """Tokens of one llm call's context; 0: the model's context length."""
+    context: Global___ContextMode.ValueType
+    max_tokens: _builtins.int
+    """Tokens (prompt and completion, planning included) the task may use; 0: no limit."""
+    cache: _builtins.bool
+    """Reuse the output of identical earlier subtasks; unset: the supervisor's default."""
     @_builtins.property
     def subtask_timeout(self) -> _duration_pb2.Duration:
         """Longest one attempt of a subtask may run (unset: per capability)."""
@@ -252,6 +348,10 @@ class TaskOptions(_message.Message):
     @_builtins.property
     def stall_timeout(self) -> _duration_pb2.Duration:
         """A running subtask that reports no progress this long is stopped and retried."""
+
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration:
+        """Time from submission the task may take; unset: no limit."""
 
     def __init__(
         self,
@@ -263,13 +363,24 @@ class TaskOptions(_message.Message):
         max_attempts: _builtins.int = ...,
         subtask_timeout: _duration_pb2.Duration | None = ...,
         stall_timeout: _duration_pb2.Duration | None = ...,
+        fallback: Global___Fallback.ValueType = ...,
+        context_tokens: _builtins.int = ...,
+        context: Global___ContextMode.ValueType = ...,
+        max_tokens: _builtins.int = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+        cache: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "cache", b"cache", "max_duration", b"max_duration", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize", "max_attempts", b"max_attempts", "max_parallel", b"max_parallel", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
+    _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
     _WhichOneofReturnType__synthesize: _TypeAlias = _typing.Literal["synthesize"]  # noqa: Y015
     _WhichOneofArgType__synthesize: _TypeAlias = _typing.Literal["_synthesize", b"_synthesize"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cache) -> _WhichOneofReturnType__cache | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__synthesize) -> _WhichOneofReturnType__synthesize | None: ...
 
 Global___TaskOptions: _TypeAlias = TaskOptions  # noqa: Y015
@@ -337,19 +448,29 @@ class Usage(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     model: _builtins.str
+    """The models used, comma-separated, each as provider:model."""
+    calls: _builtins.int
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Time spent waiting for the model."""
+
     def __init__(
         self,
         *,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         model: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        calls: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "duration", b"duration", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,6 +515,7 @@ class Subtask(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     instruction: _builtins.str
@@ -406,6 +528,8 @@ class Subtask(_message.Message):
     worker: _builtins.str
     """The worker that holds or last held the subtask."""
     progress: _builtins.str
+    cache_hit: _builtins.bool
+    """The output was reused from an identical earlier subtask."""
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -434,10 +558,11 @@ class Subtask(_message.Message):
         usage: Global___Usage | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        cache_hit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "depends_on", b"depends_on", "error", b"error", "finished_at", b"finished_at", "id", b"id", "instruction", b"instruction", "output", b"output", "params", b"params", "progress", b"progress", "started_at", b"started_at", "status", b"status", "title", b"title", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cache_hit", b"cache_hit", "capability", b"capability", "depends_on", b"depends_on", "error", b"error", "finished_at", b"finished_at", "id", b"id", "instruction", b"instruction", "output", b"output", "params", b"params", "progress", b"progress", "started_at", b"started_at", "status", b"status", "title", b"title", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,6 +585,8 @@ class Task(_message.Message):
     SUBTASKS_SUCCEEDED_FIELD_NUMBER: _builtins.int
     SUBTASKS_FIELD_NUMBER: _builtins.int
     PLAN_VERSION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     goal: _builtins.str
     status: Global___TaskStatus.ValueType
@@ -469,6 +596,7 @@ class Task(_message.Message):
     subtasks_succeeded: _builtins.int
     plan_version: _builtins.int
     """1, plus one for each time the planner replaced a failed subtask."""
+    failure_reason: Global___FailureReason.ValueType
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
     @_builtins.property
@@ -480,6 +608,10 @@ class Task(_message.Message):
     @_builtins.property
     def subtasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subtask]:
         """Empty in the summary view."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Planning and every subtask attempt, failed ones included."""
 
     def __init__(
         self,
@@ -497,10 +629,12 @@ class Task(_message.Message):
         subtasks_succeeded: _builtins.int = ...,
         subtasks: _abc.Iterable[Global___Subtask] | None = ...,
         plan_version: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+        failure_reason: Global___FailureReason.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "options", b"options", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "options", b"options", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,6 +122,26 @@ class Hello(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CacheKeysEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
@@ -129,6 +149,7 @@ class Hello(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CACHE_KEYS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Stable for the life of the worker process, across reconnects."""
     name: _builtins.str
@@ -144,6 +165,12 @@ class Hello(_message.Message):
         acknowledged. The supervisor keeps their leases alive.
         """
 
+    @_builtins.property
+    def cache_keys(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Capability -> fingerprint (handler version, model) for the capabilities
+        whose outputs may be cached; the others are always run.
+        """
+
     def __init__(
         self,
         *,
@@ -154,10 +181,11 @@ class Hello(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         in_flight: _abc.Iterable[Global___AttemptRef] | None = ...,
         version: _builtins.str = ...,
+        cache_keys: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "in_flight", b"in_flight", "labels", b"labels", "max_concurrency", b"max_concurrency", "name", b"name", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_keys", b"cache_keys", "capabilities", b"capabilities", "in_flight", b"in_flight", "labels", b"labels", "max_concurrency", b"max_concurrency", "name", b"name", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,7 +242,10 @@ class ProgressUpdate(_message.Message):
 
     REF_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     message: _builtins.str
+    text: _builtins.str
+    """Output generated since the last update (streamed LLM tokens)."""
     @_builtins.property
     def ref(self) -> Global___AttemptRef: ...
     def __init__(
@@ -222,10 +253,11 @@ class ProgressUpdate(_message.Message):
         *,
         ref: Global___AttemptRef | None = ...,
         message: _builtins.str = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "ref", b"ref", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,6 +338,7 @@ class SubtaskFailure(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
     HANDED_BACK_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     error: _builtins.str
     retryable: _builtins.bool
     """A retryable failure is tried again while attempts remain."""
@@ -315,6 +348,8 @@ class SubtaskFailure(_message.Message):
     """
     @_builtins.property
     def ref(self) -> Global___AttemptRef: ...
+    @_builtins.property
+    def usage(self) -> _tasks_pb2.Usage: ...
     def __init__(
         self,
         *,
@@ -322,10 +357,11 @@ class SubtaskFailure(_message.Message):
         error: _builtins.str = ...,
         retryable: _builtins.bool = ...,
         handed_back: _builtins.bool = ...,
+        usage: _tasks_pb2.Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "retryable", b"retryable", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,6 +562,8 @@ class Assignment(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     subtask_id: _builtins.str
     attempt: _builtins.int
@@ -534,6 +572,8 @@ class Assignment(_message.Message):
     instruction: _builtins.str
     goal: _builtins.str
     """The task's goal, for handlers that need the whole picture."""
+    context_tokens: _builtins.int
+    context: _tasks_pb2.ContextMode.ValueType
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]:
         """Outputs of the direct dependencies, in the order of depends_on."""
@@ -569,10 +609,12 @@ class Assignment(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        context_tokens: _builtins.int = ...,
+        context: _tasks_pb2.ContextMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "deadline", b"deadline", "goal", b"goal", "inputs", b"inputs", "instruction", b"instruction", "params", b"params", "subtask_id", b"subtask_id", "task_id", b"task_id", "timeout", b"timeout", "title", b"title", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "context", b"context", "context_tokens", b"context_tokens", "deadline", b"deadline", "goal", b"goal", "inputs", b"inputs", "instruction", b"instruction", "params", b"params", "subtask_id", b"subtask_id", "task_id", b"task_id", "timeout", b"timeout", "title", b"title", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,7 +60,10 @@ class Supervisor:
         self.store.fence = NO_LEASE
         self.llm = llm or create_llm(settings)
         self.planner = Planner(
-            self.llm, limits=settings.llm_plan_limits(), repairs=settings.plan_repairs
+            self.llm,
+            limits=settings.llm_plan_limits(),
+            repairs=settings.plan_repairs,
+            reply_tokens=settings.plan_reply_tokens,
         )
         self.orchestrator: Orchestrator | None = None
         """This term's orchestrator while leading; None on standby."""

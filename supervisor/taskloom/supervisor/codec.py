@@ -9,7 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskloom.core.model import (
     AttemptRef,
+    ContextMode,
     Event,
+    Fallback,
     OnFailure,
     Plan,
     PlannedSubtask,
@@ -61,6 +63,39 @@ def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
         max_attempts=message.max_attempts,
         subtask_timeout=message.subtask_timeout.ToNanoseconds() / 1e9,
         stall_timeout=message.stall_timeout.ToNanoseconds() / 1e9,
+        fallback=Fallback.SINGLE if message.fallback == pb.FALLBACK_SINGLE else Fallback.NONE,
+        context_tokens=message.context_tokens,
+        context=_CONTEXT_FROM_PB.get(message.context, ContextMode.TRUNCATE),
+        max_tokens=message.max_tokens,
+        max_duration=message.max_duration.ToNanoseconds() / 1e9,
+        cache=message.cache if message.HasField("cache") else None,
+    )
+
+
+_CONTEXT_FROM_PB = {
+    pb.CONTEXT_MODE_TRUNCATE: ContextMode.TRUNCATE,
+    pb.CONTEXT_MODE_SUMMARIZE: ContextMode.SUMMARIZE,
+}
+_CONTEXT_TO_PB = {v: k for k, v in _CONTEXT_FROM_PB.items()}
+
+
+def usage_to_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        model=usage.model,
+        duration=_duration(usage.seconds),
+        calls=usage.calls,
+    )
+
+
+def usage_from_pb(message: pb.Usage) -> Usage:
+    return Usage(
+        input_tokens=message.input_tokens,
+        output_tokens=message.output_tokens,
+        model=message.model,
+        seconds=message.duration.ToNanoseconds() / 1e9,
+        calls=message.calls,
     )
 
 
@@ -80,6 +115,12 @@ def _options_to_pb(options: TaskOptions) -> pb.TaskOptions:
         max_attempts=options.max_attempts,
         subtask_timeout=_duration(options.subtask_timeout),
         stall_timeout=_duration(options.stall_timeout),
+        fallback=pb.FALLBACK_SINGLE if options.fallback == Fallback.SINGLE else pb.FALLBACK_NONE,
+        context_tokens=options.context_tokens,
+        context=_CONTEXT_TO_PB[options.context],
+        max_tokens=options.max_tokens,
+        max_duration=_duration(options.max_duration),
+        cache=options.cache,
     )
 
 
@@ -120,6 +161,10 @@ def task_to_pb(task: Task) -> pb.Task:
         subtasks_succeeded=task.subtasks_succeeded,
         plan_version=task.plan_version,
         subtasks=[_subtask_to_pb(s) for s in task.subtasks],
+        usage=usage_to_pb(task.usage),
+        failure_reason=pb.FailureReason.Value(f"FAILURE_REASON_{task.failure_reason.value}")
+        if task.failure_reason
+        else pb.FAILURE_REASON_UNSPECIFIED,
     )
 
 
@@ -137,13 +182,10 @@ def _subtask_to_pb(sub: Subtask) -> pb.Subtask:
         worker=sub.worker,
         progress=sub.progress,
         params=dict(sub.params),
-        usage=pb.Usage(
-            input_tokens=sub.usage.input_tokens,
-            output_tokens=sub.usage.output_tokens,
-            model=sub.usage.model,
-        ),
+        usage=usage_to_pb(sub.usage),
         started_at=_timestamp(sub.started_at),
         finished_at=_timestamp(sub.finished_at),
+        cache_hit=sub.cache_hit,
     )
 
 
@@ -185,21 +227,17 @@ def worker_info_from_pb(hello: wpb.Hello) -> WorkerInfo:
         labels=dict(hello.labels),
         in_flight=tuple(ref_from_pb(r) for r in hello.in_flight),
         version=hello.version,
+        cache_keys=dict(hello.cache_keys),
     )
 
 
 def progress_from_pb(message: wpb.Progress) -> list[ProgressUpdate]:
-    return [ProgressUpdate(ref_from_pb(u.ref), u.message) for u in message.updates]
+    return [ProgressUpdate(ref_from_pb(u.ref), u.message, u.text) for u in message.updates]
 
 
 def results_from_pb(message: wpb.Completed) -> list[SubtaskResult]:
     return [
-        SubtaskResult(
-            ref_from_pb(r.ref),
-            r.output,
-            Usage(r.usage.input_tokens, r.usage.output_tokens, r.usage.model),
-        )
-        for r in message.results
+        SubtaskResult(ref_from_pb(r.ref), r.output, usage_from_pb(r.usage)) for r in message.results
     ]
 
 
@@ -209,7 +247,13 @@ def stopped_from_pb(message: wpb.Stopped) -> list[AttemptRef]:
 
 def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
     return [
-        SubtaskFailure(ref_from_pb(f.ref), f.error, f.retryable, counts=not f.handed_back)
+        SubtaskFailure(
+            ref_from_pb(f.ref),
+            f.error,
+            f.retryable,
+            counts=not f.handed_back,
+            usage=usage_from_pb(f.usage),
+        )
         for f in message.failures
     ]
 
@@ -250,6 +294,8 @@ def outgoing_to_pb(message: Outgoing) -> wpb.ConnectResponse:
                             deadline=_timestamp(a.deadline),
                             timeout=_duration(a.timeout) if a.timeout else None,
                             trace_context=dict(a.trace_context),
+                            context_tokens=a.context_tokens,
+                            context=_CONTEXT_TO_PB[a.context],
                         )
                         for a in assignments
                     ]

@@ -15,6 +15,8 @@ scripts get the same key builders, generated from the templates below by
     {prefix}idem:{key}               string  idempotency key → task id
     {prefix}leader                   string  the leader lease: its fencing token (PX ttl)
     {prefix}leader:epoch             string  counter; each new lease takes the next number
+    {prefix}deadlines                zset    tasks with a max_duration, scored by when it ends
+    {prefix}cache:{key}              string  a cached subtask output (key: SHA-1 of its inputs)
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _TEMPLATES = {
     "idempotency": "idem:{key}",
     "leader": "leader",
     "leader_epoch": "leader:epoch",
+    "deadlines": "deadlines",
+    "cache": "cache:{key}",
 }
 
 
@@ -43,6 +47,7 @@ class Keys:
         self.finished_index = prefix + _TEMPLATES["finished_index"]
         self.leader = prefix + _TEMPLATES["leader"]
         self.leader_epoch = prefix + _TEMPLATES["leader_epoch"]
+        self.deadlines = prefix + _TEMPLATES["deadlines"]
 
     def task(self, task: str) -> str:
         return self.prefix + _TEMPLATES["task"].format(task=task)

@@ -30,7 +30,10 @@ from taskloom.core.model import (
     AttemptRef,
     Event,
     EventType,
+    FailureReason,
+    Fallback,
     Plan,
+    PlannedSubtask,
     ProgressUpdate,
     SubtaskFailure,
     SubtaskResult,
@@ -38,10 +41,11 @@ from taskloom.core.model import (
     Task,
     TaskOptions,
     TaskStatus,
+    Usage,
     WorkerInfo,
 )
 from taskloom.core.plan import check_plan, finalize
-from taskloom.supervisor.planner import Planner
+from taskloom.supervisor.planner import PlanHooks, Planner
 from taskloom.supervisor.scheduler import CancelAttempts, Lease, Scheduler, WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.supervisor.store import Outcome, ReadyItem, Store
@@ -52,6 +56,14 @@ T = TypeVar("T")
 _EVENT_ID = re.compile(r"^\d+-\d+$")
 _UNFINISHED = (TaskStatus.PLANNING, TaskStatus.RUNNING, TaskStatus.AWAITING_APPROVAL)
 WATCH_BLOCK_MS = 5_000
+DEADLINE_INTERVAL = 1.0
+"""How often tasks are checked against their max_duration."""
+
+
+class BudgetSpent(Exception):
+    """Planning used up the task's max_tokens; the task has ended."""
+
+
 JANITOR_INTERVAL = 60.0
 
 
@@ -87,6 +99,7 @@ class Orchestrator:
             asyncio.create_task(self.scheduler.run(), name="taskloom-dispatch"),
             asyncio.create_task(self._janitor(), name="taskloom-janitor"),
             asyncio.create_task(self._resync_forever(), name="taskloom-resync"),
+            asyncio.create_task(self._deadlines_forever(), name="taskloom-deadlines"),
         ]
 
     async def stop(self) -> None:
@@ -182,6 +195,10 @@ class Orchestrator:
             raise InvalidArgument("max_attempts must be from 1 to 100 (0: the default)")
         if options.subtask_timeout < 0 or options.stall_timeout < 0:
             raise InvalidArgument("timeouts must be positive (0: the default)")
+        if options.max_tokens < 0 or options.max_duration < 0:
+            raise InvalidArgument("max_tokens and max_duration must be positive (0: no limit)")
+        if options.context_tokens and not 256 <= options.context_tokens <= 10_000_000:
+            raise InvalidArgument("context_tokens must be from 256 to 10,000,000 (0: the model's)")
         options = replace(
             options, stall_timeout=options.stall_timeout or self.settings.stall_timeout
         )
@@ -217,6 +234,9 @@ class Orchestrator:
             result_from=result_from,
             idempotency_key=idempotency_key,
             max_replans=self.settings.max_replans,
+            cache_ttl=self.settings.cache_ttl
+            if (self.settings.cache if options.cache is None else options.cache)
+            else 0.0,
         )
         if not created:
             return task_id, created
@@ -444,20 +464,35 @@ class Orchestrator:
             f"asking {self.planner.llm.describe()} for a plan",
         )
 
-        async def rejected(message: str) -> None:
-            await self.store.note(task_id, TaskStatus.PLANNING, EventType.PLAN_REJECTED, message)
-
+        synthesize = options.synthesize
         try:
             plan = await self.planner.plan(
                 goal,
                 capabilities=self.known_capabilities(),
-                synthesize=options.synthesize,
-                on_rejected=rejected,
+                synthesize=synthesize,
+                hooks=self._plan_hooks(task_id, TaskStatus.PLANNING),
             )
-        except (PlanError, LLMError, LLMUnavailable) as e:
-            await self._planning_failed(task_id, f"planning failed: {e}")
+        except BudgetSpent:
             return
-        graph, result_from = finalize(plan, synthesize=options.synthesize)
+        except PlanError as e:
+            if options.fallback != Fallback.SINGLE:
+                await self._planning_failed(
+                    task_id, f"planning failed: {e}", FailureReason.PLAN_INVALID
+                )
+                return
+            plan, synthesize = self._single(goal), False
+            await self.store.note(
+                task_id,
+                TaskStatus.PLANNING,
+                EventType.PLAN_FALLBACK,
+                f"no valid plan ({e}); fallback=single: one subtask carries the whole goal",
+            )
+        except (LLMError, LLMUnavailable) as e:
+            await self._planning_failed(
+                task_id, f"planning failed: {e}", FailureReason.LLM_UNAVAILABLE
+            )
+            return
+        graph, result_from = finalize(plan, synthesize=synthesize)
         ready = await self.store.set_plan(
             task_id,
             self._resolve(graph, options),
@@ -471,6 +506,41 @@ class Orchestrator:
         self.scheduler.set_task_limit(task_id, options.max_parallel)
         self.scheduler.enqueue(ready)
 
+    def _plan_hooks(self, task_id: str, status: TaskStatus) -> PlanHooks:
+        """Planner reports become the task's events; its usage, the task's."""
+
+        async def rejected(message: str) -> None:
+            await self.store.note(task_id, status, EventType.PLAN_REJECTED, message)
+
+        async def normalized(message: str) -> None:
+            await self.store.note(task_id, status, EventType.PLAN_NORMALIZED, message)
+
+        async def spent(usage: Usage) -> None:
+            over, held = await self.store.spend(task_id, usage)
+            if over:
+                logger.info("task %s used up its max_tokens while planning", task_id)
+                self._stop_attempts(held, "the task used up its token budget")
+                self.scheduler.forget_task(task_id)
+                raise BudgetSpent(task_id)
+
+        return PlanHooks(rejected=rejected, normalized=normalized, spent=spent)
+
+    def _single(self, goal: str) -> Plan:
+        """fallback=single: the whole goal as one subtask."""
+        caps = self.known_capabilities()
+        capability = "llm" if "llm" in caps or not caps else sorted(caps)[0]
+        limit = self.settings.llm_plan_limits().max_instruction_chars
+        return Plan(
+            (
+                PlannedSubtask(
+                    id="goal",
+                    title="Carry out the goal",
+                    instruction=goal[:limit],
+                    capability=capability,
+                ),
+            )
+        )
+
     async def _replan_once(self, task_id: str, failed_id: str) -> None:
         task = await self.store.get_task(task_id)
         failed = next((s for s in task.subtasks if s.id == failed_id), None)
@@ -483,9 +553,6 @@ class Orchestrator:
             f"asking {self.planner.llm.describe()} to replace {failed_id} ({failed.title})",
         )
 
-        async def rejected(message: str) -> None:
-            await self.store.note(task_id, TaskStatus.RUNNING, EventType.PLAN_REJECTED, message)
-
         done = [s for s in task.subtasks if s.status == SubtaskStatus.SUCCEEDED]
         try:
             plan = await self.planner.replan(
@@ -493,8 +560,10 @@ class Orchestrator:
                 failed=failed,
                 done=done,
                 capabilities=self.known_capabilities(),
-                on_rejected=rejected,
+                hooks=self._plan_hooks(task_id, TaskStatus.RUNNING),
             )
+        except BudgetSpent:
+            return
         except (PlanError, LLMError, LLMUnavailable) as e:
             await self._replanning_failed(
                 task_id,
@@ -534,12 +603,15 @@ class Orchestrator:
             reason,
             EventType.TASK_FAILED,
             expected=(TaskStatus.RUNNING,),
+            reason=FailureReason.REPLAN_FAILED,
         )
         if changed:
             self._stop_attempts(held, "the task failed")
             self.scheduler.forget_task(task_id)
 
-    async def _planning_failed(self, task_id: str, reason: str) -> None:
+    async def _planning_failed(
+        self, task_id: str, reason: str, code: FailureReason = FailureReason.INTERNAL
+    ) -> None:
         logger.warning("task %s: %s", task_id, reason)
         await self.store.finish(
             task_id,
@@ -547,6 +619,7 @@ class Orchestrator:
             reason,
             EventType.TASK_FAILED,
             expected=(TaskStatus.PLANNING,),
+            reason=code,
         )
 
     # -- workers ---------------------------------------------------------------------
@@ -697,6 +770,20 @@ class Orchestrator:
                 await self.recover()
             except StoreUnavailable:
                 self.scheduler.out_of_sync.set()
+
+    async def _deadlines_forever(self) -> None:
+        """End tasks that ran past their max_duration (BUDGET_EXCEEDED)."""
+        while True:
+            await asyncio.sleep(DEADLINE_INTERVAL)
+            try:
+                with self._checked():
+                    outcome = await self.store.expire_overdue()
+            except StoreUnavailable as e:
+                logger.warning("deadlines: %s", e)
+                continue
+            for task_id in outcome.finished:
+                logger.info("task %s ran past its max_duration", task_id)
+            self._apply(outcome, [])
 
     async def _janitor(self) -> None:
         while True:

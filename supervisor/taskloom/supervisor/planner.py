@@ -1,24 +1,30 @@
 """Asking the LLM for a plan, and holding it to the rules.
 
 The model gets the goal, the capabilities the connected workers offer and a
-JSON schema as its structured-output format, at temperature 0. Its reply is
-parsed and validated (``taskloom.core.plan``); every violation is fed back
-("duplicate id s3", "cycle s2 → s5 → s2") and the model tries again, up to
-``repairs`` times. Then the planner gives up with a ``PlanError`` that says
-what was still wrong.
+JSON schema as its structured-output format, at temperature 0 (raised a little
+for each repair), with a bound on
+the reply's length. Its reply is parsed, normalised (what can be fixed without
+the model: spaces, exact repeats, self-dependencies; each fix reported) and
+validated (``taskloom.core.plan``); every violation is fed back ("duplicate id
+s3", "cycle s2 → s5 → s2") and the model tries again, up to ``repairs`` times.
+Then the planner gives up with a ``PlanError`` that says what was still wrong.
+
+The goal goes in as data between ``<goal>`` tags (tags inside it are
+neutralised), and the schema and rules never depend on it, so text in the
+goal cannot change what a valid plan is.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from taskloom.core.errors import PlanError
 from taskloom.core.llm import LLM, ChatMessage
-from taskloom.core.model import Plan, Subtask
-from taskloom.core.plan import PlanLimits, parse_plan, validate_plan
+from taskloom.core.model import Plan, Subtask, Usage
+from taskloom.core.plan import PlanLimits, normalize_plan, parse_plan, validate_plan
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +68,33 @@ REPLAN_RULE = (
 OUTPUT_PREVIEW = 600
 """Characters of each finished step's output shown to the model when replanning."""
 
-RejectionCallback = Callable[[str], Awaitable[None]]
+
+NoteCallback = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanHooks:
+    """What the planner reports while it works; each may be None."""
+
+    rejected: NoteCallback | None = None
+    """A reply was not a valid plan: what was wrong (the model is asked again)."""
+    normalized: NoteCallback | None = None
+    """What was fixed in a reply without asking the model again."""
+    spent: Callable[[Usage], Awaitable[None]] | None = None
+    """Each LLM call's usage, as it happens (so a budget can stop planning)."""
+
+
+def repair_temperature(attempt: int) -> float:
+    """0 for the first attempt; a little more for each repair, so that a small
+    model that ignores the feedback does not write the same plan again."""
+    return min(0.3 * (attempt - 1), 0.9)
+
+
+def fence(text: str, tag: str) -> str:
+    """``text`` between ``<tag>`` tags, with any such tags inside it neutralised."""
+    for t in (f"<{tag}>", f"</{tag}>"):
+        text = text.replace(t, t.replace("<", "&lt;").replace(">", "&gt;"))
+    return f"<{tag}>\n{text}\n</{tag}>"
 
 
 def plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, Any]:
@@ -103,10 +135,15 @@ def plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, 
 class Planner:
     """Turns a goal into a validated ``Plan`` with the help of an LLM."""
 
-    def __init__(self, llm: LLM, *, limits: PlanLimits, repairs: int = 3) -> None:
+    def __init__(
+        self, llm: LLM, *, limits: PlanLimits, repairs: int = 3, reply_tokens: int = 4096
+    ) -> None:
         self.llm = llm
         self.limits = limits
         self.repairs = repairs
+        self.reply_tokens = reply_tokens
+        """Longest plan reply: a looping model is stopped here, and its truncated
+        JSON is repaired like any other mistake."""
 
     def _system(self, capabilities: list[str], rule: str) -> str:
         listing = "\n".join(
@@ -123,7 +160,7 @@ class Planner:
         *,
         capabilities: Collection[str],
         synthesize: bool = True,
-        on_rejected: RejectionCallback | None = None,
+        hooks: PlanHooks = PlanHooks(),
     ) -> Plan:
         """A valid plan for ``goal``, or ``PlanError`` after ``repairs`` failed repairs.
 
@@ -132,9 +169,9 @@ class Planner:
         caps = sorted(capabilities)
         messages = [
             ChatMessage("system", self._system(caps, SYNTHESIS_RULE if synthesize else "")),
-            ChatMessage("user", f"<goal>\n{goal}\n</goal>"),
+            ChatMessage("user", fence(goal, "goal")),
         ]
-        plan = await self._ask(messages, caps, frozenset(), on_rejected)
+        plan = await self._ask(messages, caps, frozenset(), hooks)
         return Plan(subtasks=plan.subtasks, synthesize=synthesize)
 
     async def replan(
@@ -144,7 +181,7 @@ class Planner:
         failed: Subtask,
         done: Collection[Subtask],
         capabilities: Collection[str],
-        on_rejected: RejectionCallback | None = None,
+        hooks: PlanHooks = PlanHooks(),
     ) -> Plan:
         """Subtasks that replace ``failed``, given the goal and what is ``done``
         (with outputs). They may depend on the done subtasks' ids."""
@@ -154,7 +191,7 @@ class Planner:
             for s in done
         )
         report = (
-            f"<goal>\n{goal}\n</goal>\n\n"
+            f"{fence(goal, 'goal')}\n\n"
             f"Steps already done, with their results:\n{finished or '(none)'}\n\n"
             f'This step failed for good:\n<failed id="{failed.id}" title="{failed.title}" '
             f'capability="{failed.capability}">\n{failed.instruction}\n'
@@ -167,22 +204,34 @@ class Planner:
             ChatMessage("system", self._system(caps, REPLAN_RULE)),
             ChatMessage("user", report),
         ]
-        return await self._ask(messages, caps, frozenset(s.id for s in done), on_rejected)
+        return await self._ask(messages, caps, frozenset(s.id for s in done), hooks)
 
     async def _ask(
         self,
         messages: list[ChatMessage],
         caps: list[str],
         external: frozenset[str],
-        on_rejected: RejectionCallback | None,
+        hooks: PlanHooks,
     ) -> Plan:
-        """Ask, validate, feed the violations back; ``external`` ids may be depended on."""
+        """Ask, normalise, validate, feed the violations back; ``external`` ids
+        may be depended on."""
         schema = plan_schema(caps, self.limits)
         violations: list[str] = []
         for attempt in range(1, self.repairs + 2):
-            reply = await self.llm.chat(messages, schema=schema, temperature=0.0)
+            reply = await self.llm.chat(
+                messages,
+                schema=schema,
+                temperature=repair_temperature(attempt),
+                max_tokens=self.reply_tokens,
+            )
+            if hooks.spent is not None:
+                await hooks.spent(reply.usage)
             try:
-                plan = parse_plan(reply.text)
+                plan, notes = normalize_plan(parse_plan(reply.text), capabilities=caps)
+                if notes and hooks.normalized is not None:
+                    await hooks.normalized(
+                        f"attempt {attempt}: fixed without the model: " + "; ".join(notes)
+                    )
                 inner = Plan(
                     tuple(
                         replace(s, depends_on=tuple(d for d in s.depends_on if d not in external))
@@ -197,10 +246,13 @@ class Planner:
                 return plan
             listing_v = "\n".join(f"- {v}" for v in violations)
             logger.info("plan rejected at attempt %d: %s", attempt, "; ".join(violations))
-            if on_rejected is not None:
-                await on_rejected(f"attempt {attempt}: plan rejected: {'; '.join(violations)}")
-            messages += [
-                ChatMessage("assistant", reply.text[:20_000]),
+            if hooks.rejected is not None:
+                await hooks.rejected(f"attempt {attempt}: plan rejected: {'; '.join(violations)}")
+            # Only the latest rejected reply and what was wrong with it: the
+            # conversation stays the same size however many repairs it takes.
+            messages = [
+                *messages[:2],
+                ChatMessage("assistant", reply.text[:8_000]),
                 ChatMessage(
                     "user",
                     f"Your plan was rejected:\n{listing_v}\n"

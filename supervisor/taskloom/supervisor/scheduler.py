@@ -389,8 +389,16 @@ class Scheduler:
         if not picks:
             return False
         try:
-            assignments = await self._store.assign(
-                [(item, s.info.worker_id, s.info.name) for item, s in picks]
+            assignments, hits = await self._store.assign(
+                [
+                    (
+                        item,
+                        s.info.worker_id,
+                        s.info.name,
+                        s.info.cache_keys.get(item.capability, ""),
+                    )
+                    for item, s in picks
+                ]
             )
         except Unavailable as e:
             self.out_of_sync.set()
@@ -406,7 +414,8 @@ class Scheduler:
         for (item, session), assignment in zip(picks, assignments, strict=True):
             session.reserved -= 1
             if assignment is None:
-                # Not READY any more (cancelled, or queued twice): drop it.
+                # Not READY any more (cancelled, or queued twice), or answered
+                # from the cache: nothing to send.
                 self._in_flight[item.task_id] -= 1
                 continue
             lease = Lease(
@@ -429,6 +438,9 @@ class Scheduler:
                 batches[session].append(assignment)
         for session, batch in batches.items():
             session.send(AssignBatch(tuple(batch)))
+        self.enqueue(hits.ready)
+        for task_id in hits.finished:
+            self.forget_task(task_id)
         return True
 
     def _pick(self) -> list[tuple[ReadyItem, WorkerSession]]:

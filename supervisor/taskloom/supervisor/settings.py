@@ -22,6 +22,7 @@ class SupervisorSettings(LLMSettings):
         "redis_prefix": "--redis-prefix",
         "ollama_host": "--ollama-host",
         "model": "--model",
+        "llm": "--llm",
         "heartbeat_interval": "--heartbeat-interval",
         "lease_ttl": "--lease-ttl",
         "leader_ttl": "--leader-ttl",
@@ -55,6 +56,11 @@ class SupervisorSettings(LLMSettings):
     within about this long after the leader dies."""
     retry_backoff: Seconds = 1.0
     """Wait before the 2nd attempt; doubles each attempt (with jitter), up to 60 s."""
+    cache: bool = True
+    """Reuse the outputs of identical earlier subtasks of cacheable capabilities
+    (the built-in llm handler; custom handlers that say so). A task may opt out."""
+    cache_ttl: Seconds = 86400.0
+    """How long a cached output is kept."""
     retention: Seconds = 7 * 86400.0
     """How long finished tasks, their subtasks and events are kept."""
 
@@ -88,9 +94,25 @@ class SupervisorSettings(LLMSettings):
     def explicit_plan_limits(self) -> PlanLimits:
         return PlanLimits(max_subtasks=self.max_plan_subtasks)
 
+    @property
+    def tiny_model(self) -> bool:
+        """An embedded model: it keeps to JSON only under a very tight schema."""
+        return self.provider == "embedded"
+
     def llm_plan_limits(self) -> PlanLimits:
+        if self.tiny_model:
+            return PlanLimits(
+                max_subtasks=min(self.max_llm_plan_subtasks, 5),
+                max_title_chars=60,
+                max_instruction_chars=200,
+            )
         return PlanLimits(
             max_subtasks=self.max_llm_plan_subtasks,
             max_title_chars=120,
             max_instruction_chars=2_000,
         )
+
+    @property
+    def plan_reply_tokens(self) -> int:
+        """Longest reply the planner accepts (enough for the plan limits)."""
+        return 768 if self.tiny_model else 4096

@@ -32,8 +32,11 @@ from taskloom.core.model import (
     SYNTHESIZE_ID,
     Assignment,
     AttemptRef,
+    ContextMode,
     Event,
     EventType,
+    FailureReason,
+    Fallback,
     Input,
     OnFailure,
     Plan,
@@ -67,6 +70,8 @@ _SCRIPTS = (
     "cancel_subtask",
     "stopped",
     "revise",
+    "spend",
+    "expire",
 )
 _FENCED = "TASKLOOM_FENCED"
 DEFAULT_MAX_ATTEMPTS = 3
@@ -250,6 +255,7 @@ class Store:
         result_from: Sequence[str] = (),
         idempotency_key: str = "",
         max_replans: int = 0,
+        cache_ttl: float = 0.0,
     ) -> tuple[str, bool, list[ReadyItem]]:
         """Store a new task (PLANNING, or RUNNING with ``plan``).
 
@@ -293,8 +299,15 @@ class Store:
                             "updated_at": repr(now),
                             "total": 0,
                             "succeeded": 0,
+                            "max_tokens": options.max_tokens,
+                            "max_duration": f"{options.max_duration:g}",
+                            "ctx_tokens": options.context_tokens,
+                            "ctx_mode": options.context,
+                            "cache_ttl": int(cache_ttl),
                         },
                     )
+                    if options.max_duration:
+                        pipe.zadd(self.keys.deadlines, {task_id: now + options.max_duration})
                     pipe.zadd(self.keys.tasks_index, {task_id: now})
                     pipe.zadd(self.keys.active_index, {task_id: now})
                     pipe.xadd(
@@ -419,17 +432,34 @@ class Store:
     # -- transitions -----------------------------------------------------------
 
     @_translated
-    async def assign(self, items: Sequence[tuple[ReadyItem, str, str]]) -> list[Assignment | None]:
-        """READY → ASSIGNED for each ``(item, worker_id, worker_name)``; None where stale."""
+    async def assign(
+        self, items: Sequence[tuple[ReadyItem, str, str, str]]
+    ) -> tuple[list[Assignment | None], Outcome]:
+        """READY → ASSIGNED for each ``(item, worker_id, worker_name, fingerprint)``.
+
+        Returns the assignments (None where stale or answered from the cache)
+        and what cache hits changed: subtasks made READY, tasks finished.
+        """
         reply = await self._run(
-            "assign", [[i.task_id, i.subtask_id, wid, name] for i, wid, name in items]
+            "assign",
+            [[item.task_id, item.subtask_id, wid, name, fp] for item, wid, name, fp in items],
         )
         goals: Mapping[str, str] = reply["goals"] or {}
         out: list[Assignment | None] = [None] * len(items)
         now = time.time()
-        for index, attempt, title, instruction, capability, params, inputs, timeout, stall in _list(
-            reply["assigned"]
-        ):
+        for (
+            index,
+            attempt,
+            title,
+            instruction,
+            capability,
+            params,
+            inputs,
+            timeout,
+            stall,
+            context_tokens,
+            context,
+        ) in _list(reply["assigned"]):
             item = items[index - 1][0]
             out[index - 1] = Assignment(
                 task_id=item.task_id,
@@ -444,8 +474,11 @@ class Store:
                 deadline=now + float(timeout) if timeout else None,
                 timeout=float(timeout),
                 stall_timeout=float(stall),
+                context_tokens=int(context_tokens),
+                context=ContextMode(context or ContextMode.TRUNCATE),
             )
-        return out
+        hits = _list(reply["hits"])
+        return out, _outcome({"committed": [1] * len(hits), **reply})
 
     @_translated
     async def start(self, refs: Sequence[AttemptRef]) -> list[bool]:
@@ -455,10 +488,10 @@ class Store:
 
     @_translated
     async def progress(self, updates: Sequence[ProgressUpdate]) -> list[bool]:
-        """Log progress; False where the report is stale."""
+        """Log progress and streamed output; False where the report is stale."""
         reply = await self._run(
             "progress",
-            [[u.ref.task_id, u.ref.subtask_id, u.ref.attempt, u.message] for u in updates],
+            [[u.ref.task_id, u.ref.subtask_id, u.ref.attempt, u.message, u.text] for u in updates],
         )
         return [bool(x) for x in _list(reply)]
 
@@ -471,13 +504,7 @@ class Store:
                 r.ref.subtask_id,
                 r.ref.attempt,
                 r.output,
-                json.dumps(
-                    {
-                        "input_tokens": r.usage.input_tokens,
-                        "output_tokens": r.usage.output_tokens,
-                        "model": r.usage.model,
-                    }
-                ),
+                _usage_doc(r.usage),
             ]
             for r in results
         ]
@@ -494,6 +521,7 @@ class Store:
                 f.error,
                 int(f.retryable),
                 int(f.counts),
+                _usage_doc(f.usage),
             ]
             for f in failures
         ]
@@ -508,15 +536,32 @@ class Store:
         event: EventType,
         *,
         expected: Iterable[TaskStatus],
+        reason: FailureReason = FailureReason.NONE,
     ) -> tuple[bool, TaskStatus | None, list[AttemptRef]]:
         """End a task that is in one of the ``expected`` states.
 
         Returns ``(changed, status found, attempts held by workers)``.
         """
-        reply = await self._run("finish", [task_id, status, error, event, list(expected)])
+        reply = await self._run(
+            "finish", [task_id, status, error, event, list(expected), str(reason)]
+        )
         found = TaskStatus(reply["status"]) if reply["status"] else None
         held = [AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))]
         return bool(reply["changed"]), found, held
+
+    @_translated
+    async def spend(self, task_id: str, usage: Usage) -> tuple[bool, list[AttemptRef]]:
+        """Add a planning call's usage to the task's; ``(True, held)`` if that
+        took it past its max_tokens and ended it."""
+        reply = await self._run("spend", [task_id, _usage_doc(usage)])
+        held = [AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))]
+        return bool(reply["over"]), held
+
+    @_translated
+    async def expire_overdue(self, limit: int = 100) -> Outcome:
+        """End the tasks past their max_duration (BUDGET_EXCEEDED)."""
+        reply = await self._run("expire", [limit])
+        return _outcome({"committed": [], "ready": [], **reply})
 
     @_translated
     async def cancel_subtask(
@@ -761,6 +806,28 @@ def _plain(task_id: str) -> bool:
     return 0 < len(task_id) <= 64 and task_id.isalnum()
 
 
+def _usage_doc(usage: Usage) -> str:
+    return json.dumps(
+        {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "model": usage.model,
+            "seconds": round(usage.seconds, 6),
+            "calls": usage.calls,
+        }
+    )
+
+
+def _usage(doc: Mapping[str, Any]) -> Usage:
+    return Usage(
+        input_tokens=int(doc.get("input_tokens", 0)),
+        output_tokens=int(doc.get("output_tokens", 0)),
+        model=str(doc.get("model", "")),
+        seconds=float(doc.get("seconds", 0.0)),
+        calls=int(doc.get("calls", 0)),
+    )
+
+
 def _options_doc(options: TaskOptions) -> dict[str, Any]:
     return {
         "synthesize": options.synthesize,
@@ -770,6 +837,12 @@ def _options_doc(options: TaskOptions) -> dict[str, Any]:
         "max_attempts": options.max_attempts,
         "subtask_timeout": options.subtask_timeout,
         "stall_timeout": options.stall_timeout,
+        "fallback": options.fallback,
+        "context_tokens": options.context_tokens,
+        "context": options.context,
+        "max_tokens": options.max_tokens,
+        "max_duration": options.max_duration,
+        "cache": options.cache,
     }
 
 
@@ -837,6 +910,12 @@ def _task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
             max_attempts=int(opts.get("max_attempts", 0)),
             subtask_timeout=float(opts.get("subtask_timeout", 0.0)),
             stall_timeout=float(opts.get("stall_timeout", 0.0)),
+            fallback=Fallback(opts.get("fallback", Fallback.NONE)),
+            context_tokens=int(opts.get("context_tokens", 0)),
+            context=ContextMode(opts.get("context", ContextMode.TRUNCATE)),
+            max_tokens=int(opts.get("max_tokens", 0)),
+            max_duration=float(opts.get("max_duration", 0.0)),
+            cache=opts.get("cache"),
         ),
         created_at=float(raw.get("created_at") or 0.0),
         updated_at=float(raw.get("updated_at") or 0.0),
@@ -847,11 +926,18 @@ def _task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
         subtasks_succeeded=int(raw.get("succeeded") or 0),
         subtasks=subtasks,
         plan_version=int(raw.get("version") or 1),
+        usage=Usage(
+            input_tokens=int(raw.get("in_tokens") or 0),
+            output_tokens=int(raw.get("out_tokens") or 0),
+            model=raw.get("models", ""),
+            seconds=float(raw.get("llm_seconds") or 0.0),
+            calls=int(raw.get("llm_calls") or 0),
+        ),
+        failure_reason=FailureReason(raw.get("failure_reason") or ""),
     )
 
 
 def _subtask(raw: Mapping[str, str]) -> Subtask:
-    usage = json.loads(raw.get("usage") or "{}")
     return Subtask(
         id=raw["id"],
         title=raw.get("title", ""),
@@ -865,13 +951,10 @@ def _subtask(raw: Mapping[str, str]) -> Subtask:
         worker=raw.get("worker", ""),
         progress=raw.get("progress", ""),
         params=json.loads(raw.get("params") or "{}"),
-        usage=Usage(
-            input_tokens=int(usage.get("input_tokens", 0)),
-            output_tokens=int(usage.get("output_tokens", 0)),
-            model=str(usage.get("model", "")),
-        ),
+        usage=_usage(json.loads(raw.get("usage") or "{}")),
         started_at=_time(raw.get("started_at")),
         finished_at=_time(raw.get("finished_at")),
+        cache_hit=raw.get("cache_hit") == "1",
     )
 
 

@@ -20,7 +20,8 @@ from taskloom.worker.worker import Worker, load_handlers
 @click.option("--name", help="Name shown in tasks and logs [TASKLOOM_NAME]")
 @click.option("--app", help="MODULE:ATTR with custom handlers [TASKLOOM_APP]")
 @click.option("--ollama-host", help="Ollama for the llm handler [OLLAMA_HOST]")
-@click.option("--model", help="Model for the llm handler [TASKLOOM_MODEL]")
+@click.option("--llm", help="provider:model, e.g. ollama:llama3.2, embedded:smollm2 [TASKLOOM_LLM]")
+@click.option("--model", help="Ollama model when --llm is not given [TASKLOOM_MODEL]")
 @click.option(
     "--drain-timeout", help="Grace for running subtasks on SIGTERM [TASKLOOM_DRAIN_TIMEOUT]"
 )

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from google.protobuf.duration_pb2 import Duration
 
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
+    ContextMode,
     Input,
     ProgressUpdate,
     SubtaskFailure,
     SubtaskResult,
+    Usage,
 )
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import workers_pb2 as wpb
@@ -43,6 +47,18 @@ def _ref_to_pb(ref: AttemptRef) -> wpb.AttemptRef:
     return wpb.AttemptRef(task_id=ref.task_id, subtask_id=ref.subtask_id, attempt=ref.attempt)
 
 
+def _usage_to_pb(usage: Usage) -> pb.Usage:
+    duration = Duration()
+    duration.FromNanoseconds(int(usage.seconds * 1e9))
+    return pb.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        model=usage.model,
+        duration=duration,
+        calls=usage.calls,
+    )
+
+
 def refs_from_pb(refs: Iterable[wpb.AttemptRef]) -> list[AttemptRef]:
     return [AttemptRef(r.task_id, r.subtask_id, r.attempt) for r in refs]
 
@@ -55,6 +71,7 @@ def hello_to_pb(
     max_concurrency: int,
     in_flight: Iterable[AttemptRef],
     version: str,
+    cache_keys: Mapping[str, str],
 ) -> wpb.ConnectRequest:
     return wpb.ConnectRequest(
         hello=wpb.Hello(
@@ -64,6 +81,7 @@ def hello_to_pb(
             max_concurrency=max_concurrency,
             in_flight=[_ref_to_pb(r) for r in in_flight],
             version=version,
+            cache_keys=dict(cache_keys),
         )
     )
 
@@ -83,6 +101,10 @@ def assignments_from_pb(message: wpb.Assign) -> list[Assignment]:
             deadline=a.deadline.ToNanoseconds() / 1e9 if a.HasField("deadline") else None,
             timeout=a.timeout.ToNanoseconds() / 1e9,
             trace_context=dict(a.trace_context),
+            context_tokens=a.context_tokens,
+            context=ContextMode.SUMMARIZE
+            if a.context == pb.CONTEXT_MODE_SUMMARIZE
+            else ContextMode.TRUNCATE,
         )
         for a in message.assignments
     ]
@@ -104,7 +126,7 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
     if accepted:
         frames.append(wpb.ConnectRequest(accepted=wpb.Accepted(refs=accepted)))
     progress = [
-        wpb.ProgressUpdate(ref=_ref_to_pb(i.ref), message=i.message)
+        wpb.ProgressUpdate(ref=_ref_to_pb(i.ref), message=i.message, text=i.text)
         for i in items
         if isinstance(i, ProgressUpdate)
     ]
@@ -114,11 +136,7 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
         wpb.SubtaskResult(
             ref=_ref_to_pb(i.ref),
             output=i.output,
-            usage=pb.Usage(
-                input_tokens=i.usage.input_tokens,
-                output_tokens=i.usage.output_tokens,
-                model=i.usage.model,
-            ),
+            usage=_usage_to_pb(i.usage),
         )
         for i in items
         if isinstance(i, SubtaskResult)
@@ -127,7 +145,11 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
         frames.append(wpb.ConnectRequest(completed=wpb.Completed(results=results)))
     failures = [
         wpb.SubtaskFailure(
-            ref=_ref_to_pb(i.ref), error=i.error, retryable=i.retryable, handed_back=not i.counts
+            ref=_ref_to_pb(i.ref),
+            error=i.error,
+            retryable=i.retryable,
+            handed_back=not i.counts,
+            usage=_usage_to_pb(i.usage),
         )
         for i in items
         if isinstance(i, SubtaskFailure)

@@ -1,14 +1,20 @@
-"""What a handler gets: the subtask, its inputs, and a way to report progress."""
+"""What a handler gets: the subtask, its inputs, a metered LLM, and ways to
+report progress and stream output."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from taskloom.core.errors import TaskloomError
-from taskloom.core.llm import LLM
-from taskloom.core.model import Assignment, AttemptRef, Input, Usage
+from taskloom.core.llm import LLM, ChatMessage, ChatReply, TextCallback
+from taskloom.core.model import Assignment, AttemptRef, ContextMode, Input, Usage
+
+STREAM_INTERVAL = 0.1
+"""Streamed output is sent at most this often per subtask (~10 messages/s)."""
 
 
 class SubtaskError(TaskloomError):
@@ -23,17 +29,81 @@ class SubtaskError(TaskloomError):
         self.retryable = retryable
 
 
+class MeteredLLM(LLM):
+    """The worker's model, adding every call's usage to the subtask's."""
+
+    def __init__(self, inner: LLM, context: SubtaskContext) -> None:
+        self.inner = inner
+        self.provider = inner.provider
+        self.model = inner.model
+        self.notice = inner.notice
+        self.context_is_fixed = inner.context_is_fixed
+        self._context = context
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        temperature: float = 0.0,
+        on_text: TextCallback | None = None,
+        max_tokens: int = 0,
+        context_tokens: int = 0,
+    ) -> ChatReply:
+        started = time.monotonic()
+        try:
+            reply = await self.inner.chat(
+                messages,
+                schema=schema,
+                temperature=temperature,
+                on_text=on_text,
+                max_tokens=max_tokens,
+                context_tokens=context_tokens,
+            )
+        except BaseException:
+            # A call that failed or was cancelled still took time.
+            self._context.usage += Usage(
+                model=self.describe(), seconds=time.monotonic() - started, calls=1
+            )
+            raise
+        self._context.usage += reply.usage
+        return reply
+
+    async def context_length(self) -> int:
+        return await self.inner.context_length()
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def close(self) -> None:
+        """The worker's model outlives the subtask: nothing to close here."""
+
+
 @dataclass(slots=True)
 class SubtaskContext:
     """One attempt of one subtask, as its handler sees it."""
 
     assignment: Assignment
-    llm: LLM
-    """The model the worker is configured with (``OLLAMA_HOST``, ``TASKLOOM_MODEL``)."""
+    model: LLM
+    """The worker's model, unmetered; handlers use ``llm``."""
     logger: logging.Logger
-    _report: Callable[[str], Awaitable[None]]
+    _report: Callable[[str, str], Awaitable[None]]
     usage: Usage = field(default_factory=Usage)
-    """Set by handlers that spend tokens, so the usage is recorded with the result."""
+    """What the subtask's LLM calls cost so far; every call through ``llm`` adds to it."""
+    _pending: list[str] = field(default_factory=list)
+    _last_stream: float = 0.0
+    _llm: MeteredLLM | None = None
+
+    @property
+    def llm(self) -> LLM:
+        """The model the worker is configured with (``TASKLOOM_LLM``), metered:
+        each call's tokens and time count towards the subtask and its task."""
+        if self._llm is None:
+            self._llm = MeteredLLM(self.model, self)
+        return self._llm
 
     @property
     def ref(self) -> AttemptRef:
@@ -72,6 +142,30 @@ class SubtaskContext:
     def params(self) -> Mapping[str, str]:
         return self.assignment.params
 
+    @property
+    def context_tokens(self) -> int:
+        """The task's context budget for one llm call; 0: the model's."""
+        return self.assignment.context_tokens
+
+    @property
+    def context_mode(self) -> ContextMode:
+        return self.assignment.context
+
     async def progress(self, message: str) -> None:
         """Report progress; it appears in the task's events."""
-        await self._report(message)
+        await self._report(message, "")
+
+    async def stream(self, text: str) -> None:
+        """Stream output as it is produced (``subtask.output`` events). Pieces are
+        coalesced: at most one message per ``STREAM_INTERVAL``."""
+        self._pending.append(text)
+        if time.monotonic() - self._last_stream >= STREAM_INTERVAL:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send what ``stream`` holds back (the worker calls it when the handler ends)."""
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._last_stream = time.monotonic()
+            await self._report("", text)

@@ -12,11 +12,14 @@ subtask's output: a string, or anything JSON can encode.
 
 from __future__ import annotations
 
-import time
+import hashlib
+import inspect
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from taskloom.core.errors import LLMError, LLMUnavailable
-from taskloom.core.llm import ChatMessage
+from taskloom.core.llm import LLM, ChatMessage
+from taskloom.core.model import ContextMode
 from taskloom.worker.context import SubtaskContext, SubtaskError
 
 Handler = Callable[[SubtaskContext], Awaitable[object]]
@@ -26,31 +29,63 @@ LLM_SYSTEM_PROMPT = (
     "you are given, thoroughly and concisely, and use the results of earlier steps where "
     "they help. Reply with the result itself, without preamble."
 )
-TRUNCATED = "\n[… truncated to fit the context budget]"
+SUMMARY_PROMPT = (
+    "Summarise the text below in at most {words} words. Keep every fact, number, name "
+    "and conclusion that someone continuing the work would need; drop repetition and "
+    "filler. Reply with the summary only.\n\n<text>\n{text}\n</text>"
+)
+LLM_HANDLER_VERSION = "llm/2"
+"""Part of the cache key of llm subtasks: bump it when the prompt changes."""
+MAX_DEFAULT_CONTEXT = 8192
+"""The default budget is the model's context length, but no more than this: a
+larger window costs the server memory for every call."""
+MIN_PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerInfo:
+    fn: Handler
+    version: str
+    cacheable: bool
 
 
 class HandlerRegistry:
-    """Capability name → handler."""
+    """Capability name → handler.
+
+    A ``cacheable`` handler's output may be reused for an identical subtask
+    (same capability, instruction, params, inputs, version and model); use it
+    for pure functions of their inputs, never for side effects. ``version``
+    defaults to a hash of the handler's source, so editing it invalidates
+    what was cached.
+    """
 
     def __init__(self) -> None:
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, HandlerInfo] = {}
 
-    def handler(self, name: str) -> Callable[[Handler], Handler]:
+    def handler(
+        self, name: str, *, version: str | None = None, cacheable: bool = False
+    ) -> Callable[[Handler], Handler]:
         """Decorator: register ``fn`` as the handler for capability ``name``."""
 
         def register(fn: Handler) -> Handler:
-            self._handlers[name] = fn
+            self.add(name, fn, version=version, cacheable=cacheable)
             return fn
 
         return register
 
-    def add(self, name: str, fn: Handler) -> None:
-        self._handlers[name] = fn
+    def add(
+        self, name: str, fn: Handler, *, version: str | None = None, cacheable: bool = False
+    ) -> None:
+        self._handlers[name] = HandlerInfo(fn, version or _source_hash(fn), cacheable)
 
     def update(self, other: HandlerRegistry) -> None:
         self._handlers.update(other._handlers)
 
     def get(self, name: str) -> Handler | None:
+        info = self._handlers.get(name)
+        return info.fn if info else None
+
+    def info(self, name: str) -> HandlerInfo | None:
         return self._handlers.get(name)
 
     def __contains__(self, name: object) -> bool:
@@ -60,53 +95,153 @@ class HandlerRegistry:
         return iter(sorted(self._handlers))
 
 
+def _source_hash(fn: Handler) -> str:
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = getattr(fn, "__qualname__", repr(fn))
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
 async def echo(ctx: SubtaskContext) -> str:
     """Returns the instruction unchanged: for tests and benchmarks."""
     return ctx.instruction
 
 
-def llm_handler(*, max_context_chars: int, progress_interval: float) -> Handler:
-    """The built-in ``llm`` handler: the instruction, the goal and the inputs to the model."""
+def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
+    """The built-in ``llm`` handler: the goal, the inputs and the instruction to
+    the model, fitted into the context budget, the reply streamed as it comes.
+
+    The budget is the task's ``context_tokens``, else the worker's, else the
+    model's context length (at most ``MAX_DEFAULT_CONTEXT``). A quarter of it,
+    at most ``max_output_tokens``, is kept for the reply.
+    """
 
     async def run(ctx: SubtaskContext) -> str:
-        generated = 0
-        last_report = time.monotonic()
-
-        async def on_text(text: str) -> None:
-            nonlocal generated, last_report
-            generated += len(text)
-            now = time.monotonic()
-            if now - last_report >= progress_interval:
-                last_report = now
-                await ctx.progress(f"{generated} characters generated")
-
-        messages = [
-            ChatMessage("system", LLM_SYSTEM_PROMPT),
-            ChatMessage("user", build_prompt(ctx, max_context_chars)),
-        ]
-        temperature = float(ctx.params.get("temperature", "0") or 0)
+        llm = ctx.llm
+        budget = ctx.context_tokens or context_tokens
+        if not budget:
+            budget = min(await llm.context_length(), MAX_DEFAULT_CONTEXT)
+        elif llm.context_is_fixed:
+            budget = min(budget, await llm.context_length())
+        reply_tokens = min(max_output_tokens, budget // 4)
         try:
-            reply = await ctx.llm.chat(messages, temperature=temperature, on_text=on_text)
+            prompt, notes = await fit_prompt(
+                ctx, llm, budget - reply_tokens, summarize=ctx.context_mode == ContextMode.SUMMARIZE
+            )
+            for note in notes:
+                await ctx.progress(note)
+            temperature = float(ctx.params.get("temperature", "0") or 0)
+            reply = await llm.chat(
+                [ChatMessage("system", LLM_SYSTEM_PROMPT), ChatMessage("user", prompt)],
+                temperature=temperature,
+                on_text=ctx.stream,
+                max_tokens=reply_tokens,
+                context_tokens=budget,
+            )
         except LLMUnavailable as e:
             raise SubtaskError(str(e), retryable=True) from None
         except LLMError as e:
             raise SubtaskError(str(e), retryable=False) from None
-        ctx.usage = reply.usage
         return reply.text
 
     return run
 
 
-def build_prompt(ctx: SubtaskContext, budget: int) -> str:
-    """The user message for an llm subtask; dependency outputs share ``budget`` characters."""
-    parts = [f"Overall goal:\n{ctx.goal}"]
+async def fit_prompt(
+    ctx: SubtaskContext, llm: LLM, available: int, *, summarize: bool
+) -> tuple[str, list[str]]:
+    """The user message for an llm subtask within ``available`` tokens, and notes
+    on what had to be cut or summarised to get there.
+
+    The goal and the instruction are never cut: if they alone do not fit, the
+    subtask fails for good with a message that says so. Dependency outputs
+    share what is left: each gets an equal share, and what small ones leave
+    unused goes to the larger ones. An output over its share is summarised by
+    the model first (``summarize``), then cut with a visible marker.
+    """
+    head = f"Overall goal:\n{ctx.goal}"
+    step = f"Your step: {ctx.title}\n{ctx.instruction}" if ctx.title else ctx.instruction
+    fixed = llm.count_tokens(LLM_SYSTEM_PROMPT) + llm.count_tokens(head) + llm.count_tokens(step)
+    if fixed + MIN_PROMPT_TOKENS > available:
+        raise SubtaskError(
+            f"the goal and this step's instruction take about {fixed} tokens, but the context "
+            f"budget leaves {available} for the prompt; raise it (--context-tokens, "
+            "TASKLOOM_CONTEXT_TOKENS) or shorten the goal",
+            retryable=False,
+        )
+    notes: list[str] = []
+    parts = [head]
     if ctx.inputs:
-        share = budget // len(ctx.inputs)
+        outputs = [i.output for i in ctx.inputs]
+        headers = [f"### {i.title or i.subtask_id} ({i.subtask_id})" for i in ctx.inputs]
+        left = available - fixed - sum(llm.count_tokens(h) + 2 for h in headers) - 16
+        sizes = [llm.count_tokens(o) for o in outputs]
+        shares = fair_shares(sizes, max(left, 0))
+        for n, item in enumerate(ctx.inputs):
+            if sizes[n] <= shares[n]:
+                continue
+            text, size = outputs[n], sizes[n]
+            if summarize and shares[n] >= MIN_PROMPT_TOKENS:
+                text = await summarize_text(llm, text, shares[n], available)
+                size = llm.count_tokens(text)
+                notes.append(
+                    f"input {item.subtask_id} summarised from about {sizes[n]} "
+                    f"to {size} tokens to fit the context budget"
+                )
+            if size > shares[n]:
+                text = cut(text, size, shares[n])
+                notes.append(
+                    f"input {item.subtask_id} cut from about {sizes[n]} to {shares[n]} "
+                    "tokens to fit the context budget"
+                )
+            outputs[n] = text
         parts.append("Results of earlier steps:")
-        for item in ctx.inputs:
-            output = item.output
-            if len(output) > share:
-                output = output[: max(0, share - len(TRUNCATED))] + TRUNCATED
-            parts.append(f"### {item.title or item.subtask_id} ({item.subtask_id})\n{output}")
-    parts.append(f"Your step: {ctx.title}\n{ctx.instruction}" if ctx.title else ctx.instruction)
-    return "\n\n".join(parts)
+        parts += [f"{h}\n{o}" for h, o in zip(headers, outputs, strict=True)]
+    parts.append(step)
+    return "\n\n".join(parts), notes
+
+
+def fair_shares(sizes: list[int], total: int) -> list[int]:
+    """Split ``total`` among items wanting ``sizes``: equal shares, and what an
+    item needs less than its share goes to the others (max-min fairness)."""
+    shares = [0] * len(sizes)
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    left = total
+    for rank, i in enumerate(order):
+        share = left // (len(sizes) - rank)
+        shares[i] = min(sizes[i], share)
+        left -= shares[i]
+    return shares
+
+
+def cut_marker(kept: int, total: int) -> str:
+    return f"\n[… cut: about {kept} of {total} tokens kept to fit the context budget]"
+
+
+def cut(text: str, tokens: int, keep: int) -> str:
+    """``text`` (about ``tokens`` long) cut to about ``keep`` tokens, marker included."""
+    marker = cut_marker(keep, tokens)
+    room = max(0, keep - (len(marker) + 2) // 3)
+    chars = len(text) * room // max(tokens, 1)
+    return text[:chars] + marker
+
+
+async def summarize_text(llm: LLM, text: str, target: int, budget: int) -> str:
+    """``text`` summarised to about ``target`` tokens. Text too long for one call is
+    summarised in pieces, and the pieces' summaries joined."""
+    piece_tokens = max(budget // 2, MIN_PROMPT_TOKENS)
+    total = llm.count_tokens(text)
+    pieces = max(1, -(-total // piece_tokens))
+    step = -(-len(text) // pieces)
+    chunks = [text[i : i + step] for i in range(0, len(text), step)]
+    words = max(20, target * 2 // 3 // len(chunks))
+    summaries = []
+    for chunk in chunks:
+        reply = await llm.chat(
+            [ChatMessage("user", SUMMARY_PROMPT.format(words=words, text=chunk))],
+            max_tokens=max(target // len(chunks), 32),
+            context_tokens=budget,
+        )
+        summaries.append(reply.text.strip())
+    return "\n".join(summaries)

@@ -23,6 +23,7 @@ class WorkerSettings(LLMSettings):
         "app": "--app",
         "ollama_host": "--ollama-host",
         "model": "--model",
+        "llm": "--llm",
         "drain_timeout": "--drain-timeout",
         "log_level": "--log-level",
     }
@@ -41,10 +42,6 @@ class WorkerSettings(LLMSettings):
     """On SIGTERM, how long running subtasks get to finish before they are handed back."""
     reconnect_max: Seconds = 10.0
     """Longest wait between reconnection attempts."""
-    progress_interval: Seconds = 1.0
-    """Least time between two progress reports of one streaming LLM subtask."""
-    max_context_chars: int = Field(default=24_000, ge=1_000)
-    """Budget for dependency outputs in an llm subtask's prompt."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
 
     @field_validator("capabilities")

@@ -40,7 +40,13 @@ from taskloom.core.model import (
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
 from taskloom.worker.context import SubtaskContext, SubtaskError
-from taskloom.worker.handlers import Handler, HandlerRegistry, echo, llm_handler
+from taskloom.worker.handlers import (
+    LLM_HANDLER_VERSION,
+    Handler,
+    HandlerRegistry,
+    echo,
+    llm_handler,
+)
 from taskloom.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -68,9 +74,11 @@ class Worker:
         self.registry.add(
             "llm",
             llm_handler(
-                max_context_chars=self.settings.max_context_chars,
-                progress_interval=self.settings.progress_interval,
+                context_tokens=self.settings.context_tokens,
+                max_output_tokens=self.settings.max_output_tokens,
             ),
+            version=LLM_HANDLER_VERSION,
+            cacheable=True,
         )
         if registry is not None:
             self.registry.update(registry)
@@ -85,9 +93,22 @@ class Worker:
         self._connection = Connection(self.settings, self.worker_id, self)
         self._logger = logging.getLogger("taskloom.worker.handler")
 
-    def handler(self, name: str) -> Callable[[Handler], Handler]:
-        """Decorator: register an async function of a ``SubtaskContext`` for capability ``name``."""
-        return self.registry.handler(name)
+    def handler(
+        self, name: str, *, version: str | None = None, cacheable: bool = False
+    ) -> Callable[[Handler], Handler]:
+        """Decorator: register an async function of a ``SubtaskContext`` for capability
+        ``name``. See ``HandlerRegistry`` for ``version`` and ``cacheable``."""
+        return self.registry.handler(name, version=version, cacheable=cacheable)
+
+    def cache_keys(self) -> dict[str, str]:
+        """Capability → what besides the subtask decides its output (handler
+        version and model), for the capabilities whose outputs may be cached."""
+        keys = {}
+        for capability in self.settings.capabilities:
+            info = self.registry.info(capability)
+            if info is not None and info.cacheable:
+                keys[capability] = f"{info.version}@{self.llm.describe()}"
+        return keys
 
     def check(self) -> None:
         """Every advertised capability needs a handler."""
@@ -221,9 +242,9 @@ class Worker:
         ref = assignment.ref
         self._connection.send(Accepted(ref))
 
-        async def report_progress(message: str) -> None:
+        async def report_progress(message: str, text: str) -> None:
             if ref in self._running:
-                self._connection.send(ProgressUpdate(ref, message))
+                self._connection.send(ProgressUpdate(ref, message, text))
 
         ctx = SubtaskContext(assignment, self.llm, self._logger, report_progress)
         report: Report
@@ -231,12 +252,15 @@ class Worker:
         try:
             async with scope:
                 output = await handler(ctx)
+                await ctx.flush()
             report = SubtaskResult(ref, _as_text(output), ctx.usage)
         except TimeoutError as e:
             if scope.expired():
-                report = SubtaskFailure(ref, f"timed out after {assignment.timeout:g}s", True)
+                report = SubtaskFailure(
+                    ref, f"timed out after {assignment.timeout:g}s", True, usage=ctx.usage
+                )
             else:
-                report = SubtaskFailure(ref, f"TimeoutError: {e}", True)
+                report = SubtaskFailure(ref, f"TimeoutError: {e}", True, usage=ctx.usage)
         except asyncio.CancelledError:
             if ref in self._cancelled:
                 self._cancelled.discard(ref)
@@ -244,13 +268,16 @@ class Worker:
                 self._connection.send(Stopped(ref))
                 return
             report = SubtaskFailure(
-                ref, "the worker shut down before finishing; handed back", counts=False
+                ref,
+                "the worker shut down before finishing; handed back",
+                counts=False,
+                usage=ctx.usage,
             )
         except SubtaskError as e:
-            report = SubtaskFailure(ref, e.message, e.retryable)
+            report = SubtaskFailure(ref, e.message, e.retryable, usage=ctx.usage)
         except Exception as e:
             logger.exception("handler %s failed on %s", assignment.capability, ref)
-            report = SubtaskFailure(ref, f"{type(e).__name__}: {e}", True)
+            report = SubtaskFailure(ref, f"{type(e).__name__}: {e}", True, usage=ctx.usage)
         finally:
             self._running.pop(ref, None)
         self._report(report)

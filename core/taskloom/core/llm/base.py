@@ -1,9 +1,11 @@
 """The interface every LLM backend implements.
 
 One call, ``chat``: messages in, text out, optionally constrained by a JSON
-schema and optionally streamed through a callback. Backends translate their
-client's errors into ``LLMUnavailable`` (cannot reach the server; retrying may
-help) and ``LLMError`` (the server refused: unknown model, bad request).
+schema and optionally streamed through a callback. Every reply carries its
+``Usage``: prompt and completion tokens, seconds and the model. Backends
+translate their client's errors into ``LLMUnavailable`` (cannot reach the
+server; retrying may help) and ``LLMError`` (the server refused: unknown
+model, bad request).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class LLM(abc.ABC):
 
     provider: str
     model: str
+    notice: str = ""
+    """Said wherever this model's output is shown (e.g. "a tiny offline model")."""
+    context_is_fixed = False
+    """True when the context window is set at load time, not per call."""
 
     @abc.abstractmethod
     async def chat(
@@ -45,12 +51,26 @@ class LLM(abc.ABC):
         schema: Mapping[str, Any] | None = None,
         temperature: float = 0.0,
         on_text: TextCallback | None = None,
+        max_tokens: int = 0,
+        context_tokens: int = 0,
     ) -> ChatReply:
         """Send ``messages``; with ``schema``, the reply is JSON meant to match it.
 
         With ``on_text`` the reply is streamed and each piece of text is passed to
         the callback as it arrives; the full text is still returned.
+        ``max_tokens`` bounds the reply (0: the backend's default);
+        ``context_tokens`` asks for a context window that large where the
+        backend lets the caller choose (Ollama's ``num_ctx``).
         """
+
+    async def context_length(self) -> int:
+        """Tokens the model can attend to (prompt and reply), as far as is known."""
+        return DEFAULT_CONTEXT_TOKENS
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes; an estimate that errs high unless the backend
+        has the model's tokenizer at hand."""
+        return estimate_tokens(text)
 
     @abc.abstractmethod
     async def check(self) -> None:
@@ -62,3 +82,13 @@ class LLM(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.provider}:{self.model}"
+
+
+DEFAULT_CONTEXT_TOKENS = 4096
+"""The context assumed when a backend cannot say: Ollama's default ``num_ctx``."""
+
+
+def estimate_tokens(text: str) -> int:
+    """About one token per 3 characters of English (tokenizers average ~4), so
+    a budget computed with it is not overrun."""
+    return (len(text) + 2) // 3

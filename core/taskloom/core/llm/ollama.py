@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,7 +11,7 @@ import httpx
 import ollama
 
 from taskloom.core.errors import LLMError, LLMUnavailable
-from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback
+from taskloom.core.llm.base import DEFAULT_CONTEXT_TOKENS, LLM, ChatMessage, ChatReply, TextCallback
 from taskloom.core.model import Usage
 
 DEFAULT_PORT = 11434
@@ -38,6 +39,7 @@ class OllamaLLM(LLM):
         self._client = ollama.AsyncClient(
             host=self.host, timeout=httpx.Timeout(timeout, connect=5.0)
         )
+        self._context_length: int | None = None
 
     async def chat(
         self,
@@ -46,16 +48,23 @@ class OllamaLLM(LLM):
         schema: Mapping[str, Any] | None = None,
         temperature: float = 0.0,
         on_text: TextCallback | None = None,
+        max_tokens: int = 0,
+        context_tokens: int = 0,
     ) -> ChatReply:
         payload = [{"role": m.role, "content": m.content} for m in messages]
-        options = {"temperature": temperature}
+        options: dict[str, float] = {"temperature": temperature}
+        if max_tokens:
+            options["num_predict"] = max_tokens
+        if context_tokens:
+            options["num_ctx"] = context_tokens
         fmt = dict(schema) if schema is not None else None
+        started = time.monotonic()
         try:
             if on_text is None:
                 response = await self._client.chat(
                     model=self.model, messages=payload, format=fmt, options=options
                 )
-                return ChatReply(response.message.content or "", self._usage(response))
+                return ChatReply(response.message.content or "", self._usage(response, started))
             parts: list[str] = []
             last: ollama.ChatResponse | None = None
             stream = await self._client.chat(
@@ -67,7 +76,7 @@ class OllamaLLM(LLM):
                 if text:
                     parts.append(text)
                     await on_text(text)
-            return ChatReply("".join(parts), self._usage(last))
+            return ChatReply("".join(parts), self._usage(last, started))
         except (ConnectionError, httpx.TransportError) as e:
             raise self._unreachable(e) from None
         except ollama.ResponseError as e:
@@ -89,16 +98,32 @@ class OllamaLLM(LLM):
                 f"{', '.join(sorted(names)) or 'none pulled yet'})"
             )
 
+    async def context_length(self) -> int:
+        """The model's trained context length, from ``/api/show``."""
+        if self._context_length is None:
+            self._context_length = DEFAULT_CONTEXT_TOKENS
+            try:
+                shown = await self._client.show(self.model)
+            except (ConnectionError, httpx.TransportError, ollama.ResponseError):
+                return self._context_length  # not cached: ask again next time
+            for key, value in (shown.modelinfo or {}).items():
+                if key.endswith(".context_length") and isinstance(value, int):
+                    self._context_length = value
+        return self._context_length
+
     async def close(self) -> None:
         await self._client.close()  # type: ignore[no-untyped-call]
 
-    def _usage(self, response: ollama.ChatResponse | None) -> Usage:
+    def _usage(self, response: ollama.ChatResponse | None, started: float) -> Usage:
+        seconds = time.monotonic() - started
         if response is None:
-            return Usage(model=self.model)
+            return Usage(model=self.describe(), seconds=seconds, calls=1)
         return Usage(
             input_tokens=response.prompt_eval_count or 0,
             output_tokens=response.eval_count or 0,
-            model=self.model,
+            model=self.describe(),
+            seconds=seconds,
+            calls=1,
         )
 
     def _unreachable(self, error: BaseException) -> LLMUnavailable:

@@ -1,24 +1,28 @@
 -- Assign READY subtasks to workers: READY -> ASSIGNED with attempt + 1.
 -- Written before the Assignment is sent, so a crash in between leaves an
 -- ASSIGNED subtask whose lease expires, never a subtask nobody holds.
--- PAYLOAD: {{task, sub, worker_id, worker_name}, ...}
+-- A subtask whose worker can cache its capability (fingerprint ~= '') is
+-- looked up first: the SHA-1 of its capability, instruction, params, inputs,
+-- the goal, context settings and the fingerprint (handler version and
+-- model), which is everything a handler is given. On a hit
+-- it SUCCEEDS at once with the stored output, and no worker runs it.
+-- PAYLOAD: {{task, sub, worker_id, worker_name, fingerprint}, ...}
 -- Returns JSON: {assigned = {{index, attempt, title, instruction, capability,
---   params, inputs = {{dep, title, output}, ...}, timeout, stall}, ...},
---   goals = {task = goal}}
-local assigned, goals = {}, {}
+--   params, inputs = {{dep, title, output}, ...}, timeout, stall, context_tokens,
+--   context}, ...}, goals = {task = goal}, hits = {index, ...}, ready = {...},
+--   finished = {task, ...}}
+local assigned, goals, hits, ready, finished = {}, {}, {}, {}, {}
 for i, item in ipairs(PAYLOAD) do
-  local task, sub, worker_id, worker = item[1], item[2], item[3], item[4]
-  local sk = k_subtask(task, sub)
+  local task, sub, worker_id, worker, fingerprint = item[1], item[2], item[3], item[4], item[5]
+  local tk, sk = k_task(task), k_subtask(task, sub)
   local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
     'capability', 'params', 'deps', 'timeout')
+  local tv = redis.call('HMGET', tk, 'status', 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl',
+    'goal')
   -- A subtask can be queued twice (recovery racing a requeue); only the
   -- first assignment finds it READY.
-  if st[1] == 'READY' and redis.call('HGET', k_task(task), 'status') == 'RUNNING' then
-    local attempt = tonumber(st[2]) + 1
-    redis.call('HSET', sk, 'status', 'ASSIGNED', 'attempt', attempt, 'worker', worker,
-      'worker_id', worker_id, 'assigned_at', NOW, 'progress', '')
-    emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
-    local inputs = {}
+  if st[1] == 'READY' and tv[1] == 'RUNNING' then
+    local inputs, outputs = {}, {}
     for _, dep in ipairs(cjson.decode(st[7])) do
       local dv = redis.call('HMGET', k_subtask(task, dep), 'title', 'output', 'status', 'error')
       local output = dv[2] or ''
@@ -28,12 +32,37 @@ for i, item in ipairs(PAYLOAD) do
         output = '[no output: this step ended ' .. tostring(dv[3]) .. ' (' .. (dv[4] or '') .. ')]'
       end
       table.insert(inputs, {dep, dv[1] or '', output})
+      table.insert(outputs, output)
     end
-    if goals[task] == nil then
-      goals[task] = redis.call('HGET', k_task(task), 'goal') or ''
+    local hit = nil
+    if fingerprint ~= nil and fingerprint ~= '' and tonumber(tv[5] or '0') > 0 then
+      local key = redis.sha1hex(cjson.encode({st[5], st[4], st[6] or '{}', outputs,
+        tv[6] or '', tv[3] or '0', tv[4] or '', fingerprint}))
+      hit = redis.call('GET', k_cache(key))
+      if not hit then
+        redis.call('HSET', sk, 'cache_key', key)
+      end
     end
-    table.insert(assigned, {i, attempt, st[3], st[4], st[5], st[6], inputs,
-      tonumber(st[8] or '0'), tonumber(redis.call('HGET', k_task(task), 'stall') or '0')})
+    if hit then
+      redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', hit, 'usage', '',
+        'finished_at', NOW, 'progress', '', 'error', '', 'cache_hit', '1')
+      emit(task, 'subtask.succeeded', sub, 'SUCCEEDED',
+        'cache_hit: the output of an identical earlier subtask, reused', 0, '')
+      redis.call('HSET', tk, 'updated_at', NOW)
+      redis.call('HINCRBY', tk, 'succeeded', 1)
+      table.insert(hits, i)
+      unlock_dependents(task, sub, ready)
+      settle(task, finished)
+    else
+      local attempt = tonumber(st[2]) + 1
+      redis.call('HSET', sk, 'status', 'ASSIGNED', 'attempt', attempt, 'worker', worker,
+        'worker_id', worker_id, 'assigned_at', NOW, 'progress', '')
+      emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
+      goals[task] = tv[6] or ''
+      table.insert(assigned, {i, attempt, st[3], st[4], st[5], st[6], inputs,
+        tonumber(st[8] or '0'), tonumber(tv[2] or '0'), tonumber(tv[3] or '0'), tv[4] or ''})
+    end
   end
 end
-return cjson.encode({assigned = assigned, goals = goals})
+return cjson.encode({assigned = assigned, goals = goals, hits = hits, ready = ready,
+  finished = finished})

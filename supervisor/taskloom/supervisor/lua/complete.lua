@@ -1,11 +1,13 @@
 -- Commit results: the subtask SUCCEEDED, each dependent whose last
 -- dependency this was becomes READY, and the task SUCCEEDS with its last
 -- subtask -- all in one atomic step, so no crash can leave a dependent
--- waiting for a dependency that already finished.
+-- waiting for a dependency that already finished. The attempt's LLM usage is
+-- added to the task's; past its max_tokens the task fails instead of going
+-- on. An output whose subtask is cacheable is kept for identical subtasks.
 -- PAYLOAD: {{task, sub, attempt, output, usage_json}, ...}
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
---   priority}, ...}, finished = {task, ...}}
-local committed, ready, finished = {}, {}, {}
+--   priority}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
+local committed, ready, finished, held = {}, {}, {}, {}
 for i, item in ipairs(PAYLOAD) do
   local task, sub, attempt, output, usage = item[1], item[2], item[3], item[4], item[5]
   committed[i] = 0
@@ -15,19 +17,24 @@ for i, item in ipairs(PAYLOAD) do
       'finished_at', NOW, 'progress', '', 'error', '')
     emit(task, 'subtask.succeeded', sub, 'SUCCEEDED', '', attempt, redis.call('HGET', sk, 'worker'))
     committed[i] = 1
-    local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
-    for _, dep in ipairs(cjson.decode(redis.call('HGET', sk, 'dependents') or '[]')) do
-      local dk = k_subtask(task, dep)
-      local pending = redis.call('HINCRBY', dk, 'pending', -1)
-      if pending <= 0 and redis.call('HGET', dk, 'status') == 'PENDING' then
-        redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
-        emit(task, 'subtask.ready', dep, 'READY', '', 0, '')
-        table.insert(ready, {task, dep, redis.call('HGET', dk, 'capability'), priority})
+    local cache_key = redis.call('HGET', sk, 'cache_key')
+    if cache_key then
+      local ttl = tonumber(redis.call('HGET', tk, 'cache_ttl') or '0')
+      if ttl > 0 then
+        redis.call('SET', k_cache(cache_key), output, 'EX', math.floor(ttl))
       end
     end
     redis.call('HSET', tk, 'updated_at', NOW)
     redis.call('HINCRBY', tk, 'succeeded', 1)
-    settle(task, finished)
+    add_usage(task, usage)
+    local over = enforce_budget(task)
+    if over ~= nil then
+      for _, h in ipairs(over) do table.insert(held, h) end
+      table.insert(finished, task)
+    else
+      unlock_dependents(task, sub, ready)
+      settle(task, finished)
+    end
   end
 end
-return cjson.encode({committed = committed, ready = ready, finished = finished})
+return cjson.encode({committed = committed, ready = ready, finished = finished, held = held})

@@ -7,7 +7,8 @@
 -- A failure that does not count (the worker died or shut down) uses up none
 -- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
 -- that kills every worker it lands on from looping for ever.
--- PAYLOAD: {{task, sub, attempt, error, retryable (0|1), counts (0|1)}, ...}
+-- The attempt's LLM usage counts towards the task's max_tokens either way.
+-- PAYLOAD: {{task, sub, attempt, error, retryable (0|1), counts (0|1), usage_json}, ...}
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
 --   priority, attempt}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
 local MAX_LOST = 20
@@ -16,7 +17,16 @@ for i, item in ipairs(PAYLOAD) do
   local task, sub, attempt, err, retryable = item[1], item[2], item[3], item[4], item[5]
   local counts = item[6] ~= 0
   committed[i] = 0
+  local over = nil
   if held_by(task, sub, attempt) then
+    add_usage(task, item[7])
+    over = enforce_budget(task)
+  end
+  if over ~= nil then
+    committed[i] = 1
+    for _, h in ipairs(over) do table.insert(held, h) end
+    table.insert(finished, task)
+  elseif held_by(task, sub, attempt) then
     local tk, sk = k_task(task), k_subtask(task, sub)
     local v = redis.call('HMGET', sk, 'max_attempts', 'capability', 'title', 'worker')
     local max_attempts = tonumber(v[1])
@@ -75,7 +85,8 @@ for i, item in ipairs(PAYLOAD) do
         skip_dependents(task, sub, ready)
         settle(task, finished)
       else
-        for _, h in ipairs(finish_task(task, 'FAILED', reason, 'task.failed', reason)) do
+        for _, h in ipairs(finish_task(task, 'FAILED', reason, 'task.failed', reason,
+            'SUBTASK_FAILED')) do
           table.insert(held, h)
         end
         table.insert(finished, task)

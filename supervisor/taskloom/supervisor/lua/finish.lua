@@ -1,5 +1,5 @@
 -- End a task from outside its subtasks: cancellation, or a planning failure.
--- PAYLOAD: {task, status, error, event_type, expected = {status, ...}}
+-- PAYLOAD: {task, status, error, event_type, expected = {status, ...}, failure_reason}
 -- Only a task in one of the expected states changes; the caller learns what
 -- state it found. Returns JSON: {changed = 0|1, status = found, held = {...}}
 local task = PAYLOAD[1]
@@ -14,5 +14,5 @@ end
 if not allowed then
   return cjson.encode({changed = 0, status = status})
 end
-local held = finish_task(task, PAYLOAD[2], PAYLOAD[3], PAYLOAD[4], PAYLOAD[3])
+local held = finish_task(task, PAYLOAD[2], PAYLOAD[3], PAYLOAD[4], PAYLOAD[3], PAYLOAD[6])
 return cjson.encode({changed = 1, status = status, held = held})

