@@ -92,7 +92,7 @@ async def test_a_bad_reply_is_repaired_by_the_model_with_the_exact_problem(
     assert problem in fake_ollama.calls[1].prompt
 
 
-@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+@pytest.mark.parametrize("case", sorted(set(BAD_REPLIES) - {"dangling dependency"}))
 async def test_a_model_that_never_gets_it_right_ends_in_a_readable_plan_error(
     case: str, llm: OllamaLLM, fake_ollama: FakeOllama
 ) -> None:
@@ -105,6 +105,32 @@ async def test_a_model_that_never_gets_it_right_ends_in_a_readable_plan_error(
     # Each repair sends the latest reply and its problems, not the whole history.
     assert [len(c.messages) for c in fake_ollama.calls] == [2, 4, 4]
     assert [c.options["temperature"] for c in fake_ollama.calls] == [0.0, 0.3, 0.6]
+
+
+async def test_dependencies_the_model_cannot_fix_are_dropped_as_a_last_resort(
+    llm: OllamaLLM, fake_ollama: FakeOllama
+) -> None:
+    bad, problem = BAD_REPLIES["dangling dependency"]
+    scripted(fake_ollama, bad)
+    rejected: list[str] = []
+    notes: list[str] = []
+
+    async def on_rejected(message: str) -> None:
+        rejected.append(message)
+
+    async def on_normalized(message: str) -> None:
+        notes.append(message)
+
+    hooks = PlanHooks(rejected=on_rejected, normalized=on_normalized)
+    result = await Planner(llm, limits=LIMITS, repairs=2).plan(
+        "g", capabilities={"llm"}, hooks=hooks
+    )
+
+    assert [(s.id, s.depends_on) for s in result.subtasks] == [("s1", ()), ("s4", ())]
+    assert len(rejected) == 2 and all(problem in r for r in rejected)
+    assert notes == ["attempt 3: fixed without the model: dropped s4's dependency on missing s9"]
+    # The model was told which ids exist before that.
+    assert "depends_on may only name these ids: s1, s4." in fake_ollama.calls[1].prompt
 
 
 async def test_what_can_be_fixed_without_the_model_is_fixed_and_reported(

@@ -201,15 +201,24 @@ def validate_plan(
     return violations[:MAX_REPORTED_VIOLATIONS]
 
 
-def normalize_plan(plan: Plan, *, capabilities: Collection[str]) -> tuple[Plan, list[str]]:
+def normalize_plan(
+    plan: Plan,
+    *,
+    capabilities: Collection[str],
+    drop_missing: bool = False,
+    external: Collection[str] = (),
+) -> tuple[Plan, list[str]]:
     """Fix what can be fixed without asking the model again, and say what was fixed.
 
     Spaces around ids, titles, instructions and capabilities are trimmed; a
     capability in the wrong case is matched to the listed one; a subtask's
     dependency on itself and repeated dependencies are dropped; a subtask
     that repeats another exactly (same id or not) is dropped, and what
-    depended on the copy depends on the original. Anything else (a missing
-    dependency, a cycle, two different subtasks with one id) is left for
+    depended on the copy depends on the original. With ``drop_missing`` (the
+    last resort, once the model has had its chances to fix them) dependencies
+    on ids that are neither in the plan nor ``external`` are dropped too: the
+    subtask they name does not exist, so there is nothing to wait for.
+    Anything else (a cycle, two different subtasks with one id) is left for
     ``validate_plan`` to report.
     """
     notes: list[str] = []
@@ -268,6 +277,7 @@ def normalize_plan(plan: Plan, *, capabilities: Collection[str]) -> tuple[Plan, 
         seen.setdefault(body, s.id)
         kept.append(s)
     subtasks: list[PlannedSubtask] = []
+    known = {s.id for s in kept} | set(external)
     for s in kept:
         deps: list[str] = []
         for d in (alias.get(d, d) for d in s.depends_on):
@@ -275,6 +285,8 @@ def normalize_plan(plan: Plan, *, capabilities: Collection[str]) -> tuple[Plan, 
                 notes.append(f"dropped {s.id}'s dependency on itself")
             elif d in deps:
                 notes.append(f"dropped {s.id}'s second dependency on {d}")
+            elif drop_missing and d not in known:
+                notes.append(f"dropped {s.id}'s dependency on missing {d}")
             else:
                 deps.append(d)
         subtasks.append(replace(s, depends_on=tuple(deps)))

@@ -84,6 +84,15 @@ class PlanHooks:
     """Each LLM call's usage, as it happens (so a budget can stop planning)."""
 
 
+def _known_ids(text: str, external: Collection[str]) -> str:
+    """A reminder of the ids a dependency may name, for the repair request."""
+    try:
+        ids = [s.id for s in parse_plan(text).subtasks] + sorted(external)
+    except PlanError:
+        return ""
+    return f"depends_on may only name these ids: {', '.join(dict.fromkeys(ids))}.\n" if ids else ""
+
+
 def repair_temperature(attempt: int) -> float:
     """0 for the first attempt; a little more for each repair, so that a small
     model that ignores the feedback does not write the same plan again."""
@@ -227,7 +236,14 @@ class Planner:
             if hooks.spent is not None:
                 await hooks.spent(reply.usage)
             try:
-                plan, notes = normalize_plan(parse_plan(reply.text), capabilities=caps)
+                # On the last attempt, dependencies on subtasks that do not
+                # exist are dropped rather than failing the plan for them.
+                plan, notes = normalize_plan(
+                    parse_plan(reply.text),
+                    capabilities=caps,
+                    drop_missing=attempt == self.repairs + 1,
+                    external=external,
+                )
                 if notes and hooks.normalized is not None:
                     await hooks.normalized(
                         f"attempt {attempt}: fixed without the model: " + "; ".join(notes)
@@ -256,6 +272,7 @@ class Planner:
                 ChatMessage(
                     "user",
                     f"Your plan was rejected:\n{listing_v}\n"
+                    f"{_known_ids(reply.text, external)}"
                     "Return the whole corrected plan as a JSON object with the same schema.",
                 ),
             ]
