@@ -119,13 +119,7 @@ class FakeOllama:
                     stream=bool(body.get("stream", True)),
                     options=body.get("options") or {},
                 )
-                with fake._lock:
-                    fake.calls.append(call)
-                try:
-                    reply = fake.responder(call)
-                except Exception as e:
-                    reply = HTTPError(500, f"responder failed: {e!r}")
-                call.responded_at = time.monotonic()
+                reply = fake.answer(call)
                 if isinstance(reply, HTTPError):
                     self._json(reply.status, {"error": reply.message})
                 elif call.stream:
@@ -159,13 +153,7 @@ class FakeOllama:
                     options={k: body[k] for k in ("temperature", "max_tokens") if k in body},
                     api="openai",
                 )
-                with fake._lock:
-                    fake.calls.append(call)
-                try:
-                    reply = fake.responder(call)
-                except Exception as e:
-                    reply = HTTPError(500, f"responder failed: {e!r}")
-                call.responded_at = time.monotonic()
+                reply = fake.answer(call)
                 if isinstance(reply, HTTPError):
                     self._json(reply.status, {"error": {"message": reply.message}})
                     return
@@ -230,6 +218,17 @@ class FakeOllama:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def answer(self, call: ChatCall) -> str | HTTPError:
+        """Record the call and ask the test's responder for the reply."""
+        with self._lock:
+            self.calls.append(call)
+        try:
+            reply = self.responder(call)
+        except Exception as e:
+            reply = HTTPError(500, f"responder failed: {e!r}")
+        call.responded_at = time.monotonic()
+        return reply
 
     def planning_calls(self) -> list[ChatCall]:
         with self._lock:

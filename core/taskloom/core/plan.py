@@ -38,6 +38,8 @@ class PlanLimits:
     max_instruction_chars: int = 20_000
     max_params: int = 32
     max_param_chars: int = 4_000
+    id_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+    """The ids the model is asked for (a subset of what ``ID_PATTERN`` allows)."""
 
 
 def parse_plan(document: Any) -> Plan:

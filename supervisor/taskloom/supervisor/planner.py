@@ -118,7 +118,7 @@ def plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, 
                 "items": {
                     "type": "object",
                     "properties": {
-                        "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"},
+                        "id": {"type": "string", "pattern": limits.id_pattern},
                         "title": {"type": "string", "maxLength": limits.max_title_chars},
                         "instruction": {
                             "type": "string",
@@ -127,7 +127,7 @@ def plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, 
                         "capability": {"type": "string", "enum": sorted(capabilities)},
                         "depends_on": {
                             "type": "array",
-                            "items": {"type": "string"},
+                            "items": {"type": "string", "pattern": limits.id_pattern},
                             "maxItems": limits.max_subtasks,
                         },
                     },

@@ -105,6 +105,7 @@ class SupervisorSettings(LLMSettings):
                 max_subtasks=min(self.max_llm_plan_subtasks, 5),
                 max_title_chars=60,
                 max_instruction_chars=200,
+                id_pattern="^s[1-9]$",
             )
         return PlanLimits(
             max_subtasks=self.max_llm_plan_subtasks,
