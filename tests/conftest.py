@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from taskloom.client import TaskloomClient
 from taskloom.client.local import wait_serving
@@ -27,6 +28,12 @@ from taskloom.supervisor.settings import SupervisorSettings
 from tests.fake_ollama import FakeOllama
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests: the same examples on every run, so CI is reproducible;
+# HYPOTHESIS_PROFILE=explore searches with fresh examples each time.
+hypothesis_settings.register_profile("ci", derandomize=True)
+hypothesis_settings.register_profile("explore", derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TEST_CAPABILITIES = "llm,echo,gate,flaky,broken,stall,pulse"
 
 

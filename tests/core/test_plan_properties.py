@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from taskloom.core.model import Plan, PlannedSubtask
@@ -112,6 +112,16 @@ def test_every_dag_is_valid_and_a_back_edge_is_reported_as_a_cycle(plan: Plan) -
 
 @settings(max_examples=400, deadline=None)
 @given(any_plan())
+@example(  # a merge makes a self-dependency whose removal makes two subtasks identical
+    Plan(
+        (
+            PlannedSubtask("s0", "", "do it", "llm"),
+            PlannedSubtask("s0", "", "", "llm"),
+            PlannedSubtask("s1", "", "do it", "llm"),
+            PlannedSubtask("s0", "", "", "llm", ("s1",)),
+        )
+    )
+)
 def test_normalising_only_fixes_and_is_idempotent(plan: Plan) -> None:
     fixed, _ = normalize_plan(plan, capabilities=CAPS)
     again, notes = normalize_plan(fixed, capabilities=CAPS)

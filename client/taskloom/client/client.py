@@ -89,10 +89,10 @@ class TaskloomClient:
 
     async def _call(self, pick: Callable[[Any], Callable[..., Awaitable[T]]], request: Any) -> T:
         """Call the supervisor that answers: on UNAVAILABLE try each other address;
-        when none answers, try the round again for ``unavailable_grace`` seconds
-        (a supervisor restarting, a standby taking over, a channel still in its
-        reconnect backoff) before giving up. Every call is safe to repeat:
-        submits carry an idempotency key."""
+        when none can be reached or none leads, try the round again for
+        ``unavailable_grace`` seconds (a supervisor restarting, a standby taking
+        over, a channel still in its reconnect backoff) before giving up.
+        Every call is safe to repeat: submits carry an idempotency key."""
         deadline = time.monotonic() + self.settings.unavailable_grace
         pause = 0.1
         while True:
@@ -110,7 +110,10 @@ class TaskloomClient:
                     continue
                 self._current = index
                 return reply
-            if time.monotonic() + pause > deadline:
+            # Redis being down is reported at once; only a supervisor that
+            # cannot be reached, or a standby, is worth waiting for.
+            waiting = all(isinstance(e, SupervisorUnavailable | NotLeader) for e in errors)
+            if not waiting or time.monotonic() + pause > deadline:
                 raise _most_telling(errors) from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)

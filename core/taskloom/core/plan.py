@@ -222,7 +222,30 @@ def normalize_plan(
     subtask they name does not exist, so there is nothing to wait for.
     Anything else (a cycle, two different subtasks with one id) is left for
     ``validate_plan`` to report.
+
+    One fix can make another possible (a merge turns a dependency into a
+    self-dependency, whose removal makes two subtasks identical), so the
+    passes repeat until nothing changes.
     """
+    notes: list[str] = []
+    for _ in range(len(plan.subtasks) + 1):
+        fixed, more = _normalize_once(
+            plan, capabilities=capabilities, drop_missing=drop_missing, external=external
+        )
+        notes += more
+        if fixed == plan:
+            break
+        plan = fixed
+    return plan, notes
+
+
+def _normalize_once(
+    plan: Plan,
+    *,
+    capabilities: Collection[str],
+    drop_missing: bool,
+    external: Collection[str],
+) -> tuple[Plan, list[str]]:
     notes: list[str] = []
     by_lower = {c.lower(): c for c in capabilities}
     trimmed = 0
