@@ -30,7 +30,9 @@ from grpc_reflection.v1alpha import reflection
 from taskloom.core.channel import server_options
 from taskloom.core.errors import ConfigError, NotLeader, StoreUnavailable, TaskloomError
 from taskloom.core.llm import LLM, create_llm
+from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.supervisor.interceptors import server_interceptors
+from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.orchestrator import Orchestrator
 from taskloom.supervisor.planner import Planner
 from taskloom.supervisor.scheduler import DrainNotice, Scheduler
@@ -49,16 +51,31 @@ NO_LEASE = "-"
 """The store's fence while not leading: matches no lease, so every write is refused."""
 
 
+BACKGROUND_STOP_WAIT = 5.0
+
+
 class Supervisor:
     """One supervisor process: a leader, or a standby ready to take over."""
 
-    def __init__(self, settings: SupervisorSettings, *, llm: LLM | None = None) -> None:
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        *,
+        llm: LLM | None = None,
+        metrics: SupervisorMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or SupervisorMetrics()
+        """This process's metrics; they outlive terms of leadership."""
+        self.metrics.watch(lambda: self.scheduler_if_leading, lambda: self.orchestrator is not None)
+        self.metrics_port = 0
+        """Where /metrics is served once started (0: not served)."""
         self.store = Store(
             settings.redis_url, prefix=settings.redis_prefix, retention=settings.retention
         )
+        self.store.metrics = self.metrics
         self.store.fence = NO_LEASE
-        self.llm = llm or create_llm(settings)
+        self.llm = InstrumentedLLM(llm or create_llm(settings), self.metrics.llm, "plan")
         self.planner = Planner(
             self.llm,
             limits=settings.llm_plan_limits(),
@@ -91,6 +108,11 @@ class Supervisor:
     def scheduler(self) -> Scheduler:
         """This term's scheduler (only while leading)."""
         return self.current().scheduler
+
+    @property
+    def scheduler_if_leading(self) -> Scheduler | None:
+        orchestrator = self.orchestrator
+        return orchestrator.scheduler if orchestrator is not None else None
 
     def current(self) -> Orchestrator:
         """The orchestrator of the current term, or NotLeader on standby."""
@@ -131,6 +153,12 @@ class Supervisor:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if self.settings.metrics_port is not None:
+            self.metrics_port = serve_metrics(
+                self.settings.metrics_port, self.metrics.registry, self.settings.metrics_host
+            )
+            logger.info("metrics on http://%s:%d/metrics", self.settings.metrics_host,
+                        self.metrics_port)  # fmt: skip
         logger.info(
             "supervisor %s listening on %s (redis %s, llm %s)",
             self.settings.supervisor_id,
@@ -198,9 +226,14 @@ class Supervisor:
         self.store.fence = token
         self.leader_token = token
         scheduler = Scheduler(
-            self.store, lease_ttl=self.settings.lease_ttl, retry_backoff=self.settings.retry_backoff
+            self.store,
+            lease_ttl=self.settings.lease_ttl,
+            retry_backoff=self.settings.retry_backoff,
+            metrics=self.metrics,
         )
-        orchestrator = Orchestrator(self.settings, self.store, self.planner, scheduler)
+        orchestrator = Orchestrator(
+            self.settings, self.store, self.planner, scheduler, metrics=self.metrics
+        )
         try:
             await orchestrator.start()
         except (StoreUnavailable, NotLeader) as e:
@@ -258,7 +291,12 @@ class Supervisor:
         grace = self.settings.shutdown_grace if grace is None else grace
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:
+            # Bounded: a shutdown must finish even if a task ignores its cancel.
+            _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_WAIT)
+            for task in stuck:
+                logger.warning("%s did not stop within %.0fs; going on", task.get_name(),
+                               BACKGROUND_STOP_WAIT)  # fmt: skip
         self._background = []
         await self._end_term("the supervisor is shutting down")
         if self.leader_token:

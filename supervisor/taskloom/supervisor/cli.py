@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 @click.option("--model", help="Ollama model when --llm is not given [TASKLOOM_MODEL]")
 @click.option("--heartbeat-interval", help="Worker heartbeat period [TASKLOOM_HEARTBEAT_INTERVAL]")
 @click.option("--lease-ttl", help="Silence after which a worker's work moves [TASKLOOM_LEASE_TTL]")
+@click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
 @click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
 def command(**flags: str | None) -> None:
     """Run a supervisor: plan goals, schedule subtasks on workers, keep state in Redis."""

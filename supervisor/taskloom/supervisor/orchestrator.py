@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -45,6 +46,7 @@ from taskloom.core.model import (
     WorkerInfo,
 )
 from taskloom.core.plan import check_plan, finalize
+from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.planner import PlanHooks, Planner
 from taskloom.supervisor.scheduler import CancelAttempts, Lease, Scheduler, WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
@@ -76,8 +78,10 @@ class Orchestrator:
         store: Store,
         planner: Planner,
         scheduler: Scheduler,
+        metrics: SupervisorMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or SupervisorMetrics()
         self.store = store
         self.planner = planner
         self.scheduler = scheduler
@@ -153,6 +157,7 @@ class Orchestrator:
                         sub.worker,
                         deadline=sub.deadline,
                         stall_timeout=task.options.stall_timeout,
+                        capability=sub.capability,
                     )
                     leased += 1
             self.scheduler.enqueue(ready)
@@ -240,6 +245,7 @@ class Orchestrator:
         )
         if not created:
             return task_id, created
+        self.metrics.tasks_submitted.inc()
         if graph is None:
             logger.info("task %s submitted; planning", task_id)
             self._start_planning(task_id, goal, options)
@@ -300,6 +306,7 @@ class Orchestrator:
             task_id, TaskStatus.CANCELLED, reason, EventType.TASK_CANCELLED, expected=_UNFINISHED
         )
         if changed:
+            self.metrics.tasks_finished.labels("cancelled").inc()
             logger.info("task %s cancelled: %s", task_id, reason)
             self._stop_attempts(held, reason)
             self.scheduler.forget_task(task_id)
@@ -473,13 +480,16 @@ class Orchestrator:
                 hooks=self._plan_hooks(task_id, TaskStatus.PLANNING),
             )
         except BudgetSpent:
+            self.metrics.planner_calls.labels("plan", "budget_exceeded").inc()
             return
         except PlanError as e:
             if options.fallback != Fallback.SINGLE:
+                self.metrics.planner_calls.labels("plan", "invalid").inc()
                 await self._planning_failed(
                     task_id, f"planning failed: {e}", FailureReason.PLAN_INVALID
                 )
                 return
+            self.metrics.planner_calls.labels("plan", "fallback").inc()
             plan, synthesize = self._single(goal), False
             await self.store.note(
                 task_id,
@@ -488,10 +498,13 @@ class Orchestrator:
                 f"no valid plan ({e}); fallback=single: one subtask carries the whole goal",
             )
         except (LLMError, LLMUnavailable) as e:
+            self.metrics.planner_calls.labels("plan", "llm_unavailable").inc()
             await self._planning_failed(
                 task_id, f"planning failed: {e}", FailureReason.LLM_UNAVAILABLE
             )
             return
+        else:
+            self.metrics.planner_calls.labels("plan", "ok").inc()
         graph, result_from = finalize(plan, synthesize=synthesize)
         ready = await self.store.set_plan(
             task_id,
@@ -510,6 +523,7 @@ class Orchestrator:
         """Planner reports become the task's events; its usage, the task's."""
 
         async def rejected(message: str) -> None:
+            self.metrics.planner_repairs.inc()
             await self.store.note(task_id, status, EventType.PLAN_REJECTED, message)
 
         async def normalized(message: str) -> None:
@@ -518,6 +532,7 @@ class Orchestrator:
         async def spent(usage: Usage) -> None:
             over, held = await self.store.spend(task_id, usage)
             if over:
+                self.metrics.tasks_finished.labels("failed").inc()
                 logger.info("task %s used up its max_tokens while planning", task_id)
                 self._stop_attempts(held, "the task used up its token budget")
                 self.scheduler.forget_task(task_id)
@@ -565,6 +580,7 @@ class Orchestrator:
         except BudgetSpent:
             return
         except (PlanError, LLMError, LLMUnavailable) as e:
+            self.metrics.planner_calls.labels("replan", "failed").inc()
             await self._replanning_failed(
                 task_id,
                 f"subtask {failed_id} ({failed.title}) failed: {failed.error}; no replacement: {e}",
@@ -606,6 +622,7 @@ class Orchestrator:
             reason=FailureReason.REPLAN_FAILED,
         )
         if changed:
+            self.metrics.tasks_finished.labels("failed").inc()
             self._stop_attempts(held, "the task failed")
             self.scheduler.forget_task(task_id)
 
@@ -613,7 +630,7 @@ class Orchestrator:
         self, task_id: str, reason: str, code: FailureReason = FailureReason.INTERNAL
     ) -> None:
         logger.warning("task %s: %s", task_id, reason)
-        await self.store.finish(
+        changed, _, _ = await self.store.finish(
             task_id,
             TaskStatus.FAILED,
             reason,
@@ -621,6 +638,8 @@ class Orchestrator:
             expected=(TaskStatus.PLANNING,),
             reason=code,
         )
+        if changed:
+            self.metrics.tasks_finished.labels("failed").inc()
 
     # -- workers ---------------------------------------------------------------------
 
@@ -664,19 +683,39 @@ class Orchestrator:
     async def completed(self, results: Sequence[SubtaskResult]) -> list[AttemptRef]:
         """Commit results; returns the refs to acknowledge (committed or stale)."""
         refs = [r.ref for r in results]
-        await self._unbroken(self._commit(self.store.complete(results), refs))
+        await self._unbroken(self._commit(self.store.complete(results), refs, failed=False))
         return refs
 
     async def failed(self, failures: Sequence[SubtaskFailure]) -> list[AttemptRef]:
         """Commit failures; returns the refs to acknowledge."""
         refs = [f.ref for f in failures]
-        await self._unbroken(self._commit(self.store.fail(failures), refs))
+        await self._unbroken(self._commit(self.store.fail(failures), refs, failed=True))
         return refs
 
-    async def _commit(self, write: Awaitable[Outcome], refs: Sequence[AttemptRef]) -> None:
+    async def _commit(
+        self, write: Awaitable[Outcome], refs: Sequence[AttemptRef], *, failed: bool
+    ) -> None:
+        leases = [self.scheduler.lease(ref) for ref in refs]
         with self._checked():
             outcome = await write
+        self._observe(outcome, refs, leases, failed=failed)
         self._apply(outcome, refs)
+
+    def _observe(
+        self,
+        outcome: Outcome,
+        refs: Sequence[AttemptRef],
+        leases: Sequence[Lease | None],
+        *,
+        failed: bool,
+    ) -> None:
+        """Count committed attempts by outcome (the leases say their capability)."""
+        if not failed:
+            self.metrics.observe_results(outcome, leases, time.monotonic())
+            return
+        again = {(i.task_id, i.subtask_id) for i in outcome.ready}
+        retried = [(ref.task_id, ref.subtask_id) in again for ref in refs]
+        self.metrics.observe_failures(outcome, leases, retried)
 
     async def _unbroken(self, work: Awaitable[T]) -> T:
         """Run ``work`` to its end even if the caller is cancelled (its worker's
@@ -705,22 +744,28 @@ class Orchestrator:
         ]
         for lease in leases:
             logger.warning("lease %s of worker %s expired", lease.ref, lease.worker_name)
+        self.metrics.lease_expiries.inc(len(leases))
         outcome = await self.store.fail(failures)
-        self._apply(outcome, [lease.ref for lease in leases])
+        refs = [lease.ref for lease in leases]
+        self._observe(outcome, refs, leases, failed=True)
+        self._apply(outcome, refs)
 
     async def _leases_overdue(self, overdue: list[tuple[Lease, str]]) -> None:
         """Attempts past their timeout, or stalled: stop them and run them again."""
         for lease, why in overdue:
             logger.warning("%s on worker %s %s", lease.ref, lease.worker_name, why)
+            self.metrics.overdue.labels("stalled" if "stalled" in why else "timeout").inc()
         outcome = await self.store.fail(
             [SubtaskFailure(lease.ref, why, retryable=True) for lease, why in overdue]
         )
         refs = [lease.ref for lease, _ in overdue]
+        self._observe(outcome, refs, [lease for lease, _ in overdue], failed=True)
         self._stop_attempts(refs, "; ".join(sorted({why for _, why in overdue})))
         self._apply(outcome, refs)
 
     def _apply(self, outcome: Outcome, refs: Sequence[AttemptRef]) -> None:
         self._count_stale(outcome.committed)
+        self.metrics.observe_outcome(outcome)
         self.scheduler.release(refs)
         self.scheduler.enqueue(outcome.ready)
         if outcome.held:

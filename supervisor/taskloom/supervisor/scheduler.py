@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, WorkerInfo
+from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.store import ReadyItem, Store
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class Lease:
     stall_timeout: float = 0.0
     active_at: float = 0.0
     """When the attempt last showed progress (assigned, accepted, progress)."""
+    capability: str = ""
+    assigned_at: float = 0.0
+    """When it was assigned (scheduler clock); 0 for a lease restored from Redis."""
     overdue: bool = False
     """Reported as timed out or stalled; waiting for the failure to commit."""
 
@@ -143,14 +147,18 @@ class Scheduler:
         retry_backoff_max: float = 60.0,
         batch_size: int = 512,
         clock: Callable[[], float] = time.monotonic,
+        metrics: SupervisorMetrics | None = None,
     ) -> None:
         self._store = store
+        self.metrics = metrics
         self.lease_ttl = lease_ttl
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
         self.batch_size = batch_size
         self._clock = clock
         self._queues: dict[str, list[tuple[int, int, ReadyItem]]] = defaultdict(list)
+        self._ready_since: dict[tuple[str, str], float] = {}
+        """When each queued subtask became dispatchable: for queue wait and age."""
         self._delayed: list[tuple[float, int, ReadyItem]] = []
         self._seq = itertools.count()
         self._rotation = 0
@@ -182,7 +190,25 @@ class Scheduler:
         self._wake.set()
 
     def _push(self, item: ReadyItem) -> None:
+        self._ready_since.setdefault((item.task_id, item.subtask_id), self._clock())
         heapq.heappush(self._queues[item.capability], (-item.priority, next(self._seq), item))
+
+    def queue_stats(self) -> dict[str, tuple[int, float]]:
+        """Capability → (READY subtasks waiting for a worker, age of the oldest in seconds).
+
+        Called from the metrics endpoint's thread: it works on copies, which
+        are taken without releasing the GIL, so the event loop's changes
+        cannot break the iteration."""
+        now = self._clock()
+        since = dict(self._ready_since)
+        stats = {}
+        for capability, queue in list(self._queues.items()):
+            entries = list(queue)
+            oldest = min(
+                (since.get((e[2].task_id, e[2].subtask_id), now) for e in entries), default=now
+            )
+            stats[capability] = (len(entries), now - oldest)
+        return stats
 
     def set_task_limit(self, task_id: str, max_parallel: int) -> None:
         """At most ``max_parallel`` attempts of the task in flight (0: no limit)."""
@@ -198,6 +224,8 @@ class Scheduler:
                 heapq.heapify(kept)
                 self._queues[capability] = kept
         self._delayed = [entry for entry in self._delayed if entry[2].task_id != task_id]
+        for key in [k for k in self._ready_since if k[0] == task_id]:
+            del self._ready_since[key]
         heapq.heapify(self._delayed)
 
     # -- workers -------------------------------------------------------------------
@@ -250,6 +278,12 @@ class Scheduler:
             if draining:
                 logger.info("%s is draining: no new work for it", session)
 
+    def lease(self, ref: AttemptRef) -> Lease | None:
+        return self._leases.get(ref)
+
+    def lease_count(self) -> int:
+        return len(self._leases)
+
     def sessions(self) -> list[WorkerSession]:
         return list(self._sessions.values())
 
@@ -287,11 +321,14 @@ class Scheduler:
         *,
         deadline: float | None = None,
         stall_timeout: float = 0.0,
+        capability: str = "",
     ) -> None:
         """At start-up: an attempt Redis says a worker holds. It has one TTL to
         reconnect. ``deadline`` is when its timeout ends, in Unix time."""
         now = self._clock()
-        lease = Lease(ref, worker_id, worker_name, None, now + self.lease_ttl)
+        lease = Lease(
+            ref, worker_id, worker_name, None, now + self.lease_ttl, capability=capability
+        )
         if deadline is not None:
             lease.deadline = now + (deadline - time.time())
         lease.stall_timeout = stall_timeout
@@ -388,6 +425,7 @@ class Scheduler:
         picks = self._pick()
         if not picks:
             return False
+        started = self._clock()
         try:
             assignments, hits = await self._store.assign(
                 [
@@ -413,6 +451,9 @@ class Scheduler:
         batches: dict[WorkerSession, list[Assignment]] = defaultdict(list)
         for (item, session), assignment in zip(picks, assignments, strict=True):
             session.reserved -= 1
+            since = self._ready_since.pop((item.task_id, item.subtask_id), None)
+            if self.metrics is not None and since is not None and assignment is not None:
+                self.metrics.queue_wait.labels(item.capability).observe(now - since)
             if assignment is None:
                 # Not READY any more (cancelled, or queued twice), or answered
                 # from the cache: nothing to send.
@@ -428,6 +469,8 @@ class Scheduler:
                 timeout=assignment.timeout,
                 stall_timeout=assignment.stall_timeout,
                 active_at=now,
+                capability=item.capability,
+                assigned_at=now,
             )
             self._leases[assignment.ref] = lease
             if session.closed:
@@ -441,6 +484,9 @@ class Scheduler:
         self.enqueue(hits.ready)
         for task_id in hits.finished:
             self.forget_task(task_id)
+        if self.metrics is not None:
+            self.metrics.dispatch_latency.observe(self._clock() - started)
+            self.metrics.observe_outcome(hits)
         return True
 
     def _pick(self) -> list[tuple[ReadyItem, WorkerSession]]:

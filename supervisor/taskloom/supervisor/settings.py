@@ -26,11 +26,16 @@ class SupervisorSettings(LLMSettings):
         "heartbeat_interval": "--heartbeat-interval",
         "lease_ttl": "--lease-ttl",
         "leader_ttl": "--leader-ttl",
+        "metrics_port": "--metrics-port",
         "log_level": "--log-level",
     }
 
     listen: Address = "127.0.0.1:50051"
     """Where the gRPC server listens (port 0: any free port)."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on this port at /metrics (unset: not served; 0: any port)."""
+    metrics_host: str = "0.0.0.0"
+    """The address the metrics endpoint binds to."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field(default="taskloom:", min_length=1)
     """Prefix of every Redis key, so several clusters or tests can share a server."""

@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -53,6 +53,9 @@ from taskloom.core.model import (
 )
 from taskloom.supervisor.keys import Keys, lua_prelude
 
+if TYPE_CHECKING:
+    from taskloom.supervisor.metrics import SupervisorMetrics
+
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -74,6 +77,8 @@ _SCRIPTS = (
     "expire",
 )
 _FENCED = "TASKLOOM_FENCED"
+_BLOCKING = frozenset({"wait_events"})
+"""Operations that wait for something to happen: their time is not latency."""
 DEFAULT_MAX_ATTEMPTS = 3
 """For a planned subtask that does not say (the orchestrator always does)."""
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError)
@@ -102,6 +107,10 @@ class Outcome:
     """Attempts workers still hold in tasks that just ended: to be cancelled."""
     replan: list[tuple[str, str]] = field(default_factory=list)
     """``(task, subtask)``: failed for good in a task that replans; ask the planner."""
+    finished_status: list[str] = field(default_factory=list)
+    """The status each of ``finished`` ended with."""
+    cached: list[str] = field(default_factory=list)
+    """Capabilities of subtasks answered from the cache."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +146,19 @@ def new_task_id() -> str:
 def _translated(
     method: Callable[Concatenate[Store, P], Awaitable[T]],
 ) -> Callable[Concatenate[Store, P], Coroutine[Any, Any, T]]:
+    operation = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        started = time.monotonic()
         try:
-            return await method(self, *args, **kwargs)
+            result = await method(self, *args, **kwargs)
+            if self.metrics is not None and operation not in _BLOCKING:
+                self.metrics.redis_duration.labels(operation).observe(time.monotonic() - started)
+            return result
         except _UNAVAILABLE as e:
+            if self.metrics is not None:
+                self.metrics.redis_errors.labels(operation).inc()
             raise StoreUnavailable(
                 f"Redis at {self.safe_url} is unavailable ({e}); "
                 "check that it runs and TASKLOOM_REDIS_URL points at it"
@@ -174,6 +191,8 @@ class Store:
         socket_timeout: float = 10.0,
     ) -> None:
         self.keys = Keys(prefix)
+        self.metrics: SupervisorMetrics | None = None
+        """Where operation latency and errors are counted (None: nowhere)."""
         self.fence = ""
         """The leader lease's token; every write checks that it still holds the lease.
         Empty only for tools and tests that run without a leader."""
@@ -478,7 +497,9 @@ class Store:
                 context=ContextMode(context or ContextMode.TRUNCATE),
             )
         hits = _list(reply["hits"])
-        return out, _outcome({"committed": [1] * len(hits), **reply})
+        outcome = _outcome({"committed": [1] * len(hits), **reply})
+        outcome.cached = [items[i - 1][0].capability for i in hits]
+        return out, outcome
 
     @_translated
     async def start(self, refs: Sequence[AttemptRef]) -> list[bool]:
@@ -889,6 +910,7 @@ def _outcome(reply: Mapping[str, Any]) -> Outcome:
         finished=list(_list(reply["finished"])),
         held=[AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))],
         replan=[(t, s) for t, s in _list(reply.get("replan"))],
+        finished_status=[str(s) for s in _list(reply.get("statuses"))],
     )
 
 

@@ -25,6 +25,7 @@ from taskloom.worker.worker import Worker, load_handlers
 @click.option(
     "--drain-timeout", help="Grace for running subtasks on SIGTERM [TASKLOOM_DRAIN_TIMEOUT]"
 )
+@click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
 @click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
 def command(**flags: str | int | None) -> None:
     """Run a worker: take subtasks from a supervisor and run their handlers."""

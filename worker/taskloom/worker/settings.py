@@ -25,6 +25,7 @@ class WorkerSettings(LLMSettings):
         "model": "--model",
         "llm": "--llm",
         "drain_timeout": "--drain-timeout",
+        "metrics_port": "--metrics-port",
         "log_level": "--log-level",
     }
 
@@ -38,6 +39,9 @@ class WorkerSettings(LLMSettings):
     name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     app: str | None = None
     """``module:attribute`` holding a Worker or HandlerRegistry with custom handlers."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics on this port at /metrics (unset: not served; 0: any port)."""
+    metrics_host: str = "0.0.0.0"
     drain_timeout: Seconds = 30.0
     """On SIGTERM, how long running subtasks get to finish before they are handed back."""
     reconnect_max: Seconds = 10.0

@@ -25,11 +25,13 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
 from taskloom.core.errors import ConfigError
 from taskloom.core.llm import LLM, create_llm
+from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
@@ -47,6 +49,7 @@ from taskloom.worker.handlers import (
     echo,
     llm_handler,
 )
+from taskloom.worker.metrics import WorkerMetrics
 from taskloom.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -66,8 +69,11 @@ class Worker:
         *,
         registry: HandlerRegistry | None = None,
         llm: LLM | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings or WorkerSettings.load()
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics_port = 0
         self.worker_id = uuid.uuid4().hex
         self.registry = HandlerRegistry()
         self.registry.add("echo", echo)
@@ -82,7 +88,9 @@ class Worker:
         )
         if registry is not None:
             self.registry.update(registry)
-        self.llm = llm or create_llm(self.settings)
+        self.llm: LLM = InstrumentedLLM(
+            llm or create_llm(self.settings), self.metrics.llm, "generate"
+        )
         self._running: dict[AttemptRef, asyncio.Task[None]] = {}
         self._cancelled: set[AttemptRef] = set()
         self._unacked: dict[AttemptRef, Report] = {}
@@ -92,6 +100,9 @@ class Worker:
         self._stopped = asyncio.Event()
         self._connection = Connection(self.settings, self.worker_id, self)
         self._logger = logging.getLogger("taskloom.worker.handler")
+        self.metrics.watch(
+            self.running, self.settings.concurrency, self._connection.connected.is_set
+        )
 
     def handler(
         self, name: str, *, version: str | None = None, cacheable: bool = False
@@ -128,6 +139,11 @@ class Worker:
     async def serve(self, *, install_signal_handlers: bool = False) -> None:
         """Connect and run assignments until ``stop()`` or ``drain()`` completes."""
         self.check()
+        if self.settings.metrics_port is not None and not self.metrics_port:
+            self.metrics_port = serve_metrics(
+                self.settings.metrics_port, self.metrics.registry, self.settings.metrics_host
+            )
+            logger.info("metrics on port %d", self.metrics_port)
         if install_signal_handlers:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -249,12 +265,16 @@ class Worker:
         ctx = SubtaskContext(assignment, self.llm, self._logger, report_progress)
         report: Report
         scope = asyncio.timeout(assignment.timeout or None)
+        started = time.monotonic()
+        outcome = "failed"
         try:
             async with scope:
                 output = await handler(ctx)
                 await ctx.flush()
             report = SubtaskResult(ref, _as_text(output), ctx.usage)
+            outcome = "succeeded"
         except TimeoutError as e:
+            outcome = "timed_out" if scope.expired() else "failed"
             if scope.expired():
                 report = SubtaskFailure(
                     ref, f"timed out after {assignment.timeout:g}s", True, usage=ctx.usage
@@ -266,7 +286,9 @@ class Worker:
                 self._cancelled.discard(ref)
                 self._running.pop(ref, None)
                 self._connection.send(Stopped(ref))
+                self._observe(assignment.capability, "cancelled", started)
                 return
+            outcome = "handed_back"
             report = SubtaskFailure(
                 ref,
                 "the worker shut down before finishing; handed back",
@@ -280,7 +302,12 @@ class Worker:
             report = SubtaskFailure(ref, f"{type(e).__name__}: {e}", True, usage=ctx.usage)
         finally:
             self._running.pop(ref, None)
+        self._observe(assignment.capability, outcome, started)
         self._report(report)
+
+    def _observe(self, capability: str, outcome: str, started: float) -> None:
+        self.metrics.attempts.labels(capability, outcome).inc()
+        self.metrics.attempt_duration.labels(capability).observe(time.monotonic() - started)
 
     def _report(self, report: Report) -> None:
         self._unacked[report.ref] = report

@@ -65,4 +65,5 @@ for i, item in ipairs(PAYLOAD) do
   end
 end
 return cjson.encode({assigned = assigned, goals = goals, hits = hits, ready = ready,
+  statuses = statuses_of(finished),
   finished = finished})

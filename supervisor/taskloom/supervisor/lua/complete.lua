@@ -37,4 +37,5 @@ for i, item in ipairs(PAYLOAD) do
     end
   end
 end
-return cjson.encode({committed = committed, ready = ready, finished = finished, held = held})
+return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
+  statuses = statuses_of(finished)})

@@ -106,6 +106,15 @@ local function unlock_dependents(task, sub, ready)
   end
 end
 
+-- The status each finished task ended with, for the caller's metrics.
+local function statuses_of(finished)
+  local out = {}
+  for i, task in ipairs(finished) do
+    out[i] = redis.call('HGET', k_task(task), 'status') or ''
+  end
+  return out
+end
+
 -- The task's result: the output of the one subtask it is taken from, or the
 -- outputs of several under their titles.
 local function task_result(task)

@@ -1,0 +1,111 @@
+"""What every process exports to Prometheus: LLM calls, and the HTTP endpoint.
+
+Each process keeps its metrics in a ``CollectorRegistry`` of its own (tests
+make a fresh one) and serves it on ``/metrics`` at ``--metrics-port``. Names
+follow Prometheus' rules: the ``taskloom_`` prefix, base units (seconds),
+``_total`` on counters (added by prometheus-client), and never a task or
+subtask id as a label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback
+
+LLM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+"""LLM calls take from a fraction of a second to minutes."""
+
+
+class LLMMetrics:
+    """LLM requests, their duration and tokens, by model (``provider:model``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "taskloom_llm_requests",
+            "LLM calls by model, operation (plan, generate) and outcome (ok, error)",
+            ["model", "operation", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "taskloom_llm_request_duration_seconds",
+            "Time from sending an LLM call to its last token",
+            ["model", "operation"],
+            buckets=LLM_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "taskloom_llm_tokens",
+            "LLM tokens by model and direction (input: prompt, output: completion)",
+            ["model", "direction"],
+            registry=registry,
+        )
+
+
+class InstrumentedLLM(LLM):
+    """A backend whose every call is counted in ``LLMMetrics``."""
+
+    def __init__(self, inner: LLM, metrics: LLMMetrics, operation: str) -> None:
+        self.inner = inner
+        self.provider = inner.provider
+        self.model = inner.model
+        self.notice = inner.notice
+        self.context_is_fixed = inner.context_is_fixed
+        self._metrics = metrics
+        self._operation = operation
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        temperature: float = 0.0,
+        on_text: TextCallback | None = None,
+        max_tokens: int = 0,
+        context_tokens: int = 0,
+    ) -> ChatReply:
+        model = self.describe()
+        started = time.monotonic()
+        try:
+            reply = await self.inner.chat(
+                messages,
+                schema=schema,
+                temperature=temperature,
+                on_text=on_text,
+                max_tokens=max_tokens,
+                context_tokens=context_tokens,
+            )
+        except Exception:
+            self._metrics.requests.labels(model, self._operation, "error").inc()
+            raise
+        finally:
+            self._metrics.duration.labels(model, self._operation).observe(
+                time.monotonic() - started
+            )
+        self._metrics.requests.labels(model, self._operation, "ok").inc()
+        self._metrics.tokens.labels(model, "input").inc(reply.usage.input_tokens)
+        self._metrics.tokens.labels(model, "output").inc(reply.usage.output_tokens)
+        return reply
+
+    async def context_length(self) -> int:
+        return await self.inner.context_length()
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> int:
+    """Serve ``registry`` on ``http://host:port/metrics`` from a thread; returns
+    the port (useful with 0: any free port)."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_port)

@@ -1,0 +1,195 @@
+"""The supervisor's Prometheus metrics.
+
+Counters and histograms are updated where things happen (the orchestrator,
+the scheduler, the store, the planner's LLM). The state of the queues, the
+workers and the lease is read at scrape time from whichever scheduler leads
+(``SchedulerCollector``), so a gauge can never drift from the cache it
+describes. No label carries a task or subtask id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from taskloom.core.metrics import LLMMetrics
+
+if TYPE_CHECKING:
+    from taskloom.supervisor.scheduler import Lease, Scheduler
+    from taskloom.supervisor.store import Outcome
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class SupervisorMetrics:
+    """Every metric a supervisor exports, in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.tasks_submitted = Counter(
+            "taskloom_tasks_submitted", "Tasks stored by SubmitTask", registry=r
+        )
+        self.tasks_finished = Counter(
+            "taskloom_tasks_finished",
+            "Tasks that ended, by outcome (succeeded, failed, cancelled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.subtasks_finished = Counter(
+            "taskloom_subtasks_finished",
+            "Subtask attempts whose end was committed, by capability and outcome "
+            "(succeeded, retried, failed, cached)",
+            ["capability", "outcome"],
+            registry=r,
+        )
+        self.subtask_duration = Histogram(
+            "taskloom_subtask_duration_seconds",
+            "From assignment to the committed result of a succeeded attempt",
+            ["capability"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "taskloom_subtask_queue_wait_seconds",
+            "From READY (dispatchable) to assigned",
+            ["capability"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.dispatch_latency = Histogram(
+            "taskloom_dispatch_duration_seconds",
+            "One dispatch batch: choosing workers, committing the assignments, sending them",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.lease_expiries = Counter(
+            "taskloom_lease_expiries",
+            "Attempts whose worker went silent past the lease TTL",
+            registry=r,
+        )
+        self.overdue = Counter(
+            "taskloom_subtask_overdue",
+            "Attempts stopped by the supervisor, by reason (timeout, stalled)",
+            ["reason"],
+            registry=r,
+        )
+        self.stale_reports = Counter(
+            "taskloom_stale_reports",
+            "Reports for attempts that no longer held their subtask, discarded",
+            registry=r,
+        )
+        self.planner_calls = Counter(
+            "taskloom_planner_runs",
+            "Plans and replans asked of the model, by kind (plan, replan) and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.planner_repairs = Counter(
+            "taskloom_planner_repairs",
+            "Replies rejected and sent back to the model to be fixed",
+            registry=r,
+        )
+        self.redis_duration = Histogram(
+            "taskloom_redis_operation_duration_seconds",
+            "One store operation (a Lua transition, a MULTI/EXEC, a read)",
+            ["operation"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "taskloom_redis_errors",
+            "Store operations that failed because Redis was unavailable",
+            ["operation"],
+            registry=r,
+        )
+        self.llm = LLMMetrics(r)
+
+    def watch(self, scheduler: Callable[[], Scheduler | None], leading: Callable[[], bool]) -> None:
+        """Export queue, worker and leader gauges read from the current scheduler."""
+        self.registry.register(SchedulerCollector(scheduler, leading))
+
+    def observe_outcome(self, outcome: Outcome) -> None:
+        """Count what any transition's outcome says: tasks finished, cache hits,
+        stale reports."""
+        for status in outcome.finished_status:
+            self.tasks_finished.labels(status.lower()).inc()
+        for capability in outcome.cached:
+            self.subtasks_finished.labels(capability, "cached").inc()
+        self.stale_reports.inc(sum(1 for ok in outcome.committed if not ok))
+
+    def observe_results(self, outcome: Outcome, leases: Sequence[Lease | None], now: float) -> None:
+        for ok, lease in zip(outcome.committed, leases, strict=True):
+            if ok and lease is not None:
+                self.subtasks_finished.labels(lease.capability, "succeeded").inc()
+                if lease.assigned_at:
+                    self.subtask_duration.labels(lease.capability).observe(now - lease.assigned_at)
+
+    def observe_failures(
+        self,
+        outcome: Outcome,
+        leases: Sequence[Lease | None],
+        retried: Iterable[bool],
+    ) -> None:
+        for ok, lease, again in zip(outcome.committed, leases, retried, strict=True):
+            if ok:
+                capability = lease.capability if lease is not None else ""
+                self.subtasks_finished.labels(capability, "retried" if again else "failed").inc()
+
+
+class SchedulerCollector(Collector):
+    """Gauges computed at scrape time from the leading scheduler."""
+
+    def __init__(
+        self, scheduler: Callable[[], Scheduler | None], leading: Callable[[], bool]
+    ) -> None:
+        self._scheduler = scheduler
+        self._leading = leading
+
+    def collect(self) -> Iterator[Metric]:
+        leader = GaugeMetricFamily(
+            "taskloom_leader", "1 while this supervisor holds the leader lease"
+        )
+        leader.add_metric([], 1.0 if self._leading() else 0.0)
+        yield leader
+        depth = GaugeMetricFamily(
+            "taskloom_ready_subtasks",
+            "READY subtasks waiting for a worker, by capability",
+            labels=["capability"],
+        )
+        age = GaugeMetricFamily(
+            "taskloom_ready_oldest_age_seconds",
+            "How long the oldest READY subtask has waited for a worker, by capability",
+            labels=["capability"],
+        )
+        workers = GaugeMetricFamily("taskloom_workers_connected", "Connected worker sessions")
+        slots = GaugeMetricFamily(
+            "taskloom_worker_slots",
+            "Worker slots (subtasks they can run at once), by state (total, in_use)",
+            labels=["state"],
+        )
+        leases = GaugeMetricFamily("taskloom_leases", "Attempts held by workers (leases)")
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            for capability, (count, oldest) in sorted(scheduler.queue_stats().items()):
+                depth.add_metric([capability], float(count))
+                age.add_metric([capability], oldest if count else 0.0)
+            sessions = scheduler.sessions()
+            workers.add_metric([], float(len(sessions)))
+            slots.add_metric(["total"], float(sum(s.info.max_concurrency for s in sessions)))
+            slots.add_metric(["in_use"], float(sum(len(s.leases) for s in sessions)))
+            leases.add_metric([], float(scheduler.lease_count()))
+        else:
+            workers.add_metric([], 0.0)
+            slots.add_metric(["total"], 0.0)
+            slots.add_metric(["in_use"], 0.0)
+            leases.add_metric([], 0.0)
+        yield from (depth, age, workers, slots, leases)
+
+    def describe(self) -> Iterable[Metric]:
+        return []

@@ -1,0 +1,150 @@
+"""Prometheus metrics after real tasks: counters, histograms and gauges of a
+supervisor (fresh registry, scraped over HTTP too) and of a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from taskloom.client import TaskloomClient
+from taskloom.core.localredis import free_port
+from taskloom.core.model import TaskStatus
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.metrics import SupervisorMetrics
+from taskloom.supervisor.settings import SupervisorSettings
+from tests.conftest import Processes
+from tests.fake_ollama import ChatCall, FakeOllama
+from tests.helpers import eventually, plan
+
+MODEL = "ollama:llama3.2"
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, frozenset(labels.items())))
+
+
+async def test_a_task_shows_up_in_the_supervisors_and_the_workers_metrics(
+    supervisor_settings: SupervisorSettings, fake_ollama: FakeOllama, processes: Processes
+) -> None:
+    def respond(call: ChatCall) -> str:
+        if call.planning:
+            return json.dumps(plan(("s1", "llm", "facts"), ("s2", "llm", "more", "s1")))
+        return "an answer"
+
+    fake_ollama.responder = respond
+    registry = CollectorRegistry()
+    settings = supervisor_settings.model_copy(update={"metrics_port": 0})
+    worker_port = free_port()
+    async with Supervisor(settings, metrics=SupervisorMetrics(registry)) as supervisor:
+        processes.worker(
+            supervisor.address,
+            capabilities="llm",
+            env={"TASKLOOM_METRICS_PORT": str(worker_port)},
+        )
+        await eventually(lambda: supervisor.scheduler.sessions())
+        async with TaskloomClient(supervisor.address) as client:
+            task = await client.wait(await client.submit("a goal"))
+            assert task.status == TaskStatus.SUCCEEDED, task.error
+            # A subtask no connected worker can run waits in the READY queue.
+            waiting = await client.submit("wait", plan=plan(("x", "echo", "1")))
+
+            def get(name: str, **labels: str) -> float | None:
+                return registry.get_sample_value(name, labels)
+
+            await eventually(lambda: get("taskloom_ready_subtasks", capability="echo") == 1)
+            await eventually(
+                lambda: (get("taskloom_ready_oldest_age_seconds", capability="echo") or 0) > 0
+            )
+            await client.cancel(waiting)
+
+            assert get("taskloom_tasks_submitted_total") == 2
+            assert get("taskloom_tasks_finished_total", outcome="succeeded") == 1
+            await eventually(lambda: get("taskloom_tasks_finished_total", outcome="cancelled") == 1)
+            llm = {"capability": "llm"}
+            assert get("taskloom_subtasks_finished_total", outcome="succeeded", **llm) == 3
+            assert get("taskloom_subtask_duration_seconds_count", **llm) == 3
+            assert get("taskloom_subtask_queue_wait_seconds_count", **llm) == 3
+            assert (get("taskloom_dispatch_duration_seconds_count") or 0) >= 1
+            assert get("taskloom_planner_runs_total", kind="plan", outcome="ok") == 1
+            assert get("taskloom_planner_repairs_total") == 0
+            plan_call = {"model": MODEL, "operation": "plan"}
+            assert get("taskloom_llm_requests_total", outcome="ok", **plan_call) == 1
+            assert get("taskloom_llm_request_duration_seconds_count", **plan_call) == 1
+            assert get("taskloom_llm_tokens_total", model=MODEL, direction="output") == 7
+            assert (get("taskloom_redis_operation_duration_seconds_count", operation="complete")
+                    or 0) >= 1  # fmt: skip
+            assert get("taskloom_leader") == 1
+            assert get("taskloom_workers_connected") == 1
+            assert get("taskloom_worker_slots", state="total") == 4
+
+            # The same over HTTP, as Prometheus sees it.
+            text = scrape(supervisor.metrics_port)
+            assert value(text, "taskloom_tasks_submitted_total") == 2
+            assert value(text, "taskloom_leader") == 1
+
+            worker = scrape(worker_port)
+            assert (
+                value(
+                    worker, "taskloom_worker_attempts_total", capability="llm", outcome="succeeded"
+                )
+                == 3
+            )
+            assert value(
+                worker, "taskloom_llm_requests_total", model=MODEL, operation="generate",
+                outcome="ok",
+            ) == 3  # fmt: skip
+            assert value(worker, "taskloom_llm_tokens_total", model=MODEL, direction="output") == 21
+            assert value(worker, "taskloom_worker_connected") == 1
+            assert value(worker, "taskloom_worker_concurrency") == 4
+
+
+def test_no_label_can_carry_an_id_and_names_follow_the_rules() -> None:
+    registry = CollectorRegistry()
+    SupervisorMetrics(registry)
+    for family in registry.collect():
+        assert family.name.startswith("taskloom_"), family.name
+        for sample in family.samples:
+            assert not {"task", "task_id", "subtask", "subtask_id"} & set(sample.labels)
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")
+async def test_promtool_finds_nothing_wrong_with_a_live_scrape(
+    supervisor_settings: SupervisorSettings, fake_ollama: FakeOllama, processes: Processes
+) -> None:
+    settings = supervisor_settings.model_copy(update={"metrics_port": 0})
+    async with Supervisor(settings, metrics=SupervisorMetrics(CollectorRegistry())) as supervisor:
+        processes.worker(supervisor.address, capabilities="echo")
+        async with TaskloomClient(supervisor.address) as client:
+            await client.wait(await client.submit("g", plan=plan(("a", "echo", "1"))))
+        text = scrape(supervisor.metrics_port)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
