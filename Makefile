@@ -27,6 +27,7 @@ demo: setup
 	$(BIN)/taskloom up --workers 2 --demo "$(GOAL)"
 
 test: setup
+	./scripts/ensure-prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # N random fault schedules through the fault-injection suite (tests/chaos);

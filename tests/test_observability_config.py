@@ -1,0 +1,87 @@
+"""The Grafana dashboard and the alert rules query only metrics the processes
+export, and promtool accepts the rules and their unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from taskloom.supervisor.metrics import SupervisorMetrics
+from taskloom.worker.metrics import WorkerMetrics
+from tests.conftest import REPO
+
+DASHBOARD = REPO / "deploy" / "grafana" / "taskloom.json"
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
+METRIC = re.compile(r"\btaskloom_[a-z_]+\b")
+
+
+def exported_names() -> set[str]:
+    """Every series name a supervisor or worker can export."""
+    names: set[str] = set()
+    supervisor = SupervisorMetrics(CollectorRegistry())
+    supervisor.watch(lambda: None, lambda: False)
+    worker = WorkerMetrics(CollectorRegistry())
+    worker.watch(lambda: 0, 1, lambda: False)
+    for registry in (supervisor.registry, worker.registry):
+        for family in registry.collect():
+            if family.type == "counter":
+                names.add(f"{family.name}_total")
+            elif family.type == "histogram":
+                names |= {f"{family.name}_{s}" for s in ("bucket", "count", "sum")}
+            else:
+                names.add(family.name)
+    return names
+
+
+def test_every_dashboard_query_names_an_exported_metric() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in METRIC.findall(e)}
+    assert len(dashboard["panels"]) >= 12 and used
+    assert used <= exported_names(), used - exported_names()
+    # The questions an operator must be able to answer each have a panel.
+    titles = " | ".join(p["title"] for p in dashboard["panels"])
+    for topic in ("READY", "Oldest", "Dispatch latency", "Subtask duration", "Workers",
+                  "Retries", "LLM tokens", "LLM latency", "Leader", "Redis"):  # fmt: skip
+        assert topic in titles
+
+
+def test_every_alert_names_an_exported_metric() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    names = {r["alert"] for r in rules}
+    assert names == {
+        "TaskloomNoLeader",
+        "TaskloomNoWorkersForReadyWork",
+        "TaskloomReadyWorkTooOld",
+        "TaskloomHighSubtaskErrorRatio",
+        "TaskloomRedisErrors",
+    }
+    used = {m for r in rules for m in METRIC.findall(r["expr"])}
+    assert used <= exported_names(), used - exported_names()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")
+@pytest.mark.parametrize(
+    "args",
+    [["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]],
+    ids=["check", "test"],
+)
+async def test_promtool_accepts_the_rules_and_their_tests(args: list[str]) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", *args],
+        cwd=Path(ALERTS).parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout

@@ -1,0 +1,136 @@
+"""A real Prometheus (Debian's) scrapes a live supervisor and worker, loads the
+alert rules, and answers queries for the queue-depth and subtask metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from taskloom.client import TaskloomClient
+from taskloom.core.localredis import free_port
+from taskloom.core.model import TaskStatus
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.metrics import SupervisorMetrics
+from taskloom.supervisor.settings import SupervisorSettings
+from tests.conftest import REPO, Processes
+from tests.helpers import eventually, plan
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="needs Debian's prometheus (scripts/ensure-prometheus installs it)",
+)
+
+
+class Prometheus:
+    def __init__(self, tmp_path: Path, targets: list[str]) -> None:
+        self.port = free_port()
+        shutil.copy(REPO / "deploy" / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "rule_files: [alerts.yml]\n"
+            "scrape_configs:\n"
+            "  - job_name: taskloom\n"
+            f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+        )
+        self.log = (tmp_path / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+
+    def query(self, expr: str) -> list[Any]:
+        reply = self.get("/api/v1/query", query=expr)
+        assert reply["status"] == "success", reply
+        return list(reply["data"]["result"])
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[list[Prometheus]]:
+    started: list[Prometheus] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+async def test_prometheus_scrapes_the_cluster_and_answers_for_queues_and_subtasks(
+    supervisor_settings: SupervisorSettings,
+    processes: Processes,
+    tmp_path: Path,
+    prometheus_factory: list[Prometheus],
+) -> None:
+    settings = supervisor_settings.model_copy(update={"metrics_port": 0})
+    worker_port = free_port()
+    async with Supervisor(settings, metrics=SupervisorMetrics(CollectorRegistry())) as supervisor:
+        processes.worker(
+            supervisor.address, capabilities="echo", env={"TASKLOOM_METRICS_PORT": str(worker_port)}
+        )
+        targets = [f"127.0.0.1:{supervisor.metrics_port}", f"127.0.0.1:{worker_port}"]
+        prometheus = Prometheus(tmp_path, targets)
+        prometheus_factory.append(prometheus)
+        async with TaskloomClient(supervisor.address) as client:
+            done = await client.wait(await client.submit("g", plan=plan(("a", "echo", "1"))))
+            assert done.status == TaskStatus.SUCCEEDED
+            # No worker offers `gate`: this one waits in the READY queue.
+            await client.submit("stuck", plan=plan(("x", "gate", "1")))
+
+            async def query(expr: str) -> list[Any]:
+                try:
+                    return await asyncio.to_thread(prometheus.query, expr)
+                except OSError:
+                    return []  # not listening yet
+
+            async def both_up() -> bool:
+                return len(await query("up == 1")) == 2
+
+            await eventually(both_up, timeout=60, interval=0.5)
+
+            async def gate_queued() -> bool:
+                result = await query('taskloom_ready_subtasks{capability="gate"}')
+                return bool(result) and result[0]["value"][1] == "1"
+
+            await eventually(gate_queued, timeout=60, interval=0.5)
+
+            async def echo_done() -> bool:
+                result = await query(
+                    'taskloom_subtasks_finished_total{capability="echo",outcome="succeeded"}'
+                )
+                return bool(result) and float(result[0]["value"][1]) >= 1
+
+            await eventually(echo_done, timeout=60, interval=0.5)
+            worker_side = await query(
+                'taskloom_worker_attempts_total{capability="echo",outcome="succeeded"}'
+            )
+            assert worker_side and float(worker_side[0]["value"][1]) >= 1
+            age = await query('taskloom_ready_oldest_age_seconds{capability="gate"}')
+            assert age and float(age[0]["value"][1]) >= 0
+
+            rules = await asyncio.to_thread(prometheus.get, "/api/v1/rules")
+            loaded = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
+            assert "TaskloomReadyWorkTooOld" in loaded and len(loaded) == 5
