@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Awaitable
 from pathlib import Path
@@ -251,3 +252,19 @@ def test_handlers_load_from_module_and_attribute() -> None:
 
 async def _with_type(events: Awaitable[list[Event]], type_: str) -> list[Event]:
     return [e for e in await events if e.type == type_]
+
+
+async def test_a_worker_with_json_logs_tags_its_lines_with_the_attempt(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, tmp_path: Path
+) -> None:
+    processes.worker(supervisor.address, name="json", env={"TASKLOOM_LOG_FORMAT": "json"})
+    task = await client.wait(await client.submit("g", plan=plan(("a", "flaky", "2"))))
+    assert task.status == TaskStatus.SUCCEEDED
+
+    text = (tmp_path / "json.log").read_text().splitlines()
+    lines = [json.loads(line) for line in text if line.startswith("{")]
+    assert len(lines) >= len(text) - 1  # all of it, but for a stray line on stderr
+    failed = [line for line in lines if line["message"].startswith("handler flaky failed")]
+    assert failed and failed[0]["task_id"] == task.id
+    assert (failed[0]["subtask_id"], failed[0]["attempt"]) == ("a", 1)
+    assert "RuntimeError: flaky failure on attempt 1" in failed[0]["exception"]

@@ -93,6 +93,8 @@ class TaskloomSettings(BaseSettings):
     """Field name → CLI flag, so errors can name both."""
 
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    """``json``: one object per line with the task, subtask and trace ids."""
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:

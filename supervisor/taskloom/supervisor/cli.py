@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 @click.option("--heartbeat-interval", help="Worker heartbeat period [TASKLOOM_HEARTBEAT_INTERVAL]")
 @click.option("--lease-ttl", help="Silence after which a worker's work moves [TASKLOOM_LEASE_TTL]")
 @click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
+@click.option("--log-format", help="text or json [TASKLOOM_LOG_FORMAT]")
 @click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
 def command(**flags: str | None) -> None:
     """Run a supervisor: plan goals, schedule subtasks on workers, keep state in Redis."""
@@ -34,7 +35,7 @@ def command(**flags: str | None) -> None:
         settings = SupervisorSettings.load(**flags)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(_serve(settings))
     except ConfigError as e:

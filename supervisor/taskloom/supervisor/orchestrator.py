@@ -27,6 +27,7 @@ from taskloom.core.errors import (
     TaskNotFound,
     Unavailable,
 )
+from taskloom.core.logs import bind
 from taskloom.core.model import (
     AttemptRef,
     Event,
@@ -428,7 +429,8 @@ class Orchestrator:
         once: Callable[[], Awaitable[None]],
         give_up: Callable[[str], Awaitable[None]],
     ) -> None:
-        job = asyncio.create_task(self._keep_planning(task_id, what, once, give_up), name=name)
+        with bind(task_id=task_id):  # the job's logs carry the task id
+            job = asyncio.create_task(self._keep_planning(task_id, what, once, give_up), name=name)
         self._planning.add(job)
         self._planning_ids.add(task_id)
 

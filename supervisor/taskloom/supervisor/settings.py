@@ -28,6 +28,7 @@ class SupervisorSettings(LLMSettings):
         "leader_ttl": "--leader-ttl",
         "metrics_port": "--metrics-port",
         "log_level": "--log-level",
+        "log_format": "--log-format",
     }
 
     listen: Address = "127.0.0.1:50051"

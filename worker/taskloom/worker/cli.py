@@ -26,12 +26,13 @@ from taskloom.worker.worker import Worker, load_handlers
     "--drain-timeout", help="Grace for running subtasks on SIGTERM [TASKLOOM_DRAIN_TIMEOUT]"
 )
 @click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
+@click.option("--log-format", help="text or json [TASKLOOM_LOG_FORMAT]")
 @click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
 def command(**flags: str | int | None) -> None:
     """Run a worker: take subtasks from a supervisor and run their handlers."""
     try:
         settings = WorkerSettings.load(**flags)
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.log_format)
         registry = load_handlers(settings.app) if settings.app else None
         worker = Worker(settings, registry=registry)
         worker.check()

@@ -27,6 +27,7 @@ class WorkerSettings(LLMSettings):
         "drain_timeout": "--drain-timeout",
         "metrics_port": "--metrics-port",
         "log_level": "--log-level",
+        "log_format": "--log-format",
     }
 
     supervisor: Addresses = ("127.0.0.1:50051",)

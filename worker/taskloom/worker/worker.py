@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 from taskloom.core.errors import ConfigError
 from taskloom.core.llm import LLM, create_llm
+from taskloom.core.logs import bind_attempt
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.core.model import (
     Assignment,
@@ -257,6 +258,11 @@ class Worker:
     async def _execute(self, assignment: Assignment, handler: Handler) -> None:
         ref = assignment.ref
         self._connection.send(Accepted(ref))
+        with bind_attempt(ref):
+            await self._run_handler(assignment, handler)
+
+    async def _run_handler(self, assignment: Assignment, handler: Handler) -> None:
+        ref = assignment.ref
 
         async def report_progress(message: str, text: str) -> None:
             if ref in self._running:
