@@ -15,7 +15,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback
+from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback, WrappedLLM
 
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 """LLM calls take from a fraction of a second to minutes."""
@@ -46,15 +46,11 @@ class LLMMetrics:
         )
 
 
-class InstrumentedLLM(LLM):
+class InstrumentedLLM(WrappedLLM):
     """A backend whose every call is counted in ``LLMMetrics``."""
 
     def __init__(self, inner: LLM, metrics: LLMMetrics, operation: str) -> None:
-        self.inner = inner
-        self.provider = inner.provider
-        self.model = inner.model
-        self.notice = inner.notice
-        self.context_is_fixed = inner.context_is_fixed
+        super().__init__(inner)
         self._metrics = metrics
         self._operation = operation
 
@@ -71,7 +67,7 @@ class InstrumentedLLM(LLM):
         model = self.describe()
         started = time.monotonic()
         try:
-            reply = await self.inner.chat(
+            reply = await super().chat(
                 messages,
                 schema=schema,
                 temperature=temperature,
@@ -90,18 +86,6 @@ class InstrumentedLLM(LLM):
         self._metrics.tokens.labels(model, "input").inc(reply.usage.input_tokens)
         self._metrics.tokens.labels(model, "output").inc(reply.usage.output_tokens)
         return reply
-
-    async def context_length(self) -> int:
-        return await self.inner.context_length()
-
-    def count_tokens(self, text: str) -> int:
-        return self.inner.count_tokens(text)
-
-    async def check(self) -> None:
-        await self.inner.check()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> int:

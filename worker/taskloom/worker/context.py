@@ -11,6 +11,7 @@ from typing import Any
 
 from taskloom.core.errors import TaskloomError
 from taskloom.core.llm import LLM, ChatMessage, ChatReply, TextCallback
+from taskloom.core.llm.base import WrappedLLM
 from taskloom.core.model import Assignment, AttemptRef, ContextMode, Input, Usage
 
 STREAM_INTERVAL = 0.1
@@ -29,15 +30,11 @@ class SubtaskError(TaskloomError):
         self.retryable = retryable
 
 
-class MeteredLLM(LLM):
+class MeteredLLM(WrappedLLM):
     """The worker's model, adding every call's usage to the subtask's."""
 
     def __init__(self, inner: LLM, context: SubtaskContext) -> None:
-        self.inner = inner
-        self.provider = inner.provider
-        self.model = inner.model
-        self.notice = inner.notice
-        self.context_is_fixed = inner.context_is_fixed
+        super().__init__(inner)
         self._context = context
 
     async def chat(
@@ -52,7 +49,7 @@ class MeteredLLM(LLM):
     ) -> ChatReply:
         started = time.monotonic()
         try:
-            reply = await self.inner.chat(
+            reply = await super().chat(
                 messages,
                 schema=schema,
                 temperature=temperature,
@@ -68,15 +65,6 @@ class MeteredLLM(LLM):
             raise
         self._context.usage += reply.usage
         return reply
-
-    async def context_length(self) -> int:
-        return await self.inner.context_length()
-
-    def count_tokens(self, text: str) -> int:
-        return self.inner.count_tokens(text)
-
-    async def check(self) -> None:
-        await self.inner.check()
 
     async def close(self) -> None:
         """The worker's model outlives the subtask: nothing to close here."""

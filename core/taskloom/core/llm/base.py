@@ -84,6 +84,48 @@ class LLM(abc.ABC):
         return f"{self.provider}:{self.model}"
 
 
+class WrappedLLM(LLM):
+    """Forwards everything to ``inner``; subclasses add to ``chat``."""
+
+    def __init__(self, inner: LLM) -> None:
+        self.inner = inner
+        self.provider = inner.provider
+        self.model = inner.model
+        self.notice = inner.notice
+        self.context_is_fixed = inner.context_is_fixed
+
+    async def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        temperature: float = 0.0,
+        on_text: TextCallback | None = None,
+        max_tokens: int = 0,
+        context_tokens: int = 0,
+    ) -> ChatReply:
+        return await self.inner.chat(
+            messages,
+            schema=schema,
+            temperature=temperature,
+            on_text=on_text,
+            max_tokens=max_tokens,
+            context_tokens=context_tokens,
+        )
+
+    async def context_length(self) -> int:
+        return await self.inner.context_length()
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 DEFAULT_CONTEXT_TOKENS = 4096
 """The context assumed when a backend cannot say: Ollama's default ``num_ctx``."""
 
