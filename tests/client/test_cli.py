@@ -31,7 +31,9 @@ SUBTASK_KEYS = {
     "id", "title", "capability", "depends_on", "status", "output", "error", "attempts", "worker",
     "cache_hit", "usage",
 }  # fmt: skip
-EVENT_KEYS = {"event_id", "time", "type", "task_id", "subtask_id", "status", "message"}
+EVENT_KEYS = {
+    "event_id", "time", "type", "task_id", "subtask_id", "status", "message", "trace_id", "span_id"
+}  # fmt: skip
 
 
 async def taskloom(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

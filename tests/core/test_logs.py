@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import trace
 
 from taskloom.core.logs import bind, bind_attempt, setup_logging
 from taskloom.core.model import AttemptRef
@@ -45,6 +46,16 @@ def test_json_lines_carry_the_bound_ids_and_the_exception(restore_logging: None)
     assert lines[1]["level"] == "WARNING" and lines[1]["logger"] == "taskloom.test"
     assert "ValueError: boom" in lines[2]["exception"]
     assert lines[3]["task_id"] == "t9" and "subtask_id" not in lines[3]
+
+
+def test_json_lines_carry_the_current_trace(restore_logging: None) -> None:
+    out = io.StringIO()
+    setup_logging("INFO", "json", stream=out)
+    span = trace.NonRecordingSpan(trace.SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False))
+    with trace.use_span(span):
+        logging.getLogger("taskloom.test").info("traced")
+    line = json.loads(out.getvalue())
+    assert (line["trace_id"], line["span_id"]) == (f"{0xABC:032x}", f"{0xDEF:016x}")
 
 
 def test_text_lines_show_where(restore_logging: None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -326,3 +327,21 @@ async def test_attempts_lost_with_their_worker_do_not_use_up_max_attempts(store:
         "attempt 1 lost: worker w1 stopped answering; running it again "
         "(this does not use up one of its 1 attempts)"
     )
+
+
+async def test_a_loop_of_store_calls_stops_when_it_is_cancelled(store: Store) -> None:
+    """redis-py finishes a command whose caller was cancelled and returns
+    normally; without the store giving the cancellation back, a loop of store
+    calls (a leadership or deadline loop) would never stop."""
+
+    async def forever() -> None:
+        while True:
+            await store.load_active()
+
+    for trial in range(20):
+        loop = asyncio.create_task(forever())
+        await asyncio.sleep(0.002 * (trial % 5 + 1))
+        loop.cancel()
+        done, _ = await asyncio.wait([loop], timeout=5)
+        assert done, f"trial {trial}: the loop kept running after cancel()"
+        assert loop.cancelled()

@@ -169,4 +169,6 @@ def event_from_pb(message: pb.Event) -> Event:
         message=message.message,
         attempt=message.attempt,
         worker=message.worker,
+        trace_id=message.trace_id,
+        span_id=message.span_id,
     )

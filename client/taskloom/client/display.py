@@ -100,6 +100,8 @@ def event_json(event: Event) -> dict[str, Any]:
         "subtask_id": event.subtask_id,
         "status": event.status,
         "message": event.message,
+        "trace_id": event.trace_id or None,
+        "span_id": event.span_id or None,
     }
 
 
@@ -113,6 +115,8 @@ def event_line(event: Event) -> str:
         parts.append(f"on {event.worker}")
     if event.message:
         parts.append(f"— {event.message}")
+    if event.trace_id and event.type in ("task.submitted", "plan.requested"):
+        parts.append(f"(trace {event.trace_id})")
     return "  ".join(p for p in parts if p)
 
 

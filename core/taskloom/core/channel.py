@@ -7,6 +7,7 @@ ping every 20 s on idle connections and the server accepts pings that often.
 from __future__ import annotations
 
 import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 KEEPALIVE_TIME_MS = 20_000
@@ -49,4 +50,15 @@ def insecure_channel(
     address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> grpc.aio.Channel:
     """A channel to a supervisor (TLS arrives with the security work)."""
-    return grpc.aio.insecure_channel(address, options=client_options(max_message_bytes))
+    return grpc.aio.insecure_channel(
+        address,
+        options=client_options(max_message_bytes),
+        # OpenTelemetry client spans for unary calls (a no-op unless tracing is
+        # set up). Its stream interceptors change how a call behaves when
+        # cancelled, which the worker's Connect stream depends on.
+        interceptors=[
+            i
+            for i in aio_client_interceptors()  # type: ignore[no-untyped-call]
+            if isinstance(i, grpc.aio.UnaryUnaryClientInterceptor)
+        ],
+    )

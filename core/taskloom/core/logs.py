@@ -1,10 +1,11 @@
 """Logging set-up for every taskloom process: text for people, JSON for machines.
 
 Code that works on one task or one attempt binds it (``bind(task_id=...)``,
-``bind_attempt(ref)``); every record logged inside carries those ids, in the
-JSON output as fields, in the text output as a ``[task/subtask#attempt]``
-prefix. Records carry no secrets: settings never log keys or passwords and
-Redis URLs are logged without their password.
+``bind_attempt(ref)``); every record logged inside carries those ids, and the
+current OpenTelemetry span's trace and span ids, in the JSON output as fields,
+in the text output as a ``[task/subtask#attempt]`` prefix. Records carry no
+secrets: settings never log keys or passwords and Redis URLs are logged
+without their password.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from opentelemetry import trace
 
 from taskloom.core.model import AttemptRef
 
@@ -46,7 +49,11 @@ class ContextFilter(logging.Filter):
     """Copies the bound fields onto each record (and a text prefix as ``where``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        context = _context.get() or {}
+        context = dict(_context.get() or {})
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            context.setdefault("trace_id", f"{span.trace_id:032x}")
+            context.setdefault("span_id", f"{span.span_id:016x}")
         for name in CONTEXT_FIELDS:
             setattr(record, name, context.get(name, getattr(record, name, "")))
         where = ""

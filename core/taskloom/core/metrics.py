@@ -13,9 +13,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback, WrappedLLM
+from taskloom.core.tracing import genai_attributes, record_content, tracer
 
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 """LLM calls take from a fraction of a second to minutes."""
@@ -66,22 +68,32 @@ class InstrumentedLLM(WrappedLLM):
     ) -> ChatReply:
         model = self.describe()
         started = time.monotonic()
-        try:
-            reply = await super().chat(
-                messages,
-                schema=schema,
-                temperature=temperature,
-                on_text=on_text,
-                max_tokens=max_tokens,
-                context_tokens=context_tokens,
-            )
-        except Exception:
-            self._metrics.requests.labels(model, self._operation, "error").inc()
-            raise
-        finally:
-            self._metrics.duration.labels(model, self._operation).observe(
-                time.monotonic() - started
-            )
+        with tracer().start_as_current_span(
+            f"chat {self.model}",
+            kind=SpanKind.CLIENT,
+            attributes=genai_attributes(self.provider, self.model),
+        ) as span:
+            if record_content():
+                span.set_attribute("taskloom.prompt", "\n\n".join(m.content for m in messages))
+            try:
+                reply = await super().chat(
+                    messages,
+                    schema=schema,
+                    temperature=temperature,
+                    on_text=on_text,
+                    max_tokens=max_tokens,
+                    context_tokens=context_tokens,
+                )
+            except Exception:
+                self._metrics.requests.labels(model, self._operation, "error").inc()
+                raise
+            finally:
+                self._metrics.duration.labels(model, self._operation).observe(
+                    time.monotonic() - started
+                )
+            span.set_attributes(genai_attributes(self.provider, self.model, reply.usage))
+            if record_content():
+                span.set_attribute("taskloom.completion", reply.text)
         self._metrics.requests.labels(model, self._operation, "ok").inc()
         self._metrics.tokens.labels(model, "input").inc(reply.usage.input_tokens)
         self._metrics.tokens.labels(model, "output").inc(reply.usage.output_tokens)

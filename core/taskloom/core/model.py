@@ -272,6 +272,10 @@ class Event:
     message: str = ""
     attempt: int = 0
     worker: str = ""
+    trace_id: str = ""
+    """The task's OpenTelemetry trace (hex), when tracing is on."""
+    span_id: str = ""
+    """The span this event belongs to, where there is one (task, planning)."""
 
     @property
     def terminal(self) -> bool:

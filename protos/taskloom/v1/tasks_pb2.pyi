@@ -820,6 +820,8 @@ class Event(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The Redis stream id: a cursor for WatchTask."""
     type: _builtins.str
@@ -832,6 +834,10 @@ class Event(_message.Message):
     message: _builtins.str
     attempt: _builtins.int
     worker: _builtins.str
+    trace_id: _builtins.str
+    """The task's OpenTelemetry trace id (hex), when tracing is on."""
+    span_id: _builtins.str
+    """The span the event belongs to, where there is one."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -846,10 +852,12 @@ class Event(_message.Message):
         message: _builtins.str = ...,
         attempt: _builtins.int = ...,
         worker: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "id", b"id", "message", b"message", "status", b"status", "subtask_id", b"subtask_id", "task_id", b"task_id", "time", b"time", "type", b"type", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "id", b"id", "message", b"message", "span_id", b"span_id", "status", b"status", "subtask_id", b"subtask_id", "task_id", b"task_id", "time", b"time", "trace_id", b"trace_id", "type", b"type", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

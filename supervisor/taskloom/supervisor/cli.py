@@ -11,6 +11,7 @@ import click
 
 from taskloom.core.errors import ConfigError, TaskloomError, Unavailable
 from taskloom.core.logs import setup_logging
+from taskloom.core.tracing import setup_tracing
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 
@@ -36,6 +37,7 @@ def command(**flags: str | None) -> None:
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     setup_logging(settings.log_level, settings.log_format)
+    setup_tracing("taskloom-supervisor")
     try:
         asyncio.run(_serve(settings))
     except ConfigError as e:

@@ -204,6 +204,8 @@ def event_to_pb(event: Event) -> pb.Event:
         message=event.message,
         attempt=event.attempt,
         worker=event.worker,
+        trace_id=event.trace_id,
+        span_id=event.span_id,
     )
 
 

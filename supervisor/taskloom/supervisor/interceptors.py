@@ -1,17 +1,46 @@
 """The one place where gRPC server interceptors are chosen.
 
 Authentication, metrics and tracing hook in here, so every RPC passes through
-them before any servicer runs. There are none yet.
+them before any servicer runs. For now: OpenTelemetry's server spans (a no-op
+unless tracing is set up).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from taskloom.supervisor.settings import SupervisorSettings
+
+
+class _Traced(grpc.aio.ServerInterceptor):
+    """OpenTelemetry's server spans, except on the worker stream: its wrapper
+    expects request iterators, and Connect reads and writes on the context."""
+
+    UNTRACED = frozenset({"/taskloom.v1.WorkerService/Connect"})
+
+    def __init__(self) -> None:
+        self._otel = aio_server_interceptor()  # type: ignore[no-untyped-call]
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if handler_call_details.method in self.UNTRACED:
+            return await continuation(handler_call_details)
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await self._otel.intercept_service(
+            continuation, handler_call_details
+        )
+        return handler
 
 
 def server_interceptors(settings: SupervisorSettings) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors for the supervisor's server, outermost first."""
     del settings
-    return []
+    return [_Traced()]

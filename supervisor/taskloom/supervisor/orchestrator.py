@@ -17,6 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
+
 from taskloom.core.errors import (
     InvalidArgument,
     LLMError,
@@ -47,6 +51,7 @@ from taskloom.core.model import (
     WorkerInfo,
 )
 from taskloom.core.plan import check_plan, finalize
+from taskloom.core.tracing import carrier, genai_attributes, ids, parent, tracer
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.planner import PlanHooks, Planner
 from taskloom.supervisor.scheduler import CancelAttempts, Lease, Scheduler, WorkerSession
@@ -92,6 +97,8 @@ class Orchestrator:
         self._planning: set[asyncio.Task[None]] = set()
         self._planning_ids: set[str] = set()
         self._unbroken_jobs: set[asyncio.Future[Any]] = set()
+        self._task_spans: dict[str, Span] = {}
+        """Root spans of the tasks this term created, ended when they end."""
         self.stale_reports = 0
         """Reports for attempts that no longer hold their subtask: dropped, counted."""
         self._loops: list[asyncio.Task[None]] = []
@@ -233,6 +240,13 @@ class Orchestrator:
         idempotency_key: str,
     ) -> tuple[str, bool]:
         """Store the task, then plan it or queue its READY subtasks."""
+        # The task's root span: its context is stored with the task and sent
+        # inside each Assignment, so every span of the task joins one trace.
+        root = tracer().start_span(
+            "task",
+            attributes={"taskloom.plan": "explicit" if graph else "llm",
+                        "taskloom.on_failure": str(options.on_failure)},
+        )  # fmt: skip
         task_id, created, ready = await self.store.create_task(
             goal=goal,
             options=options,
@@ -243,9 +257,14 @@ class Orchestrator:
             cache_ttl=self.settings.cache_ttl
             if (self.settings.cache if options.cache is None else options.cache)
             else 0.0,
+            trace=carrier(root),
         )
         if not created:
+            root.set_attribute("taskloom.duplicate_of", task_id)
+            root.end()
             return task_id, created
+        root.set_attribute("taskloom.task_id", task_id)
+        self._task_spans[task_id] = root
         self.metrics.tasks_submitted.inc()
         if graph is None:
             logger.info("task %s submitted; planning", task_id)
@@ -308,6 +327,7 @@ class Orchestrator:
         )
         if changed:
             self.metrics.tasks_finished.labels("cancelled").inc()
+            self._end_task_span(task_id, TaskStatus.CANCELLED)
             logger.info("task %s cancelled: %s", task_id, reason)
             self._stop_attempts(held, reason)
             self.scheduler.forget_task(task_id)
@@ -466,11 +486,38 @@ class Orchestrator:
                 return
 
     async def _plan_once(self, task_id: str, goal: str, options: TaskOptions) -> None:
+        llm = self.planner.llm
+        with tracer().start_as_current_span(
+            "plan",
+            context=await self._task_context(task_id),
+            attributes={"taskloom.task_id": task_id, **genai_attributes(llm.provider, llm.model)},
+        ) as span:
+            await self._plan_traced(task_id, goal, options, span)
+
+    def _traced_hooks(self, task_id: str, status: TaskStatus, span: Span) -> PlanHooks:
+        """The planner's hooks, also adding each call's tokens to ``span``."""
+        hooks = self._plan_hooks(task_id, status)
+        spent = hooks.spent
+        total = Usage()
+
+        async def add(usage: Usage) -> None:
+            nonlocal total
+            total += usage
+            span.set_attributes(
+                genai_attributes(self.planner.llm.provider, self.planner.llm.model, total)
+            )
+            if spent is not None:
+                await spent(usage)
+
+        return replace(hooks, spent=add)
+
+    async def _plan_traced(self, task_id: str, goal: str, options: TaskOptions, span: Span) -> None:
         await self.store.note(
             task_id,
             TaskStatus.PLANNING,
             EventType.PLAN_REQUESTED,
             f"asking {self.planner.llm.describe()} for a plan",
+            span=ids(span)[1],
         )
 
         synthesize = options.synthesize
@@ -479,7 +526,7 @@ class Orchestrator:
                 goal,
                 capabilities=self.known_capabilities(),
                 synthesize=synthesize,
-                hooks=self._plan_hooks(task_id, TaskStatus.PLANNING),
+                hooks=self._traced_hooks(task_id, TaskStatus.PLANNING, span),
             )
         except BudgetSpent:
             self.metrics.planner_calls.labels("plan", "budget_exceeded").inc()
@@ -535,6 +582,7 @@ class Orchestrator:
             over, held = await self.store.spend(task_id, usage)
             if over:
                 self.metrics.tasks_finished.labels("failed").inc()
+                self._end_task_span(task_id, TaskStatus.FAILED)
                 logger.info("task %s used up its max_tokens while planning", task_id)
                 self._stop_attempts(held, "the task used up its token budget")
                 self.scheduler.forget_task(task_id)
@@ -559,6 +607,19 @@ class Orchestrator:
         )
 
     async def _replan_once(self, task_id: str, failed_id: str) -> None:
+        llm = self.planner.llm
+        with tracer().start_as_current_span(
+            "replan",
+            context=await self._task_context(task_id),
+            attributes={
+                "taskloom.task_id": task_id,
+                "taskloom.subtask_id": failed_id,
+                **genai_attributes(llm.provider, llm.model),
+            },
+        ) as span:
+            await self._replan_traced(task_id, failed_id, span)
+
+    async def _replan_traced(self, task_id: str, failed_id: str, span: Span) -> None:
         task = await self.store.get_task(task_id)
         failed = next((s for s in task.subtasks if s.id == failed_id), None)
         if task.status != TaskStatus.RUNNING or failed is None:
@@ -577,7 +638,7 @@ class Orchestrator:
                 failed=failed,
                 done=done,
                 capabilities=self.known_capabilities(),
-                hooks=self._plan_hooks(task_id, TaskStatus.RUNNING),
+                hooks=self._traced_hooks(task_id, TaskStatus.RUNNING, span),
             )
         except BudgetSpent:
             return
@@ -625,6 +686,8 @@ class Orchestrator:
         )
         if changed:
             self.metrics.tasks_finished.labels("failed").inc()
+            self._end_task_span(task_id, TaskStatus.FAILED)
+            self._end_task_span(task_id, TaskStatus.FAILED)
             self._stop_attempts(held, "the task failed")
             self.scheduler.forget_task(task_id)
 
@@ -768,6 +831,8 @@ class Orchestrator:
     def _apply(self, outcome: Outcome, refs: Sequence[AttemptRef]) -> None:
         self._count_stale(outcome.committed)
         self.metrics.observe_outcome(outcome)
+        for task_id, status in zip(outcome.finished, outcome.finished_status, strict=False):
+            self._end_task_span(task_id, status)
         self.scheduler.release(refs)
         self.scheduler.enqueue(outcome.ready)
         if outcome.held:
@@ -777,6 +842,21 @@ class Orchestrator:
         for task_id in outcome.finished:
             logger.info("task %s finished", task_id)
             self.scheduler.forget_task(task_id)
+
+    def _end_task_span(self, task_id: str, status: str) -> None:
+        span = self._task_spans.pop(task_id, None)
+        if span is not None:
+            span.set_attribute("taskloom.status", status)
+            if status != TaskStatus.SUCCEEDED:
+                span.set_status(Status(StatusCode.ERROR, status))
+            span.end()
+
+    async def _task_context(self, task_id: str) -> Context | None:
+        """The context of the task's root span, from memory or from Redis."""
+        span = self._task_spans.get(task_id)
+        if span is not None:
+            return trace.set_span_in_context(span)
+        return parent(await self.store.trace_of(task_id))
 
     def _stop_attempts(self, refs: Iterable[AttemptRef], reason: str) -> None:
         """Tell the workers holding these attempts to stop, and free the slots."""

@@ -11,6 +11,7 @@ Redis errors are translated here, and only here, into ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -153,10 +154,8 @@ def _translated(
         started = time.monotonic()
         try:
             result = await method(self, *args, **kwargs)
-            if self.metrics is not None and operation not in _BLOCKING:
-                self.metrics.redis_duration.labels(operation).observe(time.monotonic() - started)
-            return result
         except _UNAVAILABLE as e:
+            _cancellation_swallowed()
             if self.metrics is not None:
                 self.metrics.redis_errors.labels(operation).inc()
             raise StoreUnavailable(
@@ -170,8 +169,22 @@ def _translated(
                     f"{str(e).removeprefix(_FENCED).replace(' the leader lease', ';')}"
                 ) from None
             raise
+        # redis-py (8.x) finishes a command whose caller was cancelled and
+        # returns as if nothing happened: the cancellation is lost, and a loop
+        # that was told to stop runs for ever. Give it back.
+        _cancellation_swallowed()
+        if self.metrics is not None and operation not in _BLOCKING:
+            self.metrics.redis_duration.labels(operation).observe(time.monotonic() - started)
+        return result
 
     return wrapper
+
+
+def _cancellation_swallowed() -> None:
+    """Raise CancelledError if the current task was cancelled during the call."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError()
 
 
 def _list(value: Any) -> list[Any]:
@@ -275,6 +288,7 @@ class Store:
         idempotency_key: str = "",
         max_replans: int = 0,
         cache_ttl: float = 0.0,
+        trace: Mapping[str, str] | None = None,
     ) -> tuple[str, bool, list[ReadyItem]]:
         """Store a new task (PLANNING, or RUNNING with ``plan``).
 
@@ -323,6 +337,8 @@ class Store:
                             "ctx_tokens": options.context_tokens,
                             "ctx_mode": options.context,
                             "cache_ttl": int(cache_ttl),
+                            "traceparent": (trace or {}).get("traceparent", ""),
+                            "trace_id": _trace_id(trace),
                         },
                     )
                     if options.max_duration:
@@ -332,13 +348,23 @@ class Store:
                     pipe.xadd(
                         self.keys.events(task_id),
                         _event(
-                            EventType.TASK_SUBMITTED, status=TaskStatus.PLANNING, message=goal[:200]
+                            EventType.TASK_SUBMITTED,
+                            status=TaskStatus.PLANNING,
+                            message=goal[:200],
+                            trace=_trace_id(trace),
+                            span=_span_id(trace),
                         ),
                     )
                     ready: list[ReadyItem] = []
                     if plan is not None:
                         ready = self._queue_plan(
-                            pipe, task_id, plan, result_from, options.priority, now
+                            pipe,
+                            task_id,
+                            plan,
+                            result_from,
+                            options.priority,
+                            now,
+                            _trace_id(trace),
                         )
                     await pipe.execute()
                     return task_id, True, ready
@@ -365,9 +391,10 @@ class Store:
                     await pipe.watch(key)
                     if await pipe.hget(key, "status") != TaskStatus.PLANNING:
                         return None
+                    trace_id = await pipe.hget(key, "trace_id") or ""
                     pipe.multi()
                     ready = self._queue_plan(
-                        pipe, task_id, plan, result_from, priority, time.time()
+                        pipe, task_id, plan, result_from, priority, time.time(), trace_id
                     )
                     await pipe.execute()
                     return ready
@@ -382,6 +409,7 @@ class Store:
         result_from: Sequence[str],
         priority: int,
         now: float,
+        trace_id: str = "",
     ) -> list[ReadyItem]:
         dependents: dict[str, list[str]] = defaultdict(list)
         for s in plan.subtasks:
@@ -435,18 +463,32 @@ class Store:
                 EventType.PLAN_CREATED,
                 status=TaskStatus.RUNNING,
                 message=f"plan with {len(plan.subtasks)} subtasks",
+                trace=trace_id,
             ),
         )
         for item in ready:
-            pipe.xadd(events, _event(EventType.SUBTASK_READY, sub=item.subtask_id, status="READY"))
+            pipe.xadd(
+                events,
+                _event(
+                    EventType.SUBTASK_READY, sub=item.subtask_id, status="READY", trace=trace_id
+                ),
+            )
         return ready
 
     @_translated
     async def note(
-        self, task_id: str, expected: TaskStatus, type_: EventType, message: str
+        self, task_id: str, expected: TaskStatus, type_: EventType, message: str, span: str = ""
     ) -> bool:
         """Log an event while the task is still in the ``expected`` state."""
-        return bool(await self._run("note", [task_id, expected, type_, message]))
+        return bool(await self._run("note", [task_id, expected, type_, message, span]))
+
+    @_translated
+    async def trace_of(self, task_id: str) -> dict[str, str]:
+        """The W3C trace context of the task's root span (empty if it has none)."""
+        if not _plain(task_id):
+            return {}
+        raw = await self._redis.hget(self.keys.task(task_id), "traceparent")
+        return {"traceparent": raw} if raw else {}
 
     # -- transitions -----------------------------------------------------------
 
@@ -478,6 +520,7 @@ class Store:
             stall,
             context_tokens,
             context,
+            traceparent,
         ) in _list(reply["assigned"]):
             item = items[index - 1][0]
             out[index - 1] = Assignment(
@@ -495,6 +538,7 @@ class Store:
                 stall_timeout=float(stall),
                 context_tokens=int(context_tokens),
                 context=ContextMode(context or ContextMode.TRUNCATE),
+                trace_context={"traceparent": traceparent} if traceparent else {},
             )
         hits = _list(reply["hits"])
         outcome = _outcome({"committed": [1] * len(hits), **reply})
@@ -875,6 +919,8 @@ def _event(
     message: str = "",
     attempt: int = 0,
     worker: str = "",
+    trace: str = "",
+    span: str = "",
 ) -> dict[str, str]:
     return {
         "type": type_,
@@ -883,7 +929,20 @@ def _event(
         "message": message,
         "attempt": str(attempt),
         "worker": worker,
+        "trace": trace,
+        "span": span,
     }
+
+
+def _trace_id(trace: Mapping[str, str] | None) -> str:
+    """The trace id in a ``traceparent`` (``00-<trace>-<span>-<flags>``)."""
+    parts = (trace or {}).get("traceparent", "").split("-")
+    return parts[1] if len(parts) == 4 else ""
+
+
+def _span_id(trace: Mapping[str, str] | None) -> str:
+    parts = (trace or {}).get("traceparent", "").split("-")
+    return parts[2] if len(parts) == 4 else ""
 
 
 def _decode_event(task_id: str, event_id: str, fields: Mapping[str, str]) -> Event:
@@ -897,6 +956,8 @@ def _decode_event(task_id: str, event_id: str, fields: Mapping[str, str]) -> Eve
         message=fields.get("message", ""),
         attempt=int(fields.get("attempt") or 0),
         worker=fields.get("worker", ""),
+        trace_id=fields.get("trace", ""),
+        span_id=fields.get("span", ""),
     )
 
 

@@ -9,6 +9,7 @@ import click
 
 from taskloom.core.errors import ConfigError
 from taskloom.core.logs import setup_logging
+from taskloom.core.tracing import setup_tracing
 from taskloom.worker.settings import WorkerSettings
 from taskloom.worker.worker import Worker, load_handlers
 
@@ -33,6 +34,7 @@ def command(**flags: str | int | None) -> None:
     try:
         settings = WorkerSettings.load(**flags)
         setup_logging(settings.log_level, settings.log_format)
+        setup_tracing("taskloom-worker")
         registry = load_handlers(settings.app) if settings.app else None
         worker = Worker(settings, registry=registry)
         worker.check()

@@ -29,6 +29,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from taskloom.core.errors import ConfigError
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.logs import bind_attempt
@@ -40,6 +42,7 @@ from taskloom.core.model import (
     SubtaskFailure,
     SubtaskResult,
 )
+from taskloom.core.tracing import parent, tracer
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
 from taskloom.worker.context import SubtaskContext, SubtaskError
@@ -258,10 +261,30 @@ class Worker:
     async def _execute(self, assignment: Assignment, handler: Handler) -> None:
         ref = assignment.ref
         self._connection.send(Accepted(ref))
-        with bind_attempt(ref):
-            await self._run_handler(assignment, handler)
+        # A span per attempt, a child of the task's root span (its context came
+        # inside the Assignment); the handler's LLM calls are spans beneath it.
+        with (
+            bind_attempt(ref),
+            tracer().start_as_current_span(
+                "subtask.attempt",
+                context=parent(assignment.trace_context),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "taskloom.task_id": ref.task_id,
+                    "taskloom.subtask_id": ref.subtask_id,
+                    "taskloom.attempt": ref.attempt,
+                    "taskloom.capability": assignment.capability,
+                    "taskloom.worker": self.settings.name,
+                },
+            ) as span,
+        ):
+            outcome = await self._run_handler(assignment, handler)
+            span.set_attribute("taskloom.outcome", outcome)
+            if outcome != "succeeded":
+                span.set_status(Status(StatusCode.ERROR, outcome))
 
-    async def _run_handler(self, assignment: Assignment, handler: Handler) -> None:
+    async def _run_handler(self, assignment: Assignment, handler: Handler) -> str:
+        """Run the handler, report how it ended; returns that as an outcome."""
         ref = assignment.ref
 
         async def report_progress(message: str, text: str) -> None:
@@ -293,7 +316,7 @@ class Worker:
                 self._running.pop(ref, None)
                 self._connection.send(Stopped(ref))
                 self._observe(assignment.capability, "cancelled", started)
-                return
+                return "cancelled"
             outcome = "handed_back"
             report = SubtaskFailure(
                 ref,
@@ -310,6 +333,7 @@ class Worker:
             self._running.pop(ref, None)
         self._observe(assignment.capability, outcome, started)
         self._report(report)
+        return outcome
 
     def _observe(self, capability: str, outcome: str, started: float) -> None:
         self.metrics.attempts.labels(capability, outcome).inc()

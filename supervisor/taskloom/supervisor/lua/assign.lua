@@ -18,7 +18,7 @@ for i, item in ipairs(PAYLOAD) do
   local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
     'capability', 'params', 'deps', 'timeout')
   local tv = redis.call('HMGET', tk, 'status', 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl',
-    'goal')
+    'goal', 'traceparent')
   -- A subtask can be queued twice (recovery racing a requeue); only the
   -- first assignment finds it READY.
   if st[1] == 'READY' and tv[1] == 'RUNNING' then
@@ -60,7 +60,8 @@ for i, item in ipairs(PAYLOAD) do
       emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
       goals[task] = tv[6] or ''
       table.insert(assigned, {i, attempt, st[3], st[4], st[5], st[6], inputs,
-        tonumber(st[8] or '0'), tonumber(tv[2] or '0'), tonumber(tv[3] or '0'), tv[4] or ''})
+        tonumber(st[8] or '0'), tonumber(tv[2] or '0'), tonumber(tv[3] or '0'), tv[4] or '',
+        tv[7] or ''})
     end
   end
 end

@@ -5,5 +5,5 @@ local task = PAYLOAD[1]
 if redis.call('HGET', k_task(task), 'status') ~= PAYLOAD[2] then
   return cjson.encode(0)
 end
-emit(task, PAYLOAD[3], '', PAYLOAD[2], PAYLOAD[4])
+emit(task, PAYLOAD[3], '', PAYLOAD[2], PAYLOAD[4], 0, '', PAYLOAD[5])
 return cjson.encode(1)
