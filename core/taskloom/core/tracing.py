@@ -11,14 +11,13 @@ are recorded only with ``TASKLOOM_TRACE_CONTENT=1``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from taskloom.core.model import Usage
@@ -100,14 +99,3 @@ def genai_attributes(provider: str, model: str, usage: Usage | None = None) -> d
         attributes["gen_ai.usage.input_tokens"] = usage.input_tokens
         attributes["gen_ai.usage.output_tokens"] = usage.output_tokens
     return attributes
-
-
-@contextlib.contextmanager
-def failing_marks_error(span: Span) -> Iterator[None]:
-    """Record an exception escaping the block on ``span`` and mark it failed."""
-    try:
-        yield
-    except BaseException as e:
-        span.record_exception(e)
-        span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
-        raise

@@ -115,13 +115,11 @@ class SupervisorMetrics:
         self.registry.register(SchedulerCollector(scheduler, leading))
 
     def observe_outcome(self, outcome: Outcome) -> None:
-        """Count what any transition's outcome says: tasks finished, cache hits,
-        stale reports."""
+        """Count what any transition's outcome says: tasks finished, cache hits."""
         for status in outcome.finished_status:
             self.tasks_finished.labels(status.lower()).inc()
         for capability in outcome.cached:
             self.subtasks_finished.labels(capability, "cached").inc()
-        self.stale_reports.inc(sum(1 for ok in outcome.committed if not ok))
 
     def observe_results(self, outcome: Outcome, leases: Sequence[Lease | None], now: float) -> None:
         for ok, lease in zip(outcome.committed, leases, strict=True):

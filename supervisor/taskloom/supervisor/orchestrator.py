@@ -494,23 +494,6 @@ class Orchestrator:
         ) as span:
             await self._plan_traced(task_id, goal, options, span)
 
-    def _traced_hooks(self, task_id: str, status: TaskStatus, span: Span) -> PlanHooks:
-        """The planner's hooks, also adding each call's tokens to ``span``."""
-        hooks = self._plan_hooks(task_id, status)
-        spent = hooks.spent
-        total = Usage()
-
-        async def add(usage: Usage) -> None:
-            nonlocal total
-            total += usage
-            span.set_attributes(
-                genai_attributes(self.planner.llm.provider, self.planner.llm.model, total)
-            )
-            if spent is not None:
-                await spent(usage)
-
-        return replace(hooks, spent=add)
-
     async def _plan_traced(self, task_id: str, goal: str, options: TaskOptions, span: Span) -> None:
         await self.store.note(
             task_id,
@@ -526,7 +509,7 @@ class Orchestrator:
                 goal,
                 capabilities=self.known_capabilities(),
                 synthesize=synthesize,
-                hooks=self._traced_hooks(task_id, TaskStatus.PLANNING, span),
+                hooks=self._plan_hooks(task_id, TaskStatus.PLANNING, span),
             )
         except BudgetSpent:
             self.metrics.planner_calls.labels("plan", "budget_exceeded").inc()
@@ -568,8 +551,10 @@ class Orchestrator:
         self.scheduler.set_task_limit(task_id, options.max_parallel)
         self.scheduler.enqueue(ready)
 
-    def _plan_hooks(self, task_id: str, status: TaskStatus) -> PlanHooks:
-        """Planner reports become the task's events; its usage, the task's."""
+    def _plan_hooks(self, task_id: str, status: TaskStatus, span: Span) -> PlanHooks:
+        """Planner reports become the task's events; its usage, the task's and
+        (summed) the planning span's."""
+        total = Usage()
 
         async def rejected(message: str) -> None:
             self.metrics.planner_repairs.inc()
@@ -579,6 +564,10 @@ class Orchestrator:
             await self.store.note(task_id, status, EventType.PLAN_NORMALIZED, message)
 
         async def spent(usage: Usage) -> None:
+            nonlocal total
+            total += usage
+            llm = self.planner.llm
+            span.set_attributes(genai_attributes(llm.provider, llm.model, total))
             over, held = await self.store.spend(task_id, usage)
             if over:
                 self.metrics.tasks_finished.labels("failed").inc()
@@ -638,7 +627,7 @@ class Orchestrator:
                 failed=failed,
                 done=done,
                 capabilities=self.known_capabilities(),
-                hooks=self._traced_hooks(task_id, TaskStatus.RUNNING, span),
+                hooks=self._plan_hooks(task_id, TaskStatus.RUNNING, span),
             )
         except BudgetSpent:
             return
@@ -719,7 +708,7 @@ class Orchestrator:
         )
         if stale:
             # Their results, if any, are late: the worker drops them.
-            self.stale_reports += len(stale)
+            self._stale(len(stale))
             logger.info("worker %s holds %d stale attempts; cancelling them", info.name, len(stale))
             session.send(CancelAttempts(tuple(stale), "no longer assigned to this worker"))
         return session
@@ -873,8 +862,12 @@ class Orchestrator:
     def _count_stale(self, committed: Sequence[bool]) -> None:
         stale = sum(1 for ok in committed if not ok)
         if stale:
-            self.stale_reports += stale
+            self._stale(stale)
             logger.debug("discarded %d stale reports", stale)
+
+    def _stale(self, count: int) -> None:
+        self.stale_reports += count
+        self.metrics.stale_reports.inc(count)
 
     @contextlib.contextmanager
     def _checked(self) -> Iterator[None]:

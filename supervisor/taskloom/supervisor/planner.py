@@ -84,12 +84,12 @@ class PlanHooks:
     """Each LLM call's usage, as it happens (so a budget can stop planning)."""
 
 
-def _known_ids(text: str, external: Collection[str]) -> str:
-    """A reminder of the ids a dependency may name, for the repair request."""
-    try:
-        ids = [s.id for s in parse_plan(text).subtasks] + sorted(external)
-    except PlanError:
+def _known_ids(plan: Plan | None, external: Collection[str]) -> str:
+    """A reminder of the ids a dependency may name, for the repair request
+    (nothing when the reply was not even a plan)."""
+    if plan is None:
         return ""
+    ids = [s.id for s in plan.subtasks] + sorted(external)
     return f"depends_on may only name these ids: {', '.join(dict.fromkeys(ids))}.\n" if ids else ""
 
 
@@ -235,6 +235,7 @@ class Planner:
             )
             if hooks.spent is not None:
                 await hooks.spent(reply.usage)
+            plan: Plan | None = None
             try:
                 # On the last attempt, dependencies on subtasks that do not
                 # exist are dropped rather than failing the plan for them.
@@ -257,7 +258,7 @@ class Planner:
                 violations = validate_plan(inner, capabilities=caps, limits=self.limits)
             except PlanError as e:
                 violations = e.violations or [e.message]
-            if not violations:
+            if not violations and plan is not None:
                 logger.info("plan accepted at attempt %d: %d subtasks", attempt, len(plan.subtasks))
                 return plan
             listing_v = "\n".join(f"- {v}" for v in violations)
@@ -272,7 +273,7 @@ class Planner:
                 ChatMessage(
                     "user",
                     f"Your plan was rejected:\n{listing_v}\n"
-                    f"{_known_ids(reply.text, external)}"
+                    f"{_known_ids(plan, external)}"
                     "Return the whole corrected plan as a JSON object with the same schema.",
                 ),
             ]

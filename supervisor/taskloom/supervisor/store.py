@@ -506,6 +506,7 @@ class Store:
             [[item.task_id, item.subtask_id, wid, name, fp] for item, wid, name, fp in items],
         )
         goals: Mapping[str, str] = reply["goals"] or {}
+        traces: Mapping[str, str] = reply["traces"] or {}
         out: list[Assignment | None] = [None] * len(items)
         now = time.time()
         for (
@@ -520,7 +521,6 @@ class Store:
             stall,
             context_tokens,
             context,
-            traceparent,
         ) in _list(reply["assigned"]):
             item = items[index - 1][0]
             out[index - 1] = Assignment(
@@ -538,7 +538,9 @@ class Store:
                 stall_timeout=float(stall),
                 context_tokens=int(context_tokens),
                 context=ContextMode(context or ContextMode.TRUNCATE),
-                trace_context={"traceparent": traceparent} if traceparent else {},
+                trace_context={"traceparent": traces[item.task_id]}
+                if traces.get(item.task_id)
+                else {},
             )
         hits = _list(reply["hits"])
         outcome = _outcome({"committed": [1] * len(hits), **reply})

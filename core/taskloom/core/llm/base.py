@@ -38,8 +38,6 @@ class LLM(abc.ABC):
 
     provider: str
     model: str
-    notice: str = ""
-    """Said wherever this model's output is shown (e.g. "a tiny offline model")."""
     context_is_fixed = False
     """True when the context window is set at load time, not per call."""
 
@@ -91,7 +89,6 @@ class WrappedLLM(LLM):
         self.inner = inner
         self.provider = inner.provider
         self.model = inner.model
-        self.notice = inner.notice
         self.context_is_fixed = inner.context_is_fixed
 
     async def chat(

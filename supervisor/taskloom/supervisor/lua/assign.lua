@@ -9,19 +9,27 @@
 -- PAYLOAD: {{task, sub, worker_id, worker_name, fingerprint}, ...}
 -- Returns JSON: {assigned = {{index, attempt, title, instruction, capability,
 --   params, inputs = {{dep, title, output}, ...}, timeout, stall, context_tokens,
---   context}, ...}, goals = {task = goal}, hits = {index, ...}, ready = {...},
---   finished = {task, ...}}
-local assigned, goals, hits, ready, finished = {}, {}, {}, {}, {}
+--   context}, ...}, goals = {task = goal}, traces = {task = traceparent},
+--   hits = {index, ...}, ready = {...}, finished = {task, ...}, statuses = {...}}
+local assigned, goals, traces, hits, ready, finished = {}, {}, {}, {}, {}, {}
+-- What every subtask of a task shares, read once per task and batch: stall,
+-- context tokens, context mode, cache TTL.
+local shared = {}
 for i, item in ipairs(PAYLOAD) do
   local task, sub, worker_id, worker, fingerprint = item[1], item[2], item[3], item[4], item[5]
   local tk, sk = k_task(task), k_subtask(task, sub)
   local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
     'capability', 'params', 'deps', 'timeout')
-  local tv = redis.call('HMGET', tk, 'status', 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl',
-    'goal', 'traceparent')
+  if shared[task] == nil then
+    shared[task] = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl')
+    goals[task] = redis.call('HGET', tk, 'goal') or ''
+    traces[task] = redis.call('HGET', tk, 'traceparent') or ''
+  end
+  local tv = shared[task]
   -- A subtask can be queued twice (recovery racing a requeue); only the
-  -- first assignment finds it READY.
-  if st[1] == 'READY' and tv[1] == 'RUNNING' then
+  -- first assignment finds it READY. The task's status is read each time: a
+  -- cache hit earlier in this batch may have finished it.
+  if st[1] == 'READY' and redis.call('HGET', tk, 'status') == 'RUNNING' then
     local inputs, outputs = {}, {}
     for _, dep in ipairs(cjson.decode(st[7])) do
       local dv = redis.call('HMGET', k_subtask(task, dep), 'title', 'output', 'status', 'error')
@@ -35,9 +43,9 @@ for i, item in ipairs(PAYLOAD) do
       table.insert(outputs, output)
     end
     local hit = nil
-    if fingerprint ~= nil and fingerprint ~= '' and tonumber(tv[5] or '0') > 0 then
+    if fingerprint ~= nil and fingerprint ~= '' and tonumber(tv[4] or '0') > 0 then
       local key = redis.sha1hex(cjson.encode({st[5], st[4], st[6] or '{}', outputs,
-        tv[6] or '', tv[3] or '0', tv[4] or '', fingerprint}))
+        goals[task], tv[2] or '0', tv[3] or '', fingerprint}))
       hit = redis.call('GET', k_cache(key))
       if not hit then
         redis.call('HSET', sk, 'cache_key', key)
@@ -58,13 +66,12 @@ for i, item in ipairs(PAYLOAD) do
       redis.call('HSET', sk, 'status', 'ASSIGNED', 'attempt', attempt, 'worker', worker,
         'worker_id', worker_id, 'assigned_at', NOW, 'progress', '')
       emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
-      goals[task] = tv[6] or ''
       table.insert(assigned, {i, attempt, st[3], st[4], st[5], st[6], inputs,
-        tonumber(st[8] or '0'), tonumber(tv[2] or '0'), tonumber(tv[3] or '0'), tv[4] or '',
-        tv[7] or ''})
+        tonumber(st[8] or '0'), tonumber(tv[1] or '0'), tonumber(tv[2] or '0'), tv[3] or ''})
     end
   end
 end
-return cjson.encode({assigned = assigned, goals = goals, hits = hits, ready = ready,
+return cjson.encode({assigned = assigned, goals = goals, traces = traces, hits = hits,
+  ready = ready,
   statuses = statuses_of(finished),
   finished = finished})

@@ -18,12 +18,19 @@ local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKI
 local TASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
 
 -- Append one event to the task's log. Event ids are the stream ids.
--- Each event names the task's trace, so a watcher can open it.
+-- Each event names the task's trace, so a watcher can open it. The trace id
+-- is read once per task per script: a batch emits many events per task.
+local TRACE_IDS = {}
 local function emit(task, etype, sub, status, message, attempt, worker, span)
+  local trace = TRACE_IDS[task]
+  if trace == nil then
+    trace = redis.call('HGET', k_task(task), 'trace_id') or ''
+    TRACE_IDS[task] = trace
+  end
   redis.call('XADD', k_events(task), '*',
     'type', etype, 'subtask', sub or '', 'status', status or '',
     'message', message or '', 'attempt', tostring(attempt or 0), 'worker', worker or '',
-    'trace', redis.call('HGET', k_task(task), 'trace_id') or '', 'span', span or '')
+    'trace', trace, 'span', span or '')
 end
 
 -- End a task: set its state, cancel every subtask that has not ended, log it,
