@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings as hypothesis_settings
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from taskloom.client import TaskloomClient
 from taskloom.client.local import wait_serving
@@ -203,6 +207,22 @@ def processes(tmp_path: Path, fake_ollama: FakeOllama, test_dir: Path) -> Iterat
     procs.close()
     # Shown by pytest only when the test failed.
     print(procs.logs())
+
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The spans this process exports during the test."""
+    # A tracer provider can be set once per process: the first test sets it.
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
 
 
 @pytest.fixture

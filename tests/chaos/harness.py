@@ -290,7 +290,10 @@ class Cluster:
 
     async def start_supervisor(self, name: str, *, port: int = 0, standby: bool = False) -> None:
         port = port or free_port()
-        member = self._spawn(name, ["supervisor", "--listen", f"{self.listen_host}:{port}"])
+        args = ["supervisor", "--listen", f"{self.listen_host}:{port}"]
+        if self.listen_host != "127.0.0.1":
+            args.append("--insecure")  # reached from the test's network namespace
+        member = self._spawn(name, args)
         member.address = f"127.0.0.1:{port}"
         self.supervisors[name] = member
         await asyncio.to_thread(wait_serving, member.address, 30.0, member.process, standby=standby)

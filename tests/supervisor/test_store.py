@@ -163,7 +163,9 @@ async def test_every_transition_is_logged_in_order_with_its_state(store: Store) 
     ]
     assert events[5].message == "halfway" and events[4].worker == "w1" and events[4].attempt == 1
     assert await store.read_events(task_id, events[3].id) == events[4:]
-    assert await store.wait_events(task_id, events[-1].id, block_ms=10) == []
+    stream = store.keys.events(task_id)
+    assert await store.read_streams({stream: events[-1].id}, block_ms=10) == {}
+    assert await store.read_streams({stream: events[3].id}, block_ms=10) == {stream: events[-1].id}
 
 
 async def test_a_finished_task_expires_after_the_retention_period(

@@ -6,7 +6,7 @@ used, so the client never imports them.
 
 Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad usage or
 input; 3 a service is unreachable; 4 no such task; 5 any other error;
-130 interrupted.
+6 not authenticated or not allowed; 7 a limit was reached; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -33,8 +34,11 @@ from taskloom.client.settings import ClientSettings
 from taskloom.core.errors import (
     ConfigError,
     InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
     TaskloomError,
     TaskNotFound,
+    Unauthenticated,
     Unavailable,
 )
 from taskloom.core.llm import create_llm
@@ -56,6 +60,8 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
 EXIT_ERROR = 5
+EXIT_DENIED = 6
+EXIT_LIMIT = 7
 EXIT_INTERRUPTED = 130
 
 T = TypeVar("T")
@@ -84,6 +90,10 @@ def exit_code(error: TaskloomError) -> int:
         return EXIT_UNAVAILABLE
     if isinstance(error, TaskNotFound):
         return EXIT_NOT_FOUND
+    if isinstance(error, Unauthenticated | PermissionDenied):
+        return EXIT_DENIED
+    if isinstance(error, ResourceExhausted):
+        return EXIT_LIMIT
     return EXIT_ERROR
 
 
@@ -138,7 +148,27 @@ async def _cancel(supervisor: str | None, task_id: str) -> Task:
         return await client.cancel(task_id, "cancelled with Ctrl-C")
 
 
+_CONNECTION = "taskloom.connection"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Keep a connection flag for ``_client`` (so commands need not pass each on)."""
+    if value is not None and param.name:
+        ctx.meta.setdefault(_CONNECTION, {})[param.name] = value
+
+
 def supervisor_option(fn: F) -> F:
+    """``--supervisor`` and the flags that secure the connection to it."""
+    for flag, name, help_text in (
+        ("--tls-key", "tls_key", "Key of --tls-cert [TASKLOOM_TLS_KEY]"),
+        ("--tls-cert", "tls_cert", "Client certificate for mutual TLS [TASKLOOM_TLS_CERT]"),
+        ("--tls-ca", "tls_ca", "CA bundle to trust; implies TLS [TASKLOOM_TLS_CA]"),
+        ("--token", "token", "Bearer token [TASKLOOM_TOKEN]"),
+    ):
+        fn = click.option(
+            flag, name, metavar="PATH" if name != "token" else "TOKEN", help=help_text,
+            expose_value=False, callback=_remember,
+        )(fn)  # fmt: skip
     return click.option(
         "--supervisor",
         metavar="HOST:PORT",
@@ -147,7 +177,9 @@ def supervisor_option(fn: F) -> F:
 
 
 def _client(supervisor: str | None) -> TaskloomClient:
-    return TaskloomClient(settings=ClientSettings.load(supervisor=supervisor))
+    context = click.get_current_context(silent=True)
+    flags = dict(context.meta.get(_CONNECTION, {})) if context is not None else {}
+    return TaskloomClient(settings=ClientSettings.load(supervisor=supervisor, **flags))
 
 
 class TaskloomGroup(click.Group):
@@ -393,6 +425,72 @@ async def cancel(task_id: str, supervisor: str | None, reason: str, subtask_id: 
         out.print(f"{task.id} {subtask_id} {sub.status}")
     else:
         out.print(f"{task.id} {task.status}")
+
+
+@cli.group()
+def certs() -> None:
+    """Certificates for trying TLS locally."""
+
+
+@certs.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another name or IP for the server certificate (repeatable)",
+)
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option("--force", is_flag=True, help="Replace certificates already there")
+def certs_init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> None:
+    """Mint a local CA and server, worker and client certificates into DIRECTORY."""
+    from taskloom.client import certs as minting  # cryptography loads only here
+
+    try:
+        minted = minting.init(directory, hosts=hosts, days=days, force=force)
+    except TaskloomError as e:
+        _fail(e)
+    d = minted.directory
+    out.print(f"wrote a CA and server, worker and client certificates to {d}/\n")
+    out.print("supervisor (TLS; add the last line for mutual TLS):")
+    out.print(f"  export TASKLOOM_TLS_CERT={d}/server.pem TASKLOOM_TLS_KEY={d}/server-key.pem")
+    out.print(f"  export TASKLOOM_TLS_CLIENT_CA={d}/ca.pem")
+    out.print("workers and clients:")
+    out.print(f"  export TASKLOOM_TLS_CA={d}/ca.pem")
+    out.print(f"  export TASKLOOM_TLS_CERT={d}/worker.pem TASKLOOM_TLS_KEY={d}/worker-key.pem"
+              "   # client.pem for clients; mutual TLS only")  # fmt: skip
+
+
+@cli.group()
+def tokens() -> None:
+    """Bearer tokens for the supervisor's tokens file."""
+
+
+@tokens.command("add")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("name")
+@click.option(
+    "--role", type=click.Choice(["client", "worker", "admin"]), default="client", show_default=True
+)
+def tokens_add(file: Path, name: str, role: str) -> None:
+    """Mint a token for NAME, append its hash to FILE (TASKLOOM_TOKENS_FILE) and
+    print the token: it is shown this once and stored nowhere."""
+    from taskloom.core.auth import TokenTable, hash_token, new_token
+
+    token = new_token()
+    entry = f"{hash_token(token)} {name} {role}\n"
+    try:
+        TokenTable.parse(entry, source="the new entry")
+        existing = TokenTable.load(file) if file.exists() else TokenTable()
+    except TaskloomError as e:
+        _fail(e)
+    del existing  # parsed only to refuse appending to a broken file
+    fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(entry)
+    err.print(f"added {name} ({role}) to {file}; its token (shown once):")
+    click.echo(token)
 
 
 def _seconds(flag: str, value: str | None) -> float:

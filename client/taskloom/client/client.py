@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import threading
 import time
 import uuid
@@ -35,7 +36,8 @@ import grpc
 
 from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
-from taskloom.core.channel import insecure_channel
+from taskloom.core.auth import token_metadata
+from taskloom.core.channel import is_loopback, open_channel
 from taskloom.core.errors import NotLeader, SupervisorUnavailable, TaskloomError, Unavailable
 from taskloom.core.model import (
     ContextMode,
@@ -52,6 +54,7 @@ from taskloom.core.status import from_rpc_error
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import tasks_pb2_grpc
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PlanLike = Plan | Mapping[str, Any] | str
 
@@ -66,8 +69,18 @@ class TaskloomClient:
     ) -> None:
         self.settings = settings or ClientSettings.load(supervisor=address)
         self._addresses = self.settings.supervisor
+        tls = self.settings.client_tls()
+        if self.settings.token and tls is None:
+            exposed = [a for a in self._addresses if not is_loopback(a)]
+            if exposed:
+                logger.warning(
+                    "sending a token without TLS to %s: anyone on the path can read it; "
+                    "set TASKLOOM_TLS_CA",
+                    ", ".join(exposed),
+                )
+        self._metadata = token_metadata(self.settings.token)
         self._channels = [
-            insecure_channel(a, self.settings.max_message_bytes) for a in self._addresses
+            open_channel(a, self.settings.max_message_bytes, tls) for a in self._addresses
         ]
         self._stubs: list[Any] = [tasks_pb2_grpc.TaskServiceStub(c) for c in self._channels]
         self._current = 0
@@ -100,7 +113,9 @@ class TaskloomClient:
             for step in range(len(self._stubs)):
                 index = (self._current + step) % len(self._stubs)
                 try:
-                    reply = await pick(self._stubs[index])(request, timeout=self.settings.timeout)
+                    reply = await pick(self._stubs[index])(
+                        request, timeout=self.settings.timeout, metadata=self._metadata
+                    )
                 except grpc.aio.AioRpcError as e:
                     error = from_rpc_error(e, target=self._addresses[index])
                     if not isinstance(error, Unavailable):
@@ -232,7 +247,10 @@ class TaskloomClient:
         delay = 0.2
         while True:
             stub = self._stubs[self._current]
-            call = stub.WatchTask(pb.WatchTaskRequest(task_id=task_id, after_event_id=cursor))
+            call = stub.WatchTask(
+                pb.WatchTaskRequest(task_id=task_id, after_event_id=cursor),
+                metadata=self._metadata,
+            )
             try:
                 async for response in call:
                     deadline, delay = None, 0.2

@@ -134,6 +134,7 @@ def task_from_pb(message: pb.Task) -> Task:
         )
         if message.failure_reason
         else FailureReason.NONE,
+        owner=message.owner,
     )
 
 

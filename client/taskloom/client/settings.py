@@ -7,13 +7,19 @@ from typing import ClassVar
 from pydantic import Field
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
-from taskloom.core.settings import Addresses, Seconds, TaskloomSettings
+from taskloom.core.settings import Addresses, ConnectionSettings, Seconds
 
 
-class ClientSettings(TaskloomSettings):
+class ClientSettings(ConnectionSettings):
     """What the SDK and the CLI read. Each field is ``TASKLOOM_<NAME>``."""
 
-    flag_names: ClassVar[dict[str, str]] = {"supervisor": "--supervisor"}
+    flag_names: ClassVar[dict[str, str]] = {
+        "supervisor": "--supervisor",
+        "token": "--token",
+        "tls_ca": "--tls-ca",
+        "tls_cert": "--tls-cert",
+        "tls_key": "--tls-key",
+    }
 
     supervisor: Addresses = ("127.0.0.1:50051",)
     """The supervisor's HOST:PORT; several, comma-separated, when standbys run

@@ -1,25 +1,60 @@
-"""gRPC channel and server options shared by every process.
+"""gRPC channels and server options shared by every process.
 
-One place for message-size limits and keepalive, so both ends agree: clients
-ping every 20 s on idle connections and the server accepts pings that often.
+One place for message-size limits, keepalive and TLS, so both ends agree:
+clients ping every 20 s on idle connections; the server accepts pings every
+10 s at most and closes connections that ping faster (abusive), that stay idle
+too long, or that grow too old (with a grace for the calls on them).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""What clients and workers accept: assignments carry their inputs."""
+DEFAULT_MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+"""What the supervisor accepts in one message: gRPC's own default."""
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_PING_INTERVAL_MS = KEEPALIVE_TIME_MS // 2
+MAX_PING_STRIKES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """What a client or worker needs for TLS: the CA bundle to trust (None: the
+    system's), and for mutual TLS its own certificate chain and key (PEM)."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str = ""
+    """Expect this name in the server's certificate instead of the address's host."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Connection limits the server enforces."""
+
+    max_receive_bytes: int = DEFAULT_MAX_RECEIVE_BYTES
+    max_send_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_connection_idle_ms: int = 300_000
+    max_connection_age_ms: int = 7_200_000
+    max_connection_age_grace_ms: int = 300_000
+    max_concurrent_streams: int = 1_000
+
 
 Options = list[tuple[str, int | str]]
 
 
-def _common(max_message_bytes: int) -> Options:
+def _keepalive() -> Options:
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -28,7 +63,9 @@ def _common(max_message_bytes: int) -> Options:
 
 def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Options:
     return [
-        *_common(max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *_keepalive(),
         ("grpc.http2.max_pings_without_data", 0),
         # Reconnect quickly after a supervisor restart: the default backoff
         # grows to two minutes, far past a worker's lease. Callers add their
@@ -38,27 +75,64 @@ def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Option
     ]
 
 
-def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Options:
+def server_options(limits: ServerLimits | None = None) -> Options:
+    limits = limits or ServerLimits()
     return [
-        *_common(max_message_bytes),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.max_send_message_length", limits.max_send_bytes),
+        ("grpc.max_receive_message_length", limits.max_receive_bytes),
+        *_keepalive(),
+        # A peer pinging more often than this (without data) gets a strike;
+        # past MAX_PING_STRIKES its connection is closed with GOAWAY.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        ("grpc.max_connection_idle_ms", limits.max_connection_idle_ms),
+        ("grpc.max_connection_age_ms", limits.max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", limits.max_connection_age_grace_ms),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
     ]
 
 
-def insecure_channel(
-    address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+def server_credentials(
+    cert: bytes, key: bytes, client_ca: bytes | None = None
+) -> grpc.ServerCredentials:
+    """TLS for the server; with ``client_ca``, every peer must present a
+    certificate that CA signed (mutual TLS), or the handshake fails."""
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def open_channel(
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: ClientTLS | None = None,
 ) -> grpc.aio.Channel:
-    """A channel to a supervisor (TLS arrives with the security work)."""
-    return grpc.aio.insecure_channel(
-        address,
-        options=client_options(max_message_bytes),
+    """A channel to a supervisor: TLS when ``tls`` is given, else plaintext."""
+    options = client_options(max_message_bytes)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=_interceptors())
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+    )
+    return grpc.aio.secure_channel(
+        address, credentials, options=options, interceptors=_interceptors()
+    )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT names this machine only."""
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _interceptors() -> list[grpc.aio.ClientInterceptor]:
+    return [
         # OpenTelemetry client spans for unary calls (a no-op unless tracing is
         # set up). Its stream interceptors change how a call behaves when
         # cancelled, which the worker's Connect stream depends on.
-        interceptors=[
-            i
-            for i in aio_client_interceptors()  # type: ignore[no-untyped-call]
-            if isinstance(i, grpc.aio.UnaryUnaryClientInterceptor)
-        ],
-    )
+        i
+        for i in aio_client_interceptors()  # type: ignore[no-untyped-call]
+        if isinstance(i, grpc.aio.UnaryUnaryClientInterceptor)
+    ]

@@ -11,7 +11,8 @@ providers for their clients, ``taskloom.core.status`` for gRPC.
     │   └── PlanError            a plan breaks the rules (also: planning failed)
     ├── TaskNotFound             no task with that id (or it expired)
     ├── TaskFinished             the task already ended; the request needs a live one
-    ├── PermissionDenied         the caller may not do this
+    ├── Unauthenticated          no valid token (or none at all) came with the call
+    ├── PermissionDenied         the caller's role may not do this
     ├── ResourceExhausted        a limit was reached; try later or ask for less
     ├── Unavailable              a dependency cannot be reached; retrying may help
     │   ├── StoreUnavailable     Redis
@@ -40,7 +41,15 @@ class ConfigError(TaskloomError):
 
 
 class InvalidArgument(TaskloomError):
-    """The request is malformed: an empty goal, an oversized field, a bad id."""
+    """The request is malformed: an empty goal, an oversized field, a bad id.
+
+    ``field`` names the request field at fault (``goal``, ``plan.subtasks``),
+    sent to clients as a ``google.rpc.BadRequest`` field violation.
+    """
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PlanError(InvalidArgument):
@@ -49,8 +58,10 @@ class PlanError(InvalidArgument):
     ``violations`` lists each problem in words the model (or a person) can act on.
     """
 
-    def __init__(self, message: str, violations: list[str] | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, violations: list[str] | None = None, *, field: str = ""
+    ) -> None:
+        super().__init__(message, field=field)
         self.violations = list(violations or [])
 
 
@@ -66,12 +77,21 @@ class TaskFinished(TaskloomError):
     """The task has already ended, so it cannot be changed."""
 
 
+class Unauthenticated(TaskloomError):
+    """The call carried no valid credentials."""
+
+
 class PermissionDenied(TaskloomError):
     """The caller is not allowed to do this."""
 
 
 class ResourceExhausted(TaskloomError):
-    """A limit was reached."""
+    """A limit was reached. ``subject`` names it (``submit_rate``, ``max_watches``),
+    sent to clients as a ``google.rpc.QuotaFailure`` violation."""
+
+    def __init__(self, message: str, *, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
 
 
 class Unavailable(TaskloomError):

@@ -100,8 +100,18 @@ class InstrumentedLLM(WrappedLLM):
         return reply
 
 
-def serve_metrics(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> int:
-    """Serve ``registry`` on ``http://host:port/metrics`` from a thread; returns
-    the port (useful with 0: any free port)."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
+def serve_metrics(
+    port: int,
+    registry: CollectorRegistry,
+    host: str = "0.0.0.0",
+    *,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> int:
+    """Serve ``registry`` on ``http://host:port/metrics`` (``https`` with a
+    certificate and key) from a thread; returns the port (useful with 0: any
+    free port)."""
+    server, _ = start_http_server(
+        port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile
+    )
     return int(server.server_port)

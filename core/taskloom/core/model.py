@@ -257,6 +257,8 @@ class Task:
     usage: Usage = field(default_factory=Usage)
     """Planning and every attempt, failed ones included."""
     failure_reason: FailureReason = FailureReason.NONE
+    owner: str = ""
+    """The principal that submitted the task; only it (and admins) may see it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,13 @@ unit: ``250ms``, ``15s``, ``5m``, ``2h``, ``7d``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from taskloom.core.channel import ClientTLS
 from taskloom.core.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -115,6 +117,19 @@ class TaskloomSettings(BaseSettings):
             return alias
         return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
 
+    def read_file(self, field: str) -> bytes | None:
+        """The contents of the file a path setting names (None if unset)."""
+        path: Path | None = getattr(self, field)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            name = self.env_name(field)
+            if field in self.flag_names:
+                name += f" / {self.flag_names[field]}"
+            raise ConfigError(f"{name}: cannot read {path}: {e.strerror}") from None
+
     @classmethod
     def _describe(cls, error: ValidationError) -> str:
         lines = []
@@ -183,3 +198,33 @@ class LLMSettings(TaskloomSettings):
         """``(provider, model)``."""
         provider, _, model = (self.llm or f"ollama:{self.model}").partition(":")
         return provider, model
+
+
+class ConnectionSettings(TaskloomSettings):
+    """How a client or worker reaches the supervisor securely."""
+
+    token: str = Field(default="", repr=False)
+    """Bearer token sent with every call (``TASKLOOM_TOKEN``); never logged."""
+    tls: bool = False
+    """Use TLS even without ``tls_ca`` (trusting the system's CAs)."""
+    tls_ca: Path | None = None
+    """CA bundle (PEM) that signed the supervisor's certificate; implies TLS."""
+    tls_cert: Path | None = None
+    """This process's certificate (PEM) for mutual TLS."""
+    tls_key: Path | None = None
+    """The key of ``tls_cert`` (PEM)."""
+    tls_server_name: str = ""
+    """Expect this name in the supervisor's certificate (default: the address's host)."""
+
+    def client_tls(self) -> ClientTLS | None:
+        """The TLS material to connect with, or None for plaintext."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: give both or neither")
+        if not (self.tls or self.tls_ca or self.tls_cert):
+            return None
+        return ClientTLS(
+            ca=self.read_file("tls_ca"),
+            cert=self.read_file("tls_cert"),
+            key=self.read_file("tls_key"),
+            server_name=self.tls_server_name,
+        )

@@ -4,7 +4,10 @@ The supervisor aborts an RPC with ``abort``; the SDK turns the status back into
 the same exception class with ``from_rpc_error``. The class travels in trailing
 metadata so a ``PlanError`` comes back as a ``PlanError``, not just as
 INVALID_ARGUMENT; a status without it (from a proxy, or a dead connection) is
-mapped by code.
+mapped by code. The standard rich details ride along too (``grpc-status-
+details-bin``, as grpcio-status writes them): ``ErrorInfo`` with the class,
+``BadRequest`` naming the field at fault, ``QuotaFailure`` naming the limit,
+so any gRPC client can act on them.
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ from __future__ import annotations
 from typing import NoReturn
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from taskloom.core import errors
 from taskloom.core.errors import TaskloomError
 
 ERROR_TYPE_KEY = "taskloom-error-type"
+DOMAIN = "taskloom.dev"
 
 _CODES: dict[type[TaskloomError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.TaskNotFound: grpc.StatusCode.NOT_FOUND,
     errors.TaskFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -40,7 +48,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TaskloomError]] = {
     grpc.StatusCode.NOT_FOUND: errors.TaskNotFound,
     grpc.StatusCode.FAILED_PRECONDITION: errors.TaskFinished,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: errors.SupervisorUnavailable,
 }
@@ -57,20 +65,77 @@ def status_code(error: TaskloomError) -> grpc.StatusCode:
 async def abort(
     context: grpc.aio.ServicerContext[object, object], error: TaskloomError
 ) -> NoReturn:
-    """End the RPC with the status for ``error``, carrying its class."""
-    await context.abort(
-        status_code(error),
-        error.message,
-        trailing_metadata=((ERROR_TYPE_KEY, type(error).__name__),),
-    )
+    """End the RPC with the status for ``error``, carrying its class and details."""
+    code = status_code(error)
+    await context.abort(code, error.message, trailing_metadata=trailing_metadata(error, code))
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def trailing_metadata(
+    error: TaskloomError, code: grpc.StatusCode | None = None
+) -> tuple[tuple[str, str | bytes], ...]:
+    """The error's class and its ``google.rpc.Status`` with details."""
+    code = code or status_code(error)
+    details = [error_details_pb2.ErrorInfo(reason=type(error).__name__, domain=DOMAIN)]
+    if isinstance(error, errors.InvalidArgument) and error.field:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=error.field, description=error.message
+                    )
+                ]
+            )
+        )
+    if isinstance(error, errors.ResourceExhausted) and error.subject:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=error.subject, description=error.message
+                    )
+                ]
+            )
+        )
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=error.message, details=packed)
+    )
+    return ((ERROR_TYPE_KEY, type(error).__name__), *status.trailing_metadata)
+
+
+def _rich_details(metadata: object) -> tuple[str, str]:
+    """``(field, subject)`` from a status's rich details, if it has them."""
+    field = subject = ""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # a garbled trailer says nothing; keep the code
+            return "", ""
+        for holder in status.details:
+            if holder.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                holder.Unpack(bad)
+                field = next((v.field for v in bad.field_violations), field)
+            elif holder.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                quota = error_details_pb2.QuotaFailure()
+                holder.Unpack(quota)
+                subject = next((v.subject for v in quota.violations), subject)
+    return field, subject
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str) -> TaskloomError:
     """The taskloom error a failed RPC stands for."""
     code = error.code()
     details = error.details() or code.name
-    name = dict(error.trailing_metadata() or ()).get(ERROR_TYPE_KEY)
+    error_metadata = error.trailing_metadata() or ()
+    name = dict(error_metadata).get(ERROR_TYPE_KEY)
     cls = _BY_NAME.get(str(name)) if name else None
     if cls is None:
         if code == grpc.StatusCode.UNAVAILABLE:
@@ -80,10 +145,19 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str) -> TaskloomError
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return errors.Unavailable(f"the supervisor at {target} did not answer in time")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # gRPC's own refusal of an oversized message, or a proxy's.
+            details += " (the supervisor refuses larger messages: TASKLOOM_MAX_REQUEST_BYTES)"
         cls = _BY_CODE.get(code)
         if cls is None:
             return TaskloomError(f"{code.name}: {details}")
-    return _rebuild(cls, details)
+    rebuilt = _rebuild(cls, details)
+    field, subject = _rich_details(error_metadata)
+    if isinstance(rebuilt, errors.InvalidArgument):
+        rebuilt.field = field
+    if isinstance(rebuilt, errors.ResourceExhausted):
+        rebuilt.subject = subject
+    return rebuilt
 
 
 def _rebuild(cls: type[TaskloomError], message: str) -> TaskloomError:

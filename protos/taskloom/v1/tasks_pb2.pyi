@@ -587,6 +587,7 @@ class Task(_message.Message):
     PLAN_VERSION_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     goal: _builtins.str
     status: Global___TaskStatus.ValueType
@@ -597,6 +598,8 @@ class Task(_message.Message):
     plan_version: _builtins.int
     """1, plus one for each time the planner replaced a failed subtask."""
     failure_reason: Global___FailureReason.ValueType
+    owner: _builtins.str
+    """The principal that submitted the task."""
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
     @_builtins.property
@@ -631,10 +634,11 @@ class Task(_message.Message):
         plan_version: _builtins.int = ...,
         usage: Global___Usage | None = ...,
         failure_reason: Global___FailureReason.ValueType = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "options", b"options", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "owner", b"owner", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -457,8 +457,16 @@ class Welcome(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
     SUPERVISOR_ID_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    TRUNCATE_OUTPUT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     supervisor_id: _builtins.str
+    max_output_bytes: _builtins.int
+    """The largest output the supervisor accepts for one subtask (UTF-8 bytes;
+    0: no limit), and whether a larger one is cut with a marker (true) or
+    fails its subtask (false).
+    """
+    truncate_output: _builtins.bool
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -470,10 +478,12 @@ class Welcome(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         lease_ttl: _duration_pb2.Duration | None = ...,
         supervisor_id: _builtins.str = ...,
+        max_output_bytes: _builtins.int = ...,
+        truncate_output: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl", "session_id", b"session_id", "supervisor_id", b"supervisor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskloom.core.channel import server_options
+from taskloom.core.channel import is_loopback, server_credentials, server_options
 from taskloom.core.errors import ConfigError, NotLeader, StoreUnavailable, TaskloomError
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
@@ -35,6 +35,7 @@ from taskloom.supervisor.interceptors import server_interceptors
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.orchestrator import Orchestrator
 from taskloom.supervisor.planner import Planner
+from taskloom.supervisor.quotas import Quotas
 from taskloom.supervisor.scheduler import DrainNotice, Scheduler
 from taskloom.supervisor.server import TaskServicer, WorkerServicer
 from taskloom.supervisor.settings import SupervisorSettings
@@ -47,6 +48,8 @@ SERVICE_NAMES = (
     tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     workers_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
 )
+LIVENESS = "liveness"
+"""The health service that is SERVING whenever the process runs, leader or not."""
 NO_LEASE = "-"
 """The store's fence while not leading: matches no lease, so every write is refused."""
 
@@ -71,7 +74,10 @@ class Supervisor:
         self.metrics_port = 0
         """Where /metrics is served once started (0: not served)."""
         self.store = Store(
-            settings.redis_url, prefix=settings.redis_prefix, retention=settings.retention
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            retention=settings.retention,
+            max_connections=settings.redis_max_connections,
         )
         self.store.metrics = self.metrics
         self.store.fence = NO_LEASE
@@ -91,15 +97,61 @@ class Supervisor:
         self._valid_until = 0.0
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        """Where the plaintext health-only server listens once started (0: none)."""
         self._background: list[asyncio.Task[None]] = []
         self._ending: asyncio.Future[None] | None = None
         self._leading = asyncio.Event()
         self.port = 0
+        self.tokens = settings.token_table()
+        """Who may call (empty: authentication is off)."""
+        self.listen = self._guarded_listen()
+        self.quotas = Quotas(settings, self.metrics)
+
+    def _guarded_listen(self) -> str:
+        """Where to listen: without tokens or mutual TLS only on loopback,
+        unless the operator said --insecure."""
+        listen = self.settings.listen
+        protected = bool(self.tokens) or self.settings.tls_client_ca is not None
+        if protected or self.settings.insecure or is_loopback(listen):
+            if not protected and not is_loopback(listen):
+                logger.warning(
+                    "INSECURE: serving %s without tokens (--insecure): anyone who can "
+                    "connect may submit, read every task and register as a worker", listen
+                )  # fmt: skip
+            return listen
+        loopback = f"127.0.0.1:{listen.rpartition(':')[2]}"
+        logger.warning(
+            "NO TOKENS ARE CONFIGURED, so the supervisor listens on %s only, not %s: "
+            "set TASKLOOM_TOKENS_FILE (see `taskloom tokens add`) or pass --insecure",
+            loopback,
+            listen,
+        )
+        return loopback
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Add the listening port, with TLS when a certificate is configured."""
+        settings = self.settings
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise ConfigError("TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: give both or neither")
+        if settings.metrics_tls and settings.tls_cert is None:
+            raise ConfigError("TASKLOOM_METRICS_TLS needs TASKLOOM_TLS_CERT and _KEY")
+        if settings.tls_client_ca is not None and settings.tls_cert is None:
+            raise ConfigError("TASKLOOM_TLS_CLIENT_CA needs TLS: set TASKLOOM_TLS_CERT and _KEY")
+        if settings.tls_cert is None:
+            return server.add_insecure_port(self.listen)
+        cert, key = settings.read_file("tls_cert"), settings.read_file("tls_key")
+        if cert is None or key is None:  # pragma: no cover - both are set, checked above
+            raise ConfigError("TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: give both or neither")
+        return server.add_secure_port(
+            self.listen, server_credentials(cert, key, settings.read_file("tls_client_ca"))
+        )
 
     @property
     def address(self) -> str:
         """Where clients and workers reach this supervisor."""
-        host = self.settings.listen.rpartition(":")[0]
+        host = self.listen.rpartition(":")[0]
         if host in ("0.0.0.0", "[::]", "::"):
             host = "127.0.0.1"
         return f"{host}:{self.port}"
@@ -129,10 +181,14 @@ class Supervisor:
     async def start(self) -> None:
         await self.store.connect()
         server = grpc.aio.server(
-            options=server_options(self.settings.max_message_bytes),
-            interceptors=server_interceptors(self.settings),
+            options=server_options(self.settings.server_limits()),
+            interceptors=server_interceptors(
+                self.tokens, lambda reason: self.metrics.refused.labels(reason).inc()
+            ),
         )
-        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(self.current), server)
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(
+            TaskServicer(self.current, self.quotas), server
+        )
         workers_pb2_grpc.add_WorkerServiceServicer_to_server(
             WorkerServicer(self.current, self.settings), server
         )
@@ -141,28 +197,43 @@ class Supervisor:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            self.port = server.add_insecure_port(self.settings.listen)
+            self.port = self._bind(server)
         except RuntimeError:
             self.port = 0
+        except ConfigError:
+            await self.store.close()
+            raise
         if not self.port:
             await self.store.close()
             raise ConfigError(
-                f"TASKLOOM_LISTEN / --listen: cannot listen on {self.settings.listen} "
+                f"TASKLOOM_LISTEN / --listen: cannot listen on {self.listen} "
                 "(is another process using the port?)"
             )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
+        if self.settings.health_port is not None:
+            await self._serve_health(self.settings.health_port)
         if self.settings.metrics_port is not None:
+            tls = self.settings.metrics_tls and self.settings.tls_cert is not None
             self.metrics_port = serve_metrics(
-                self.settings.metrics_port, self.metrics.registry, self.settings.metrics_host
+                self.settings.metrics_port,
+                self.metrics.registry,
+                self.settings.metrics_host,
+                certfile=str(self.settings.tls_cert) if tls else None,
+                keyfile=str(self.settings.tls_key) if tls else None,
             )
-            logger.info("metrics on http://%s:%d/metrics", self.settings.metrics_host,
-                        self.metrics_port)  # fmt: skip
+            logger.info("metrics on %s://%s:%d/metrics", "https" if tls else "http",
+                        self.settings.metrics_host, self.metrics_port)  # fmt: skip
         logger.info(
-            "supervisor %s listening on %s (redis %s, llm %s)",
+            "supervisor %s listening on %s (%s, %s; redis %s, llm %s)",
             self.settings.supervisor_id,
             self.address,
+            ("mutual TLS" if self.settings.tls_client_ca else "TLS")
+            if self.settings.tls_cert
+            else "plaintext",
+            f"{len(self.tokens)} tokens" if self.tokens else "no tokens: everyone is admin",
             self.store.safe_url,
             self.llm.describe(),
         )
@@ -176,6 +247,22 @@ class Supervisor:
             asyncio.create_task(self._lead_forever(), name="taskloom-leadership"),
             asyncio.create_task(self._check_llm(), name="taskloom-llm-check"),
         ]
+
+    async def _serve_health(self, port: int) -> None:
+        """The health service alone, in plaintext: probes cannot do TLS, and
+        this port offers nothing else."""
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+        address = f"{self.settings.metrics_host}:{port}"
+        try:
+            self.health_port = health_server.add_insecure_port(address)
+        except RuntimeError:
+            self.health_port = 0
+        if not self.health_port:
+            await self.stop(0)
+            raise ConfigError(f"TASKLOOM_HEALTH_PORT / --health-port: cannot listen on {address}")
+        await health_server.start()
+        self._health_server = health_server
 
     async def wait_leading(self) -> None:
         """Until this supervisor holds the leader lease."""
@@ -307,6 +394,9 @@ class Supervisor:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)
             self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
         await self.store.close()
         await self.llm.close()
         logger.info("supervisor stopped")

@@ -28,8 +28,21 @@ logger = logging.getLogger(__name__)
 @click.option("--heartbeat-interval", help="Worker heartbeat period [TASKLOOM_HEARTBEAT_INTERVAL]")
 @click.option("--lease-ttl", help="Silence after which a worker's work moves [TASKLOOM_LEASE_TTL]")
 @click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
+@click.option("--health-port", help="Plaintext gRPC health for probes [TASKLOOM_HEALTH_PORT]")
 @click.option("--log-format", help="text or json [TASKLOOM_LOG_FORMAT]")
 @click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
+@click.option("--tls-cert", help="Serve gRPC over TLS with this certificate [TASKLOOM_TLS_CERT]")
+@click.option("--tls-key", help="The key of --tls-cert [TASKLOOM_TLS_KEY]")
+@click.option(
+    "--tls-client-ca",
+    help="Mutual TLS: peers need a certificate from this CA [TASKLOOM_TLS_CLIENT_CA]",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=None,
+    help="Serve beyond loopback without tokens (anyone who connects is admin) [TASKLOOM_INSECURE]",
+)
 def command(**flags: str | None) -> None:
     """Run a supervisor: plan goals, schedule subtasks on workers, keep state in Redis."""
     try:

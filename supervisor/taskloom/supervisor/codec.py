@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskloom.core.errors import InvalidArgument
 from taskloom.core.model import (
     AttemptRef,
     ContextMode,
@@ -143,6 +144,10 @@ def plan_from_pb(message: pb.Plan) -> Plan:
 
 
 def statuses_from_pb(values: Iterable[pb.TaskStatus.ValueType]) -> list[TaskStatus]:
+    known = pb.TaskStatus.values()
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise InvalidArgument(f"statuses: {unknown[0]} is not a TaskStatus", field="statuses")
     return [TaskStatus(pb.TaskStatus.Name(v).removeprefix("TASK_STATUS_")) for v in values if v]
 
 
@@ -165,6 +170,7 @@ def task_to_pb(task: Task) -> pb.Task:
         failure_reason=pb.FailureReason.Value(f"FAILURE_REASON_{task.failure_reason.value}")
         if task.failure_reason
         else pb.FAILURE_REASON_UNSPECIFIED,
+        owner=task.owner,
     )
 
 
@@ -261,7 +267,13 @@ def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
 
 
 def welcome_to_pb(
-    session_id: str, supervisor_id: str, heartbeat_interval: float, lease_ttl: float
+    session_id: str,
+    supervisor_id: str,
+    heartbeat_interval: float,
+    lease_ttl: float,
+    *,
+    max_output_bytes: int = 0,
+    truncate_output: bool = False,
 ) -> wpb.ConnectResponse:
     return wpb.ConnectResponse(
         welcome=wpb.Welcome(
@@ -269,6 +281,8 @@ def welcome_to_pb(
             supervisor_id=supervisor_id,
             heartbeat_interval=_duration(heartbeat_interval),
             lease_ttl=_duration(lease_ttl),
+            max_output_bytes=max_output_bytes,
+            truncate_output=truncate_output,
         )
     )
 

@@ -1,8 +1,8 @@
 """The one place where gRPC server interceptors are chosen.
 
-Authentication, metrics and tracing hook in here, so every RPC passes through
-them before any servicer runs. For now: OpenTelemetry's server spans (a no-op
-unless tracing is set up).
+Every RPC passes through them before any servicer runs: first
+authentication (``auth.Authenticator``: token, role, principal), then
+OpenTelemetry's server spans (a no-op unless tracing is set up).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.core.auth import TokenTable
+from taskloom.supervisor.auth import Authenticator, Refused
 
 
 class _Traced(grpc.aio.ServerInterceptor):
@@ -40,7 +41,8 @@ class _Traced(grpc.aio.ServerInterceptor):
         return handler
 
 
-def server_interceptors(settings: SupervisorSettings) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(
+    tokens: TokenTable, refused: Refused | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors for the supervisor's server, outermost first."""
-    del settings
-    return [_Traced()]
+    return [Authenticator(tokens, refused), _Traced()]

@@ -17,6 +17,10 @@ scripts get the same key builders, generated from the templates below by
     {prefix}leader:epoch             string  counter; each new lease takes the next number
     {prefix}deadlines                zset    tasks with a max_duration, scored by when it ends
     {prefix}cache:{key}              string  a cached subtask output (key: SHA-1 of its inputs)
+    {prefix}owner:{key}:tasks        zset    one principal's tasks, scored by creation time
+    {prefix}owner:{key}:active       zset    its unfinished tasks (for the in-flight limit)
+    {prefix}owners                   set     principals that own tasks (to trim their indexes)
+    {prefix}hub:{id}                 stream  wakes one supervisor's event hub (short-lived)
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _TEMPLATES = {
     "leader_epoch": "leader:epoch",
     "deadlines": "deadlines",
     "cache": "cache:{key}",
+    "owner_tasks": "owner:{key}:tasks",
+    "owner_active": "owner:{key}:active",
+    "owners": "owners",
 }
 
 
@@ -48,6 +55,7 @@ class Keys:
         self.leader = prefix + _TEMPLATES["leader"]
         self.leader_epoch = prefix + _TEMPLATES["leader_epoch"]
         self.deadlines = prefix + _TEMPLATES["deadlines"]
+        self.owners = prefix + _TEMPLATES["owners"]
 
     def task(self, task: str) -> str:
         return self.prefix + _TEMPLATES["task"].format(task=task)
@@ -63,6 +71,17 @@ class Keys:
 
     def idempotency(self, key: str) -> str:
         return self.prefix + _TEMPLATES["idempotency"].format(key=key)
+
+    def task_of_events(self, key: str) -> str:
+        """The task whose event stream ``key`` is."""
+        head, _, tail = _TEMPLATES["events"].partition("{task}")
+        return key.removeprefix(self.prefix + head).removesuffix(tail)
+
+    def owner_tasks(self, owner: str) -> str:
+        return self.prefix + _TEMPLATES["owner_tasks"].format(key=owner)
+
+    def owner_active(self, owner: str) -> str:
+        return self.prefix + _TEMPLATES["owner_active"].format(key=owner)
 
 
 def lua_prelude() -> str:

@@ -35,6 +35,13 @@ class SupervisorMetrics:
         self.tasks_submitted = Counter(
             "taskloom_tasks_submitted", "Tasks stored by SubmitTask", registry=r
         )
+        self.refused = Counter(
+            "taskloom_requests_refused",
+            "Calls refused before any work: by reason (missing, invalid or forbidden "
+            "token; a per-principal limit; an oversized output)",
+            ["reason"],
+            registry=r,
+        )
         self.tasks_finished = Counter(
             "taskloom_tasks_finished",
             "Tasks that ended, by outcome (succeeded, failed, cancelled)",
@@ -172,6 +179,12 @@ class SchedulerCollector(Collector):
             labels=["state"],
         )
         leases = GaugeMetricFamily("taskloom_leases", "Attempts held by workers (leases)")
+        busy = GaugeMetricFamily(
+            "taskloom_busy_subtasks",
+            "Attempts held by workers, by capability (with the READY ones: the work "
+            "a capability's workers have; what autoscalers scale on)",
+            labels=["capability"],
+        )
         scheduler = self._scheduler()
         if scheduler is not None:
             for capability, (count, oldest) in sorted(scheduler.queue_stats().items()):
@@ -182,12 +195,14 @@ class SchedulerCollector(Collector):
             slots.add_metric(["total"], float(sum(s.info.max_concurrency for s in sessions)))
             slots.add_metric(["in_use"], float(sum(len(s.leases) for s in sessions)))
             leases.add_metric([], float(scheduler.lease_count()))
+            for capability, count in sorted(scheduler.busy_by_capability().items()):
+                busy.add_metric([capability], float(count))
         else:
             workers.add_metric([], 0.0)
             slots.add_metric(["total"], 0.0)
             slots.add_metric(["in_use"], 0.0)
             leases.add_metric([], 0.0)
-        yield from (depth, age, workers, slots, leases)
+        yield from (depth, age, workers, slots, leases, busy)
 
     def describe(self) -> Iterable[Metric]:
         return []

@@ -21,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
+from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import (
     InvalidArgument,
     LLMError,
@@ -31,6 +32,7 @@ from taskloom.core.errors import (
     TaskNotFound,
     Unavailable,
 )
+from taskloom.core.limits import fit_output
 from taskloom.core.logs import bind
 from taskloom.core.model import (
     AttemptRef,
@@ -52,6 +54,7 @@ from taskloom.core.model import (
 )
 from taskloom.core.plan import check_plan, finalize
 from taskloom.core.tracing import carrier, genai_attributes, ids, parent, tracer
+from taskloom.supervisor.events import EventHub
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.planner import PlanHooks, Planner
 from taskloom.supervisor.scheduler import CancelAttempts, Lease, Scheduler, WorkerSession
@@ -63,7 +66,8 @@ T = TypeVar("T")
 
 _EVENT_ID = re.compile(r"^\d+-\d+$")
 _UNFINISHED = (TaskStatus.PLANNING, TaskStatus.RUNNING, TaskStatus.AWAITING_APPROVAL)
-WATCH_BLOCK_MS = 5_000
+WATCH_WAIT = 5.0
+"""A watcher waiting for events checks its task and the supervisor this often."""
 DEADLINE_INTERVAL = 1.0
 """How often tasks are checked against their max_duration."""
 
@@ -103,10 +107,13 @@ class Orchestrator:
         """Reports for attempts that no longer hold their subtask: dropped, counted."""
         self._loops: list[asyncio.Task[None]] = []
         self._closing = asyncio.Event()
+        self.events = EventHub(store)
+        """Wakes watchers when their task's log grows (one blocking read for all)."""
 
     async def start(self) -> None:
         """Pick up unfinished tasks from Redis, then start dispatching."""
         await self.recover()
+        self.events.start()
         self._loops = [
             asyncio.create_task(self.scheduler.run(), name="taskloom-dispatch"),
             asyncio.create_task(self._janitor(), name="taskloom-janitor"),
@@ -127,6 +134,7 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops = []
+        await self.events.stop()
 
     async def recover(self) -> None:
         """Rebuild the scheduler's cache from the unfinished tasks in Redis.
@@ -191,45 +199,49 @@ class Orchestrator:
         plan: Plan | None = None,
         options: TaskOptions | None = None,
         idempotency_key: str = "",
+        principal: Principal = LOCAL_ADMIN,
     ) -> tuple[str, bool]:
-        """Store a task and start it; returns ``(task_id, created)``."""
+        """Store a task owned by ``principal`` and start it; returns ``(task_id, created)``."""
         options = options or TaskOptions()
         goal = goal.strip()
         if not goal:
-            raise InvalidArgument("the goal is empty; say what you want done")
+            raise InvalidArgument("the goal is empty; say what you want done", field="goal")
         if len(goal) > self.settings.max_goal_chars:
             raise InvalidArgument(
                 f"the goal is {len(goal):,} characters; the limit is "
-                f"{self.settings.max_goal_chars:,} (TASKLOOM_MAX_GOAL_CHARS)"
+                f"{self.settings.max_goal_chars:,} (TASKLOOM_MAX_GOAL_CHARS)",
+                field="goal",
             )
-        if options.max_parallel < 0:
-            raise InvalidArgument("max_parallel must be 0 (no limit) or more")
-        if not 0 <= options.max_attempts <= 100:
-            raise InvalidArgument("max_attempts must be from 1 to 100 (0: the default)")
-        if options.subtask_timeout < 0 or options.stall_timeout < 0:
-            raise InvalidArgument("timeouts must be positive (0: the default)")
-        if options.max_tokens < 0 or options.max_duration < 0:
-            raise InvalidArgument("max_tokens and max_duration must be positive (0: no limit)")
-        if options.context_tokens and not 256 <= options.context_tokens <= 10_000_000:
-            raise InvalidArgument("context_tokens must be from 256 to 10,000,000 (0: the model's)")
+        _check_options(options)
         options = replace(
             options, stall_timeout=options.stall_timeout or self.settings.stall_timeout
         )
         if len(idempotency_key) > 200:
-            raise InvalidArgument("the idempotency key is longer than 200 characters")
+            raise InvalidArgument(
+                "the idempotency key is longer than 200 characters", field="idempotency_key"
+            )
         if plan is None:
-            return await self._unbroken(self._create(goal, options, None, (), idempotency_key))
+            return await self._unbroken(
+                self._create(goal, options, None, (), idempotency_key, principal)
+            )
         if plan.synthesize is not None:
             options = replace(options, synthesize=plan.synthesize)
-        check_plan(
-            plan,
-            capabilities=self.known_capabilities(),
-            limits=self.settings.explicit_plan_limits(),
-        )
+        try:
+            check_plan(
+                plan,
+                capabilities=self.known_capabilities(),
+                limits=self.settings.explicit_plan_limits(),
+            )
+        except PlanError as e:
+            e.field = e.field or "plan.subtasks"
+            raise
         graph, result_from = finalize(plan, synthesize=options.synthesize)
         return await self._unbroken(
-            self._create(goal, options, self._resolve(graph, options), result_from, idempotency_key)
-        )
+            self._create(
+                goal, options, self._resolve(graph, options), result_from, idempotency_key,
+                principal,
+            )
+        )  # fmt: skip
 
     async def _create(
         self,
@@ -238,6 +250,7 @@ class Orchestrator:
         graph: Plan | None,
         result_from: Sequence[str],
         idempotency_key: str,
+        principal: Principal,
     ) -> tuple[str, bool]:
         """Store the task, then plan it or queue its READY subtasks."""
         # The task's root span: its context is stored with the task and sent
@@ -258,6 +271,8 @@ class Orchestrator:
             if (self.settings.cache if options.cache is None else options.cache)
             else 0.0,
             trace=carrier(root),
+            owner=principal.name,
+            max_in_flight=0 if principal.admin else self.settings.max_tasks_in_flight,
         )
         if not created:
             root.set_attribute("taskloom.duplicate_of", task_id)
@@ -294,20 +309,50 @@ class Orchestrator:
             synthesize=plan.synthesize,
         )
 
-    async def get(self, task_id: str, *, subtasks: bool = True) -> Task:
-        return await self.store.get_task(task_id, subtasks=subtasks)
+    async def get(
+        self, task_id: str, *, subtasks: bool = True, principal: Principal = LOCAL_ADMIN
+    ) -> Task:
+        task = await self.store.get_task(task_id, subtasks=subtasks)
+        if not principal.admin and task.owner != principal.name:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def _check_owner(self, task_id: str, principal: Principal) -> None:
+        """Another principal's task does not exist, as far as a client can tell."""
+        if principal.admin:
+            return
+        if await self.store.task_owner(task_id) != principal.name:
+            raise TaskNotFound(task_id)
 
     async def list_tasks(
-        self, *, statuses: Iterable[TaskStatus], page_size: int, page_token: str
+        self,
+        *,
+        statuses: Iterable[TaskStatus],
+        page_size: int,
+        page_token: str,
+        principal: Principal = LOCAL_ADMIN,
     ) -> tuple[list[Task], str]:
         if page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
+            raise InvalidArgument("page_size must not be negative", field="page_size")
         size = min(page_size or 50, 1000)
-        return await self.store.list_tasks(statuses=statuses, page_size=size, page_token=page_token)
+        return await self.store.list_tasks(
+            statuses=statuses,
+            page_size=size,
+            page_token=page_token,
+            owner=None if principal.admin else principal.name,
+        )
 
-    async def cancel(self, task_id: str, reason: str = "", *, subtask_id: str = "") -> Task:
+    async def cancel(
+        self,
+        task_id: str,
+        reason: str = "",
+        *,
+        subtask_id: str = "",
+        principal: Principal = LOCAL_ADMIN,
+    ) -> Task:
         """Cancel an unfinished task and stop its running subtasks; or, with
         ``subtask_id``, only that subtask (its dependents are skipped)."""
+        await self._check_owner(task_id, principal)
         reason = reason.strip()[:500] or "cancelled on request"
         if subtask_id:
             return await self._cancel_subtask(task_id, subtask_id, reason)
@@ -366,7 +411,9 @@ class Orchestrator:
             self._apply(outcome, [])
         return found
 
-    async def watch(self, task_id: str, after: str = "") -> AsyncIterator[list[Event]]:
+    async def watch(
+        self, task_id: str, after: str = "", *, principal: Principal = LOCAL_ADMIN
+    ) -> AsyncIterator[list[Event]]:
         """The task's events after ``after``: first the log, then live; ends after the terminal one.
 
         Replay, then follow: each read starts at the last event sent, so
@@ -374,8 +421,10 @@ class Orchestrator:
         """
         if after and after != "0" and not _EVENT_ID.match(after):
             raise InvalidArgument(
-                f"after_event_id {after!r} is not an event id like 1700000000000-0"
+                f"after_event_id {after[:40]!r} is not an event id like 1700000000000-0",
+                field="after_event_id",
             )
+        await self._check_owner(task_id, principal)
         if await self.store.task_status(task_id) is None:
             raise TaskNotFound(task_id)
         cursor = after
@@ -394,32 +443,12 @@ class Orchestrator:
                     if not events:
                         return
                 else:
-                    events = await self._wait_events(task_id, cursor)
-                    if not events:
-                        continue
+                    await self.events.wait(task_id, cursor, WATCH_WAIT)
+                    continue
             yield events
             cursor = events[-1].id
             if any(e.terminal for e in events):
                 return
-
-    async def _wait_events(self, task_id: str, cursor: str) -> list[Event]:
-        """Block for new events, but give up at once when the supervisor stops."""
-        waiting = asyncio.ensure_future(
-            self.store.wait_events(task_id, cursor, block_ms=WATCH_BLOCK_MS)
-        )
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-            if not waiting.done():
-                waiting.cancel()
-                await asyncio.gather(waiting, return_exceptions=True)
-        if waiting.cancelled():
-            return []
-        return waiting.result()
-
-    # -- planning --------------------------------------------------------------------
 
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
         self._spawn_planner(
@@ -720,30 +749,57 @@ class Orchestrator:
     def heard_from(self, session: WorkerSession, *, draining: bool | None = None) -> None:
         self.scheduler.heard_from(session, draining=draining)
 
-    async def accepted(self, refs: Sequence[AttemptRef]) -> None:
-        self.scheduler.touch(refs)
-        ok = await self.store.start(refs)
+    async def accepted(self, refs: Sequence[AttemptRef], worker_id: str = "") -> None:
+        self.scheduler.touch(refs, worker_id)
+        ok = await self.store.start(refs, worker_id)
         self._count_stale(ok)
 
-    async def progress(self, updates: Sequence[ProgressUpdate]) -> None:
-        self.scheduler.touch(u.ref for u in updates)
-        ok = await self.store.progress(updates)
+    async def progress(self, updates: Sequence[ProgressUpdate], worker_id: str = "") -> None:
+        self.scheduler.touch((u.ref for u in updates), worker_id)
+        ok = await self.store.progress(updates, worker_id)
         self._count_stale(ok)
 
     async def stopped(self, session: WorkerSession, refs: Sequence[AttemptRef]) -> None:
         """The worker acknowledged a Cancel: those handlers have stopped."""
         await self.store.stopped(refs, session.info.name)
 
-    async def completed(self, results: Sequence[SubtaskResult]) -> list[AttemptRef]:
-        """Commit results; returns the refs to acknowledge (committed or stale)."""
-        refs = [r.ref for r in results]
-        await self._unbroken(self._commit(self.store.complete(results), refs, failed=False))
-        return refs
+    async def completed(
+        self, results: Sequence[SubtaskResult], worker_id: str = ""
+    ) -> list[AttemptRef]:
+        """Commit results; returns the refs to acknowledge (committed or stale).
 
-    async def failed(self, failures: Sequence[SubtaskFailure]) -> list[AttemptRef]:
+        An output over ``max_output_bytes`` fails its subtask for good, or is
+        cut, as ``output_overflow`` says; workers apply the same limit (the
+        Welcome tells them), so only a broken or hostile one gets this far.
+        """
+        fitted: list[SubtaskResult] = []
+        over: list[SubtaskFailure] = []
+        truncate = self.settings.output_overflow == "truncate"
+        for result in results:
+            output, error = fit_output(
+                result.output, self.settings.max_output_bytes, truncate=truncate
+            )
+            if error:
+                over.append(SubtaskFailure(result.ref, error, retryable=False, usage=result.usage))
+            else:
+                fitted.append(result if output is result.output else replace(result, output=output))
+        if over:
+            self.metrics.refused.labels("output_too_large").inc(len(over))
+            refs = [f.ref for f in over]
+            await self._unbroken(self._commit(self.store.fail(over, worker_id), refs, failed=True))
+        if fitted:
+            refs = [r.ref for r in fitted]
+            await self._unbroken(
+                self._commit(self.store.complete(fitted, worker_id), refs, failed=False)
+            )
+        return [r.ref for r in results]
+
+    async def failed(
+        self, failures: Sequence[SubtaskFailure], worker_id: str = ""
+    ) -> list[AttemptRef]:
         """Commit failures; returns the refs to acknowledge."""
         refs = [f.ref for f in failures]
-        await self._unbroken(self._commit(self.store.fail(failures), refs, failed=True))
+        await self._unbroken(self._commit(self.store.fail(failures, worker_id), refs, failed=True))
         return refs
 
     async def _commit(
@@ -912,3 +968,31 @@ class Orchestrator:
                 await self.store.trim_indexes()
             except StoreUnavailable as e:
                 logger.warning("janitor: %s", e)
+
+
+def _check_options(options: TaskOptions) -> None:
+    """Each option in its range, or InvalidArgument naming the field."""
+    if options.max_parallel < 0:
+        raise InvalidArgument(
+            "max_parallel must be 0 (no limit) or more", field="options.max_parallel"
+        )
+    if not 0 <= options.max_attempts <= 100:
+        raise InvalidArgument(
+            "max_attempts must be from 1 to 100 (0: the default)", field="options.max_attempts"
+        )
+    if options.subtask_timeout < 0 or options.stall_timeout < 0:
+        raise InvalidArgument(
+            "timeouts must be positive (0: the default)",
+            field="options.subtask_timeout" if options.subtask_timeout < 0
+            else "options.stall_timeout",
+        )  # fmt: skip
+    if options.max_tokens < 0 or options.max_duration < 0:
+        raise InvalidArgument(
+            "max_tokens and max_duration must be positive (0: no limit)",
+            field="options.max_tokens" if options.max_tokens < 0 else "options.max_duration",
+        )
+    if options.context_tokens and not 256 <= options.context_tokens <= 10_000_000:
+        raise InvalidArgument(
+            "context_tokens must be from 256 to 10,000,000 (0: the model's)",
+            field="options.context_tokens",
+        )

@@ -284,6 +284,13 @@ class Scheduler:
     def lease_count(self) -> int:
         return len(self._leases)
 
+    def busy_by_capability(self) -> dict[str, int]:
+        """Capability → attempts workers hold (from the metrics thread: a copy)."""
+        counts: dict[str, int] = {}
+        for lease in list(self._leases.values()):
+            counts[lease.capability] = counts.get(lease.capability, 0) + 1
+        return counts
+
     def sessions(self) -> list[WorkerSession]:
         return list(self._sessions.values())
 
@@ -336,12 +343,13 @@ class Scheduler:
         self._leases[ref] = lease
         self._in_flight[ref.task_id] += 1
 
-    def touch(self, refs: Iterable[AttemptRef]) -> None:
-        """These attempts showed progress: their stall clock starts again."""
+    def touch(self, refs: Iterable[AttemptRef], worker_id: str = "") -> None:
+        """These attempts showed progress: their stall clock starts again
+        (only for those held by ``worker_id``, if given)."""
         now = self._clock()
         for ref in refs:
             lease = self._leases.get(ref)
-            if lease is not None:
+            if lease is not None and (not worker_id or lease.worker_id == worker_id):
                 lease.active_at = now
 
     async def reap(self) -> None:

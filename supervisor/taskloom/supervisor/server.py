@@ -19,7 +19,9 @@ import grpc
 from taskloom.core.errors import InvalidArgument, TaskloomError, Unavailable
 from taskloom.core.status import abort
 from taskloom.supervisor import codec
+from taskloom.supervisor.auth import current_principal
 from taskloom.supervisor.orchestrator import Orchestrator
+from taskloom.supervisor.quotas import Quotas
 from taskloom.supervisor.scheduler import (
     AckReports,
     AssignBatch,
@@ -64,28 +66,36 @@ def _unary(
 
 
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
-    """Submit, read, list, cancel and watch tasks."""
+    """Submit, read, list, cancel and watch tasks: each caller only its own
+    (``current_principal``), admins every one."""
 
-    def __init__(self, current: Current) -> None:
+    def __init__(self, current: Current, quotas: Quotas) -> None:
         self._current = current
+        self._quotas = quotas
 
     @_unary
     async def SubmitTask(
         self, request: pb.SubmitTaskRequest, context: Context
     ) -> pb.SubmitTaskResponse:
+        principal = current_principal.get()
+        orchestrator = self._current()
+        self._quotas.admit_submit(principal)
         plan = codec.plan_from_pb(request.plan) if request.HasField("plan") else None
-        task_id, created = await self._current().submit(
+        task_id, created = await orchestrator.submit(
             request.goal,
             plan=plan,
             options=codec.options_from_pb(request.options),
             idempotency_key=request.idempotency_key,
+            principal=principal,
         )
         return pb.SubmitTaskResponse(task_id=task_id, created=created)
 
     @_unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
         task = await self._current().get(
-            request.task_id, subtasks=request.view != pb.TASK_VIEW_SUMMARY
+            request.task_id,
+            subtasks=request.view != pb.TASK_VIEW_SUMMARY,
+            principal=current_principal.get(),
         )
         return pb.GetTaskResponse(task=codec.task_to_pb(task))
 
@@ -97,6 +107,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             statuses=codec.statuses_from_pb(request.statuses),
             page_size=request.page_size,
             page_token=request.page_token,
+            principal=current_principal.get(),
         )
         return pb.ListTasksResponse(
             tasks=[codec.task_to_pb(t) for t in tasks], next_page_token=token
@@ -107,19 +118,29 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         self, request: pb.CancelTaskRequest, context: Context
     ) -> pb.CancelTaskResponse:
         task = await self._current().cancel(
-            request.task_id, request.reason, subtask_id=request.subtask_id
+            request.task_id,
+            request.reason,
+            subtask_id=request.subtask_id,
+            principal=current_principal.get(),
         )
         return pb.CancelTaskResponse(task=codec.task_to_pb(task))
 
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: Context
     ) -> AsyncIterator[pb.WatchTaskResponse]:
+        principal = current_principal.get()
         try:
             orchestrator = self._current()
-            async for events in orchestrator.watch(request.task_id, request.after_event_id):
-                yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
+            with self._quotas.watching(principal):
+                async for events in orchestrator.watch(
+                    request.task_id, request.after_event_id, principal=principal
+                ):
+                    yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
         except TaskloomError as e:
             await abort(context, e)
+        except Exception:
+            logger.exception("WatchTask failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the supervisor log")
 
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
@@ -151,6 +172,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                     self._settings.supervisor_id,
                     self._settings.heartbeat_interval,
                     self._settings.lease_ttl,
+                    max_output_bytes=self._settings.max_output_bytes,
+                    truncate_output=self._settings.output_overflow == "truncate",
                 )
             )
             await self._write(session, context)
@@ -198,6 +221,8 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     async def _read(
         self, orchestrator: Orchestrator, session: WorkerSession, context: Context
     ) -> None:
+        # Reports count only for attempts given to this worker (see held_by).
+        worker_id = session.info.worker_id
         try:
             while True:
                 request = await context.read()
@@ -208,17 +233,21 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                 orchestrator.heard_from(session, draining=draining)
                 if kind == "accepted":
                     await orchestrator.accepted(
-                        [codec.ref_from_pb(r) for r in request.accepted.refs]
+                        [codec.ref_from_pb(r) for r in request.accepted.refs], worker_id
                     )
                 elif kind == "progress":
-                    await orchestrator.progress(codec.progress_from_pb(request.progress))
+                    await orchestrator.progress(codec.progress_from_pb(request.progress), worker_id)
                 elif kind == "completed":
-                    acks = await orchestrator.completed(codec.results_from_pb(request.completed))
+                    acks = await orchestrator.completed(
+                        codec.results_from_pb(request.completed), worker_id
+                    )
                     session.send(AckReports(tuple(acks)))
                 elif kind == "stopped":
                     await orchestrator.stopped(session, codec.stopped_from_pb(request.stopped))
                 elif kind == "failed":
-                    acks = await orchestrator.failed(codec.failures_from_pb(request.failed))
+                    acks = await orchestrator.failed(
+                        codec.failures_from_pb(request.failed), worker_id
+                    )
                     session.send(AckReports(tuple(acks)))
                 elif kind == "hello":
                     session.close(InvalidArgument("Hello may only be sent once per stream"))

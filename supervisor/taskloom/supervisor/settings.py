@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
+from taskloom.core.auth import TokenTable
+from taskloom.core.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_RECEIVE_BYTES,
+    ServerLimits,
+)
 from taskloom.core.plan import PlanLimits
 from taskloom.core.settings import Address, DurationMap, LLMSettings, Seconds, StrList
 
@@ -27,8 +33,13 @@ class SupervisorSettings(LLMSettings):
         "lease_ttl": "--lease-ttl",
         "leader_ttl": "--leader-ttl",
         "metrics_port": "--metrics-port",
+        "health_port": "--health-port",
         "log_level": "--log-level",
         "log_format": "--log-format",
+        "tls_cert": "--tls-cert",
+        "tls_key": "--tls-key",
+        "tls_client_ca": "--tls-client-ca",
+        "insecure": "--insecure",
     }
 
     listen: Address = "127.0.0.1:50051"
@@ -37,7 +48,14 @@ class SupervisorSettings(LLMSettings):
     """Serve Prometheus metrics on this port at /metrics (unset: not served; 0: any port)."""
     metrics_host: str = "0.0.0.0"
     """The address the metrics endpoint binds to."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """Also serve grpc.health.v1 alone, in plaintext, on this port (on
+    ``metrics_host``): for Kubernetes' gRPC probes, which cannot speak TLS.
+    Service "" is SERVING only on the leader (readiness); "liveness" whenever
+    the process runs."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_max_connections: int = Field(default=64, ge=2)
+    """Redis connections for transitions and reads; more operations at once wait."""
     redis_prefix: str = Field(default="taskloom:", min_length=1)
     """Prefix of every Redis key, so several clusters or tests can share a server."""
     supervisor_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -82,10 +100,51 @@ class SupervisorSettings(LLMSettings):
     planning_concurrency: int = Field(default=4, ge=1)
     """Plans requested from the LLM at once."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
+    """Largest message the supervisor sends (assignments carry their inputs)."""
+    max_request_bytes: int = Field(default=DEFAULT_MAX_RECEIVE_BYTES, ge=64 * 1024)
+    """Largest message the supervisor accepts; larger ones get RESOURCE_EXHAUSTED."""
+    max_output_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Largest output of one subtask (UTF-8 bytes)."""
+    output_overflow: Literal["fail", "truncate"] = "fail"
+    """A larger output fails its subtask (for good), or is cut with a marker."""
     shutdown_grace: Seconds = 10.0
     """On SIGTERM, how long in-flight RPCs get to finish."""
-    hello_timeout: Seconds = 10.0
+    hello_timeout: Seconds = 5.0
     """A worker stream that does not say Hello this soon is closed."""
+
+    # -- security ----------------------------------------------------------------
+    tls_cert: Path | None = None
+    """The server's certificate chain (PEM): with ``tls_key``, gRPC is served over TLS."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """Mutual TLS: every peer must present a certificate signed by this CA."""
+    metrics_tls: bool = False
+    """Serve /metrics over HTTPS with the same certificate."""
+    tokens_file: Path | None = None
+    """Token hashes → principal and role, one ``sha256:<hex> NAME ROLE`` per line."""
+    tokens: str = Field(default="", repr=False)
+    """More entries like those of ``tokens_file``, separated by ``;``."""
+    insecure: bool = False
+    """Serve beyond loopback without tokens: anyone who can connect is admin."""
+
+    # -- per-principal limits (clients; admins are exempt) -------------------------
+    max_watches: int = Field(default=64, ge=1)
+    """WatchTask streams one principal may hold open at once."""
+    max_tasks_in_flight: int = Field(default=1_000, ge=1)
+    """Unfinished tasks one principal may have."""
+    submit_rate: float = Field(default=20.0, gt=0)
+    """Submits per second one principal may make on average ..."""
+    submit_burst: int = Field(default=100, ge=1)
+    """... and at once."""
+
+    # -- connections ------------------------------------------------------------
+    max_connection_idle: Seconds = 300.0
+    """A connection with no call this long is closed."""
+    max_connection_age: Seconds = 7200.0
+    """A connection is closed after this long (clients reconnect; workers resume) ..."""
+    max_connection_age_grace: Seconds = 300.0
+    """... after its calls had this long to finish."""
+    max_streams_per_connection: int = Field(default=1_000, ge=1)
 
     @field_validator("redis_url")
     @classmethod
@@ -93,6 +152,20 @@ class SupervisorSettings(LLMSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    def token_table(self) -> TokenTable:
+        """The configured tokens (empty: authentication is off)."""
+        return TokenTable.load(self.tokens_file, self.tokens)
+
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(
+            max_receive_bytes=self.max_request_bytes,
+            max_send_bytes=self.max_message_bytes,
+            max_connection_idle_ms=int(self.max_connection_idle * 1000),
+            max_connection_age_ms=int(self.max_connection_age * 1000),
+            max_connection_age_grace_ms=int(self.max_connection_age_grace * 1000),
+            max_concurrent_streams=self.max_streams_per_connection,
+        )
 
     def timeout_for(self, capability: str) -> float:
         return self.timeouts.get(capability, self.subtask_timeout)

@@ -28,7 +28,13 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
-from taskloom.core.errors import InvalidArgument, NotLeader, StoreUnavailable, TaskNotFound
+from taskloom.core.errors import (
+    InvalidArgument,
+    NotLeader,
+    ResourceExhausted,
+    StoreUnavailable,
+    TaskNotFound,
+)
 from taskloom.core.model import (
     SYNTHESIZE_ID,
     Assignment,
@@ -78,7 +84,7 @@ _SCRIPTS = (
     "expire",
 )
 _FENCED = "TASKLOOM_FENCED"
-_BLOCKING = frozenset({"wait_events"})
+_BLOCKING = frozenset({"read_streams"})
 """Operations that wait for something to happen: their time is not latency."""
 DEFAULT_MAX_ATTEMPTS = 3
 """For a planned subtask that does not say (the orchestrator always does)."""
@@ -202,6 +208,7 @@ class Store:
         prefix: str = "taskloom:",
         retention: float = 7 * 86400.0,
         socket_timeout: float = 10.0,
+        max_connections: int = 64,
     ) -> None:
         self.keys = Keys(prefix)
         self.metrics: SupervisorMetrics | None = None
@@ -215,7 +222,16 @@ class Store:
         # redis-py's annotations cannot express decode_responses=True (every
         # reply is str); the store is the one module that touches it, so it
         # holds the clients as Any rather than casting each reply.
-        self._redis: Any = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, **options)
+        # A blocking pool: a burst of more operations than connections waits
+        # for a free one (redis-py's default pool fails them at 100).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            **options,
+        )
+        self._redis: Any = aioredis.Redis.from_pool(pool)
         # Watchers block in XREAD; they get their own pool so that they can
         # never starve the transitions of connections.
         self._blocking: Any = aioredis.Redis.from_url(url, socket_timeout=None, **options)
@@ -289,16 +305,23 @@ class Store:
         max_replans: int = 0,
         cache_ttl: float = 0.0,
         trace: Mapping[str, str] | None = None,
+        owner: str = "",
+        max_in_flight: int = 0,
     ) -> tuple[str, bool, list[ReadyItem]]:
-        """Store a new task (PLANNING, or RUNNING with ``plan``).
+        """Store a new task (PLANNING, or RUNNING with ``plan``) owned by ``owner``.
 
         Each planned subtask's ``max_attempts`` and ``timeout`` must be
         resolved already, and ``options.stall_timeout`` too.
 
         Returns ``(task_id, created, ready)``; ``created`` is False when the
-        idempotency key already names a task, which is returned instead.
+        idempotency key already names a task of the same owner, which is
+        returned instead. With ``max_in_flight``, an owner who already has
+        that many unfinished tasks gets ``ResourceExhausted``.
         """
-        idem = self.keys.idempotency(idempotency_key) if idempotency_key else ""
+        # Idempotency keys are the owner's own: another principal's key
+        # must neither find nor block this one's task.
+        idem = self.keys.idempotency(f"{owner}\x00{idempotency_key}") if idempotency_key else ""
+        active = self.keys.owner_active(owner)
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -310,6 +333,16 @@ class Store:
                         existing = await pipe.get(idem)
                         if existing and await pipe.exists(self.keys.task(existing)):
                             return str(existing), False, []
+                    if max_in_flight:
+                        # WATCH: concurrent submits cannot both take the last slot.
+                        await pipe.watch(active)
+                        if await pipe.zcard(active) >= max_in_flight:
+                            raise ResourceExhausted(
+                                f"{owner} already has {max_in_flight:,} unfinished tasks, the "
+                                "limit (TASKLOOM_MAX_TASKS_IN_FLIGHT); wait for some to end "
+                                "or cancel them",
+                                subject="max_tasks_in_flight",
+                            )
                     task_id = new_task_id()
                     now = time.time()
                     pipe.multi()
@@ -339,12 +372,17 @@ class Store:
                             "cache_ttl": int(cache_ttl),
                             "traceparent": (trace or {}).get("traceparent", ""),
                             "trace_id": _trace_id(trace),
+                            "owner": owner,
                         },
                     )
                     if options.max_duration:
                         pipe.zadd(self.keys.deadlines, {task_id: now + options.max_duration})
                     pipe.zadd(self.keys.tasks_index, {task_id: now})
                     pipe.zadd(self.keys.active_index, {task_id: now})
+                    if owner:
+                        pipe.sadd(self.keys.owners, owner)
+                        pipe.zadd(self.keys.owner_tasks(owner), {task_id: now})
+                        pipe.zadd(active, {task_id: now})
                     pipe.xadd(
                         self.keys.events(task_id),
                         _event(
@@ -548,23 +586,30 @@ class Store:
         return out, outcome
 
     @_translated
-    async def start(self, refs: Sequence[AttemptRef]) -> list[bool]:
-        """ASSIGNED → RUNNING; False where the report is stale."""
-        reply = await self._run("start", [[r.task_id, r.subtask_id, r.attempt] for r in refs])
-        return [bool(x) for x in _list(reply)]
-
-    @_translated
-    async def progress(self, updates: Sequence[ProgressUpdate]) -> list[bool]:
-        """Log progress and streamed output; False where the report is stale."""
+    async def start(self, refs: Sequence[AttemptRef], worker_id: str = "") -> list[bool]:
+        """ASSIGNED → RUNNING; False where the report is stale (or, with
+        ``worker_id``, the attempt was given to another worker)."""
         reply = await self._run(
-            "progress",
-            [[u.ref.task_id, u.ref.subtask_id, u.ref.attempt, u.message, u.text] for u in updates],
+            "start", [[r.task_id, r.subtask_id, r.attempt, worker_id] for r in refs]
         )
         return [bool(x) for x in _list(reply)]
 
     @_translated
-    async def complete(self, results: Sequence[SubtaskResult]) -> Outcome:
-        """Commit results, unlock dependents, finish tasks whose last subtask this was."""
+    async def progress(self, updates: Sequence[ProgressUpdate], worker_id: str = "") -> list[bool]:
+        """Log progress and streamed output; False where the report is stale."""
+        reply = await self._run(
+            "progress",
+            [
+                [u.ref.task_id, u.ref.subtask_id, u.ref.attempt, u.message, u.text, worker_id]
+                for u in updates
+            ],
+        )
+        return [bool(x) for x in _list(reply)]
+
+    @_translated
+    async def complete(self, results: Sequence[SubtaskResult], worker_id: str = "") -> Outcome:
+        """Commit results, unlock dependents, finish tasks whose last subtask this
+        was. With ``worker_id``, only results for attempts given to that worker."""
         payload = [
             [
                 r.ref.task_id,
@@ -572,14 +617,16 @@ class Store:
                 r.ref.attempt,
                 r.output,
                 _usage_doc(r.usage),
+                worker_id,
             ]
             for r in results
         ]
         return _outcome(await self._run("complete", payload))
 
     @_translated
-    async def fail(self, failures: Sequence[SubtaskFailure]) -> Outcome:
-        """Commit failures: retry while attempts remain, else fail the task."""
+    async def fail(self, failures: Sequence[SubtaskFailure], worker_id: str = "") -> Outcome:
+        """Commit failures: retry while attempts remain, else fail the task.
+        With ``worker_id``, only failures of attempts given to that worker."""
         payload = [
             [
                 f.ref.task_id,
@@ -589,6 +636,7 @@ class Store:
                 int(f.retryable),
                 int(f.counts),
                 _usage_doc(f.usage),
+                worker_id,
             ]
             for f in failures
         ]
@@ -707,6 +755,14 @@ class Store:
         return _task(raw, children)
 
     @_translated
+    async def task_owner(self, task_id: str) -> str | None:
+        """Who submitted the task, or None if there is no such task."""
+        if not _plain(task_id):
+            return None
+        owner, status = await self._redis.hmget(self.keys.task(task_id), ["owner", "status"])
+        return None if status is None else str(owner or "")
+
+    @_translated
     async def task_status(self, task_id: str) -> TaskStatus | None:
         """The task's state, or None if there is no such task."""
         status = (
@@ -721,8 +777,11 @@ class Store:
         statuses: Iterable[TaskStatus] = (),
         page_size: int = 50,
         page_token: str = "",
+        owner: str | None = None,
     ) -> tuple[list[Task], str]:
-        """Tasks newest first, ``page_size`` at a time; the token continues the listing."""
+        """Tasks newest first (only ``owner``'s if given), ``page_size`` at a
+        time; the token continues the listing."""
+        index = self.keys.tasks_index if owner is None else self.keys.owner_tasks(owner)
         wanted = set(statuses)
         max_score, last_id = _decode_token(page_token)
         found: list[Task] = []
@@ -730,7 +789,7 @@ class Store:
         batch = max(page_size * 2, 100)
         while len(found) < page_size:
             entries = await self._redis.zrange(
-                self.keys.tasks_index,
+                index,
                 repr(max_score),
                 "-inf",
                 desc=True,
@@ -765,7 +824,7 @@ class Store:
                     return found, _encode_token(score, tid)
             if missing:
                 # Expired after the retention period: drop from the index too.
-                await self._redis.zrem(self.keys.tasks_index, *missing)
+                await self._redis.zrem(index, *missing)
                 offset -= len(missing)
         return found, ""
 
@@ -777,14 +836,27 @@ class Store:
         return [_decode_event(task_id, eid, fields) for eid, fields in entries]
 
     @_translated
-    async def wait_events(
-        self, task_id: str, after: str, *, block_ms: int, count: int = 1000
-    ) -> list[Event]:
-        """Block until events after the cursor arrive, or ``block_ms`` passes."""
-        reply = await self._blocking.xread(
-            {self.keys.events(task_id): after or "0"}, count=count, block=block_ms
-        )
-        return [_decode_event(task_id, eid, f) for _, entries in reply or [] for eid, f in entries]
+    async def read_streams(self, streams: Mapping[str, str], *, block_ms: int) -> dict[str, str]:
+        """Block until any of the streams has entries after its id (or ``block_ms``
+        passes); returns the last id read from each stream that had some.
+
+        The one blocking read of the supervisor (see ``events.EventHub``), on
+        its own connection so that it never holds up a transition.
+        """
+        reply = await self._blocking.xread(dict(streams), count=100, block=block_ms)
+        return {key: entries[-1][0] for key, entries in reply or [] if entries}
+
+    @_translated
+    async def poke(self, key: str) -> None:
+        """Append to a wake-up stream (kept short, and gone within a day)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"w": "1"}, maxlen=10, approximate=True)
+            pipe.expire(key, 86400)
+            await pipe.execute()
+
+    @_translated
+    async def drop_key(self, key: str) -> None:
+        await self._redis.delete(key)
 
     @_translated
     async def load_active(self) -> list[RecoveredTask]:
@@ -846,9 +918,12 @@ class Store:
             self.keys.finished_index, "-inf", cutoff, start=0, num=1000
         )
         if old:
+            owners = await self._redis.smembers(self.keys.owners)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(self.keys.finished_index, *old)
                 pipe.zrem(self.keys.tasks_index, *old)
+                for owner in owners:
+                    pipe.zrem(self.keys.owner_tasks(owner), *old)
                 await pipe.execute()
         return len(old)
 
@@ -1019,6 +1094,7 @@ def _task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
             calls=int(raw.get("llm_calls") or 0),
         ),
         failure_reason=FailureReason(raw.get("failure_reason") or ""),
+        owner=raw.get("owner", ""),
     )
 
 

@@ -29,10 +29,15 @@ from taskloom.worker.worker import Worker, load_handlers
 @click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
 @click.option("--log-format", help="text or json [TASKLOOM_LOG_FORMAT]")
 @click.option("--log-level", help="debug, info, warning, error [TASKLOOM_LOG_LEVEL]")
+@click.option("--token", help="Bearer token with the worker role [TASKLOOM_TOKEN]")
+@click.option("--tls-ca", help="CA bundle to trust; implies TLS [TASKLOOM_TLS_CA]")
+@click.option("--tls-cert", help="This worker's certificate for mutual TLS [TASKLOOM_TLS_CERT]")
+@click.option("--tls-key", help="The key of --tls-cert [TASKLOOM_TLS_KEY]")
 def command(**flags: str | int | None) -> None:
     """Run a worker: take subtasks from a supervisor and run their handlers."""
     try:
         settings = WorkerSettings.load(**flags)
+        settings.client_tls()  # unreadable certificates fail here, not on connect
         setup_logging(settings.log_level, settings.log_format)
         setup_tracing("taskloom-worker")
         registry = load_handlers(settings.app) if settings.app else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -19,6 +20,10 @@ from taskloom.core.model import (
 )
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import workers_pb2 as wpb
+
+M = TypeVar("M", wpb.SubtaskResult, wpb.SubtaskFailure, wpb.ProgressUpdate)
+FRAME_BYTES = 2 * 1024 * 1024
+"""Most report bytes per frame: well under the supervisor's 4 MiB default limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +135,8 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
         for i in items
         if isinstance(i, ProgressUpdate)
     ]
-    if progress:
-        frames.append(wpb.ConnectRequest(progress=wpb.Progress(updates=progress)))
+    for chunk in _by_size(progress):
+        frames.append(wpb.ConnectRequest(progress=wpb.Progress(updates=chunk)))
     results = [
         wpb.SubtaskResult(
             ref=_ref_to_pb(i.ref),
@@ -141,8 +146,8 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
         for i in items
         if isinstance(i, SubtaskResult)
     ]
-    if results:
-        frames.append(wpb.ConnectRequest(completed=wpb.Completed(results=results)))
+    for done in _by_size(results):
+        frames.append(wpb.ConnectRequest(completed=wpb.Completed(results=done)))
     failures = [
         wpb.SubtaskFailure(
             ref=_ref_to_pb(i.ref),
@@ -154,9 +159,26 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
         for i in items
         if isinstance(i, SubtaskFailure)
     ]
-    if failures:
-        frames.append(wpb.ConnectRequest(failed=wpb.Failed(failures=failures)))
+    for failed in _by_size(failures):
+        frames.append(wpb.ConnectRequest(failed=wpb.Failed(failures=failed)))
     stopped = [_ref_to_pb(i.ref) for i in items if isinstance(i, Stopped)]
     if stopped:
         frames.append(wpb.ConnectRequest(stopped=wpb.Stopped(refs=stopped)))
     return frames
+
+
+def _by_size(items: Sequence[M], budget: int = FRAME_BYTES) -> list[list[M]]:
+    """Consecutive groups of ``items`` whose encoded sizes add up to at most
+    ``budget`` (an item larger than that goes alone): the supervisor refuses
+    messages over its limit (4 MiB by default), and a frame it refuses would
+    end the stream and be sent again after every reconnect."""
+    chunks: list[list[M]] = []
+    size = budget
+    for item in items:
+        length = item.ByteSize() + 16
+        if size + length > budget:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += length
+    return chunks

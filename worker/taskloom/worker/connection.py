@@ -23,7 +23,8 @@ from typing import Protocol
 
 import grpc
 
-from taskloom.core.channel import insecure_channel
+from taskloom.core.auth import token_metadata
+from taskloom.core.channel import open_channel
 from taskloom.core.model import Assignment, AttemptRef
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.v1 import workers_pb2_grpc
@@ -34,6 +35,7 @@ from taskloom.worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 WELCOME_TIMEOUT = 10.0
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class SessionHandler(Protocol):
@@ -62,6 +64,9 @@ class Connection:
         self.connected = asyncio.Event()
         self.heartbeat_interval = 5.0
         self.lease_ttl = 15.0
+        self.max_output_bytes = 0
+        """The largest output the supervisor accepts (0: no limit), from its Welcome."""
+        self.truncate_output = False
 
     def send(self, item: Outgoing) -> None:
         """Queue an item for the current session; dropped while disconnected
@@ -76,7 +81,8 @@ class Connection:
 
     async def run(self) -> None:
         addresses = self._settings.supervisor
-        channels = [insecure_channel(a, self._settings.max_message_bytes) for a in addresses]
+        tls = self._settings.client_tls()
+        channels = [open_channel(a, self._settings.max_message_bytes, tls) for a in addresses]
         stubs: list[workers_pb2_grpc.WorkerServiceAsyncStub] = [
             workers_pb2_grpc.WorkerServiceStub(c) for c in channels
         ]
@@ -89,7 +95,15 @@ class Connection:
                 try:
                     welcomed = await self._session(stubs[index], address)
                 except grpc.aio.AioRpcError as e:
-                    if not self._closing.is_set():
+                    if e.code() in _REFUSED and not self._closing.is_set():
+                        # Not a passing fault: say so every time, with what to do.
+                        logger.error(
+                            "supervisor at %s refused this worker: %s; check TASKLOOM_TOKEN "
+                            "(it needs the worker role) and the TLS settings",
+                            address,
+                            e.details(),
+                        )
+                    elif not self._closing.is_set():
                         level = logging.WARNING if failures == 0 else logging.DEBUG
                         logger.log(
                             level,
@@ -116,7 +130,7 @@ class Connection:
                 await channel.close()
 
     async def _session(self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, address: str) -> bool:
-        call = stub.Connect()
+        call = stub.Connect(metadata=token_metadata(self._settings.token))
         self._call = call
         handler = self._handler
         try:
@@ -138,6 +152,8 @@ class Connection:
             welcome = first.welcome
             self.heartbeat_interval = welcome.heartbeat_interval.ToNanoseconds() / 1e9 or 5.0
             self.lease_ttl = welcome.lease_ttl.ToNanoseconds() / 1e9 or 15.0
+            self.max_output_bytes = welcome.max_output_bytes
+            self.truncate_output = welcome.truncate_output
             logger.info(
                 "connected to supervisor %s at %s",
                 welcome.supervisor_id,

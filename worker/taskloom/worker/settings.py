@@ -9,10 +9,10 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
-from taskloom.core.settings import Addresses, LLMSettings, Seconds, StrList
+from taskloom.core.settings import Addresses, ConnectionSettings, LLMSettings, Seconds, StrList
 
 
-class WorkerSettings(LLMSettings):
+class WorkerSettings(LLMSettings, ConnectionSettings):
     """Everything ``taskloom worker`` reads. Each field is ``TASKLOOM_<NAME>``."""
 
     flag_names: ClassVar[dict[str, str]] = {
@@ -28,6 +28,10 @@ class WorkerSettings(LLMSettings):
         "metrics_port": "--metrics-port",
         "log_level": "--log-level",
         "log_format": "--log-format",
+        "token": "--token",
+        "tls_ca": "--tls-ca",
+        "tls_cert": "--tls-cert",
+        "tls_key": "--tls-key",
     }
 
     supervisor: Addresses = ("127.0.0.1:50051",)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from taskloom.core.errors import ConfigError
+from taskloom.core.limits import fit_output
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.logs import bind_attempt
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
@@ -300,8 +301,16 @@ class Worker:
             async with scope:
                 output = await handler(ctx)
                 await ctx.flush()
-            report = SubtaskResult(ref, _as_text(output), ctx.usage)
-            outcome = "succeeded"
+            text, too_large = fit_output(
+                _as_text(output),
+                self._connection.max_output_bytes,
+                truncate=self._connection.truncate_output,
+            )
+            if too_large:
+                report = SubtaskFailure(ref, too_large, False, usage=ctx.usage)
+            else:
+                report = SubtaskResult(ref, text, ctx.usage)
+                outcome = "succeeded"
         except TimeoutError as e:
             outcome = "timed_out" if scope.expired() else "failed"
             if scope.expired():

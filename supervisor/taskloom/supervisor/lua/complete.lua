@@ -4,14 +4,14 @@
 -- waiting for a dependency that already finished. The attempt's LLM usage is
 -- added to the task's; past its max_tokens the task fails instead of going
 -- on. An output whose subtask is cacheable is kept for identical subtasks.
--- PAYLOAD: {{task, sub, attempt, output, usage_json}, ...}
+-- PAYLOAD: {{task, sub, attempt, output, usage_json, worker_id}, ...}
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
 --   priority}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
 local committed, ready, finished, held = {}, {}, {}, {}
 for i, item in ipairs(PAYLOAD) do
   local task, sub, attempt, output, usage = item[1], item[2], item[3], item[4], item[5]
   committed[i] = 0
-  if held_by(task, sub, attempt) then
+  if held_by(task, sub, attempt, item[6]) then
     local tk, sk = k_task(task), k_subtask(task, sub)
     redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', output, 'usage', usage,
       'finished_at', NOW, 'progress', '', 'error', '')

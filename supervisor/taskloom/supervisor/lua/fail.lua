@@ -8,7 +8,8 @@
 -- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
 -- that kills every worker it lands on from looping for ever.
 -- The attempt's LLM usage counts towards the task's max_tokens either way.
--- PAYLOAD: {{task, sub, attempt, error, retryable (0|1), counts (0|1), usage_json}, ...}
+-- PAYLOAD: {{task, sub, attempt, error, retryable (0|1), counts (0|1), usage_json,
+--   worker_id ('' for the supervisor's own verdicts)}, ...}
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
 --   priority, attempt}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
 local MAX_LOST = 20
@@ -18,7 +19,7 @@ for i, item in ipairs(PAYLOAD) do
   local counts = item[6] ~= 0
   committed[i] = 0
   local over = nil
-  if held_by(task, sub, attempt) then
+  if held_by(task, sub, attempt, item[8]) then
     add_usage(task, item[7])
     over = enforce_budget(task)
   end
@@ -26,7 +27,7 @@ for i, item in ipairs(PAYLOAD) do
     committed[i] = 1
     for _, h in ipairs(over) do table.insert(held, h) end
     table.insert(finished, task)
-  elseif held_by(task, sub, attempt) then
+  elseif held_by(task, sub, attempt, item[8]) then
     local tk, sk = k_task(task), k_subtask(task, sub)
     local v = redis.call('HMGET', sk, 'max_attempts', 'capability', 'title', 'worker')
     local max_attempts = tonumber(v[1])

@@ -60,6 +60,8 @@ local function finish_task(task, status, err, etype, message, reason)
   end
   emit(task, etype, '', status, message)
   redis.call('ZREM', k_active_index(), task)
+  local owner = redis.call('HGET', tk, 'owner')
+  if owner and owner ~= '' then redis.call('ZREM', k_owner_active(owner), task) end
   redis.call('ZADD', k_finished_index(), tonumber(NOW), task)
   redis.call('EXPIRE', tk, RETENTION)
   redis.call('EXPIRE', k_subtasks(task), RETENTION)
@@ -144,9 +146,14 @@ end
 -- Whether a report for (sub, attempt) may be committed: the subtask is held
 -- by exactly that attempt and its task is still running. Anything else is a
 -- stale report (an older attempt, a cancelled task) and is dropped.
-local function held_by(task, sub, attempt)
-  local st = redis.call('HMGET', k_subtask(task, sub), 'status', 'attempt')
+local function held_by(task, sub, attempt, worker_id)
+  local st = redis.call('HMGET', k_subtask(task, sub), 'status', 'attempt', 'worker_id')
   if (st[1] ~= 'ASSIGNED' and st[1] ~= 'RUNNING') or tonumber(st[2]) ~= attempt then
+    return nil
+  end
+  -- A report from a worker must come from the worker the attempt was given
+  -- to; the supervisor's own verdicts (lease lost, timed out) pass ''.
+  if worker_id ~= nil and worker_id ~= '' and st[3] ~= worker_id then
     return nil
   end
   if redis.call('HGET', k_task(task), 'status') ~= 'RUNNING' then

@@ -1,0 +1,23 @@
+"""Size limits that the supervisor and the worker apply the same way."""
+
+from __future__ import annotations
+
+OVERFLOW_HINT = (
+    "return less, or have the supervisor cut long outputs (TASKLOOM_OUTPUT_OVERFLOW=truncate)"
+)
+
+
+def fit_output(output: str, max_bytes: int, *, truncate: bool) -> tuple[str, str]:
+    """``(output, "")`` if it fits in ``max_bytes`` of UTF-8 (0: no limit) or is
+    cut to fit with a marker; ``("", error)`` if it is too large and not cut."""
+    size = len(output.encode())
+    if not max_bytes or size <= max_bytes:
+        return output, ""
+    if not truncate:
+        return "", (
+            f"the output is {size:,} bytes; the limit is {max_bytes:,} "
+            f"(TASKLOOM_MAX_OUTPUT_BYTES): {OVERFLOW_HINT}"
+        )
+    marker = f"\n[… output cut to fit {max_bytes:,} of {size:,} bytes (TASKLOOM_MAX_OUTPUT_BYTES)]"
+    keep = max(0, max_bytes - len(marker.encode()))
+    return output.encode()[:keep].decode(errors="ignore") + marker, ""

@@ -1,0 +1,185 @@
+"""Who may call what: the authentication interceptor and the caller's principal.
+
+Every RPC passes through ``Authenticator`` before any servicer runs. It reads
+``authorization: Bearer <token>``, looks the token's hash up in the tokens
+table, checks the principal's role against the method, and either refuses the
+call (UNAUTHENTICATED, PERMISSION_DENIED) or runs it with the principal in
+``current_principal``, where the servicers read it for ownership and limits.
+
+    method                               client  worker  admin   no token
+    TaskService/*                          yes      -      yes      -
+    WorkerService/Connect                   -      yes     yes      -
+    grpc.reflection.*                      yes     yes     yes      -
+    grpc.health.v1.Health/*                yes     yes     yes     yes
+
+Health stays open so that load balancers and Kubernetes probes, which send no
+metadata, can ask. With no tokens configured, authentication is off and every
+caller is the local admin (the supervisor then listens on loopback only,
+unless told ``--insecure``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, cast
+
+import grpc
+
+from taskloom.core.auth import LOCAL_ADMIN, Principal, Role, TokenTable, bearer
+from taskloom.core.errors import PermissionDenied, TaskloomError, Unauthenticated
+from taskloom.core.status import abort
+
+logger = logging.getLogger(__name__)
+
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
+    "taskloom_principal", default=LOCAL_ADMIN
+)
+"""The caller of the RPC being served."""
+
+OPEN_PREFIX = "/grpc.health.v1.Health/"
+WORKER_METHODS = frozenset({"/taskloom.v1.WorkerService/Connect"})
+CLIENT_PREFIX = "/taskloom.v1.TaskService/"
+ANY_ROLE_PREFIX = "/grpc.reflection."
+LOG_EVERY = 10.0
+"""Refusals are logged at most once per this many seconds (plus a count)."""
+
+
+def allowed(role: Role, method: str) -> bool:
+    """Whether ``role`` may call ``method`` (its full gRPC name)."""
+    if role is Role.ADMIN or method.startswith(ANY_ROLE_PREFIX):
+        return True
+    if method in WORKER_METHODS:
+        return role is Role.WORKER
+    return role is Role.CLIENT and method.startswith(CLIENT_PREFIX)
+
+
+Continuation: TypeAlias = (
+    "Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]"
+)
+Refused: TypeAlias = Callable[[str], None]
+
+
+class Authenticator(grpc.aio.ServerInterceptor):
+    """Checks the bearer token and the role of every call but health checks."""
+
+    def __init__(self, tokens: TokenTable, refused: Refused | None = None) -> None:
+        self._tokens = tokens
+        self._refused = refused or (lambda reason: None)
+        self._last_log = 0.0
+        self._unlogged = 0
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or not self._tokens or method.startswith(OPEN_PREFIX):
+            return handler
+        token = bearer(handler_call_details.invocation_metadata or ())
+        error: TaskloomError
+        if token is None:
+            error = Unauthenticated(
+                "this supervisor needs a token: pass --token or set TASKLOOM_TOKEN"
+            )
+            return self._refuse(handler, error, "missing", method)
+        principal = self._tokens.lookup(token) if token else None
+        if principal is None:
+            error = Unauthenticated(
+                "the token is not valid (unknown, revoked or malformed); "
+                "ask the operator for a new one"
+            )
+            return self._refuse(handler, error, "invalid", method)
+        if not allowed(principal.role, method):
+            error = PermissionDenied(
+                f"{principal.name} has the {principal.role} role, which may not call "
+                f"{method.rsplit('/', 1)[-1]}"
+            )
+            return self._refuse(handler, error, "forbidden", method, principal)
+        return _as(principal, handler)
+
+    def _refuse(
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        error: TaskloomError,
+        reason: str,
+        method: str,
+        principal: Principal | None = None,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        self._refused(reason)
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            # Never the token: a mistyped one is still someone's secret.
+            logger.warning(
+                "refused %s: %s token%s (%d more refusals since the last report)",
+                method,
+                reason,
+                f" of {principal.name}" if principal else "",
+                self._unlogged,
+            )
+            self._last_log, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await abort(context, error)
+
+        return _handler_like(handler, refuse)
+
+
+def _as(
+    principal: Principal, handler: grpc.RpcMethodHandler[Any, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, run with ``principal`` as the current caller."""
+    inner = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    if inner is None:  # pragma: no cover - grpc always sets one
+        return handler
+    behavior: Callable[..., Any]
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
+            reset = current_principal.set(principal)
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                current_principal.reset(reset)
+
+        behavior = generator
+    else:
+
+        async def coroutine(request: Any, context: Any) -> Any:
+            reset = current_principal.set(principal)
+            try:
+                return await cast(Awaitable[Any], inner(request, context))
+            finally:
+                current_principal.reset(reset)
+
+        behavior = coroutine
+    return _handler_like(handler, behavior)
+
+
+def _handler_like(
+    handler: grpc.RpcMethodHandler[Any, Any], behavior: Callable[..., Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind and serialization as ``handler`` that runs ``behavior``."""
+    make: Any
+    if handler.request_streaming and handler.response_streaming:
+        make = grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        make = grpc.unary_stream_rpc_method_handler
+    else:
+        make = grpc.unary_unary_rpc_method_handler
+    made: grpc.RpcMethodHandler[Any, Any] = make(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    return made

@@ -1,0 +1,91 @@
+"""Per-principal limits: how fast one may submit, how many streams one may hold.
+
+They keep one broken or hostile client from hurting the service for the
+others. Admins are exempt (and so is everyone while authentication is off:
+then the only caller is the local admin). The limit on unfinished tasks
+lives in the store, where it is checked in the same transaction as the
+submit; these live in memory, so a new leader starts them afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+from taskloom.core.auth import Principal
+from taskloom.core.errors import ResourceExhausted
+from taskloom.supervisor.metrics import SupervisorMetrics
+from taskloom.supervisor.settings import SupervisorSettings
+
+
+class _Bucket:
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    __slots__ = ("burst", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> float:
+        """0.0 if a token was taken, else how many seconds until one is there."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class Quotas:
+    """The in-memory per-principal limits of one supervisor."""
+
+    def __init__(self, settings: SupervisorSettings, metrics: SupervisorMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._buckets: dict[str, _Bucket] = {}
+        self._watches: defaultdict[str, int] = defaultdict(int)
+
+    def admit_submit(self, principal: Principal) -> None:
+        """Take one submit from the principal's allowance, or ResourceExhausted."""
+        if principal.admin:
+            return
+        bucket = self._buckets.get(principal.name)
+        if bucket is None:
+            bucket = self._buckets[principal.name] = _Bucket(
+                self._settings.submit_rate, self._settings.submit_burst
+            )
+        wait = bucket.take()
+        if wait:
+            self._metrics.refused.labels("submit_rate").inc()
+            raise ResourceExhausted(
+                f"{principal.name} submits faster than {self._settings.submit_rate:g} tasks "
+                f"a second (TASKLOOM_SUBMIT_RATE); retry in {wait:.1f}s",
+                subject="submit_rate",
+            )
+
+    @contextlib.contextmanager
+    def watching(self, principal: Principal) -> Iterator[None]:
+        """Hold one of the principal's watch streams for the block's duration."""
+        if principal.admin:
+            yield
+            return
+        if self._watches[principal.name] >= self._settings.max_watches:
+            self._metrics.refused.labels("max_watches").inc()
+            raise ResourceExhausted(
+                f"{principal.name} already watches {self._settings.max_watches} tasks at once, "
+                "the limit (TASKLOOM_MAX_WATCHES); end a watch first",
+                subject="max_watches",
+            )
+        self._watches[principal.name] += 1
+        try:
+            yield
+        finally:
+            self._watches[principal.name] -= 1
+            if not self._watches[principal.name]:
+                del self._watches[principal.name]

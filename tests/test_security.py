@@ -1,0 +1,709 @@
+"""Security over real TLS: tokens and roles, ownership, mutual TLS, limits and
+rich errors. Certificates are minted per module with ``taskloom certs init``'s
+code; the supervisor, the SDK and a worker process talk through them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis.asyncio import Redis
+
+from taskloom.client import TaskloomClient
+from taskloom.client.certs import Minted, init
+from taskloom.client.settings import ClientSettings
+from taskloom.core.auth import TokenTable, hash_token, token_metadata
+from taskloom.core.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    PlanError,
+    ResourceExhausted,
+    SupervisorUnavailable,
+    TaskNotFound,
+    Unauthenticated,
+)
+from taskloom.core.localredis import LocalRedis
+from taskloom.core.model import TaskStatus
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import tasks_pb2_grpc, workers_pb2_grpc
+from taskloom.v1 import workers_pb2 as wpb
+from taskloom.worker import Worker, WorkerSettings
+from tests.conftest import REPO, Processes
+from tests.helpers import eventually, plan, wait_status
+
+TOKENS = {
+    "alice": ("tl_alice-9f2c1e7b", "client"),
+    "bob": ("tl_bob-41d0a6c3", "client"),
+    "w1": ("tl_worker-7c55e012", "worker"),
+    "root": ("tl_root-e83b4f90", "admin"),
+}
+GATED = plan(("a", "gate", "wait"))
+
+
+def tokens_entries() -> str:
+    return "; ".join(f"{hash_token(t)} {name} {role}" for name, (t, role) in TOKENS.items())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Minted:
+    return init(tmp_path_factory.mktemp("pki"))
+
+
+def secured(settings: SupervisorSettings, pki: Minted, **changes: Any) -> SupervisorSettings:
+    cert, key = pki.files["server"]
+    return settings.model_copy(
+        update={"tls_cert": cert, "tls_key": key, "tokens": tokens_entries(), **changes}
+    )
+
+
+@pytest.fixture
+async def secure(supervisor_settings: SupervisorSettings, pki: Minted) -> AsyncIterator[Supervisor]:
+    server = Supervisor(secured(supervisor_settings, pki))
+    await server.start()
+    yield server
+    await server.stop(grace=0.5)
+
+
+def connect(
+    supervisor: Supervisor, pki: Minted, who: str | None, *, cert: str | None = None, **extra: Any
+) -> TaskloomClient:
+    files = {}
+    if cert is not None:
+        files = {"tls_cert": str(pki.files[cert][0]), "tls_key": str(pki.files[cert][1])}
+    settings = ClientSettings.load(
+        supervisor=supervisor.address,
+        token=TOKENS[who][0] if who else "",
+        tls_ca=str(pki.ca),
+        **files,
+        **extra,
+    )
+    return TaskloomClient(settings=settings)
+
+
+def channel(supervisor: Supervisor, pki: Minted, cert: str | None = None) -> grpc.aio.Channel:
+    key = chain = None
+    if cert is not None:
+        chain, key = (p.read_bytes() for p in pki.files[cert])
+    credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), key, chain)
+    return grpc.aio.secure_channel(supervisor.address, credentials)
+
+
+# -- authentication and roles ---------------------------------------------------------
+
+
+async def test_calls_without_a_valid_token_are_unauthenticated(
+    secure: Supervisor, pki: Minted
+) -> None:
+    async with connect(secure, pki, None) as anonymous:
+        with pytest.raises(Unauthenticated, match="needs a token"):
+            await anonymous.submit("anything", plan=GATED)
+        with pytest.raises(Unauthenticated):
+            await anonymous.list()
+    async with TaskloomClient(
+        settings=ClientSettings.load(
+            supervisor=secure.address, token="tl_not-a-real-token", tls_ca=str(pki.ca)
+        )
+    ) as forger:
+        with pytest.raises(Unauthenticated, match="not valid"):
+            await forger.get("0123456789ab01234567")
+    # Health stays open for probes, which send no metadata.
+    async with channel(secure, pki) as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert secure.metrics.refused.labels("missing")._value.get() >= 2
+    assert secure.metrics.refused.labels("invalid")._value.get() >= 1
+
+
+async def test_each_role_reaches_only_its_own_service(secure: Supervisor, pki: Minted) -> None:
+    async with connect(secure, pki, "w1") as worker_token:
+        with pytest.raises(PermissionDenied, match="w1 has the worker role"):
+            await worker_token.submit("forge a task", plan=GATED)
+    async with channel(secure, pki) as ch:
+        call = workers_pb2_grpc.WorkerServiceStub(ch).Connect(
+            metadata=token_metadata(TOKENS["alice"][0])
+        )
+        await call.write(
+            wpb.ConnectRequest(
+                hello=wpb.Hello(worker_id="spy", capabilities=["llm"], max_concurrency=1)
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # The worker token may connect; the admin's may too.
+        for who in ("w1", "root"):
+            call = workers_pb2_grpc.WorkerServiceStub(ch).Connect(
+                metadata=token_metadata(TOKENS[who][0])
+            )
+            await call.write(
+                wpb.ConnectRequest(
+                    hello=wpb.Hello(worker_id=f"id-{who}", capabilities=["x"], max_concurrency=1)
+                )
+            )
+            first: Any = await call.read()
+            assert first.HasField("welcome")
+            call.cancel()
+
+
+async def test_a_task_is_visible_only_to_its_owner_and_admins(
+    secure: Supervisor, pki: Minted
+) -> None:
+    async with (
+        connect(secure, pki, "alice") as alice,
+        connect(secure, pki, "bob") as bob,
+        connect(secure, pki, "root") as root,
+    ):
+        task_id = await alice.submit("alice's work", plan=GATED, idempotency_key="k1")
+        assert (await alice.get(task_id)).owner == "alice"
+        with pytest.raises(TaskNotFound):
+            await bob.get(task_id)
+        with pytest.raises(TaskNotFound):
+            await bob.cancel(task_id)
+        with pytest.raises(TaskNotFound):
+            async for _ in bob.watch(task_id):
+                pass
+        assert [t.id for t in await bob.list()] == []
+        # The same idempotency key is bob's own: a new task, not alice's.
+        bobs = await bob.submit("bob's work", plan=GATED, idempotency_key="k1")
+        assert bobs != task_id
+        assert [t.id for t in await alice.list()] == [task_id]
+        assert {t.id for t in await root.list()} >= {task_id, bobs}
+        assert (await root.cancel(task_id)).status == TaskStatus.CANCELLED
+        assert (await alice.get(task_id)).status == TaskStatus.CANCELLED
+
+
+async def test_mutual_tls_refuses_a_peer_without_a_certificate(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, tls_client_ca=pki.ca))
+    await server.start()
+    try:
+        async with connect(server, pki, "alice", unavailable_grace=0) as without:
+            with pytest.raises(SupervisorUnavailable):
+                await without.list()
+        async with connect(server, pki, "alice", cert="client") as holder:
+            task_id = await holder.submit("with a certificate", plan=GATED)
+            assert (await holder.get(task_id)).status == TaskStatus.RUNNING
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_a_worker_process_runs_tasks_over_mutual_tls_with_its_token(
+    supervisor_settings: SupervisorSettings, pki: Minted, processes: Processes
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, tls_client_ca=pki.ca))
+    await server.start()
+    try:
+        cert, key = pki.files["worker"]
+        processes.worker(
+            server.address,
+            capabilities="echo",
+            env={
+                "TASKLOOM_TOKEN": TOKENS["w1"][0],
+                "TASKLOOM_TLS_CA": str(pki.ca),
+                "TASKLOOM_TLS_CERT": str(cert),
+                "TASKLOOM_TLS_KEY": str(key),
+            },
+        )
+        async with connect(server, pki, "alice", cert="client") as alice:
+            task_id = await alice.submit("echo", plan=plan(("a", "echo", "hello over mTLS")))
+            task = await wait_status(alice, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+            assert task.status == TaskStatus.SUCCEEDED
+            assert "hello over mTLS" in task.result
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_a_worker_with_a_client_token_is_refused_and_says_why(
+    secure: Supervisor, pki: Minted, processes: Processes, tmp_path: Path
+) -> None:
+    processes.worker(
+        secure.address,
+        name="impostor",
+        capabilities="echo",
+        env={"TASKLOOM_TOKEN": TOKENS["alice"][0], "TASKLOOM_TLS_CA": str(pki.ca)},
+    )
+    log = tmp_path / "impostor.log"
+    await eventually(lambda: log.exists() and "refused this worker" in log.read_text(), timeout=30)
+    assert "PERMISSION_DENIED" in log.read_text() or "worker role" in log.read_text()
+    assert not secure.scheduler.sessions()
+
+
+# -- limits ---------------------------------------------------------------------------
+
+
+async def test_an_oversized_message_is_refused_and_the_server_keeps_serving(
+    secure: Supervisor, pki: Minted
+) -> None:
+    async with connect(secure, pki, "alice") as alice:
+        with pytest.raises(ResourceExhausted, match="TASKLOOM_MAX_REQUEST_BYTES"):
+            await alice.submit("x" * (5 * 1024 * 1024), plan=GATED)
+        task_id = await alice.submit("a normal goal", plan=GATED)
+        assert (await alice.get(task_id)).status == TaskStatus.RUNNING
+
+
+async def test_over_limit_goals_and_plans_name_the_field(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, max_goal_chars=100, max_plan_subtasks=3))
+    await server.start()
+    try:
+        async with connect(server, pki, "alice") as alice:
+            with pytest.raises(InvalidArgument) as goal:
+                await alice.submit("g" * 101, plan=GATED)
+            assert goal.value.field == "goal"
+            assert "TASKLOOM_MAX_GOAL_CHARS" in str(goal.value)
+            big = plan(*[(f"s{i}", "echo", "x") for i in range(4)])
+            with pytest.raises(PlanError) as too_big:
+                await alice.submit("a big plan", plan=big)
+            assert too_big.value.field == "plan.subtasks"
+            with pytest.raises(InvalidArgument) as option:
+                await alice.submit("bad option", plan=GATED, max_attempts=1000)
+            assert option.value.field == "options.max_attempts"
+        # The details are the standard ones, for any gRPC client.
+        async with channel(server, pki) as ch:
+            stub = tasks_pb2_grpc.TaskServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as raw:
+                await stub.SubmitTask(
+                    pb.SubmitTaskRequest(goal=" "),
+                    metadata=token_metadata(TOKENS["alice"][0]),
+                )
+            assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            status = rpc_status.from_call(raw.value)
+            bad = error_details_pb2.BadRequest()
+            assert any(d.Unpack(bad) for d in status.details)
+            assert bad.field_violations[0].field == "goal"
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_per_principal_limits_stop_one_client_without_touching_others(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(
+        secured(
+            supervisor_settings,
+            pki,
+            submit_rate=0.01,
+            submit_burst=4,
+            max_tasks_in_flight=2,
+            max_watches=1,
+        )
+    )
+    await server.start()
+    try:
+        async with (
+            connect(server, pki, "alice") as alice,
+            connect(server, pki, "bob") as bob,
+            connect(server, pki, "root") as root,
+        ):
+            first = await alice.submit("one", plan=GATED)
+            await alice.submit("two", plan=GATED)
+            with pytest.raises(ResourceExhausted, match="unfinished tasks") as in_flight:
+                await alice.submit("three", plan=GATED)
+            assert in_flight.value.subject == "max_tasks_in_flight"
+            await alice.cancel(first)
+            await alice.submit("three, now that one ended", plan=GATED)
+            with pytest.raises(ResourceExhausted) as rate:
+                await alice.submit("four", plan=GATED)
+            assert rate.value.subject == "submit_rate"
+            # Bob has his own allowance; the admin has none to run out of.
+            bobs = await bob.submit("bob", plan=GATED)
+            for n in range(5):
+                await root.submit(f"admin {n}", plan=GATED)
+
+            held = bob.watch(bobs)
+            watching = asyncio.ensure_future(anext(held))
+            await eventually(lambda: watching.done())
+            with pytest.raises(ResourceExhausted) as watches:
+                async for _ in bob.watch(bobs):
+                    pass
+            assert watches.value.subject == "max_watches"
+            await held.aclose()
+            # The stream is released when the watch ends.
+            await eventually(lambda: not server.quotas._watches)
+            second = bob.watch(bobs)
+            assert (await anext(second)).type == "task.submitted"
+            await second.aclose()
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_a_stream_that_never_says_hello_is_closed(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, hello_timeout=0.5))
+    await server.start()
+    try:
+        async with channel(server, pki) as ch:
+            call = workers_pb2_grpc.WorkerServiceStub(ch).Connect(
+                metadata=token_metadata(TOKENS["w1"][0])
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as closed:
+                async with asyncio.timeout(30):
+                    await call.read()
+            assert closed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no Hello" in (closed.value.details() or "")
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_outputs_over_the_limit_fail_or_are_cut(
+    supervisor_settings: SupervisorSettings, pki: Minted, processes: Processes
+) -> None:
+    long = "word " * 500  # 2,500 bytes
+    for overflow in ("fail", "truncate"):
+        settings = secured(
+            supervisor_settings,
+            pki,
+            max_output_bytes=1024,
+            output_overflow=overflow,
+            redis_prefix=f"{supervisor_settings.redis_prefix}{overflow}:",
+        )
+        server = Supervisor(settings)
+        await server.start()
+        try:
+            processes.worker(
+                server.address,
+                name=f"worker-{overflow}",
+                capabilities="echo",
+                env={"TASKLOOM_TOKEN": TOKENS["w1"][0], "TASKLOOM_TLS_CA": str(pki.ca)},
+            )
+            async with connect(server, pki, "alice") as alice:
+                task_id = await alice.submit("long", plan=plan(("a", "echo", long)))
+                task = await wait_status(alice, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+                sub = task.subtasks[0]
+                if overflow == "fail":
+                    assert task.status == TaskStatus.FAILED
+                    assert "limit is 1,024" in sub.error
+                    assert "TASKLOOM_OUTPUT_OVERFLOW=truncate" in sub.error
+                else:
+                    assert task.status == TaskStatus.SUCCEEDED
+                    assert len(sub.output.encode()) <= 1024
+                    assert "output cut" in sub.output
+        finally:
+            await server.stop(grace=0.5)
+            processes.close()
+
+
+async def test_a_hostile_worker_cannot_report_for_an_attempt_it_was_not_given(
+    secure: Supervisor, pki: Minted
+) -> None:
+    async with connect(secure, pki, "alice") as alice, channel(secure, pki) as ch:
+        metadata = token_metadata(TOKENS["w1"][0])
+        honest = workers_pb2_grpc.WorkerServiceStub(ch).Connect(metadata=metadata)
+        await honest.write(
+            wpb.ConnectRequest(
+                hello=wpb.Hello(worker_id="honest", capabilities=["gate"], max_concurrency=1)
+            )
+        )
+        welcome: Any = await honest.read()
+        assert welcome.HasField("welcome")
+        task_id = await alice.submit("held", plan=GATED)
+        assigned: Any = await honest.read()
+        given = assigned.assign.assignments[0]
+        ref = wpb.AttemptRef(
+            task_id=given.task_id, subtask_id=given.subtask_id, attempt=given.attempt
+        )
+        hostile = workers_pb2_grpc.WorkerServiceStub(ch).Connect(metadata=metadata)
+        await hostile.write(
+            wpb.ConnectRequest(
+                hello=wpb.Hello(worker_id="hostile", capabilities=["other"], max_concurrency=1)
+            )
+        )
+        welcome = await hostile.read()
+        assert welcome.HasField("welcome")
+        await hostile.write(
+            wpb.ConnectRequest(
+                completed=wpb.Completed(results=[wpb.SubtaskResult(ref=ref, output="forged")])
+            )
+        )
+        acked: Any = await hostile.read()
+        assert acked.HasField("ack")  # stale reports are acknowledged, never errors
+        task = await alice.get(task_id)
+        assert task.status == TaskStatus.RUNNING
+        assert task.subtasks[0].output == ""
+        await honest.write(
+            wpb.ConnectRequest(
+                completed=wpb.Completed(results=[wpb.SubtaskResult(ref=ref, output="genuine")])
+            )
+        )
+        task = await wait_status(alice, task_id, TaskStatus.SUCCEEDED)
+        assert task.result == "genuine"
+        honest.cancel()
+        hostile.cancel()
+
+
+# -- the CLI ----------------------------------------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskloom.client", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_the_cli_turns_refusals_into_one_line_and_a_distinct_exit_code(
+    secure: Supervisor, pki: Minted
+) -> None:
+    env = {"TASKLOOM_SUPERVISOR": secure.address, "TASKLOOM_TLS_CA": str(pki.ca)}
+    missing = await asyncio.to_thread(run_cli, "tasks", env=env)
+    assert missing.returncode == 6
+    assert missing.stderr.strip().count("\n") == 0
+    assert "needs a token" in missing.stderr
+    listed = await asyncio.to_thread(
+        run_cli, "tasks", "--json", "--token", TOKENS["alice"][0], env=env
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout or "[]") == []
+    denied = await asyncio.to_thread(
+        run_cli, "tasks", env={**env, "TASKLOOM_TOKEN": TOKENS["w1"][0]}
+    )
+    assert denied.returncode == 6
+    assert "worker role" in denied.stderr
+
+
+def test_certs_init_and_tokens_add_make_a_working_setup(tmp_path: Path) -> None:
+    made = run_cli("certs", "init", str(tmp_path / "pki"), "--host", "sup.example", env={})
+    assert made.returncode == 0, made.stderr
+    for name in ("ca.pem", "server.pem", "server-key.pem", "worker.pem", "client-key.pem"):
+        assert (tmp_path / "pki" / name).exists()
+    assert (tmp_path / "pki" / "server-key.pem").stat().st_mode & 0o077 == 0
+    again = run_cli("certs", "init", str(tmp_path / "pki"), env={})
+    assert again.returncode != 0 and "--force" in again.stderr
+    tokens = tmp_path / "tokens"
+    added = run_cli("tokens", "add", str(tokens), "carol", "--role", "worker", env={})
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    assert token not in tokens.read_text()
+    principal = TokenTable.load(tokens).lookup(token)
+    assert principal is not None and (principal.name, principal.role) == ("carol", "worker")
+    assert TokenTable.load(tokens).lookup(token + "x") is None
+
+
+# -- tokens stay secret ---------------------------------------------------------------
+
+
+async def test_tokens_never_appear_in_logs_spans_events_errors_or_redis(
+    secure: Supervisor,
+    pki: Minted,
+    spans: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    redis_server: LocalRedis,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    near_miss = TOKENS["alice"][0] + "x"
+    errors: list[str] = []
+    worker = Worker(
+        WorkerSettings.load(
+            supervisor=secure.address,
+            capabilities="echo",
+            name="leakcheck",
+            token=TOKENS["w1"][0],
+            tls_ca=str(pki.ca),
+        )
+    )
+    impostor = Worker(
+        WorkerSettings.load(
+            supervisor=secure.address,
+            capabilities="echo",
+            name="impostor",
+            token=TOKENS["bob"][0],
+            tls_ca=str(pki.ca),
+        )
+    )
+    serving = [asyncio.create_task(worker.serve()), asyncio.create_task(impostor.serve())]
+    try:
+        async with connect(secure, pki, "alice") as alice:
+            task_id = await alice.submit("check for leaks", plan=plan(("a", "echo", "hi")))
+            task = await wait_status(alice, task_id, TaskStatus.SUCCEEDED)
+            events = [e async for e in alice.watch(task_id)]
+            with pytest.raises(TaskNotFound) as hidden:
+                async with connect(secure, pki, "bob") as bob:
+                    await bob.get(task_id)
+            errors.append(str(hidden.value))
+        for token in (near_miss, TOKENS["w1"][0], ""):
+            settings = ClientSettings.load(
+                supervisor=secure.address, token=token, tls_ca=str(pki.ca)
+            )
+            async with TaskloomClient(settings=settings) as client:
+                with pytest.raises((Unauthenticated, PermissionDenied)) as refused:
+                    await client.submit("nope", plan=GATED)
+                errors.append(str(refused.value))
+                errors.append(repr(settings))
+        await eventually(lambda: "refused this worker" in caplog.text)
+    finally:
+        for w in (worker, impostor):
+            await w.stop()
+        await asyncio.gather(*serving, return_exceptions=True)
+    assert task.status == TaskStatus.SUCCEEDED
+
+    texts = [caplog.text, *errors]
+    texts += [f"{r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records]
+    texts += [repr(e) for e in events]
+    for span in spans.get_finished_spans():
+        texts.append(span.to_json())
+    texts += await redis_dump(redis_server, secure.settings.redis_prefix)
+    # The run logged and traced what the check needs: refusals included.
+    assert spans.get_finished_spans() and "refused /taskloom.v1" in caplog.text
+    secrets = [near_miss, *(token for token, _ in TOKENS.values())]
+    for secret in secrets:
+        leaks = [text for text in texts if secret in text]
+        assert not leaks, f"{secret} leaked: {leaks[0][:300]}"
+
+
+async def redis_dump(redis_server: LocalRedis, prefix: str) -> list[str]:
+    """Every value under the test's prefix, as text."""
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    out: list[str] = []
+    try:
+        async for key in client.scan_iter(match=f"{prefix}*"):
+            kind = await client.type(key)
+            if kind == "hash":
+                out.append(json.dumps(await client.hgetall(key)))
+            elif kind == "string":
+                out.append(str(await client.get(key)))
+            elif kind == "stream":
+                out.append(json.dumps(await client.xrange(key)))
+            elif kind == "zset":
+                out.append(json.dumps(await client.zrange(key, 0, -1)))
+            elif kind in ("list", "set"):
+                read = client.lrange(key, 0, -1) if kind == "list" else client.smembers(key)
+                out.append(json.dumps(sorted(await read)))
+            out.append(key)
+    finally:
+        await client.aclose()
+    return out
+
+
+# -- listening and connections ----------------------------------------------------------
+
+
+async def test_without_tokens_the_supervisor_keeps_to_loopback_unless_told(
+    supervisor_settings: SupervisorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_wide = supervisor_settings.model_copy(update={"listen": "0.0.0.0:0"})
+    guarded = Supervisor(open_wide)
+    assert guarded.listen == "127.0.0.1:0"
+    assert "NO TOKENS ARE CONFIGURED" in caplog.text
+    await guarded.store.close()
+    told = Supervisor(open_wide.model_copy(update={"insecure": True}))
+    assert told.listen == "0.0.0.0:0"
+    assert "INSECURE" in caplog.text
+    await told.store.close()
+    with_tokens = Supervisor(open_wide.model_copy(update={"tokens": tokens_entries()}))
+    assert with_tokens.listen == "0.0.0.0:0"
+    await with_tokens.store.close()
+
+
+async def test_metrics_can_be_served_over_tls(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, metrics_port=0, metrics_tls=True))
+    await server.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        url = f"https://localhost:{server.metrics_port}/metrics"
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, context=context, timeout=10) as reply:
+                return str(reply.read().decode())
+
+        assert "taskloom_tasks_submitted_total" in await asyncio.to_thread(scrape)
+        plain = f"http://localhost:{server.metrics_port}/metrics"
+        with pytest.raises(OSError):
+            await asyncio.to_thread(lambda: urllib.request.urlopen(plain, timeout=10).read())
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_workers_and_watchers_ride_through_connection_age_limits(
+    supervisor_settings: SupervisorSettings, pki: Minted, processes: Processes
+) -> None:
+    """Connections are closed after max_connection_age (plus grace); workers
+    reconnect and keep their attempts, watchers resume from their cursor."""
+    server = Supervisor(
+        secured(supervisor_settings, pki, max_connection_age=1.0, max_connection_age_grace=0.5)
+    )
+    await server.start()
+    try:
+        processes.worker(
+            server.address,
+            name="aging",
+            capabilities="gate,echo",
+            env={"TASKLOOM_TOKEN": TOKENS["w1"][0], "TASKLOOM_TLS_CA": str(pki.ca)},
+        )
+        async with connect(server, pki, "alice") as alice:
+            task_id = await alice.submit(
+                "outlive the connection", plan=plan(("a", "gate", "slow"), ("b", "echo", "x", "a"))
+            )
+            events = []
+
+            async def follow() -> None:
+                async for event in alice.watch(task_id):
+                    events.append(event)
+
+            following = asyncio.create_task(follow())
+            marks = Path(processes.test_dir)
+            await eventually(lambda: (marks / "started-a-1").exists())
+            # Past several connection lifetimes, the attempt is still held.
+            log = processes.tmp_path / "aging.log"
+            await eventually(
+                lambda: log.read_text().count("connected to supervisor") >= 3, timeout=30
+            )
+            (marks / "open-a").write_text("")
+            task = await wait_status(alice, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+            await asyncio.wait_for(following, 30)
+        assert task.status == TaskStatus.SUCCEEDED
+        assert [s.attempt for s in task.subtasks if s.id == "a"] == [1]
+        ids = [e.id for e in events]
+        assert len(ids) == len(set(ids)) and events[-1].type == "task.succeeded"
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_probes_get_plaintext_health_on_their_own_port_while_grpc_is_tls(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    leader = Supervisor(secured(supervisor_settings, pki, health_port=0))
+    await leader.start()
+    standby = Supervisor(secured(supervisor_settings, pki, health_port=0))
+    await standby.start()
+    try:
+        for server, ready in ((leader, True), (standby, False)):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                readiness = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+                liveness = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"))
+                serving = health_pb2.HealthCheckResponse.SERVING
+                assert (readiness.status == serving) is ready
+                assert liveness.status == serving
+                # Nothing but health on this port.
+                with pytest.raises(grpc.aio.AioRpcError) as other:
+                    await tasks_pb2_grpc.TaskServiceStub(ch).ListTasks(pb.ListTasksRequest())
+                assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await standby.stop(grace=0.5)
+        await leader.stop(grace=0.5)
