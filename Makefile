@@ -28,6 +28,7 @@ demo: setup
 
 test: setup
 	./scripts/ensure-prometheus
+	./scripts/ensure-kubectl
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # N random fault schedules through the fault-injection suite (tests/chaos);
@@ -40,6 +41,7 @@ lint: setup protos-check
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
+	$(BIN)/hadolint Dockerfile
 
 format: setup
 	$(BIN)/ruff check --fix .

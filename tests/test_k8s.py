@@ -1,0 +1,363 @@
+"""The Kubernetes manifests, checked offline: each overlay rendered with
+``kubectl kustomize``, validated strictly against a pinned Kubernetes version
+(core kinds) and the JSON schemas in ``deploy/k8s/schemas`` (KEDA and
+Prometheus Operator kinds), then held to what a reviewer would ask of them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+K8S = REPO / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.31.0"
+OVERLAYS = ("dev", "prod")
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
+}
+BACKGROUND_STOP = 5
+"""Seconds a stopping supervisor may wait for its background work (app.py)."""
+
+Doc = dict[str, Any]
+
+
+def kustomize(directory: Path) -> list[Doc]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, (
+        "kubectl is needed to render deploy/k8s (kubectl kustomize, offline); "
+        "install it (scripts/ensure-kubectl tries apt)"
+    )
+    out = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@cache
+def rendered(overlay: str) -> tuple[Doc, ...]:
+    return tuple(kustomize(K8S / "overlays" / overlay))
+
+
+def with_hpa(tmp_path: Path) -> list[Doc]:
+    """The base with the HPA component instead of KEDA's."""
+    here = tmp_path / "hpa-overlay"
+    here.mkdir()
+    base = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
+    (here / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(base / "base")],
+                "components": [str(base / "components" / "hpa")],
+            }
+        )
+    )
+    return kustomize(here)
+
+
+def of(docs: tuple[Doc, ...] | list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: tuple[Doc, ...] | list[Doc], kind: str, name: str) -> Doc:
+    (found,) = [d for d in of(docs, kind) if d["metadata"]["name"] == name]
+    return found
+
+
+def workloads(docs: tuple[Doc, ...] | list[Doc]) -> list[Doc]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def containers(workload: Doc) -> Iterator[Doc]:
+    spec = workload["spec"]["template"]["spec"]
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def config(docs: tuple[Doc, ...], name: str) -> dict[str, str]:
+    """A generated ConfigMap's data (its name carries a content hash)."""
+    (found,) = [
+        d for d in of(docs, "ConfigMap") if d["metadata"]["name"].rpartition("-")[0] == name
+    ]
+    data: dict[str, str] = found["data"]
+    return data
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in ("ms", "s", "m", "h"):
+        if duration.endswith(unit):
+            return float(duration.removesuffix(unit)) * units[unit]
+    return float(duration)
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# -- validity -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_renders_and_validates_strictly(overlay: str) -> None:
+    docs = rendered(overlay)
+    assert docs
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CRD_SCHEMAS:
+            schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[key]).read_text())
+            jsonschema.validate(doc, schema)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_hpa_alternative_and_the_secret_examples_validate(tmp_path: Path) -> None:
+    docs = with_hpa(tmp_path)
+    (hpa,) = of(docs, "HorizontalPodAutoscaler")
+    kubernetes_validate.validate(hpa, KUBERNETES_VERSION, strict=True)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "taskloom-worker"
+    examples = list(yaml.safe_load_all((K8S / "overlays/prod/secrets.example.yaml").read_text()))
+    assert {d["metadata"]["name"] for d in examples} == {
+        "taskloom-tls",
+        "taskloom-tokens",
+        "taskloom-worker-token",
+        "taskloom-redis",
+    }
+    for secret in examples:
+        kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_crd_schemas_refuse_what_the_crds_refuse() -> None:
+    docs = rendered("prod")
+    (scaled,) = of(docs, "ScaledObject")
+    path = K8S / "schemas" / CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]
+    schema = json.loads(path.read_text())
+    broken = json.loads(json.dumps(scaled))
+    broken["spec"]["minReplicas"] = 0  # the HPA's name, not KEDA's
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    del broken["spec"]["minReplicas"]
+    del broken["spec"]["scaleTargetRef"]["name"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+# -- what a reviewer checks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_resources_and_a_restrictive_security_context(overlay: str) -> None:
+    for workload in workloads(rendered(overlay)):
+        pod = workload["spec"]["template"]["spec"]
+        name = workload["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["automountServiceAccountToken"] is False, name
+        # Service links would put TASKLOOM_SUPERVISOR_PORT=tcp://... and the
+        # like into the environment, next to the real TASKLOOM_* settings.
+        assert pod["enableServiceLinks"] is False, name
+        for container in containers(workload):
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), name
+            assert "memory" in resources["limits"], name
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context.get("privileged", False) is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned(overlay: str) -> None:
+    for workload in workloads(rendered(overlay)):
+        for container in containers(workload):
+            image = container["image"]
+            name, _, tag = image.rpartition(":")
+            assert "@sha256:" in image or (name and tag and tag != "latest"), image
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_supervisor_probes_are_grpc_on_the_health_port(overlay: str) -> None:
+    docs = rendered(overlay)
+    supervisor = named(docs, "Deployment", "taskloom-supervisor")
+    (container,) = containers(supervisor)
+    health_port = int(config(docs, "taskloom-supervisor")["TASKLOOM_HEALTH_PORT"])
+    readiness, liveness = container["readinessProbe"], container["livenessProbe"]
+    # Readiness: service "" is SERVING on the leader only; liveness on any
+    # supervisor that runs (app.LIVENESS).
+    assert readiness["grpc"] == {"port": health_port, "service": ""}
+    assert liveness["grpc"] == {"port": health_port, "service": "liveness"}
+    assert container["startupProbe"]["grpc"]["service"] == "liveness"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == health_port
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_periods_cover_the_drain(overlay: str) -> None:
+    docs = rendered(overlay)
+    supervisor = named(docs, "Deployment", "taskloom-supervisor")["spec"]["template"]["spec"]
+    pre_stop = supervisor["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = seconds(config(docs, "taskloom-supervisor")["TASKLOOM_SHUTDOWN_GRACE"])
+    assert supervisor["terminationGracePeriodSeconds"] >= pre_stop + drain + BACKGROUND_STOP
+    worker = named(docs, "Deployment", "taskloom-worker")["spec"]["template"]["spec"]
+    worker_drain = seconds(config(docs, "taskloom-worker")["TASKLOOM_DRAIN_TIMEOUT"])
+    assert worker["terminationGracePeriodSeconds"] >= worker_drain + 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_labels_selectors_and_ports_agree(overlay: str) -> None:
+    docs = rendered(overlay)
+    for doc in docs:
+        labels = doc["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "taskloom", doc["metadata"]["name"]
+    for workload in workloads(docs):
+        template = workload["spec"]["template"]["metadata"]["labels"]
+        assert matches(workload["spec"]["selector"]["matchLabels"], template)
+        assert matches(workload["metadata"]["labels"], template)
+    for service in of(docs, "Service"):
+        selected = [
+            w for w in workloads(docs)
+            if matches(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]  # fmt: skip
+        assert selected, f"{service['metadata']['name']} selects no pods"
+        for workload in selected:
+            names = {p["name"] for c in containers(workload) for p in c.get("ports", [])}
+            for port in service["spec"]["ports"]:
+                assert port["targetPort"] in names, (service["metadata"]["name"], port)
+
+
+def test_network_policies_let_only_the_right_pods_in() -> None:
+    docs = rendered("dev")
+    pods = {
+        w["metadata"]["labels"]["app.kubernetes.io/component"]: w["spec"]["template"]["metadata"][
+            "labels"
+        ]
+        for w in workloads(docs)
+    }
+    policies = {p["metadata"]["name"]: p["spec"] for p in of(docs, "NetworkPolicy")}
+    deny = policies["taskloom-default-deny"]
+    assert all(matches(deny["podSelector"]["matchLabels"], labels) for labels in pods.values())
+    assert "ingress" not in deny
+
+    def admitted(policy: str) -> set[str]:
+        spec = policies[policy]
+        sources = [
+            peer["podSelector"]["matchLabels"]
+            for rule in spec["ingress"]
+            for peer in rule["from"]
+            if "podSelector" in peer and "namespaceSelector" not in peer
+        ]
+        return {c for c, labels in pods.items() if any(matches(s, labels) for s in sources)}
+
+    def guarded(policy: str) -> set[str]:
+        selector = policies[policy]["podSelector"]["matchLabels"]
+        return {c for c, labels in pods.items() if matches(selector, labels)}
+
+    assert guarded("taskloom-redis") == {"redis"}
+    assert admitted("taskloom-redis") == {"supervisor"}
+    assert guarded("taskloom-supervisor") == {"supervisor"}
+    assert admitted("taskloom-supervisor") == {"worker"}
+    assert guarded("taskloom-worker") == {"worker"}
+    assert admitted("taskloom-worker") == set()
+    # Prometheus reaches the metrics ports, from its namespace only.
+    for name in ("taskloom-supervisor", "taskloom-worker"):
+        scrape = [
+            r for r in policies[name]["ingress"]
+            if any("namespaceSelector" in p and "monitoring" in str(p) for p in r["from"])
+        ]  # fmt: skip
+        assert scrape and scrape[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+
+
+def test_prod_runs_ha_supervisors_with_tls_tokens_and_external_redis() -> None:
+    docs = rendered("prod")
+    supervisor = named(docs, "Deployment", "taskloom-supervisor")
+    assert supervisor["spec"]["replicas"] >= 2
+    affinity = supervisor["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert affinity["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == (
+        "kubernetes.io/hostname"
+    )
+    budget = named(docs, "PodDisruptionBudget", "taskloom-supervisor")
+    labels = supervisor["spec"]["template"]["metadata"]["labels"]
+    assert matches(budget["spec"]["selector"]["matchLabels"], labels)
+    settings = config(docs, "taskloom-supervisor")
+    assert settings["TASKLOOM_TLS_CERT"].startswith("/etc/taskloom/tls/")
+    assert settings["TASKLOOM_TOKENS_FILE"].startswith("/etc/taskloom/tokens/")
+    assert "TASKLOOM_INSECURE" not in settings
+    (container,) = containers(supervisor)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TASKLOOM_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "taskloom-redis"
+    worker = named(docs, "Deployment", "taskloom-worker")
+    (worker_container,) = containers(worker)
+    worker_env = {e["name"]: e for e in worker_container["env"]}
+    assert "secretKeyRef" in worker_env["TASKLOOM_TOKEN"]["valueFrom"]
+    assert config(docs, "taskloom-worker")["TASKLOOM_TLS_CA"].startswith("/etc/taskloom/tls/")
+    # Secret values are never part of the rendered manifests, nor Redis in-cluster.
+    assert of(docs, "Secret") == []
+    assert of(docs, "StatefulSet") == []
+
+
+def test_dev_has_one_of_each_and_redis_with_aof_on_a_volume() -> None:
+    docs = rendered("dev")
+    for name in ("taskloom-supervisor", "taskloom-worker"):
+        assert named(docs, "Deployment", name)["spec"]["replicas"] == 1
+    assert config(docs, "taskloom-supervisor")["TASKLOOM_INSECURE"] == "true"
+    assert of(docs, "PodDisruptionBudget") == []
+    redis = named(docs, "StatefulSet", "taskloom-redis")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    url = config(docs, "taskloom-supervisor")["TASKLOOM_REDIS_URL"]
+    assert url.startswith("redis://taskloom-redis:")
+
+
+def test_workers_scale_on_their_capability_queue_down_to_zero() -> None:
+    docs = rendered("prod")
+    (scaled,) = of(docs, "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == "taskloom-worker"
+    assert spec["minReplicaCount"] == 0
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    query = trigger["metadata"]["query"]
+    capability = config(docs, "taskloom-worker")["TASKLOOM_CAPABILITIES"]
+    assert f'taskloom_ready_subtasks{{capability="{capability}"}}' in query
+    assert f'taskloom_busy_subtasks{{capability="{capability}"}}' in query
+    concurrency = config(docs, "taskloom-worker")["TASKLOOM_CONCURRENCY"]
+    assert trigger["metadata"]["threshold"] == concurrency
+
+
+def test_monitoring_ships_the_same_rules_and_dashboard() -> None:
+    docs = rendered("prod")
+    (rule,) = of(docs, "PrometheusRule")
+    alerts = yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())
+    assert rule["spec"] == alerts
+    dashboard = named(docs, "ConfigMap", "taskloom-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((REPO / "deploy/grafana/taskloom.json").read_text())
+    assert json.loads(dashboard["data"]["taskloom.json"]) == shipped
+    (monitor,) = of(docs, "ServiceMonitor")
+    metric_services = [
+        s for s in of(docs, "Service")
+        if matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]  # fmt: skip
+    assert {s["metadata"]["name"] for s in metric_services} == {
+        "taskloom-supervisor-metrics",
+        "taskloom-worker-metrics",
+    }
+    # Standbys are scraped too: they report taskloom_leader 0.
+    assert named(docs, "Service", "taskloom-supervisor-metrics")["spec"]["publishNotReadyAddresses"]
