@@ -135,6 +135,30 @@ async def test_watch_resumed_from_its_last_event_gets_every_remaining_event_once
     assert [e async for e in client.watch(task_id, after_event_id=whole[-1].id)] == []
 
 
+async def test_waiting_for_the_end_alone_gets_only_the_terminal_event(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+) -> None:
+    processes.worker(supervisor.address)
+    task_id = await client.submit(
+        "wait for me", plan=plan(("a", "echo", "one"), ("g", "gate", "two", "a"))
+    )
+    waiting = asyncio.create_task(_collect_terminal(client, task_id))
+    await eventually(lambda: (test_dir / "started-g-1").exists())
+    assert not waiting.done()
+    (test_dir / "open-g").touch()
+    (only,) = await asyncio.wait_for(waiting, 60)
+    assert only.type == "task.succeeded"
+    whole = [e async for e in client.watch(task_id)]
+    assert only == whole[-1]
+    # Once the task has ended it comes at once; the result is there too.
+    assert [e.id async for e in client.watch(task_id, terminal_only=True)] == [only.id]
+    assert (await client.wait(task_id)).result == "two[one]"
+
+
+async def _collect_terminal(client: TaskloomClient, task_id: str) -> list[Event]:
+    return [e async for e in client.watch(task_id, terminal_only=True)]
+
+
 async def _collect(client: TaskloomClient, task_id: str) -> list[Event]:
     return [e async for e in client.watch(task_id)]
 

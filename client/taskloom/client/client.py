@@ -235,8 +235,11 @@ class TaskloomClient:
         )
         return codec.task_from_pb(response.task)
 
-    async def watch(self, task_id: str, *, after_event_id: str = "") -> AsyncGenerator[Event, None]:
-        """The task's events after the cursor, then live, until its terminal event.
+    async def watch(
+        self, task_id: str, *, after_event_id: str = "", terminal_only: bool = False
+    ) -> AsyncGenerator[Event, None]:
+        """The task's events after the cursor, then live, until its terminal event
+        (with ``terminal_only``, that event alone, once the task ends).
 
         If the supervisor goes away the watch resumes from the last event it
         delivered, at the next address that serves (for up to
@@ -248,7 +251,9 @@ class TaskloomClient:
         while True:
             stub = self._stubs[self._current]
             call = stub.WatchTask(
-                pb.WatchTaskRequest(task_id=task_id, after_event_id=cursor),
+                pb.WatchTaskRequest(
+                    task_id=task_id, after_event_id=cursor, terminal_only=terminal_only
+                ),
                 metadata=self._metadata,
             )
             try:
@@ -280,7 +285,7 @@ class TaskloomClient:
 
     async def wait(self, task_id: str) -> Task:
         """Block until the task ends; returns it with its subtasks."""
-        async for _ in self.watch(task_id):
+        async for _ in self.watch(task_id, terminal_only=True):
             pass
         return await self.get(task_id)
 

@@ -792,18 +792,24 @@ class WatchTaskRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    TERMINAL_ONLY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     after_event_id: _builtins.str
     """Only events after this id; empty replays the whole log."""
+    terminal_only: _builtins.bool
+    """Send only the task's terminal event, once the task ends (the cheap way
+    to wait for a task: the log is not read).
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         after_event_id: _builtins.str = ...,
+        terminal_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "task_id", b"task_id", "terminal_only", b"terminal_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

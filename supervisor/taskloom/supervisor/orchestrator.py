@@ -412,7 +412,12 @@ class Orchestrator:
         return found
 
     async def watch(
-        self, task_id: str, after: str = "", *, principal: Principal = LOCAL_ADMIN
+        self,
+        task_id: str,
+        after: str = "",
+        *,
+        principal: Principal = LOCAL_ADMIN,
+        terminal_only: bool = False,
     ) -> AsyncIterator[list[Event]]:
         """The task's events after ``after``: first the log, then live; ends after the terminal one.
 
@@ -427,6 +432,9 @@ class Orchestrator:
         await self._check_owner(task_id, principal)
         if await self.store.task_status(task_id) is None:
             raise TaskNotFound(task_id)
+        if terminal_only:
+            yield [await self._terminal_event(task_id)]
+            return
         cursor = after
         while True:
             if self._closing.is_set():
@@ -449,6 +457,23 @@ class Orchestrator:
             cursor = events[-1].id
             if any(e.terminal for e in events):
                 return
+
+    async def _terminal_event(self, task_id: str) -> Event:
+        """Wait for the task to end without reading its log: wake on its
+        stream growing, look at its status, then fetch the last event."""
+        cursor = await self.store.last_event_id(task_id)
+        while True:
+            if self._closing.is_set():
+                raise Unavailable("the supervisor is shutting down; watch again to resume")
+            status = await self.store.task_status(task_id)
+            if status is None:
+                raise TaskNotFound(task_id)
+            if status.terminal:
+                for event in reversed(await self.store.last_events(task_id, 10)):
+                    if event.terminal:
+                        return event
+            await self.events.wait(task_id, cursor, WATCH_WAIT)
+            cursor = await self.store.last_event_id(task_id)
 
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
         self._spawn_planner(

@@ -133,7 +133,10 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             orchestrator = self._current()
             with self._quotas.watching(principal):
                 async for events in orchestrator.watch(
-                    request.task_id, request.after_event_id, principal=principal
+                    request.task_id,
+                    request.after_event_id,
+                    principal=principal,
+                    terminal_only=request.terminal_only,
                 ):
                     yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
         except TaskloomError as e:

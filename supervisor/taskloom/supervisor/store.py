@@ -836,6 +836,18 @@ class Store:
         return [_decode_event(task_id, eid, fields) for eid, fields in entries]
 
     @_translated
+    async def last_event_id(self, task_id: str) -> str:
+        """The id of the task's newest event ("0" if none)."""
+        entries = await self._redis.xrevrange(self.keys.events(task_id), count=1)
+        return str(entries[0][0]) if entries else "0"
+
+    @_translated
+    async def last_events(self, task_id: str, count: int) -> list[Event]:
+        """The task's newest ``count`` events, oldest first."""
+        entries = await self._redis.xrevrange(self.keys.events(task_id), count=count)
+        return [_decode_event(task_id, eid, fields) for eid, fields in reversed(entries)]
+
+    @_translated
     async def read_streams(self, streams: Mapping[str, str], *, block_ms: int) -> dict[str, str]:
         """Block until any of the streams has entries after its id (or ``block_ms``
         passes); returns the last id read from each stream that had some.
