@@ -18,7 +18,6 @@ import json
 import logging
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -69,6 +68,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _SCRIPTS = (
+    "plan",
     "assign",
     "start",
     "progress",
@@ -395,7 +395,7 @@ class Store:
                     )
                     ready: list[ReadyItem] = []
                     if plan is not None:
-                        ready = self._queue_plan(
+                        ready = await self._queue_plan(
                             pipe,
                             task_id,
                             plan,
@@ -431,7 +431,7 @@ class Store:
                         return None
                     trace_id = await pipe.hget(key, "trace_id") or ""
                     pipe.multi()
-                    ready = self._queue_plan(
+                    ready = await self._queue_plan(
                         pipe, task_id, plan, result_from, priority, time.time(), trace_id
                     )
                     await pipe.execute()
@@ -439,7 +439,7 @@ class Store:
                 except rexc.WatchError:
                     continue
 
-    def _queue_plan(
+    async def _queue_plan(
         self,
         pipe: Any,
         task_id: str,
@@ -449,69 +449,38 @@ class Store:
         now: float,
         trace_id: str = "",
     ) -> list[ReadyItem]:
-        dependents: dict[str, list[str]] = defaultdict(list)
-        for s in plan.subtasks:
-            for dep in s.depends_on:
-                dependents[dep].append(s.id)
-        subs = self.keys.subtasks(task_id)
-        pipe.delete(subs)
-        ids = [s.id for s in plan.subtasks]
-        for start in range(0, len(ids), 1000):
-            pipe.rpush(subs, *ids[start : start + 1000])
-        ready: list[ReadyItem] = []
-        for s in plan.subtasks:
-            status = SubtaskStatus.PENDING if s.depends_on else SubtaskStatus.READY
-            pipe.hset(
-                self.keys.subtask(task_id, s.id),
-                mapping={
-                    "id": s.id,
-                    "title": s.title,
-                    "instruction": s.instruction,
-                    "capability": s.capability,
-                    "deps": json.dumps(list(s.depends_on)),
-                    "dependents": json.dumps(dependents.get(s.id, [])),
-                    "pending": len(s.depends_on),
-                    "params": json.dumps(dict(s.params)),
-                    "status": status,
-                    "attempt": 0,
-                    "max_attempts": s.max_attempts or DEFAULT_MAX_ATTEMPTS,
-                    "timeout": repr(s.timeout),
-                    # The synthesis step runs even when some of its inputs failed.
-                    "tolerant": int(s.id == SYNTHESIZE_ID),
-                    "created_at": repr(now),
-                },
-            )
-            if status == SubtaskStatus.READY:
-                ready.append(ReadyItem(task_id, s.id, s.capability, priority))
-        pipe.hset(
-            self.keys.task(task_id),
-            mapping={
-                "status": TaskStatus.RUNNING,
-                "total": len(plan.subtasks),
-                "succeeded": 0,
-                "settled": 0,
-                "result_from": json.dumps(list(result_from)),
-                "updated_at": repr(now),
-            },
+        """Queue, in ``pipe``'s MULTI, the script that stores the plan (plan.lua)."""
+        del trace_id  # plan.lua's events read it from the task, as every script's do
+        payload = [
+            task_id,
+            priority,
+            list(result_from),
+            [
+                [
+                    s.id,
+                    s.title,
+                    s.instruction,
+                    s.capability,
+                    list(s.depends_on),
+                    json.dumps(dict(s.params)),
+                    s.max_attempts or DEFAULT_MAX_ATTEMPTS,
+                    repr(s.timeout),
+                    int(s.id == SYNTHESIZE_ID),  # the synthesis step runs even if inputs failed
+                ]
+                for s in plan.subtasks
+            ],
+        ]
+        # Inside MULTI: the caller's WATCH on the lease fences it, so no token.
+        await self._scripts["plan"](
+            keys=[],
+            args=[self.keys.prefix, repr(now), self.retention, json.dumps(payload), ""],
+            client=pipe,
         )
-        events = self.keys.events(task_id)
-        pipe.xadd(
-            events,
-            _event(
-                EventType.PLAN_CREATED,
-                status=TaskStatus.RUNNING,
-                message=f"plan with {len(plan.subtasks)} subtasks",
-                trace=trace_id,
-            ),
-        )
-        for item in ready:
-            pipe.xadd(
-                events,
-                _event(
-                    EventType.SUBTASK_READY, sub=item.subtask_id, status="READY", trace=trace_id
-                ),
-            )
-        return ready
+        return [
+            ReadyItem(task_id, s.id, s.capability, priority)
+            for s in plan.subtasks
+            if not s.depends_on
+        ]
 
     @_translated
     async def note(
@@ -855,8 +824,17 @@ class Store:
         The one blocking read of the supervisor (see ``events.EventHub``), on
         its own connection so that it never holds up a transition.
         """
-        reply = await self._blocking.xread(dict(streams), count=100, block=block_ms)
-        return {key: entries[-1][0] for key, entries in reply or [] if entries}
+        # One entry per stream says it grew; its newest id comes from
+        # XREVRANGE, so the events themselves are never read here.
+        reply = await self._blocking.xread(dict(streams), count=1, block=block_ms)
+        grown = [key for key, entries in reply or [] if entries]
+        if not grown:
+            return {}
+        async with self._blocking.pipeline(transaction=False) as pipe:
+            for key in grown:
+                pipe.xrevrange(key, count=1)
+            newest = await pipe.execute()
+        return {key: last[0][0] for key, last in zip(grown, newest, strict=True) if last}
 
     @_translated
     async def poke(self, key: str) -> None:
@@ -961,6 +939,10 @@ def _plain(task_id: str) -> bool:
 
 
 def _usage_doc(usage: Usage) -> str:
+    """The usage as JSON; "" for none (a handler that used no LLM), which
+    the scripts skip without decoding or checking the budget."""
+    if not (usage.input_tokens or usage.output_tokens or usage.calls or usage.model):
+        return ""
     return json.dumps(
         {
             "input_tokens": usage.input_tokens,

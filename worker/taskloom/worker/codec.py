@@ -117,7 +117,11 @@ def assignments_from_pb(message: wpb.Assign) -> list[Assignment]:
 
 def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
     """Batch queued items into frames, in an order that keeps each attempt's story
-    straight: heartbeat, accepted, progress, then results and failures."""
+    straight: heartbeat, accepted, progress, then results and failures.
+
+    An attempt that ended before its start was sent is not reported as
+    accepted: its result says it ran, and the supervisor saves a commit
+    (ASSIGNED goes straight to SUCCEEDED or FAILED)."""
     frames: list[wpb.ConnectRequest] = []
     beats = [i for i in items if isinstance(i, Heartbeat)]
     if beats:
@@ -127,7 +131,8 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
                 heartbeat=wpb.Heartbeat(running=last.running, draining=last.draining)
             )
         )
-    accepted = [_ref_to_pb(i.ref) for i in items if isinstance(i, Accepted)]
+    ended = {i.ref for i in items if isinstance(i, SubtaskResult | SubtaskFailure)}
+    accepted = [_ref_to_pb(i.ref) for i in items if isinstance(i, Accepted) and i.ref not in ended]
     if accepted:
         frames.append(wpb.ConnectRequest(accepted=wpb.Accepted(refs=accepted)))
     progress = [

@@ -26,8 +26,11 @@ for i, item in ipairs(PAYLOAD) do
     end
     redis.call('HSET', tk, 'updated_at', NOW)
     redis.call('HINCRBY', tk, 'succeeded', 1)
-    add_usage(task, usage)
-    local over = enforce_budget(task)
+    local over = nil
+    if usage ~= '' then
+      add_usage(task, usage)
+      over = enforce_budget(task)
+    end
     if over ~= nil then
       for _, h in ipairs(over) do table.insert(held, h) end
       table.insert(finished, task)
