@@ -1,0 +1,295 @@
+"""taskloom, Celery and Ray side by side on this machine.
+
+    python -m bench run [--systems taskloom,celery,ray] [--repeat 3] [--quick]
+
+Starts its own Redis (AOF, appendfsync everysec) on a free port; each system
+runs its servers and workers in their own process groups and is stopped by
+PID at the end. The systems take turns, in a rotated order each repeat, with
+a warm-up first. Every system runs the same no-op (it returns the time it
+started). Writes ``bench/results/latest.json`` and ``latest.md`` (median,
+min, max over the repeats, and CPU seconds per 1,000 tasks per process
+group). Celery and Ray come from the ``bench`` extra: ``pip install -e
+'.[bench]'``; a system that is not installed is skipped with a note.
+
+Scenarios: no-op throughput (pre-filled: all N at once; streaming: chunks of
+100 submitted concurrently), N = 2,000 and 10,000; dispatch latency (READY to
+the no-op's start) idle and under open-loop load at 50 % and 80 % of the
+system's streaming peak; DAG makespan (fan-out/fan-in 1 -> 998 -> 1; 10
+layers x 100, each node depending on the whole previous layer; a chain of
+100); scaling with 1, 2, 4 worker processes; taskloom's memory per 10,000
+live subtasks and throughput with 500 idle workers connected; reference
+rows for grpc.aio and redis-py on the same machine. ``--quick`` runs each at
+a tiny N (what CI runs, so the suite cannot rot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import systems
+from bench.harness import Meter, Result, markdown, percentile
+from taskloom.core.localredis import LocalRedis
+
+HERE = Path(__file__).resolve().parent
+ALL = ("taskloom", "celery", "ray")
+
+
+def make(name: str, redis: LocalRedis, logs: Path) -> systems.System:
+    assert redis.process is not None
+    if name == "taskloom":
+        return systems.Taskloom(redis.url, redis.process.pid, logs)
+    if name == "celery":
+        return systems.Celery(redis.url, redis.process.pid, logs)
+    return systems.Ray(logs)
+
+
+def _noop(system: systems.System, n: int, streaming: bool) -> Callable[[], None]:
+    return lambda: system.noop(n, streaming=streaming)
+
+
+def installed(name: str) -> bool:
+    return name == "taskloom" or importlib.util.find_spec(name) is not None
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, redis: LocalRedis, logs: Path) -> None:
+        self.args = args
+        self.redis = redis
+        self.logs = logs
+        self.results: dict[tuple[str, str], Result] = {}
+        q = args.quick
+        self.sizes = (200,) if q else (2_000, 10_000)
+        self.dags: list[tuple[str, systems.Dag]] = [
+            ("fan-out/fan-in 1 -> 998 -> 1", systems.fan(100 if q else 1000)),
+            ("10 layers x 100, full deps", systems.layers(3 if q else 10, 10 if q else 100)),
+            ("chain of 100", systems.chain_of(10 if q else 100)),
+        ]  # fmt: skip
+        self.latency_samples = 10 if q else 200
+        self.scaling = (1, 2) if q else (1, 2, 4)
+
+    def result(self, system: str, scenario: str, unit: str) -> Result:
+        key = (system, scenario)
+        if key not in self.results:
+            self.results[key] = Result(system, scenario, unit)
+        return self.results[key]
+
+    def timed(self, system: systems.System, scenario: str, tasks: int,
+              work: Callable[[], None]) -> float:  # fmt: skip
+        with Meter(system.groups()) as meter:
+            work()
+        self.result(system.name, scenario, "tasks/s").add(tasks / meter.seconds, meter, tasks)
+        return tasks / meter.seconds
+
+    def one_system(self, name: str) -> None:
+        system = make(name, self.redis, self.logs)
+        system.start(self.args.workers)
+        try:
+            peak = 0.0
+            for n in self.sizes:
+                self.timed(system, f"no-op x{n:,}, pre-filled", n, _noop(system, n, False))
+                peak = self.timed(system, f"no-op x{n:,}, streaming", n, _noop(system, n, True))
+            for label, dag in self.dags:
+                with Meter(system.groups()) as meter:
+                    system.dag(dag)
+                self.result(name, f"makespan: {label}", "s").add(meter.seconds, meter, len(dag))
+            idle = system.latencies(self.latency_samples, None)
+            self.latency(name, "idle", idle)
+            for share in (0.5, 0.8):
+                rate = peak * share
+                count = max(self.latency_samples, int(rate * (1 if self.args.quick else 3)))
+                samples = system.latencies(count, rate)
+                self.latency(name, f"open-loop {share:.0%} of peak ({rate:,.0f}/s)", samples)
+        finally:
+            system.stop()
+
+    def latency(self, name: str, label: str, samples: list[float]) -> None:
+        ms = [s * 1000 for s in samples]
+        self.result(name, f"dispatch latency {label}: p50", "ms").add(statistics.median(ms))
+        self.result(name, f"dispatch latency {label}: p99", "ms").add(percentile(ms, 0.99))
+
+    def scale(self, name: str) -> None:
+        n = self.sizes[-1]
+        for workers in self.scaling:
+            system = make(name, self.redis, self.logs)
+            system.start(workers)
+            try:
+                label = f"scaling: no-op x{n:,}, {workers} worker processes"
+                self.timed(system, label, n, _noop(system, n, False))
+            finally:
+                system.stop()
+
+    def taskloom_only(self) -> None:
+        """Memory per 10k live subtasks, and 500 idle workers connected."""
+        n = 1_000 if self.args.quick else 10_000
+        assert self.redis.process is not None
+        system = systems.Taskloom(self.redis.url, self.redis.process.pid, self.logs)
+        system.start(1)
+        try:
+            memory = system.loop.run_until_complete(_memory_per_live(system, n))
+            for label, value in memory.items():
+                self.result("taskloom", f"memory per 10k live subtasks: {label}", "MB").add(value)
+            idle = 50 if self.args.quick else 500
+            connectors = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.idle_workers", system.address, str(idle // 5)],
+                    start_new_session=True,
+                )
+                for _ in range(5)
+            ]
+            try:
+                system.loop.run_until_complete(_until_workers(system, idle + 1))
+                label = f"no-op x{n:,} with {idle} idle workers connected"
+                self.timed(system, label, n, _noop(system, n, False))
+            finally:
+                for c in connectors:
+                    c.terminate()
+                for c in connectors:
+                    c.wait()
+        finally:
+            system.stop()
+
+
+async def _memory_per_live(system: systems.Taskloom, n: int) -> dict[str, float]:
+    """Supervisor RSS and Redis memory for ``n`` READY subtasks nobody can run."""
+    import psutil
+    from redis.asyncio import Redis
+
+    from taskloom.core.model import Plan, PlannedSubtask
+
+    redis = Redis.from_url(system.redis_url)
+    supervisor = psutil.Process(system.supervisor.pid)
+    try:
+        before_rss = supervisor.memory_info().rss
+        before_redis = int((await redis.info("memory"))["used_memory"])
+        plan = Plan(tuple(PlannedSubtask(f"s{i}", "", "x", "nobody") for i in range(n)), False)
+        task_id = await system.client.submit("live", plan=plan, cache=False)
+        await asyncio.sleep(1.0)
+        rss = supervisor.memory_info().rss - before_rss
+        used = int((await redis.info("memory"))["used_memory"]) - before_redis
+        await system.client.cancel(task_id)
+    finally:
+        await redis.aclose()
+    scale = 10_000 / n / 1e6
+    return {"supervisor RSS": rss * scale, "Redis used_memory": used * scale}
+
+
+async def _until_workers(system: systems.Taskloom, count: int) -> None:
+    """Until the supervisor has ``count`` connections on its gRPC port."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if _connected(system) >= count:
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"fewer than {count} workers connected")
+
+
+def _connected(system: systems.Taskloom) -> int:
+    """Established connections on the supervisor's gRPC port (one per worker)."""
+    import psutil
+
+    supervisor = psutil.Process(system.supervisor.pid)
+    port = int(system.address.rpartition(":")[2])
+    return sum(
+        1
+        for c in supervisor.net_connections(kind="tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the suite")
+    run.add_argument("--systems", default=",".join(ALL))
+    run.add_argument("--repeat", type=int, default=3)
+    run.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    run.add_argument("--quick", action="store_true", help="tiny N: a smoke run")
+    run.add_argument("--out", type=Path, default=HERE / "results")
+    run.add_argument("--no-reference", action="store_true")
+    args = parser.parse_args()
+
+    names = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(names) - set(ALL)
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))} (known: {', '.join(ALL)})")
+    skipped = [n for n in names if not installed(n)]
+    names = [n for n in names if n not in skipped]
+    for name in skipped:
+        print(f"skipping {name}: not installed (pip install -e '.[bench]')", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        bench = Run(args, redis, logs)
+        reference: dict[str, float] = {}
+        if not args.no_reference:
+            from bench.reference import measure
+
+            print("reference rows ...", flush=True)
+            reference = measure(redis.url, quick=args.quick)
+        for repeat in range(args.repeat):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)] if names else []
+            for name in order:
+                print(f"repeat {repeat + 1}/{args.repeat}: {name} ...", flush=True)
+                bench.one_system(name)
+                bench.scale(name)
+            if "taskloom" in names:
+                bench.taskloom_only()
+        rows = [r.summary() for r in sorted(bench.results.values(), key=_order)]
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    commit = _commit()
+    document: dict[str, Any] = {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "commit": commit,
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": rows,
+        "reference": reference,
+        "skipped": skipped,
+    }
+    (args.out / "latest.json").write_text(json.dumps(document, indent=2) + "\n")
+    table = markdown(rows)
+    ref = "\n".join(f"| {k} | {v:,.0f} items/s |" for k, v in reference.items())
+    text = (
+        f"Machine: {machine}; commit {commit}; {document['date']}.\n"
+        f"Command: `{document['command']}`\n\n{table}\n"
+        + (f"\nReference (same machine):\n\n| path | rate |\n|---|---:|\n{ref}\n" if ref else "")
+    )
+    (args.out / "latest.md").write_text(text)
+    print(text)
+
+
+def _order(result: Result) -> tuple[str, str]:
+    return (result.scenario, result.system)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=HERE, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

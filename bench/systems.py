@@ -1,0 +1,417 @@
+"""The systems under test, behind one interface, each running the same no-op.
+
+    taskloom  supervisor + worker processes, Redis (AOF everysec), explicit plans
+    celery    Celery 5 workers (prefork) with Redis as broker and result backend
+    ray       Ray on this machine (ray.init), tasks and object-ref dependencies
+
+Every method blocks until the work has completed and returns what the
+scenario needs; ``groups()`` names the process groups whose CPU is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench.harness import Group, spawn, stop
+
+Dag = list[tuple[str, tuple[str, ...]]]
+"""Nodes in topological order: (id, ids it depends on)."""
+
+
+class System(Protocol):
+    name: str
+
+    def start(self, workers: int) -> None: ...
+    def stop(self) -> None: ...
+    def groups(self) -> list[Group]: ...
+    def noop(self, n: int, *, streaming: bool) -> None: ...
+    def dag(self, dag: Dag) -> None: ...
+    def latencies(self, count: int, rate: float | None) -> list[float]:
+        """Dispatch latency of ``count`` single tasks: one at a time when
+        ``rate`` is None (idle), else submitted open-loop at ``rate``/s."""
+        ...
+
+
+# -- taskloom -----------------------------------------------------------------------------
+
+
+class Taskloom:
+    name = "taskloom"
+
+    def __init__(self, redis_url: str, redis_pid: int, logs: Path, concurrency: int = 256) -> None:
+        from taskloom.core.localredis import free_port
+
+        self.redis_url = redis_url
+        self.redis_pid = redis_pid
+        self.logs = logs
+        self.concurrency = concurrency
+        self.address = f"127.0.0.1:{free_port()}"
+        self.prefix = f"bench{free_port()}:"
+        self.supervisor: Any = None
+        self.workers: list[Any] = []
+        self.loop = asyncio.new_event_loop()
+        self.client: Any = None
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "TASKLOOM_LOG_LEVEL": "WARNING",
+            "TASKLOOM_CAPABILITIES": "noop,nobody",
+            "TASKLOOM_REDIS_PREFIX": self.prefix,
+            "TASKLOOM_CACHE": "false",
+            "TASKLOOM_MAX_PLAN_SUBTASKS": "100000",
+        }
+
+    def start(self, workers: int) -> None:
+        from taskloom.client import TaskloomClient
+        from taskloom.client.local import wait_serving
+
+        command = [sys.executable, "-m", "taskloom.client"]
+        self.supervisor = spawn(
+            [*command, "supervisor", "--listen", self.address, "--redis-url", self.redis_url],
+            env=self._env(),
+            log=self.logs / "taskloom-supervisor.log",
+        )
+        wait_serving(self.address, 60, self.supervisor)
+        self.workers = [
+            spawn(
+                [
+                    *command,
+                    "worker",
+                    "--supervisor",
+                    self.address,
+                    "--app",
+                    "bench.handlers:registry",
+                    "--capabilities",
+                    "noop",
+                    "--concurrency",
+                    str(self.concurrency),
+                    "--name",
+                    f"bench-{i}",
+                ],
+                env=self._env(),
+                log=self.logs / f"taskloom-worker-{i}.log",
+            )
+            for i in range(workers)
+        ]
+        self.client = self.loop.run_until_complete(self._client(TaskloomClient))
+        self.loop.run_until_complete(self._connected(workers))
+
+    async def _client(self, cls: Any) -> Any:
+        return cls(self.address)
+
+    async def _connected(self, workers: int) -> None:
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        # Warm-up, and proof that every worker took work.
+        plan = Plan(
+            tuple(PlannedSubtask(f"w{i}", "", "x", "noop") for i in range(50 * workers)), False
+        )
+        await self._run_plan(plan)
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.loop.run_until_complete(self.client.close())
+        stop([*self.workers, self.supervisor])
+        self.loop.close()
+
+    def groups(self) -> list[Group]:
+        return [
+            Group("supervisor", [self.supervisor]),
+            Group("workers", list(self.workers)),
+            Group("redis", extra_pids=[self.redis_pid]),
+        ]
+
+    async def _run_plan(self, plan: Any) -> str:
+        task_id = await self.client.submit("bench", plan=plan, cache=False)
+        async for event in self.client.watch(task_id, terminal_only=True):
+            assert event.type == "task.succeeded", event
+        return str(task_id)
+
+    def noop(self, n: int, *, streaming: bool) -> None:
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        if not streaming:
+            plan = Plan(tuple(PlannedSubtask(f"s{i}", "", "x", "noop") for i in range(n)), False)
+            self.loop.run_until_complete(self._run_plan(plan))
+            return
+        chunk = Plan(tuple(PlannedSubtask(f"s{i}", "", "x", "noop") for i in range(100)), False)
+
+        async def run() -> None:
+            await asyncio.gather(*(self._run_plan(chunk) for _ in range(n // 100)))
+
+        self.loop.run_until_complete(run())
+
+    def dag(self, dag: Dag) -> None:
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        plan = Plan(tuple(PlannedSubtask(i, "", "x", "noop", deps) for i, deps in dag), False)
+        self.loop.run_until_complete(self._run_plan(plan))
+
+    def latencies(self, count: int, rate: float | None) -> list[float]:
+        """Idle: single-subtask tasks one after another. Under load: every 20 ms
+        a task of rate/50 subtasks, open-loop. Latency is from the moment a
+        subtask became READY (its ``created_at`` in Redis, written by the same
+        step) to the no-op's start on the worker, both on this machine's clock."""
+        from redis.asyncio import Redis
+
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        per = 1 if rate is None else max(1, round(rate * 0.02))
+        plan = Plan(tuple(PlannedSubtask(f"s{i}", "", "x", "noop") for i in range(per)), False)
+
+        async def run() -> list[str]:
+            if rate is None:
+                return [await self._run_plan(plan) for _ in range(count)]
+            jobs = []
+            start = time.perf_counter()
+            for i in range(max(1, count // per)):
+                await asyncio.sleep(max(0.0, start + i * per / rate - time.perf_counter()))
+                jobs.append(asyncio.ensure_future(self._run_plan(plan)))
+            return list(await asyncio.gather(*jobs))
+
+        async def measured(task_ids: list[str]) -> list[float]:
+            redis = Redis.from_url(self.redis_url, decode_responses=True)
+            out = []
+            try:
+                for task_id in task_ids:
+                    for i in range(per):
+                        key = f"{self.prefix}task:{task_id}:sub:s{i}"
+                        ready, output = await redis.hmget(key, ["created_at", "output"])
+                        out.append(float(str(output)) - float(str(ready)))
+            finally:
+                await redis.aclose()
+            return out
+
+        task_ids = self.loop.run_until_complete(run())
+        return self.loop.run_until_complete(measured(task_ids))
+
+
+# -- Celery --------------------------------------------------------------------------------
+
+
+class Celery:
+    name = "celery"
+
+    def __init__(self, redis_url: str, redis_pid: int, logs: Path) -> None:
+        self.broker = redis_url.rsplit("/", 1)[0] + "/2"
+        self.backend = redis_url.rsplit("/", 1)[0] + "/3"
+        self.redis_pid = redis_pid
+        self.logs = logs
+        self.workers: list[Any] = []
+        self.app: Any = None
+
+    def _env(self) -> dict[str, str]:
+        return {"BENCH_CELERY_BROKER": self.broker, "BENCH_CELERY_BACKEND": self.backend}
+
+    def start(self, workers: int) -> None:
+        import os
+
+        os.environ.update(self._env())
+        from bench import celery_app
+
+        self.app = celery_app.app
+        self.app.conf.broker_url = self.broker
+        self.app.conf.result_backend = self.backend
+        self.workers = [
+            spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.celery_app",
+                    "worker",
+                    "--concurrency",
+                    str(workers),
+                    "--pool",
+                    "prefork",
+                    "--loglevel",
+                    "WARNING",
+                    "--prefetch-multiplier",
+                    "64",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                env=self._env(),
+                log=self.logs / "celery-worker.log",
+            )
+        ]
+        # Until the worker answers.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                celery_app.noop.delay().get(timeout=2)
+                break
+            except Exception:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("the Celery worker did not start; see celery-worker.log")
+        self.noop(200, streaming=False)
+
+    def stop(self) -> None:
+        stop(self.workers)
+
+    def groups(self) -> list[Group]:
+        return [Group("workers", list(self.workers)), Group("redis", extra_pids=[self.redis_pid])]
+
+    def noop(self, n: int, *, streaming: bool) -> None:
+        from celery import group
+
+        from bench.celery_app import noop
+
+        if not streaming:
+            group(noop.s() for _ in range(n)).apply_async().get(timeout=600)
+            return
+        results = [group(noop.s() for _ in range(100)).apply_async() for _ in range(n // 100)]
+        for result in results:
+            result.get(timeout=600)
+
+    def dag(self, dag: Dag) -> None:
+        from celery import chain, chord, group
+
+        from bench.celery_app import noop
+
+        # Celery expresses graphs as chains of groups (a group after a task is
+        # a fan-out; a task after a group a chord): enough for the shapes here.
+        layers: list[list[str]] = []
+        depth: dict[str, int] = {}
+        for node, deps in dag:
+            depth[node] = 1 + max((depth[d] for d in deps), default=-1)
+            if depth[node] == len(layers):
+                layers.append([])
+            layers[depth[node]].append(node)
+        steps: list[Any] = []
+        for layer in layers:
+            steps.append(noop.si() if len(layer) == 1 else group(noop.si() for _ in layer))
+        if len(steps) == 1:
+            workflow = steps[0]
+        else:
+            parts: list[Any] = []
+            for step in steps:
+                if parts and isinstance(parts[-1], group) and not isinstance(step, group):
+                    parts[-1] = chord(parts[-1], step)
+                else:
+                    parts.append(step)
+            workflow = chain(*parts)
+        workflow.apply_async().get(timeout=600, disable_sync_subtasks=False)
+
+    def latencies(self, count: int, rate: float | None) -> list[float]:
+        from bench.celery_app import noop
+
+        out: list[float] = []
+        if rate is None:
+            for _ in range(count):
+                sent = time.time()
+                out.append(float(noop.delay().get(timeout=60)) - sent)
+            return out
+        pending = []
+        start = time.perf_counter()
+        for i in range(count):
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            pending.append((time.time(), noop.delay()))
+        return [float(r.get(timeout=60)) - sent for sent, r in pending]
+
+
+# -- Ray -------------------------------------------------------------------------------------
+
+
+class Ray:
+    name = "ray"
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.ray: Any = None
+        self.remote: Any = None
+
+    def start(self, workers: int) -> None:
+        import logging
+        import os
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        ray.init(
+            num_cpus=workers,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        self.ray = ray
+
+        @ray.remote
+        def noop(*deps: object) -> float:
+            return time.time()
+
+        self.remote = noop
+        ray.get([noop.remote() for _ in range(200)])
+
+    def stop(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+
+    def groups(self) -> list[Group]:
+        import os
+
+        import psutil
+
+        me = os.getpid()
+        others = [c.pid for c in psutil.Process(me).children(recursive=True)]
+        return [Group("ray processes", extra_pids=others)]
+
+    def noop(self, n: int, *, streaming: bool) -> None:
+        if not streaming:
+            self.ray.get([self.remote.remote() for _ in range(n)])
+            return
+        refs = []
+        for _ in range(n // 100):
+            refs += [self.remote.remote() for _ in range(100)]
+        self.ray.get(refs)
+
+    def dag(self, dag: Dag) -> None:
+        refs: dict[str, Any] = {}
+        for node, deps in dag:
+            refs[node] = self.remote.remote(*(refs[d] for d in deps))
+        self.ray.get(refs[dag[-1][0]])
+
+    def latencies(self, count: int, rate: float | None) -> list[float]:
+        out = []
+        if rate is None:
+            for _ in range(count):
+                sent = time.time()
+                out.append(self.ray.get(self.remote.remote()) - sent)
+            return out
+        pending = []
+        start = time.perf_counter()
+        for i in range(count):
+            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            pending.append((time.time(), self.remote.remote()))
+        return [self.ray.get(ref) - sent for sent, ref in pending]
+
+
+def fan(n: int = 1000) -> Dag:
+    middle = [(f"m{i}", ("root",)) for i in range(n - 2)]
+    return [("root", ()), *middle, ("sink", tuple(m for m, _ in middle))]
+
+
+def layers(depth: int = 10, width: int = 100) -> Dag:
+    out: Dag = []
+    previous: tuple[str, ...] = ()
+    for d in range(depth):
+        current = tuple(f"l{d}n{i}" for i in range(width))
+        out += [(node, previous) for node in current]
+        previous = current
+    return out
+
+
+def chain_of(n: int = 100) -> Dag:
+    return [(f"c{i}", (f"c{i - 1}",) if i else ()) for i in range(n)]
+
+
+def ids(dag: Dag) -> Sequence[str]:
+    return [node for node, _ in dag]

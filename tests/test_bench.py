@@ -1,0 +1,36 @@
+"""The benchmark is not a test, but it must not rot: one quick run of every
+scenario at a tiny N, for taskloom and Celery (Ray is too heavy to install
+for CI; `pip install -e '.[bench]'` and `python -m bench run` cover it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def test_a_quick_run_measures_every_scenario(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--quick", "--repeat", "1",
+         "--systems", "taskloom,celery", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    document = json.loads((tmp_path / "latest.json").read_text())
+    rows = document["results"]
+    scenarios = {(r["system"], r["scenario"].split(":")[0].split(" (")[0]) for r in rows}
+    for system in ("taskloom", "celery"):
+        for kind in ("no-op x200, pre-filled", "no-op x200, streaming", "scaling",
+                     "makespan", "dispatch latency idle"):  # fmt: skip
+            assert (system, kind) in scenarios, (system, kind)
+    assert ("taskloom", "memory per 10k live subtasks") in scenarios
+    assert any(r["scenario"].endswith("idle workers connected") for r in rows)
+    assert all(r["median"] > 0 for r in rows)
+    assert set(document["reference"]) >= {
+        "grpc.aio stream echo, 1 per message",
+        "redis-py SET, pipelined 100",
+    }
+    assert "| scenario | system |" in (tmp_path / "latest.md").read_text()
