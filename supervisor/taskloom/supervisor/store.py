@@ -68,6 +68,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _SCRIPTS = (
+    "create",
     "plan",
     "assign",
     "start",
@@ -251,25 +252,17 @@ class Store:
         await self._redis.aclose()
         await self._blocking.aclose()
 
-    async def _run(self, name: str, payload: Any, *, fenced: bool = True) -> Any:
+    async def _run(
+        self, name: str, payload: Any, *, fenced: bool = True, now: float | None = None
+    ) -> Any:
         args: list[str | int] = [
             self.keys.prefix,
-            repr(time.time()),
+            repr(time.time() if now is None else now),
             self.retention,
             json.dumps(payload),
             self.fence if fenced else "",
         ]
         return json.loads(await self._scripts[name](keys=[], args=args))
-
-    async def _check_fence(self, pipe: Any) -> None:
-        """In a WATCH block: fail unless we hold the lease; EXEC fails if it changes."""
-        if self.fence:
-            await pipe.watch(self.keys.leader)
-            holder = await pipe.get(self.keys.leader)
-            if holder != self.fence:
-                raise NotLeader(
-                    f"this supervisor lost the leader lease; {holder or 'nobody'} holds it"
-                )
 
     # -- the leader lease --------------------------------------------------------
 
@@ -321,93 +314,55 @@ class Store:
         # Idempotency keys are the owner's own: another principal's key
         # must neither find nor block this one's task.
         idem = self.keys.idempotency(f"{owner}\x00{idempotency_key}") if idempotency_key else ""
-        active = self.keys.owner_active(owner)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await self._check_fence(pipe)
-                    if idem:
-                        # WATCH: a concurrent submit with the same key makes
-                        # our EXEC fail, and the retry then finds its task.
-                        await pipe.watch(idem)
-                        existing = await pipe.get(idem)
-                        if existing and await pipe.exists(self.keys.task(existing)):
-                            return str(existing), False, []
-                    if max_in_flight:
-                        # WATCH: concurrent submits cannot both take the last slot.
-                        await pipe.watch(active)
-                        if await pipe.zcard(active) >= max_in_flight:
-                            raise ResourceExhausted(
-                                f"{owner} already has {max_in_flight:,} unfinished tasks, the "
-                                "limit (TASKLOOM_MAX_TASKS_IN_FLIGHT); wait for some to end "
-                                "or cancel them",
-                                subject="max_tasks_in_flight",
-                            )
-                    task_id = new_task_id()
-                    now = time.time()
-                    pipe.multi()
-                    if idem:
-                        pipe.set(idem, task_id, ex=self.retention)
-                    pipe.hset(
-                        self.keys.task(task_id),
-                        mapping={
-                            "id": task_id,
-                            "goal": goal,
-                            "status": TaskStatus.PLANNING,
-                            "options": json.dumps(_options_doc(options)),
-                            "priority": options.priority,
-                            "on_failure": options.on_failure,
-                            "stall": repr(options.stall_timeout),
-                            "max_replans": max_replans,
-                            "replans": 0,
-                            "version": 1,
-                            "created_at": repr(now),
-                            "updated_at": repr(now),
-                            "total": 0,
-                            "succeeded": 0,
-                            "max_tokens": options.max_tokens,
-                            "max_duration": f"{options.max_duration:g}",
-                            "ctx_tokens": options.context_tokens,
-                            "ctx_mode": options.context,
-                            "cache_ttl": int(cache_ttl),
-                            "traceparent": (trace or {}).get("traceparent", ""),
-                            "trace_id": _trace_id(trace),
-                            "owner": owner,
-                        },
-                    )
-                    if options.max_duration:
-                        pipe.zadd(self.keys.deadlines, {task_id: now + options.max_duration})
-                    pipe.zadd(self.keys.tasks_index, {task_id: now})
-                    pipe.zadd(self.keys.active_index, {task_id: now})
-                    if owner:
-                        pipe.sadd(self.keys.owners, owner)
-                        pipe.zadd(self.keys.owner_tasks(owner), {task_id: now})
-                        pipe.zadd(active, {task_id: now})
-                    pipe.xadd(
-                        self.keys.events(task_id),
-                        _event(
-                            EventType.TASK_SUBMITTED,
-                            status=TaskStatus.PLANNING,
-                            message=goal[:200],
-                            trace=_trace_id(trace),
-                            span=_span_id(trace),
-                        ),
-                    )
-                    ready: list[ReadyItem] = []
-                    if plan is not None:
-                        ready = await self._queue_plan(
-                            pipe,
-                            task_id,
-                            plan,
-                            result_from,
-                            options.priority,
-                            now,
-                            _trace_id(trace),
-                        )
-                    await pipe.execute()
-                    return task_id, True, ready
-                except rexc.WatchError:
-                    continue
+        task_id = new_task_id()
+        now = time.time()
+        fields = {
+            "id": task_id,
+            "goal": goal,
+            "status": TaskStatus.PLANNING,
+            "options": json.dumps(_options_doc(options)),
+            "priority": options.priority,
+            "on_failure": options.on_failure,
+            "stall": repr(options.stall_timeout),
+            "max_replans": max_replans,
+            "replans": 0,
+            "version": 1,
+            "created_at": repr(now),
+            "updated_at": repr(now),
+            "total": 0,
+            "succeeded": 0,
+            "max_tokens": options.max_tokens,
+            "max_duration": f"{options.max_duration:g}",
+            "ctx_tokens": options.context_tokens,
+            "ctx_mode": options.context,
+            "cache_ttl": int(cache_ttl),
+            "traceparent": (trace or {}).get("traceparent", ""),
+            "trace_id": _trace_id(trace),
+            "owner": owner,
+        }
+        # One script: the fence, the idempotency key and the owner's limit are
+        # checked in the same atomic step that writes the task (create.lua).
+        payload = [
+            task_id,
+            idem,
+            owner,
+            max_in_flight,
+            [str(x) for kv in fields.items() for x in kv],
+            now + options.max_duration if options.max_duration else 0,
+            goal[:200],
+            _span_id(trace),
+            _plan_payload(plan, result_from) if plan is not None else False,
+        ]
+        found, created, ready = await self._run("create", payload, now=now)
+        if created < 0:
+            raise ResourceExhausted(
+                f"{owner} already has {max_in_flight:,} unfinished tasks, the limit "
+                "(TASKLOOM_MAX_TASKS_IN_FLIGHT); wait for some to end or cancel them",
+                subject="max_tasks_in_flight",
+            )
+        if not created:
+            return str(found), False, []
+        return task_id, True, _ready(task_id, plan, ready, options.priority)
 
     @_translated
     async def set_plan(
@@ -418,69 +373,12 @@ class Store:
         result_from: Sequence[str],
         priority: int,
     ) -> list[ReadyItem] | None:
-        """Store the graph of a PLANNING task and start it; None if it is no longer PLANNING."""
-        key = self.keys.task(task_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    # WATCH: the task may be cancelled while the model thinks;
-                    # a cancelled task must not come back to life.
-                    await self._check_fence(pipe)
-                    await pipe.watch(key)
-                    if await pipe.hget(key, "status") != TaskStatus.PLANNING:
-                        return None
-                    trace_id = await pipe.hget(key, "trace_id") or ""
-                    pipe.multi()
-                    ready = await self._queue_plan(
-                        pipe, task_id, plan, result_from, priority, time.time(), trace_id
-                    )
-                    await pipe.execute()
-                    return ready
-                except rexc.WatchError:
-                    continue
-
-    async def _queue_plan(
-        self,
-        pipe: Any,
-        task_id: str,
-        plan: Plan,
-        result_from: Sequence[str],
-        priority: int,
-        now: float,
-        trace_id: str = "",
-    ) -> list[ReadyItem]:
-        """Queue, in ``pipe``'s MULTI, the script that stores the plan (plan.lua)."""
-        del trace_id  # plan.lua's events read it from the task, as every script's do
-        payload = [
-            task_id,
-            priority,
-            list(result_from),
-            [
-                [
-                    s.id,
-                    s.title,
-                    s.instruction,
-                    s.capability,
-                    list(s.depends_on),
-                    json.dumps(dict(s.params)),
-                    s.max_attempts or DEFAULT_MAX_ATTEMPTS,
-                    repr(s.timeout),
-                    int(s.id == SYNTHESIZE_ID),  # the synthesis step runs even if inputs failed
-                ]
-                for s in plan.subtasks
-            ],
-        ]
-        # Inside MULTI: the caller's WATCH on the lease fences it, so no token.
-        await self._scripts["plan"](
-            keys=[],
-            args=[self.keys.prefix, repr(now), self.retention, json.dumps(payload), ""],
-            client=pipe,
-        )
-        return [
-            ReadyItem(task_id, s.id, s.capability, priority)
-            for s in plan.subtasks
-            if not s.depends_on
-        ]
+        """Store the graph of a PLANNING task and start it; None if it is no
+        longer PLANNING (cancelled while the model thought: it stays so)."""
+        ready = await self._run("plan", [task_id, *_plan_payload(plan, result_from)])
+        if ready is False:
+            return None
+        return _ready(task_id, plan, ready, priority)
 
     @_translated
     async def note(
@@ -936,6 +834,35 @@ def _plain(task_id: str) -> bool:
     # Task ids are ours (hex); anything else cannot exist and must not be
     # spliced into a key name.
     return 0 < len(task_id) <= 64 and task_id.isalnum()
+
+
+def _plan_payload(plan: Plan, result_from: Sequence[str]) -> list[Any]:
+    """A plan as store_plan (lib.lua) takes it."""
+    return [
+        list(result_from),
+        [
+            [
+                s.id,
+                s.title,
+                s.instruction,
+                s.capability,
+                list(s.depends_on),
+                json.dumps(dict(s.params)),
+                s.max_attempts or DEFAULT_MAX_ATTEMPTS,
+                repr(s.timeout),
+                int(s.id == SYNTHESIZE_ID),  # the synthesis step runs even if inputs failed
+            ]
+            for s in plan.subtasks
+        ],
+    ]
+
+
+def _ready(task_id: str, plan: Plan | None, ids: Sequence[str], priority: int) -> list[ReadyItem]:
+    """The READY subtasks a plan's script reported, for the scheduler's queue."""
+    if plan is None or not ids:
+        return []
+    capability = {s.id: s.capability for s in plan.subtasks}
+    return [ReadyItem(task_id, sid, capability[sid], priority) for sid in ids]
 
 
 def _usage_doc(usage: Usage) -> str:
