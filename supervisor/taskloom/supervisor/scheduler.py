@@ -163,6 +163,9 @@ class Scheduler:
         self._seq = itertools.count()
         self._rotation = 0
         self._sessions: dict[str, WorkerSession] = {}
+        self._capable: defaultdict[str, dict[str, WorkerSession]] = defaultdict(dict)
+        """Capability → the sessions that offer it: dispatch looks at these
+        only, so idle workers of other capabilities cost it nothing."""
         self._leases: dict[AttemptRef, Lease] = {}
         self._limits: dict[str, int] = {}
         self._in_flight: Counter[str] = Counter()
@@ -243,6 +246,8 @@ class Scheduler:
             self.disconnect(old)
         session = WorkerSession(info, now)
         self._sessions[session.id] = session
+        for capability in info.capabilities:
+            self._capable[capability][session.id] = session
         held = set(info.in_flight)
         stale: list[AttemptRef] = []
         for ref in info.in_flight:
@@ -262,6 +267,8 @@ class Scheduler:
     def disconnect(self, session: WorkerSession) -> None:
         """The session ended; its leases are orphaned and start to expire."""
         self._sessions.pop(session.id, None)
+        for capability in session.info.capabilities:
+            self._capable[capability].pop(session.id, None)
         session.closed = True
         for ref in session.leases:
             lease = self._leases.get(ref)
@@ -506,11 +513,7 @@ class Scheduler:
         self._rotation = (self._rotation + 1) % len(capabilities)
         for capability in capabilities[self._rotation :] + capabilities[: self._rotation]:
             queue = self._queues[capability]
-            workers = [
-                (s.load, s.id, s)
-                for s in self._sessions.values()
-                if s.free > 0 and capability in s.info.capabilities
-            ]
+            workers = [(s.load, s.id, s) for s in self._capable[capability].values() if s.free > 0]
             heapq.heapify(workers)
             deferred = []
             while queue and workers and len(picks) < self.batch_size:
