@@ -22,5 +22,11 @@ app.conf.update(
 
 
 @app.task  # type: ignore[untyped-decorator]
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return time.time()
+
+
+@app.task  # type: ignore[untyped-decorator]
 def noop(*args: object) -> float:
     return time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import grpc
 
@@ -24,10 +25,11 @@ async def idle(address: str, index: int) -> None:
         hello = wpb.Hello(worker_id=f"idle-{index}", name=f"idle-{index}",
                           capabilities=["idle"], max_concurrency=1)  # fmt: skip
         await call.write(wpb.ConnectRequest(hello=hello))
-        await call.read()  # Welcome
+        welcome: Any = await call.read()
+        interval = welcome.welcome.heartbeat_interval.ToNanoseconds() / 1e9 or 5.0
         while True:
             await call.write(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(running=0)))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(interval)
 
 
 async def main(address: str, count: int) -> None:

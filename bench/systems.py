@@ -31,6 +31,10 @@ class System(Protocol):
     def groups(self) -> list[Group]: ...
     def noop(self, n: int, *, streaming: bool) -> None: ...
     def dag(self, dag: Dag) -> None: ...
+    def sleep(self, seconds: float) -> None:
+        """One task that sleeps ``seconds`` (to see the orchestration's overhead)."""
+        ...
+
     def latencies(self, count: int, rate: float | None) -> list[float]:
         """Dispatch latency of ``count`` single tasks: one at a time when
         ``rate`` is None (idle), else submitted open-loop at ``rate``/s."""
@@ -60,7 +64,7 @@ class Taskloom:
     def _env(self) -> dict[str, str]:
         return {
             "TASKLOOM_LOG_LEVEL": "WARNING",
-            "TASKLOOM_CAPABILITIES": "noop,nobody",
+            "TASKLOOM_CAPABILITIES": "noop,sleep,nobody",
             "TASKLOOM_REDIS_PREFIX": self.prefix,
             "TASKLOOM_CACHE": "false",
             "TASKLOOM_MAX_PLAN_SUBTASKS": "100000",
@@ -87,7 +91,7 @@ class Taskloom:
                     "--app",
                     "bench.handlers:registry",
                     "--capabilities",
-                    "noop",
+                    "noop,sleep",
                     "--concurrency",
                     str(self.concurrency),
                     "--name",
@@ -150,6 +154,12 @@ class Taskloom:
         from taskloom.core.model import Plan, PlannedSubtask
 
         plan = Plan(tuple(PlannedSubtask(i, "", "x", "noop", deps) for i, deps in dag), False)
+        self.loop.run_until_complete(self._run_plan(plan))
+
+    def sleep(self, seconds: float) -> None:
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        plan = Plan((PlannedSubtask("sleep", "", repr(seconds), "sleep"),), False)
         self.loop.run_until_complete(self._run_plan(plan))
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
@@ -301,6 +311,11 @@ class Celery:
             workflow = chain(*parts)
         workflow.apply_async().get(timeout=600, disable_sync_subtasks=False)
 
+    def sleep(self, seconds: float) -> None:
+        from bench.celery_app import sleep
+
+        sleep.delay(seconds).get(timeout=60)
+
     def latencies(self, count: int, rate: float | None) -> list[float]:
         from bench.celery_app import noop
 
@@ -348,7 +363,13 @@ class Ray:
         def noop(*deps: object) -> float:
             return time.time()
 
+        @ray.remote
+        def sleep(seconds: float) -> float:
+            time.sleep(seconds)
+            return time.time()
+
         self.remote = noop
+        self.remote_sleep = sleep
         ray.get([noop.remote() for _ in range(200)])
 
     def stop(self) -> None:
@@ -378,6 +399,9 @@ class Ray:
         for node, deps in dag:
             refs[node] = self.remote.remote(*(refs[d] for d in deps))
         self.ray.get(refs[dag[-1][0]])
+
+    def sleep(self, seconds: float) -> None:
+        self.ray.get(self.remote_sleep.remote(seconds))
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
         out = []
