@@ -71,6 +71,7 @@ class Run:
         self.redis = redis
         self.logs = logs
         self.results: dict[tuple[str, str], Result] = {}
+        self.rates: dict[tuple[str, str], list[float]] = {}
         q = args.quick
         self.sizes = (200,) if q else (2_000, 10_000)
         self.dags: list[tuple[str, systems.Dag]] = [
@@ -118,14 +119,20 @@ class Run:
                 rate = peak * share
                 count = max(self.latency_samples, int(rate * (1 if self.args.quick else 3)))
                 samples = system.latencies(count, rate)
-                self.latency(name, f"open-loop {share:.0%} of peak ({rate:,.0f}/s)", samples)
+                self.latency(name, f"open-loop {share:.0%} of peak", samples, rate)
         finally:
             system.stop()
 
-    def latency(self, name: str, label: str, samples: list[float]) -> None:
+    def latency(self, name: str, label: str, samples: list[float], rate: float = 0.0) -> None:
         ms = [s * 1000 for s in samples]
-        self.result(name, f"dispatch latency {label}: p50", "ms").add(statistics.median(ms))
-        self.result(name, f"dispatch latency {label}: p99", "ms").add(percentile(ms, 0.99))
+        if rate:
+            self.rates.setdefault((name, label), []).append(rate)
+        for q, value in (("p50", statistics.median(ms)), ("p99", percentile(ms, 0.99))):
+            result = self.result(name, f"dispatch latency {label}: {q}", "ms")
+            result.add(value)
+            if rate:
+                loads = "/".join(f"{r:,.0f}" for r in self.rates[(name, label)])
+                result.note = f"at {loads} tasks/s"
 
     def scale(self, name: str) -> None:
         n = self.sizes[-1]
