@@ -577,19 +577,7 @@ class Store:
             task_id,
             failed,
             version,
-            [
-                [
-                    s.id,
-                    s.title,
-                    s.instruction,
-                    s.capability,
-                    list(s.depends_on),
-                    json.dumps(dict(s.params)),
-                    s.max_attempts or DEFAULT_MAX_ATTEMPTS,
-                    repr(s.timeout),
-                ]
-                for s in subtasks
-            ],
+            [_subtask_row(s) for s in subtasks],
             list(sinks),
             message,
         ]
@@ -837,23 +825,25 @@ def _plain(task_id: str) -> bool:
 
 
 def _plan_payload(plan: Plan, result_from: Sequence[str]) -> list[Any]:
-    """A plan as store_plan (lib.lua) takes it."""
+    """A plan as store_plan (lib.lua) takes it: each row, and whether the
+    subtask runs even if some of its inputs failed (the synthesis step)."""
     return [
         list(result_from),
-        [
-            [
-                s.id,
-                s.title,
-                s.instruction,
-                s.capability,
-                list(s.depends_on),
-                json.dumps(dict(s.params)),
-                s.max_attempts or DEFAULT_MAX_ATTEMPTS,
-                repr(s.timeout),
-                int(s.id == SYNTHESIZE_ID),  # the synthesis step runs even if inputs failed
-            ]
-            for s in plan.subtasks
-        ],
+        [[*_subtask_row(s), int(s.id == SYNTHESIZE_ID)] for s in plan.subtasks],
+    ]
+
+
+def _subtask_row(s: PlannedSubtask) -> list[Any]:
+    """A planned subtask as the scripts take it (plan.lua, create.lua, revise.lua)."""
+    return [
+        s.id,
+        s.title,
+        s.instruction,
+        s.capability,
+        list(s.depends_on),
+        json.dumps(dict(s.params)),
+        s.max_attempts or DEFAULT_MAX_ATTEMPTS,
+        repr(s.timeout),
     ]
 
 
