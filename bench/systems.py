@@ -359,18 +359,11 @@ class Ray:
         )
         self.ray = ray
 
-        @ray.remote
-        def noop(*deps: object) -> float:
-            return time.time()
-
-        @ray.remote
-        def sleep(seconds: float) -> float:
-            time.sleep(seconds)
-            return time.time()
-
-        self.remote = noop
-        self.remote_sleep = sleep
-        ray.get([noop.remote() for _ in range(200)])
+        # Not as decorators: without Ray's types (CI does not install Ray)
+        # mypy would call the functions untyped.
+        self.remote = ray.remote(_ray_noop)
+        self.remote_sleep = ray.remote(_ray_sleep)
+        ray.get([self.remote.remote() for _ in range(200)])
 
     def stop(self) -> None:
         if self.ray is not None:
@@ -416,6 +409,15 @@ class Ray:
             time.sleep(max(0.0, start + i / rate - time.perf_counter()))
             pending.append((time.time(), self.remote.remote()))
         return [self.ray.get(ref) - sent for sent, ref in pending]
+
+
+def _ray_noop(*deps: object) -> float:
+    return time.time()
+
+
+def _ray_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return time.time()
 
 
 def fan(n: int = 1000) -> Dag:
