@@ -150,12 +150,16 @@ class Run:
         n = 1_000 if self.args.quick else 10_000
         assert self.redis.process is not None
         system = systems.Taskloom(self.redis.url, self.redis.process.pid, self.logs)
-        system.start(1)
+        system.start(self.args.workers)
         try:
             memory = system.loop.run_until_complete(_memory_per_live(system, n))
             for label, value in memory.items():
                 self.result("taskloom", f"memory per 10k live subtasks: {label}", "MB").add(value)
             idle = 50 if self.args.quick else 500
+            # The same supervisor and workers before and after: only the idle
+            # connections differ.
+            label = f"no-op x{n:,}, no idle workers (baseline for the next row)"
+            self.timed(system, label, n, _noop(system, n, False))
             connectors = [
                 subprocess.Popen(
                     [sys.executable, "-m", "bench.idle_workers", system.address, str(idle // 5)],
