@@ -10,8 +10,12 @@ OVERFLOW_HINT = (
 def fit_output(output: str, max_bytes: int, *, truncate: bool) -> tuple[str, str]:
     """``(output, "")`` if it fits in ``max_bytes`` of UTF-8 (0: no limit) or is
     cut to fit with a marker; ``("", error)`` if it is too large and not cut."""
+    # A character is at most 4 bytes of UTF-8: most outputs fit without
+    # being encoded (this runs for every result, on worker and supervisor).
+    if not max_bytes or len(output) * 4 <= max_bytes:
+        return output, ""
     size = len(output.encode())
-    if not max_bytes or size <= max_bytes:
+    if size <= max_bytes:
         return output, ""
     if not truncate:
         return "", (

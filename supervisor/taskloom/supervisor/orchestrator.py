@@ -318,10 +318,11 @@ class Orchestrator:
         return task
 
     async def _check_owner(self, task_id: str, principal: Principal) -> None:
-        """Another principal's task does not exist, as far as a client can tell."""
-        if principal.admin:
-            return
-        if await self.store.task_owner(task_id) != principal.name:
+        """TaskNotFound unless the task exists and is the caller's (or the caller
+        is an admin): another principal's task does not exist, as far as a
+        client can tell. One read tells both."""
+        owner = await self.store.task_owner(task_id)
+        if owner is None or not (principal.admin or owner == principal.name):
             raise TaskNotFound(task_id)
 
     async def list_tasks(
@@ -430,8 +431,6 @@ class Orchestrator:
                 field="after_event_id",
             )
         await self._check_owner(task_id, principal)
-        if await self.store.task_status(task_id) is None:
-            raise TaskNotFound(task_id)
         if terminal_only:
             yield [await self._terminal_event(task_id)]
             return
