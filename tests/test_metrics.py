@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -148,3 +149,23 @@ async def test_promtool_finds_nothing_wrong_with_a_live_scrape(
         check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+async def test_busy_subtasks_count_the_work_workers_hold_per_capability(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+) -> None:
+    """What autoscalers scale on: READY plus held, per capability."""
+
+    def get(name: str, capability: str) -> float | None:
+        return supervisor.metrics.registry.get_sample_value(name, {"capability": capability})
+
+    processes.worker(supervisor.address, capabilities="gate", concurrency=2)
+    task_id = await client.submit(
+        "hold", plan=plan(("a", "gate", "A"), ("b", "gate", "B"), ("c", "gate", "C"))
+    )
+    await eventually(lambda: get("taskloom_busy_subtasks", "gate") == 2)
+    assert get("taskloom_ready_subtasks", "gate") == 1
+    for sid in "abc":
+        (test_dir / f"open-{sid}").touch()
+    await client.wait(task_id)
+    await eventually(lambda: not get("taskloom_busy_subtasks", "gate"))
