@@ -59,7 +59,7 @@ async def start(
     store: Store, plan: Plan | None = None, **kw: object
 ) -> tuple[str, list[ReadyItem]]:
     graph, result_from = finalize(plan or diamond(), synthesize=False)
-    task_id, created, ready = await store.create_task(
+    task_id, created, outcome = await store.create_task(
         goal="g",
         options=TaskOptions(),
         plan=graph,
@@ -67,7 +67,7 @@ async def start(
         **kw,  # type: ignore[arg-type]
     )
     assert created
-    return task_id, ready
+    return task_id, outcome.ready
 
 
 async def run(store: Store, item: ReadyItem, output: str = "out") -> AttemptRef:
@@ -112,6 +112,83 @@ async def test_completion_unlocks_dependents_only_when_all_their_dependencies_su
     assert outcome.finished == [task_id]
     task = await store.get_task(task_id)
     assert (task.status, task.result, task.subtasks_succeeded) == (TaskStatus.SUCCEEDED, "D-out", 4)
+
+
+async def test_a_new_plan_goes_straight_to_the_workers_offered(
+    store: Store, raw: aioredis.Redis, prefix: str
+) -> None:
+    steps = Plan(
+        (
+            PlannedSubtask("a", "A", "x", "echo"),
+            PlannedSubtask("b", "B", "y", "echo"),
+            PlannedSubtask("c", "C", "z", "llm"),
+            PlannedSubtask("d", "D", "w", "echo", ("a",)),
+        )
+    )
+    graph, result_from = finalize(steps, synthesize=False)
+    offer = {"echo": [("id1", "one", "", 1), ("id2", "two", "", 5)]}
+    task_id, _, outcome = await store.create_task(
+        goal="g", options=TaskOptions(), plan=graph, result_from=result_from, offer=offer
+    )
+
+    # One subtask per worker in turn, as far as its slots go; no slot for llm.
+    handed = {h.item.subtask_id: h for h in outcome.handed}
+    assert {s: (h.worker, h.assignment.attempt) for s, h in handed.items()} == {
+        "a": (0, 1),
+        "b": (1, 1),
+    }
+    assert handed["b"].assignment.goal == "g" and handed["b"].assignment.instruction == "y"
+    assert [(r.subtask_id, r.capability) for r in outcome.ready] == [("c", "llm")]
+    task = await store.get_task(task_id)
+    assert {s.id: (s.status, s.worker) for s in task.subtasks} == {
+        "a": (SubtaskStatus.ASSIGNED, "one"),
+        "b": (SubtaskStatus.ASSIGNED, "two"),
+        "c": (SubtaskStatus.READY, ""),
+        "d": (SubtaskStatus.PENDING, ""),
+    }
+    # Nothing lost on the way: a handed subtask completes like any other.
+    done = await store.complete([SubtaskResult(handed["a"].assignment.ref, "A-out")])
+    assert done.committed == [True] and [r.subtask_id for r in done.ready] == ["d"]
+
+
+async def test_a_new_plan_hands_out_no_more_than_its_max_parallel(store: Store) -> None:
+    steps = Plan(tuple(PlannedSubtask(f"s{i}", "", "x", "echo") for i in range(4)))
+    graph, result_from = finalize(steps, synthesize=False)
+    _, _, outcome = await store.create_task(
+        goal="g",
+        options=TaskOptions(max_parallel=2),
+        plan=graph,
+        result_from=result_from,
+        offer={"echo": [("id1", "one", "", 10)]},
+    )
+    assert len(outcome.handed) == 2 and len(outcome.ready) == 2
+
+
+async def test_a_commit_hands_the_dependents_it_unlocks_to_the_workers_offered(
+    store: Store,
+) -> None:
+    task_id, (item,) = await start(store)
+    (a,), _ = await store.assign([(item, "wid", "w1", "")])
+    assert a is not None
+    outcome = await store.complete(
+        [SubtaskResult(a.ref, "A-out")], offer={"echo": [("wid", "w1", "", 1)]}
+    )
+    # b (echo) is assigned in the same step, with its input; c (llm) waits.
+    ((b),) = outcome.handed
+    assert (b.item.subtask_id, b.worker, b.assignment.attempt) == ("b", 0, 1)
+    assert [(i.subtask_id, i.output) for i in b.assignment.inputs] == [("a", "A-out")]
+    assert [r.subtask_id for r in outcome.ready] == ["c"]
+
+    (c,), _ = await store.assign([(outcome.ready[0], "wid", "w1", "")])
+    assert c is not None
+    # A task at its limit gets nothing handed out: d stays READY.
+    await store.complete([SubtaskResult(b.assignment.ref, "B-out")])
+    last = await store.complete(
+        [SubtaskResult(c.ref, "C-out")],
+        offer={"echo": [("wid", "w1", "", 4)]},
+        limits={task_id: 0},
+    )
+    assert last.handed == [] and [r.subtask_id for r in last.ready] == ["d"]
 
 
 async def test_reports_from_an_older_attempt_are_discarded(store: Store) -> None:
@@ -196,7 +273,7 @@ async def test_every_key_lives_under_the_prefix(
 
 
 async def test_the_same_idempotency_key_returns_the_same_task(store: Store) -> None:
-    first, created, ready = await store.create_task(
+    first, created, outcome = await store.create_task(
         goal="g", options=TaskOptions(), plan=None, idempotency_key="order-42"
     )
     again, created_again, _ = await store.create_task(
@@ -205,7 +282,7 @@ async def test_the_same_idempotency_key_returns_the_same_task(store: Store) -> N
     other, _, _ = await store.create_task(
         goal="g", options=TaskOptions(), plan=None, idempotency_key="order-43"
     )
-    assert (created, created_again, ready) == (True, False, [])
+    assert (created, created_again, outcome.ready) == (True, False, [])
     assert again == first != other
     assert (await store.get_task(again)).goal == "g"
 

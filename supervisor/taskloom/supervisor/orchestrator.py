@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -57,7 +57,7 @@ from taskloom.core.tracing import carrier, genai_attributes, ids, parent, tracer
 from taskloom.supervisor.events import EventHub
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.planner import PlanHooks, Planner
-from taskloom.supervisor.scheduler import CancelAttempts, Lease, Scheduler, WorkerSession
+from taskloom.supervisor.scheduler import CancelAttempts, Lease, Offer, Scheduler, WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.supervisor.store import Outcome, ReadyItem, Store
 
@@ -77,6 +77,9 @@ class BudgetSpent(Exception):
 
 
 JANITOR_INTERVAL = 60.0
+OFFER_SLACK = 16
+"""A commit of n results is offered 2n + this many worker slots per capability
+for the dependents it unlocks; the rest go through the queue."""
 
 
 class Orchestrator:
@@ -102,6 +105,8 @@ class Orchestrator:
         self._planning_ids: set[str] = set()
         self._unbroken_jobs: set[asyncio.Future[Any]] = set()
         self._task_spans: dict[str, Span] = {}
+        self._ended: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        """Who waits for each task's end (terminal-only watches)."""
         """Root spans of the tasks this term created, ended when they end."""
         self.stale_reports = 0
         """Reports for attempts that no longer hold their subtask: dropped, counted."""
@@ -260,21 +265,30 @@ class Orchestrator:
             attributes={"taskloom.plan": "explicit" if graph else "llm",
                         "taskloom.on_failure": str(options.on_failure)},
         )  # fmt: skip
-        task_id, created, ready = await self.store.create_task(
-            goal=goal,
-            options=options,
-            plan=graph,
-            result_from=result_from,
-            idempotency_key=idempotency_key,
-            max_replans=self.settings.max_replans,
-            cache_ttl=self.settings.cache_ttl
-            if (self.settings.cache if options.cache is None else options.cache)
-            else 0.0,
-            trace=carrier(root),
-            owner=principal.name,
-            max_in_flight=0 if principal.admin else self.settings.max_tasks_in_flight,
-        )
+        offer = self.scheduler.offer(_first_steps(graph, options) if graph else {})
+        try:
+            with self._checked():
+                task_id, created, outcome = await self.store.create_task(
+                    goal=goal,
+                    options=options,
+                    plan=graph,
+                    result_from=result_from,
+                    idempotency_key=idempotency_key,
+                    max_replans=self.settings.max_replans,
+                    cache_ttl=self.settings.cache_ttl
+                    if (self.settings.cache if options.cache is None else options.cache)
+                    else 0.0,
+                    trace=carrier(root),
+                    owner=principal.name,
+                    max_in_flight=0 if principal.admin else self.settings.max_tasks_in_flight,
+                    offer=offer.slots(),
+                )
+        except BaseException:
+            self.scheduler.take(offer, ())
+            root.end()
+            raise
         if not created:
+            self.scheduler.take(offer, ())
             root.set_attribute("taskloom.duplicate_of", task_id)
             root.end()
             return task_id, created
@@ -289,7 +303,8 @@ class Orchestrator:
                 "task %s submitted with a plan of %d subtasks", task_id, len(graph.subtasks)
             )
             self.scheduler.set_task_limit(task_id, options.max_parallel)
-            self.scheduler.enqueue(ready)
+        self.scheduler.take(offer, outcome.handed)
+        self._apply(outcome, ())
         return task_id, created
 
     def _resolve(self, plan: Plan, options: TaskOptions) -> Plan:
@@ -430,10 +445,10 @@ class Orchestrator:
                 f"after_event_id {after[:40]!r} is not an event id like 1700000000000-0",
                 field="after_event_id",
             )
-        await self._check_owner(task_id, principal)
         if terminal_only:
-            yield [await self._terminal_event(task_id)]
+            yield [await self._terminal_event(task_id, principal)]
             return
+        await self._check_owner(task_id, principal)
         cursor = after
         while True:
             if self._closing.is_set():
@@ -457,22 +472,36 @@ class Orchestrator:
             if any(e.terminal for e in events):
                 return
 
-    async def _terminal_event(self, task_id: str) -> Event:
-        """Wait for the task to end without reading its log: wake on its
-        stream growing, look at its status, then fetch the last event."""
-        cursor = await self.store.last_event_id(task_id)
-        while True:
-            if self._closing.is_set():
-                raise Unavailable("the supervisor is shutting down; watch again to resume")
-            status = await self.store.task_status(task_id)
-            if status is None:
-                raise TaskNotFound(task_id)
-            if status.terminal:
-                for event in reversed(await self.store.last_events(task_id, 10)):
-                    if event.terminal:
-                        return event
-            await self.events.wait(task_id, cursor, WATCH_WAIT)
-            cursor = await self.store.last_event_id(task_id)
+    async def _terminal_event(self, task_id: str, principal: Principal) -> Event:
+        """Wait for the task to end without reading its log. Every task ends
+        through this supervisor (it leads; clients follow the leader), which
+        wakes the waiters as it ends one (``_task_ended``); each wait is also
+        bounded, so a task ended some other way is seen within WATCH_WAIT."""
+        ended = asyncio.Event()
+        # Registered before the first read: an end between the two still wakes us.
+        waiters = self._ended[task_id]
+        waiters.add(ended)
+        try:
+            while True:
+                if self._closing.is_set():
+                    raise Unavailable("the supervisor is shutting down; watch again to resume")
+                ended.clear()
+                owner, status, events = await self.store.ending(task_id, 10)
+                if owner is None or not (principal.admin or owner == principal.name):
+                    raise TaskNotFound(task_id)
+                if status is not None and status.terminal:
+                    for event in reversed(events):
+                        if event.terminal:
+                            return event
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_WAIT):
+                        await ended.wait()
+                waiters = self._ended[task_id]
+                waiters.add(ended)
+        finally:
+            waiters.discard(ended)
+            if not waiters and self._ended.get(task_id) is waiters:
+                del self._ended[task_id]
 
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
         self._spawn_planner(
@@ -747,6 +776,7 @@ class Orchestrator:
         )
         if changed:
             self.metrics.tasks_finished.labels("failed").inc()
+            self._end_task_span(task_id, TaskStatus.FAILED)
 
     # -- workers ---------------------------------------------------------------------
 
@@ -813,9 +843,13 @@ class Orchestrator:
             await self._unbroken(self._commit(self.store.fail(over, worker_id), refs, failed=True))
         if fitted:
             refs = [r.ref for r in fitted]
-            await self._unbroken(
-                self._commit(self.store.complete(fitted, worker_id), refs, failed=False)
+            # The dependents these results unlock go to workers in the same
+            # step, as far as free slots were offered for them.
+            offer = self.scheduler.offer_any(2 * len(refs) + OFFER_SLACK)
+            write = self.store.complete(
+                fitted, worker_id, offer=offer.slots(), limits=self.scheduler.room(refs)
             )
+            await self._unbroken(self._commit(write, refs, failed=False, offer=offer))
         return [r.ref for r in results]
 
     async def failed(
@@ -827,12 +861,24 @@ class Orchestrator:
         return refs
 
     async def _commit(
-        self, write: Awaitable[Outcome], refs: Sequence[AttemptRef], *, failed: bool
+        self,
+        write: Awaitable[Outcome],
+        refs: Sequence[AttemptRef],
+        *,
+        failed: bool,
+        offer: Offer | None = None,
     ) -> None:
         leases = [self.scheduler.lease(ref) for ref in refs]
-        with self._checked():
-            outcome = await write
+        try:
+            with self._checked():
+                outcome = await write
+        except BaseException:
+            if offer is not None:
+                self.scheduler.take(offer, ())
+            raise
         self._observe(outcome, refs, leases, failed=failed)
+        if offer is not None:
+            self.scheduler.take(offer, outcome.handed)
         self._apply(outcome, refs)
 
     def _observe(
@@ -913,6 +959,9 @@ class Orchestrator:
             self.scheduler.forget_task(task_id)
 
     def _end_task_span(self, task_id: str, status: str) -> None:
+        """The task ended: end its span and wake who waits for its end."""
+        for ended in self._ended.pop(task_id, ()):
+            ended.set()
         span = self._task_spans.pop(task_id, None)
         if span is not None:
             span.set_attribute("taskloom.status", status)
@@ -1020,3 +1069,12 @@ def _check_options(options: TaskOptions) -> None:
             "context_tokens must be from 256 to 10,000,000 (0: the model's)",
             field="options.context_tokens",
         )
+
+
+def _first_steps(plan: Plan, options: TaskOptions) -> dict[str, int]:
+    """Capability → how many of the plan's subtasks can start at once (those
+    without dependencies, no more than the task's ``max_parallel``)."""
+    counts = Counter(s.capability for s in plan.subtasks if not s.depends_on)
+    if options.max_parallel > 0:
+        return {c: min(n, options.max_parallel) for c, n in counts.items()}
+    return dict(counts)

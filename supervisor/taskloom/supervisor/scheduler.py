@@ -28,13 +28,13 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, WorkerInfo
 from taskloom.supervisor.metrics import SupervisorMetrics
-from taskloom.supervisor.store import ReadyItem, Store
+from taskloom.supervisor.store import Handed, OfferedSlots, ReadyItem, Store
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,27 @@ class Lease:
     """When it was assigned (scheduler clock); 0 for a lease restored from Redis."""
     overdue: bool = False
     """Reported as timed out or stalled; waiting for the failure to commit."""
+
+
+@dataclass(slots=True)
+class Offer:
+    """Free worker slots reserved for the subtasks one write to Redis may make
+    READY, so that the same script assigns them (see ``Scheduler.offer``)."""
+
+    workers: dict[str, list[tuple[WorkerSession, int]]] = field(default_factory=dict)
+    """Capability → (session, slots reserved on it)."""
+
+    def slots(self) -> OfferedSlots | None:
+        """What the script is told (None: nothing offered)."""
+        if not self.workers:
+            return None
+        return {
+            capability: [
+                (s.info.worker_id, s.info.name, s.info.cache_keys.get(capability, ""), n)
+                for s, n in sessions
+            ]
+            for capability, sessions in self.workers.items()
+        }
 
 
 ExpiryHandler = Callable[[list[Lease]], Awaitable[None]]
@@ -398,6 +419,67 @@ class Scheduler:
                 lease.overdue = False
             logger.warning("cannot end %d leases yet: %s", len(expired) + len(overdue), e)
 
+    # -- assigning in the write that makes subtasks READY ----------------------------------
+
+    def offer(self, wanted: Mapping[str, int]) -> Offer:
+        """Reserve free slots for subtasks a write is about to make READY
+        (``wanted``: capability → at most how many), so the write assigns
+        them itself and dispatch saves a round trip to Redis. Nothing is
+        offered for a capability whose queue is not empty: what waits there
+        goes first. The offer is spread over the least loaded workers; it
+        must be settled with ``take`` whatever the write's fate."""
+        offer = Offer()
+        for capability, n in wanted.items():
+            if n <= 0 or self._queues.get(capability):
+                continue
+            sessions = self._capable.get(capability)
+            free = [s for s in sessions.values() if s.free > 0] if sessions else []
+            if not free:
+                continue
+            share = -(-n // len(free))
+            taken = []
+            for session in heapq.nsmallest(n, free, key=lambda s: s.load):
+                take = min(session.free, share, n)
+                session.reserved += take
+                taken.append((session, take))
+                n -= take
+                if n <= 0:
+                    break
+            offer.workers[capability] = taken
+        return offer
+
+    def offer_any(self, n: int) -> Offer:
+        """An offer of up to ``n`` slots for each capability workers offer,
+        for writes that cannot tell which subtasks they will make READY."""
+        return self.offer({c: n for c, sessions in self._capable.items() if sessions})
+
+    def room(self, refs: Sequence[AttemptRef]) -> dict[str, int]:
+        """For the tasks of these attempts that have a limit: how many more
+        may be in flight once these attempts are over."""
+        ending = Counter(r.task_id for r in refs if r in self._leases)
+        return {
+            task_id: self._limits[task_id] - self._in_flight[task_id] + n
+            for task_id, n in ending.items()
+            if task_id in self._limits
+        }
+
+    def take(self, offer: Offer, handed: Sequence[Handed]) -> None:
+        """The write is done (or failed: nothing ``handed``): lease and send
+        what it assigned, and free the slots it did not use."""
+        for sessions in offer.workers.values():
+            for session, n in sessions:
+                session.reserved -= n
+        rows = []
+        for h in handed:
+            session = offer.workers[h.item.capability][h.worker][0]
+            self._in_flight[h.item.task_id] += 1
+            rows.append((h.item, session, h.assignment))
+            if self.metrics is not None:
+                self.metrics.queue_wait.labels(h.item.capability).observe(0.0)
+        self._lease_out(rows, self._clock())
+        if offer.workers:
+            self._wake.set()
+
     # -- dispatch ----------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -463,7 +545,7 @@ class Scheduler:
             await asyncio.sleep(1.0)
             self._wake.set()
             return False
-        batches: dict[WorkerSession, list[Assignment]] = defaultdict(list)
+        rows = []
         for (item, session), assignment in zip(picks, assignments, strict=True):
             session.reserved -= 1
             since = self._ready_since.pop((item.task_id, item.subtask_id), None)
@@ -474,6 +556,22 @@ class Scheduler:
                 # from the cache: nothing to send.
                 self._in_flight[item.task_id] -= 1
                 continue
+            rows.append((item, session, assignment))
+        self._lease_out(rows, now)
+        self.enqueue(hits.ready)
+        for task_id in hits.finished:
+            self.forget_task(task_id)
+        if self.metrics is not None:
+            self.metrics.dispatch_latency.observe(self._clock() - started)
+            self.metrics.observe_outcome(hits)
+        return True
+
+    def _lease_out(
+        self, rows: Iterable[tuple[ReadyItem, WorkerSession, Assignment]], now: float
+    ) -> None:
+        """Lease each assignment to its session and send them, a batch per session."""
+        batches: dict[WorkerSession, list[Assignment]] = defaultdict(list)
+        for item, session, assignment in rows:
             lease = Lease(
                 assignment.ref,
                 session.info.worker_id,
@@ -496,13 +594,6 @@ class Scheduler:
                 batches[session].append(assignment)
         for session, batch in batches.items():
             session.send(AssignBatch(tuple(batch)))
-        self.enqueue(hits.ready)
-        for task_id in hits.finished:
-            self.forget_task(task_id)
-        if self.metrics is not None:
-            self.metrics.dispatch_latency.observe(self._clock() - started)
-            self.metrics.observe_outcome(hits)
-        return True
 
     def _pick(self) -> list[tuple[ReadyItem, WorkerSession]]:
         picks: list[tuple[ReadyItem, WorkerSession]] = []

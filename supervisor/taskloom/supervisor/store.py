@@ -104,9 +104,25 @@ class ReadyItem:
     """The attempt that just failed, for retry backoff; 0 for a first run."""
 
 
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A subtask the script that made it READY gave at once to an offered
+    worker (see ``Scheduler.offer`` and hand_out in lib.lua)."""
+
+    item: ReadyItem
+    worker: int
+    """Which of the workers offered for ``item.capability`` (0-based)."""
+    assignment: Assignment
+
+
+OfferedSlots = Mapping[str, Sequence[tuple[str, str, str, int]]]
+"""Free worker slots a write may fill with the subtasks it makes READY:
+capability → ``(worker_id, name, cache fingerprint, slots)`` per worker."""
+
+
 @dataclass(slots=True)
 class Outcome:
-    """What a batch of reports changed."""
+    """What a write changed: a batch of reports, an assignment, a new task."""
 
     committed: list[bool] = field(default_factory=list)
     ready: list[ReadyItem] = field(default_factory=list)
@@ -119,6 +135,8 @@ class Outcome:
     """The status each of ``finished`` ended with."""
     cached: list[str] = field(default_factory=list)
     """Capabilities of subtasks answered from the cache."""
+    handed: list[Handed] = field(default_factory=list)
+    """Subtasks that became READY and were assigned at once to offered workers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,16 +318,20 @@ class Store:
         trace: Mapping[str, str] | None = None,
         owner: str = "",
         max_in_flight: int = 0,
-    ) -> tuple[str, bool, list[ReadyItem]]:
+        offer: OfferedSlots | None = None,
+    ) -> tuple[str, bool, Outcome]:
         """Store a new task (PLANNING, or RUNNING with ``plan``) owned by ``owner``.
 
         Each planned subtask's ``max_attempts`` and ``timeout`` must be
         resolved already, and ``options.stall_timeout`` too.
 
-        Returns ``(task_id, created, ready)``; ``created`` is False when the
-        idempotency key already names a task of the same owner, which is
-        returned instead. With ``max_in_flight``, an owner who already has
-        that many unfinished tasks gets ``ResourceExhausted``.
+        Returns ``(task_id, created, outcome)``: the plan's READY subtasks
+        are in ``outcome.ready``, or in ``outcome.handed`` for those given
+        at once to the workers in ``offer`` (no more than
+        ``options.max_parallel``). ``created`` is False when the idempotency key
+        already names a task of the same owner, which is returned instead.
+        With ``max_in_flight``, an owner who already has that many
+        unfinished tasks gets ``ResourceExhausted``.
         """
         # Idempotency keys are the owner's own: another principal's key
         # must neither find nor block this one's task.
@@ -352,8 +374,10 @@ class Store:
             goal[:200],
             _span_id(trace),
             _plan_payload(plan, result_from) if plan is not None else False,
+            offer or False,
+            {task_id: options.max_parallel} if options.max_parallel > 0 else {},
         ]
-        found, created, ready = await self._run("create", payload, now=now)
+        found, created, ready, *handout = await self._run("create", payload, now=now)
         if created < 0:
             raise ResourceExhausted(
                 f"{owner} already has {max_in_flight:,} unfinished tasks, the limit "
@@ -361,8 +385,10 @@ class Store:
                 subject="max_tasks_in_flight",
             )
         if not created:
-            return str(found), False, []
-        return task_id, True, _ready(task_id, plan, ready, options.priority)
+            return str(found), False, Outcome()
+        if handout:
+            return task_id, True, _outcome(handout[0])
+        return task_id, True, Outcome(ready=_ready(task_id, plan, ready, options.priority))
 
     @_translated
     async def set_plan(
@@ -410,43 +436,11 @@ class Store:
             "assign",
             [[item.task_id, item.subtask_id, wid, name, fp] for item, wid, name, fp in items],
         )
-        goals: Mapping[str, str] = reply["goals"] or {}
-        traces: Mapping[str, str] = reply["traces"] or {}
         out: list[Assignment | None] = [None] * len(items)
         now = time.time()
-        for (
-            index,
-            attempt,
-            title,
-            instruction,
-            capability,
-            params,
-            inputs,
-            timeout,
-            stall,
-            context_tokens,
-            context,
-        ) in _list(reply["assigned"]):
+        for index, *row in _list(reply["assigned"]):
             item = items[index - 1][0]
-            out[index - 1] = Assignment(
-                task_id=item.task_id,
-                subtask_id=item.subtask_id,
-                attempt=int(attempt),
-                capability=capability,
-                title=title or "",
-                instruction=instruction or "",
-                goal=goals.get(item.task_id, ""),
-                inputs=tuple(Input(d, t, o) for d, t, o in _list(inputs)),
-                params=json.loads(params or "{}"),
-                deadline=now + float(timeout) if timeout else None,
-                timeout=float(timeout),
-                stall_timeout=float(stall),
-                context_tokens=int(context_tokens),
-                context=ContextMode(context or ContextMode.TRUNCATE),
-                trace_context={"traceparent": traces[item.task_id]}
-                if traces.get(item.task_id)
-                else {},
-            )
+            out[index - 1] = _assignment(item.task_id, item.subtask_id, row, reply, now)
         hits = _list(reply["hits"])
         outcome = _outcome({"committed": [1] * len(hits), **reply})
         outcome.cached = [items[i - 1][0].capability for i in hits]
@@ -474,9 +468,18 @@ class Store:
         return [bool(x) for x in _list(reply)]
 
     @_translated
-    async def complete(self, results: Sequence[SubtaskResult], worker_id: str = "") -> Outcome:
+    async def complete(
+        self,
+        results: Sequence[SubtaskResult],
+        worker_id: str = "",
+        *,
+        offer: OfferedSlots | None = None,
+        limits: Mapping[str, int] | None = None,
+    ) -> Outcome:
         """Commit results, unlock dependents, finish tasks whose last subtask this
-        was. With ``worker_id``, only results for attempts given to that worker."""
+        was. With ``worker_id``, only results for attempts given to that worker.
+        Dependents that become READY go at once to the workers in ``offer``
+        (``outcome.handed``), no more per task than ``limits`` says."""
         payload = [
             [
                 r.ref.task_id,
@@ -488,7 +491,7 @@ class Store:
             ]
             for r in results
         ]
-        return _outcome(await self._run("complete", payload))
+        return _outcome(await self._run("complete", [payload, offer or False, limits or {}]))
 
     @_translated
     async def fail(self, failures: Sequence[SubtaskFailure], worker_id: str = "") -> Outcome:
@@ -695,6 +698,23 @@ class Store:
         """The id of the task's newest event ("0" if none)."""
         entries = await self._redis.xrevrange(self.keys.events(task_id), count=1)
         return str(entries[0][0]) if entries else "0"
+
+    @_translated
+    async def ending(
+        self, task_id: str, count: int
+    ) -> tuple[str | None, TaskStatus | None, list[Event]]:
+        """In one round trip: the task's owner and state (None, None if there
+        is no such task) and its newest ``count`` events, oldest first."""
+        if not _plain(task_id):
+            return None, None, []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.task(task_id), ["owner", "status"])
+            pipe.xrevrange(self.keys.events(task_id), count=count)
+            (owner, status), entries = await pipe.execute()
+        if status is None:
+            return None, None, []
+        events = [_decode_event(task_id, eid, fields) for eid, fields in reversed(entries)]
+        return str(owner or ""), TaskStatus(status), events
 
     @_translated
     async def last_events(self, task_id: str, count: int) -> list[Event]:
@@ -949,9 +969,37 @@ def _decode_event(task_id: str, event_id: str, fields: Mapping[str, str]) -> Eve
     )
 
 
+def _assignment(
+    task_id: str, subtask_id: str, row: Sequence[Any], reply: Mapping[str, Any], now: float
+) -> Assignment:
+    """An assignment as assign_one (lib.lua) returns it; ``reply`` has the
+    goals and trace contexts of the script's tasks."""
+    (attempt, title, instruction, capability, params, inputs, timeout, stall,
+     context_tokens, context) = row  # fmt: skip
+    traceparent = (reply.get("traces") or {}).get(task_id)
+    return Assignment(
+        task_id=task_id,
+        subtask_id=subtask_id,
+        attempt=int(attempt),
+        capability=capability,
+        title=title or "",
+        instruction=instruction or "",
+        goal=(reply.get("goals") or {}).get(task_id, ""),
+        inputs=tuple(Input(d, t, o) for d, t, o in _list(inputs)),
+        params=json.loads(params or "{}"),
+        deadline=now + float(timeout) if timeout else None,
+        timeout=float(timeout),
+        stall_timeout=float(stall),
+        context_tokens=int(context_tokens),
+        context=ContextMode(context or ContextMode.TRUNCATE),
+        trace_context={"traceparent": traceparent} if traceparent else {},
+    )
+
+
 def _outcome(reply: Mapping[str, Any]) -> Outcome:
+    now = time.time()
     return Outcome(
-        committed=[bool(x) for x in _list(reply["committed"])],
+        committed=[bool(x) for x in _list(reply.get("committed"))],
         ready=[
             ReadyItem(t, s, cap, int(prio), int(rest[0]) if rest else 0)
             for t, s, cap, prio, *rest in _list(reply["ready"])
@@ -960,6 +1008,11 @@ def _outcome(reply: Mapping[str, Any]) -> Outcome:
         held=[AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))],
         replan=[(t, s) for t, s in _list(reply.get("replan"))],
         finished_status=[str(s) for s in _list(reply.get("statuses"))],
+        cached=[str(c) for c in _list(reply.get("cached"))],
+        handed=[
+            Handed(ReadyItem(t, s, cap), int(w) - 1, _assignment(t, s, row, reply, now))
+            for t, s, cap, w, row in _list(reply.get("handed"))
+        ],
     )
 
 

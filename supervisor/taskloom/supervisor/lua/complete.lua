@@ -4,11 +4,14 @@
 -- waiting for a dependency that already finished. The attempt's LLM usage is
 -- added to the task's; past its max_tokens the task fails instead of going
 -- on. An output whose subtask is cacheable is kept for identical subtasks.
--- PAYLOAD: {{task, sub, attempt, output, usage_json, worker_id}, ...}
+-- Dependents that become READY go straight to the workers offered, if any.
+-- PAYLOAD: {{{task, sub, attempt, output, usage_json, worker_id}, ...},
+--   offer (or false), limits} (offer and limits: see hand_out in lib.lua)
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
---   priority}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
+--   priority}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...},
+--   and hand_out's handed, cached, goals and traces}
 local committed, ready, finished, held = {}, {}, {}, {}
-for i, item in ipairs(PAYLOAD) do
+for i, item in ipairs(PAYLOAD[1]) do
   local task, sub, attempt, output, usage = item[1], item[2], item[3], item[4], item[5]
   committed[i] = 0
   if held_by(task, sub, attempt, item[6]) then
@@ -40,5 +43,8 @@ for i, item in ipairs(PAYLOAD) do
     end
   end
 end
+local handed, cached
+handed, cached, ready = hand_out(ready, PAYLOAD[2], PAYLOAD[3], finished)
 return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
-  statuses = statuses_of(finished)})
+  statuses = statuses_of(finished), handed = handed, cached = cached, goals = GOALS,
+  traces = TRACES})

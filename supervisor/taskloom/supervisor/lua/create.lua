@@ -4,9 +4,10 @@
 -- indexes, task.submitted, and with a plan everything store_plan writes.
 -- PAYLOAD: {task, idem_key ('' for none), owner, max_in_flight (0: none),
 --   fields (flat HSET list), deadline (0: none), message, span,
---   plan ({result_from, subtasks} or false)}
--- Returns JSON: {task id, created (1), READY ids} or {existing id, 0, {}},
---   or {'', -1, {}} when the owner is at the limit.
+--   plan ({result_from, subtasks} or false), offer (or false), limits}
+--   offer and limits: see hand_out in lib.lua.
+-- Returns JSON: {task id, created (1), READY ids, hand_out's reply} or
+--   {existing id, 0, {}}, or {'', -1, {}} when the owner is at the limit.
 local task, idem, owner, limit = PAYLOAD[1], PAYLOAD[2], PAYLOAD[3], PAYLOAD[4]
 if idem ~= '' then
   local existing = redis.call('GET', idem)
@@ -29,6 +30,15 @@ if owner ~= '' then
 end
 if idem ~= '' then redis.call('SET', idem, task, 'EX', RETENTION) end
 emit(task, 'task.submitted', '', 'PLANNING', PAYLOAD[7], 0, '', PAYLOAD[8])
-local ready = {}
-if PAYLOAD[9] then ready = store_plan(task, PAYLOAD[9][1], PAYLOAD[9][2]) end
-return cjson.encode({task, 1, ready})
+if not PAYLOAD[9] then return cjson.encode({task, 1, {}}) end
+local subtasks = PAYLOAD[9][2]
+local ids = store_plan(task, PAYLOAD[9][1], subtasks)
+if not PAYLOAD[10] then return cjson.encode({task, 1, ids}) end
+-- The plan's first subtasks go straight to the workers offered.
+local capability, ready, finished = {}, {}, {}
+for _, s in ipairs(subtasks) do capability[s[1]] = s[4] end
+local priority = tonumber(redis.call('HGET', k_task(task), 'priority') or '0')
+for _, sub in ipairs(ids) do table.insert(ready, {task, sub, capability[sub], priority}) end
+local handed, cached, left = hand_out(ready, PAYLOAD[10], PAYLOAD[11], finished)
+return cjson.encode({task, 1, {}, {handed = handed, cached = cached, ready = left,
+  finished = finished, statuses = statuses_of(finished), goals = GOALS, traces = TRACES}})

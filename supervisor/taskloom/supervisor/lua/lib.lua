@@ -278,3 +278,121 @@ local function store_plan(task, result_from, subtasks)
   end
   return ready
 end
+
+-- Give a READY subtask to a worker: READY -> ASSIGNED with attempt + 1.
+-- Written before the Assignment is sent, so a crash in between leaves an
+-- ASSIGNED subtask whose lease expires, never a subtask nobody holds.
+-- A subtask whose worker can cache its capability (fingerprint ~= '') is
+-- looked up first: the SHA-1 of its capability, instruction, params, inputs,
+-- the goal, context settings and the fingerprint (handler version and
+-- model), which is everything a handler is given. On a hit it SUCCEEDS at
+-- once with the stored output, and no worker runs it: its dependents that
+-- become READY go into `ready`, its task into `finished` if it ended.
+-- Returns {attempt, title, instruction, capability, params, inputs =
+-- {{dep, title, output}, ...}, timeout, stall, context_tokens, context},
+-- 'hit', or nil if the subtask is not READY (cancelled, or queued twice)
+-- or its task is not running. GOALS and TRACES collect what the
+-- assignments of each task share, for the reply.
+local GOALS, TRACES, TASK_SHARED = {}, {}, {}
+local function assign_one(task, sub, worker_id, worker, fingerprint, ready, finished)
+  local tk, sk = k_task(task), k_subtask(task, sub)
+  local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
+    'capability', 'params', 'deps', 'timeout')
+  -- The task's status is read each time: a cache hit earlier in this
+  -- script may have finished it.
+  if st[1] ~= 'READY' or redis.call('HGET', tk, 'status') ~= 'RUNNING' then
+    return nil
+  end
+  -- What every subtask of a task shares, read once per task and script:
+  -- stall, context tokens, context mode, cache TTL.
+  local tv = TASK_SHARED[task]
+  if tv == nil then
+    tv = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl', 'goal',
+      'traceparent')
+    TASK_SHARED[task] = tv
+    GOALS[task] = tv[5] or ''
+    TRACES[task] = tv[6] or ''
+  end
+  local inputs, outputs = {}, {}
+  for _, dep in ipairs(cjson.decode(st[7])) do
+    local dv = redis.call('HMGET', k_subtask(task, dep), 'title', 'output', 'status', 'error')
+    local output = dv[2] or ''
+    if dv[3] ~= 'SUCCEEDED' then
+      -- Only a tolerant subtask (the synthesis step) runs after a dependency
+      -- that did not succeed; it is told so rather than handed nothing.
+      output = '[no output: this step ended ' .. tostring(dv[3]) .. ' (' .. (dv[4] or '') .. ')]'
+    end
+    table.insert(inputs, {dep, dv[1] or '', output})
+    table.insert(outputs, output)
+  end
+  if fingerprint ~= nil and fingerprint ~= '' and tonumber(tv[4] or '0') > 0 then
+    local key = redis.sha1hex(cjson.encode({st[5], st[4], st[6] or '{}', outputs,
+      GOALS[task], tv[2] or '0', tv[3] or '', fingerprint}))
+    local hit = redis.call('GET', k_cache(key))
+    if hit then
+      redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', hit, 'usage', '',
+        'finished_at', NOW, 'progress', '', 'error', '', 'cache_hit', '1')
+      emit(task, 'subtask.succeeded', sub, 'SUCCEEDED',
+        'cache_hit: the output of an identical earlier subtask, reused', 0, '')
+      redis.call('HSET', tk, 'updated_at', NOW)
+      redis.call('HINCRBY', tk, 'succeeded', 1)
+      unlock_dependents(task, sub, ready)
+      settle(task, finished)
+      return 'hit'
+    end
+    redis.call('HSET', sk, 'cache_key', key)
+  end
+  local attempt = tonumber(st[2]) + 1
+  redis.call('HSET', sk, 'status', 'ASSIGNED', 'attempt', attempt, 'worker', worker,
+    'worker_id', worker_id, 'assigned_at', NOW, 'progress', '')
+  emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
+  return {attempt, st[3], st[4], st[5], st[6], inputs, tonumber(st[8] or '0'),
+    tonumber(tv[1] or '0'), tonumber(tv[2] or '0'), tv[3] or ''}
+end
+
+-- Hand subtasks that just became READY straight to free worker slots the
+-- supervisor offered, in the step that made them READY: no second round
+-- trip to assign them. offer: {capability = {{worker_id, name, fingerprint,
+-- slots}, ...}}, taken round-robin; limits: {task = how many more may run}
+-- for tasks with max_parallel. ready: {{task, sub, capability, priority},
+-- ...}. Returns handed = {{task, sub, capability, worker index, assignment},
+-- ...}, the capabilities of cache hits (cached), and the items still READY (for the
+-- supervisor's queue).
+local function hand_out(ready, offer, limits, finished)
+  if not offer then return {}, {}, ready end
+  local handed, hits, left, turn = {}, {}, {}, {}
+  local i = 1
+  while i <= #ready do
+    local item = ready[i]
+    i = i + 1
+    local task, sub, cap = item[1], item[2], item[3]
+    local workers = offer[cap]
+    local limit = limits[task]
+    local w = nil
+    if workers ~= nil and (limit == nil or limit > 0) then
+      -- The next worker, round-robin, with a slot left.
+      local start = turn[cap] or 0
+      for k = 1, #workers do
+        local j = (start + k - 1) % #workers + 1
+        if workers[j][4] > 0 then w = j; break end
+      end
+    end
+    if w == nil then
+      table.insert(left, item)
+    else
+      local slot = workers[w]
+      -- A cache hit appends the dependents it unlocks to `ready`: they are
+      -- handed out too, further down this loop.
+      local a = assign_one(task, sub, slot[1], slot[2], slot[3], ready, finished)
+      if a == 'hit' then
+        table.insert(hits, cap)
+      elseif a ~= nil then
+        slot[4] = slot[4] - 1
+        turn[cap] = w
+        if limit ~= nil then limits[task] = limit - 1 end
+        table.insert(handed, {task, sub, cap, w, a})
+      end
+    end
+  end
+  return handed, hits, left
+end

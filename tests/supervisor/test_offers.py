@@ -1,0 +1,48 @@
+"""Offers: free worker slots reserved for the subtasks a write makes READY.
+
+Pure bookkeeping of the scheduler, so no Redis: the store is never called."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from taskloom.core.model import Assignment, WorkerInfo
+from taskloom.supervisor.scheduler import Scheduler
+from taskloom.supervisor.store import Handed, ReadyItem, Store
+
+
+def worker(name: str, slots: int, capabilities: str = "echo") -> WorkerInfo:
+    return WorkerInfo(name, name, frozenset(capabilities.split(",")), slots)
+
+
+def scheduler() -> Scheduler:
+    return Scheduler(cast(Store, None), lease_ttl=10.0)
+
+
+async def test_an_offer_spreads_over_the_least_loaded_workers_and_take_frees_the_rest() -> None:
+    s = scheduler()
+    one, _ = s.connect(worker("one", 2))
+    two, _ = s.connect(worker("two", 8))
+
+    offer = s.offer({"echo": 6, "llm": 3})
+    assert {sess.info.name: n for sess, n in offer.workers["echo"]} == {"one": 2, "two": 3}
+    assert "llm" not in offer.workers  # nobody offers it
+    assert (one.free, two.free) == (0, 5)
+    assert offer.slots() == {"echo": [("one", "one", "", 2), ("two", "two", "", 3)]}
+
+    # The write assigned one subtask to "two": that one is leased, the rest freed.
+    item = ReadyItem("t1", "s1", "echo")
+    sent = Assignment("t1", "s1", 1, "echo", "", "x", "g")
+    s.take(offer, [Handed(item, 1, sent)])
+    assert (one.free, two.free) == (2, 7)
+    assert s.holder(sent.ref) is two
+    assert two.outbox.get_nowait().assignments == (sent,)  # type: ignore[union-attr]
+
+
+async def test_nothing_is_offered_for_a_capability_with_subtasks_waiting() -> None:
+    s = scheduler()
+    s.connect(worker("one", 4, "echo,llm"))
+    # Queued subtasks go first: a write must not overtake them.
+    s.enqueue([ReadyItem("t1", "s1", "echo")])
+    assert s.offer({"echo": 1}).workers == {}
+    assert s.offer_any(3).workers.keys() == {"llm"}
