@@ -164,7 +164,9 @@ class Taskloom:
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
         """Idle: single-subtask tasks one after another. Under load: every 20 ms
-        a task of rate/50 subtasks, open-loop. Latency is from the moment a
+        a task of rate/50 subtasks, open-loop: submitted without waiting, all
+        waited for at the end. (Ray and Celery submit one task at a time; a
+        taskloom task per subtask would measure task overhead instead.) Latency is from the moment a
         subtask became READY (its ``created_at`` in Redis, written by the same
         step) to the no-op's start on the worker, both on this machine's clock."""
         from redis.asyncio import Redis
@@ -181,8 +183,14 @@ class Taskloom:
             start = time.perf_counter()
             for i in range(max(1, count // per)):
                 await asyncio.sleep(max(0.0, start + i * per / rate - time.perf_counter()))
-                jobs.append(asyncio.ensure_future(self._run_plan(plan)))
-            return list(await asyncio.gather(*jobs))
+                jobs.append(
+                    asyncio.ensure_future(self.client.submit("bench", plan=plan, cache=False))
+                )
+            task_ids = list(await asyncio.gather(*jobs))
+            for task_id in task_ids:
+                async for event in self.client.watch(task_id, terminal_only=True):
+                    assert event.type == "task.succeeded", event
+            return task_ids
 
         async def measured(task_ids: list[str]) -> list[float]:
             redis = Redis.from_url(self.redis_url, decode_responses=True)

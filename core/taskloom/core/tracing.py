@@ -60,6 +60,12 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer("taskloom")
 
 
+def tracing() -> bool:
+    """Whether a tracer provider is installed: without one every span is a
+    no-op, and a hot path may skip making them (a span costs tens of µs)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def record_content() -> bool:
     """Whether prompts and outputs may go into spans."""
     return os.environ.get("TASKLOOM_TRACE_CONTENT") == "1"

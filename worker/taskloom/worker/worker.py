@@ -43,7 +43,7 @@ from taskloom.core.model import (
     SubtaskFailure,
     SubtaskResult,
 )
-from taskloom.core.tracing import parent, tracer
+from taskloom.core.tracing import parent, tracer, tracing
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
 from taskloom.worker.context import SubtaskContext, SubtaskError
@@ -262,6 +262,10 @@ class Worker:
     async def _execute(self, assignment: Assignment, handler: Handler) -> None:
         ref = assignment.ref
         self._connection.send(Accepted(ref))
+        if not tracing():
+            with bind_attempt(ref):
+                await self._run_handler(assignment, handler)
+            return
         # A span per attempt, a child of the task's root span (its context came
         # inside the Assignment); the handler's LLM calls are spans beneath it.
         with (
