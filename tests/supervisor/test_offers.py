@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from taskloom.core.model import Assignment, WorkerInfo
+from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
 from taskloom.supervisor.scheduler import Scheduler
 from taskloom.supervisor.store import Handed, ReadyItem, Store
 
@@ -45,4 +45,23 @@ async def test_nothing_is_offered_for_a_capability_with_subtasks_waiting() -> No
     # Queued subtasks go first: a write must not overtake them.
     s.enqueue([ReadyItem("t1", "s1", "echo")])
     assert s.offer({"echo": 1}).workers == {}
-    assert s.offer_any(3).workers.keys() == {"llm"}
+    assert s.offer({"echo": 1, "llm": 1}).workers.keys() == {"llm"}
+
+
+async def test_a_commit_is_offered_slots_only_for_what_its_tasks_have_waiting() -> None:
+    s = scheduler()
+    s.connect(worker("one", 100, "echo,llm,search"))
+    s.set_graph(
+        "graph",
+        [
+            PlannedSubtask("a", "", "x", "search"),
+            PlannedSubtask("b", "", "x", "llm", ("a",)),
+        ],
+    )
+    refs = [AttemptRef("graph", "a", 1), AttemptRef("flat", "x", 1)]
+    # Only llm waits for anything; 2 results: 2 * 2 + 16 slots at most.
+    assert {c: n for c, ((_, n),) in s.offer_for(refs).workers.items()} == {"llm": 20}
+    # A task without dependencies unlocks nothing: no offer, no payload.
+    assert s.offer_for([AttemptRef("flat", "y", 1)]).workers == {}
+    s.forget_task("graph")
+    assert s.offer_for(refs).workers == {}

@@ -77,9 +77,6 @@ class BudgetSpent(Exception):
 
 
 JANITOR_INTERVAL = 60.0
-OFFER_SLACK = 16
-"""A commit of n results is offered 2n + this many worker slots per capability
-for the dependents it unlocks; the rest go through the queue."""
 
 
 class Orchestrator:
@@ -303,6 +300,7 @@ class Orchestrator:
                 "task %s submitted with a plan of %d subtasks", task_id, len(graph.subtasks)
             )
             self.scheduler.set_task_limit(task_id, options.max_parallel)
+            self.scheduler.set_graph(task_id, graph.subtasks)
         self.scheduler.take(offer, outcome.handed)
         self._apply(outcome, ())
         return task_id, created
@@ -631,6 +629,7 @@ class Orchestrator:
             return
         logger.info("task %s planned: %d subtasks", task_id, len(graph.subtasks))
         self.scheduler.set_task_limit(task_id, options.max_parallel)
+        self.scheduler.set_graph(task_id, graph.subtasks)
         self.scheduler.enqueue(ready)
 
     def _plan_hooks(self, task_id: str, status: TaskStatus, span: Span) -> PlanHooks:
@@ -743,6 +742,7 @@ class Orchestrator:
             logger.info("task %s moved on while it was being replanned", task_id)
             return
         logger.info("task %s: %s", task_id, message)
+        self.scheduler.set_graph(task_id, graph.subtasks)
         self.scheduler.enqueue(ready)
 
     async def _replanning_failed(self, task_id: str, reason: str) -> None:
@@ -845,7 +845,7 @@ class Orchestrator:
             refs = [r.ref for r in fitted]
             # The dependents these results unlock go to workers in the same
             # step, as far as free slots were offered for them.
-            offer = self.scheduler.offer_any(2 * len(refs) + OFFER_SLACK)
+            offer = self.scheduler.offer_for(refs)
             write = self.store.complete(
                 fitted, worker_id, offer=offer.slots(), limits=self.scheduler.room(refs)
             )

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from taskloom.core.errors import TaskloomError, Unavailable
-from taskloom.core.model import Assignment, AttemptRef, WorkerInfo
+from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.store import Handed, OfferedSlots, ReadyItem, Store
 
@@ -152,6 +152,9 @@ class Offer:
 ExpiryHandler = Callable[[list[Lease]], Awaitable[None]]
 OverdueHandler = Callable[[list[tuple[Lease, str]]], Awaitable[None]]
 
+OFFER_SLACK = 16
+"""A commit of n results is offered up to 2n + this many slots per capability."""
+
 DEADLINE_GRACE = 2.0
 """The worker enforces the timeout itself; the supervisor steps in this much later."""
 
@@ -189,6 +192,9 @@ class Scheduler:
         only, so idle workers of other capabilities cost it nothing."""
         self._leases: dict[AttemptRef, Lease] = {}
         self._limits: dict[str, int] = {}
+        self._followers: dict[str, frozenset[str]] = {}
+        """Task → capabilities of its subtasks that wait for others: what a
+        commit of its results may make READY, and so may be offered slots."""
         self._in_flight: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self.on_expired: ExpiryHandler | None = None
@@ -239,9 +245,16 @@ class Scheduler:
         if max_parallel > 0:
             self._limits[task_id] = max_parallel
 
+    def set_graph(self, task_id: str, subtasks: Iterable[PlannedSubtask]) -> None:
+        """Learn (or, after a replan, add to) what the task's commits may unlock."""
+        waiting = {s.capability for s in subtasks if s.depends_on}
+        if waiting:
+            self._followers[task_id] = self._followers.get(task_id, frozenset()) | waiting
+
     def forget_task(self, task_id: str) -> None:
         """The task ended: drop its queued subtasks and its limit."""
         self._limits.pop(task_id, None)
+        self._followers.pop(task_id, None)
         for capability, queue in self._queues.items():
             kept = [entry for entry in queue if entry[2].task_id != task_id]
             if len(kept) != len(queue):
@@ -448,10 +461,16 @@ class Scheduler:
             offer.workers[capability] = taken
         return offer
 
-    def offer_any(self, n: int) -> Offer:
-        """An offer of up to ``n`` slots for each capability workers offer,
-        for writes that cannot tell which subtasks they will make READY."""
-        return self.offer({c: n for c, sessions in self._capable.items() if sessions})
+    def offer_for(self, refs: Sequence[AttemptRef]) -> Offer:
+        """An offer for a commit of these attempts' results: up to 2n +
+        OFFER_SLACK slots for each capability their tasks have waiting
+        subtasks of. Tasks without dependencies (or not learnt since a
+        restart) get none: what they unlock goes through the queue."""
+        wanted: set[str] = set()
+        for task_id in {r.task_id for r in refs}:
+            wanted |= self._followers.get(task_id, frozenset())
+        n = 2 * len(refs) + OFFER_SLACK
+        return self.offer(dict.fromkeys(wanted, n))
 
     def room(self, refs: Sequence[AttemptRef]) -> dict[str, int]:
         """For the tasks of these attempts that have a limit: how many more
