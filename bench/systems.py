@@ -31,8 +31,10 @@ class System(Protocol):
     def groups(self) -> list[Group]: ...
     def noop(self, n: int, *, streaming: bool) -> None: ...
     def dag(self, dag: Dag) -> None: ...
-    def sleep(self, seconds: float) -> None:
-        """One task that sleeps ``seconds`` (to see the orchestration's overhead)."""
+    def sleep(self, seconds: float) -> float:
+        """Run one task that sleeps ``seconds``; returns the orchestration's
+        overhead: the makespan less the time the task's body says it took
+        (so a sleep that oversleeps is not counted against the system)."""
         ...
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
@@ -156,11 +158,15 @@ class Taskloom:
         plan = Plan(tuple(PlannedSubtask(i, "", "x", "noop", deps) for i, deps in dag), False)
         self.loop.run_until_complete(self._run_plan(plan))
 
-    def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> float:
         from taskloom.core.model import Plan, PlannedSubtask
 
         plan = Plan((PlannedSubtask("sleep", "", repr(seconds), "sleep"),), False)
-        self.loop.run_until_complete(self._run_plan(plan))
+        start = time.perf_counter()
+        task_id = self.loop.run_until_complete(self._run_plan(plan))
+        makespan = time.perf_counter() - start
+        task = self.loop.run_until_complete(self.client.get(task_id))
+        return makespan - float(task.result)
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
         """Idle: single-subtask tasks one after another. Under load: every 20 ms
@@ -319,10 +325,12 @@ class Celery:
             workflow = chain(*parts)
         workflow.apply_async().get(timeout=600, disable_sync_subtasks=False)
 
-    def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float) -> float:
         from bench.celery_app import sleep
 
-        sleep.delay(seconds).get(timeout=60)
+        start = time.perf_counter()
+        body = float(sleep.delay(seconds).get(timeout=60))
+        return time.perf_counter() - start - body
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
         from bench.celery_app import noop
@@ -401,8 +409,10 @@ class Ray:
             refs[node] = self.remote.remote(*(refs[d] for d in deps))
         self.ray.get(refs[dag[-1][0]])
 
-    def sleep(self, seconds: float) -> None:
-        self.ray.get(self.remote_sleep.remote(seconds))
+    def sleep(self, seconds: float) -> float:
+        start = time.perf_counter()
+        body = float(self.ray.get(self.remote_sleep.remote(seconds)))
+        return time.perf_counter() - start - body
 
     def latencies(self, count: int, rate: float | None) -> list[float]:
         out = []
@@ -424,8 +434,9 @@ def _ray_noop(*deps: object) -> float:
 
 
 def _ray_sleep(seconds: float) -> float:
+    start = time.perf_counter()
     time.sleep(seconds)
-    return time.time()
+    return time.perf_counter() - start
 
 
 def fan(n: int = 1000) -> Dag:

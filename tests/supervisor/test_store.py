@@ -110,6 +110,9 @@ async def test_completion_unlocks_dependents_only_when_all_their_dependencies_su
     ]
     outcome = await store.complete([SubtaskResult(d.ref, "D-out")])
     assert outcome.finished == [task_id]
+    # The write that ended the task returns its terminal event, as logged.
+    last = (await store.read_events(task_id, ""))[-1]
+    assert outcome.ended == {task_id: last} and last.type == "task.succeeded"
     task = await store.get_task(task_id)
     assert (task.status, task.result, task.subtasks_succeeded) == (TaskStatus.SUCCEEDED, "D-out", 4)
 

@@ -102,7 +102,7 @@ class Orchestrator:
         self._planning_ids: set[str] = set()
         self._unbroken_jobs: set[asyncio.Future[Any]] = set()
         self._task_spans: dict[str, Span] = {}
-        self._ended: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
         """Who waits for each task's end (terminal-only watches)."""
         """Root spans of the tasks this term created, ended when they end."""
         self.stale_reports = 0
@@ -473,17 +473,18 @@ class Orchestrator:
     async def _terminal_event(self, task_id: str, principal: Principal) -> Event:
         """Wait for the task to end without reading its log. Every task ends
         through this supervisor (it leads; clients follow the leader), which
-        wakes the waiters as it ends one (``_task_ended``); each wait is also
+        hands the waiters the terminal event as it ends one (``_end_task_span``,
+        or None when it has no event to hand: then it is read). Each wait is
         bounded, so a task ended some other way is seen within WATCH_WAIT."""
-        ended = asyncio.Event()
-        # Registered before the first read: an end between the two still wakes us.
-        waiters = self._ended[task_id]
-        waiters.add(ended)
-        try:
-            while True:
-                if self._closing.is_set():
-                    raise Unavailable("the supervisor is shutting down; watch again to resume")
-                ended.clear()
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closing.is_set():
+                raise Unavailable("the supervisor is shutting down; watch again to resume")
+            # Registered before the read: an end between the two still reaches us.
+            ended: asyncio.Future[Event | None] = loop.create_future()
+            waiters = self._ended[task_id]
+            waiters.add(ended)
+            try:
                 owner, status, events = await self.store.ending(task_id, 10)
                 if owner is None or not (principal.admin or owner == principal.name):
                     raise TaskNotFound(task_id)
@@ -493,13 +494,13 @@ class Orchestrator:
                             return event
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_WAIT):
-                        await ended.wait()
-                waiters = self._ended[task_id]
-                waiters.add(ended)
-        finally:
-            waiters.discard(ended)
-            if not waiters and self._ended.get(task_id) is waiters:
-                del self._ended[task_id]
+                        told = await ended
+                        if told is not None:
+                            return told
+            finally:
+                waiters.discard(ended)
+                if not waiters and self._ended.get(task_id) is waiters:
+                    del self._ended[task_id]
 
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
         self._spawn_planner(
@@ -758,7 +759,6 @@ class Orchestrator:
         if changed:
             self.metrics.tasks_finished.labels("failed").inc()
             self._end_task_span(task_id, TaskStatus.FAILED)
-            self._end_task_span(task_id, TaskStatus.FAILED)
             self._stop_attempts(held, "the task failed")
             self.scheduler.forget_task(task_id)
 
@@ -947,7 +947,7 @@ class Orchestrator:
         self._count_stale(outcome.committed)
         self.metrics.observe_outcome(outcome)
         for task_id, status in zip(outcome.finished, outcome.finished_status, strict=False):
-            self._end_task_span(task_id, status)
+            self._end_task_span(task_id, status, outcome.ended.get(task_id))
         self.scheduler.release(refs)
         self.scheduler.enqueue(outcome.ready)
         if outcome.held:
@@ -958,10 +958,12 @@ class Orchestrator:
             logger.info("task %s finished", task_id)
             self.scheduler.forget_task(task_id)
 
-    def _end_task_span(self, task_id: str, status: str) -> None:
-        """The task ended: end its span and wake who waits for its end."""
+    def _end_task_span(self, task_id: str, status: str, event: Event | None = None) -> None:
+        """The task ended: end its span and tell who waits for its end (with
+        its terminal event, if the write that ended it returned one)."""
         for ended in self._ended.pop(task_id, ()):
-            ended.set()
+            if not ended.done():
+                ended.set_result(event)
         span = self._task_spans.pop(task_id, None)
         if span is not None:
             span.set_attribute("taskloom.status", status)

@@ -137,6 +137,8 @@ class Outcome:
     """Capabilities of subtasks answered from the cache."""
     handed: list[Handed] = field(default_factory=list)
     """Subtasks that became READY and were assigned at once to offered workers."""
+    ended: dict[str, Event] = field(default_factory=dict)
+    """The terminal event of each task in ``finished``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +212,11 @@ def _cancellation_swallowed() -> None:
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError()
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    # cjson encodes an empty Lua table as {}, a list or a map alike.
+    return value if isinstance(value, dict) else {}
 
 
 def _list(value: Any) -> list[Any]:
@@ -1009,6 +1016,12 @@ def _outcome(reply: Mapping[str, Any]) -> Outcome:
         replan=[(t, s) for t, s in _list(reply.get("replan"))],
         finished_status=[str(s) for s in _list(reply.get("statuses"))],
         cached=[str(c) for c in _list(reply.get("cached"))],
+        ended={
+            task_id: _decode_event(
+                task_id, eid, {"type": kind, "status": status, "message": message, "trace": trace}
+            )
+            for task_id, (eid, kind, status, message, trace) in _dict(reply.get("ended")).items()
+        },
         handed=[
             Handed(ReadyItem(t, s, cap), int(w) - 1, _assignment(t, s, row, reply, now))
             for t, s, cap, w, row in _list(reply.get("handed"))

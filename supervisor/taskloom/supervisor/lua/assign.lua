@@ -17,5 +17,5 @@ for i, item in ipairs(PAYLOAD) do
 end
 return cjson.encode({assigned = assigned, goals = GOALS, traces = TRACES, hits = hits,
   ready = ready,
-  statuses = statuses_of(finished),
+  statuses = statuses_of(finished), ended = ENDED,
   finished = finished})

@@ -28,5 +28,5 @@ redis.call('HSET', tk, 'updated_at', NOW)
 skip_dependents(task, sub, ready)
 settle(task, finished)
 return cjson.encode({task = tstatus, sub = st[1], changed = 1, held = held, ready = ready,
-  statuses = statuses_of(finished),
+  statuses = statuses_of(finished), ended = ENDED,
   finished = finished})

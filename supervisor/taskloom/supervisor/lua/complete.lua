@@ -46,5 +46,5 @@ end
 local handed, cached
 handed, cached, ready = hand_out(ready, PAYLOAD[2], PAYLOAD[3], finished)
 return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
-  statuses = statuses_of(finished), handed = handed, cached = cached, goals = GOALS,
-  traces = TRACES})
+  statuses = statuses_of(finished), ended = ENDED, handed = handed, cached = cached,
+  goals = GOALS, traces = TRACES})

@@ -41,4 +41,5 @@ local priority = tonumber(redis.call('HGET', k_task(task), 'priority') or '0')
 for _, sub in ipairs(ids) do table.insert(ready, {task, sub, capability[sub], priority}) end
 local handed, cached, left = hand_out(ready, PAYLOAD[10], PAYLOAD[11], finished)
 return cjson.encode({task, 1, {}, {handed = handed, cached = cached, ready = left,
-  finished = finished, statuses = statuses_of(finished), goals = GOALS, traces = TRACES}})
+  finished = finished, statuses = statuses_of(finished), ended = ENDED, goals = GOALS,
+  traces = TRACES}})

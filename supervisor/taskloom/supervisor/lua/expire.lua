@@ -14,4 +14,4 @@ for _, task in ipairs(due) do
     table.insert(finished, task)
   end
 end
-return cjson.encode({finished = finished, held = held, statuses = statuses_of(finished)})
+return cjson.encode({finished = finished, held = held, statuses = statuses_of(finished), ended = ENDED})

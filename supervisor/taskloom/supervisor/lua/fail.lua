@@ -96,5 +96,5 @@ for i, item in ipairs(PAYLOAD) do
   end
 end
 return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
-  statuses = statuses_of(finished),
+  statuses = statuses_of(finished), ended = ENDED,
   replan = replan})

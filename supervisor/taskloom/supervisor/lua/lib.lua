@@ -17,7 +17,7 @@ end
 local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKIPPED = true}
 local TASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
 
--- Append one event to the task's log. Event ids are the stream ids.
+-- Append one event to the task's log and return its id. Event ids are the stream ids.
 -- Each event names the task's trace, so a watcher can open it. The trace id
 -- is read once per task per script: a batch emits many events per task.
 local TRACE_IDS = {}
@@ -27,11 +27,16 @@ local function emit(task, etype, sub, status, message, attempt, worker, span)
     trace = redis.call('HGET', k_task(task), 'trace_id') or ''
     TRACE_IDS[task] = trace
   end
-  redis.call('XADD', k_events(task), '*',
+  return redis.call('XADD', k_events(task), '*',
     'type', etype, 'subtask', sub or '', 'status', status or '',
     'message', message or '', 'attempt', tostring(attempt or 0), 'worker', worker or '',
     'trace', trace, 'span', span or '')
 end
+
+-- The terminal event of each task a script ended: {task = {id, type,
+-- status, message, trace}}. Replies carry it (as `ended`), so whoever waits
+-- for the end is told without reading the log.
+local ENDED = {}
 
 -- End a task: set its state, cancel every subtask that has not ended, log it,
 -- move it from the active to the finished index and start its retention
@@ -58,7 +63,7 @@ local function finish_task(task, status, err, etype, message, reason)
     end
     redis.call('EXPIRE', sk, RETENTION)
   end
-  emit(task, etype, '', status, message)
+  ENDED[task] = {emit(task, etype, '', status, message), etype, status, message, TRACE_IDS[task]}
   redis.call('ZREM', k_active_index(), task)
   local owner = redis.call('HGET', tk, 'owner')
   if owner and owner ~= '' then redis.call('ZREM', k_owner_active(owner), task) end
