@@ -314,10 +314,11 @@ class Assignment:
     """Seconds without progress before the supervisor stops the attempt (0: never)."""
     context_tokens: int = 0
     context: ContextMode = ContextMode.TRUNCATE
+    ref: AttemptRef = field(init=False, repr=False, compare=False)
+    """Which attempt this is (made once: it keys leases and running handlers)."""
 
-    @property
-    def ref(self) -> AttemptRef:
-        return AttemptRef(self.task_id, self.subtask_id, self.attempt)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ref", AttemptRef(self.task_id, self.subtask_id, self.attempt))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ describes. No label carries a task or subtask id.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -129,11 +129,20 @@ class SupervisorMetrics:
             self.subtasks_finished.labels(capability, "cached").inc()
 
     def observe_results(self, outcome: Outcome, leases: Sequence[Lease | None], now: float) -> None:
+        # One labels() lookup per capability and batch, not per subtask.
+        done: dict[str, int] = {}
+        durations: dict[str, Any] = {}
         for ok, lease in zip(outcome.committed, leases, strict=True):
             if ok and lease is not None:
-                self.subtasks_finished.labels(lease.capability, "succeeded").inc()
+                capability = lease.capability
+                done[capability] = done.get(capability, 0) + 1
                 if lease.assigned_at:
-                    self.subtask_duration.labels(lease.capability).observe(now - lease.assigned_at)
+                    child = durations.get(capability)
+                    if child is None:
+                        child = durations[capability] = self.subtask_duration.labels(capability)
+                    child.observe(now - lease.assigned_at)
+        for capability, n in done.items():
+            self.subtasks_finished.labels(capability, "succeeded").inc(n)
 
     def observe_failures(
         self,

@@ -30,6 +30,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
@@ -184,6 +185,9 @@ class Scheduler:
         self._ready_since: dict[tuple[str, str], float] = {}
         """When each queued subtask became dispatchable: for queue wait and age."""
         self._delayed: list[tuple[float, int, ReadyItem]] = []
+        self._waiting: Counter[str] = Counter()
+        """Task → its entries in the queues and the delayed heap, so that
+        forgetting a task with none (the usual end) scans nothing."""
         self._seq = itertools.count()
         self._rotation = 0
         self._sessions: dict[str, WorkerSession] = {}
@@ -215,6 +219,7 @@ class Scheduler:
                 )
                 delay *= random.uniform(0.5, 1.0)
                 heapq.heappush(self._delayed, (now + delay, next(self._seq), item))
+                self._waiting[item.task_id] += 1
             else:
                 self._push(item)
         self._wake.set()
@@ -222,6 +227,15 @@ class Scheduler:
     def _push(self, item: ReadyItem) -> None:
         self._ready_since.setdefault((item.task_id, item.subtask_id), self._clock())
         heapq.heappush(self._queues[item.capability], (-item.priority, next(self._seq), item))
+        self._waiting[item.task_id] += 1
+
+    def _taken(self, task_id: str) -> None:
+        """One of the task's entries left the queues (picked, or moved on)."""
+        left = self._waiting[task_id] - 1
+        if left > 0:
+            self._waiting[task_id] = left
+        else:
+            del self._waiting[task_id]
 
     def queue_stats(self) -> dict[str, tuple[int, float]]:
         """Capability → (READY subtasks waiting for a worker, age of the oldest in seconds).
@@ -255,6 +269,8 @@ class Scheduler:
         """The task ended: drop its queued subtasks and its limit."""
         self._limits.pop(task_id, None)
         self._followers.pop(task_id, None)
+        if not self._waiting.pop(task_id, 0):
+            return
         for capability, queue in self._queues.items():
             kept = [entry for entry in queue if entry[2].task_id != task_id]
             if len(kept) != len(queue):
@@ -337,7 +353,7 @@ class Scheduler:
 
     def capabilities(self) -> frozenset[str]:
         """What the connected workers can do."""
-        return frozenset(c for s in self._sessions.values() for c in s.info.capabilities)
+        return frozenset(c for c, sessions in self._capable.items() if sessions)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -537,7 +553,9 @@ class Scheduler:
         """Assign one batch; True if it assigned anything (there may be more)."""
         now = self._clock()
         while self._delayed and self._delayed[0][0] <= now:
-            self._push(heapq.heappop(self._delayed)[2])
+            item = heapq.heappop(self._delayed)[2]
+            self._taken(item.task_id)
+            self._push(item)
         picks = self._pick()
         if not picks:
             return False
@@ -565,11 +583,15 @@ class Scheduler:
             self._wake.set()
             return False
         rows = []
+        waits: dict[str, Any] = {}
         for (item, session), assignment in zip(picks, assignments, strict=True):
             session.reserved -= 1
             since = self._ready_since.pop((item.task_id, item.subtask_id), None)
             if self.metrics is not None and since is not None and assignment is not None:
-                self.metrics.queue_wait.labels(item.capability).observe(now - since)
+                wait = waits.get(item.capability)
+                if wait is None:
+                    wait = waits[item.capability] = self.metrics.queue_wait.labels(item.capability)
+                wait.observe(now - since)
             if assignment is None:
                 # Not READY any more (cancelled, or queued twice), or answered
                 # from the cache: nothing to send.
@@ -636,6 +658,7 @@ class Scheduler:
                 _, sid, session = heapq.heappop(workers)
                 session.reserved += 1
                 self._in_flight[item.task_id] += 1
+                self._taken(item.task_id)
                 picks.append((item, session))
                 if session.free > 0:
                     heapq.heappush(workers, (session.load, sid, session))
