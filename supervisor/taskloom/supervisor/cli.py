@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from taskloom.core import heap
 from taskloom.core.errors import ConfigError, TaskloomError, Unavailable
 from taskloom.core.logs import setup_logging
 from taskloom.core.tracing import setup_tracing
@@ -71,6 +72,7 @@ async def _serve(settings: SupervisorSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await supervisor.start()
+    heap.settle()
     try:
         await stop.wait()
         logger.info("stopping (grace %.0fs)", settings.shutdown_grace)

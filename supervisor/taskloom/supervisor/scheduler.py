@@ -16,6 +16,13 @@ reconnects and reports them in flight. Expired leases go to the orchestrator,
 which puts their subtasks back to READY. So do leases that are overdue while
 their worker is alive: past the attempt's timeout, or without progress for its
 stall timeout.
+
+Most subtasks are never queued here at all. A write that makes subtasks READY
+(a new plan, a commit of results) is first offered free slots of the least
+loaded workers (``offer``): its script assigns what it can in the same atomic
+step and returns the assignments, which ``take`` leases and sends. That saves
+the round trip to Redis that assigning from the queue costs. Nothing is
+offered for a capability with subtasks queued, so the queue's order holds.
 """
 
 from __future__ import annotations

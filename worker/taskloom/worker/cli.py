@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from taskloom.core import heap
 from taskloom.core.errors import ConfigError
 from taskloom.core.logs import setup_logging
 from taskloom.core.tracing import setup_tracing
@@ -46,4 +47,5 @@ def command(**flags: str | int | None) -> None:
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    heap.settle()
     asyncio.run(worker.serve(install_signal_handlers=True))
