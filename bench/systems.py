@@ -139,10 +139,13 @@ class Taskloom:
         ]
 
     async def _run_plan(self, plan: Any) -> str:
-        task_id = await self.client.submit("bench", plan=plan, cache=False)
+        task_id = str(await self.client.submit("bench", plan=plan, cache=False))
+        await self._succeeded(task_id)
+        return task_id
+
+    async def _succeeded(self, task_id: str) -> None:
         async for event in self.client.watch(task_id, terminal_only=True):
             assert event.type == "task.succeeded", event
-        return str(task_id)
 
     def noop(self, n: int, *, streaming: bool) -> None:
         from taskloom.core.model import Plan, PlannedSubtask
@@ -199,10 +202,9 @@ class Taskloom:
                 jobs.append(
                     asyncio.ensure_future(self.client.submit("bench", plan=plan, cache=False))
                 )
-            task_ids = list(await asyncio.gather(*jobs))
+            task_ids = [str(t) for t in await asyncio.gather(*jobs)]
             for task_id in task_ids:
-                async for event in self.client.watch(task_id, terminal_only=True):
-                    assert event.type == "task.succeeded", event
+                await self._succeeded(task_id)
             return task_ids
 
         async def measured(task_ids: list[str]) -> list[float]:

@@ -17,6 +17,7 @@ from taskloom.client import TaskloomClient
 from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
 from taskloom.core.localredis import free_port
 from taskloom.core.model import Event, SubtaskStatus, TaskStatus
+from taskloom.supervisor import orchestrator
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
@@ -136,8 +137,14 @@ async def test_watch_resumed_from_its_last_event_gets_every_remaining_event_once
 
 
 async def test_waiting_for_the_end_alone_gets_only_the_terminal_event(
-    supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    test_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # No periodic re-check: only the supervisor telling the watch can end it.
+    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 3600.0)
     processes.worker(supervisor.address)
     task_id = await client.submit(
         "wait for me", plan=plan(("a", "echo", "one"), ("g", "gate", "two", "a"))
@@ -153,6 +160,24 @@ async def test_waiting_for_the_end_alone_gets_only_the_terminal_event(
     # Once the task has ended it comes at once; the result is there too.
     assert [e.id async for e in client.watch(task_id, terminal_only=True)] == [only.id]
     assert (await client.wait(task_id)).result == "two[one]"
+
+
+async def test_waiting_for_the_end_of_a_cancelled_task_gets_its_cancellation(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    test_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Cancelling returns no event to hand over: the watch reads it once woken.
+    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 3600.0)
+    processes.worker(supervisor.address)
+    task_id = await client.submit("cancel me", plan=plan(("g", "gate", "one")))
+    waiting = asyncio.create_task(_collect_terminal(client, task_id))
+    await eventually(lambda: (test_dir / "started-g-1").exists())
+    await client.cancel(task_id)
+    (only,) = await asyncio.wait_for(waiting, 60)
+    assert (only.type, only.status) == ("task.cancelled", "CANCELLED")
 
 
 async def _collect_terminal(client: TaskloomClient, task_id: str) -> list[Event]:

@@ -65,3 +65,17 @@ async def test_a_commit_is_offered_slots_only_for_what_its_tasks_have_waiting() 
     assert s.offer_for([AttemptRef("flat", "y", 1)]).workers == {}
     s.forget_task("graph")
     assert s.offer_for(refs).workers == {}
+
+
+async def test_a_commit_may_assign_as_many_of_a_limited_task_as_its_results_free() -> None:
+    s = scheduler()
+    s.connect(worker("one", 10, "echo"))
+    s.set_task_limit("t", 2)
+    s.set_graph("t", [PlannedSubtask("c", "", "x", "echo", ("a", "b"))])
+    running = [Assignment("t", sub, 1, "echo", "", "x", "g") for sub in ("a", "b")]
+    s.take(
+        s.offer({"echo": 2}),
+        [Handed(ReadyItem("t", a.subtask_id, "echo"), 0, a) for a in running],
+    )
+    # Both slots of the task are taken; committing one result frees one.
+    assert s.offer_for([running[0].ref]).limits == {"t": 1}

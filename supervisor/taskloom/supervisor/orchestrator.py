@@ -59,7 +59,7 @@ from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.planner import PlanHooks, Planner
 from taskloom.supervisor.scheduler import CancelAttempts, Lease, Offer, Scheduler, WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
-from taskloom.supervisor.store import Outcome, ReadyItem, Store
+from taskloom.supervisor.store import Handed, Outcome, ReadyItem, Store
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,9 +102,9 @@ class Orchestrator:
         self._planning_ids: set[str] = set()
         self._unbroken_jobs: set[asyncio.Future[Any]] = set()
         self._task_spans: dict[str, Span] = {}
+        """Root spans of the tasks this term created, ended when they end."""
         self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
         """Who waits for each task's end (terminal-only watches)."""
-        """Root spans of the tasks this term created, ended when they end."""
         self.stale_reports = 0
         """Reports for attempts that no longer hold their subtask: dropped, counted."""
         self._loops: list[asyncio.Task[None]] = []
@@ -263,6 +263,7 @@ class Orchestrator:
                         "taskloom.on_failure": str(options.on_failure)},
         )  # fmt: skip
         offer = self.scheduler.offer(_first_steps(graph, options) if graph else {})
+        handed: Sequence[Handed] = ()
         try:
             with self._checked():
                 task_id, created, outcome = await self.store.create_task(
@@ -280,12 +281,14 @@ class Orchestrator:
                     max_in_flight=0 if principal.admin else self.settings.max_tasks_in_flight,
                     offer=offer.slots(),
                 )
+            handed = outcome.handed
         except BaseException:
-            self.scheduler.take(offer, ())
             root.end()
             raise
+        finally:
+            # Whatever became of the write: lease what it assigned, free the rest.
+            self.scheduler.take(offer, handed)
         if not created:
-            self.scheduler.take(offer, ())
             root.set_attribute("taskloom.duplicate_of", task_id)
             root.end()
             return task_id, created
@@ -301,7 +304,6 @@ class Orchestrator:
             )
             self.scheduler.set_task_limit(task_id, options.max_parallel)
             self.scheduler.set_graph(task_id, graph.subtasks)
-        self.scheduler.take(offer, outcome.handed)
         self._apply(outcome, ())
         return task_id, created
 
@@ -386,7 +388,7 @@ class Orchestrator:
         )
         if changed:
             self.metrics.tasks_finished.labels("cancelled").inc()
-            self._end_task_span(task_id, TaskStatus.CANCELLED)
+            self._task_ended(task_id, TaskStatus.CANCELLED)
             logger.info("task %s cancelled: %s", task_id, reason)
             self._stop_attempts(held, reason)
             self.scheduler.forget_task(task_id)
@@ -473,7 +475,7 @@ class Orchestrator:
     async def _terminal_event(self, task_id: str, principal: Principal) -> Event:
         """Wait for the task to end without reading its log. Every task ends
         through this supervisor (it leads; clients follow the leader), which
-        hands the waiters the terminal event as it ends one (``_end_task_span``,
+        hands the waiters the terminal event as it ends one (``_task_ended``,
         or None when it has no event to hand: then it is read). Each wait is
         bounded, so a task ended some other way is seen within WATCH_WAIT."""
         loop = asyncio.get_running_loop()
@@ -653,7 +655,7 @@ class Orchestrator:
             over, held = await self.store.spend(task_id, usage)
             if over:
                 self.metrics.tasks_finished.labels("failed").inc()
-                self._end_task_span(task_id, TaskStatus.FAILED)
+                self._task_ended(task_id, TaskStatus.FAILED)
                 logger.info("task %s used up its max_tokens while planning", task_id)
                 self._stop_attempts(held, "the task used up its token budget")
                 self.scheduler.forget_task(task_id)
@@ -758,7 +760,7 @@ class Orchestrator:
         )
         if changed:
             self.metrics.tasks_finished.labels("failed").inc()
-            self._end_task_span(task_id, TaskStatus.FAILED)
+            self._task_ended(task_id, TaskStatus.FAILED)
             self._stop_attempts(held, "the task failed")
             self.scheduler.forget_task(task_id)
 
@@ -776,7 +778,7 @@ class Orchestrator:
         )
         if changed:
             self.metrics.tasks_finished.labels("failed").inc()
-            self._end_task_span(task_id, TaskStatus.FAILED)
+            self._task_ended(task_id, TaskStatus.FAILED)
 
     # -- workers ---------------------------------------------------------------------
 
@@ -846,9 +848,7 @@ class Orchestrator:
             # The dependents these results unlock go to workers in the same
             # step, as far as free slots were offered for them.
             offer = self.scheduler.offer_for(refs)
-            write = self.store.complete(
-                fitted, worker_id, offer=offer.slots(), limits=self.scheduler.room(refs)
-            )
+            write = self.store.complete(fitted, worker_id, offer=offer.slots(), limits=offer.limits)
             await self._unbroken(self._commit(write, refs, failed=False, offer=offer))
         return [r.ref for r in results]
 
@@ -869,16 +869,15 @@ class Orchestrator:
         offer: Offer | None = None,
     ) -> None:
         leases = [self.scheduler.lease(ref) for ref in refs]
+        handed: Sequence[Handed] = ()
         try:
             with self._checked():
                 outcome = await write
-        except BaseException:
+            handed = outcome.handed
+        finally:
             if offer is not None:
-                self.scheduler.take(offer, ())
-            raise
+                self.scheduler.take(offer, handed)
         self._observe(outcome, refs, leases, failed=failed)
-        if offer is not None:
-            self.scheduler.take(offer, outcome.handed)
         self._apply(outcome, refs)
 
     def _observe(
@@ -947,7 +946,7 @@ class Orchestrator:
         self._count_stale(outcome.committed)
         self.metrics.observe_outcome(outcome)
         for task_id, status in zip(outcome.finished, outcome.finished_status, strict=False):
-            self._end_task_span(task_id, status, outcome.ended.get(task_id))
+            self._task_ended(task_id, status, outcome.ended.get(task_id))
         self.scheduler.release(refs)
         self.scheduler.enqueue(outcome.ready)
         if outcome.held:
@@ -958,9 +957,9 @@ class Orchestrator:
             logger.info("task %s finished", task_id)
             self.scheduler.forget_task(task_id)
 
-    def _end_task_span(self, task_id: str, status: str, event: Event | None = None) -> None:
-        """The task ended: end its span and tell who waits for its end (with
-        its terminal event, if the write that ended it returned one)."""
+    def _task_ended(self, task_id: str, status: str, event: Event | None = None) -> None:
+        """The task ended: tell who waits for its end (with its terminal
+        event, if the write that ended it returned one) and end its span."""
         for ended in self._ended.pop(task_id, ()):
             if not ended.done():
                 ended.set_result(event)

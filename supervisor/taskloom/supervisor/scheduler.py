@@ -37,7 +37,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
@@ -143,6 +142,8 @@ class Offer:
 
     workers: dict[str, list[tuple[WorkerSession, int]]] = field(default_factory=dict)
     """Capability → (session, slots reserved on it)."""
+    limits: dict[str, int] = field(default_factory=dict)
+    """Task (with a max_parallel) → how many more of its attempts the write may assign."""
 
     def slots(self) -> OfferedSlots | None:
         """What the script is told (None: nothing offered)."""
@@ -492,18 +493,16 @@ class Scheduler:
         wanted: set[str] = set()
         for task_id in {r.task_id for r in refs}:
             wanted |= self._followers.get(task_id, frozenset())
-        n = 2 * len(refs) + OFFER_SLACK
-        return self.offer(dict.fromkeys(wanted, n))
-
-    def room(self, refs: Sequence[AttemptRef]) -> dict[str, int]:
-        """For the tasks of these attempts that have a limit: how many more
-        may be in flight once these attempts are over."""
-        ending = Counter(r.task_id for r in refs if r in self._leases)
-        return {
-            task_id: self._limits[task_id] - self._in_flight[task_id] + n
-            for task_id, n in ending.items()
-            if task_id in self._limits
-        }
+        offer = self.offer(dict.fromkeys(wanted, 2 * len(refs) + OFFER_SLACK))
+        if offer.workers:
+            # Tasks with a limit may run as many more as these attempts free.
+            ending = Counter(r.task_id for r in refs if r in self._leases)
+            offer.limits = {
+                task_id: self._limits[task_id] - self._in_flight[task_id] + n
+                for task_id, n in ending.items()
+                if task_id in self._limits
+            }
+        return offer
 
     def take(self, offer: Offer, handed: Sequence[Handed]) -> None:
         """The write is done (or failed: nothing ``handed``): lease and send
@@ -516,8 +515,8 @@ class Scheduler:
             session = offer.workers[h.item.capability][h.worker][0]
             self._in_flight[h.item.task_id] += 1
             rows.append((h.item, session, h.assignment))
-            if self.metrics is not None:
-                self.metrics.queue_wait.labels(h.item.capability).observe(0.0)
+        if self.metrics is not None:
+            self.metrics.observe_queue_waits((h.item.capability, 0.0) for h in handed)
         self._lease_out(rows, self._clock())
         if offer.workers:
             self._wake.set()
@@ -590,15 +589,12 @@ class Scheduler:
             self._wake.set()
             return False
         rows = []
-        waits: dict[str, Any] = {}
+        waits = []
         for (item, session), assignment in zip(picks, assignments, strict=True):
             session.reserved -= 1
             since = self._ready_since.pop((item.task_id, item.subtask_id), None)
-            if self.metrics is not None and since is not None and assignment is not None:
-                wait = waits.get(item.capability)
-                if wait is None:
-                    wait = waits[item.capability] = self.metrics.queue_wait.labels(item.capability)
-                wait.observe(now - since)
+            if since is not None and assignment is not None:
+                waits.append((item.capability, now - since))
             if assignment is None:
                 # Not READY any more (cancelled, or queued twice), or answered
                 # from the cache: nothing to send.
@@ -610,6 +606,7 @@ class Scheduler:
         for task_id in hits.finished:
             self.forget_task(task_id)
         if self.metrics is not None:
+            self.metrics.observe_queue_waits(waits)
             self.metrics.dispatch_latency.observe(self._clock() - started)
             self.metrics.observe_outcome(hits)
         return True

@@ -383,8 +383,9 @@ class Store:
             _plan_payload(plan, result_from) if plan is not None else False,
             offer or False,
             {task_id: options.max_parallel} if options.max_parallel > 0 else {},
+            options.priority,
         ]
-        found, created, ready, *handout = await self._run("create", payload, now=now)
+        found, created, reply = await self._run("create", payload, now=now)
         if created < 0:
             raise ResourceExhausted(
                 f"{owner} already has {max_in_flight:,} unfinished tasks, the limit "
@@ -393,9 +394,7 @@ class Store:
             )
         if not created:
             return str(found), False, Outcome()
-        if handout:
-            return task_id, True, _outcome(handout[0])
-        return task_id, True, Outcome(ready=_ready(task_id, plan, ready, options.priority))
+        return task_id, True, _outcome(_dict(reply))
 
     @_translated
     async def set_plan(
@@ -874,10 +873,8 @@ def _subtask_row(s: PlannedSubtask) -> list[Any]:
     ]
 
 
-def _ready(task_id: str, plan: Plan | None, ids: Sequence[str], priority: int) -> list[ReadyItem]:
-    """The READY subtasks a plan's script reported, for the scheduler's queue."""
-    if plan is None or not ids:
-        return []
+def _ready(task_id: str, plan: Plan, ids: Sequence[str], priority: int) -> list[ReadyItem]:
+    """The READY subtasks plan.lua reported, for the scheduler's queue."""
     capability = {s.id: s.capability for s in plan.subtasks}
     return [ReadyItem(task_id, sid, capability[sid], priority) for sid in ids]
 
@@ -1009,9 +1006,9 @@ def _outcome(reply: Mapping[str, Any]) -> Outcome:
         committed=[bool(x) for x in _list(reply.get("committed"))],
         ready=[
             ReadyItem(t, s, cap, int(prio), int(rest[0]) if rest else 0)
-            for t, s, cap, prio, *rest in _list(reply["ready"])
+            for t, s, cap, prio, *rest in _list(reply.get("ready"))
         ],
-        finished=list(_list(reply["finished"])),
+        finished=list(_list(reply.get("finished"))),
         held=[AttemptRef(t, s, int(a)) for t, s, a in _list(reply.get("held"))],
         replan=[(t, s) for t, s in _list(reply.get("replan"))],
         finished_status=[str(s) for s in _list(reply.get("statuses"))],

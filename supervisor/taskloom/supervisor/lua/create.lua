@@ -4,10 +4,13 @@
 -- indexes, task.submitted, and with a plan everything store_plan writes.
 -- PAYLOAD: {task, idem_key ('' for none), owner, max_in_flight (0: none),
 --   fields (flat HSET list), deadline (0: none), message, span,
---   plan ({result_from, subtasks} or false), offer (or false), limits}
+--   plan ({result_from, subtasks} or false), offer (or false), limits,
+--   priority}
 --   offer and limits: see hand_out in lib.lua.
--- Returns JSON: {task id, created (1), READY ids, hand_out's reply} or
---   {existing id, 0, {}}, or {'', -1, {}} when the owner is at the limit.
+-- Returns JSON: {task id, created (1), {handed, cached, ready, finished,
+--   statuses, ended, goals, traces}} (hand_out's, for the plan's first
+--   subtasks), or {existing id, 0, {}}, or {'', -1, {}} when the owner is
+--   at the limit.
 local task, idem, owner, limit = PAYLOAD[1], PAYLOAD[2], PAYLOAD[3], PAYLOAD[4]
 if idem ~= '' then
   local existing = redis.call('GET', idem)
@@ -33,13 +36,12 @@ emit(task, 'task.submitted', '', 'PLANNING', PAYLOAD[7], 0, '', PAYLOAD[8])
 if not PAYLOAD[9] then return cjson.encode({task, 1, {}}) end
 local subtasks = PAYLOAD[9][2]
 local ids = store_plan(task, PAYLOAD[9][1], subtasks)
-if not PAYLOAD[10] then return cjson.encode({task, 1, ids}) end
--- The plan's first subtasks go straight to the workers offered.
+-- The plan's first subtasks go straight to the workers offered, if any.
 local capability, ready, finished = {}, {}, {}
 for _, s in ipairs(subtasks) do capability[s[1]] = s[4] end
-local priority = tonumber(redis.call('HGET', k_task(task), 'priority') or '0')
+local priority = tonumber(PAYLOAD[12])
 for _, sub in ipairs(ids) do table.insert(ready, {task, sub, capability[sub], priority}) end
 local handed, cached, left = hand_out(ready, PAYLOAD[10], PAYLOAD[11], finished)
-return cjson.encode({task, 1, {}, {handed = handed, cached = cached, ready = left,
+return cjson.encode({task, 1, {handed = handed, cached = cached, ready = left,
   finished = finished, statuses = statuses_of(finished), ended = ENDED, goals = GOALS,
   traces = TRACES}})

@@ -14,4 +14,5 @@ for _, task in ipairs(due) do
     table.insert(finished, task)
   end
 end
-return cjson.encode({finished = finished, held = held, statuses = statuses_of(finished), ended = ENDED})
+return cjson.encode({finished = finished, held = held, statuses = statuses_of(finished),
+  ended = ENDED})

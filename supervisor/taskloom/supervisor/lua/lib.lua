@@ -17,7 +17,7 @@ end
 local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKIPPED = true}
 local TASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
 
--- Append one event to the task's log and return its id. Event ids are the stream ids.
+-- Append one event to the task's log; returns its id (the stream id).
 -- Each event names the task's trace, so a watcher can open it. The trace id
 -- is read once per task per script: a batch emits many events per task.
 local TRACE_IDS = {}
@@ -361,8 +361,8 @@ end
 -- slots}, ...}}, taken round-robin; limits: {task = how many more may run}
 -- for tasks with max_parallel. ready: {{task, sub, capability, priority},
 -- ...}. Returns handed = {{task, sub, capability, worker index, assignment},
--- ...}, the capabilities of cache hits (cached), and the items still READY (for the
--- supervisor's queue).
+-- ...}, the capabilities of cache hits (cached), and the items still READY
+-- (for the supervisor's queue).
 local function hand_out(ready, offer, limits, finished)
   if not offer then return {}, {}, ready end
   local handed, hits, left, turn = {}, {}, {}, {}
