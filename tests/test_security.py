@@ -179,6 +179,10 @@ async def test_a_task_is_visible_only_to_its_owner_and_admins(
         with pytest.raises(TaskNotFound):
             async for _ in bob.watch(task_id):
                 pass
+        # Waiting for the end of a task this supervisor is running reads no
+        # owner from Redis; it is refused all the same.
+        with pytest.raises(TaskNotFound):
+            await bob.wait(task_id)
         assert [t.id for t in await bob.list()] == []
         # The same idempotency key is bob's own: a new task, not alice's.
         bobs = await bob.submit("bob's work", plan=GATED, idempotency_key="k1")

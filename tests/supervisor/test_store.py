@@ -117,6 +117,36 @@ async def test_completion_unlocks_dependents_only_when_all_their_dependencies_su
     assert (task.status, task.result, task.subtasks_succeeded) == (TaskStatus.SUCCEEDED, "D-out", 4)
 
 
+async def test_one_commit_of_results_from_several_tasks_ends_each_that_finished_once(
+    store: Store,
+) -> None:
+    pair = Plan(
+        subtasks=(PlannedSubtask("x", "X", "1", "echo"), PlannedSubtask("y", "Y", "2", "echo"))
+    )
+    done_id, done_ready = await start(store, pair)
+    open_id, open_ready = await start(store, pair)
+    assignments, _ = await store.assign(
+        [(item, "wid", "w", "") for item in [*done_ready, open_ready[0]]]
+    )
+    outcome = await store.complete(
+        [SubtaskResult(a.ref, f"out-{a.subtask_id}") for a in assignments if a is not None]
+    )
+    assert outcome.committed == [True, True, True]
+    assert outcome.finished == [done_id] and outcome.finished_status == ["SUCCEEDED"]
+    done, still_open = await store.get_task(done_id), await store.get_task(open_id)
+    assert (done.status, done.subtasks_succeeded) == (TaskStatus.SUCCEEDED, 2)
+    assert (still_open.status, still_open.subtasks_succeeded) == (TaskStatus.RUNNING, 1)
+    events = [e.type for e in await store.read_events(done_id, "")]
+    assert events.count("subtask.succeeded") == 2 and events.count("task.succeeded") == 1
+    assert events[-1] == "task.succeeded"
+    # The same results again are stale: nothing is counted twice.
+    again = await store.complete(
+        [SubtaskResult(a.ref, "again") for a in assignments if a is not None]
+    )
+    assert again.committed == [False, False, False] and again.finished == []
+    assert (await store.get_task(open_id)).subtasks_succeeded == 1
+
+
 async def test_a_new_plan_goes_straight_to_the_workers_offered(
     store: Store, raw: aioredis.Redis, prefix: str
 ) -> None:

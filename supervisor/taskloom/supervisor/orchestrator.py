@@ -103,6 +103,8 @@ class Orchestrator:
         self._unbroken_jobs: set[asyncio.Future[Any]] = set()
         self._task_spans: dict[str, Span] = {}
         """Root spans of the tasks this term created, ended when they end."""
+        self._live: dict[str, str] = {}
+        """Owner of each task this term created and has not seen end."""
         self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
         """Who waits for each task's end (terminal-only watches)."""
         self.stale_reports = 0
@@ -294,6 +296,7 @@ class Orchestrator:
             return task_id, created
         root.set_attribute("taskloom.task_id", task_id)
         self._task_spans[task_id] = root
+        self._live[task_id] = principal.name
         self.metrics.tasks_submitted.inc()
         if graph is None:
             logger.info("task %s submitted; planning", task_id)
@@ -477,8 +480,11 @@ class Orchestrator:
         through this supervisor (it leads; clients follow the leader), which
         hands the waiters the terminal event as it ends one (``_task_ended``,
         or None when it has no event to hand: then it is read). Each wait is
-        bounded, so a task ended some other way is seen within WATCH_WAIT."""
+        bounded, so a task ended some other way is seen within WATCH_WAIT.
+        A task this term created and has not seen end needs no read at first:
+        its owner is known, and its end will be handed over."""
         loop = asyncio.get_running_loop()
+        live = self._live.get(task_id)
         while True:
             if self._closing.is_set():
                 raise Unavailable("the supervisor is shutting down; watch again to resume")
@@ -487,10 +493,18 @@ class Orchestrator:
             waiters = self._ended[task_id]
             waiters.add(ended)
             try:
-                owner, status, events = await self.store.ending(task_id, 10)
+                owner: str | None = live
+                status: TaskStatus | None = None
+                events: list[Event] = []
+                if live is not None:
+                    live = None
+                else:
+                    owner, status, events = await self.store.ending(task_id, 10)
                 if owner is None or not (principal.admin or owner == principal.name):
                     raise TaskNotFound(task_id)
                 if status is not None and status.terminal:
+                    # Ended without our hearing of it (its write's reply was lost).
+                    self._live.pop(task_id, None)
                     for event in reversed(events):
                         if event.terminal:
                             return event
@@ -960,6 +974,7 @@ class Orchestrator:
     def _task_ended(self, task_id: str, status: str, event: Event | None = None) -> None:
         """The task ended: tell who waits for its end (with its terminal
         event, if the write that ended it returned one) and end its span."""
+        self._live.pop(task_id, None)
         for ended in self._ended.pop(task_id, ()):
             if not ended.done():
                 ended.set_result(event)

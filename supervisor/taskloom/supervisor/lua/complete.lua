@@ -5,30 +5,37 @@
 -- added to the task's; past its max_tokens the task fails instead of going
 -- on. An output whose subtask is cacheable is kept for identical subtasks.
 -- Dependents that become READY go straight to the workers offered, if any.
+-- A task's counters are updated, and whether it has ended is checked, once
+-- per task and script rather than once per result: each call into Redis
+-- from Lua costs several microseconds, and a batch may hold hundreds.
 -- PAYLOAD: {{{task, sub, attempt, output, usage_json, worker_id}, ...},
 --   offer (or false), limits} (offer and limits: see hand_out in lib.lua)
 -- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
 --   priority}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...},
 --   and hand_out's handed, cached, goals and traces}
 local committed, ready, finished, held = {}, {}, {}, {}
+local tasks, succeeded = {}, {}
 for i, item in ipairs(PAYLOAD[1]) do
   local task, sub, attempt, output, usage = item[1], item[2], item[3], item[4], item[5]
   committed[i] = 0
-  if held_by(task, sub, attempt, item[6]) then
-    local tk, sk = k_task(task), k_subtask(task, sub)
+  local status, v = held_by(task, sub, attempt, item[6], {'worker', 'cache_key', 'dependents'})
+  if status then
+    local sk = k_subtask(task, sub)
     redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', output, 'usage', usage,
       'finished_at', NOW, 'progress', '', 'error', '')
-    emit(task, 'subtask.succeeded', sub, 'SUCCEEDED', '', attempt, redis.call('HGET', sk, 'worker'))
+    emit(task, 'subtask.succeeded', sub, 'SUCCEEDED', '', attempt, v[1])
     committed[i] = 1
-    local cache_key = redis.call('HGET', sk, 'cache_key')
-    if cache_key then
-      local ttl = tonumber(redis.call('HGET', tk, 'cache_ttl') or '0')
+    if v[2] then
+      local ttl = tonumber(redis.call('HGET', k_task(task), 'cache_ttl') or '0')
       if ttl > 0 then
-        redis.call('SET', k_cache(cache_key), output, 'EX', math.floor(ttl))
+        redis.call('SET', k_cache(v[2]), output, 'EX', math.floor(ttl))
       end
     end
-    redis.call('HSET', tk, 'updated_at', NOW)
-    redis.call('HINCRBY', tk, 'succeeded', 1)
+    if succeeded[task] == nil then
+      succeeded[task] = 0
+      table.insert(tasks, task)
+    end
+    succeeded[task] = succeeded[task] + 1
     local over = nil
     if usage ~= '' then
       add_usage(task, usage)
@@ -38,10 +45,15 @@ for i, item in ipairs(PAYLOAD[1]) do
       for _, h in ipairs(over) do table.insert(held, h) end
       table.insert(finished, task)
     else
-      unlock_dependents(task, sub, ready)
-      settle(task, finished)
+      unlock_dependents(task, sub, ready, v[3])
     end
   end
+end
+for _, task in ipairs(tasks) do
+  local tk = k_task(task)
+  redis.call('HSET', tk, 'updated_at', NOW)
+  redis.call('HINCRBY', tk, 'succeeded', succeeded[task])
+  settle(task, finished)
 end
 local handed, cached
 handed, cached, ready = hand_out(ready, PAYLOAD[2], PAYLOAD[3], finished)

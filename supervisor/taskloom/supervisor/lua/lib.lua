@@ -17,6 +17,30 @@ end
 local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKIPPED = true}
 local TASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
 
+-- The status of each task this script has read or set. Within these
+-- scripts a task's status changes only in finish_task and store_plan, which
+-- keep it up to date, so it is read from Redis once per task and script.
+local TASK_STATUS = {}
+local function task_status(task)
+  local status = TASK_STATUS[task]
+  if status == nil then
+    status = redis.call('HGET', k_task(task), 'status') or ''
+    TASK_STATUS[task] = status
+  end
+  return status
+end
+
+-- A task's priority, read once per task and script.
+local PRIORITY = {}
+local function priority_of(task)
+  local priority = PRIORITY[task]
+  if priority == nil then
+    priority = tonumber(redis.call('HGET', k_task(task), 'priority') or '0')
+    PRIORITY[task] = priority
+  end
+  return priority
+end
+
 -- Append one event to the task's log; returns its id (the stream id).
 -- Each event names the task's trace, so a watcher can open it. The trace id
 -- is read once per task per script: a batch emits many events per task.
@@ -44,6 +68,7 @@ local ENDED = {}
 -- tell those workers to stop: {{task, sub, attempt}, ...}.
 local function finish_task(task, status, err, etype, message, reason)
   local tk = k_task(task)
+  TASK_STATUS[task] = status
   redis.call('HSET', tk, 'status', status, 'error', err, 'finished_at', NOW, 'updated_at', NOW,
     'failure_reason', reason or '')
   redis.call('ZREM', k_deadlines(), task)
@@ -108,16 +133,23 @@ local function enforce_budget(task)
   return finish_task(task, 'FAILED', reason, 'task.failed', reason, 'BUDGET_EXCEEDED')
 end
 
--- Dependents of `sub` whose last dependency it was become READY (added to `ready`).
-local function unlock_dependents(task, sub, ready)
-  local priority = tonumber(redis.call('HGET', k_task(task), 'priority') or '0')
-  for _, dep in ipairs(cjson.decode(redis.call('HGET', k_subtask(task, sub), 'dependents') or '[]')) do
+-- Dependents of `sub` whose last dependency it was become READY (added to
+-- `ready`). dependents: the subtask's `dependents` field, if already read.
+local function unlock_dependents(task, sub, ready, dependents)
+  if dependents == nil then
+    dependents = redis.call('HGET', k_subtask(task, sub), 'dependents')
+  end
+  if not dependents or dependents == '[]' then return end
+  local priority = priority_of(task)
+  for _, dep in ipairs(cjson.decode(dependents)) do
     local dk = k_subtask(task, dep)
-    local pending = redis.call('HINCRBY', dk, 'pending', -1)
-    if pending <= 0 and redis.call('HGET', dk, 'status') == 'PENDING' then
-      redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
-      emit(task, 'subtask.ready', dep, 'READY', '', 0, '')
-      table.insert(ready, {task, dep, redis.call('HGET', dk, 'capability'), priority})
+    if redis.call('HINCRBY', dk, 'pending', -1) <= 0 then
+      local v = redis.call('HMGET', dk, 'status', 'capability')
+      if v[1] == 'PENDING' then
+        redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
+        emit(task, 'subtask.ready', dep, 'READY', '', 0, '')
+        table.insert(ready, {task, dep, v[2], priority})
+      end
     end
   end
 end
@@ -126,7 +158,7 @@ end
 local function statuses_of(finished)
   local out = {}
   for i, task in ipairs(finished) do
-    out[i] = redis.call('HGET', k_task(task), 'status') or ''
+    out[i] = task_status(task)
   end
   return out
 end
@@ -150,21 +182,24 @@ end
 
 -- Whether a report for (sub, attempt) may be committed: the subtask is held
 -- by exactly that attempt and its task is still running. Anything else is a
--- stale report (an older attempt, a cancelled task) and is dropped.
-local function held_by(task, sub, attempt, worker_id)
-  local st = redis.call('HMGET', k_subtask(task, sub), 'status', 'attempt', 'worker_id')
+-- stale report (an older attempt, a cancelled task) and is dropped. Returns
+-- the subtask's status, and the fields named in `more` (read in the same
+-- HMGET) as a list; nil, nil if not held.
+local function held_by(task, sub, attempt, worker_id, more)
+  local st = redis.call('HMGET', k_subtask(task, sub), 'status', 'attempt', 'worker_id',
+    unpack(more or {}))
   if (st[1] ~= 'ASSIGNED' and st[1] ~= 'RUNNING') or tonumber(st[2]) ~= attempt then
-    return nil
+    return nil, nil
   end
   -- A report from a worker must come from the worker the attempt was given
   -- to; the supervisor's own verdicts (lease lost, timed out) pass ''.
   if worker_id ~= nil and worker_id ~= '' and st[3] ~= worker_id then
-    return nil
+    return nil, nil
   end
-  if redis.call('HGET', k_task(task), 'status') ~= 'RUNNING' then
-    return nil
+  if task_status(task) ~= 'RUNNING' then
+    return nil, nil
   end
-  return st[1]
+  return st[1], {select(4, unpack(st))}
 end
 
 -- The subtasks that depend on `sub`, which will never succeed, cannot run:
@@ -173,7 +208,7 @@ end
 -- what there is once all have. Newly READY subtasks are added to `ready`.
 local function skip_dependents(task, sub, ready)
   local tk = k_task(task)
-  local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
+  local priority = priority_of(task)
   local queue, skipped = {sub}, 0
   while #queue > 0 do
     local cur = table.remove(queue)
@@ -275,6 +310,7 @@ local function store_plan(task, result_from, subtasks)
       'max_attempts', s[7], 'timeout', s[8], 'tolerant', s[9], 'created_at', NOW)
   end
 
+  TASK_STATUS[task] = 'RUNNING'
   redis.call('HSET', k_task(task), 'status', 'RUNNING', 'total', #subtasks, 'succeeded', 0,
     'settled', 0, 'result_from', ids_json(result_from), 'updated_at', NOW)
   emit(task, 'plan.created', '', 'RUNNING', 'plan with ' .. #subtasks .. ' subtasks')
@@ -305,7 +341,7 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
     'capability', 'params', 'deps', 'timeout')
   -- The task's status is read each time: a cache hit earlier in this
   -- script may have finished it.
-  if st[1] ~= 'READY' or redis.call('HGET', tk, 'status') ~= 'RUNNING' then
+  if st[1] ~= 'READY' or task_status(task) ~= 'RUNNING' then
     return nil
   end
   -- What every subtask of a task shares, read once per task and script:
