@@ -548,6 +548,12 @@ async def test_tokens_never_appear_in_logs_spans_events_errors_or_redis(
                 async with connect(secure, pki, "bob") as bob:
                     await bob.get(task_id)
             errors.append(str(hidden.value))
+            # Its end, just now, is answered from the supervisor's memory:
+            # to its owner, not to bob.
+            assert (await alice.wait(task_id)).status == TaskStatus.SUCCEEDED
+            with pytest.raises(TaskNotFound):
+                async with connect(secure, pki, "bob") as bob:
+                    await bob.wait(task_id)
         for token in (near_miss, TOKENS["w1"][0], ""):
             settings = ClientSettings.load(
                 supervisor=secure.address, token=token, tls_ca=str(pki.ca)

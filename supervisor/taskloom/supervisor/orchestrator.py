@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -68,6 +68,10 @@ _EVENT_ID = re.compile(r"^\d+-\d+$")
 _UNFINISHED = (TaskStatus.PLANNING, TaskStatus.RUNNING, TaskStatus.AWAITING_APPROVAL)
 WATCH_WAIT = 5.0
 """A watcher waiting for events checks its task and the supervisor this often."""
+RECENT_ENDS = 2048
+RECENT_ENDS_TTL = 60.0
+"""How many ends of tasks, and for how long (seconds), a terminal-only watch is
+answered from memory; older ones are read from Redis."""
 DEADLINE_INTERVAL = 1.0
 """How often tasks are checked against their max_duration."""
 
@@ -105,6 +109,10 @@ class Orchestrator:
         """Root spans of the tasks this term created, ended when they end."""
         self._live: dict[str, str] = {}
         """Owner of each task this term created and has not seen end."""
+        self._recent_ends: OrderedDict[str, tuple[str, Event, float]] = OrderedDict()
+        """Owner, terminal event and time of the last RECENT_ENDS of those tasks
+        to end: a client that waits for a task it just submitted often asks
+        after the end."""
         self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
         """Who waits for each task's end (terminal-only watches)."""
         self.stale_reports = 0
@@ -481,8 +489,13 @@ class Orchestrator:
         hands the waiters the terminal event as it ends one (``_task_ended``,
         or None when it has no event to hand: then it is read). Each wait is
         bounded, so a task ended some other way is seen within WATCH_WAIT.
-        A task this term created and has not seen end needs no read at first:
-        its owner is known, and its end will be handed over."""
+        A task this term created needs no read at first: its owner is known,
+        and its end will be handed over, or was, a moment ago (``_recent_ends``)."""
+        recent = self._recent_ends.get(task_id)
+        if recent is not None and time.monotonic() - recent[2] < RECENT_ENDS_TTL:
+            if not (principal.admin or recent[0] == principal.name):
+                raise TaskNotFound(task_id)
+            return recent[1]
         loop = asyncio.get_running_loop()
         live = self._live.get(task_id)
         while True:
@@ -974,7 +987,11 @@ class Orchestrator:
     def _task_ended(self, task_id: str, status: str, event: Event | None = None) -> None:
         """The task ended: tell who waits for its end (with its terminal
         event, if the write that ended it returned one) and end its span."""
-        self._live.pop(task_id, None)
+        owner = self._live.pop(task_id, None)
+        if owner is not None and event is not None:
+            self._recent_ends[task_id] = (owner, event, time.monotonic())
+            if len(self._recent_ends) > RECENT_ENDS:
+                self._recent_ends.popitem(last=False)
         for ended in self._ended.pop(task_id, ()):
             if not ended.done():
                 ended.set_result(event)
