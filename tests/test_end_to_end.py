@@ -16,7 +16,7 @@ import pytest
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
 from taskloom.core.localredis import free_port
-from taskloom.core.model import Event, SubtaskStatus, TaskStatus
+from taskloom.core.model import Event, EventType, SubtaskStatus, TaskStatus
 from taskloom.supervisor import orchestrator
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
@@ -178,6 +178,31 @@ async def test_waiting_for_the_end_of_a_cancelled_task_gets_its_cancellation(
     await client.cancel(task_id)
     (only,) = await asyncio.wait_for(waiting, 60)
     assert (only.type, only.status) == ("task.cancelled", "CANCELLED")
+
+
+async def test_waiting_for_a_task_that_ended_unheard_of_sees_its_end(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    test_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The write that ends a task may lose its reply (Redis dies mid-way): the
+    # supervisor, which thinks the task still runs, must not wait for ever.
+    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 0.2)
+    processes.worker(supervisor.address)
+    task_id = await client.submit("end me quietly", plan=plan(("g", "gate", "one")))
+    await eventually(lambda: (test_dir / "started-g-1").exists())
+    changed, _, _ = await supervisor.store.finish(
+        task_id, TaskStatus.CANCELLED, "behind its back", EventType.TASK_CANCELLED,
+        expected=(TaskStatus.RUNNING,),
+    )  # fmt: skip
+    assert changed
+    (only,) = await asyncio.wait_for(_collect_terminal(client, task_id), 30)
+    assert (only.type, only.message) == ("task.cancelled", "behind its back")
+    # Seen once, the end is remembered like any other.
+    assert [e.id for e in await _collect_terminal(client, task_id)] == [only.id]
+    (test_dir / "open-g").touch()
 
 
 async def _collect_terminal(client: TaskloomClient, task_id: str) -> list[Event]:

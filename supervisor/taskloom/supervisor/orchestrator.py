@@ -105,10 +105,8 @@ class Orchestrator:
         self._planning: set[asyncio.Task[None]] = set()
         self._planning_ids: set[str] = set()
         self._unbroken_jobs: set[asyncio.Future[Any]] = set()
-        self._task_spans: dict[str, Span] = {}
-        """Root spans of the tasks this term created, ended when they end."""
-        self._live: dict[str, str] = {}
-        """Owner of each task this term created and has not seen end."""
+        self._live: dict[str, tuple[str, Span]] = {}
+        """Owner and root span of each task this term created, until it ends."""
         self._recent_ends: OrderedDict[str, tuple[str, Event, float]] = OrderedDict()
         """Owner, terminal event and time of the last RECENT_ENDS of those tasks
         to end: a client that waits for a task it just submitted often asks
@@ -303,8 +301,7 @@ class Orchestrator:
             root.end()
             return task_id, created
         root.set_attribute("taskloom.task_id", task_id)
-        self._task_spans[task_id] = root
-        self._live[task_id] = principal.name
+        self._live[task_id] = (principal.name, root)
         self.metrics.tasks_submitted.inc()
         if graph is None:
             logger.info("task %s submitted; planning", task_id)
@@ -498,6 +495,9 @@ class Orchestrator:
             return recent[1]
         loop = asyncio.get_running_loop()
         live = self._live.get(task_id)
+        owner: str | None
+        status: TaskStatus | None
+        events: list[Event]
         while True:
             if self._closing.is_set():
                 raise Unavailable("the supervisor is shutting down; watch again to resume")
@@ -506,21 +506,21 @@ class Orchestrator:
             waiters = self._ended[task_id]
             waiters.add(ended)
             try:
-                owner: str | None = live
-                status: TaskStatus | None = None
-                events: list[Event] = []
                 if live is not None:
+                    owner, status, events = live[0], None, []
                     live = None
                 else:
                     owner, status, events = await self.store.ending(task_id, 10)
                 if owner is None or not (principal.admin or owner == principal.name):
                     raise TaskNotFound(task_id)
                 if status is not None and status.terminal:
-                    # Ended without our hearing of it (its write's reply was lost).
-                    self._live.pop(task_id, None)
-                    for event in reversed(events):
-                        if event.terminal:
-                            return event
+                    last = next((e for e in reversed(events) if e.terminal), None)
+                    if task_id in self._live:
+                        # It ended before we heard of it (the reply of its
+                        # write was lost, or is on its way): end it here.
+                        self._task_ended(task_id, status, last)
+                    if last is not None:
+                        return last
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WATCH_WAIT):
                         told = await ended
@@ -987,16 +987,16 @@ class Orchestrator:
     def _task_ended(self, task_id: str, status: str, event: Event | None = None) -> None:
         """The task ended: tell who waits for its end (with its terminal
         event, if the write that ended it returned one) and end its span."""
-        owner = self._live.pop(task_id, None)
-        if owner is not None and event is not None:
-            self._recent_ends[task_id] = (owner, event, time.monotonic())
-            if len(self._recent_ends) > RECENT_ENDS:
-                self._recent_ends.popitem(last=False)
         for ended in self._ended.pop(task_id, ()):
             if not ended.done():
                 ended.set_result(event)
-        span = self._task_spans.pop(task_id, None)
-        if span is not None:
+        live = self._live.pop(task_id, None)
+        if live is not None:
+            owner, span = live
+            if event is not None:
+                self._recent_ends[task_id] = (owner, event, time.monotonic())
+                if len(self._recent_ends) > RECENT_ENDS:
+                    self._recent_ends.popitem(last=False)
             span.set_attribute("taskloom.status", status)
             if status != TaskStatus.SUCCEEDED:
                 span.set_status(Status(StatusCode.ERROR, status))
@@ -1004,9 +1004,9 @@ class Orchestrator:
 
     async def _task_context(self, task_id: str) -> Context | None:
         """The context of the task's root span, from memory or from Redis."""
-        span = self._task_spans.get(task_id)
-        if span is not None:
-            return trace.set_span_in_context(span)
+        live = self._live.get(task_id)
+        if live is not None:
+            return trace.set_span_in_context(live[1])
         return parent(await self.store.trace_of(task_id))
 
     def _stop_attempts(self, refs: Iterable[AttemptRef], reason: str) -> None:

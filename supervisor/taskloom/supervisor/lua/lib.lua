@@ -339,8 +339,8 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
   local tk, sk = k_task(task), k_subtask(task, sub)
   local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
     'capability', 'params', 'deps', 'timeout')
-  -- The task's status is read each time: a cache hit earlier in this
-  -- script may have finished it.
+  -- The task's status is checked each time: a cache hit earlier in this
+  -- script may have finished it (finish_task keeps task_status current).
   if st[1] ~= 'READY' or task_status(task) ~= 'RUNNING' then
     return nil
   end
