@@ -58,6 +58,7 @@ from taskloom.core.model import (
     Usage,
 )
 from taskloom.supervisor.keys import Keys, lua_prelude
+from taskloom.supervisor.scriptline import ScriptLine
 
 if TYPE_CHECKING:
     from taskloom.supervisor.metrics import SupervisorMetrics
@@ -261,9 +262,12 @@ class Store:
         # Watchers block in XREAD; they get their own pool so that they can
         # never starve the transitions of connections.
         self._blocking: Any = aioredis.Redis.from_url(url, socket_timeout=None, **options)
+        # Scripts, the hot path, share one auto-pipelined connection.
+        self._line = ScriptLine(pool, socket_timeout)
         prelude = lua_prelude() + _lua("lib")
+        self._sources = {name: prelude + _lua(name) for name in _SCRIPTS}
         self._scripts = {
-            name: self._redis.register_script(prelude + _lua(name)) for name in _SCRIPTS
+            name: self._redis.register_script(source) for name, source in self._sources.items()
         }
 
     @_translated
@@ -274,6 +278,7 @@ class Store:
             script.sha = await self._redis.script_load(script.script)
 
     async def close(self) -> None:
+        await self._line.close()
         await self._redis.aclose()
         await self._blocking.aclose()
 
@@ -287,7 +292,8 @@ class Store:
             json.dumps(payload),
             self.fence if fenced else "",
         ]
-        return json.loads(await self._scripts[name](keys=[], args=args))
+        reply = await self._line.eval(self._sources[name], self._scripts[name].sha, args)
+        return json.loads(reply)
 
     # -- the leader lease --------------------------------------------------------
 
