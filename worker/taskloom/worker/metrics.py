@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -34,6 +35,23 @@ class WorkerMetrics:
             registry=r,
         )
         self.llm = LLMMetrics(r)
+        # Label lookups cost more than the update (a lock and a dict per call),
+        # and there are few pairs: one per capability and outcome.
+        self._attempts: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def observe_attempt(self, capability: str, outcome: str, seconds: float) -> None:
+        """Count an attempt that ended with ``outcome`` after running ``seconds``."""
+        counter = self._attempts.get((capability, outcome))
+        if counter is None:
+            counter = self._attempts[capability, outcome] = self.attempts.labels(
+                capability, outcome
+            )
+        counter.inc()
+        histogram = self._durations.get(capability)
+        if histogram is None:
+            histogram = self._durations[capability] = self.attempt_duration.labels(capability)
+        histogram.observe(seconds)
 
     def watch(self, running: Callable[[], int], slots: int, connected: Callable[[], bool]) -> None:
         self.registry.register(_WorkerCollector(running, slots, connected))

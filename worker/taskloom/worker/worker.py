@@ -349,8 +349,7 @@ class Worker:
         return outcome
 
     def _observe(self, capability: str, outcome: str, started: float) -> None:
-        self.metrics.attempts.labels(capability, outcome).inc()
-        self.metrics.attempt_duration.labels(capability).observe(time.monotonic() - started)
+        self.metrics.observe_attempt(capability, outcome, time.monotonic() - started)
 
     def _report(self, report: Report) -> None:
         self._unacked[report.ref] = report
