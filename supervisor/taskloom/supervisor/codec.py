@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskloom.core.errors import InvalidArgument
 from taskloom.core.model import (
+    Assignment,
     AttemptRef,
     ContextMode,
     Event,
@@ -36,6 +37,15 @@ from taskloom.supervisor.scheduler import (
 )
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import workers_pb2 as wpb
+
+
+def _split(seconds: float) -> tuple[int, int]:
+    """Whole seconds and nanoseconds, as a Timestamp or Duration holds them.
+    The fraction is taken before scaling: a Unix time times 1e9 is past the
+    precision of a float, and would lose about 200 ns."""
+    whole = int(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    return (whole + 1, 0) if nanos == 1_000_000_000 else (whole, nanos)
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -287,36 +297,44 @@ def welcome_to_pb(
     )
 
 
+def _assign_to_pb(assignments: Iterable[Assignment]) -> wpb.Assign:
+    # The hot path's encoder (about 11% of the supervisor under load): fields
+    # are set in place, and the empty ones not at all, which is twice as fast
+    # as building each message and submessage from keyword arguments.
+    message = wpb.Assign()
+    add = message.assignments.add
+    for a in assignments:
+        out = add(
+            task_id=a.task_id,
+            subtask_id=a.subtask_id,
+            attempt=a.attempt,
+            capability=a.capability,
+            title=a.title,
+            instruction=a.instruction,
+            goal=a.goal,
+            context_tokens=a.context_tokens,
+            context=_CONTEXT_TO_PB[a.context],
+        )
+        if a.inputs:
+            out.inputs.extend(
+                wpb.Input(subtask_id=i.subtask_id, title=i.title, output=i.output) for i in a.inputs
+            )
+        if a.params:
+            out.params.update(a.params)
+        if a.trace_context:
+            out.trace_context.update(a.trace_context)
+        if a.deadline is not None:
+            out.deadline.seconds, out.deadline.nanos = _split(a.deadline)
+        if a.timeout:
+            out.timeout.seconds, out.timeout.nanos = _split(a.timeout)
+    return message
+
+
 def outgoing_to_pb(message: Outgoing) -> wpb.ConnectResponse:
     """One frame for the worker (CloseSession is not a frame; the caller handles it)."""
     match message:
         case AssignBatch(assignments):
-            return wpb.ConnectResponse(
-                assign=wpb.Assign(
-                    assignments=[
-                        wpb.Assignment(
-                            task_id=a.task_id,
-                            subtask_id=a.subtask_id,
-                            attempt=a.attempt,
-                            capability=a.capability,
-                            title=a.title,
-                            instruction=a.instruction,
-                            goal=a.goal,
-                            inputs=[
-                                wpb.Input(subtask_id=i.subtask_id, title=i.title, output=i.output)
-                                for i in a.inputs
-                            ],
-                            params=dict(a.params),
-                            deadline=_timestamp(a.deadline),
-                            timeout=_duration(a.timeout) if a.timeout else None,
-                            trace_context=dict(a.trace_context),
-                            context_tokens=a.context_tokens,
-                            context=_CONTEXT_TO_PB[a.context],
-                        )
-                        for a in assignments
-                    ]
-                )
-            )
+            return wpb.ConnectResponse(assign=_assign_to_pb(assignments))
         case CancelAttempts(refs, reason):
             return wpb.ConnectResponse(
                 cancel=wpb.Cancel(refs=[_ref_to_pb(r) for r in refs], reason=reason)
