@@ -23,6 +23,26 @@ LLM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 """LLM calls take from a fraction of a second to minutes."""
 
 
+class Children:
+    """The labelled children of one metric, each looked up once.
+
+    ``metric.labels(...)`` takes a lock and builds a key on every call, which
+    costs more than the update; on a hot path (every store operation, every
+    attempt) keep the child. Label values come from small fixed sets here
+    (operations, capabilities, outcomes), so the cache stays small.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class LLMMetrics:
     """LLM requests, their duration and tokens, by model (``provider:model``)."""
 

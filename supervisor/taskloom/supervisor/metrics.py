@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from taskloom.core.metrics import LLMMetrics
+from taskloom.core.metrics import Children, LLMMetrics
 
 if TYPE_CHECKING:
     from taskloom.supervisor.scheduler import Lease, Scheduler
@@ -116,6 +116,14 @@ class SupervisorMetrics:
             registry=r,
         )
         self.llm = LLMMetrics(r)
+        # Children looked up once: these are updated on every store operation
+        # and every batch of results.
+        self.redis_operation = Children(self.redis_duration)
+        self.redis_failure = Children(self.redis_errors)
+        self._tasks_finished = Children(self.tasks_finished)
+        self._subtasks_finished = Children(self.subtasks_finished)
+        self._queue_wait = Children(self.queue_wait)
+        self._subtask_duration = Children(self.subtask_duration)
 
     def watch(self, scheduler: Callable[[], Scheduler | None], leading: Callable[[], bool]) -> None:
         """Export queue, worker and leader gauges read from the current scheduler."""
@@ -124,25 +132,24 @@ class SupervisorMetrics:
     def observe_outcome(self, outcome: Outcome) -> None:
         """Count what any transition's outcome says: tasks finished, cache hits."""
         for status in outcome.finished_status:
-            self.tasks_finished.labels(status.lower()).inc()
+            self._tasks_finished(status.lower()).inc()
         for capability in outcome.cached:
-            self.subtasks_finished.labels(capability, "cached").inc()
+            self._subtasks_finished(capability, "cached").inc()
 
     def observe_queue_waits(self, waits: Iterable[tuple[str, float]]) -> None:
         """(capability, seconds a subtask waited for a worker) for a batch."""
-        _observe_each(self.queue_wait, waits)
+        for capability, seconds in waits:
+            self._queue_wait(capability).observe(seconds)
 
     def observe_results(self, outcome: Outcome, leases: Sequence[Lease | None], now: float) -> None:
         done: dict[str, int] = {}
-        durations = []
         for ok, lease in zip(outcome.committed, leases, strict=True):
             if ok and lease is not None:
                 done[lease.capability] = done.get(lease.capability, 0) + 1
                 if lease.assigned_at:
-                    durations.append((lease.capability, now - lease.assigned_at))
+                    self._subtask_duration(lease.capability).observe(now - lease.assigned_at)
         for capability, n in done.items():
-            self.subtasks_finished.labels(capability, "succeeded").inc(n)
-        _observe_each(self.subtask_duration, durations)
+            self._subtasks_finished(capability, "succeeded").inc(n)
 
     def observe_failures(
         self,
@@ -153,18 +160,7 @@ class SupervisorMetrics:
         for ok, lease, again in zip(outcome.committed, leases, retried, strict=True):
             if ok:
                 capability = lease.capability if lease is not None else ""
-                self.subtasks_finished.labels(capability, "retried" if again else "failed").inc()
-
-
-def _observe_each(histogram: Histogram, samples: Iterable[tuple[str, float]]) -> None:
-    """Observe (label, value) samples, with one labels() lookup per label
-    and batch rather than per sample: batches run to thousands."""
-    children: dict[str, Histogram] = {}
-    for label, value in samples:
-        child = children.get(label)
-        if child is None:
-            child = children[label] = histogram.labels(label)
-        child.observe(value)
+                self._subtasks_finished(capability, "retried" if again else "failed").inc()
 
 
 class SchedulerCollector(Collector):

@@ -185,7 +185,7 @@ def _translated(
         except _UNAVAILABLE as e:
             _cancellation_swallowed()
             if self.metrics is not None:
-                self.metrics.redis_errors.labels(operation).inc()
+                self.metrics.redis_failure(operation).inc()
             raise StoreUnavailable(
                 f"Redis at {self.safe_url} is unavailable ({e}); "
                 "check that it runs and TASKLOOM_REDIS_URL points at it"
@@ -202,7 +202,7 @@ def _translated(
         # that was told to stop runs for ever. Give it back.
         _cancellation_swallowed()
         if self.metrics is not None and operation not in _BLOCKING:
-            self.metrics.redis_duration.labels(operation).observe(time.monotonic() - started)
+            self.metrics.redis_operation(operation).observe(time.monotonic() - started)
         return result
 
     return wrapper

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from taskloom.core.metrics import LLMMetrics
+from taskloom.core.metrics import Children, LLMMetrics
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -35,23 +34,13 @@ class WorkerMetrics:
             registry=r,
         )
         self.llm = LLMMetrics(r)
-        # Label lookups cost more than the update (a lock and a dict per call),
-        # and there are few pairs: one per capability and outcome.
-        self._attempts: dict[tuple[str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
+        self._attempts = Children(self.attempts)
+        self._durations = Children(self.attempt_duration)
 
     def observe_attempt(self, capability: str, outcome: str, seconds: float) -> None:
         """Count an attempt that ended with ``outcome`` after running ``seconds``."""
-        counter = self._attempts.get((capability, outcome))
-        if counter is None:
-            counter = self._attempts[capability, outcome] = self.attempts.labels(
-                capability, outcome
-            )
-        counter.inc()
-        histogram = self._durations.get(capability)
-        if histogram is None:
-            histogram = self._durations[capability] = self.attempt_duration.labels(capability)
-        histogram.observe(seconds)
+        self._attempts(capability, outcome).inc()
+        self._durations(capability).observe(seconds)
 
     def watch(self, running: Callable[[], int], slots: int, connected: Callable[[], bool]) -> None:
         self.registry.register(_WorkerCollector(running, slots, connected))
