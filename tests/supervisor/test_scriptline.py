@@ -61,6 +61,13 @@ async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_reply
     assert sum(1 for c in clients if c["cmd"] in ("evalsha", "eval")) == 1
 
 
+async def test_calls_larger_than_the_socket_buffer_wait_for_it_to_drain(line: ScriptLine) -> None:
+    length = "return string.len(ARGV[1])"
+    big = ["x" * (4 << 20), "y" * (3 << 20), "z" * 10]
+    replies = await asyncio.gather(*(line.eval(length, sha(length), [arg]) for arg in big))
+    assert replies == [4 << 20, 3 << 20, 10]
+
+
 async def test_error_replies_become_redis_py_exceptions_and_the_line_stays_usable(
     line: ScriptLine,
 ) -> None:
