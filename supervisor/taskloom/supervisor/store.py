@@ -5,6 +5,8 @@ the transitions that must check the current state (assign, start, progress,
 complete, fail, finish), a MULTI/EXEC pipeline for writing a new task or plan
 -- and appends its event to the task's stream in the same step. Methods take
 and return batches, so the hot path pays one round trip for many subtasks.
+The scripts share one auto-pipelined connection (``scriptline``); reads use
+redis-py's pool, and watchers' blocking reads a pool of their own.
 
 Redis errors are translated here, and only here, into ``StoreUnavailable``.
 """
