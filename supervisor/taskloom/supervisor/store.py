@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import hashlib
 import json
 import logging
 import secrets
@@ -268,16 +269,17 @@ class Store:
         self._line = ScriptLine(pool, socket_timeout)
         prelude = lua_prelude() + _lua("lib")
         self._sources = {name: prelude + _lua(name) for name in _SCRIPTS}
-        self._scripts = {
-            name: self._redis.register_script(source) for name, source in self._sources.items()
+        self._shas = {
+            name: hashlib.sha1(source.encode()).hexdigest()
+            for name, source in self._sources.items()
         }
 
     @_translated
     async def connect(self) -> None:
         """Check that Redis answers and load the scripts."""
         await self._redis.ping()
-        for script in self._scripts.values():
-            script.sha = await self._redis.script_load(script.script)
+        for source in self._sources.values():
+            await self._redis.script_load(source)
 
     async def close(self) -> None:
         await self._line.close()
@@ -294,7 +296,7 @@ class Store:
             json.dumps(payload),
             self.fence if fenced else "",
         ]
-        reply = await self._line.eval(self._sources[name], self._scripts[name].sha, args)
+        reply = await self._line.eval(self._sources[name], self._shas[name], args)
         return json.loads(reply)
 
     # -- the leader lease --------------------------------------------------------
