@@ -154,3 +154,24 @@ async def test_store_scripts_survive_a_redis_restart(tmp_path: Path) -> None:
         assert await check.hget(f"p:task:{first}", "goal") == "g"
         assert await check.hget(f"p:task:{second}", "goal") == "g2"
         await check.aclose()
+
+
+async def test_reads_on_connections_from_before_a_redis_restart_do_not_fail(
+    tmp_path: Path,
+) -> None:
+    redis = LocalRedis(tmp_path / "redis")
+    redis.start()
+    store = Store(redis.url, prefix="p:", socket_timeout=2.0)
+    await store.connect()
+    plan = Plan((PlannedSubtask("a", "A", "x", "echo"),))
+    task_id, _, _ = await store.create_task(
+        goal="g", options=TaskOptions(), plan=plan, result_from=["a"]
+    )
+    # Several pooled connections, all of which the restart closes.
+    await asyncio.gather(*(store.get_task(task_id) for _ in range(4)))
+    redis.kill()
+    with LocalRedis(tmp_path / "redis", port=redis.port):
+        for _ in range(6):
+            assert (await store.get_task(task_id)).goal == "g"
+            assert await store.read_events(task_id, "0")
+        await store.close()

@@ -1,10 +1,10 @@
 """The Redis store: the truth about every task, subtask and event.
 
-Every state transition is one atomic step -- a Lua script from ``lua/`` for
-the transitions that must check the current state (assign, start, progress,
-complete, fail, finish), a MULTI/EXEC pipeline for writing a new task or plan
--- and appends its event to the task's stream in the same step. Methods take
-and return batches, so the hot path pays one round trip for many subtasks.
+Every state transition is one atomic step, a Lua script from ``lua/``
+(writing a new task or plan as much as assign, start, progress, complete,
+fail, finish), and appends its event to the task's stream in the same step.
+Methods take and return batches, so the hot path pays one round trip for
+many subtasks.
 The scripts share one auto-pipelined connection (``scriptline``); reads use
 redis-py's pool, and watchers' blocking reads a pool of their own.
 
@@ -29,6 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from taskloom.core.errors import (
     InvalidArgument,
@@ -248,7 +250,18 @@ class Store:
         Empty only for tools and tests that run without a leader."""
         self.retention = max(1, int(retention))
         self.safe_url = _without_password(url)
-        options: dict[str, Any] = {"decode_responses": True, "socket_connect_timeout": 5.0}
+        # A pooled connection that Redis closed (a restart, an idle timeout)
+        # is found closed only when used: the command is sent once more on a
+        # new connection rather than failing. Every pooled command is a read
+        # or idempotent; the scripts, which are not, go over the script line
+        # and are never resent. A timeout is not retried, so a Redis that
+        # hangs costs one socket timeout, not two.
+        retry = Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,))
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_connect_timeout": 5.0,
+            "retry": retry,
+        }
         # redis-py's annotations cannot express decode_responses=True (every
         # reply is str); the store is the one module that touches it, so it
         # holds the clients as Any rather than casting each reply.
