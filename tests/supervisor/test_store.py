@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from taskloom.core.errors import InvalidArgument, StoreUnavailable, TaskNotFound
 from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import (
     AttemptRef,
+    ContextMode,
     EventType,
     Plan,
     PlannedSubtask,
@@ -182,6 +184,48 @@ async def test_a_new_plan_goes_straight_to_the_workers_offered(
     # Nothing lost on the way: a handed subtask completes like any other.
     done = await store.complete([SubtaskResult(handed["a"].assignment.ref, "A-out")])
     assert done.committed == [True] and [r.subtask_id for r in done.ready] == ["d"]
+
+
+async def test_an_assignment_handed_out_by_the_create_step_is_the_one_redis_would_give(
+    store: Store,
+) -> None:
+    # The create step hands out what it has just written without reading it
+    # back; the assign step reads everything from Redis. Both must agree.
+    steps = Plan(
+        (
+            PlannedSubtask(
+                "a", "Title A", "do a", "echo", params={"k": "v"}, max_attempts=2, timeout=7.5
+            ),
+        )
+    )
+    graph, result_from = finalize(steps, synthesize=False)
+    options = TaskOptions(stall_timeout=30.0, context_tokens=512, context=ContextMode.SUMMARIZE)
+    trace = {"traceparent": "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"}
+    offer = {"echo": [("id1", "one", "", 1)]}
+    handed_id, _, handed = await store.create_task(
+        goal="the goal",
+        options=options,
+        plan=graph,
+        result_from=result_from,
+        offer=offer,
+        trace=trace,
+    )
+    queued_id, _, queued = await store.create_task(
+        goal="the goal", options=options, plan=graph, result_from=result_from, trace=trace
+    )
+    [assigned], _ = await store.assign([(queued.ready[0], "id1", "one", "")])
+    [first] = handed.handed
+    assert assigned is not None and first.assignment.task_id == handed_id
+    assert replace(first.assignment, task_id=queued_id, deadline=None) == replace(
+        assigned, deadline=None
+    )
+    assert assigned.params == {"k": "v"} and assigned.timeout == 7.5
+    assert assigned.context == ContextMode.SUMMARIZE and assigned.trace_context == trace
+    for task_id in (handed_id, queued_id):
+        [event] = [
+            e for e in await store.read_events(task_id, "0") if e.type == EventType.SUBTASK_ASSIGNED
+        ]
+        assert event.trace_id == "0123456789abcdef0123456789abcdef"
 
 
 async def test_a_new_plan_hands_out_no_more_than_its_max_parallel(store: Store) -> None:
@@ -386,8 +430,11 @@ async def test_recovery_reads_unfinished_tasks_with_their_subtasks(store: Store)
     assert recovered[planning].status == TaskStatus.PLANNING
     subs = {s.subtask_id: s for s in recovered[task_id].subtasks}
     assert (subs["a"].status, subs["a"].attempt, subs["a"].worker_id, subs["a"].worker) == (
-        SubtaskStatus.ASSIGNED, 1, "wid-1", "w1"
-    )  # fmt: skip
+        SubtaskStatus.ASSIGNED,
+        1,
+        "wid-1",
+        "w1",
+    )
     assert subs["d"].status == SubtaskStatus.PENDING
 
 

@@ -23,6 +23,9 @@ if owner ~= '' and limit > 0 and redis.call('ZCARD', k_owner_active(owner)) >= l
 end
 local score = tonumber(NOW)
 redis.call('HSET', k_task(task), unpack(PAYLOAD[5]))
+local new = {}
+for i = 1, #PAYLOAD[5], 2 do new[PAYLOAD[5][i]] = PAYLOAD[5][i + 1] end
+NEW_TASK[task] = new
 if PAYLOAD[6] > 0 then redis.call('ZADD', k_deadlines(), PAYLOAD[6], task) end
 redis.call('ZADD', k_tasks_index(), score, task)
 redis.call('ZADD', k_active_index(), score, task)

@@ -30,6 +30,13 @@ local function task_status(task)
   return status
 end
 
+-- What this script has just written and would otherwise read back: the
+-- fields of a new task (create.lua fills it), and of each subtask that
+-- store_plan made READY, as assign_one reads them (keyed by the subtask's
+-- key). A new plan's first subtasks are mostly handed out in the script that
+-- stores them. finish_task forgets the subtasks it cancels.
+local NEW_TASK, FRESH = {}, {}
+
 -- A task's priority, read once per task and script.
 local PRIORITY = {}
 local function priority_of(task)
@@ -48,7 +55,8 @@ local TRACE_IDS = {}
 local function emit(task, etype, sub, status, message, attempt, worker, span)
   local trace = TRACE_IDS[task]
   if trace == nil then
-    trace = redis.call('HGET', k_task(task), 'trace_id') or ''
+    local new = NEW_TASK[task]
+    trace = new and new.trace_id or redis.call('HGET', k_task(task), 'trace_id') or ''
     TRACE_IDS[task] = trace
   end
   return redis.call('XADD', k_events(task), '*',
@@ -76,6 +84,7 @@ local function finish_task(task, status, err, etype, message, reason)
   local held = {}
   for _, sub in ipairs(subs) do
     local sk = k_subtask(task, sub)
+    FRESH[sk] = nil
     if status ~= 'SUCCEEDED' then
       local st = redis.call('HMGET', sk, 'status', 'attempt', 'worker')
       if not SUBTASK_TERMINAL[st[1]] then
@@ -301,9 +310,13 @@ local function store_plan(task, result_from, subtasks)
 
   local ready = {}
   for _, s in ipairs(subtasks) do
-    local status = 'PENDING'
-    if #s[5] == 0 then status = 'READY'; table.insert(ready, s[1]) end
-    redis.call('HSET', k_subtask(task, s[1]),
+    local status, sk = 'PENDING', k_subtask(task, s[1])
+    if #s[5] == 0 then
+      status = 'READY'
+      table.insert(ready, s[1])
+      FRESH[sk] = {status, '0', s[2], s[3], s[4], s[6], '[]', s[8]}
+    end
+    redis.call('HSET', sk,
       'id', s[1], 'title', s[2], 'instruction', s[3], 'capability', s[4],
       'deps', ids_json(s[5]), 'dependents', ids_json(dependents[s[1]] or {}),
       'pending', #s[5], 'params', s[6], 'status', status, 'attempt', 0,
@@ -337,8 +350,13 @@ end
 local GOALS, TRACES, TASK_SHARED = {}, {}, {}
 local function assign_one(task, sub, worker_id, worker, fingerprint, ready, finished)
   local tk, sk = k_task(task), k_subtask(task, sub)
-  local st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
-    'capability', 'params', 'deps', 'timeout')
+  local st = FRESH[sk]
+  if st then
+    FRESH[sk] = nil
+  else
+    st = redis.call('HMGET', sk, 'status', 'attempt', 'title', 'instruction',
+      'capability', 'params', 'deps', 'timeout')
+  end
   -- The task's status is checked each time: a cache hit earlier in this
   -- script may have finished it (finish_task keeps task_status current).
   if st[1] ~= 'READY' or task_status(task) ~= 'RUNNING' then
@@ -348,8 +366,13 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
   -- stall, context tokens, context mode, cache TTL.
   local tv = TASK_SHARED[task]
   if tv == nil then
-    tv = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl', 'goal',
-      'traceparent')
+    local new = NEW_TASK[task]
+    if new then
+      tv = {new.stall, new.ctx_tokens, new.ctx_mode, new.cache_ttl, new.goal, new.traceparent}
+    else
+      tv = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl', 'goal',
+        'traceparent')
+    end
     TASK_SHARED[task] = tv
     GOALS[task] = tv[5] or ''
     TRACES[task] = tv[6] or ''
