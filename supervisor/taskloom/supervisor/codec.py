@@ -45,21 +45,21 @@ def _split(seconds: float) -> tuple[int, int]:
     precision of a float, and would lose about 200 ns."""
     whole = int(seconds)
     nanos = round((seconds - whole) * 1e9)
-    return (whole + 1, 0) if nanos == 1_000_000_000 else (whole, nanos)
+    if abs(nanos) == 1_000_000_000:  # the fraction rounded up to a whole second
+        return whole + nanos // 1_000_000_000, 0
+    return whole, nanos
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    whole, nanos = _split(seconds)
+    return Timestamp(seconds=whole, nanos=nanos)
 
 
 def _duration(seconds: float) -> Duration:
-    d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
+    whole, nanos = _split(seconds)
+    return Duration(seconds=whole, nanos=nanos)
 
 
 # -- tasks --------------------------------------------------------------------
