@@ -23,7 +23,9 @@ from taskloom.v1 import tasks_pb2 as pb
 
 
 def _seconds(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
+    """A Unix time as the supervisor sent it. ``ToNanoseconds() / 1e9`` would
+    round the big integer to a float first, one float step off now and then."""
+    return ts.seconds + ts.nanos / 1e9
 
 
 def plan_to_pb(plan: Plan) -> pb.Plan:
