@@ -155,10 +155,13 @@ class Run:
             for label, value in memory.items():
                 self.result("taskloom", f"memory per 10k live subtasks: {label}", "MB").add(value)
             idle = 50 if self.args.quick else 500
-            # The same supervisor and workers before and after: only the idle
-            # connections differ.
-            label = f"no-op x{n:,}, no idle workers (baseline for the next row)"
-            self.timed(system, label, n, _noop(system, n, False))
+            # The same supervisor and workers throughout: only the idle
+            # connections differ. The baseline runs just before connecting them
+            # and again just after they are gone, so a drift of the VM's speed
+            # in between shows in the baseline's spread, not as their cost.
+            baseline = f"no-op x{n:,}, no idle workers (the baseline, run before and after them)"
+            self.timed(system, baseline, n, _noop(system, n, False))
+            before = _connected(system)
             connectors = [
                 subprocess.Popen(
                     [sys.executable, "-m", "bench.idle_workers", system.address, str(idle // 5)],
@@ -167,7 +170,7 @@ class Run:
                 for _ in range(5)
             ]
             try:
-                system.loop.run_until_complete(_until_workers(system, idle + 1))
+                system.loop.run_until_complete(_until_workers(system, before + idle))
                 label = f"no-op x{n:,} with {idle} idle workers connected"
                 self.timed(system, label, n, _noop(system, n, False))
             finally:
@@ -175,6 +178,8 @@ class Run:
                     c.terminate()
                 for c in connectors:
                     c.wait()
+            system.loop.run_until_complete(_until_workers(system, before, at_most=True))
+            self.timed(system, baseline, n, _noop(system, n, False))
         finally:
             system.stop()
 
@@ -203,14 +208,16 @@ async def _memory_per_live(system: systems.Taskloom, n: int) -> dict[str, float]
     return {"supervisor RSS": rss * scale, "Redis used_memory": used * scale}
 
 
-async def _until_workers(system: systems.Taskloom, count: int) -> None:
-    """Until the supervisor has ``count`` connections on its gRPC port."""
+async def _until_workers(system: systems.Taskloom, count: int, *, at_most: bool = False) -> None:
+    """Until the supervisor has at least (or with ``at_most``, at most)
+    ``count`` connections on its gRPC port."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if _connected(system) >= count:
+        connected = _connected(system)
+        if (connected <= count) if at_most else (connected >= count):
             return
         await asyncio.sleep(0.5)
-    raise RuntimeError(f"fewer than {count} workers connected")
+    raise RuntimeError(f"{'more' if at_most else 'fewer'} than {count} connections")
 
 
 def _connected(system: systems.Taskloom) -> int:
