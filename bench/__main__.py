@@ -156,11 +156,14 @@ class Run:
                 self.result("taskloom", f"memory per 10k live subtasks: {label}", "MB").add(value)
             idle = 50 if self.args.quick else 500
             # The same supervisor and workers throughout: only the idle
-            # connections differ. The baseline runs just before connecting them
-            # and again just after they are gone, so a drift of the VM's speed
-            # in between shows in the baseline's spread, not as their cost.
+            # connections differ. Back-to-back runs here swing by ±15 %, so
+            # each side is run several times, and the baseline both just before
+            # connecting them and just after they are gone, so that a drift of
+            # the VM's speed in between is not taken for their cost.
+            runs = 1 if self.args.quick else 3
             baseline = f"no-op x{n:,}, no idle workers (the baseline, run before and after them)"
-            self.timed(system, baseline, n, _noop(system, n, False))
+            for _ in range(runs):
+                self.timed(system, baseline, n, _noop(system, n, False))
             before = _connected(system)
             connectors = [
                 subprocess.Popen(
@@ -172,14 +175,16 @@ class Run:
             try:
                 system.loop.run_until_complete(_until_workers(system, before + idle))
                 label = f"no-op x{n:,} with {idle} idle workers connected"
-                self.timed(system, label, n, _noop(system, n, False))
+                for _ in range(2 * runs):
+                    self.timed(system, label, n, _noop(system, n, False))
             finally:
                 for c in connectors:
                     c.terminate()
                 for c in connectors:
                     c.wait()
             system.loop.run_until_complete(_until_workers(system, before, at_most=True))
-            self.timed(system, baseline, n, _noop(system, n, False))
+            for _ in range(runs):
+                self.timed(system, baseline, n, _noop(system, n, False))
         finally:
             system.stop()
 

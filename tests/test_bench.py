@@ -29,7 +29,7 @@ def test_a_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert ("taskloom", "memory per 10k live subtasks") in scenarios
     assert any(r["scenario"].endswith("idle workers connected") for r in rows)
     # The idle workers' baseline brackets them: one run before, one after.
-    assert [r["runs"] for r in rows if "no idle workers" in r["scenario"]] == [2]
+    assert [r["runs"] for r in rows if "idle workers" in r["scenario"]] == [2, 2]
     assert all(r["median"] > 0 for r in rows)
     assert set(document["reference"]) >= {
         "grpc.aio stream echo, 1 per message",
