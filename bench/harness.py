@@ -31,9 +31,14 @@ class Group:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     extra_pids: list[int] = field(default_factory=list)
     """Processes started by others (Ray's raylet, a Redis found by port)."""
+    descendants: bool = True
+    """Count the processes' children too. Not for the load generator: every
+    system under test is its child, and would be counted twice."""
 
     def pids(self) -> list[int]:
         roots = [p.pid for p in self.processes if p.poll() is None] + self.extra_pids
+        if not self.descendants:
+            return roots
         out: list[int] = []
         for pid in roots:
             try:
@@ -48,7 +53,9 @@ class Group:
         for pid in self.pids():
             try:
                 times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system + times.children_user + times.children_system
+                total += times.user + times.system
+                if self.descendants:
+                    total += times.children_user + times.children_system
             except psutil.NoSuchProcess:
                 continue
         return total
@@ -107,7 +114,10 @@ class Meter:
     """Wall time and CPU per group over one measured run."""
 
     def __init__(self, groups: Sequence[Group]) -> None:
-        self.groups = [*groups, Group("load generator", extra_pids=[os.getpid()])]
+        self.groups = [
+            *groups,
+            Group("load generator", extra_pids=[os.getpid()], descendants=False),
+        ]
 
     def __enter__(self) -> Meter:
         self._cpu = {g.name: g.cpu() for g in self.groups}
