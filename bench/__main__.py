@@ -20,7 +20,9 @@ layers x 100, each node depending on the whole previous layer; a chain of
 which each body measures itself, in per cent of 1 s);
 scaling with 1, 2, 4 worker processes; taskloom's memory per 10,000
 live subtasks and throughput with 500 idle workers connected; reference
-rows for grpc.aio and redis-py on the same machine. ``--quick`` runs each at
+rows for grpc.aio and redis-py on the same machine, and the latency floor
+under a durable dispatch (a Redis write, then one grpc.aio message; see
+``bench/reference.py``). ``--quick`` runs each at
 a tiny N (what CI runs, so the suite cannot rot).
 """
 
@@ -296,14 +298,20 @@ def main() -> None:
     }
     (args.out / "latest.json").write_text(json.dumps(document, indent=2) + "\n")
     table = markdown(rows)
-    ref = "\n".join(f"| {k} | {v:,.0f} items/s |" for k, v in reference.items())
+    ref = "\n".join(_reference_row(k, v) for k, v in reference.items())
     text = (
         f"Machine: {machine}; commit {commit}; {document['date']}.\n"
         f"Command: `{document['command']}`\n\n{table}\n"
-        + (f"\nReference (same machine):\n\n| path | rate |\n|---|---:|\n{ref}\n" if ref else "")
+        + (f"\nReference (same machine):\n\n| path | figure |\n|---|---:|\n{ref}\n" if ref else "")
     )
     (args.out / "latest.md").write_text(text)
     print(text)
+
+
+def _reference_row(name: str, value: float) -> str:
+    if name.endswith(" (ms)"):
+        return f"| {name.removesuffix(' (ms)')} | {value:.2f} ms |"
+    return f"| {name} | {value:,.0f} items/s |"
 
 
 def _order(result: Result) -> tuple[str, str]:

@@ -34,5 +34,8 @@ def test_a_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert set(document["reference"]) >= {
         "grpc.aio stream echo, 1 per message",
         "redis-py SET, pipelined 100",
+        "floor: Redis SET, then one grpc.aio message, back to back: p50 (ms)",
+        "floor: Redis SET, then one grpc.aio message, one every 10 ms: p99 (ms)",
     }
+    assert all(v > 0 for v in document["reference"].values())
     assert "| scenario | system |" in (tmp_path / "latest.md").read_text()
