@@ -17,6 +17,7 @@ import asyncio
 import statistics
 import sys
 import time
+from typing import Any
 from urllib.parse import urlparse
 
 import grpc
@@ -29,19 +30,24 @@ FLOOR = "/bench.Floor/Stream"
 TICK = 0.01
 
 
+async def _stream_server(service: str, handler: Any, port: int) -> grpc.aio.Server:
+    """A started grpc.aio server on ``port`` whose one method, ``Stream``, is
+    bidirectional and runs ``handler`` on raw bytes."""
+    server = grpc.aio.server()
+    methods: dict[str, Any] = {"Stream": grpc.stream_stream_rpc_method_handler(handler)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
 def _server(port: int) -> None:
     async def serve() -> None:
         async def echo(requests, context):  # type: ignore[no-untyped-def]
             async for request in requests:
                 yield request
 
-        server = grpc.aio.server()
-        handler = grpc.method_handlers_generic_handler(
-            "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo)}
-        )
-        server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
+        server = await _stream_server("bench.Echo", echo, port)
         await server.wait_for_termination()
 
     asyncio.run(serve())
@@ -141,13 +147,7 @@ async def latency_floor(redis_url: str, samples: int, tick: float | None) -> lis
             done.set_exception(e)
 
     port = free_port()
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Floor", {"Stream": grpc.stream_stream_rpc_method_handler(handle)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    server = await _stream_server("bench.Floor", handle, port)
     receive = f"from bench.reference import _receiver; _receiver({port})"
     receiver = spawn([sys.executable, "-c", receive])
     try:
