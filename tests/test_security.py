@@ -350,6 +350,35 @@ async def test_per_principal_limits_stop_one_client_without_touching_others(
         await server.stop(grace=0.5)
 
 
+async def test_batches_keep_to_the_callers_own_tasks_and_allowance(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, submit_rate=0.01, submit_burst=3))
+    await server.start()
+    try:
+        async with (
+            connect(server, pki, "alice") as alice,
+            connect(server, pki, "bob") as bob,
+            connect(server, pki, "root") as root,
+        ):
+            # Each task of a batch takes its own token: the fourth is refused.
+            results = await alice.submit_many([f"a{i}" for i in range(5)], plan=GATED)
+            assert [bool(r.task_id) for r in results] == [True, True, True, False, False]
+            for refused in results[3:]:
+                assert isinstance(refused.error, ResourceExhausted)
+                assert refused.error.subject == "submit_rate"
+            mine = results[0].task_id
+            assert (await alice.get(mine)).owner == "alice"
+            with pytest.raises(TaskNotFound):
+                async for _ in bob.wait_many([mine]):
+                    pass
+            await root.cancel(mine)
+            ended = [e async for e in alice.wait_many([mine])]
+            assert [(e.task_id, e.status) for e in ended] == [(mine, "CANCELLED")]
+    finally:
+        await server.stop(grace=0.5)
+
+
 async def test_a_stream_that_never_says_hello_is_closed(
     supervisor_settings: SupervisorSettings, pki: Minted
 ) -> None:

@@ -6,7 +6,13 @@ import grpc
 import pytest
 
 from taskloom.core import errors
-from taskloom.core.status import ERROR_TYPE_KEY, from_rpc_error, status_code
+from taskloom.core.status import (
+    ERROR_TYPE_KEY,
+    error_detail,
+    error_from_parts,
+    from_rpc_error,
+    status_code,
+)
 
 
 def rpc_error(code: grpc.StatusCode, details: str, error_type: str | None) -> grpc.aio.AioRpcError:
@@ -47,3 +53,34 @@ def test_statuses_without_a_class_map_by_code() -> None:
     other = from_rpc_error(rpc_error(grpc.StatusCode.DATA_LOSS, "boom", None), target="h:1")
     assert type(other) is errors.TaskloomError and other.message == "DATA_LOSS: boom"
     assert status_code(errors.TaskloomError("x")) == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.PlanError("invalid plan: cycle a → b → a", field="plan.subtasks"),
+        errors.InvalidArgument("the goal is empty", field="goal"),
+        errors.ResourceExhausted("too fast", subject="submit_rate"),
+        errors.NotLeader("the leader is at h:2"),
+        errors.StoreUnavailable("Redis at redis://x is unavailable"),
+    ],
+)
+def test_an_item_of_a_batch_reply_comes_back_as_its_own_error(
+    error: errors.TaskloomError,
+) -> None:
+    field, subject = error_detail(error)
+    back = error_from_parts(
+        type(error).__name__, status_code(error).value[0], error.message,
+        field=field, subject=subject,
+    )  # fmt: skip
+    assert type(back) is type(error)
+    assert (back.message, error_detail(back)) == (error.message, (field, subject))
+
+
+def test_an_item_error_of_an_unknown_class_maps_by_code() -> None:
+    assert isinstance(
+        error_from_parts("FromTheFuture", grpc.StatusCode.NOT_FOUND.value[0], "gone"),
+        errors.TaskNotFound,
+    )
+    other = error_from_parts("", grpc.StatusCode.DATA_LOSS.value[0], "boom")
+    assert type(other) is errors.TaskloomError and other.message == "DATA_LOSS: boom"

@@ -7,7 +7,7 @@ async with TaskloomClient("127.0.0.1:50051") as client:
     print(task.result)
 """
 
-from taskloom.client.client import SyncTaskloomClient, TaskloomClient
+from taskloom.client.client import Submitted, SyncTaskloomClient, TaskloomClient
 from taskloom.client.settings import ClientSettings
 
-__all__ = ["ClientSettings", "SyncTaskloomClient", "TaskloomClient"]
+__all__ = ["ClientSettings", "Submitted", "SyncTaskloomClient", "TaskloomClient"]

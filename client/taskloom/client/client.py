@@ -29,6 +29,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -57,6 +58,27 @@ from taskloom.v1 import tasks_pb2_grpc
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PlanLike = Plan | Mapping[str, Any] | str
+
+
+SUBMIT_BATCH = 1_000
+"""Tasks per SubmitTasks call (the supervisor's limit)."""
+SUBMIT_BYTES = 1024 * 1024
+"""Bytes of tasks per SubmitTasks call: well under the supervisor's 4 MiB
+default (``TASKLOOM_MAX_REQUEST_BYTES``)."""
+WAIT_BATCH = 10_000
+"""Tasks per WaitTasks stream (the supervisor's limit)."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What became of one task of ``submit_many``."""
+
+    task_id: str = ""
+    """Empty when the task was refused."""
+    created: bool = False
+    """False when its idempotency key named an earlier task (or it was refused)."""
+    error: TaskloomError | None = None
+    """Why it was refused: what ``submit`` would have raised."""
 
 
 class TaskloomClient:
@@ -170,34 +192,74 @@ class TaskloomClient:
         ``BUDGET_EXCEEDED``. ``cache=False`` runs every subtask even if an
         identical one ran before.
         """
-        # A key of our own makes the call safe to retry on another supervisor:
-        # if the first one stored the task before it went away, the retry
-        # finds that task instead of creating a second.
-        request = pb.SubmitTaskRequest(
-            goal=goal, idempotency_key=idempotency_key or uuid.uuid4().hex
-        )
-        if plan is not None:
-            parsed = plan if isinstance(plan, Plan) else parse_plan(plan)
-            request.plan.CopyFrom(codec.plan_to_pb(parsed))
-            if synthesize is None:
-                synthesize = parsed.synthesize
-        options = TaskOptions(
+        request = _submit_request(
+            goal,
+            plan=plan,
+            synthesize=synthesize,
             priority=priority,
             max_parallel=max_parallel,
-            on_failure=OnFailure(on_failure),
+            on_failure=on_failure,
             max_attempts=max_attempts,
             subtask_timeout=subtask_timeout,
             stall_timeout=stall_timeout,
-            fallback=Fallback(fallback),
+            fallback=fallback,
             context_tokens=context_tokens,
-            context=ContextMode(context),
+            context=context,
             max_tokens=max_tokens,
             max_duration=max_duration,
             cache=cache,
+            idempotency_key=idempotency_key,
         )
-        request.options.CopyFrom(codec.options_to_pb(options, synthesize=synthesize))
         response: pb.SubmitTaskResponse = await self._call(lambda s: s.SubmitTask, request)
         return response.task_id
+
+    async def submit_many(
+        self, tasks: Iterable[str | Mapping[str, Any]], **defaults: Any
+    ) -> builtins.list[Submitted]:
+        """Submit many tasks in few calls (SubmitTasks, 1,000 tasks a call, the
+        calls concurrent): the cheap way to run thousands of small tasks.
+
+        Each item is a goal, or a mapping of ``submit``'s arguments (``goal``,
+        ``plan``, ``priority``, ...); ``defaults`` are ``submit``'s keyword
+        arguments for the items that do not set them. Each task is stored or
+        refused on its own: the result, in the order of ``tasks``, has its id
+        or its ``error`` (the exception ``submit`` would have raised). Every
+        item gets an idempotency key unless it has one, so a call retried on
+        another supervisor stores nothing twice.
+        """
+        requests = [
+            _submit_request(**{**defaults, **({"goal": t} if isinstance(t, str) else t)})
+            for t in tasks
+        ]
+        replies = await asyncio.gather(*(self._submit_chunk(c) for c in _batches(requests)))
+        return [result for reply in replies for result in reply]
+
+    async def _submit_chunk(
+        self, requests: builtins.list[pb.SubmitTaskRequest]
+    ) -> builtins.list[Submitted]:
+        """One SubmitTasks call; tasks refused because the supervisor was
+        stepping down are sent again, as ``_call`` does with whole calls."""
+        results: builtins.list[Submitted] = [Submitted() for _ in requests]
+        pending = builtins.list(range(len(requests)))
+        deadline = time.monotonic() + self.settings.unavailable_grace
+        pause = 0.1
+        while True:
+            request = pb.SubmitTasksRequest(tasks=[requests[i] for i in pending])
+            reply: pb.SubmitTasksResponse = await self._call(lambda s: s.SubmitTasks, request)
+            again = []
+            for index, result in zip(pending, reply.results, strict=True):
+                if not result.HasField("error"):
+                    results[index] = Submitted(result.task_id, result.created)
+                    continue
+                error = codec.error_from_pb(result.error)
+                results[index] = Submitted(error=error)
+                if isinstance(error, SupervisorUnavailable | NotLeader):
+                    again.append(index)
+            if not again or time.monotonic() + pause > deadline:
+                return results
+            pending = again
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def get(self, task_id: str, *, subtasks: bool = True) -> Task:
         """The task, with its subtasks unless ``subtasks`` is False."""
@@ -267,27 +329,160 @@ class TaskloomClient:
                             return
                 return
             except grpc.aio.AioRpcError as e:
-                error = from_rpc_error(e, target=self._addresses[self._current])
-                # A server that stops cancels the streams it still has open:
-                # from here that is the supervisor going away, not our cancel.
-                gone = e.code() == grpc.StatusCode.CANCELLED
-                if not (gone or isinstance(error, Unavailable)):
-                    raise error from None
-                self._current = (self._current + 1) % len(self._stubs)
-                now = time.monotonic()
-                deadline = deadline or now + self.settings.reconnect_timeout
-                if now >= deadline:
-                    raise error from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                deadline, delay = await self._stream_broke(e, deadline, delay)
             finally:
                 call.cancel()
+
+    async def _stream_broke(
+        self, e: grpc.aio.AioRpcError, deadline: float | None, delay: float
+    ) -> tuple[float, float]:
+        """After a stream failed: raise its error unless the supervisor went
+        away; else move to the next address and pause. Returns the deadline
+        (``reconnect_timeout`` from the first failure) and the next pause."""
+        error = from_rpc_error(e, target=self._addresses[self._current])
+        # A server that stops cancels the streams it still has open:
+        # from here that is the supervisor going away, not our cancel.
+        gone = e.code() == grpc.StatusCode.CANCELLED
+        if not (gone or isinstance(error, Unavailable)):
+            raise error from None
+        self._current = (self._current + 1) % len(self._stubs)
+        now = time.monotonic()
+        deadline = deadline or now + self.settings.reconnect_timeout
+        if now >= deadline:
+            raise error from None
+        await asyncio.sleep(delay)
+        return deadline, min(delay * 2, 5.0)
 
     async def wait(self, task_id: str) -> Task:
         """Block until the task ends; returns it with its subtasks."""
         async for _ in self.watch(task_id, terminal_only=True):
             pass
         return await self.get(task_id)
+
+    async def wait_many(self, task_ids: Iterable[str]) -> AsyncGenerator[Event, None]:
+        """Each task's terminal event as the task ends, until every one has
+        ended (WaitTasks: 10,000 tasks a stream, the streams concurrent).
+
+        If the supervisor goes away, the tasks not heard of yet are waited for
+        again at the next address that serves (for up to
+        ``reconnect_timeout``); each event comes once. An unknown task, or
+        another caller's, raises ``TaskNotFound``.
+        """
+        ids = builtins.list(dict.fromkeys(task_ids))
+        chunks = [ids[i : i + WAIT_BATCH] for i in range(0, len(ids), WAIT_BATCH)]
+        if len(chunks) <= 1:
+            for chunk in chunks:
+                async for event in self._wait_chunk(chunk):
+                    yield event
+            return
+        arrived: asyncio.Queue[Event | Exception | None] = asyncio.Queue()
+
+        async def pump(chunk: builtins.list[str]) -> None:
+            try:
+                async for event in self._wait_chunk(chunk):
+                    arrived.put_nowait(event)
+                arrived.put_nowait(None)
+            except Exception as e:  # raised to the caller, below
+                arrived.put_nowait(e)
+
+        pumps = [asyncio.create_task(pump(c)) for c in chunks]
+        try:
+            running = len(pumps)
+            while running:
+                item = await arrived.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    running -= 1
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    async def _wait_chunk(self, task_ids: builtins.list[str]) -> AsyncGenerator[Event, None]:
+        left = dict.fromkeys(task_ids)
+        deadline: float | None = None
+        delay = 0.2
+        while left:
+            call = self._stubs[self._current].WaitTasks(
+                pb.WaitTasksRequest(task_ids=builtins.list(left)), metadata=self._metadata
+            )
+            try:
+                async for response in call:
+                    deadline, delay = None, 0.2
+                    for message in response.events:
+                        if message.task_id in left:
+                            del left[message.task_id]
+                            yield codec.event_from_pb(message)
+            except grpc.aio.AioRpcError as e:
+                deadline, delay = await self._stream_broke(e, deadline, delay)
+            finally:
+                call.cancel()
+
+
+def _batches(
+    requests: builtins.list[pb.SubmitTaskRequest],
+) -> builtins.list[builtins.list[pb.SubmitTaskRequest]]:
+    """``requests`` cut into SubmitTasks calls of at most SUBMIT_BATCH tasks
+    and SUBMIT_BYTES (a larger task goes alone)."""
+    batches: builtins.list[builtins.list[pb.SubmitTaskRequest]] = []
+    size = 0
+    for request in requests:
+        n = request.ByteSize()
+        if not batches or len(batches[-1]) >= SUBMIT_BATCH or size + n > SUBMIT_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(request)
+        size += n
+    return batches
+
+
+def _submit_request(
+    goal: str,
+    *,
+    plan: PlanLike | None = None,
+    synthesize: bool | None = None,
+    priority: int = 0,
+    max_parallel: int = 0,
+    on_failure: OnFailure | str = OnFailure.FAIL,
+    max_attempts: int = 0,
+    subtask_timeout: float = 0.0,
+    stall_timeout: float = 0.0,
+    fallback: Fallback | str = Fallback.NONE,
+    context_tokens: int = 0,
+    context: ContextMode | str = ContextMode.TRUNCATE,
+    max_tokens: int = 0,
+    max_duration: float = 0.0,
+    cache: bool | None = None,
+    idempotency_key: str = "",
+) -> pb.SubmitTaskRequest:
+    """``submit``'s arguments as a request."""
+    # A key of our own makes the call safe to retry on another supervisor:
+    # if the first one stored the task before it went away, the retry
+    # finds that task instead of creating a second.
+    request = pb.SubmitTaskRequest(goal=goal, idempotency_key=idempotency_key or uuid.uuid4().hex)
+    if plan is not None:
+        parsed = plan if isinstance(plan, Plan) else parse_plan(plan)
+        request.plan.CopyFrom(codec.plan_to_pb(parsed))
+        if synthesize is None:
+            synthesize = parsed.synthesize
+    options = TaskOptions(
+        priority=priority,
+        max_parallel=max_parallel,
+        on_failure=OnFailure(on_failure),
+        max_attempts=max_attempts,
+        subtask_timeout=subtask_timeout,
+        stall_timeout=stall_timeout,
+        fallback=Fallback(fallback),
+        context_tokens=context_tokens,
+        context=ContextMode(context),
+        max_tokens=max_tokens,
+        max_duration=max_duration,
+        cache=cache,
+    )
+    request.options.CopyFrom(codec.options_to_pb(options, synthesize=synthesize))
+    return request
 
 
 def _most_telling(errors: builtins.list[TaskloomError]) -> TaskloomError:
@@ -362,6 +557,11 @@ class SyncTaskloomClient:
             )
         )
 
+    def submit_many(
+        self, tasks: Iterable[str | Mapping[str, Any]], **defaults: Any
+    ) -> builtins.list[Submitted]:
+        return self._run(self._client.submit_many(tasks, **defaults))
+
     def get(self, task_id: str, *, subtasks: bool = True) -> Task:
         return self._run(self._client.get(task_id, subtasks=subtasks))
 
@@ -372,7 +572,12 @@ class SyncTaskloomClient:
         return self._run(self._client.cancel(task_id, reason, subtask_id=subtask_id))
 
     def watch(self, task_id: str, *, after_event_id: str = "") -> Iterator[Event]:
-        events = self._client.watch(task_id, after_event_id=after_event_id)
+        return self._iterate(self._client.watch(task_id, after_event_id=after_event_id))
+
+    def wait_many(self, task_ids: Iterable[str]) -> Iterator[Event]:
+        return self._iterate(self._client.wait_many(task_ids))
+
+    def _iterate(self, events: AsyncGenerator[Event, None]) -> Iterator[Event]:
         try:
             while True:
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskloom.core.errors import TaskloomError
 from taskloom.core.model import (
     ContextMode,
     Event,
@@ -19,6 +20,7 @@ from taskloom.core.model import (
     TaskStatus,
     Usage,
 )
+from taskloom.core.status import error_from_parts
 from taskloom.v1 import tasks_pb2 as pb
 
 
@@ -174,4 +176,11 @@ def event_from_pb(message: pb.Event) -> Event:
         worker=message.worker,
         trace_id=message.trace_id,
         span_id=message.span_id,
+    )
+
+
+def error_from_pb(message: pb.TaskError) -> TaskloomError:
+    """The error of one refused item of a batch call."""
+    return error_from_parts(
+        message.type, message.code, message.message, field=message.field, subject=message.subject
     )

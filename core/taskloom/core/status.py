@@ -151,13 +151,37 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str) -> TaskloomError
         cls = _BY_CODE.get(code)
         if cls is None:
             return TaskloomError(f"{code.name}: {details}")
-    rebuilt = _rebuild(cls, details)
     field, subject = _rich_details(error_metadata)
-    if isinstance(rebuilt, errors.InvalidArgument):
-        rebuilt.field = field
-    if isinstance(rebuilt, errors.ResourceExhausted):
-        rebuilt.subject = subject
-    return rebuilt
+    return _with_details(_rebuild(cls, details), field, subject)
+
+
+def error_detail(error: TaskloomError) -> tuple[str, str]:
+    """``(field, subject)``: the request field at fault and the limit reached, if any."""
+    field = error.field if isinstance(error, errors.InvalidArgument) else ""
+    subject = error.subject if isinstance(error, errors.ResourceExhausted) else ""
+    return field, subject
+
+
+def error_from_parts(
+    name: str, code: int, message: str, *, field: str = "", subject: str = ""
+) -> TaskloomError:
+    """The taskloom error that one item of a batch reply stands for (a
+    ``TaskError`` of SubmitTasks): its class by name, else by status code."""
+    cls = _BY_NAME.get(name)
+    if cls is None:
+        status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        cls = _BY_CODE.get(status)
+        if cls is None:
+            return TaskloomError(f"{status.name}: {message}")
+    return _with_details(_rebuild(cls, message), field, subject)
+
+
+def _with_details(error: TaskloomError, field: str, subject: str) -> TaskloomError:
+    if isinstance(error, errors.InvalidArgument):
+        error.field = field
+    if isinstance(error, errors.ResourceExhausted):
+        error.subject = subject
+    return error
 
 
 def _rebuild(cls: type[TaskloomError], message: str) -> TaskloomError:

@@ -60,6 +60,16 @@ class TaskServiceStub:
                 request_serializer=taskloom_dot_v1_dot_tasks__pb2.WatchTaskRequest.SerializeToString,
                 response_deserializer=taskloom_dot_v1_dot_tasks__pb2.WatchTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/taskloom.v1.TaskService/SubmitTasks',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
+        self.WaitTasks = channel.unary_stream(
+                '/taskloom.v1.TaskService/WaitTasks',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -105,6 +115,28 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTasks(self, request, context):
+        """SubmitTasks stores up to 1,000 tasks in one call, each as SubmitTask
+        would and each on its own: one task refused does not stop the others.
+        The results come back in the order of the request. It is the cheap way
+        to submit many small tasks; with idempotency keys a retried call stores
+        nothing twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitTasks(self, request, context):
+        """WaitTasks sends each task's terminal event as the task ends, several to
+        a message when they end together, and ends once every task has ended.
+        A task that ended already is answered at once, so a broken stream is
+        resumed by asking again for the tasks whose events did not arrive. An
+        unknown task (or another caller's) ends the stream with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +164,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchTask,
                     request_deserializer=taskloom_dot_v1_dot_tasks__pb2.WatchTaskRequest.FromString,
                     response_serializer=taskloom_dot_v1_dot_tasks__pb2.WatchTaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.SubmitTasksResponse.SerializeToString,
+            ),
+            'WaitTasks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WaitTasks,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +312,60 @@ class TaskService:
             '/taskloom.v1.TaskService/WatchTask',
             taskloom_dot_v1_dot_tasks__pb2.WatchTaskRequest.SerializeToString,
             taskloom_dot_v1_dot_tasks__pb2.WatchTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/SubmitTasks',
+            taskloom_dot_v1_dot_tasks__pb2.SubmitTasksRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.SubmitTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/taskloom.v1.TaskService/WaitTasks',
+            taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,20 @@ class TaskServiceStub:
     """WatchTask replays the task's events after a cursor, then follows them
     live; the stream ends after the task's terminal event.
     """
+    SubmitTasks: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.SubmitTasksRequest, _tasks_pb2.SubmitTasksResponse]
+    """SubmitTasks stores up to 1,000 tasks in one call, each as SubmitTask
+    would and each on its own: one task refused does not stop the others.
+    The results come back in the order of the request. It is the cheap way
+    to submit many small tasks; with idempotency keys a retried call stores
+    nothing twice.
+    """
+    WaitTasks: _grpc.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.WaitTasksResponse]
+    """WaitTasks sends each task's terminal event as the task ends, several to
+    a message when they end together, and ends once every task has ended.
+    A task that ended already is answered at once, so a broken stream is
+    resumed by asking again for the tasks whose events did not arrive. An
+    unknown task (or another caller's) ends the stream with NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -72,6 +86,20 @@ class TaskServiceAsyncStub(TaskServiceStub):
     WatchTask: _aio.UnaryStreamMultiCallable[_tasks_pb2.WatchTaskRequest, _tasks_pb2.WatchTaskResponse]  # type: ignore[assignment]
     """WatchTask replays the task's events after a cursor, then follows them
     live; the stream ends after the task's terminal event.
+    """
+    SubmitTasks: _aio.UnaryUnaryMultiCallable[_tasks_pb2.SubmitTasksRequest, _tasks_pb2.SubmitTasksResponse]  # type: ignore[assignment]
+    """SubmitTasks stores up to 1,000 tasks in one call, each as SubmitTask
+    would and each on its own: one task refused does not stop the others.
+    The results come back in the order of the request. It is the cheap way
+    to submit many small tasks; with idempotency keys a retried call stores
+    nothing twice.
+    """
+    WaitTasks: _aio.UnaryStreamMultiCallable[_tasks_pb2.WaitTasksRequest, _tasks_pb2.WaitTasksResponse]  # type: ignore[assignment]
+    """WaitTasks sends each task's terminal event as the task ends, several to
+    a message when they end together, and ends once every task has ended.
+    A task that ended already is answered at once, so a broken stream is
+    resumed by asking again for the tasks whose events did not arrive. An
+    unknown task (or another caller's) ends the stream with NOT_FOUND.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +150,32 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_tasks_pb2.WatchTaskResponse], _abc.AsyncIterator[_tasks_pb2.WatchTaskResponse]]:
         """WatchTask replays the task's events after a cursor, then follows them
         live; the stream ends after the task's terminal event.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitTasks(
+        self,
+        request: _tasks_pb2.SubmitTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.SubmitTasksResponse, _abc.Awaitable[_tasks_pb2.SubmitTasksResponse]]:
+        """SubmitTasks stores up to 1,000 tasks in one call, each as SubmitTask
+        would and each on its own: one task refused does not stop the others.
+        The results come back in the order of the request. It is the cheap way
+        to submit many small tasks; with idempotency keys a retried call stores
+        nothing twice.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitTasks(
+        self,
+        request: _tasks_pb2.WaitTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.WaitTasksResponse], _abc.AsyncIterator[_tasks_pb2.WaitTasksResponse]]:
+        """WaitTasks sends each task's terminal event as the task ends, several to
+        a message when they end together, and ends once every task has ended.
+        A task that ended already is answered at once, so a broken stream is
+        resumed by asking again for the tasks whose events did not arrive. An
+        unknown task (or another caller's) ends the stream with NOT_FOUND.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from taskloom.core.errors import InvalidArgument
+from taskloom.core.errors import InvalidArgument, TaskloomError
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
@@ -28,6 +28,7 @@ from taskloom.core.model import (
     Usage,
     WorkerInfo,
 )
+from taskloom.core.status import error_detail, status_code
 from taskloom.supervisor.scheduler import (
     AckReports,
     AssignBatch,
@@ -226,6 +227,18 @@ def event_to_pb(event: Event) -> pb.Event:
 
 
 # -- workers ------------------------------------------------------------------
+
+
+def error_to_pb(error: TaskloomError) -> pb.TaskError:
+    """One refused item of a batch call, as SubmitTask's status would have said it."""
+    field, subject = error_detail(error)
+    return pb.TaskError(
+        code=status_code(error).value[0],
+        message=error.message,
+        type=type(error).__name__,
+        field=field,
+        subject=subject,
+    )
 
 
 def ref_from_pb(message: wpb.AttemptRef) -> AttemptRef:

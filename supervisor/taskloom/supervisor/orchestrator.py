@@ -480,6 +480,38 @@ class Orchestrator:
             if any(e.terminal for e in events):
                 return
 
+    async def wait_many(
+        self, task_ids: Sequence[str], *, principal: Principal = LOCAL_ADMIN
+    ) -> AsyncIterator[list[Event]]:
+        """Each task's terminal event as the task ends, those that end together
+        in one list; done once every task has ended. An unknown task, or
+        another principal's, raises TaskNotFound (what was yielded stands)."""
+        ended: asyncio.Queue[Event | Exception] = asyncio.Queue()
+
+        async def one(task_id: str) -> None:
+            try:
+                ended.put_nowait(await self._terminal_event(task_id, principal))
+            except Exception as e:  # handed to the caller, below
+                ended.put_nowait(e)
+
+        waiters = [asyncio.create_task(one(t)) for t in task_ids]
+        try:
+            left = len(waiters)
+            while left:
+                batch = [await ended.get()]
+                while not ended.empty():
+                    batch.append(ended.get_nowait())
+                events: list[Event] = []
+                for item in batch:
+                    if isinstance(item, Exception):
+                        raise item
+                    events.append(item)
+                left -= len(events)
+                yield events
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
     async def _terminal_event(self, task_id: str, principal: Principal) -> Event:
         """Wait for the task to end without reading its log. Every task ends
         through this supervisor (it leads; clients follow the leader), which

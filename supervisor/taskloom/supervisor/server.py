@@ -40,6 +40,10 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_CONCURRENCY = 10_000
+MAX_SUBMIT_BATCH = 1_000
+"""Tasks one SubmitTasks call may carry (as tasks.proto says)."""
+MAX_WAIT_BATCH = 10_000
+"""Tasks one WaitTasks call may wait for (as tasks.proto says)."""
 Current = Callable[[], Orchestrator]
 """The orchestrator of this leadership term; raises NotLeader on standby."""
 
@@ -65,6 +69,27 @@ def _unary(
     return wrapper
 
 
+def _streaming(
+    method: Callable[[Any, Request, Context], AsyncIterator[Response]],
+) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+    """``_unary`` for server-streaming methods."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Context) -> AsyncIterator[Response]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except TaskloomError as e:
+            await abort(context, e)
+        except Exception:
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the supervisor log")
+
+    return wrapper
+
+
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     """Submit, read, list, cancel and watch tasks: each caller only its own
     (``current_principal``), admins every one."""
@@ -77,18 +102,45 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def SubmitTask(
         self, request: pb.SubmitTaskRequest, context: Context
     ) -> pb.SubmitTaskResponse:
-        principal = current_principal.get()
+        task_id, created = await self._submit(self._current(), request)
+        return pb.SubmitTaskResponse(task_id=task_id, created=created)
+
+    @_unary
+    async def SubmitTasks(
+        self, request: pb.SubmitTasksRequest, context: Context
+    ) -> pb.SubmitTasksResponse:
+        count = len(request.tasks)
+        if not 1 <= count <= MAX_SUBMIT_BATCH:
+            raise InvalidArgument(
+                f"{count:,} tasks in one SubmitTasks call; send 1 to {MAX_SUBMIT_BATCH:,}",
+                field="tasks",
+            )
         orchestrator = self._current()
+
+        async def one(item: pb.SubmitTaskRequest) -> pb.SubmitTaskResult:
+            try:
+                task_id, created = await self._submit(orchestrator, item)
+            except TaskloomError as e:
+                return pb.SubmitTaskResult(error=codec.error_to_pb(e))
+            return pb.SubmitTaskResult(task_id=task_id, created=created)
+
+        # All at once: their scripts go to Redis back to back on the script line.
+        results = await asyncio.gather(*(one(item) for item in request.tasks))
+        return pb.SubmitTasksResponse(results=results)
+
+    async def _submit(
+        self, orchestrator: Orchestrator, request: pb.SubmitTaskRequest
+    ) -> tuple[str, bool]:
+        principal = current_principal.get()
         self._quotas.admit_submit(principal)
         plan = codec.plan_from_pb(request.plan) if request.HasField("plan") else None
-        task_id, created = await orchestrator.submit(
+        return await orchestrator.submit(
             request.goal,
             plan=plan,
             options=codec.options_from_pb(request.options),
             idempotency_key=request.idempotency_key,
             principal=principal,
         )
-        return pb.SubmitTaskResponse(task_id=task_id, created=created)
 
     @_unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
@@ -125,25 +177,36 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         )
         return pb.CancelTaskResponse(task=codec.task_to_pb(task))
 
+    @_streaming
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: Context
     ) -> AsyncIterator[pb.WatchTaskResponse]:
         principal = current_principal.get()
-        try:
-            orchestrator = self._current()
-            with self._quotas.watching(principal):
-                async for events in orchestrator.watch(
-                    request.task_id,
-                    request.after_event_id,
-                    principal=principal,
-                    terminal_only=request.terminal_only,
-                ):
-                    yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
-        except TaskloomError as e:
-            await abort(context, e)
-        except Exception:
-            logger.exception("WatchTask failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the supervisor log")
+        orchestrator = self._current()
+        with self._quotas.watching(principal):
+            async for events in orchestrator.watch(
+                request.task_id,
+                request.after_event_id,
+                principal=principal,
+                terminal_only=request.terminal_only,
+            ):
+                yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
+
+    @_streaming
+    async def WaitTasks(
+        self, request: pb.WaitTasksRequest, context: Context
+    ) -> AsyncIterator[pb.WaitTasksResponse]:
+        task_ids = list(dict.fromkeys(request.task_ids))
+        if not 1 <= len(task_ids) <= MAX_WAIT_BATCH:
+            raise InvalidArgument(
+                f"{len(task_ids):,} tasks in one WaitTasks call; send 1 to {MAX_WAIT_BATCH:,}",
+                field="task_ids",
+            )
+        principal = current_principal.get()
+        orchestrator = self._current()
+        with self._quotas.watching(principal):
+            async for events in orchestrator.wait_many(task_ids, principal=principal):
+                yield pb.WaitTasksResponse(events=[codec.event_to_pb(e) for e in events])
 
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
