@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -147,12 +148,20 @@ class Run:
                 system.stop()
 
     def taskloom_only(self) -> None:
-        """Memory per 10k live subtasks, and 500 idle workers connected."""
+        """One task per no-op, alone and in batches; memory per 10k live
+        subtasks; and 500 idle workers connected."""
         n = 1_000 if self.args.quick else 10_000
         assert self.redis.process is not None
         system = systems.Taskloom(self.redis.url, self.redis.process.pid, self.logs)
         system.start(self.args.workers)
         try:
+            single = 200 if self.args.quick else 3_000
+            for batched, how in ((False, "SubmitTask + WatchTask each"),
+                                 (True, "SubmitTasks + WaitTasks")):  # fmt: skip
+                label = f"no-op x{single:,}, one task each, {how}"
+                self.timed(
+                    system, label, single, functools.partial(system.tasks, single, batched=batched)
+                )
             memory = system.loop.run_until_complete(_memory_per_live(system, n))
             for label, value in memory.items():
                 self.result("taskloom", f"memory per 10k live subtasks: {label}", "MB").add(value)

@@ -161,6 +161,34 @@ class Taskloom:
 
         self.loop.run_until_complete(run())
 
+    def tasks(self, n: int, *, batched: bool) -> None:
+        """``n`` tasks of one no-op each: a SubmitTask and a terminal-only watch
+        per task, at most 100 in flight; or ``batched``, SubmitTasks calls of
+        1,000 and one WaitTasks stream for them all."""
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        plan = Plan((PlannedSubtask("s", "", "x", "noop"),), False)
+
+        async def one_by_one() -> None:
+            slots = asyncio.Semaphore(100)
+
+            async def one() -> None:
+                async with slots:
+                    await self._run_plan(plan)
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+        async def together() -> None:
+            results = await self.client.submit_many(["bench"] * n, plan=plan, cache=False)
+            refused = [r.error for r in results if r.error is not None]
+            if refused:
+                raise RuntimeError(f"{len(refused)} tasks refused, the first: {refused[0]}")
+            async for event in self.client.wait_many(r.task_id for r in results):
+                if event.status != "SUCCEEDED":
+                    raise RuntimeError(f"task {event.task_id} ended {event.status}")
+
+        self.loop.run_until_complete(together() if batched else one_by_one())
+
     def dag(self, dag: Dag) -> None:
         from taskloom.core.model import Plan, PlannedSubtask
 

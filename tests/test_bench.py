@@ -27,6 +27,8 @@ def test_a_quick_run_measures_every_scenario(tmp_path: Path) -> None:
                      "makespan", "dispatch latency idle", "overhead on a 0.2 s task"):  # fmt: skip
             assert (system, kind) in scenarios, (system, kind)
     assert ("taskloom", "memory per 10k live subtasks") in scenarios
+    one_each = [r for r in rows if "one task each" in r["scenario"]]
+    assert [r["system"] for r in one_each] == ["taskloom", "taskloom"]
     assert any(r["scenario"].endswith("idle workers connected") for r in rows)
     # The idle workers' baseline brackets them: one run before, one after.
     assert [r["runs"] for r in rows if "idle workers" in r["scenario"]] == [2, 2]

@@ -33,7 +33,7 @@ class SupervisorMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.tasks_submitted = Counter(
-            "taskloom_tasks_submitted", "Tasks stored by SubmitTask", registry=r
+            "taskloom_tasks_submitted", "Tasks stored by SubmitTask or SubmitTasks", registry=r
         )
         self.refused = Counter(
             "taskloom_requests_refused",
