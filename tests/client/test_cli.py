@@ -178,6 +178,52 @@ async def test_errors_are_one_line_with_distinct_exit_codes(
     assert code == 2 and "TASKLOOM_SUPERVISOR" in err
 
 
+async def test_submit_many_stores_each_line_and_waits_for_them_all(
+    supervisor: Supervisor, processes: Processes, tmp_path: Path
+) -> None:
+    processes.worker(supervisor.address)
+    env = {"TASKLOOM_SUPERVISOR": supervisor.address}
+    shared = write_plan(tmp_path, plan(("a", "echo", "shared")))
+    own = {"goal": "own plan", "plan": plan(("a", "echo", "mine")), "priority": 5}
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text(f"first goal\n# a comment, then a blank line\n\n{json.dumps(own)}\n")
+    code, out, err = await taskloom("submit-many", str(tasks), "--plan", shared, "--wait", env=env)
+    assert code == 0, err
+    lines = out.splitlines()
+    ids = lines[:2]
+    assert all(len(i) == 20 for i in ids)
+    assert sorted(line.split("  ")[:2] for line in lines[2:]) == sorted(
+        [i, "SUCCEEDED"] for i in ids
+    )
+    async with TaskloomClient(supervisor.address) as client:
+        done = [await client.get(i) for i in ids]
+    assert [(t.result, t.options.priority) for t in done] == [("shared", 0), ("mine", 5)]
+
+    # A refused task is named by its place, and sets the exit status.
+    tasks.write_text(f"{json.dumps({'goal': '   '})}\nanother\n")
+    code, out, err = await taskloom(
+        "submit-many", str(tasks), "--plan", shared, "--wait", "--json", env=env
+    )
+    assert code == 2, err
+    stored = [json.loads(line) for line in out.splitlines()[:2]]
+    assert [s["task"] for s in stored] == [1, 2]
+    assert stored[0]["task_id"] == "" and "the goal is empty" in stored[0]["error"]
+    (ended,) = [json.loads(line) for line in out.splitlines()[2:]]
+    assert (ended["task_id"], ended["status"]) == (stored[1]["task_id"], "SUCCEEDED")
+
+    # A malformed line stops the command before anything is sent.
+    before = len(await asyncio.to_thread(_count_tasks, supervisor.address))
+    tasks.write_text('fine goal\n{"goal": "x", "colour": "red"}\n')
+    code, _, err = await taskloom("submit-many", str(tasks), env=env)
+    assert code == 2 and f"{tasks}:2: unknown fields colour" in err
+    assert len(await asyncio.to_thread(_count_tasks, supervisor.address)) == before
+
+
+def _count_tasks(address: str) -> list[str]:
+    with SyncTaskloomClient(address) as client:
+        return [t.id for t in client.list(limit=1000)]
+
+
 async def test_cancel_from_the_command_line(
     supervisor: Supervisor, processes: Processes, client: TaskloomClient
 ) -> None:
@@ -202,6 +248,9 @@ async def test_the_sync_client_does_what_the_async_one_does(
             types = [e.type for e in client.watch(task_id)]
             task = client.wait(task_id)
             listed = len(client.list(statuses=[TaskStatus.SUCCEEDED]))
+            many = client.submit_many(["x", "y"], plan=plan(("a", "echo", "hi")))
+            ended = {e.task_id for e in client.wait_many(r.task_id for r in many)}
+            assert ended == {r.task_id for r in many} and len(ended) == 2
             return task.result, types, task.status, listed
 
     result, types, status, listed = await asyncio.to_thread(use)

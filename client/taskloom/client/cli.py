@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import json
 import os
 import signal
@@ -343,6 +344,103 @@ async def submit(
             err.print(f"task {task_id} submitted; following it (Ctrl-C to stop or cancel)")
             task = await _follow(client, task_id)
     _exit_for(task)
+
+
+SUBMIT_FIELDS = frozenset(inspect.signature(TaskloomClient.submit).parameters) - {"self"}
+"""What a JSON line of ``submit-many`` may set: ``submit``'s arguments."""
+
+
+def _read_tasks(path: str) -> list[str | dict[str, Any]]:
+    """The tasks of a ``submit-many`` file: a goal, or a JSON object, per line."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as e:
+        raise InvalidArgument(f"cannot read {path}: {e.strerror}") from None
+    tasks: list[str | dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("{"):
+            tasks.append(line)
+            continue
+        try:
+            document = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidArgument(f"{path}:{number}: not JSON ({e.msg})") from None
+        unknown = sorted(set(document) - SUBMIT_FIELDS)
+        if unknown or not isinstance(document.get("goal"), str):
+            raise InvalidArgument(
+                f"{path}:{number}: "
+                + (f"unknown fields {', '.join(unknown)}" if unknown else 'needs a "goal"')
+                + f"; a line is a goal, or an object of {', '.join(sorted(SUBMIT_FIELDS))}"
+            )
+        if "plan" in document:
+            try:
+                document["plan"] = parse_plan(document["plan"])
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{path}:{number}: {e}") from None
+        tasks.append(document)
+    if not tasks:
+        raise InvalidArgument(f"{path} has no tasks: write one goal, or one JSON object, a line")
+    return tasks
+
+
+@cli.command("submit-many")
+@click.argument("file")
+@supervisor_option
+@click.option("--plan", "plan_file", metavar="FILE", help="The plan of tasks that name none")
+@click.option("--wait", is_flag=True, help="Wait until every task has ended")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task and line")
+@click.option("--priority", type=int, default=0, help="Of tasks that set none; higher runs first")
+@click.option("--no-cache", is_flag=True, help="Run every subtask, even if an identical one ran")
+@run_async
+async def submit_many(
+    file: str,
+    supervisor: str | None,
+    plan_file: str | None,
+    wait: bool,
+    as_json: bool,
+    priority: int,
+    no_cache: bool,
+) -> None:
+    """Submit the tasks in FILE (- for stdin), many to a call.
+
+    Each line is a goal, or a JSON object of the SDK's submit() arguments
+    ("goal", "plan", "priority", "idempotency_key", ...). Prints a line per
+    task, in order: its id, or why it was refused. With --wait, then a line
+    per task as it ends. The exit status is 0 only if every task was stored
+    (and, with --wait, SUCCEEDED).
+    """
+    tasks = _read_tasks(file)
+    defaults: dict[str, Any] = {"priority": priority, "cache": False if no_cache else None}
+    if plan_file:
+        defaults["plan"] = _read_plan(plan_file)
+    async with _client(supervisor) as client:
+        results = await client.submit_many(tasks, **defaults)
+        for number, result in enumerate(results, 1):
+            if as_json:
+                document = {"task": number, "task_id": result.task_id, "created": result.created}
+                if result.error is not None:
+                    document["error"] = str(result.error)
+                print(json.dumps(document, ensure_ascii=False), flush=True)
+            elif result.error is not None:
+                err.print(f"[bold red]task {number} refused:[/] {result.error}", soft_wrap=True)
+            else:
+                out.print(result.task_id)
+        refused = [r.error for r in results if r.error is not None]
+        failed = 0
+        if wait:
+            async for event in client.wait_many(r.task_id for r in results if r.task_id):
+                failed += event.status != TaskStatus.SUCCEEDED
+                if as_json:
+                    print(json.dumps(event_json(event), ensure_ascii=False), flush=True)
+                else:
+                    why = f"  — {event.message}" if event.message else ""
+                    out.print(f"{event.task_id}  {event.status}{why}", soft_wrap=True)
+    if refused:
+        sys.exit(exit_code(refused[0]))
+    sys.exit(EXIT_TASK_FAILED if failed else 0)
 
 
 @cli.command()
