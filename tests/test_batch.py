@@ -13,7 +13,8 @@ import pytest
 from taskloom.client import TaskloomClient
 from taskloom.client import client as sdk
 from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
-from taskloom.core.model import Event
+from taskloom.core.model import Event, EventType, TaskStatus
+from taskloom.supervisor import orchestrator
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.v1 import tasks_pb2 as pb
@@ -129,6 +130,53 @@ async def test_the_sdk_splits_large_batches_and_merges_their_waits(
     big = "x" * (sdk.SUBMIT_BYTES // 2)
     batches = sdk._batches([sdk._submit_request(big), sdk._submit_request(big)])
     assert [len(b) for b in batches] == [1, 1]
+
+
+async def test_a_wait_hears_of_each_end_however_it_comes(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    test_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No periodic re-check: only the supervisor handing the ends over can end these.
+    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 3600.0)
+    processes.worker(supervisor.address)
+    results = await client.submit_many(
+        [f"gated {i}" for i in range(3)], plan=plan(("g", "gate", "x"))
+    )
+    ids = [r.task_id for r in results]
+    waiting = asyncio.create_task(_ends(client, ids))
+    await eventually(lambda: (test_dir / "started-g-1").exists())
+    # A cancel hands over no event: the wait reads it.
+    await client.cancel(ids[0], "not this one")
+    (test_dir / "open-g").touch()
+    ended = {e.task_id: e for e in await asyncio.wait_for(waiting, 60)}
+    assert set(ended) == set(ids)
+    assert (ended[ids[0]].status, ended[ids[0]].message) == ("CANCELLED", "not this one")
+    assert {ended[i].status for i in ids[1:]} == {"SUCCEEDED"}
+
+
+async def test_a_wait_sees_a_task_that_ended_unheard_of(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    test_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 0.2)
+    processes.worker(supervisor.address)
+    (quiet,) = await client.submit_many(["end me quietly"], plan=plan(("g", "gate", "x")))
+    await eventually(lambda: (test_dir / "started-g-1").exists())
+    waiting = asyncio.create_task(_ends(client, [quiet.task_id]))
+    changed, _, _ = await supervisor.store.finish(
+        quiet.task_id, TaskStatus.CANCELLED, "behind its back", EventType.TASK_CANCELLED,
+        expected=(TaskStatus.RUNNING,),
+    )  # fmt: skip
+    assert changed
+    (only,) = await asyncio.wait_for(waiting, 30)
+    assert (only.task_id, only.message) == (quiet.task_id, "behind its back")
+    (test_dir / "open-g").touch()
 
 
 async def test_a_wait_outlives_a_supervisor_restart(

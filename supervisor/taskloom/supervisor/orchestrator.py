@@ -485,32 +485,97 @@ class Orchestrator:
     ) -> AsyncIterator[list[Event]]:
         """Each task's terminal event as the task ends, those that end together
         in one list; done once every task has ended. An unknown task, or
-        another principal's, raises TaskNotFound (what was yielded stands)."""
-        ended: asyncio.Queue[Event | Exception] = asyncio.Queue()
+        another principal's, raises TaskNotFound (what was yielded stands).
 
-        async def one(task_id: str) -> None:
-            try:
-                ended.put_nowait(await self._terminal_event(task_id, principal))
-            except Exception as e:  # handed to the caller, below
-                ended.put_nowait(e)
+        ``_terminal_event`` for many tasks at once: the ends are handed over
+        as tasks end here, and what must be read (tasks this term did not
+        create, and every task again each WATCH_WAIT, in case one ended some
+        other way) is read for all of them in one pipelined batch."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[tuple[str, Event | None]] = asyncio.Queue()
+        waiting: dict[str, asyncio.Future[Event | None]] = {}
 
-        waiters = [asyncio.create_task(one(t)) for t in task_ids]
+        def listen(task_id: str) -> None:
+            # Registered before any read: an end between the two still reaches us.
+            future: asyncio.Future[Event | None] = loop.create_future()
+            future.add_done_callback(
+                lambda f: None if f.cancelled() else arrived.put_nowait((task_id, f.result()))
+            )
+            self._ended[task_id].add(future)
+            waiting[task_id] = future
+
+        def forget(task_id: str) -> None:
+            future = waiting.pop(task_id)
+            future.cancel()
+            waiters = self._ended.get(task_id)
+            if waiters is not None:
+                waiters.discard(future)
+                if not waiters:
+                    del self._ended[task_id]
+
+        def owned(task_id: str, owner: str | None) -> None:
+            if owner is None or not (principal.admin or owner == principal.name):
+                raise TaskNotFound(task_id)
+
+        ended: list[Event] = []
+        unread: list[str] = []
         try:
-            left = len(waiters)
-            while left:
-                batch = [await ended.get()]
-                while not ended.empty():
-                    batch.append(ended.get_nowait())
-                events: list[Event] = []
-                for item in batch:
-                    if isinstance(item, Exception):
-                        raise item
-                    events.append(item)
-                left -= len(events)
-                yield events
+            for task_id in task_ids:
+                listen(task_id)
+                recent = self._recent_ends.get(task_id)
+                if recent is not None and time.monotonic() - recent[2] < RECENT_ENDS_TTL:
+                    owned(task_id, recent[0])
+                    ended.append(recent[1])
+                    forget(task_id)
+                elif task_id in self._live:
+                    owned(task_id, self._live[task_id][0])
+                else:
+                    unread.append(task_id)
+            while True:
+                if unread:
+                    found = await self.store.endings(unread, 10)
+                    for task_id in unread:
+                        if task_id not in waiting:
+                            continue  # its end arrived during the read
+                        owner, status, events = found[task_id]
+                        owned(task_id, owner)
+                        if status is None or not status.terminal:
+                            continue
+                        last = next((e for e in reversed(events) if e.terminal), None)
+                        if task_id in self._live:
+                            # It ended before we heard of it: end it here.
+                            self._task_ended(task_id, status, last)
+                        if last is not None:
+                            ended.append(last)
+                            forget(task_id)
+                    unread = []
+                if ended:
+                    yield ended
+                    ended = []
+                if not waiting:
+                    return
+                if self._closing.is_set():
+                    raise Unavailable("the supervisor is shutting down; wait again to resume")
+                try:
+                    async with asyncio.timeout(WATCH_WAIT):
+                        news = [await arrived.get()]
+                except TimeoutError:
+                    unread = list(waiting)
+                    continue
+                while not arrived.empty():
+                    news.append(arrived.get_nowait())
+                for task_id, event in news:
+                    if task_id not in waiting:
+                        continue
+                    forget(task_id)
+                    if event is not None:
+                        ended.append(event)
+                    else:  # ended with no event to hand over: read it
+                        listen(task_id)
+                        unread.append(task_id)
         finally:
-            for waiter in waiters:
-                waiter.cancel()
+            for task_id in list(waiting):
+                forget(task_id)
 
     async def _terminal_event(self, task_id: str, principal: Principal) -> Event:
         """Wait for the task to end without reading its log. Every task ends

@@ -746,6 +746,39 @@ class Store:
         return str(owner or ""), TaskStatus(status), events
 
     @_translated
+    async def endings(
+        self, task_ids: Sequence[str], count: int
+    ) -> dict[str, tuple[str | None, TaskStatus | None, list[Event]]]:
+        """``ending`` for many tasks in a few pipelined round trips; the events
+        are read only for the tasks that have ended."""
+        found: dict[str, tuple[str | None, TaskStatus | None, list[Event]]] = {
+            t: (None, None, []) for t in task_ids
+        }
+        plain = [t for t in found if _plain(t)]
+        heads: list[Any] = []
+        for start in range(0, len(plain), PIPELINE_CHUNK):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for task_id in plain[start : start + PIPELINE_CHUNK]:
+                    pipe.hmget(self.keys.task(task_id), ["owner", "status"])
+                heads += await pipe.execute()
+        ended = []
+        for task_id, (owner, status) in zip(plain, heads, strict=True):
+            if status is not None:
+                found[task_id] = (str(owner or ""), TaskStatus(status), [])
+                if TaskStatus(status).terminal:
+                    ended.append(task_id)
+        for start in range(0, len(ended), PIPELINE_CHUNK):
+            chunk = ended[start : start + PIPELINE_CHUNK]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for task_id in chunk:
+                    pipe.xrevrange(self.keys.events(task_id), count=count)
+                for task_id, entries in zip(chunk, await pipe.execute(), strict=True):
+                    owner, status, _ = found[task_id]
+                    events = [_decode_event(task_id, i, f) for i, f in reversed(entries)]
+                    found[task_id] = (owner, status, events)
+        return found
+
+    @_translated
     async def last_events(self, task_id: str, count: int) -> list[Event]:
         """The task's newest ``count`` events, oldest first."""
         entries = await self._redis.xrevrange(self.keys.events(task_id), count=count)
@@ -851,6 +884,10 @@ class Store:
                     pipe.zrem(self.keys.owner_tasks(owner), *old)
                 await pipe.execute()
         return len(old)
+
+
+PIPELINE_CHUNK = 1_000
+"""Commands per pipelined round trip when reading many tasks at once."""
 
 
 def _lua(name: str) -> str:
