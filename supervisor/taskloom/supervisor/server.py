@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -70,15 +70,20 @@ def _unary(
 
 
 def _streaming(
-    method: Callable[[Any, Request, Context], AsyncIterator[Response]],
-) -> Callable[[Any, Request, Context], AsyncIterator[Response]]:
+    method: Callable[[Any, Request, Context], AsyncGenerator[Response, None]],
+) -> Callable[[Any, Request, Context], AsyncGenerator[Response, None]]:
     """``_unary`` for server-streaming methods."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Request, context: Context) -> AsyncIterator[Response]:
+    async def wrapper(
+        self: Any, request: Request, context: Context
+    ) -> AsyncGenerator[Response, None]:
         try:
-            async for response in method(self, request, context):
-                yield response
+            # Closed with the stream, so that what it holds (a watch slot,
+            # waits) is let go at once, not when the collector gets to it.
+            async with contextlib.aclosing(method(self, request, context)) as responses:
+                async for response in responses:
+                    yield response
         except grpc.aio.AbortError:
             raise
         except TaskloomError as e:
@@ -180,7 +185,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     @_streaming
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: Context
-    ) -> AsyncIterator[pb.WatchTaskResponse]:
+    ) -> AsyncGenerator[pb.WatchTaskResponse, None]:
         principal = current_principal.get()
         orchestrator = self._current()
         with self._quotas.watching(principal):
@@ -195,7 +200,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     @_streaming
     async def WaitTasks(
         self, request: pb.WaitTasksRequest, context: Context
-    ) -> AsyncIterator[pb.WaitTasksResponse]:
+    ) -> AsyncGenerator[pb.WaitTasksResponse, None]:
         task_ids = list(dict.fromkeys(request.task_ids))
         if not 1 <= len(task_ids) <= MAX_WAIT_BATCH:
             raise InvalidArgument(
