@@ -370,11 +370,6 @@ class TaskloomClient:
         """
         ids = builtins.list(dict.fromkeys(task_ids))
         chunks = [ids[i : i + WAIT_BATCH] for i in range(0, len(ids), WAIT_BATCH)]
-        if len(chunks) <= 1:
-            for chunk in chunks:
-                async for event in self._wait_chunk(chunk):
-                    yield event
-            return
         arrived: asyncio.Queue[Event | Exception | None] = asyncio.Queue()
 
         async def pump(chunk: builtins.list[str]) -> None:

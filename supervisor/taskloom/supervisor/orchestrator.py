@@ -454,7 +454,8 @@ class Orchestrator:
                 field="after_event_id",
             )
         if terminal_only:
-            yield [await self._terminal_event(task_id, principal)]
+            async for ended in self.wait_many([task_id], principal=principal):
+                yield ended
             return
         await self._check_owner(task_id, principal)
         cursor = after
@@ -484,13 +485,18 @@ class Orchestrator:
         self, task_ids: Sequence[str], *, principal: Principal = LOCAL_ADMIN
     ) -> AsyncIterator[list[Event]]:
         """Each task's terminal event as the task ends, those that end together
-        in one list; done once every task has ended. An unknown task, or
-        another principal's, raises TaskNotFound (what was yielded stands).
+        in one list, without reading their logs; done once every task has
+        ended. An unknown task, or another principal's, raises TaskNotFound
+        (what was yielded stands).
 
-        ``_terminal_event`` for many tasks at once: the ends are handed over
-        as tasks end here, and what must be read (tasks this term did not
-        create, and every task again each WATCH_WAIT, in case one ended some
-        other way) is read for all of them in one pipelined batch."""
+        Every task ends through this supervisor (it leads; clients follow the
+        leader), which hands the waiters the terminal event as it ends one
+        (``_task_ended``, or None when it has no event to hand: then it is
+        read). A task this term created needs no read at first: its owner is
+        known, and its end will be handed over, or was, a moment ago
+        (``_recent_ends``). The others are read, and every task is read again
+        each WATCH_WAIT, so a task ended some other way is seen; the reads of
+        all the tasks waiting are one pipelined batch."""
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue[tuple[str, Event | None]] = asyncio.Queue()
         waiting: dict[str, asyncio.Future[Event | None]] = {}
@@ -543,7 +549,8 @@ class Orchestrator:
                             continue
                         last = next((e for e in reversed(events) if e.terminal), None)
                         if task_id in self._live:
-                            # It ended before we heard of it: end it here.
+                            # It ended before we heard of it (the reply of its
+                            # write was lost, or is on its way): end it here.
                             self._task_ended(task_id, status, last)
                         if last is not None:
                             ended.append(last)
@@ -555,7 +562,9 @@ class Orchestrator:
                 if not waiting:
                     return
                 if self._closing.is_set():
-                    raise Unavailable("the supervisor is shutting down; wait again to resume")
+                    raise Unavailable(
+                        "the supervisor is shutting down; wait or watch again to resume"
+                    )
                 try:
                     async with asyncio.timeout(WATCH_WAIT):
                         news = [await arrived.get()]
@@ -576,57 +585,6 @@ class Orchestrator:
         finally:
             for task_id in list(waiting):
                 forget(task_id)
-
-    async def _terminal_event(self, task_id: str, principal: Principal) -> Event:
-        """Wait for the task to end without reading its log. Every task ends
-        through this supervisor (it leads; clients follow the leader), which
-        hands the waiters the terminal event as it ends one (``_task_ended``,
-        or None when it has no event to hand: then it is read). Each wait is
-        bounded, so a task ended some other way is seen within WATCH_WAIT.
-        A task this term created needs no read at first: its owner is known,
-        and its end will be handed over, or was, a moment ago (``_recent_ends``)."""
-        recent = self._recent_ends.get(task_id)
-        if recent is not None and time.monotonic() - recent[2] < RECENT_ENDS_TTL:
-            if not (principal.admin or recent[0] == principal.name):
-                raise TaskNotFound(task_id)
-            return recent[1]
-        loop = asyncio.get_running_loop()
-        live = self._live.get(task_id)
-        owner: str | None
-        status: TaskStatus | None
-        events: list[Event]
-        while True:
-            if self._closing.is_set():
-                raise Unavailable("the supervisor is shutting down; watch again to resume")
-            # Registered before the read: an end between the two still reaches us.
-            ended: asyncio.Future[Event | None] = loop.create_future()
-            waiters = self._ended[task_id]
-            waiters.add(ended)
-            try:
-                if live is not None:
-                    owner, status, events = live[0], None, []
-                    live = None
-                else:
-                    owner, status, events = await self.store.ending(task_id, 10)
-                if owner is None or not (principal.admin or owner == principal.name):
-                    raise TaskNotFound(task_id)
-                if status is not None and status.terminal:
-                    last = next((e for e in reversed(events) if e.terminal), None)
-                    if task_id in self._live:
-                        # It ended before we heard of it (the reply of its
-                        # write was lost, or is on its way): end it here.
-                        self._task_ended(task_id, status, last)
-                    if last is not None:
-                        return last
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WATCH_WAIT):
-                        told = await ended
-                        if told is not None:
-                            return told
-            finally:
-                waiters.discard(ended)
-                if not waiters and self._ended.get(task_id) is waiters:
-                    del self._ended[task_id]
 
     def _start_planning(self, task_id: str, goal: str, options: TaskOptions) -> None:
         self._spawn_planner(

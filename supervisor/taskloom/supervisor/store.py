@@ -729,28 +729,12 @@ class Store:
         return str(entries[0][0]) if entries else "0"
 
     @_translated
-    async def ending(
-        self, task_id: str, count: int
-    ) -> tuple[str | None, TaskStatus | None, list[Event]]:
-        """In one round trip: the task's owner and state (None, None if there
-        is no such task) and its newest ``count`` events, oldest first."""
-        if not _plain(task_id):
-            return None, None, []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.keys.task(task_id), ["owner", "status"])
-            pipe.xrevrange(self.keys.events(task_id), count=count)
-            (owner, status), entries = await pipe.execute()
-        if status is None:
-            return None, None, []
-        events = [_decode_event(task_id, eid, fields) for eid, fields in reversed(entries)]
-        return str(owner or ""), TaskStatus(status), events
-
-    @_translated
     async def endings(
         self, task_ids: Sequence[str], count: int
     ) -> dict[str, tuple[str | None, TaskStatus | None, list[Event]]]:
-        """``ending`` for many tasks in a few pipelined round trips; the events
-        are read only for the tasks that have ended."""
+        """For each task, its owner and state (None, None if there is no such
+        task) and, once it has ended, its newest ``count`` events, oldest
+        first: in a few pipelined round trips, whatever the number of tasks."""
         found: dict[str, tuple[str | None, TaskStatus | None, list[Event]]] = {
             t: (None, None, []) for t in task_ids
         }
