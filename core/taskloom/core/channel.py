@@ -2,8 +2,8 @@
 
 One place for message-size limits, keepalive and TLS, so both ends agree:
 clients ping every 20 s on idle connections; the server accepts pings every
-10 s at most and closes connections that ping faster (abusive), that stay idle
-too long, or that grow too old (with a grace for the calls on them).
+10 s at most and closes connections that ping faster (abusive), that have no
+call open too long, or that grow too old (with a grace for the calls on them).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class ServerLimits:
     max_connection_age_ms: int = 7_200_000
     max_connection_age_grace_ms: int = 300_000
     max_concurrent_streams: int = 1_000
+    min_ping_interval_ms: int = MIN_PING_INTERVAL_MS
+    """Pings closer together than this (with no data sent between) are strikes."""
 
 
 Options = list[tuple[str, int | str]]
@@ -83,7 +85,10 @@ def server_options(limits: ServerLimits | None = None) -> Options:
         *_keepalive(),
         # A peer pinging more often than this (without data) gets a strike;
         # past MAX_PING_STRIKES its connection is closed with GOAWAY.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        # (The C name is ..._MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; its key
+        # is this one. A key grpc does not know is ignored without a word,
+        # which left the 5-minute default in force until it was fixed.)
+        ("grpc.http2.min_ping_interval_without_data_ms", limits.min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ("grpc.max_connection_idle_ms", limits.max_connection_idle_ms),
         ("grpc.max_connection_age_ms", limits.max_connection_age_ms),
