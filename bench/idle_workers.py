@@ -1,5 +1,7 @@
 """Idle workers for the benchmark: N Connect streams from one process, each
-says Hello (a capability nobody uses) and heartbeats, nothing else.
+says Hello (a capability nobody uses) and then does what an idle worker does:
+nothing, or heartbeats if the supervisor's Welcome asks for them. Each has its
+own connection with a worker's channel options (keepalive included).
 
     python -m bench.idle_workers HOST:PORT N
 """
@@ -12,10 +14,11 @@ from typing import Any
 
 import grpc
 
+from taskloom.core.channel import client_options
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.v1 import workers_pb2_grpc
 
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+OWN_CONNECTION = [*client_options(), ("grpc.use_local_subchannel_pool", 1)]
 
 
 async def idle(address: str, index: int) -> None:
@@ -27,6 +30,9 @@ async def idle(address: str, index: int) -> None:
         await call.write(wpb.ConnectRequest(hello=hello))
         welcome: Any = await call.read()
         interval = welcome.welcome.heartbeat_interval.ToNanoseconds() / 1e9 or 5.0
+        if welcome.welcome.idle_silence:
+            await call.read()  # until the stream ends
+            return
         while True:
             await call.write(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(running=0)))
             await asyncio.sleep(interval)

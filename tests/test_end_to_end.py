@@ -435,6 +435,48 @@ async def test_a_task_cancelled_while_the_model_plans_stays_cancelled(
     assert (final.status, final.subtasks) == (TaskStatus.CANCELLED, ())
 
 
+async def test_an_idle_worker_is_silent_and_kept_and_a_frozen_one_loses_the_work_it_is_given(
+    supervisor_settings: SupervisorSettings, processes: Processes, test_dir: Path
+) -> None:
+    """A worker that runs nothing sends nothing, and the supervisor keeps it
+    past any number of lease TTLs. If it has in fact died (frozen here: its
+    stream stays open), the work it is then given moves on one TTL later."""
+    ttl = 1.0
+    settings = supervisor_settings.model_copy(update={"lease_ttl": ttl, "heartbeat_interval": 0.1})
+    async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
+        idle = processes.worker(supervisor.address, name="idle")
+        session = await eventually(
+            lambda: next(
+                (s for s in supervisor.scheduler.sessions() if s.info.name == "idle"), None
+            )
+        )
+        heard = session.last_seen
+        # What is shown is that nothing happens, so this waits a fixed time:
+        # three TTLs, thirty heartbeat intervals. Nothing heard, nothing reaped.
+        await asyncio.sleep(3 * ttl)
+        assert supervisor.scheduler.sessions() == [session] and not session.closed
+        assert session.last_seen == heard
+
+        idle.send_signal(signal.SIGSTOP)
+        try:
+            task_id = await client.submit("to a frozen worker", plan=plan(("x", "gate", "X")))
+            # Given the work, its silence counts: one TTL later it is closed.
+            await eventually(lambda: session.closed)
+            processes.worker(supervisor.address, name="healthy")
+            await eventually(lambda: (test_dir / "started-x-2").exists())
+            (test_dir / "open-x").touch()
+            task = await client.wait(task_id)
+        finally:
+            idle.send_signal(signal.SIGCONT)
+        assert task.status == TaskStatus.SUCCEEDED
+        assert (task.subtasks[0].attempt, task.subtasks[0].worker) == (2, "healthy")
+        events = await supervisor.store.read_events(task_id, "")
+        assigned = [e.worker for e in events if e.type == "subtask.assigned"]
+        assert assigned == ["idle", "healthy"]
+        retry = next(e for e in events if e.type == "subtask.retrying")
+        assert "worker idle stopped answering and its lease expired" in retry.message
+
+
 async def test_a_frozen_worker_loses_its_lease_and_its_late_result_changes_nothing(
     supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
 ) -> None:

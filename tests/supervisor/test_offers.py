@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import cast
 
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
-from taskloom.supervisor.scheduler import Scheduler
+from taskloom.supervisor.scheduler import Lease, Scheduler
 from taskloom.supervisor.store import Handed, ReadyItem, Store
 
 
@@ -79,3 +79,31 @@ async def test_a_commit_may_assign_as_many_of_a_limited_task_as_its_results_free
     )
     # Both slots of the task are taken; committing one result frees one.
     assert s.offer_for([running[0].ref]).limits == {"t": 1}
+
+
+async def test_an_idle_session_is_never_reaped_and_its_silence_counts_from_its_first_work() -> None:
+    now = [0.0]
+    s = Scheduler(cast(Store, None), lease_ttl=10.0, clock=lambda: now[0])
+    expired: list[AttemptRef] = []
+
+    async def on_expired(leases: list[Lease]) -> None:
+        expired.extend(lease.ref for lease in leases)
+
+    s.on_expired = on_expired
+    idle, _ = s.connect(worker("idle", 4))
+    now[0] = 1_000.0  # a hundred TTLs without a word: it holds nothing, so it stays
+    await s.reap()
+    assert s.sessions() == [idle] and not idle.closed
+
+    # Given work, it has one TTL from then to be heard from.
+    item = ReadyItem("t1", "s1", "echo")
+    sent = Assignment("t1", "s1", 1, "echo", "", "x", "g")
+    s.take(s.offer({"echo": 1}), [Handed(item, 0, sent)])
+    now[0] += 9.0
+    await s.reap()
+    assert not idle.closed and s.holds(sent.ref)
+    now[0] += 2.0
+    await s.reap()
+    # Closed, and the lease it held expired with its silence, in the same round.
+    assert idle.closed and s.sessions() == []
+    assert expired == [sent.ref]

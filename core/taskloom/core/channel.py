@@ -1,9 +1,11 @@
 """gRPC channels and server options shared by every process.
 
 One place for message-size limits, keepalive and TLS, so both ends agree:
-clients ping every 20 s on idle connections; the server accepts pings every
-10 s at most and closes connections that ping faster (abusive), that have no
-call open too long, or that grow too old (with a grace for the calls on them).
+both ends ping every 20 s on quiet connections and close one whose ping goes
+unanswered for 10 s (that is how a dead idle worker is found: an idle worker
+sends nothing); the server accepts pings every 10 s at most and closes
+connections that ping faster (abusive), that have no call open too long, or
+that grow too old (with a grace for the calls on them).
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def server_options(limits: ServerLimits | None = None) -> Options:
         ("grpc.max_send_message_length", limits.max_send_bytes),
         ("grpc.max_receive_message_length", limits.max_receive_bytes),
         *_keepalive(),
+        # Keep pinging a stream that carries no data: an idle worker is silent
+        # (it sends no heartbeats), and these pings are how a dead one is found.
+        # By default grpc stops after two pings without data.
+        ("grpc.http2.max_pings_without_data", 0),
         # A peer pinging more often than this (without data) gets a strike;
         # past MAX_PING_STRIKES its connection is closed with GOAWAY.
         # (The C name is ..._MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; its key

@@ -459,6 +459,7 @@ class Welcome(_message.Message):
     SUPERVISOR_ID_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     TRUNCATE_OUTPUT_FIELD_NUMBER: _builtins.int
+    IDLE_SILENCE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     supervisor_id: _builtins.str
     max_output_bytes: _builtins.int
@@ -467,6 +468,13 @@ class Welcome(_message.Message):
     fails its subtask (false).
     """
     truncate_output: _builtins.bool
+    idle_silence: _builtins.bool
+    """The supervisor does not expect heartbeats from a worker that holds no
+    attempts: it may stay silent while idle. Its silence counts against the
+    lease TTL only from the moment it is given work; a dead idle connection
+    is found by HTTP/2 keepalive instead. (False from older supervisors:
+    heartbeat always.)
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -480,10 +488,11 @@ class Welcome(_message.Message):
         supervisor_id: _builtins.str = ...,
         max_output_bytes: _builtins.int = ...,
         truncate_output: _builtins.bool = ...,
+        idle_silence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

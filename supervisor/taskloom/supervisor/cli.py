@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 @click.option("--ollama-host", help="Ollama for planning [OLLAMA_HOST]")
 @click.option("--llm", help="provider:model, e.g. ollama:llama3.2, embedded:smollm2 [TASKLOOM_LLM]")
 @click.option("--model", help="Ollama model when --llm is not given [TASKLOOM_MODEL]")
-@click.option("--heartbeat-interval", help="Worker heartbeat period [TASKLOOM_HEARTBEAT_INTERVAL]")
+@click.option(
+    "--heartbeat-interval",
+    help="Heartbeat period of a worker that runs something [TASKLOOM_HEARTBEAT_INTERVAL]",
+)
 @click.option("--lease-ttl", help="Silence after which a worker's work moves [TASKLOOM_LEASE_TTL]")
 @click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
 @click.option("--health-port", help="Plaintext gRPC health for probes [TASKLOOM_HEALTH_PORT]")

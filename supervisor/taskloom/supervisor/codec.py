@@ -306,6 +306,7 @@ def welcome_to_pb(
             lease_ttl=_duration(lease_ttl),
             max_output_bytes=max_output_bytes,
             truncate_output=truncate_output,
+            idle_silence=True,
         )
     )
 

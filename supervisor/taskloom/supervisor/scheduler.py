@@ -12,10 +12,14 @@ capability and a free slot, the least loaded gets the next subtask.
 A lease lives as long as its worker's session heartbeats. When a session ends
 (stream broken, heartbeats missed) its leases are orphaned and expire
 ``lease_ttl`` after the worker was last heard from, unless the worker
-reconnects and reports them in flight. Expired leases go to the orchestrator,
-which puts their subtasks back to READY. So do leases that are overdue while
-their worker is alive: past the attempt's timeout, or without progress for its
-stall timeout.
+reconnects and reports them in flight. A worker that holds nothing need not
+heartbeat (it is told so in its Welcome): its silence counts only from the
+moment it is given work, and a dead idle connection is found by HTTP/2
+keepalive. So an idle fleet costs the supervisor no messages.
+
+Expired leases go to the orchestrator, which puts their subtasks back to
+READY. So do leases that are overdue while their worker is alive: past the
+attempt's timeout, or without progress for its stall timeout.
 
 Most subtasks are never queued here at all. A write that makes subtasks READY
 (a new plan, a commit of results) is first offered free slots of the least
@@ -418,10 +422,11 @@ class Scheduler:
                 lease.active_at = now
 
     async def reap(self) -> None:
-        """Close silent sessions and hand expired leases to ``on_expired``."""
+        """Close silent sessions that hold attempts, and hand expired leases to
+        ``on_expired``. (An idle worker may be silent.)"""
         now = self._clock()
         for session in list(self._sessions.values()):
-            if now - session.last_seen > self.lease_ttl:
+            if session.leases and now - session.last_seen > self.lease_ttl:
                 logger.warning(
                     "%s sent nothing for %.1fs; closing it", session, now - session.last_seen
                 )
@@ -634,6 +639,9 @@ class Scheduler:
             if session.closed:
                 lease.expires_at = session.last_seen + self.lease_ttl
             else:
+                if not session.leases:
+                    # It may have been silent while idle: its silence counts from now.
+                    session.last_seen = max(session.last_seen, now)
                 lease.session = session
                 session.leases.add(assignment.ref)
                 batches[session].append(assignment)

@@ -61,9 +61,10 @@ class SupervisorSettings(LLMSettings):
     supervisor_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     heartbeat_interval: Seconds = 5.0
-    """How often workers heartbeat."""
+    """How often a worker that runs something heartbeats (an idle one is silent)."""
     lease_ttl: Seconds = 15.0
-    """A worker silent this long loses its subtasks; they run again elsewhere."""
+    """A worker silent this long loses its subtasks; they run again elsewhere.
+    An idle worker's silence counts from when it is given work."""
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Attempts per subtask before it fails for good (a task or subtask may say otherwise)."""
     max_replans: int = Field(default=2, ge=0, le=10)

@@ -1,10 +1,11 @@
 """The worker's stream to its supervisor, kept open for the worker's whole life.
 
 A session: Hello (with the attempts the worker still holds), Welcome, then
-assignments down and batched reports up, with heartbeats. When the stream
-breaks, the connection waits a jittered, exponentially growing delay (full
-jitter, capped at ``reconnect_max``) and opens a new one; reports that were
-never acknowledged are sent again on it. The delay never exceeds a third of
+assignments down and batched reports up, with heartbeats while it runs
+anything (always, if the supervisor does not allow idle silence). When the
+stream breaks, the connection waits a jittered, exponentially growing delay
+(full jitter, capped at ``reconnect_max``) and opens a new one; reports that
+were never acknowledged are sent again on it. The delay never exceeds a third of
 the lease TTL the supervisor announced, so a worker is back before the leases
 it holds expire, even when the supervisor restarts. Given several supervisor
 addresses, a session that fails or ends moves on to the next one: standbys
@@ -67,6 +68,9 @@ class Connection:
         self.max_output_bytes = 0
         """The largest output the supervisor accepts (0: no limit), from its Welcome."""
         self.truncate_output = False
+        self.idle_silence = False
+        """Whether the supervisor lets this worker skip heartbeats while it runs
+        nothing (from its Welcome)."""
 
     def send(self, item: Outgoing) -> None:
         """Queue an item for the current session; dropped while disconnected
@@ -154,6 +158,7 @@ class Connection:
             self.lease_ttl = welcome.lease_ttl.ToNanoseconds() / 1e9 or 15.0
             self.max_output_bytes = welcome.max_output_bytes
             self.truncate_output = welcome.truncate_output
+            self.idle_silence = welcome.idle_silence
             logger.info(
                 "connected to supervisor %s at %s",
                 welcome.supervisor_id,
@@ -213,6 +218,11 @@ class Connection:
                 await call.write(frame)
 
     async def _beat_forever(self, queue: asyncio.Queue[Outgoing]) -> None:
+        # A worker that runs nothing stays silent if the supervisor allows it:
+        # a fleet of idle workers then costs the supervisor no messages. Its
+        # leases start when it is given work, and it beats from then on.
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            queue.put_nowait(Heartbeat(self._handler.running(), self._handler.draining()))
+            running = self._handler.running()
+            if running or not self.idle_silence:
+                queue.put_nowait(Heartbeat(running, self._handler.draining()))
