@@ -477,6 +477,30 @@ async def test_an_idle_worker_is_silent_and_kept_and_a_frozen_one_loses_the_work
         assert "worker idle stopped answering and its lease expired" in retry.message
 
 
+async def test_an_idle_worker_that_stops_answering_is_dropped_by_keepalive_and_comes_back(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    """A frozen idle worker holds nothing, so no lease finds it: the server's
+    keepalive ping does, and closes its connection. Thawed, it reconnects."""
+    settings = supervisor_settings.model_copy(
+        update={"keepalive_interval": 1.0, "keepalive_timeout": 1.0}
+    )
+    async with Supervisor(settings) as supervisor:
+
+        def session() -> object:
+            return next((s for s in supervisor.scheduler.sessions() if s.info.name == "idle"), None)
+
+        idle = processes.worker(supervisor.address, name="idle")
+        first = await eventually(session)
+        idle.send_signal(signal.SIGSTOP)
+        try:
+            await eventually(lambda: first.closed and session() is None)
+        finally:
+            idle.send_signal(signal.SIGCONT)
+        second = await eventually(session)
+        assert second is not first and not second.closed
+
+
 async def test_a_frozen_worker_loses_its_lease_and_its_late_result_changes_nothing(
     supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
 ) -> None:

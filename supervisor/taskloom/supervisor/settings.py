@@ -146,6 +146,12 @@ class SupervisorSettings(LLMSettings):
     max_connection_age_grace: Seconds = 300.0
     """... after its calls had this long to finish."""
     max_streams_per_connection: int = Field(default=1_000, ge=1)
+    keepalive_interval: Seconds = Field(default=20.0, ge=1.0)
+    """The supervisor pings a connection that has been quiet this long ..."""
+    keepalive_timeout: Seconds = Field(default=10.0, gt=0)
+    """... and closes it if the ping goes unanswered this long. An idle worker
+    sends nothing, so this is how one that died without closing its
+    connection is found."""
 
     @field_validator("redis_url")
     @classmethod
@@ -166,6 +172,8 @@ class SupervisorSettings(LLMSettings):
             max_connection_age_ms=int(self.max_connection_age * 1000),
             max_connection_age_grace_ms=int(self.max_connection_age_grace * 1000),
             max_concurrent_streams=self.max_streams_per_connection,
+            keepalive_time_ms=int(self.keepalive_interval * 1000),
+            keepalive_timeout_ms=int(self.keepalive_timeout * 1000),
         )
 
     def timeout_for(self, capability: str) -> float:
