@@ -501,6 +501,40 @@ async def test_an_idle_worker_that_stops_answering_is_dropped_by_keepalive_and_c
         assert second is not first and not second.closed
 
 
+async def test_a_worker_finds_a_frozen_supervisor_by_keepalive_and_comes_back(
+    supervisor_settings: SupervisorSettings,
+    processes: Processes,
+    listen_address: str,
+    tmp_path: Path,
+) -> None:
+    """The stream to a supervisor that stops answering (frozen here; cut off by
+    the network alike) carries nothing an idle worker would notice: the
+    worker's own keepalive ping finds it, and the worker reconnects."""
+    keepalive = {"keepalive_interval": 1.0, "keepalive_timeout": 1.0}
+    frozen = await processes.supervisor(
+        supervisor_settings.model_copy(update=keepalive), listen=listen_address
+    )
+    processes.worker(
+        listen_address,
+        name="w",
+        env={"TASKLOOM_KEEPALIVE_INTERVAL": "1s", "TASKLOOM_KEEPALIVE_TIMEOUT": "1s"},
+    )
+    log = tmp_path / "w.log"
+    async with TaskloomClient(listen_address) as client:
+        first = await client.wait(await client.submit("one", plan=plan(("a", "echo", "A"))))
+        assert first.status == TaskStatus.SUCCEEDED
+        before = len(log.read_text())
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            # These timings take about 2 s. The defaults could not make it in
+            # 8: a ping goes unanswered for 10 s before the stream is dropped.
+            await eventually(lambda: "reconnecting" in log.read_text()[before:], timeout=8)
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+        second = await client.wait(await client.submit("two", plan=plan(("b", "echo", "B"))))
+    assert second.status == TaskStatus.SUCCEEDED
+
+
 async def test_a_frozen_worker_loses_its_lease_and_its_late_result_changes_nothing(
     supervisor: Supervisor, client: TaskloomClient, processes: Processes, test_dir: Path
 ) -> None:

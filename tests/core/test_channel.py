@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from taskloom.core.channel import ServerLimits, client_options, server_options
+from taskloom.core.channel import Keepalive, ServerLimits, client_options, server_options
 
 METHOD = "/test.Echo/Stream"
 
@@ -36,8 +36,7 @@ async def _silent_stream(limits: ServerLimits, ping_every_ms: int, quiet: float)
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    options = [o for o in client_options() if o[0] != "grpc.keepalive_time_ms"]
-    options.append(("grpc.keepalive_time_ms", ping_every_ms))
+    options = client_options(keepalive=Keepalive(time_ms=ping_every_ms))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
             call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(METHOD)()

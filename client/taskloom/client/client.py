@@ -102,7 +102,8 @@ class TaskloomClient:
                 )
         self._metadata = token_metadata(self.settings.token)
         self._channels = [
-            open_channel(a, self.settings.max_message_bytes, tls) for a in self._addresses
+            open_channel(a, self.settings.max_message_bytes, tls, self.settings.keepalive())
+            for a in self._addresses
         ]
         self._stubs: list[Any] = [tasks_pb2_grpc.TaskServiceStub(c) for c in self._channels]
         self._current = 0

@@ -41,6 +41,15 @@ class ClientTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class Keepalive:
+    """Ping a connection quiet for ``time_ms``; close it if a ping goes
+    unanswered for ``timeout_ms``."""
+
+    time_ms: int = KEEPALIVE_TIME_MS
+    timeout_ms: int = KEEPALIVE_TIMEOUT_MS
+
+
+@dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Connection limits the server enforces."""
 
@@ -52,33 +61,32 @@ class ServerLimits:
     max_concurrent_streams: int = 1_000
     min_ping_interval_ms: int = MIN_PING_INTERVAL_MS
     """Pings closer together than this (with no data sent between) are strikes."""
-    keepalive_time_ms: int = KEEPALIVE_TIME_MS
-    """The server pings a connection that has been quiet this long ..."""
-    keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS
-    """... and closes it if the ping is not answered within this (that is how
-    a dead idle worker, which sends nothing, is found)."""
+    keepalive: Keepalive = Keepalive()
+    """The server's own pings: how a dead idle worker, which sends nothing, is found."""
 
 
 Options = list[tuple[str, int | str]]
 
 
-def _keepalive(time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> Options:
+def _keepalive(keepalive: Keepalive) -> Options:
     return [
-        ("grpc.keepalive_time_ms", time_ms),
-        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_time_ms", keepalive.time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.timeout_ms),
         # grpc 1.85 closes a connection for an unanswered ping only after
         # this, whatever keepalive_timeout says (measured: a frozen peer's
         # connection outlived 40 s without it).
-        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", keepalive.timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
-def client_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Options:
+def client_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive: Keepalive | None = None
+) -> Options:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        *_keepalive(),
+        *_keepalive(keepalive or Keepalive()),
         ("grpc.http2.max_pings_without_data", 0),
         # Reconnect quickly after a supervisor restart: the default backoff
         # grows to two minutes, far past a worker's lease. Callers add their
@@ -93,7 +101,7 @@ def server_options(limits: ServerLimits | None = None) -> Options:
     return [
         ("grpc.max_send_message_length", limits.max_send_bytes),
         ("grpc.max_receive_message_length", limits.max_receive_bytes),
-        *_keepalive(limits.keepalive_time_ms, limits.keepalive_timeout_ms),
+        *_keepalive(limits.keepalive),
         # Keep pinging a stream that carries no data: an idle worker is silent
         # (it sends no heartbeats), and these pings are how a dead one is found.
         # By default grpc stops after two pings without data.
@@ -126,9 +134,10 @@ def open_channel(
     address: str,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: ClientTLS | None = None,
+    keepalive: Keepalive | None = None,
 ) -> grpc.aio.Channel:
     """A channel to a supervisor: TLS when ``tls`` is given, else plaintext."""
-    options = client_options(max_message_bytes)
+    options = client_options(max_message_bytes, keepalive)
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=_interceptors())
     if tls.server_name:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Self
 from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from taskloom.core.channel import ClientTLS
+from taskloom.core.channel import ClientTLS, Keepalive
 from taskloom.core.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -200,7 +200,20 @@ class LLMSettings(TaskloomSettings):
         return provider, model
 
 
-class ConnectionSettings(TaskloomSettings):
+class KeepaliveSettings(TaskloomSettings):
+    """HTTP/2 keepalive, the same on every process: how a dead peer on a quiet
+    connection is found (an idle worker sends nothing)."""
+
+    keepalive_interval: Seconds = Field(default=20.0, ge=1.0)
+    """A connection quiet this long is pinged ..."""
+    keepalive_timeout: Seconds = Field(default=10.0, gt=0)
+    """... and closed if the ping goes unanswered this long."""
+
+    def keepalive(self) -> Keepalive:
+        return Keepalive(int(self.keepalive_interval * 1000), int(self.keepalive_timeout * 1000))
+
+
+class ConnectionSettings(KeepaliveSettings):
     """How a client or worker reaches the supervisor securely."""
 
     token: str = Field(default="", repr=False)

@@ -13,13 +13,21 @@ from taskloom.core.auth import TokenTable
 from taskloom.core.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_RECEIVE_BYTES,
+    MIN_PING_INTERVAL_MS,
     ServerLimits,
 )
 from taskloom.core.plan import PlanLimits
-from taskloom.core.settings import Address, DurationMap, LLMSettings, Seconds, StrList
+from taskloom.core.settings import (
+    Address,
+    DurationMap,
+    KeepaliveSettings,
+    LLMSettings,
+    Seconds,
+    StrList,
+)
 
 
-class SupervisorSettings(LLMSettings):
+class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """Everything ``taskloom supervisor`` reads. Each field is ``TASKLOOM_<NAME>``."""
 
     flag_names: ClassVar[dict[str, str]] = {
@@ -146,12 +154,6 @@ class SupervisorSettings(LLMSettings):
     max_connection_age_grace: Seconds = 300.0
     """... after its calls had this long to finish."""
     max_streams_per_connection: int = Field(default=1_000, ge=1)
-    keepalive_interval: Seconds = Field(default=20.0, ge=1.0)
-    """The supervisor pings a connection that has been quiet this long ..."""
-    keepalive_timeout: Seconds = Field(default=10.0, gt=0)
-    """... and closes it if the ping goes unanswered this long. An idle worker
-    sends nothing, so this is how one that died without closing its
-    connection is found."""
 
     @field_validator("redis_url")
     @classmethod
@@ -172,8 +174,10 @@ class SupervisorSettings(LLMSettings):
             max_connection_age_ms=int(self.max_connection_age * 1000),
             max_connection_age_grace_ms=int(self.max_connection_age_grace * 1000),
             max_concurrent_streams=self.max_streams_per_connection,
-            keepalive_time_ms=int(self.keepalive_interval * 1000),
-            keepalive_timeout_ms=int(self.keepalive_timeout * 1000),
+            keepalive=self.keepalive(),
+            # Clients ping at the same interval: accept that, and no faster
+            # than every 10 s unless the interval is shorter still.
+            min_ping_interval_ms=min(MIN_PING_INTERVAL_MS, self.keepalive().time_ms // 2),
         )
 
     def timeout_for(self, capability: str) -> float:

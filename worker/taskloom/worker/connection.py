@@ -86,7 +86,10 @@ class Connection:
     async def run(self) -> None:
         addresses = self._settings.supervisor
         tls = self._settings.client_tls()
-        channels = [open_channel(a, self._settings.max_message_bytes, tls) for a in addresses]
+        keepalive = self._settings.keepalive()
+        channels = [
+            open_channel(a, self._settings.max_message_bytes, tls, keepalive) for a in addresses
+        ]
         stubs: list[workers_pb2_grpc.WorkerServiceAsyncStub] = [
             workers_pb2_grpc.WorkerServiceStub(c) for c in channels
         ]
