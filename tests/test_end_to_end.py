@@ -19,6 +19,7 @@ from taskloom.core.localredis import free_port
 from taskloom.core.model import Event, EventType, SubtaskStatus, TaskStatus
 from taskloom.supervisor import orchestrator
 from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.scheduler import WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama, HTTPError
@@ -435,6 +436,11 @@ async def test_a_task_cancelled_while_the_model_plans_stays_cancelled(
     assert (final.status, final.subtasks) == (TaskStatus.CANCELLED, ())
 
 
+def _session(supervisor: Supervisor, name: str) -> WorkerSession | None:
+    """The connected session of the worker called ``name``, if any."""
+    return next((s for s in supervisor.scheduler.sessions() if s.info.name == name), None)
+
+
 async def test_an_idle_worker_is_silent_and_kept_and_a_frozen_one_loses_the_work_it_is_given(
     supervisor_settings: SupervisorSettings, processes: Processes, test_dir: Path
 ) -> None:
@@ -445,11 +451,7 @@ async def test_an_idle_worker_is_silent_and_kept_and_a_frozen_one_loses_the_work
     settings = supervisor_settings.model_copy(update={"lease_ttl": ttl, "heartbeat_interval": 0.1})
     async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
         idle = processes.worker(supervisor.address, name="idle")
-        session = await eventually(
-            lambda: next(
-                (s for s in supervisor.scheduler.sessions() if s.info.name == "idle"), None
-            )
-        )
+        session = await eventually(lambda: _session(supervisor, "idle"))
         heard = session.last_seen
         # What is shown is that nothing happens, so this waits a fixed time:
         # three TTLs, thirty heartbeat intervals. Nothing heard, nothing reaped.
@@ -486,18 +488,14 @@ async def test_an_idle_worker_that_stops_answering_is_dropped_by_keepalive_and_c
         update={"keepalive_interval": 1.0, "keepalive_timeout": 1.0}
     )
     async with Supervisor(settings) as supervisor:
-
-        def session() -> object:
-            return next((s for s in supervisor.scheduler.sessions() if s.info.name == "idle"), None)
-
         idle = processes.worker(supervisor.address, name="idle")
-        first = await eventually(session)
+        first = await eventually(lambda: _session(supervisor, "idle"))
         idle.send_signal(signal.SIGSTOP)
         try:
-            await eventually(lambda: first.closed and session() is None)
+            await eventually(lambda: first.closed and _session(supervisor, "idle") is None)
         finally:
             idle.send_signal(signal.SIGCONT)
-        second = await eventually(session)
+        second = await eventually(lambda: _session(supervisor, "idle"))
         assert second is not first and not second.closed
 
 
@@ -554,7 +552,7 @@ async def test_a_frozen_worker_loses_its_lease_and_its_late_result_changes_nothi
     # Thawed, it finishes attempt 1, reconnects and reports: the report is stale.
     frozen.send_signal(signal.SIGCONT)
     await eventually(lambda: (test_dir / "finished-x-1").exists())
-    await eventually(lambda: "frozen" in {s.info.name for s in supervisor.scheduler.sessions()})
+    await eventually(lambda: _session(supervisor, "frozen"))
     after = await client.get(task_id)
     assert (after.subtasks[0].attempt, after.subtasks[0].worker) == (2, "healthy")
     events = await supervisor.store.read_events(task_id, "")

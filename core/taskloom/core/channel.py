@@ -59,8 +59,10 @@ class ServerLimits:
     max_connection_age_ms: int = 7_200_000
     max_connection_age_grace_ms: int = 300_000
     max_concurrent_streams: int = 1_000
-    min_ping_interval_ms: int = MIN_PING_INTERVAL_MS
-    """Pings closer together than this (with no data sent between) are strikes."""
+    min_ping_interval_ms: int | None = None
+    """Pings closer together than this (with no data sent between) are strikes.
+    None: half the keepalive interval, at most MIN_PING_INTERVAL_MS, so peers
+    pinging at the server's own interval are always accepted."""
     keepalive: Keepalive = Keepalive()
     """The server's own pings: how a dead idle worker, which sends nothing, is found."""
 
@@ -98,6 +100,9 @@ def client_options(
 
 def server_options(limits: ServerLimits | None = None) -> Options:
     limits = limits or ServerLimits()
+    min_ping_interval_ms = limits.min_ping_interval_ms
+    if min_ping_interval_ms is None:
+        min_ping_interval_ms = min(MIN_PING_INTERVAL_MS, limits.keepalive.time_ms // 2)
     return [
         ("grpc.max_send_message_length", limits.max_send_bytes),
         ("grpc.max_receive_message_length", limits.max_receive_bytes),
@@ -111,7 +116,7 @@ def server_options(limits: ServerLimits | None = None) -> Options:
         # (The C name is ..._MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; its key
         # is this one. A key grpc does not know is ignored without a word,
         # which left the 5-minute default in force until it was fixed.)
-        ("grpc.http2.min_ping_interval_without_data_ms", limits.min_ping_interval_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
         ("grpc.max_connection_idle_ms", limits.max_connection_idle_ms),
         ("grpc.max_connection_age_ms", limits.max_connection_age_ms),

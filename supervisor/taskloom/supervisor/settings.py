@@ -13,7 +13,6 @@ from taskloom.core.auth import TokenTable
 from taskloom.core.channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_RECEIVE_BYTES,
-    MIN_PING_INTERVAL_MS,
     ServerLimits,
 )
 from taskloom.core.plan import PlanLimits
@@ -175,9 +174,6 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
             max_connection_age_grace_ms=int(self.max_connection_age_grace * 1000),
             max_concurrent_streams=self.max_streams_per_connection,
             keepalive=self.keepalive(),
-            # Clients ping at the same interval: accept that, and no faster
-            # than every 10 s unless the interval is shorter still.
-            min_ping_interval_ms=min(MIN_PING_INTERVAL_MS, self.keepalive().time_ms // 2),
         )
 
     def timeout_for(self, capability: str) -> float:
