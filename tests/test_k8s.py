@@ -320,6 +320,7 @@ def test_dev_has_one_of_each_and_redis_with_aof_on_a_volume() -> None:
     redis = named(docs, "StatefulSet", "taskloom-redis")
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "always"
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     url = config(docs, "taskloom-supervisor")["TASKLOOM_REDIS_URL"]
     assert url.startswith("redis://taskloom-redis:")

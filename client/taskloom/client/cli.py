@@ -635,10 +635,11 @@ DEMO_PLAN = Plan(
 )
 @click.option(
     "--redis-fsync",
-    type=click.Choice(["everysec", "always"]),
-    default="everysec",
+    type=click.Choice(["always", "everysec"]),
+    default="always",
     show_default=True,
-    help="AOF fsync of the Redis it starts: always loses nothing acknowledged (see README)",
+    help="AOF fsync of the Redis it starts: always loses nothing acknowledged, everysec "
+    "can lose up to 2 s of it if Redis dies (see README)",
 )
 @click.option(
     "--llm",

@@ -75,7 +75,7 @@ class LocalCluster:
         redis_url: str | None = None,
         capabilities: str = "llm,echo",
         concurrency: int = 4,
-        redis_fsync: str = "everysec",
+        redis_fsync: str = "always",
         llm: str | None = None,
     ) -> None:
         self.data_dir = data_dir

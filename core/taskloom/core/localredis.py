@@ -64,7 +64,7 @@ class LocalRedis:
         *,
         port: int = 0,
         binary: RedisBinary | None = None,
-        appendfsync: str = "everysec",
+        appendfsync: str = "always",
     ) -> None:
         # Absolute: redis-server changes into --dir before it opens the log file.
         self.data_dir = data_dir.resolve()
