@@ -4,6 +4,7 @@ supervisor (fresh registry, scraped over HTTP too) and of a worker process."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskloom.client import TaskloomClient
-from taskloom.core.localredis import free_port
+from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.metrics import SupervisorMetrics
@@ -169,3 +170,22 @@ async def test_busy_subtasks_count_the_work_workers_hold_per_capability(
         (test_dir / f"open-{sid}").touch()
     await client.wait(task_id)
     await eventually(lambda: not get("taskloom_busy_subtasks", "gate"))
+
+
+async def test_the_leader_says_whether_redis_can_lose_what_it_acknowledges(
+    supervisor_settings: SupervisorSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The session's Redis runs with the defaults (appendfsync always).
+    registry = CollectorRegistry()
+    durable = functools.partial(registry.get_sample_value, "taskloom_redis_durable")
+    async with Supervisor(supervisor_settings, metrics=SupervisorMetrics(registry)):
+        await eventually(lambda: durable() == 1)
+    assert durable() == -1  # no longer the leader: it does not know
+    assert "appendfsync" not in caplog.text
+    with LocalRedis(tmp_path / "redis", appendfsync="everysec") as lax:
+        registry = CollectorRegistry()
+        settings = supervisor_settings.model_copy(update={"redis_url": lax.url})
+        async with Supervisor(settings, metrics=SupervisorMetrics(registry)):
+            await eventually(lambda: registry.get_sample_value("taskloom_redis_durable") == 0)
+    assert f"Redis at {lax.url} runs with appendonly yes and appendfsync everysec" in caplog.text
+    assert "Run it with appendonly yes and appendfsync always" in caplog.text

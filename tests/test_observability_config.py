@@ -63,6 +63,7 @@ def test_every_alert_names_an_exported_metric() -> None:
         "TaskloomReadyWorkTooOld",
         "TaskloomHighSubtaskErrorRatio",
         "TaskloomRedisErrors",
+        "TaskloomRedisNotDurable",
     }
     used = {m for r in rules for m in METRIC.findall(r["expr"])}
     assert used <= exported_names(), used - exported_names()

@@ -130,7 +130,11 @@ async def test_prometheus_scrapes_the_cluster_and_answers_for_queues_and_subtask
             assert worker_side and float(worker_side[0]["value"][1]) >= 1
             age = await query('taskloom_ready_oldest_age_seconds{capability="gate"}')
             assert age and float(age[0]["value"][1]) >= 0
+            # The tests' Redis fsyncs every write: the alert's metric says so.
+            durable = await query("max(taskloom_redis_durable)")
+            assert durable and durable[0]["value"][1] == "1"
 
             rules = await asyncio.to_thread(prometheus.get, "/api/v1/rules")
             loaded = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
-            assert "TaskloomReadyWorkTooOld" in loaded and len(loaded) == 5
+            assert {"TaskloomReadyWorkTooOld", "TaskloomRedisNotDurable"} <= loaded
+            assert len(loaded) == 6

@@ -335,6 +335,32 @@ class Supervisor:
         self._leading.set()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("leading (lease %s)", token)
+        await self._check_durability()
+
+    async def _check_durability(self) -> None:
+        """Say so when Redis's persistence can lose what taskloom acknowledges."""
+        try:
+            found = await self.store.persistence()
+        except StoreUnavailable:
+            return
+        if found is None:
+            logger.warning(
+                "cannot read Redis's persistence settings (CONFIG GET is refused): unless "
+                "it runs with appendonly yes and appendfsync always, a crash of Redis can "
+                "lose work taskloom has acknowledged"
+            )
+            return
+        durable = found == ("yes", "always")
+        self.metrics.redis_durable.set(1 if durable else 0)
+        if not durable:
+            logger.warning(
+                "Redis at %s runs with appendonly %s and appendfsync %s: a crash of Redis "
+                "can lose work taskloom has acknowledged (with everysec, up to 2 s of it, "
+                "even when only the Redis process dies). Run it with appendonly yes and "
+                "appendfsync always (README, Durability)",
+                self.store.safe_url,
+                *found,
+            )
 
     async def _end_term(self, reason: str) -> None:
         """Stop deciding, refuse writes, send the workers elsewhere.
@@ -345,6 +371,7 @@ class Supervisor:
         orchestrator, self.orchestrator = self.orchestrator, None
         if orchestrator is not None:
             self._leading.clear()
+            self.metrics.redis_durable.set(-1)
             self._ending = asyncio.ensure_future(self._wind_down(orchestrator, reason))
         if self._ending is not None:
             await asyncio.shield(self._ending)

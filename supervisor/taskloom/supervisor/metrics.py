@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -115,6 +115,14 @@ class SupervisorMetrics:
             ["operation"],
             registry=r,
         )
+        self.redis_durable = Gauge(
+            "taskloom_redis_durable",
+            "1 if Redis runs with appendonly yes and appendfsync always, so that a crash "
+            "of Redis loses nothing acknowledged; 0 if not; -1 if not known (a standby, or "
+            "CONFIG GET refused). Read by the leader when it takes the lead",
+            registry=r,
+        )
+        self.redis_durable.set(-1)
         self.llm = LLMMetrics(r)
         # Children looked up once: these are updated on every store operation
         # and every batch of results.

@@ -294,6 +294,16 @@ class Store:
         for source in self._sources.values():
             await self._redis.script_load(source)
 
+    @_translated
+    async def persistence(self) -> tuple[str, str] | None:
+        """Redis's ``appendonly`` and ``appendfsync``; None where CONFIG is
+        refused (managed services rename or forbid it)."""
+        try:
+            found = await self._redis.config_get("append*")
+        except rexc.ResponseError:
+            return None
+        return str(found.get("appendonly", "")), str(found.get("appendfsync", ""))
+
     async def close(self) -> None:
         await self._line.close()
         await self._redis.aclose()
