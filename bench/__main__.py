@@ -2,14 +2,15 @@
 
     python -m bench run [--systems taskloom,celery,ray] [--repeat 3] [--quick]
 
-Starts its own Redis (AOF, appendfsync everysec) on a free port; each system
-runs its servers and workers in their own process groups and is stopped by
-PID at the end. The systems take turns, in a rotated order each repeat, with
-a warm-up first. Every system runs the same no-op (it returns the time it
-started). Writes ``bench/results/latest.json`` and ``latest.md`` (median,
-min, max over the repeats, and CPU seconds per 1,000 tasks per process
-group). Celery and Ray come from the ``bench`` extra: ``pip install -e
-'.[bench]'``; a system that is not installed is skipped with a note.
+Starts its own Redis (AOF, appendfsync always unless --redis-fsync everysec)
+on a free port; each system runs its servers and workers in their own
+process groups and is stopped by PID at the end. The systems take turns, in
+a rotated order each repeat, with a warm-up first. Every system runs the
+same no-op (it returns the time it started). Writes
+``bench/results/latest.json`` and ``latest.md`` (median, min, max over the
+repeats, and CPU seconds per 1,000 tasks per process group). Celery and Ray
+come from the ``bench`` extra: ``pip install -e '.[bench]'``; a system that
+is not installed is skipped with a note.
 
 Scenarios: no-op throughput (pre-filled: all N at once; streaming: chunks of
 100 submitted concurrently), N = 2,000 and 10,000; dispatch latency (READY to
@@ -264,6 +265,12 @@ def main() -> None:
     run.add_argument("--quick", action="store_true", help="tiny N: a smoke run")
     run.add_argument("--out", type=Path, default=HERE / "results")
     run.add_argument("--no-reference", action="store_true")
+    run.add_argument(
+        "--redis-fsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="the bench Redis's appendfsync (default always: nothing acknowledged is lost)",
+    )
     args = parser.parse_args()
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -276,7 +283,10 @@ def main() -> None:
         print(f"skipping {name}: not installed (pip install -e '.[bench]')", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, LocalRedis(Path(tmp) / "redis") as redis:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalRedis(Path(tmp) / "redis", appendfsync=args.redis_fsync) as redis,
+    ):
         logs = Path(tmp) / "logs"
         logs.mkdir()
         bench = Run(args, redis, logs)
@@ -301,6 +311,7 @@ def main() -> None:
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "commit": commit,
         "machine": machine,
+        "redis_fsync": args.redis_fsync,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": rows,
         "reference": reference,
@@ -310,7 +321,8 @@ def main() -> None:
     table = markdown(rows)
     ref = "\n".join(_reference_row(k, v) for k, v in reference.items())
     text = (
-        f"Machine: {machine}; commit {commit}; {document['date']}.\n"
+        f"Machine: {machine}; commit {commit}; {document['date']}; "
+        f"Redis appendfsync {args.redis_fsync}.\n"
         f"Command: `{document['command']}`\n\n{table}\n"
         + (f"\nReference (same machine):\n\n| path | figure |\n|---|---:|\n{ref}\n" if ref else "")
     )

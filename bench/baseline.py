@@ -2,7 +2,7 @@
 
     python -m bench.baseline [--subtasks 2000] [--workers 2] [--concurrency 64]
 
-Starts its own Redis (AOF, everysec) on a free port, a supervisor in this
+Starts its own Redis (AOF, appendfsync always) on a free port, a supervisor in this
 process and worker processes running the built-in ``echo`` handler, then
 submits explicit plans and times them from submit to the task's end. The
 side-by-side comparison with other systems is a separate, larger suite.

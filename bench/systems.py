@@ -1,6 +1,6 @@
 """The systems under test, behind one interface, each running the same no-op.
 
-    taskloom  supervisor + worker processes, Redis (AOF everysec), explicit plans
+    taskloom  supervisor + worker processes, Redis (AOF), explicit plans
     celery    Celery 5 workers (prefork) with Redis as broker and result backend
     ray       Ray on this machine (ray.init), tasks and object-ref dependencies
 
