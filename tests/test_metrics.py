@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -189,3 +190,29 @@ async def test_the_leader_says_whether_redis_can_lose_what_it_acknowledges(
             await eventually(lambda: registry.get_sample_value("taskloom_redis_durable") == 0)
     assert f"Redis at {lax.url} runs with appendonly yes and appendfsync everysec" in caplog.text
     assert "Run it with appendonly yes and appendfsync always" in caplog.text
+
+
+async def test_a_redis_that_refuses_config_get_is_said_to_be_unknown(
+    supervisor_settings: SupervisorSettings,
+    redis_server: LocalRedis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As on managed Redis services: a user that may do everything but CONFIG.
+    admin = aioredis.Redis.from_url(redis_server.url)
+    await admin.acl_setuser(
+        "no-config", enabled=True, passwords=["+secret"], commands=["+@all", "-config"],
+        keys=["*"], channels=["*"],
+    )  # fmt: skip
+    await admin.aclose()
+    url = redis_server.url.replace("redis://", "redis://no-config:secret@")
+    registry = CollectorRegistry()
+    settings = supervisor_settings.model_copy(update={"redis_url": url})
+    async with (
+        Supervisor(settings, metrics=SupervisorMetrics(registry)) as supervisor,
+        TaskloomClient(supervisor.address) as client,
+    ):
+        await eventually(lambda: "CONFIG GET is refused" in caplog.text)
+        assert registry.get_sample_value("taskloom_redis_durable") == -1
+        # The supervisor serves as ever.
+        task_id = await client.submit("g", plan=plan(("a", "echo", "1")))
+        assert (await client.get(task_id)).goal == "g"
