@@ -343,6 +343,8 @@ class Supervisor:
             found = await self.store.persistence()
         except StoreUnavailable:
             return
+        if self.orchestrator is None:
+            return  # stepped down meanwhile: the gauge stays "not known"
         if found is None:
             logger.warning(
                 "cannot read Redis's persistence settings (CONFIG GET is refused): unless "
