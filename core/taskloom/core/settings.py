@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Self
 from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from taskloom.core.channel import ClientTLS, Keepalive
+from taskloom.core.channel import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, ClientTLS, Keepalive
 from taskloom.core.errors import ConfigError
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -204,9 +204,9 @@ class KeepaliveSettings(TaskloomSettings):
     """HTTP/2 keepalive, the same on every process: how a dead peer on a quiet
     connection is found (an idle worker sends nothing)."""
 
-    keepalive_interval: Seconds = Field(default=20.0, ge=1.0)
+    keepalive_interval: Seconds = Field(default=KEEPALIVE_TIME_MS / 1000, ge=1.0)
     """A connection quiet this long is pinged ..."""
-    keepalive_timeout: Seconds = Field(default=10.0, gt=0)
+    keepalive_timeout: Seconds = Field(default=KEEPALIVE_TIMEOUT_MS / 1000, gt=0)
     """... and closed if the ping goes unanswered this long."""
 
     def keepalive(self) -> Keepalive:
