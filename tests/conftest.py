@@ -185,6 +185,11 @@ class Processes:
         await asyncio.to_thread(wait_serving, listen, 30.0, process, standby=standby)
         return process
 
+    def log(self, name: str) -> str:
+        """What the process called ``name`` has written so far."""
+        path = self.tmp_path / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def logs(self) -> str:
         parts = []
         for name, _ in self.started:

@@ -524,8 +524,8 @@ async def test_a_worker_finds_a_frozen_supervisor_by_keepalive_and_comes_back(
         before = len(log.read_text())
         frozen.send_signal(signal.SIGSTOP)
         try:
-            # These timings take about 2 s. The defaults could not make it in
-            # 8: a ping goes unanswered for 10 s before the stream is dropped.
+            # These timings take about 2 s; the defaults up to 10 s (a ping
+            # every 5 s, 5 s to answer).
             await eventually(lambda: "reconnecting" in log.read_text()[before:], timeout=8)
         finally:
             frozen.send_signal(signal.SIGCONT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import NotLeader
 from taskloom.core.localredis import free_port
-from taskloom.core.model import Event, TaskStatus
+from taskloom.core.model import AttemptRef, Event, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
@@ -38,6 +39,11 @@ def supervisor_settings(supervisor_settings: SupervisorSettings) -> SupervisorSe
 @pytest.fixture
 def standby_settings(supervisor_settings: SupervisorSettings) -> SupervisorSettings:
     return supervisor_settings.model_copy(update={"supervisor_id": "standby"})
+
+
+def _names(supervisor: Supervisor) -> list[str]:
+    """The workers connected to ``supervisor``."""
+    return sorted(s.info.name for s in supervisor.scheduler.sessions())
 
 
 async def _collect(events: AsyncIterator[Event]) -> list[Event]:
@@ -151,3 +157,52 @@ async def test_a_standby_takes_over_from_a_killed_leader(
             task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
         assert task.status == TaskStatus.SUCCEEDED, task.error
         assert task.subtasks[0].attempt == 1
+
+
+async def test_workers_leave_a_frozen_leader_for_the_standby_before_its_leases_lapse(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    """A leader that stops answering without closing its connections (frozen
+    here; a host that dies or is cut off alike) leaves its workers' streams
+    open. With the default keepalive, lease TTL and heartbeats, every worker,
+    busy or idle, finds out and moves to the standby before the leases the
+    standby restored can lapse: the work in flight is kept, and the idle
+    worker is there to take more."""
+    defaults = {
+        name: SupervisorSettings.model_fields[name].default
+        for name in ("lease_ttl", "heartbeat_interval", "keepalive_interval", "keepalive_timeout")
+    }
+    settings = supervisor_settings.model_copy(update=defaults)
+    leader_address = f"127.0.0.1:{free_port()}"
+    leader = await processes.supervisor(settings, listen=leader_address)
+    async with Supervisor(settings.model_copy(update={"supervisor_id": "standby"})) as standby:
+        addresses = f"{leader_address},{standby.address}"
+        processes.worker(addresses, name="busy", concurrency=1)
+        async with TaskloomClient(addresses) as client:
+            task_id = await client.submit(
+                "survives a frozen supervisor",
+                plan=plan(("a", "gate", "A"), ("b", "echo", "B", "a")),
+            )
+            await eventually(lambda: (processes.test_dir / "started-a-1").exists())
+            processes.worker(addresses, name="idle")
+            await eventually(lambda: "connected to" in processes.log("idle"))
+            leader.send_signal(signal.SIGSTOP)
+            try:
+                # The standby takes over and restores the attempt's lease: the
+                # busy worker has until it lapses to come back.
+                ref = AttemptRef(task_id, "a", 1)
+                restored = await eventually(
+                    lambda: standby.orchestrator is not None and standby.scheduler.lease(ref),
+                    timeout=15,
+                )
+                lapses = restored.expires_at
+                await eventually(lambda: _names(standby) == ["busy", "idle"], timeout=60)
+                assert time.monotonic() < lapses, "a worker came back after the lease lapsed"
+                (processes.test_dir / "open-a").write_text("")
+                task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+            finally:
+                leader.send_signal(signal.SIGCONT)
+        events = await standby.store.read_events(task_id, "")
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.subtasks[0].attempt == 1
+    assert not [e for e in events if e.type == "subtask.retrying"]
