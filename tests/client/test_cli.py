@@ -171,7 +171,8 @@ async def test_errors_are_one_line_with_distinct_exit_codes(
     code, _, err = await taskloom("cancel", "0123456789abcdef", *at)
     assert code == 4
     nobody = f"127.0.0.1:{free_port()}"
-    code, _, err = await taskloom("tasks", "--supervisor", nobody)
+    quick = {"TASKLOOM_UNAVAILABLE_GRACE": "1"}
+    code, _, err = await taskloom("tasks", "--supervisor", nobody, env=quick)
     assert code == 3 and err.startswith(f"error: no supervisor answers at {nobody}")
     assert "Traceback" not in err
     code, _, err = await taskloom("tasks", "--supervisor", "nowhere")

@@ -206,3 +206,28 @@ async def test_workers_leave_a_frozen_leader_for_the_standby_before_its_leases_l
     assert task.status == TaskStatus.SUCCEEDED, task.error
     assert task.subtasks[0].attempt == 1
     assert not [e for e in events if e.type == "subtask.retrying"]
+
+
+async def test_a_call_made_while_the_standby_takes_over_waits_for_it(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    """With the default leader TTL and the SDK's default grace, a submit sent
+    the moment the leader dies is not refused: the SDK keeps trying until the
+    standby leads, and the task runs there."""
+    settings = supervisor_settings.model_copy(
+        update={"leader_ttl": SupervisorSettings.model_fields["leader_ttl"].default}
+    )
+    leader_address = f"127.0.0.1:{free_port()}"
+    leader = await processes.supervisor(settings, listen=leader_address)
+    async with Supervisor(settings.model_copy(update={"supervisor_id": "standby"})) as standby:
+        addresses = f"{leader_address},{standby.address}"
+        processes.worker(addresses, name="w1")
+        async with TaskloomClient(addresses) as client:
+            await client.submit("before", plan=plan(("a", "echo", "A")))
+            leader.send_signal(signal.SIGKILL)
+            leader.wait()
+            assert standby.orchestrator is None
+            task_id = await client.submit("during the takeover", plan=plan(("b", "echo", "B")))
+            task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+        assert standby.orchestrator is not None
+    assert task.status == TaskStatus.SUCCEEDED, task.error

@@ -127,9 +127,11 @@ class TaskloomClient:
         """Call the supervisor that answers: on UNAVAILABLE try each other address;
         when none can be reached or none leads, try the round again for
         ``unavailable_grace`` seconds (a supervisor restarting, a standby taking
-        over, a channel still in its reconnect backoff) before giving up.
+        over, a channel still in its reconnect backoff) before giving up. The
+        grace counts from the first round that failed, not from the call: an
+        attempt that waited long for its answer leaves it whole.
         Every call is safe to repeat: submits carry an idempotency key."""
-        deadline = time.monotonic() + self.settings.unavailable_grace
+        deadline: float | None = None
         pause = 0.1
         while True:
             errors: builtins.list[TaskloomError] = []
@@ -151,6 +153,8 @@ class TaskloomClient:
             # Redis being down is reported at once; only a supervisor that
             # cannot be reached, or a standby, is worth waiting for.
             waiting = all(isinstance(e, SupervisorUnavailable | NotLeader) for e in errors)
+            if deadline is None:
+                deadline = time.monotonic() + self.settings.unavailable_grace
             if not waiting or time.monotonic() + pause > deadline:
                 raise _most_telling(errors) from None
             await asyncio.sleep(pause)
@@ -242,7 +246,7 @@ class TaskloomClient:
         stepping down are sent again, as ``_call`` does with whole calls."""
         results: builtins.list[Submitted] = [Submitted() for _ in requests]
         pending = builtins.list(range(len(requests)))
-        deadline = time.monotonic() + self.settings.unavailable_grace
+        deadline: float | None = None
         pause = 0.1
         while True:
             request = pb.SubmitTasksRequest(tasks=[requests[i] for i in pending])
@@ -256,7 +260,9 @@ class TaskloomClient:
                 results[index] = Submitted(error=error)
                 if isinstance(error, SupervisorUnavailable | NotLeader):
                     again.append(index)
-            if not again or time.monotonic() + pause > deadline:
+            if again and deadline is None:
+                deadline = time.monotonic() + self.settings.unavailable_grace
+            if not again or deadline is None or time.monotonic() + pause > deadline:
                 return results
             pending = again
             await asyncio.sleep(pause)

@@ -26,9 +26,11 @@ class ClientSettings(ConnectionSettings):
     (calls go to whichever leads)."""
     timeout: Seconds = 30.0
     """Deadline for each unary call."""
-    unavailable_grace: float = Field(default=3.0, ge=0)
+    unavailable_grace: float = Field(default=10.0, ge=0)
     """How long a call keeps trying while no supervisor answers (one is
-    restarting, or a standby is taking over) before it reports unavailable."""
+    restarting, or a standby is taking over) before it reports unavailable,
+    counted from its first failed try. A standby takes over within the
+    supervisors' TASKLOOM_LEADER_TTL (5 s by default) and a third of it."""
     reconnect_timeout: Seconds = 60.0
     """How long ``watch`` keeps trying to resume after losing the supervisor."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
