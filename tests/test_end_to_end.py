@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from taskloom.client import TaskloomClient
-from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
-from taskloom.core.localredis import free_port
-from taskloom.core.model import Event, EventType, SubtaskStatus, TaskStatus
+from taskloom.core.errors import InvalidArgument, PlanError, StoreUnavailable, TaskNotFound
+from taskloom.core.localredis import LocalRedis, free_port
+from taskloom.core.model import Event, EventType, SubtaskStatus, Task, TaskStatus
 from taskloom.supervisor import orchestrator
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.scheduler import WorkerSession
@@ -258,6 +258,69 @@ async def test_supervisor_stopped_mid_task_and_restarted_finishes_the_task(
     if stop == signal.SIGTERM:
         log = (tmp_path / "w1.log").read_text()
         assert "supervisor is going away (the supervisor is shutting down)" in log
+
+
+async def test_a_redis_that_stops_answering_for_a_while_costs_time_not_work(
+    supervisor_settings: SupervisorSettings,
+    redis_server: LocalRedis,
+    processes: Processes,
+    listen_address: str,
+    test_dir: Path,
+) -> None:
+    """Redis frozen (a stalled disk under ``appendfsync always``, a long
+    fork): its connections stay open and nothing answers. The leader's lease
+    lapses meanwhile. When Redis answers again the task goes on: the result
+    the worker reported during the freeze is kept, nothing runs twice, a
+    submit made during the freeze either went through or said why, and the
+    watcher missed nothing."""
+    await processes.supervisor(supervisor_settings, listen=listen_address)
+    processes.worker(listen_address, name="w1")
+    assert redis_server.process is not None
+    async with TaskloomClient(listen_address) as client:
+        task_id = await client.submit(
+            "survive a frozen redis", plan=plan(("a", "gate", "A"), ("b", "gate", "B", "a"))
+        )
+        watched = asyncio.create_task(_collect(client, task_id))
+        await wait_subtask(client, task_id, "a", "RUNNING")
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            (test_dir / "open-a").touch()
+            await eventually(lambda: (test_dir / "finished-a-1").exists())
+            during = asyncio.create_task(
+                client.submit("submitted during the freeze", plan=plan(("c", "echo", "C")))
+            )
+            # The fault: frozen past the leader's lease.
+            await asyncio.sleep(supervisor_settings.leader_ttl + 2)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await wait_subtask(client, task_id, "b", "RUNNING")
+        (test_dir / "open-b").touch()
+        task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+        seen = await asyncio.wait_for(watched, 30)
+        whole = [e async for e in client.watch(task_id)]
+        other: Task | StoreUnavailable
+        try:
+            other = await wait_status(client, await during, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+        except StoreUnavailable as e:
+            other = e
+
+    if isinstance(other, StoreUnavailable):
+        # On a machine slow enough, the freeze outlasted Redis's timeout,
+        # and the submit said so.
+        assert "Redis at" in str(other), other
+    else:
+        # The supervisor stepped down when its lease turned out to have
+        # lapsed, and leads again: the SDK waited for it.
+        assert other.status == TaskStatus.SUCCEEDED, other.error
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    subtasks = {s.id: s for s in task.subtasks}
+    assert subtasks["a"].attempt == 1 and not (test_dir / "started-a-2").exists()
+    assert subtasks["b"].output == "B[A]"
+    assert [e.id for e in seen] == [e.id for e in whole]
+    # The worker, holding a result not yet acknowledged, kept beating: the
+    # supervisor never took it for dead.
+    assert "sent nothing" not in processes.log("supervisor")
 
 
 async def test_work_of_a_worker_that_never_comes_back_runs_again_elsewhere(

@@ -107,3 +107,27 @@ async def test_an_idle_session_is_never_reaped_and_its_silence_counts_from_its_f
     # Closed, and the lease it held expired with its silence, in the same round.
     assert idle.closed and s.sessions() == []
     assert expired == [sent.ref]
+
+
+async def test_a_session_whose_reports_are_being_written_is_not_silent() -> None:
+    """While its reports wait for Redis, nothing more is read from a worker,
+    so its silence is ours: it is not closed, and the end of the write counts
+    as hearing from it."""
+    now = [0.0]
+    s = Scheduler(cast(Store, None), lease_ttl=10.0, clock=lambda: now[0])
+    busy, _ = s.connect(worker("busy", 4))
+    item = ReadyItem("t1", "s1", "echo")
+    sent = Assignment("t1", "s1", 1, "echo", "", "x", "g")
+    s.take(s.offer({"echo": 1}), [Handed(item, 0, sent)])
+    busy.writing += 1
+    now[0] += 60.0
+    await s.reap()
+    assert not busy.closed and s.holds(sent.ref)
+    busy.writing -= 1
+    s.heard_from(busy)
+    now[0] += 9.0
+    await s.reap()
+    assert not busy.closed
+    now[0] += 2.0
+    await s.reap()
+    assert busy.closed and s.sessions() == []

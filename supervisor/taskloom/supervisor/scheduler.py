@@ -91,6 +91,9 @@ class WorkerSession:
         self.leases: set[AttemptRef] = set()
         self.reserved = 0
         self.last_seen = now
+        self.writing = 0
+        """Its reports being written to Redis now. Its later messages wait
+        unread meanwhile, so its silence does not count (see ``reap``)."""
         self.draining = False
         self.closed = False
 
@@ -340,7 +343,8 @@ class Scheduler:
         session.leases.clear()
 
     def heard_from(self, session: WorkerSession, *, draining: bool | None = None) -> None:
-        """Any message from a worker renews all its leases."""
+        """Any message from a worker renews all its leases (and so does the end
+        of a write of its reports: what it sent meanwhile was not read)."""
         session.last_seen = self._clock()
         if draining is not None and draining != session.draining:
             session.draining = draining
@@ -423,10 +427,11 @@ class Scheduler:
 
     async def reap(self) -> None:
         """Close silent sessions that hold attempts, and hand expired leases to
-        ``on_expired``. (An idle worker may be silent.)"""
+        ``on_expired``. (An idle worker may be silent; so may one whose reports
+        wait for Redis, which is on our side.)"""
         now = self._clock()
         for session in list(self._sessions.values()):
-            if session.leases and now - session.last_seen > self.lease_ttl:
+            if session.leases and not session.writing and now - session.last_seen > self.lease_ttl:
                 logger.warning(
                     "%s sent nothing for %.1fs; closing it", session, now - session.last_seen
                 )

@@ -292,8 +292,6 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     async def _read(
         self, orchestrator: Orchestrator, session: WorkerSession, context: Context
     ) -> None:
-        # Reports count only for attempts given to this worker (see held_by).
-        worker_id = session.info.worker_id
         try:
             while True:
                 request = await context.read()
@@ -302,27 +300,19 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                 kind = request.WhichOneof("message")
                 draining = request.heartbeat.draining if kind == "heartbeat" else None
                 orchestrator.heard_from(session, draining=draining)
-                if kind == "accepted":
-                    await orchestrator.accepted(
-                        [codec.ref_from_pb(r) for r in request.accepted.refs], worker_id
-                    )
-                elif kind == "progress":
-                    await orchestrator.progress(codec.progress_from_pb(request.progress), worker_id)
-                elif kind == "completed":
-                    acks = await orchestrator.completed(
-                        codec.results_from_pb(request.completed), worker_id
-                    )
-                    session.send(AckReports(tuple(acks)))
-                elif kind == "stopped":
-                    await orchestrator.stopped(session, codec.stopped_from_pb(request.stopped))
-                elif kind == "failed":
-                    acks = await orchestrator.failed(
-                        codec.failures_from_pb(request.failed), worker_id
-                    )
-                    session.send(AckReports(tuple(acks)))
-                elif kind == "hello":
+                if kind == "heartbeat":
+                    continue
+                if kind == "hello":
                     session.close(InvalidArgument("Hello may only be sent once per stream"))
                     return
+                # Nothing more is read from this worker until its reports are
+                # written: however long Redis takes, that is not its silence.
+                session.writing += 1
+                try:
+                    await _report(orchestrator, session, request, kind)
+                finally:
+                    session.writing -= 1
+                    orchestrator.heard_from(session)
         except Unavailable as e:
             # Redis is away or we lost the lease. Nothing was acknowledged:
             # the worker reconnects (here or to the new leader) and sends again.
@@ -336,6 +326,28 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
             session.close(TaskloomError("internal error in the supervisor; see its log"))
             return
         session.close()
+
+
+async def _report(
+    orchestrator: Orchestrator, session: WorkerSession, request: wpb.ConnectRequest, kind: str
+) -> None:
+    """Write one message of a worker's reports; results and failures are
+    acknowledged once written."""
+    # Reports count only for attempts given to this worker (see held_by).
+    worker_id = session.info.worker_id
+    if kind == "accepted":
+        refs = [codec.ref_from_pb(r) for r in request.accepted.refs]
+        await orchestrator.accepted(refs, worker_id)
+    elif kind == "progress":
+        await orchestrator.progress(codec.progress_from_pb(request.progress), worker_id)
+    elif kind == "completed":
+        acks = await orchestrator.completed(codec.results_from_pb(request.completed), worker_id)
+        session.send(AckReports(tuple(acks)))
+    elif kind == "stopped":
+        await orchestrator.stopped(session, codec.stopped_from_pb(request.stopped))
+    elif kind == "failed":
+        acks = await orchestrator.failed(codec.failures_from_pb(request.failed), worker_id)
+        session.send(AckReports(tuple(acks)))
 
 
 def _coalesce(messages: list[Outgoing]) -> list[Outgoing]:

@@ -197,9 +197,10 @@ def _translated(
             ) from None
         except rexc.ResponseError as e:
             if str(e).startswith(_FENCED):
+                holder = str(e).removeprefix(_FENCED).removeprefix(" the leader lease is held by ")
                 raise NotLeader(
-                    "this supervisor lost the leader lease"
-                    f"{str(e).removeprefix(_FENCED).replace(' the leader lease', ';')}"
+                    f"this supervisor lost the leader lease (now held by {holder}); "
+                    "a supervisor takes the lead within TASKLOOM_LEADER_TTL, try again"
                 ) from None
             raise
         # redis-py (8.x) finishes a command whose caller was cancelled and
