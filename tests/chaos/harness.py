@@ -48,7 +48,9 @@ FAULTS = (
     "term_worker",
     "kill_leader_standby",
     "kill_leader_restart",
+    "freeze_leader",
     "kill_redis",
+    "freeze_redis",
     "partition",
     "latency",
 )
@@ -338,7 +340,8 @@ class Cluster:
         self._stopped.append(member.process)
 
     def leader(self) -> Member | None:
-        client: Any = redis.Redis.from_url(self.redis.url, decode_responses=True)
+        # Not for ever: Redis may be frozen (then no leader is known).
+        client: Any = redis.Redis.from_url(self.redis.url, decode_responses=True, socket_timeout=2)
         try:
             token = client.get(PREFIX + "leader") or ""
         except redis.RedisError:
@@ -466,7 +469,7 @@ async def run(
     try:
         cluster.start_redis()
         await cluster.start_supervisor("s1")
-        if "kill_leader_standby" in kinds:
+        if "kill_leader_standby" in kinds or "freeze_leader" in kinds:
             await cluster.start_supervisor("s2", standby=True)
         for _ in range(3):
             cluster.start_worker()
@@ -552,6 +555,37 @@ async def _inject(
         await asyncio.sleep(1.0)
         await asyncio.to_thread(cluster.redis.start)
         cluster.fault("redis_restarted")
+    elif kind == "freeze_leader":
+        # A pause (a long GC, a starved VM) past its lease: the standby takes
+        # over, and the old leader, thawed, must find out before it writes.
+        leader = cluster.leader()
+        if leader is None:
+            return
+        seconds = round(rng.uniform(0.5, 6.0), 1)
+        cluster.fault(kind, target=leader.name, detail=f"{seconds:g}s")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader.process.pid, signal.SIGCONT)
+        cluster.fault("leader_thawed", target=leader.name)
+    elif kind in ("freeze_redis", "freeze_redis_11s"):
+        # Stopped, not killed: its connections stay open and nothing answers
+        # (a stalled disk under appendfsync always, a long fork). Up to 12 s:
+        # past the leases, and past the supervisors' 10 s Redis timeout.
+        process = cluster.redis.process
+        if process is None or process.poll() is not None:
+            return
+        seconds = 11.0 if kind == "freeze_redis_11s" else round(rng.uniform(0.5, 12.0), 1)
+        cluster.fault("freeze_redis", detail=f"{seconds:g}s")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        cluster.fault("redis_thawed")
     elif kind == "partition" and netns is not None:
         cluster.fault("partition")
         netns.cut()
@@ -569,6 +603,8 @@ SCENARIOS: dict[str, list[tuple[float, str]]] = {
     "supervisor_sigkill_standby": [(1.5, "kill_leader_standby")],
     "supervisor_sigkill_restart": [(1.5, "kill_leader_restart")],
     "redis_sigkill_aof": [(1.5, "kill_redis")],
+    "redis_sigstop": [(1.5, "freeze_redis_11s")],
+    "supervisor_sigstop_standby": [(1.5, "freeze_leader")],
     "worker_partitioned": [(1.0, "partition")],
     "worker_link_latency": [(0.0, "latency")],
 }  # fmt: skip
