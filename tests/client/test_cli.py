@@ -177,6 +177,8 @@ async def test_errors_are_one_line_with_distinct_exit_codes(
     assert "Traceback" not in err
     code, _, err = await taskloom("tasks", "--supervisor", "nowhere")
     assert code == 2 and "TASKLOOM_SUPERVISOR" in err
+    code, _, err = await taskloom("supervisor", "--leader-ttl", "12s")
+    assert code == 1 and "TASKLOOM_LEADER_TTL / --leader-ttl: must be under 10s" in err
 
 
 async def test_submit_many_stores_each_line_and_waits_for_them_all(

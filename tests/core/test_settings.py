@@ -44,6 +44,17 @@ def test_bad_values_fail_at_start_naming_the_variable_and_the_flag(
     assert "TASKLOOM_REDIS_URL / --redis-url: must start with redis://" in message
 
 
+def test_a_leader_ttl_past_the_redis_timeout_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A write Redis answers after the supervisor gave up on it must find the
+    # lease lapsed (tests/test_end_to_end.py freezes Redis past both).
+    monkeypatch.setenv("TASKLOOM_LEADER_TTL", "15s")
+    with pytest.raises(ConfigError) as caught:
+        SupervisorSettings.load()
+    assert "TASKLOOM_LEADER_TTL / --leader-ttl: must be under 10s" in str(caught.value)
+    monkeypatch.setenv("TASKLOOM_LEADER_TTL", "9s")
+    assert SupervisorSettings.load().leader_ttl == 9.0
+
+
 def test_addresses_and_capabilities_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ConfigError, match="TASKLOOM_SUPERVISOR / --supervisor: 'localhost' is not HOST:PORT"

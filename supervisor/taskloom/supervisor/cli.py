@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
     help="Heartbeat period of a worker that runs something [TASKLOOM_HEARTBEAT_INTERVAL]",
 )
 @click.option("--lease-ttl", help="Silence after which a worker's work moves [TASKLOOM_LEASE_TTL]")
+@click.option(
+    "--leader-ttl", help="The leader lease; a standby takes over after it [TASKLOOM_LEADER_TTL]"
+)
 @click.option("--metrics-port", help="Serve Prometheus /metrics here [TASKLOOM_METRICS_PORT]")
 @click.option("--health-port", help="Plaintext gRPC health for probes [TASKLOOM_HEALTH_PORT]")
 @click.option("--log-format", help="text or json [TASKLOOM_LOG_FORMAT]")

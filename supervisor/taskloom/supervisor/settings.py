@@ -24,6 +24,7 @@ from taskloom.core.settings import (
     Seconds,
     StrList,
 )
+from taskloom.supervisor.store import REDIS_TIMEOUT
 
 
 class SupervisorSettings(LLMSettings, KeepaliveSettings):
@@ -85,7 +86,7 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     long is stopped and retried. Long silent handlers call ``ctx.progress()``."""
     leader_ttl: Seconds = 5.0
     """The leader lease: renewed every third of this; a standby takes over
-    within about this long after the leader dies."""
+    within about this long after the leader dies. Under REDIS_TIMEOUT."""
     retry_backoff: Seconds = 1.0
     """Wait before the 2nd attempt; doubles each attempt (with jitter), up to 60 s."""
     cache: bool = True
@@ -153,6 +154,20 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     max_connection_age_grace: Seconds = 300.0
     """... after its calls had this long to finish."""
     max_streams_per_connection: int = Field(default=1_000, ge=1)
+
+    @field_validator("leader_ttl")
+    @classmethod
+    def _leader_ttl(cls, value: float) -> float:
+        # A write that Redis answers after the supervisor gave up on it (a
+        # stalled or frozen Redis) must find the lease lapsed and be refused
+        # by the fence: the caller was told it failed.
+        if value >= REDIS_TIMEOUT:
+            raise ValueError(
+                f"must be under {REDIS_TIMEOUT:g}s, the supervisor's Redis timeout: a write "
+                "that Redis answers after the supervisor gave up on it could otherwise still "
+                "land, after its caller was told it failed"
+            )
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+REDIS_TIMEOUT = 10.0
+"""How long a command may go unanswered before the call fails (seconds)."""
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -240,7 +243,7 @@ class Store:
         *,
         prefix: str = "taskloom:",
         retention: float = 7 * 86400.0,
-        socket_timeout: float = 10.0,
+        socket_timeout: float = REDIS_TIMEOUT,
         max_connections: int = 64,
     ) -> None:
         self.keys = Keys(prefix)
