@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -563,13 +564,7 @@ async def _inject(
             return
         seconds = round(rng.uniform(0.5, 6.0), 1)
         cluster.fault(kind, target=leader.name, detail=f"{seconds:g}s")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(leader.process.pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(leader.process.pid, signal.SIGCONT)
+        await _stopped_for(seconds, functools.partial(_signal_group, leader.process.pid))
         cluster.fault("leader_thawed", target=leader.name)
     elif kind in ("freeze_redis", "freeze_redis_11s"):
         # Stopped, not killed: its connections stay open and nothing answers
@@ -580,11 +575,7 @@ async def _inject(
             return
         seconds = 11.0 if kind == "freeze_redis_11s" else round(rng.uniform(0.5, 12.0), 1)
         cluster.fault("freeze_redis", detail=f"{seconds:g}s")
-        process.send_signal(signal.SIGSTOP)
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            process.send_signal(signal.SIGCONT)
+        await _stopped_for(seconds, process.send_signal)
         cluster.fault("redis_thawed")
     elif kind == "partition" and netns is not None:
         cluster.fault("partition")
@@ -594,6 +585,20 @@ async def _inject(
         cluster.fault("partition_healed")
     elif kind == "latency":
         cluster.fault("latency", detail="one worker's link is 2 s slower each way")
+
+
+async def _stopped_for(seconds: float, send: Callable[[int], None]) -> None:
+    """Freeze a process (SIGSTOP) for ``seconds``, then let it go on, whatever happens meanwhile."""
+    send(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        send(signal.SIGCONT)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
 
 
 SCENARIOS: dict[str, list[tuple[float, str]]] = {

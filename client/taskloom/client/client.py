@@ -260,9 +260,11 @@ class TaskloomClient:
                 results[index] = Submitted(error=error)
                 if isinstance(error, SupervisorUnavailable | NotLeader):
                     again.append(index)
-            if again and deadline is None:
+            if not again:
+                return results
+            if deadline is None:
                 deadline = time.monotonic() + self.settings.unavailable_grace
-            if not again or deadline is None or time.monotonic() + pause > deadline:
+            if time.monotonic() + pause > deadline:
                 return results
             pending = again
             await asyncio.sleep(pause)
