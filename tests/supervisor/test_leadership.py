@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import NotLeader
 from taskloom.core.localredis import free_port
-from taskloom.core.model import AttemptRef, Event, TaskStatus
+from taskloom.core.model import AttemptRef, Event, EventType, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
@@ -117,6 +117,13 @@ async def test_a_leader_that_lost_its_lease_cannot_write_and_steps_down(
     keys = supervisor.store.keys
     await supervisor.store._redis.set(keys.leader, "999/usurper@elsewhere", px=60_000)
 
+    # Its writes are fenced, and the error says who leads and what to do.
+    with pytest.raises(
+        NotLeader,
+        match=r"^this supervisor lost the leader lease \(now held by 999/usurper@elsewhere\); "
+        "a supervisor takes the lead within TASKLOOM_LEADER_TTL, try again$",
+    ):
+        await supervisor.store.note("0" * 20, TaskStatus.RUNNING, EventType.TASK_SUBMITTED, "x")
     with pytest.raises(NotLeader, match="usurper"):
         await client.submit("too late", plan=plan(("a", "echo", "x")))
     assert not await supervisor.store._redis.zcard(keys.tasks_index)
