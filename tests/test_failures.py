@@ -16,7 +16,7 @@ from taskloom.core.errors import InvalidArgument, TaskFinished
 from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import Event, SubtaskResult, SubtaskStatus, TaskStatus
 from taskloom.supervisor.app import Supervisor
-from taskloom.supervisor.store import ReadyItem
+from taskloom.supervisor.outcomes import ReadyItem
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
 from tests.helpers import eventually, plan, wait_status, wait_subtask

@@ -8,7 +8,8 @@ from typing import cast
 
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
 from taskloom.supervisor.scheduler import Lease, Scheduler
-from taskloom.supervisor.store import Handed, ReadyItem, Store
+from taskloom.supervisor.outcomes import Handed, ReadyItem
+from taskloom.supervisor.store import Store
 
 
 def worker(name: str, slots: int, capabilities: str = "echo") -> WorkerInfo:

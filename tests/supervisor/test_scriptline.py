@@ -14,7 +14,7 @@ import redis.exceptions as rexc
 from taskloom.core.errors import StoreUnavailable
 from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import Plan, PlannedSubtask, TaskOptions
-from taskloom.supervisor.scriptline import ScriptLine, pack
+from taskloom.supervisor.scriptline import Endpoint, ScriptLine, pack
 from taskloom.supervisor.store import Store
 from tests.helpers import eventually
 
@@ -28,11 +28,9 @@ def sha(script: str) -> str:
 
 @pytest.fixture
 async def line(redis_server: LocalRedis) -> AsyncIterator[ScriptLine]:
-    pool = aioredis.ConnectionPool.from_url(redis_server.url, decode_responses=True)
-    line = ScriptLine(pool, timeout=2.0)
+    line = ScriptLine(Endpoint.from_url(redis_server.url), timeout=2.0)
     yield line
     await line.close()
-    await pool.aclose()
 
 
 @pytest.fixture
@@ -115,8 +113,7 @@ async def test_a_connection_redis_closed_while_idle_is_replaced_before_the_next_
 async def test_calls_waiting_on_a_redis_that_stopped_answering_time_out_then_it_recovers(
     redis_server: LocalRedis, raw: aioredis.Redis
 ) -> None:
-    pool = aioredis.ConnectionPool.from_url(redis_server.url, decode_responses=True)
-    line = ScriptLine(pool, timeout=0.3)
+    line = ScriptLine(Endpoint.from_url(redis_server.url), timeout=0.3)
     try:
         await line.eval(ECHO, sha(ECHO), ["warm"])
         await raw.client_pause(1500, all=False)  # write commands wait; scripts write
@@ -128,7 +125,6 @@ async def test_calls_waiting_on_a_redis_that_stopped_answering_time_out_then_it_
     finally:
         await raw.client_unpause()
         await line.close()
-        await pool.aclose()
 
 
 async def test_store_scripts_survive_a_redis_restart(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from taskloom.core.model import (
     TaskStatus,
 )
 from taskloom.core.plan import finalize
-from taskloom.supervisor.store import ReadyItem, Store
+from taskloom.supervisor.outcomes import ReadyItem
+from taskloom.supervisor.store import Store
 
 RETENTION = 3600.0
 

@@ -8,8 +8,11 @@ these types. Times are Unix seconds as floats.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from typing import Any
+
+from taskloom.core.errors import InvalidArgument
 
 SYNTHESIZE_ID = "synthesize"
 """The id of the synthesis subtask the supervisor appends to a plan."""
@@ -191,6 +194,55 @@ class TaskOptions:
     """Seconds from submission the task may take; 0: no limit."""
     cache: bool | None = None
     """Reuse outputs of identical earlier subtasks; None: the supervisor's default."""
+
+    def check(self) -> None:
+        """Each option in its range, or ``InvalidArgument`` naming the field."""
+        if self.max_parallel < 0:
+            raise InvalidArgument(
+                "max_parallel must be 0 (no limit) or more", field="options.max_parallel"
+            )
+        if not 0 <= self.max_attempts <= 100:
+            raise InvalidArgument(
+                "max_attempts must be from 1 to 100 (0: the default)",
+                field="options.max_attempts",
+            )
+        for name in ("subtask_timeout", "stall_timeout", "max_duration"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(
+                    f"{name} must be positive (0: the default)", field=f"options.{name}"
+                )
+        if self.max_tokens < 0:
+            raise InvalidArgument(
+                "max_tokens must be positive (0: no limit)", field="options.max_tokens"
+            )
+        if self.context_tokens and not 256 <= self.context_tokens <= 10_000_000:
+            raise InvalidArgument(
+                "context_tokens must be from 256 to 10,000,000 (0: the model's)",
+                field="options.context_tokens",
+            )
+
+    def to_doc(self) -> dict[str, Any]:
+        """The options as JSON-ready values (how the store keeps them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> TaskOptions:
+        """The inverse of ``to_doc``; missing keys take their defaults."""
+        return cls(
+            synthesize=bool(doc.get("synthesize", True)),
+            priority=int(doc.get("priority", 0)),
+            max_parallel=int(doc.get("max_parallel", 0)),
+            on_failure=OnFailure(doc.get("on_failure", OnFailure.FAIL)),
+            max_attempts=int(doc.get("max_attempts", 0)),
+            subtask_timeout=float(doc.get("subtask_timeout", 0.0)),
+            stall_timeout=float(doc.get("stall_timeout", 0.0)),
+            fallback=Fallback(doc.get("fallback", Fallback.NONE)),
+            context_tokens=int(doc.get("context_tokens", 0)),
+            context=ContextMode(doc.get("context", ContextMode.TRUNCATE)),
+            max_tokens=int(doc.get("max_tokens", 0)),
+            max_duration=float(doc.get("max_duration", 0.0)),
+            cache=doc.get("cache"),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,24 +3,20 @@
     async with Supervisor(SupervisorSettings.load()) as supervisor:
         await supervisor.wait_closed()
 
-Several supervisors may run against one Redis; one leads. ``start()``
-connects to Redis (failing fast with a clear error), starts the gRPC server
-on standby (health NOT_SERVING, RPCs refused with UNAVAILABLE) and competes
-for the leader lease. The leader renews it every third of ``leader_ttl``;
-each term of leadership gets a fresh scheduler and orchestrator, which
-recover the unfinished tasks from Redis. Every write carries the lease's
-token, so a leader that lost its lease (paused, cut off) cannot write; it
-steps down as soon as it notices, tells its workers to go elsewhere, and
-competes again. ``stop(grace)`` hands the lease over at once, then lets RPCs
-finish for ``grace`` seconds.
+Several supervisors may run against one Redis; one leads (``leadership``).
+``start()`` connects to Redis (failing fast with a clear error), starts the
+gRPC server on standby (health NOT_SERVING, RPCs refused with UNAVAILABLE)
+and competes for the leader lease. Each term of leadership gets a fresh
+scheduler and orchestrator, which recover the unfinished tasks from Redis;
+when the term ends its workers are told to go elsewhere. ``stop(grace)``
+hands the lease over at once, then lets RPCs finish for ``grace`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
+from collections.abc import Awaitable
 from types import TracebackType
 
 import grpc
@@ -32,6 +28,7 @@ from taskloom.core.errors import ConfigError, NotLeader, StoreUnavailable, Taskl
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.supervisor.interceptors import server_interceptors
+from taskloom.supervisor.leadership import Leadership
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.orchestrator import Orchestrator
 from taskloom.supervisor.planner import Planner
@@ -50,10 +47,6 @@ SERVICE_NAMES = (
 )
 LIVENESS = "liveness"
 """The health service that is SERVING whenever the process runs, leader or not."""
-NO_LEASE = "-"
-"""The store's fence while not leading: matches no lease, so every write is refused."""
-
-
 BACKGROUND_STOP_WAIT = 5.0
 
 
@@ -80,7 +73,6 @@ class Supervisor:
             max_connections=settings.redis_max_connections,
         )
         self.store.metrics = self.metrics
-        self.store.fence = NO_LEASE
         self.llm = InstrumentedLLM(llm or create_llm(settings), self.metrics.llm, "plan")
         self.planner = Planner(
             self.llm,
@@ -90,24 +82,20 @@ class Supervisor:
         )
         self.orchestrator: Orchestrator | None = None
         """This term's orchestrator while leading; None on standby."""
-        self.leader_token = ""
         self.terms = 0
         """How often this supervisor has become the leader."""
-        self._leader_seen = ""
-        self._valid_until = 0.0
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
         """Where the plaintext health-only server listens once started (0: none)."""
         self._background: list[asyncio.Task[None]] = []
-        self._ending: asyncio.Future[None] | None = None
-        self._leading = asyncio.Event()
         self.port = 0
         self.tokens = settings.token_table()
         """Who may call (empty: authentication is off)."""
         self.listen = self._guarded_listen()
         self.quotas = Quotas(settings, self.metrics)
+        self.leadership = Leadership(self.store, "", settings.leader_ttl, self)
 
     def _guarded_listen(self) -> str:
         """Where to listen: without tokens or mutual TLS only on loopback,
@@ -170,7 +158,7 @@ class Supervisor:
         """The orchestrator of the current term, or NotLeader on standby."""
         orchestrator = self.orchestrator
         if orchestrator is None:
-            leader = self._leader_seen.partition("/")[2] or "no supervisor"
+            leader = self.leadership.leader or "no supervisor"
             raise NotLeader(
                 f"supervisor {self.settings.supervisor_id} is on standby and "
                 f"{leader} holds the leader lease; use the leader's address "
@@ -238,15 +226,15 @@ class Supervisor:
             self.llm.describe(),
         )
         # One attempt now, so a lone supervisor leads as soon as start() returns.
-        await self._campaign()
+        self.leadership.holder = f"{self.settings.supervisor_id}@{self.address}"
+        await self.leadership.campaign()
         if self.orchestrator is None:
             logger.info(
-                "on standby: %s holds the leader lease", self._leader_seen or "another supervisor"
+                "on standby: %s holds the leader lease",
+                self.leadership.seen or "another supervisor",
             )
-        self._background = [
-            asyncio.create_task(self._lead_forever(), name="taskloom-leadership"),
-            asyncio.create_task(self._check_llm(), name="taskloom-llm-check"),
-        ]
+        self.leadership.start()
+        self._background = [asyncio.create_task(self._check_llm(), name="taskloom-llm-check")]
 
     async def _serve_health(self, port: int) -> None:
         """The health service alone, in plaintext: probes cannot do TLS, and
@@ -264,54 +252,10 @@ class Supervisor:
         await health_server.start()
         self._health_server = health_server
 
-    async def wait_leading(self) -> None:
-        """Until this supervisor holds the leader lease."""
-        await self._leading.wait()
+    # -- terms of leadership ------------------------------------------------------------
 
-    # -- leadership ----------------------------------------------------------------
-
-    async def _lead_forever(self) -> None:
-        interval = self.settings.leader_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._campaign()
-            except Exception:
-                logger.exception("leadership round failed; trying again")
-
-    async def _campaign(self) -> None:
-        """One round: renew the lease if we lead, else try to take it."""
-        ttl = self.settings.leader_ttl
-        sent = time.monotonic()
-        try:
-            if self.orchestrator is None:
-                won, token = await self.store.acquire_lease(self._holder(), ttl)
-                self._leader_seen = token
-                if won:
-                    self._valid_until = sent + ttl
-                    await self._begin_term(token)
-                return
-            kept, token = await self.store.renew_lease(self.leader_token, ttl)
-        except StoreUnavailable as e:
-            # Nobody can take the lease while Redis is away, but once it is
-            # back ours may have expired: give up before it can have.
-            if self.orchestrator is not None and time.monotonic() > self._valid_until - ttl / 3:
-                await self._end_term(f"cannot renew the leader lease: {e}")
-            else:
-                logger.warning("leadership: %s", e)
-            return
-        if kept:
-            self._valid_until = sent + ttl
-        else:
-            self._leader_seen = token
-            await self._end_term(f"the leader lease is now held by {token or 'nobody'}")
-
-    def _holder(self) -> str:
-        return f"{self.settings.supervisor_id}@{self.address}"
-
-    async def _begin_term(self, token: str) -> None:
-        self.store.fence = token
-        self.leader_token = token
+    async def begin(self, token: str) -> bool:
+        """Lead: a fresh scheduler and orchestrator recover the unfinished tasks."""
         scheduler = Scheduler(
             self.store,
             lease_ttl=self.settings.lease_ttl,
@@ -326,16 +270,27 @@ class Supervisor:
         except (StoreUnavailable, NotLeader) as e:
             logger.warning("could not take over: %s", e)
             await orchestrator.stop()
-            self.store.fence = NO_LEASE
-            with contextlib.suppress(TaskloomError):
-                await self.store.release_lease(token)
-            return
+            return False
         self.orchestrator = orchestrator
         self.terms += 1
-        self._leading.set()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("leading (lease %s)", token)
         await self._check_durability()
+        return True
+
+    def end(self, reason: str) -> Awaitable[None]:
+        """Refuse requests from now on; wind the term down."""
+        orchestrator, self.orchestrator = self.orchestrator, None
+        self.metrics.redis_durable.set(-1)
+        return self._wind_down(orchestrator, reason)
+
+    async def _wind_down(self, orchestrator: Orchestrator | None, reason: str) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if orchestrator is None:
+            return
+        await orchestrator.stop()
+        for session in orchestrator.scheduler.sessions():
+            session.send(DrainNotice(reason))
+            session.close()
 
     async def _check_durability(self) -> None:
         """Say so when Redis's persistence can lose what taskloom acknowledges."""
@@ -364,29 +319,6 @@ class Supervisor:
                 *found,
             )
 
-    async def _end_term(self, reason: str) -> None:
-        """Stop deciding, refuse writes, send the workers elsewhere.
-
-        The winding down runs to its end even if the caller is cancelled (a
-        stop() during a step-down), or the term's loops would run on.
-        """
-        orchestrator, self.orchestrator = self.orchestrator, None
-        if orchestrator is not None:
-            self._leading.clear()
-            self.metrics.redis_durable.set(-1)
-            self._ending = asyncio.ensure_future(self._wind_down(orchestrator, reason))
-        if self._ending is not None:
-            await asyncio.shield(self._ending)
-
-    async def _wind_down(self, orchestrator: Orchestrator, reason: str) -> None:
-        logger.warning("stepping down: %s", reason)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await orchestrator.stop()
-        self.store.fence = NO_LEASE
-        for session in orchestrator.scheduler.sessions():
-            session.send(DrainNotice(reason))
-            session.close()
-
     async def _set_health(
         self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
     ) -> None:
@@ -409,16 +341,9 @@ class Supervisor:
             task.cancel()
         if self._background:
             # Bounded: a shutdown must finish even if a task ignores its cancel.
-            _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_WAIT)
-            for task in stuck:
-                logger.warning("%s did not stop within %.0fs; going on", task.get_name(),
-                               BACKGROUND_STOP_WAIT)  # fmt: skip
+            await asyncio.wait(self._background, timeout=BACKGROUND_STOP_WAIT)
         self._background = []
-        await self._end_term("the supervisor is shutting down")
-        if self.leader_token:
-            # Hand over at once: a standby need not wait for the lease to expire.
-            with contextlib.suppress(TaskloomError):
-                await self.store.release_lease(self.leader_token)
+        await self.leadership.stop(BACKGROUND_STOP_WAIT)
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace)

@@ -61,7 +61,7 @@ class EventHub:
         self._store = store
         self._block_ms = block_ms
         self._tasks: dict[str, _Watched] = {}
-        self._wake_key = store.keys.prefix + f"hub:{uuid.uuid4().hex}"
+        self._wake_key = store.keys.hub(uuid.uuid4().hex)
         self._wake_since = "0"
         self._changed = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None

@@ -21,9 +21,16 @@ scripts get the same key builders, generated from the templates below by
     {prefix}owner:{key}:active       zset    its unfinished tasks (for the in-flight limit)
     {prefix}owners                   set     principals that own tasks (to trim their indexes)
     {prefix}hub:{id}                 stream  wakes one supervisor's event hub (short-lived)
+
+The fields of the task and subtask hashes and of the event entries are
+listed in ``records``.
 """
 
 from __future__ import annotations
+
+REDIS_TIMEOUT = 10.0
+"""How long a Redis command may go unanswered before the call fails (seconds).
+The leader lease must be shorter (``SupervisorSettings.leader_ttl``)."""
 
 _TEMPLATES = {
     "task": "task:{task}",
@@ -41,6 +48,7 @@ _TEMPLATES = {
     "owner_tasks": "owner:{key}:tasks",
     "owner_active": "owner:{key}:active",
     "owners": "owners",
+    "hub": "hub:{key}",
 }
 
 
@@ -82,6 +90,10 @@ class Keys:
 
     def owner_active(self, owner: str) -> str:
         return self.prefix + _TEMPLATES["owner_active"].format(key=owner)
+
+    def hub(self, supervisor: str) -> str:
+        """The stream that wakes one supervisor's event hub."""
+        return self.prefix + _TEMPLATES["hub"].format(key=supervisor)
 
 
 def lua_prelude() -> str:

@@ -9,18 +9,44 @@ describes. No label carries a task or subtask id.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from taskloom.core.metrics import Children, LLMMetrics
+from taskloom.core.model import WorkerInfo
+from taskloom.supervisor.outcomes import Outcome
 
-if TYPE_CHECKING:
-    from taskloom.supervisor.scheduler import Lease, Scheduler
-    from taskloom.supervisor.store import Outcome
+
+class Lease(Protocol):
+    """What the metrics read of a lease (``scheduler.Lease``)."""
+
+    @property
+    def capability(self) -> str: ...
+    @property
+    def assigned_at(self) -> float: ...
+
+
+class Session(Protocol):
+    """What the metrics read of a worker session (``scheduler.WorkerSession``)."""
+
+    @property
+    def info(self) -> WorkerInfo: ...
+    @property
+    def leases(self) -> Collection[object]: ...
+
+
+class Scheduler(Protocol):
+    """What the metrics read of the leading scheduler, at scrape time."""
+
+    def queue_stats(self) -> dict[str, tuple[int, float]]: ...
+    def sessions(self) -> Sequence[Session]: ...
+    def lease_count(self) -> int: ...
+    def busy_by_capability(self) -> dict[str, int]: ...
+
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

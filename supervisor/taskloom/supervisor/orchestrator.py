@@ -56,10 +56,11 @@ from taskloom.core.plan import check_plan, finalize
 from taskloom.core.tracing import carrier, genai_attributes, ids, parent, tracer
 from taskloom.supervisor.events import EventHub
 from taskloom.supervisor.metrics import SupervisorMetrics
+from taskloom.supervisor.outcomes import Handed, Outcome, ReadyItem
 from taskloom.supervisor.planner import PlanHooks, Planner
 from taskloom.supervisor.scheduler import CancelAttempts, Lease, Offer, Scheduler, WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
-from taskloom.supervisor.store import Handed, Outcome, ReadyItem, Store
+from taskloom.supervisor.store import Store
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
 from taskloom.supervisor.metrics import SupervisorMetrics
-from taskloom.supervisor.store import Handed, OfferedSlots, ReadyItem, Store
+from taskloom.supervisor.outcomes import Handed, OfferedSlots, ReadyItem
+from taskloom.supervisor.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ event loop reads them (no reader task to wake in between). Calls made while
 others are in flight go out back to back and come back in one read -- the
 pipelining a burst needs, with no batching window and nothing to tune -- and
 a lone call pays one write and one read, without a pool checkout, a task per
-timeout or redis-py's command layer (about 0.15 ms of a one-subtask create's
-0.5 ms round trip through redis-py on a 2-core VM; ``bench/RESULTS.md``).
+timeout or redis-py's command layer (``docs/benchmarks.md``).
 
-redis-py still opens the connection and shakes hands, so every URL form, TLS,
-AUTH and SELECT work as for the rest of the store; then its transport is
-taken over (``set_protocol``). Replies are parsed with hiredis
-and errors become the same redis-py exceptions. A connection that fails or
-stops answering for ``timeout`` seconds fails every call waiting on it with
+The connection is opened here, from the same URL as the rest of the store
+(``redis://``, ``rediss://`` with its TLS options, ``unix://``; a password,
+a user and a database), with AUTH and SELECT sent as its first commands.
+Replies are parsed with hiredis, and errors become the redis-py exceptions
+the rest of the store knows. A connection that fails or stops answering for
+``timeout`` seconds fails every call waiting on it with
 ``redis.exceptions.ConnectionError`` or ``TimeoutError``; the next call opens
 a new one. A call that is cancelled leaves its reply to be read and dropped,
 so the replies of the others stay in step.
@@ -24,17 +24,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
-import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis._parsers.base import BaseParser
 
-_parse_error: Any = BaseParser.parse_error
-"""redis-py's mapping of an error reply to its exception (NOSCRIPT, LOADING, READONLY...)."""
+_ERRORS: tuple[tuple[str, type[rexc.RedisError]], ...] = (
+    ("NOSCRIPT", rexc.NoScriptError),
+    ("LOADING", rexc.BusyLoadingError),
+    ("READONLY", rexc.ReadOnlyError),
+    ("NOAUTH", rexc.AuthenticationError),
+    ("WRONGPASS", rexc.AuthenticationError),
+    ("NOPERM", rexc.NoPermissionError),
+    ("EXECABORT", rexc.ExecAbortError),
+)
+"""Error replies that mean something to the caller, by their first word."""
+
+
+def error_of(reply: str) -> rexc.RedisError:
+    """The redis-py exception for an error reply (``ResponseError`` by default)."""
+    word = reply.split(" ", 1)[0]
+    for prefix, cls in _ERRORS:
+        if word == prefix:
+            return cls(reply)
+    return rexc.ResponseError(reply)
 
 
 def pack(args: Sequence[str | int | bytes]) -> bytes:
@@ -46,16 +64,68 @@ def pack(args: Sequence[str | int | bytes]) -> bytes:
     return b"".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a Redis server listens and how to log in, from a ``redis://``,
+    ``rediss://`` or ``unix://`` URL."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str = ""
+    """A Unix socket, instead of host and port."""
+    username: str = ""
+    password: str = ""
+    db: int = 0
+    tls: ssl.SSLContext | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        db = int(query.get("db") or 0)
+        if parts.scheme == "unix":
+            return cls(
+                path=unquote(parts.path),
+                username=unquote(parts.username or ""),
+                password=unquote(parts.password or ""),
+                db=db,
+            )
+        if parts.path.strip("/"):
+            db = int(parts.path.strip("/"))
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            username=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+            db=db,
+            tls=_tls(query) if parts.scheme == "rediss" else None,
+        )
+
+    def moved(self, host: str, port: int) -> Endpoint:
+        """The same login at another address (a primary that Sentinel names)."""
+        return Endpoint(host, port, "", self.username, self.password, self.db, self.tls)
+
+
+def _tls(query: dict[str, str]) -> ssl.SSLContext:
+    """The TLS context of a ``rediss://`` URL (redis-py's query options)."""
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+    if query.get("ssl_cert_reqs", "required").lower() in ("none", "cert_none"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif query.get("ssl_check_hostname", "true").lower() in ("false", "0", "no"):
+        context.check_hostname = False
+    if query.get("ssl_certfile"):
+        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
+    return context
+
+
 class _Replies(asyncio.Protocol):
     """One open connection, as the event loop's protocol for its transport:
     replies are parsed and handed to the waiting calls, in order, in the
     loop's own read callback (no reader task to wake in between)."""
 
-    def __init__(self, streams: tuple[Any, Any], timeout: float, closed: Any) -> None:
-        # redis-py's stream pair is kept only so that it is not collected:
-        # a StreamWriter closes its transport when it is.
-        self._streams = streams
-        self.transport: asyncio.Transport = streams[1].transport
+    def __init__(self, timeout: float, closed: Callable[[_Replies], None]) -> None:
+        self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.timeout = timeout
         self._closed = closed
@@ -65,8 +135,13 @@ class _Replies(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self.open = True
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """Write ``command``; the future of its reply."""
+        assert self.transport is not None
         future = self._loop.create_future()
         self.transport.write(command)
         self.pending.append(future)
@@ -127,10 +202,11 @@ class _Replies(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if abort:
-            self.transport.abort()
-        else:
-            self.transport.close()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -138,12 +214,31 @@ class _Replies(asyncio.Protocol):
         self.resume_writing()
 
 
+Locate = Callable[[], Awaitable[Endpoint]]
+"""Where to connect now (Sentinel's current primary, or a fixed address)."""
+
+
 class ScriptLine:
     """Script calls over one auto-pipelined connection (see the module doc)."""
 
-    def __init__(self, pool: aioredis.ConnectionPool, timeout: float) -> None:
-        self._pool: Any = pool
+    def __init__(
+        self,
+        endpoint: Endpoint | Locate,
+        timeout: float,
+        *,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if isinstance(endpoint, Endpoint):
+            fixed = endpoint
+
+            async def locate() -> Endpoint:
+                return fixed
+
+            self._locate: Locate = locate
+        else:
+            self._locate = endpoint
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._connection: _Replies | None = None
         self._opening = asyncio.Lock()
 
@@ -163,37 +258,39 @@ class ScriptLine:
     async def call(self, command: bytes) -> Any:
         """Send one packed command; its reply, or the redis-py exception for its error."""
         connection = self._connection or await self._open()
-        future = connection.send(command)
-        try:
-            await connection.drained()
-            reply = await future
-        except BaseException:
-            future.cancel()  # its reply, or its failure, is nobody's now
-            raise
-        if isinstance(reply, hiredis.ReplyError):
-            raise _parse_error(str(reply))
-        return reply
+        return await _ask(connection, command)
 
     async def _open(self) -> _Replies:
         async with self._opening:
             if self._connection is not None:
                 return self._connection
-            opened = self._pool.make_connection()
+            endpoint = await self._locate()
+            loop = asyncio.get_running_loop()
+            connection = _Replies(self.timeout, self._closed)
             try:
-                await opened.connect()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await opened.disconnect()
+                async with asyncio.timeout(self.connect_timeout):
+                    if endpoint.path:
+                        await loop.create_unix_connection(lambda: connection, endpoint.path)
+                    else:
+                        await loop.create_connection(
+                            lambda: connection,
+                            endpoint.host,
+                            endpoint.port,
+                            ssl=endpoint.tls,
+                            server_hostname=endpoint.host if endpoint.tls else None,
+                        )
+                    await _handshake(connection, endpoint)
+            except TimeoutError:
+                connection.fail(rexc.TimeoutError("no connection"))
+                raise rexc.TimeoutError(
+                    f"Redis did not accept a connection in {self.connect_timeout:g} s"
+                ) from None
+            except OSError as e:
+                connection.fail(rexc.ConnectionError(str(e)))
+                raise rexc.ConnectionError(f"cannot connect to Redis: {e}") from None
+            except BaseException as e:
+                connection.fail(rexc.ConnectionError(f"the handshake failed: {e}"))
                 raise
-            # redis-py opened the connection and shook hands (TLS, AUTH,
-            # SELECT); its transport is ours from here on, and redis-py's
-            # connection object forgets it.
-            connection = _Replies((opened._reader, opened._writer), self.timeout, self._closed)
-            opened._reader = opened._writer = None
-            connection.transport.set_protocol(connection)
-            if connection.transport.is_closing():
-                connection.fail(rexc.ConnectionError("Redis closed the connection"))
-                raise rexc.ConnectionError("Redis closed the connection")
             self._connection = connection
             return connection
 
@@ -206,3 +303,27 @@ class ScriptLine:
         connection = self._connection
         if connection is not None:
             connection.fail(rexc.ConnectionError("the store was closed"), abort=False)
+
+
+async def _ask(connection: _Replies, command: bytes) -> Any:
+    future = connection.send(command)
+    try:
+        await connection.drained()
+        reply = await future
+    except BaseException:
+        future.cancel()  # its reply, or its failure, is nobody's now
+        raise
+    if isinstance(reply, hiredis.ReplyError):
+        raise error_of(str(reply))
+    return reply
+
+
+async def _handshake(connection: _Replies, endpoint: Endpoint) -> None:
+    """Log in and pick the database, as the connection's first commands."""
+    if endpoint.password:
+        login = [endpoint.username, endpoint.password] if endpoint.username else [endpoint.password]
+        await _ask(connection, pack(["AUTH", *login]))
+    if endpoint.db:
+        await _ask(connection, pack(["SELECT", endpoint.db]))
+    with contextlib.suppress(rexc.ResponseError):  # older servers, or a renamed command
+        await _ask(connection, pack(["CLIENT", "SETNAME", "taskloom-scripts"]))

@@ -24,7 +24,7 @@ from taskloom.core.settings import (
     Seconds,
     StrList,
 )
-from taskloom.supervisor.store import REDIS_TIMEOUT
+from taskloom.supervisor.keys import REDIS_TIMEOUT
 
 
 class SupervisorSettings(LLMSettings, KeepaliveSettings):

@@ -8,17 +8,15 @@
 -- A task's counters are updated, and whether it has ended is checked, once
 -- per task and script rather than once per result: each call into Redis
 -- from Lua costs several microseconds, and a batch may hold hundreds.
--- PAYLOAD: {{{task, sub, attempt, output, usage_json, worker_id}, ...},
---   offer (or false), limits} (offer and limits: see hand_out in lib.lua)
--- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
---   priority}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...},
---   and hand_out's handed, cached, goals and traces}
+-- Returns OutcomeReply: committed (1|0 per item), the dependents made READY
+-- (or handed out), the tasks finished, the attempts held in tasks that ended.
+local items, offer, limits = unpack(PAYLOAD) -- CompleteArgs
 local committed, ready, finished, held = {}, {}, {}, {}
 local tasks, succeeded = {}, {}
-for i, item in ipairs(PAYLOAD[1]) do
-  local task, sub, attempt, output, usage = item[1], item[2], item[3], item[4], item[5]
+for i, item in ipairs(items) do
+  local task, sub, attempt, output, usage, worker_id = unpack(item) -- CompleteItem
   committed[i] = 0
-  local status, v = held_by(task, sub, attempt, item[6], {'worker', 'cache_key', 'dependents'})
+  local status, v = held_by(task, sub, attempt, worker_id, {'worker', 'cache_key', 'dependents'})
   if status then
     local sk = k_subtask(task, sub)
     redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', output, 'usage', usage,
@@ -56,7 +54,7 @@ for _, task in ipairs(tasks) do
   settle(task, finished)
 end
 local handed, cached
-handed, cached, ready = hand_out(ready, PAYLOAD[2], PAYLOAD[3], finished)
+handed, cached, ready = hand_out(ready, offer, limits, finished)
 return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
   statuses = statuses_of(finished), ended = ENDED, handed = handed, cached = cached,
   goals = GOALS, traces = TRACES})

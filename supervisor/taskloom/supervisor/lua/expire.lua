@@ -1,7 +1,8 @@
 -- End the tasks whose max_duration has passed: FAILED with BUDGET_EXCEEDED.
--- PAYLOAD: {limit}. Returns JSON: {finished = {task, ...}, held = {{task, sub, attempt}, ...}}
+-- Returns OutcomeReply: the tasks finished and the attempts workers held.
+local limit = unpack(PAYLOAD) -- ExpireArgs
 local finished, held = {}, {}
-local due = redis.call('ZRANGEBYSCORE', k_deadlines(), '-inf', NOW, 'LIMIT', 0, PAYLOAD[1])
+local due = redis.call('ZRANGEBYSCORE', k_deadlines(), '-inf', NOW, 'LIMIT', 0, limit)
 for _, task in ipairs(due) do
   redis.call('ZREM', k_deadlines(), task)
   local v = redis.call('HMGET', k_task(task), 'status', 'max_duration')

@@ -8,32 +8,33 @@
 -- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
 -- that kills every worker it lands on from looping for ever.
 -- The attempt's LLM usage counts towards the task's max_tokens either way.
--- PAYLOAD: {{task, sub, attempt, error, retryable (0|1), counts (0|1), usage_json,
---   worker_id ('' for the supervisor's own verdicts)}, ...}
--- Returns JSON: {committed = {1|0, ...}, ready = {{task, sub, capability,
---   priority, attempt}, ...}, finished = {task, ...}, held = {{task, sub, attempt}, ...}}
+-- PAYLOAD: {FailItem, ...}. Returns OutcomeReply: committed (1|0 per
+-- item), the subtasks READY again (with the attempt that failed, for the
+-- backoff), the tasks finished, the attempts held in tasks that ended, and
+-- the subtasks the planner must replace.
 local MAX_LOST = 20
 local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
 for i, item in ipairs(PAYLOAD) do
-  local task, sub, attempt, err, retryable = item[1], item[2], item[3], item[4], item[5]
-  local counts = item[6] ~= 0
+  local task, sub, attempt, error, retryable, counts, usage, worker_id =
+    unpack(item) -- FailItem
+  local lost_only = counts == 0
   committed[i] = 0
   local over = nil
-  if held_by(task, sub, attempt, item[8]) then
-    add_usage(task, item[7])
+  if held_by(task, sub, attempt, worker_id) then
+    add_usage(task, usage)
     over = enforce_budget(task)
   end
   if over ~= nil then
     committed[i] = 1
     for _, h in ipairs(over) do table.insert(held, h) end
     table.insert(finished, task)
-  elseif held_by(task, sub, attempt, item[8]) then
+  elseif held_by(task, sub, attempt, worker_id) then
     local tk, sk = k_task(task), k_subtask(task, sub)
     local v = redis.call('HMGET', sk, 'max_attempts', 'capability', 'title', 'worker')
     local max_attempts = tonumber(v[1])
     local failures = tonumber(redis.call('HGET', sk, 'failures') or '0')
     local lost = tonumber(redis.call('HGET', sk, 'lost') or '0')
-    if counts then
+    if not lost_only then
       failures = redis.call('HINCRBY', sk, 'failures', 1)
     else
       lost = redis.call('HINCRBY', sk, 'lost', 1)
@@ -42,29 +43,29 @@ for i, item in ipairs(PAYLOAD) do
     redis.call('HSET', tk, 'updated_at', NOW)
     local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
     if retryable == 1 and failures < max_attempts and lost < MAX_LOST then
-      redis.call('HSET', sk, 'status', 'READY', 'error', err, 'ready_at', NOW, 'progress', '')
+      redis.call('HSET', sk, 'status', 'READY', 'error', error, 'ready_at', NOW, 'progress', '')
       local message
-      if not counts then
-        message = 'attempt ' .. attempt .. ' lost: ' .. err ..
+      if lost_only then
+        message = 'attempt ' .. attempt .. ' lost: ' .. error ..
           '; running it again (this does not use up one of its ' .. max_attempts .. ' attempts)'
         table.insert(ready, {task, sub, v[2], priority, 0})
       else
         if failures == attempt then
-          message = 'attempt ' .. attempt .. ' of ' .. max_attempts .. ' failed: ' .. err
+          message = 'attempt ' .. attempt .. ' of ' .. max_attempts .. ' failed: ' .. error
         else
           message = 'attempt ' .. attempt .. ' failed (' .. failures .. ' of ' .. max_attempts ..
-            ' failures allowed): ' .. err
+            ' failures allowed): ' .. error
         end
         table.insert(ready, {task, sub, v[2], priority, failures})
       end
       emit(task, 'subtask.retrying', sub, 'READY', message, attempt, v[4])
     else
-      redis.call('HSET', sk, 'status', 'FAILED', 'error', err, 'finished_at', NOW, 'progress', '')
-      local why = 'failed after ' .. failures .. ' attempt(s): ' .. err
+      redis.call('HSET', sk, 'status', 'FAILED', 'error', error, 'finished_at', NOW, 'progress', '')
+      local why = 'failed after ' .. failures .. ' attempt(s): ' .. error
       if retryable ~= 1 then
-        why = 'failed: ' .. err
+        why = 'failed: ' .. error
       elseif lost >= MAX_LOST then
-        why = 'lost its worker ' .. lost .. ' times (' .. err .. '); it may be what stops them'
+        why = 'lost its worker ' .. lost .. ' times (' .. error .. '); it may be what stops them'
       end
       emit(task, 'subtask.failed', sub, 'FAILED', why, attempt, v[4])
       local title = v[3]

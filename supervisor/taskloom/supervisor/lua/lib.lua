@@ -1,15 +1,17 @@
 -- Shared by every script; loaded after the key builders from keys.py.
--- ARGV: [1] key prefix, [2] now (Unix seconds), [3] retention (seconds),
--- [4] the script's payload as JSON, [5] the caller's fencing token.
-local NOW = ARGV[2]
-local RETENTION = tonumber(ARGV[3])
-local PAYLOAD = cjson.decode(ARGV[4])
+-- ARGV: the key prefix (the key builders read it), now (Unix seconds), the
+-- retention (seconds), the script's payload as JSON (its type is named in
+-- scripts.py, and on the line of each script that unpacks it) and the
+-- caller's fencing token.
+local _, NOW, RETENTION_SECONDS, PAYLOAD_JSON, FENCE = unpack(ARGV)
+local RETENTION = tonumber(RETENTION_SECONDS)
+local PAYLOAD = cjson.decode(PAYLOAD_JSON)
 
 -- Fencing: a supervisor writes only while the leader lease holds its token.
 -- A former leader that was paused or cut off past its lease gets this error
 -- instead of overwriting what the new leader decided. (The leadership script
 -- itself passes no token.)
-if ARGV[5] ~= '' and redis.call('GET', k_leader()) ~= ARGV[5] then
+if FENCE ~= '' and redis.call('GET', k_leader()) ~= FENCE then
   return redis.error_reply('TASKLOOM_FENCED the leader lease is held by ' ..
     tostring(redis.call('GET', k_leader()) or 'nobody'))
 end
@@ -279,54 +281,56 @@ end
 -- of ids, the task's counters, plan.created and a subtask.ready event for
 -- each subtask without dependencies. One step instead of several commands
 -- per subtask: a 20,000-subtask plan is one round trip.
--- subtasks: {{id, title, instruction, capability, deps (ids), params_json,
---   max_attempts, timeout, tolerant (0|1)}, ...}. Returns the READY ids.
+-- rows: {SubtaskRow, ...}. Returns the READY ids.
 local function ids_json(ids)
   -- cjson writes an empty table as {}; the readers want a JSON list.
   if #ids == 0 then return '[]' end
   return cjson.encode(ids)
 end
 
-local function store_plan(task, result_from, subtasks)
+local function store_plan(task, result_from, rows)
   local dependents = {}
-  for _, s in ipairs(subtasks) do
-    for _, dep in ipairs(s[5]) do
+  for _, row in ipairs(rows) do
+    local id, _, _, _, deps = unpack(row) -- SubtaskRow
+    for _, dep in ipairs(deps) do
       local list = dependents[dep]
       if list == nil then list = {}; dependents[dep] = list end
-      table.insert(list, s[1])
+      table.insert(list, id)
     end
   end
 
   local subs = k_subtasks(task)
   redis.call('DEL', subs)
   local chunk = {}
-  for i, s in ipairs(subtasks) do
-    table.insert(chunk, s[1])
-    if #chunk == 1000 or i == #subtasks then
+  for i, row in ipairs(rows) do
+    table.insert(chunk, row[1])
+    if #chunk == 1000 or i == #rows then
       redis.call('RPUSH', subs, unpack(chunk))
       chunk = {}
     end
   end
 
   local ready = {}
-  for _, s in ipairs(subtasks) do
-    local status, sk = 'PENDING', k_subtask(task, s[1])
-    if #s[5] == 0 then
+  for _, row in ipairs(rows) do
+    local id, title, instruction, capability, deps, params, max_attempts, timeout, tolerant =
+      unpack(row) -- SubtaskRow
+    local status, sk = 'PENDING', k_subtask(task, id)
+    if #deps == 0 then
       status = 'READY'
-      table.insert(ready, s[1])
-      FRESH[sk] = {status, '0', s[2], s[3], s[4], s[6], '[]', s[8]}
+      table.insert(ready, id)
+      FRESH[sk] = {status, '0', title, instruction, capability, params, '[]', timeout}
     end
     redis.call('HSET', sk,
-      'id', s[1], 'title', s[2], 'instruction', s[3], 'capability', s[4],
-      'deps', ids_json(s[5]), 'dependents', ids_json(dependents[s[1]] or {}),
-      'pending', #s[5], 'params', s[6], 'status', status, 'attempt', 0,
-      'max_attempts', s[7], 'timeout', s[8], 'tolerant', s[9], 'created_at', NOW)
+      'id', id, 'title', title, 'instruction', instruction, 'capability', capability,
+      'deps', ids_json(deps), 'dependents', ids_json(dependents[id] or {}),
+      'pending', #deps, 'params', params, 'status', status, 'attempt', 0,
+      'max_attempts', max_attempts, 'timeout', timeout, 'tolerant', tolerant, 'created_at', NOW)
   end
 
   TASK_STATUS[task] = 'RUNNING'
-  redis.call('HSET', k_task(task), 'status', 'RUNNING', 'total', #subtasks, 'succeeded', 0,
+  redis.call('HSET', k_task(task), 'status', 'RUNNING', 'total', #rows, 'succeeded', 0,
     'settled', 0, 'result_from', ids_json(result_from), 'updated_at', NOW)
-  emit(task, 'plan.created', '', 'RUNNING', 'plan with ' .. #subtasks .. ' subtasks')
+  emit(task, 'plan.created', '', 'RUNNING', 'plan with ' .. #rows .. ' subtasks')
   for _, sub in ipairs(ready) do
     emit(task, 'subtask.ready', sub, 'READY', '')
   end
@@ -416,12 +420,11 @@ end
 
 -- Hand subtasks that just became READY straight to free worker slots the
 -- supervisor offered, in the step that made them READY: no second round
--- trip to assign them. offer: {capability = {{worker_id, name, fingerprint,
--- slots}, ...}}, taken round-robin; limits: {task = how many more may run}
--- for tasks with max_parallel. ready: {{task, sub, capability, priority},
--- ...}. Returns handed = {{task, sub, capability, worker index, assignment},
--- ...}, the capabilities of cache hits (cached), and the items still READY
--- (for the supervisor's queue).
+-- trip to assign them. offer: {capability = {OfferedSlot, ...}}, taken
+-- round-robin, each slot's last field counting down what it can still take;
+-- limits: {task = how many more may run} for tasks with max_parallel. ready:
+-- {ReadyRow, ...}. Returns handed = {HandedRow, ...}, the capabilities of
+-- cache hits (cached), and the rows still READY (for the supervisor's queue).
 local function hand_out(ready, offer, limits, finished)
   if not offer then return {}, {}, ready end
   local handed, hits, left, turn = {}, {}, {}, {}
@@ -429,13 +432,13 @@ local function hand_out(ready, offer, limits, finished)
   while i <= #ready do
     local item = ready[i]
     i = i + 1
-    local task, sub, cap = item[1], item[2], item[3]
-    local workers = offer[cap]
+    local task, sub, capability = unpack(item) -- ReadyRow
+    local workers = offer[capability]
     local limit = limits[task]
     local w = nil
     if workers ~= nil and (limit == nil or limit > 0) then
       -- The next worker, round-robin, with a slot left.
-      local start = turn[cap] or 0
+      local start = turn[capability] or 0
       for k = 1, #workers do
         local j = (start + k - 1) % #workers + 1
         if workers[j][4] > 0 then w = j; break end
@@ -445,16 +448,17 @@ local function hand_out(ready, offer, limits, finished)
       table.insert(left, item)
     else
       local slot = workers[w]
+      local worker_id, worker, fingerprint = unpack(slot) -- OfferedSlot
       -- A cache hit appends the dependents it unlocks to `ready`: they are
       -- handed out too, further down this loop.
-      local a = assign_one(task, sub, slot[1], slot[2], slot[3], ready, finished)
+      local a = assign_one(task, sub, worker_id, worker, fingerprint, ready, finished)
       if a == 'hit' then
-        table.insert(hits, cap)
+        table.insert(hits, capability)
       elseif a ~= nil then
         slot[4] = slot[4] - 1
-        turn[cap] = w
+        turn[capability] = w
         if limit ~= nil then limits[task] = limit - 1 end
-        table.insert(handed, {task, sub, cap, w, a})
+        table.insert(handed, {task, sub, capability, w, a})
       end
     end
   end

@@ -3,11 +3,9 @@
 -- subtasks that nothing else in the replacement depends on (its sinks), and
 -- the task's result takes them where it took the failed one. Finished
 -- subtasks never change. The graph's version goes up by one.
--- PAYLOAD: {task, failed, version, subtasks = {{id, title, instruction,
---   capability, deps, params_json, max_attempts, timeout}, ...}, sinks, message}
--- Returns JSON: {ok = 1|0, ready = {{task, sub, capability, priority}, ...}}
-local task, failed, version = PAYLOAD[1], PAYLOAD[2], PAYLOAD[3]
-local new, sinks, message = PAYLOAD[4], PAYLOAD[5], PAYLOAD[6]
+-- Returns ReviseReply: ok = 0 if the task moved on, and the new subtasks
+-- that are READY.
+local task, failed, version, rows, sinks, message = unpack(PAYLOAD) -- ReviseArgs
 local tk, fk = k_task(task), k_subtask(task, failed)
 if redis.call('HGET', tk, 'status') ~= 'RUNNING'
     or tonumber(redis.call('HGET', tk, 'version') or '1') ~= version
@@ -16,14 +14,16 @@ if redis.call('HGET', tk, 'status') ~= 'RUNNING'
 end
 local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
 local is_new, dependents = {}, {}
-for _, s in ipairs(new) do
-  is_new[s[1]] = true
-  dependents[s[1]] = {}
+for _, row in ipairs(rows) do
+  local id = unpack(row) -- SubtaskRow
+  is_new[id] = true
+  dependents[id] = {}
 end
-for _, s in ipairs(new) do
-  for _, dep in ipairs(s[5]) do
+for _, row in ipairs(rows) do
+  local id, _, _, _, deps = unpack(row) -- SubtaskRow
+  for _, dep in ipairs(deps) do
     dependents[dep] = dependents[dep] or {}
-    table.insert(dependents[dep], s[1])
+    table.insert(dependents[dep], id)
   end
 end
 -- The failed step's dependents depend on the sinks instead.
@@ -53,24 +53,26 @@ for dep, list in pairs(dependents) do
   end
 end
 local ready = {}
-for _, s in ipairs(new) do
-  local id = s[1]
+for _, row in ipairs(rows) do
+  local id, title, instruction, capability, deps, params, max_attempts, timeout =
+    unpack(row) -- SubtaskRow
   local pending = 0
-  for _, dep in ipairs(s[5]) do
+  for _, dep in ipairs(deps) do
     if is_new[dep] or redis.call('HGET', k_subtask(task, dep), 'status') ~= 'SUCCEEDED' then
       pending = pending + 1
     end
   end
   local status = 'PENDING'
   if pending == 0 then status = 'READY' end
-  redis.call('HSET', k_subtask(task, id), 'id', id, 'title', s[2], 'instruction', s[3],
-    'capability', s[4], 'deps', cjson.encode(s[5]), 'dependents', cjson.encode(dependents[id]),
-    'pending', pending, 'params', s[6], 'status', status, 'attempt', 0,
-    'max_attempts', s[7], 'timeout', s[8], 'tolerant', 0, 'created_at', NOW)
+  redis.call('HSET', k_subtask(task, id), 'id', id, 'title', title, 'instruction', instruction,
+    'capability', capability, 'deps', cjson.encode(deps),
+    'dependents', cjson.encode(dependents[id]),
+    'pending', pending, 'params', params, 'status', status, 'attempt', 0,
+    'max_attempts', max_attempts, 'timeout', timeout, 'tolerant', 0, 'created_at', NOW)
   redis.call('RPUSH', k_subtasks(task), id)
   if status == 'READY' then
     redis.call('HSET', k_subtask(task, id), 'ready_at', NOW)
-    table.insert(ready, {task, id, s[4], priority})
+    table.insert(ready, {task, id, capability, priority})
   end
 end
 local from = cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')
@@ -84,7 +86,7 @@ for _, sub in ipairs(from) do
 end
 redis.call('HSET', tk, 'result_from', cjson.encode(result_from), 'version', version + 1,
   'replan_pending', '', 'updated_at', NOW)
-redis.call('HINCRBY', tk, 'total', #new)
+redis.call('HINCRBY', tk, 'total', #rows)
 redis.call('HINCRBY', tk, 'settled', 1)
 redis.call('HINCRBY', tk, 'replans', 1)
 emit(task, 'plan.revised', '', 'RUNNING', message, 0, '')

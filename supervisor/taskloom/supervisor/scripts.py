@@ -1,0 +1,340 @@
+"""The contract between the store and its Lua scripts, named on both sides.
+
+Every script runs with five arguments (named at the top of ``lua/lib.lua``):
+the key prefix, the time, the retention, the payload as JSON, and the
+caller's fencing token. A payload, and each row inside it, is a JSON array
+whose slots are the fields of one of the ``NamedTuple`` types below (a
+NamedTuple encodes as an array, so the wire stays as small as positional
+arguments). Each script unpacks them into locals of the same names, on a line
+that says which type it reads::
+
+    local task, sub, attempt, output, usage, worker_id = unpack(item) -- CompleteItem
+
+and ``tests/supervisor/test_scripts.py`` holds the two sides to each other.
+Every script replies with one JSON object, typed here as a ``TypedDict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple, TypedDict
+
+SCRIPTS = (
+    "create",
+    "plan",
+    "assign",
+    "start",
+    "progress",
+    "complete",
+    "fail",
+    "finish",
+    "note",
+    "lead",
+    "cancel_subtask",
+    "stopped",
+    "revise",
+    "spend",
+    "expire",
+)
+"""The scripts in ``lua/``, each loaded with ``lib.lua`` in front of it."""
+
+FENCED = "TASKLOOM_FENCED"
+"""The start of the error a script returns when the caller does not hold the leader lease."""
+
+
+# -- payloads ------------------------------------------------------------------------
+
+
+class OfferedSlot(NamedTuple):
+    """Free slots of one worker that a write may fill (see hand_out in lib.lua)."""
+
+    worker_id: str
+    worker: str
+    fingerprint: str
+    """What besides its inputs decides a cacheable subtask's output on this worker."""
+    slots: int
+
+
+Offer = dict[str, list[OfferedSlot]] | Literal[False]
+"""Free worker slots by capability (``outcomes.OfferedSlots``), or false for none."""
+
+
+class SubtaskRow(NamedTuple):
+    """One planned subtask as store_plan (lib.lua) and revise.lua store it."""
+
+    id: str
+    title: str
+    instruction: str
+    capability: str
+    deps: list[str]
+    params: str
+    """JSON object of the handler's parameters."""
+    max_attempts: int
+    timeout: str
+    """Seconds, as ``repr(float)``."""
+    tolerant: int
+    """1: it runs even after a dependency failed (the synthesis step)."""
+
+
+class PlanArgs(NamedTuple):
+    result_from: list[str]
+    rows: list[SubtaskRow]
+
+
+class CreateArgs(NamedTuple):
+    task: str
+    idem: str
+    """The idempotency key's Redis key ('' for none)."""
+    owner: str
+    max_in_flight: int
+    """The owner's limit on unfinished tasks (0: none)."""
+    fields: list[str]
+    """The task hash, as a flat HSET list."""
+    deadline: float
+    """When max_duration runs out (Unix seconds; 0: never)."""
+    message: str
+    span: str
+    plan: PlanArgs | Literal[False]
+    offer: Offer
+    limits: dict[str, int]
+    """Task → how many more attempts may run (max_parallel)."""
+    priority: int
+
+
+class StorePlanArgs(NamedTuple):
+    task: str
+    result_from: list[str]
+    rows: list[SubtaskRow]
+
+
+class AssignItem(NamedTuple):
+    task: str
+    sub: str
+    worker_id: str
+    worker: str
+    fingerprint: str
+
+
+class StartItem(NamedTuple):
+    task: str
+    sub: str
+    attempt: int
+    worker_id: str
+
+
+class ProgressItem(NamedTuple):
+    task: str
+    sub: str
+    attempt: int
+    message: str
+    text: str
+    worker_id: str
+
+
+class CompleteItem(NamedTuple):
+    task: str
+    sub: str
+    attempt: int
+    output: str
+    usage: str
+    """JSON of the attempt's LLM usage, '' for none."""
+    worker_id: str
+    """'' for the supervisor's own verdicts; else only that worker's attempts count."""
+
+
+class CompleteArgs(NamedTuple):
+    items: list[CompleteItem]
+    offer: Offer
+    limits: dict[str, int]
+
+
+class FailItem(NamedTuple):
+    task: str
+    sub: str
+    attempt: int
+    error: str
+    retryable: int
+    counts: int
+    """0: the attempt was lost with its worker and does not use up an attempt."""
+    usage: str
+    worker_id: str
+
+
+class FinishArgs(NamedTuple):
+    task: str
+    status: str
+    error: str
+    event_type: str
+    expected: list[str]
+    failure_reason: str
+
+
+class NoteArgs(NamedTuple):
+    task: str
+    expected: str
+    event_type: str
+    message: str
+    span: str
+
+
+class LeadArgs(NamedTuple):
+    op: Literal["acquire", "renew", "release"]
+    holder: str
+    """acquire: who asks; renew and release: the token held."""
+    ttl_ms: int
+
+
+class CancelSubtaskArgs(NamedTuple):
+    task: str
+    sub: str
+    reason: str
+
+
+class StoppedItem(NamedTuple):
+    task: str
+    sub: str
+    attempt: int
+    worker: str
+
+
+class ReviseArgs(NamedTuple):
+    task: str
+    failed: str
+    version: int
+    rows: list[SubtaskRow]
+    sinks: list[str]
+    message: str
+
+
+class SpendArgs(NamedTuple):
+    task: str
+    usage: str
+
+
+class ExpireArgs(NamedTuple):
+    limit: int
+
+
+class ReadyRow(NamedTuple):
+    """A subtask made READY, in replies; rows from fail.lua add the attempt
+    that failed (for the backoff), the others stop at ``priority``."""
+
+    task: str
+    sub: str
+    capability: str
+    priority: int
+    failed_attempt: int
+
+
+PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
+    OfferedSlot,
+    ReadyRow,
+    SubtaskRow,
+    PlanArgs,
+    CreateArgs,
+    StorePlanArgs,
+    AssignItem,
+    StartItem,
+    ProgressItem,
+    CompleteItem,
+    CompleteArgs,
+    FailItem,
+    FinishArgs,
+    NoteArgs,
+    LeadArgs,
+    CancelSubtaskArgs,
+    StoppedItem,
+    ReviseArgs,
+    SpendArgs,
+    ExpireArgs,
+)
+"""Every row type of payloads and replies; each is unpacked by name in at least one script."""
+
+
+# -- replies ---------------------------------------------------------------------------
+
+HeldRow = list[Any]
+"""``[task, sub, attempt]``: an attempt a worker holds in a task that just ended."""
+EndedRow = list[str]
+"""``[event id, type, status, message, trace id]``: a task's terminal event."""
+HandedRow = list[Any]
+"""``[task, sub, capability, worker (1-based), AssignmentRow]``."""
+AssignmentRow = list[Any]
+"""``[attempt, title, instruction, capability, params, inputs, timeout, stall,
+context_tokens, context]``, inputs being ``[[dep, title, output], ...]``."""
+
+
+class OutcomeReply(TypedDict, total=False):
+    """What a transition changed (every key may be missing: cjson writes an
+    empty table as ``{}``, a list or a map alike)."""
+
+    committed: list[int]
+    ready: list[list[Any]]
+    finished: list[str]
+    statuses: list[str]
+    held: list[HeldRow]
+    replan: list[list[str]]
+    cached: list[str]
+    handed: list[HandedRow]
+    ended: dict[str, EndedRow]
+    goals: dict[str, str]
+    """Task → goal, for the assignments in ``handed``."""
+    traces: dict[str, str]
+    """Task → traceparent, for the assignments in ``handed``."""
+
+
+class CreateReply(TypedDict):
+    task: str
+    """The new task, or the one the idempotency key names."""
+    created: int
+    """1: created; 0: the idempotency key named ``task``; -1: the owner is at its limit."""
+    outcome: OutcomeReply
+
+
+class StorePlanReply(TypedDict):
+    ok: int
+    """0: the task is no longer PLANNING."""
+    ready: list[str]
+
+
+class AssignReply(OutcomeReply, total=False):
+    assigned: list[list[Any]]
+    """``[index (1-based), *AssignmentRow]`` per item assigned."""
+    hits: list[int]
+    """Indexes of the items answered from the cache."""
+
+
+class CommittedReply(TypedDict):
+    committed: list[int]
+    """Per item: 1 if it counted, 0 if it was stale."""
+
+
+class FinishReply(TypedDict, total=False):
+    changed: int
+    status: str
+    held: list[HeldRow]
+
+
+class OkReply(TypedDict):
+    ok: int
+
+
+class LeadReply(TypedDict):
+    ok: int
+    token: str
+    """The token holding the lease now ('' for none)."""
+
+
+class CancelSubtaskReply(OutcomeReply, total=False):
+    task_status: str
+    sub_status: str
+    changed: int
+
+
+class ReviseReply(TypedDict):
+    ok: int
+    ready: list[list[Any]]
+
+
+class SpendReply(TypedDict):
+    over: int
+    held: list[HeldRow]
