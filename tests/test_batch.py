@@ -14,7 +14,7 @@ from taskloom.client import TaskloomClient
 from taskloom.client import client as sdk
 from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
 from taskloom.core.model import Event, EventType, TaskStatus
-from taskloom.supervisor import orchestrator
+from taskloom.supervisor import watching
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.v1 import tasks_pb2 as pb
@@ -140,7 +140,7 @@ async def test_a_wait_hears_of_each_end_however_it_comes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # No periodic re-check: only the supervisor handing the ends over can end these.
-    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 3600.0)
+    monkeypatch.setattr(watching, "WATCH_WAIT", 3600.0)
     processes.worker(supervisor.address)
     results = await client.submit_many(
         [f"gated {i}" for i in range(3)], plan=plan(("g", "gate", "x"))
@@ -164,16 +164,16 @@ async def test_a_wait_sees_a_task_that_ended_unheard_of(
     test_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 0.2)
+    monkeypatch.setattr(watching, "WATCH_WAIT", 0.2)
     processes.worker(supervisor.address)
     (quiet,) = await client.submit_many(["end me quietly"], plan=plan(("g", "gate", "x")))
     await eventually(lambda: (test_dir / "started-g-1").exists())
     waiting = asyncio.create_task(_ends(client, [quiet.task_id]))
-    changed, _, _ = await supervisor.store.finish(
+    _, ended = await supervisor.store.finish(
         quiet.task_id, TaskStatus.CANCELLED, "behind its back", EventType.TASK_CANCELLED,
         expected=(TaskStatus.RUNNING,),
     )  # fmt: skip
-    assert changed
+    assert ended.finished
     (only,) = await asyncio.wait_for(waiting, 30)
     assert (only.task_id, only.message) == (quiet.task_id, "behind its back")
     (test_dir / "open-g").touch()

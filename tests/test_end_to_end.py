@@ -17,7 +17,7 @@ from taskloom.client import TaskloomClient
 from taskloom.core.errors import InvalidArgument, PlanError, StoreUnavailable, TaskNotFound
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import Event, EventType, SubtaskStatus, Task, TaskStatus
-from taskloom.supervisor import orchestrator
+from taskloom.supervisor import watching
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.scheduler import WorkerSession
 from taskloom.supervisor.settings import SupervisorSettings
@@ -145,7 +145,7 @@ async def test_waiting_for_the_end_alone_gets_only_the_terminal_event(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # No periodic re-check: only the supervisor telling the watch can end it.
-    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 3600.0)
+    monkeypatch.setattr(watching, "WATCH_WAIT", 3600.0)
     processes.worker(supervisor.address)
     task_id = await client.submit(
         "wait for me", plan=plan(("a", "echo", "one"), ("g", "gate", "two", "a"))
@@ -171,7 +171,7 @@ async def test_waiting_for_the_end_of_a_cancelled_task_gets_its_cancellation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Cancelling returns no event to hand over: the watch reads it once woken.
-    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 3600.0)
+    monkeypatch.setattr(watching, "WATCH_WAIT", 3600.0)
     processes.worker(supervisor.address)
     task_id = await client.submit("cancel me", plan=plan(("g", "gate", "one")))
     waiting = asyncio.create_task(_collect_terminal(client, task_id))
@@ -190,15 +190,15 @@ async def test_waiting_for_a_task_that_ended_unheard_of_sees_its_end(
 ) -> None:
     # The write that ends a task may lose its reply (Redis dies mid-way): the
     # supervisor, which thinks the task still runs, must not wait for ever.
-    monkeypatch.setattr(orchestrator, "WATCH_WAIT", 0.2)
+    monkeypatch.setattr(watching, "WATCH_WAIT", 0.2)
     processes.worker(supervisor.address)
     task_id = await client.submit("end me quietly", plan=plan(("g", "gate", "one")))
     await eventually(lambda: (test_dir / "started-g-1").exists())
-    changed, _, _ = await supervisor.store.finish(
+    _, ended = await supervisor.store.finish(
         task_id, TaskStatus.CANCELLED, "behind its back", EventType.TASK_CANCELLED,
         expected=(TaskStatus.RUNNING,),
     )  # fmt: skip
-    assert changed
+    assert ended.finished
     (only,) = await asyncio.wait_for(_collect_terminal(client, task_id), 30)
     assert (only.type, only.message) == ("task.cancelled", "behind its back")
     # Seen once, the end is remembered like any other.
@@ -490,7 +490,7 @@ async def test_a_task_cancelled_while_the_model_plans_stays_cancelled(
     task = await client.cancel(task_id, "no longer needed")
     cancelled.set()
     # The plan arrives after the cancellation; wait until the planner is done with it.
-    await eventually(lambda: not supervisor.current()._planning)
+    await eventually(lambda: not supervisor.current().planning.jobs)
     log = await supervisor.store.read_events(task_id, "")
 
     assert (task.status, task.error) == (TaskStatus.CANCELLED, "no longer needed")

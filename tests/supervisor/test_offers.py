@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import cast
 
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
-from taskloom.supervisor.scheduler import Lease, Scheduler
 from taskloom.supervisor.outcomes import Handed, ReadyItem
+from taskloom.supervisor.scheduler import Lease, Scheduler
 from taskloom.supervisor.store import Store
 
 

@@ -39,7 +39,7 @@ def test_each_unpacking_names_the_slots_of_its_type_in_order(
 ) -> None:
     cls = getattr(scripts, type_name, None)
     assert cls in scripts.PAYLOADS, f"{source}: {type_name} is not a payload type in scripts.py"
-    fields = list(cls._fields)  # type: ignore[union-attr]
+    fields = list(cls._fields)
     # A script may take a prefix of the slots, and skip some with "_".
     assert len(names) <= len(fields), f"{source}: more names than {type_name} has slots"
     for name, slot in zip(names, fields, strict=False):

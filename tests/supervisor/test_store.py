@@ -369,24 +369,27 @@ async def test_cancel_and_planning_failure_end_only_the_states_they_expect(store
     task_id, (item,) = await start(store)
     (a,), _ = await store.assign([(item, "wid", "w1", "")])
     assert a is not None
-    changed, found, held = await store.finish(
+    found, ended = await store.finish(
         task_id,
         TaskStatus.CANCELLED,
         "stop",
         EventType.TASK_CANCELLED,
         expected=[TaskStatus.RUNNING],
     )
-    assert (changed, found, held) == (True, TaskStatus.RUNNING, [a.ref])
+    assert (found, ended.finished, ended.held) == (TaskStatus.RUNNING, [task_id], [a.ref])
+    assert ended.finished_status == [TaskStatus.CANCELLED]
+    assert ended.ended[task_id].type == EventType.TASK_CANCELLED
     task = await store.get_task(task_id)
     assert {s.status for s in task.subtasks} == {SubtaskStatus.CANCELLED}
     assert (await store.complete([SubtaskResult(a.ref, "late")])).committed == [False]
-    changed, found, _ = await store.finish(
+    found, ended = await store.finish(
         task_id, TaskStatus.FAILED, "x", EventType.TASK_FAILED, expected=[TaskStatus.PLANNING]
     )
-    assert (changed, found) == (False, TaskStatus.CANCELLED)
-    assert (await store.finish(
+    assert (found, ended.finished) == (TaskStatus.CANCELLED, [])
+    found, ended = await store.finish(
         "0000", TaskStatus.FAILED, "x", EventType.TASK_FAILED, expected=[TaskStatus.PLANNING]
-    ))[:2] == (False, None)  # fmt: skip
+    )
+    assert (found, ended.finished) == (None, [])
     # A plan arriving for a task that ended while it was planned is dropped.
     planning, _, _ = await store.create_task(goal="g", options=TaskOptions(), plan=None)
     await store.finish(

@@ -14,6 +14,7 @@ providers for their clients, ``taskloom.core.status`` for gRPC.
     ├── Unauthenticated          no valid token (or none at all) came with the call
     ├── PermissionDenied         the caller's role may not do this
     ├── ResourceExhausted        a limit was reached; try later or ask for less
+    ├── BudgetSpent              a task used up its token, time or money budget and ended
     ├── Unavailable              a dependency cannot be reached; retrying may help
     │   ├── StoreUnavailable     Redis
     │   ├── LLMUnavailable       the LLM server
@@ -92,6 +93,15 @@ class ResourceExhausted(TaskloomError):
     def __init__(self, message: str, *, subject: str = "") -> None:
         super().__init__(message)
         self.subject = subject
+
+
+class BudgetSpent(TaskloomError):
+    """A task used up its budget (``max_tokens``, ``max_duration``) and ended
+    with ``BUDGET_EXCEEDED``: planning it, or running it, stops here."""
+
+    def __init__(self, task_id: str, message: str = "") -> None:
+        super().__init__(message or f"task {task_id} used up its budget")
+        self.task_id = task_id
 
 
 class Unavailable(TaskloomError):

@@ -29,6 +29,7 @@ _CODES: dict[type[TaskloomError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.TaskNotFound: grpc.StatusCode.NOT_FOUND,
     errors.TaskFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.BudgetSpent: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -191,6 +192,6 @@ def _rebuild(cls: type[TaskloomError], message: str) -> TaskloomError:
     TaskloomError.__init__(error, message)
     if isinstance(error, errors.PlanError):
         error.violations = []
-    if isinstance(error, errors.TaskNotFound):
+    if isinstance(error, errors.TaskNotFound | errors.BudgetSpent):
         error.task_id = ""
     return error

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from taskloom.core.errors import TaskloomError, Unavailable
 from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
 from taskloom.supervisor.metrics import SupervisorMetrics
-from taskloom.supervisor.outcomes import Handed, OfferedSlots, ReadyItem
+from taskloom.supervisor.outcomes import Handed, OfferedSlots, Outcome, ReadyItem
 from taskloom.supervisor.store import Store
 
 logger = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class Offer:
 
 ExpiryHandler = Callable[[list[Lease]], Awaitable[None]]
 OverdueHandler = Callable[[list[tuple[Lease, str]]], Awaitable[None]]
+OutcomeHandler = Callable[[Outcome], None]
 
 OFFER_SLACK = 16
 """A commit of n results is offered up to 2n + this many slots per capability."""
@@ -219,6 +220,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self.on_expired: ExpiryHandler | None = None
         self.on_overdue: OverdueHandler | None = None
+        self.on_outcome: OutcomeHandler = self._on_its_own
+        """Told what an assignment's cache hits changed (subtasks made READY,
+        tasks ended): the orchestrator acts on every outcome in one place."""
         self.out_of_sync = asyncio.Event()
         """Set when a write to Redis failed without a reply: Redis may have
         done it, so this cache must be checked against Redis again."""
@@ -613,14 +617,18 @@ class Scheduler:
                 continue
             rows.append((item, session, assignment))
         self._lease_out(rows, now)
-        self.enqueue(hits.ready)
-        for task_id in hits.finished:
-            self.forget_task(task_id)
+        self.on_outcome(hits)
         if self.metrics is not None:
             self.metrics.observe_queue_waits(waits)
             self.metrics.dispatch_latency.observe(self._clock() - started)
-            self.metrics.observe_outcome(hits)
         return True
+
+    def _on_its_own(self, outcome: Outcome) -> None:
+        """Without an orchestrator (tests of the scheduler alone): queue what
+        became READY, forget the tasks that ended."""
+        self.enqueue(outcome.ready)
+        for task_id in outcome.finished:
+            self.forget_task(task_id)
 
     def _lease_out(
         self, rows: Iterable[tuple[ReadyItem, WorkerSession, Assignment]], now: float

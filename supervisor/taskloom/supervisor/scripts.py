@@ -308,10 +308,9 @@ class CommittedReply(TypedDict):
     """Per item: 1 if it counted, 0 if it was stale."""
 
 
-class FinishReply(TypedDict, total=False):
-    changed: int
+class FinishReply(OutcomeReply, total=False):
     status: str
-    held: list[HeldRow]
+    """What the task was in ('' if there is no such task)."""
 
 
 class OkReply(TypedDict):
@@ -333,8 +332,3 @@ class CancelSubtaskReply(OutcomeReply, total=False):
 class ReviseReply(TypedDict):
     ok: int
     ready: list[list[Any]]
-
-
-class SpendReply(TypedDict):
-    over: int
-    held: list[HeldRow]

@@ -139,7 +139,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         principal = current_principal.get()
         self._quotas.admit_submit(principal)
         plan = codec.plan_from_pb(request.plan) if request.HasField("plan") else None
-        return await orchestrator.submit(
+        return await orchestrator.commands.submit(
             request.goal,
             plan=plan,
             options=codec.options_from_pb(request.options),
@@ -149,7 +149,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 
     @_unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
-        task = await self._current().get(
+        task = await self._current().commands.get(
             request.task_id,
             subtasks=request.view != pb.TASK_VIEW_SUMMARY,
             principal=current_principal.get(),
@@ -160,7 +160,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
-        tasks, token = await self._current().list_tasks(
+        tasks, token = await self._current().commands.list_tasks(
             statuses=codec.statuses_from_pb(request.statuses),
             page_size=request.page_size,
             page_token=request.page_token,
@@ -174,7 +174,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context
     ) -> pb.CancelTaskResponse:
-        task = await self._current().cancel(
+        task = await self._current().commands.cancel(
             request.task_id,
             request.reason,
             subtask_id=request.subtask_id,
@@ -189,7 +189,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         principal = current_principal.get()
         orchestrator = self._current()
         with self._quotas.watching(principal):
-            async for events in orchestrator.watch(
+            async for events in orchestrator.watching.watch(
                 request.task_id,
                 request.after_event_id,
                 principal=principal,
@@ -210,7 +210,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         principal = current_principal.get()
         orchestrator = self._current()
         with self._quotas.watching(principal):
-            async for events in orchestrator.wait_many(task_ids, principal=principal):
+            async for events in orchestrator.watching.wait_many(task_ids, principal=principal):
                 yield pb.WaitTasksResponse(events=[codec.event_to_pb(e) for e in events])
 
 

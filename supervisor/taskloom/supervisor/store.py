@@ -446,23 +446,23 @@ class Store:
         *,
         expected: Iterable[TaskStatus],
         reason: FailureReason = FailureReason.NONE,
-    ) -> tuple[bool, TaskStatus | None, list[AttemptRef]]:
+    ) -> tuple[TaskStatus | None, Outcome]:
         """End a task that is in one of the ``expected`` states.
 
-        Returns ``(changed, status found, attempts held by workers)``.
+        Returns the status it was found in (None: no such task) and what
+        ending it changed (nothing in ``finished`` if it was not ended).
         """
         args = scripts.FinishArgs(task_id, status, error, event, list(expected), str(reason))
         reply = cast(scripts.FinishReply, await self._run("finish", args))
         found = TaskStatus(reply["status"]) if reply.get("status") else None
-        return bool(reply.get("changed")), found, records.held_refs(reply.get("held"))
+        return found, decode_outcome(reply)
 
     @_translated
-    async def spend(self, task_id: str, usage: Usage) -> tuple[bool, list[AttemptRef]]:
-        """Add a planning call's usage to the task's; ``(True, held)`` if that
-        took it past its max_tokens and ended it."""
+    async def spend(self, task_id: str, usage: Usage) -> Outcome:
+        """Add a planning call's usage to the task's; the task is in the
+        outcome's ``finished`` if that took it past its max_tokens."""
         args = scripts.SpendArgs(task_id, records.usage_doc(usage))
-        reply = cast(scripts.SpendReply, await self._run("spend", args))
-        return bool(reply["over"]), records.held_refs(reply.get("held"))
+        return decode_outcome(await self._run("spend", args))
 
     @_translated
     async def expire_overdue(self, limit: int = 100) -> Outcome:

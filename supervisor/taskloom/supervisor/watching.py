@@ -1,0 +1,259 @@
+"""Watching tasks: a task's event log replayed and followed, and waits for ends.
+
+``watch`` replays a task's log from a cursor and then follows it live
+through the event hub (``events.EventHub``: one blocking read for every
+watcher). ``wait_many`` hands out each task's terminal event as the task
+ends, without reading logs: every task ends through this supervisor (it
+leads; clients follow the leader), and the orchestrator tells ``Watching``
+of each end with the terminal event the write that ended it returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from taskloom.core.auth import LOCAL_ADMIN, Principal
+from taskloom.core.errors import InvalidArgument, TaskNotFound, Unavailable
+from taskloom.core.model import Event, TaskStatus
+from taskloom.supervisor.events import EventHub
+from taskloom.supervisor.store import Store
+
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+WATCH_WAIT = 5.0
+"""A watcher waiting for events checks its task and the supervisor this often."""
+RECENT_ENDS = 2048
+RECENT_ENDS_TTL = 60.0
+"""How many ends of tasks, and for how long (seconds), a terminal-only watch is
+answered from memory; older ones are read from Redis."""
+
+Ended = Callable[[str, TaskStatus, Event | None], None]
+"""Told when a wait finds that a task this term created has ended unheard of."""
+
+
+class Watching:
+    """Watches and waits of one term of leadership."""
+
+    def __init__(self, store: Store, ended: Ended) -> None:
+        self._store = store
+        self._unheard_end = ended
+        self.events = EventHub(store)
+        """Wakes watchers when their task's log grows (one blocking read for all)."""
+        self._owners: dict[str, str] = {}
+        """Owner of each task this term created, until it ends."""
+        self._recent_ends: OrderedDict[str, tuple[str, Event, float]] = OrderedDict()
+        """Owner, terminal event and time of the last RECENT_ENDS of those tasks
+        to end: a client that waits for a task it just submitted often asks
+        after the end."""
+        self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
+        """Who waits for each task's end (terminal-only watches)."""
+        self._closing = asyncio.Event()
+
+    def start(self) -> None:
+        self.events.start()
+
+    async def stop(self) -> None:
+        """End every watch and wait (their clients resume at the next leader)."""
+        self._closing.set()
+        await self.events.stop()
+
+    # -- what the orchestrator tells -------------------------------------------------
+
+    def created(self, task_id: str, owner: str) -> None:
+        """A task this term created: its end will be handed over, not read."""
+        self._owners[task_id] = owner
+
+    def ended(self, task_id: str, event: Event | None) -> None:
+        """The task ended: tell who waits for its end (with its terminal
+        event, if the write that ended it returned one)."""
+        for waiter in self._ended.pop(task_id, ()):
+            if not waiter.done():
+                waiter.set_result(event)
+        owner = self._owners.pop(task_id, None)
+        if owner is not None and event is not None:
+            self._recent_ends[task_id] = (owner, event, time.monotonic())
+            if len(self._recent_ends) > RECENT_ENDS:
+                self._recent_ends.popitem(last=False)
+
+    # -- clients ---------------------------------------------------------------------
+
+    async def watch(
+        self,
+        task_id: str,
+        after: str = "",
+        *,
+        principal: Principal = LOCAL_ADMIN,
+        terminal_only: bool = False,
+    ) -> AsyncIterator[list[Event]]:
+        """The task's events after ``after``: first the log, then live; ends after the terminal one.
+
+        Replay, then follow: each read starts at the last event sent, so
+        nothing is missed or repeated, whatever happens between reads.
+        """
+        if after and after != "0" and not _EVENT_ID.match(after):
+            raise InvalidArgument(
+                f"after_event_id {after[:40]!r} is not an event id like 1700000000000-0",
+                field="after_event_id",
+            )
+        if terminal_only:
+            async for ended in self.wait_many([task_id], principal=principal):
+                yield ended
+            return
+        owner = await self._store.task_owner(task_id)
+        _owned(task_id, owner, principal)
+        cursor = after
+        while True:
+            if self._closing.is_set():
+                raise Unavailable("the supervisor is shutting down; watch again to resume")
+            events = await self._store.read_events(task_id, cursor)
+            if not events:
+                status = await self._store.task_status(task_id)
+                if status is None:
+                    raise TaskNotFound(task_id)
+                if status.terminal:
+                    # The terminal event is committed with the status; read
+                    # once more in case it landed after our first read.
+                    events = await self._store.read_events(task_id, cursor)
+                    if not events:
+                        return
+                else:
+                    await self.events.wait(task_id, cursor, WATCH_WAIT)
+                    continue
+            yield events
+            cursor = events[-1].id
+            if any(e.terminal for e in events):
+                return
+
+    async def wait_many(
+        self, task_ids: Sequence[str], *, principal: Principal = LOCAL_ADMIN
+    ) -> AsyncIterator[list[Event]]:
+        """Each task's terminal event as the task ends, those that end together
+        in one list, without reading their logs; done once every task has
+        ended. An unknown task, or another principal's, raises TaskNotFound
+        (what was yielded stands).
+
+        A task this term created needs no read at first: its owner is known,
+        and its end will be handed over, or was, a moment ago
+        (``_recent_ends``). The others are read, and every task is read again
+        each WATCH_WAIT, so a task ended some other way is seen; the reads of
+        all the tasks waiting are one pipelined batch."""
+        arrived: asyncio.Queue[tuple[str, Event | None]] = asyncio.Queue()
+        waits = _Waits(self._ended, arrived)
+        ended: list[Event] = []
+        unread: list[str] = []
+        try:
+            for task_id in task_ids:
+                waits.listen(task_id)
+                recent = self._recent_ends.get(task_id)
+                if recent is not None and time.monotonic() - recent[2] < RECENT_ENDS_TTL:
+                    _owned(task_id, recent[0], principal)
+                    ended.append(recent[1])
+                    waits.forget(task_id)
+                elif task_id in self._owners:
+                    _owned(task_id, self._owners[task_id], principal)
+                else:
+                    unread.append(task_id)
+            while True:
+                if unread:
+                    ended += await self._read_ends(unread, waits, principal)
+                    unread = []
+                if ended:
+                    yield ended
+                    ended = []
+                if not waits.waiting:
+                    return
+                if self._closing.is_set():
+                    raise Unavailable(
+                        "the supervisor is shutting down; wait or watch again to resume"
+                    )
+                try:
+                    async with asyncio.timeout(WATCH_WAIT):
+                        news = [await arrived.get()]
+                except TimeoutError:
+                    unread = list(waits.waiting)
+                    continue
+                while not arrived.empty():
+                    news.append(arrived.get_nowait())
+                for task_id, event in news:
+                    if task_id not in waits.waiting:
+                        continue
+                    waits.forget(task_id)
+                    if event is not None:
+                        ended.append(event)
+                    else:  # ended with no event to hand over: read it
+                        waits.listen(task_id)
+                        unread.append(task_id)
+        finally:
+            waits.close()
+
+    async def _read_ends(
+        self, task_ids: list[str], waits: _Waits, principal: Principal
+    ) -> list[Event]:
+        """The terminal events of those of ``task_ids`` that have ended, read
+        from Redis (and forgotten by ``waits``)."""
+        found = await self._store.endings(task_ids, 10)
+        ended = []
+        for task_id in task_ids:
+            if task_id not in waits.waiting:
+                continue  # its end arrived during the read
+            owner, status, events = found[task_id]
+            _owned(task_id, owner, principal)
+            if status is None or not status.terminal:
+                continue
+            last = next((e for e in reversed(events) if e.terminal), None)
+            if task_id in self._owners:
+                # It ended before we heard of it (the reply of its write was
+                # lost, or is on its way): end it here.
+                self._unheard_end(task_id, status, last)
+            if last is not None:
+                ended.append(last)
+                waits.forget(task_id)
+        return ended
+
+
+class _Waits:
+    """One ``wait_many``'s futures, one per task it waits for, registered
+    where ``Watching.ended`` finds them."""
+
+    def __init__(
+        self,
+        registry: defaultdict[str, set[asyncio.Future[Event | None]]],
+        arrived: asyncio.Queue[tuple[str, Event | None]],
+    ) -> None:
+        self._registry = registry
+        self._arrived = arrived
+        self._loop = asyncio.get_running_loop()
+        self.waiting: dict[str, asyncio.Future[Event | None]] = {}
+
+    def listen(self, task_id: str) -> None:
+        # Registered before any read: an end between the two still reaches us.
+        future: asyncio.Future[Event | None] = self._loop.create_future()
+        future.add_done_callback(
+            lambda f: None if f.cancelled() else self._arrived.put_nowait((task_id, f.result()))
+        )
+        self._registry[task_id].add(future)
+        self.waiting[task_id] = future
+
+    def forget(self, task_id: str) -> None:
+        future = self.waiting.pop(task_id)
+        future.cancel()
+        waiters = self._registry.get(task_id)
+        if waiters is not None:
+            waiters.discard(future)
+            if not waiters:
+                del self._registry[task_id]
+
+    def close(self) -> None:
+        for task_id in list(self.waiting):
+            self.forget(task_id)
+
+
+def _owned(task_id: str, owner: str | None, principal: Principal) -> None:
+    """TaskNotFound unless the task exists and is the caller's (or the caller
+    is an admin): another principal's task does not exist, as far as a
+    client can tell."""
+    if owner is None or not (principal.admin or owner == principal.name):
+        raise TaskNotFound(task_id)
