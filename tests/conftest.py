@@ -39,6 +39,23 @@ hypothesis_settings.register_profile("ci", derandomize=True)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TEST_CAPABILITIES = "llm,echo,gate,flaky,broken,stall,pulse"
+REQUIRE_ALL = os.environ.get("TASKLOOM_REQUIRE_ALL") == "1"
+"""Set by CI (``.ci/run``): every test must run, so a skip (a tool that is
+missing, a browser that cannot start) fails instead. A developer's machine
+may still skip, and says why."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped where every test must run (TASKLOOM_REQUIRE_ALL=1): {reason}; "
+            "`make test` installs what the tests need"
+        )
 
 
 @pytest.fixture(scope="session")

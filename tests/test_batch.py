@@ -128,7 +128,7 @@ async def test_the_sdk_splits_large_batches_and_merges_their_waits(
     assert {e.status for e in ended} == {"SUCCEEDED"}
     # A task of more than SUBMIT_BYTES goes in a call of its own.
     big = "x" * (sdk.SUBMIT_BYTES // 2)
-    batches = sdk._batches([sdk._submit_request(big), sdk._submit_request(big)])
+    batches = sdk._batches([sdk._request_of({"goal": big}), sdk._request_of({"goal": big})])
     assert [len(b) for b in batches] == [1, 1]
 
 

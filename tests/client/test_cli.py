@@ -48,8 +48,7 @@ async def taskloom(*args: str, env: dict[str, str] | None = None) -> tuple[int, 
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await process.wait(), out.decode(), err.decode()
 
 
 def write_plan(tmp_path: Path, document: object) -> str:

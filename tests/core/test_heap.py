@@ -19,7 +19,7 @@ def test_settle_freezes_what_exists_and_collects_young_objects_less_often() -> N
     try:
         heap.settle()
         assert gc.get_freeze_count() > 0
-        assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD
+        assert gc.get_threshold()[0] > thresholds[0]  # young collections are rarer
         assert garbage() is None  # collected, not frozen for ever
     finally:
         gc.unfreeze()

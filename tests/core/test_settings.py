@@ -66,3 +66,31 @@ def test_addresses_and_capabilities_are_checked(monkeypatch: pytest.MonkeyPatch)
         WorkerSettings.load(capabilities=" , ")
     with pytest.raises(ConfigError, match="TASKLOOM_LISTEN"):
         SupervisorSettings.load(listen="0.0.0.0:99999")
+
+
+def test_every_setting_is_described_and_every_flag_is_made_from_its_setting() -> None:
+    import click
+
+    from taskloom.client.cli import cli
+    from taskloom.client.settings import ClientSettings
+    from taskloom.supervisor.cli import command as supervisor_command
+    from taskloom.supervisor.settings import SupervisorSettings
+    from taskloom.worker.cli import command as worker_command
+    from taskloom.worker.settings import WorkerSettings
+
+    submit = cli.get_command(click.Context(cli), "submit")
+    assert submit is not None
+    for settings, command in (
+        (SupervisorSettings, supervisor_command),
+        (WorkerSettings, worker_command),
+        (ClientSettings, submit),
+    ):
+        for name, info in settings.model_fields.items():
+            assert info.description, f"{settings.__name__}.{name} has no docstring"
+        options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+        for name, flag in settings.flag_names.items():
+            if command is submit and name not in ("supervisor", "token", "tls_ca"):
+                continue
+            option = options[name]
+            assert flag in option.opts
+            assert settings.env_name(name) in (option.help or "")

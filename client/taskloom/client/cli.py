@@ -4,16 +4,13 @@ Client commands live here; ``supervisor`` and ``worker`` come from their own
 packages through the ``taskloom.commands`` entry points, loaded only when
 used, so the client never imports them.
 
-Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad usage or
-input; 3 a service is unreachable; 4 no such task; 5 any other error;
-6 not authenticated or not allowed; 7 a limit was reached; 130 interrupted.
+Exit codes: one table for every command (``taskloom.core.exits``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import json
 import os
 import signal
@@ -28,20 +25,17 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from taskloom.client.client import TaskloomClient
+from taskloom.client.client import SUBMIT_ARGUMENTS, TaskloomClient
 from taskloom.client.display import event_json, event_line, follow, task_json, task_text
 from taskloom.client.local import LocalCluster
 from taskloom.client.settings import ClientSettings
+from taskloom.core import exits
 from taskloom.core.errors import (
     ConfigError,
     InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
     TaskloomError,
-    TaskNotFound,
-    Unauthenticated,
-    Unavailable,
 )
+from taskloom.core.flags import settings_options
 from taskloom.core.llm import create_llm
 from taskloom.core.llm.embedded import TINY_NOTICE
 from taskloom.core.model import (
@@ -51,19 +45,11 @@ from taskloom.core.model import (
     Plan,
     PlannedSubtask,
     Task,
+    TaskOptions,
     TaskStatus,
 )
 from taskloom.core.plan import parse_plan
 from taskloom.core.settings import LLMSettings, parse_duration
-
-EXIT_TASK_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_ERROR = 5
-EXIT_DENIED = 6
-EXIT_LIMIT = 7
-EXIT_INTERRUPTED = 130
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,23 +70,9 @@ _following: list[Following] = []
 err = Console(stderr=True, highlight=False)
 
 
-def exit_code(error: TaskloomError) -> int:
-    if isinstance(error, InvalidArgument | ConfigError):
-        return EXIT_USAGE
-    if isinstance(error, Unavailable):
-        return EXIT_UNAVAILABLE
-    if isinstance(error, TaskNotFound):
-        return EXIT_NOT_FOUND
-    if isinstance(error, Unauthenticated | PermissionDenied):
-        return EXIT_DENIED
-    if isinstance(error, ResourceExhausted):
-        return EXIT_LIMIT
-    return EXIT_ERROR
-
-
 def _fail(error: TaskloomError) -> None:
     err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
-    sys.exit(exit_code(error))
+    sys.exit(exits.exit_code(error))
 
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
@@ -117,7 +89,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
                 _interrupted(_following[-1])
             else:
                 err.print("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(exits.INTERRUPTED)
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
@@ -160,21 +132,9 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 def supervisor_option(fn: F) -> F:
     """``--supervisor`` and the flags that secure the connection to it."""
-    for flag, name, help_text in (
-        ("--tls-key", "tls_key", "Key of --tls-cert [TASKLOOM_TLS_KEY]"),
-        ("--tls-cert", "tls_cert", "Client certificate for mutual TLS [TASKLOOM_TLS_CERT]"),
-        ("--tls-ca", "tls_ca", "CA bundle to trust; implies TLS [TASKLOOM_TLS_CA]"),
-        ("--token", "token", "Bearer token [TASKLOOM_TOKEN]"),
-    ):
-        fn = click.option(
-            flag, name, metavar="PATH" if name != "token" else "TOKEN", help=help_text,
-            expose_value=False, callback=_remember,
-        )(fn)  # fmt: skip
-    return click.option(
-        "--supervisor",
-        metavar="HOST:PORT",
-        help="Supervisor address [TASKLOOM_SUPERVISOR, 127.0.0.1:50051]",
-    )(fn)
+    fn = settings_options(ClientSettings, ("token", "tls_ca", "tls_cert", "tls_key"),
+                          callback=_remember)(fn)  # fmt: skip
+    return settings_options(ClientSettings, ("supervisor",))(fn)
 
 
 def _client(supervisor: str | None) -> TaskloomClient:
@@ -216,7 +176,7 @@ def _print_json(document: dict[str, Any]) -> None:
 
 
 def _exit_for(task: Task) -> None:
-    sys.exit(0 if task.status == TaskStatus.SUCCEEDED else EXIT_TASK_FAILED)
+    sys.exit(0 if task.status == TaskStatus.SUCCEEDED else exits.TASK_FAILED)
 
 
 def _read_plan(path: str) -> Plan:
@@ -311,24 +271,24 @@ async def submit(
     whether to cancel the task.
     """
     plan = _read_plan(plan_file) if plan_file else None
+    options = TaskOptions.of(
+        synthesize=False if no_synthesize else None,
+        priority=priority,
+        max_parallel=max_parallel,
+        on_failure=on_failure,
+        max_attempts=max_attempts,
+        subtask_timeout=_seconds("--timeout", subtask_timeout),
+        stall_timeout=_seconds("--stall-timeout", stall_timeout),
+        fallback=fallback,
+        context_tokens=context_tokens,
+        context=context_mode,
+        max_tokens=max_tokens,
+        max_duration=_seconds("--max-duration", max_duration),
+        cache=False if no_cache else None,
+    )
     async with _client(supervisor) as client:
         task_id = await client.submit(
-            goal,
-            plan=plan,
-            synthesize=False if no_synthesize else None,
-            priority=priority,
-            max_parallel=max_parallel,
-            on_failure=on_failure,
-            max_attempts=max_attempts,
-            subtask_timeout=_seconds("--timeout", subtask_timeout),
-            stall_timeout=_seconds("--stall-timeout", stall_timeout),
-            fallback=fallback,
-            context_tokens=context_tokens,
-            context=context_mode,
-            max_tokens=max_tokens,
-            max_duration=_seconds("--max-duration", max_duration),
-            cache=False if no_cache else None,
-            idempotency_key=idempotency_key,
+            goal, plan=plan, options=options, idempotency_key=idempotency_key
         )
         if not wait:
             if as_json:
@@ -346,7 +306,7 @@ async def submit(
     _exit_for(task)
 
 
-SUBMIT_FIELDS = frozenset(inspect.signature(TaskloomClient.submit).parameters) - {"self"}
+SUBMIT_FIELDS = SUBMIT_ARGUMENTS - {"options"}
 """What a JSON line of ``submit-many`` may set: ``submit``'s arguments."""
 
 
@@ -439,8 +399,8 @@ async def submit_many(
                     why = f"  — {event.message}" if event.message else ""
                     out.print(f"{event.task_id}  {event.status}{why}", soft_wrap=True)
     if refused:
-        sys.exit(exit_code(refused[0]))
-    sys.exit(EXIT_TASK_FAILED if failed else 0)
+        sys.exit(exits.exit_code(refused[0]))
+    sys.exit(exits.TASK_FAILED if failed else 0)
 
 
 @cli.command()
@@ -700,7 +660,7 @@ def up(
         _fail(e)
         return
     except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
+        code = exits.INTERRUPTED
     err.print("stopping …")
     cluster.stop()
     sys.exit(code)
@@ -776,4 +736,4 @@ async def _demo(address: str, goal: str, *, offline: bool) -> int:
         )
         err.print(f"task {task_id}")
         task = await _follow(client, task_id)
-    return 0 if task.status == TaskStatus.SUCCEEDED else EXIT_TASK_FAILED
+    return 0 if task.status == TaskStatus.SUCCEEDED else exits.TASK_FAILED

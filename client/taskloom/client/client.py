@@ -29,9 +29,9 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
@@ -39,17 +39,14 @@ from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
 from taskloom.core.auth import token_metadata
 from taskloom.core.channel import is_loopback, open_channel
-from taskloom.core.errors import NotLeader, SupervisorUnavailable, TaskloomError, Unavailable
-from taskloom.core.model import (
-    ContextMode,
-    Event,
-    Fallback,
-    OnFailure,
-    Plan,
-    Task,
-    TaskOptions,
-    TaskStatus,
+from taskloom.core.errors import (
+    InvalidArgument,
+    NotLeader,
+    SupervisorUnavailable,
+    TaskloomError,
+    Unavailable,
 )
+from taskloom.core.model import Event, OptionFields, Plan, Task, TaskOptions, TaskStatus
 from taskloom.core.plan import parse_plan
 from taskloom.core.status import from_rpc_error
 from taskloom.v1 import tasks_pb2 as pb
@@ -165,56 +162,23 @@ class TaskloomClient:
         goal: str,
         *,
         plan: PlanLike | None = None,
-        synthesize: bool | None = None,
-        priority: int = 0,
-        max_parallel: int = 0,
-        on_failure: OnFailure | str = OnFailure.FAIL,
-        max_attempts: int = 0,
-        subtask_timeout: float = 0.0,
-        stall_timeout: float = 0.0,
-        fallback: Fallback | str = Fallback.NONE,
-        context_tokens: int = 0,
-        context: ContextMode | str = ContextMode.TRUNCATE,
-        max_tokens: int = 0,
-        max_duration: float = 0.0,
-        cache: bool | None = None,
+        options: TaskOptions | None = None,
         idempotency_key: str = "",
+        **fields: Unpack[OptionFields],
     ) -> str:
         """Submit a goal; returns the task id as soon as the task is stored.
 
         Without ``plan`` the supervisor asks its LLM for one. A plan may be a
         ``Plan``, its JSON form, or a JSON string; a ``"synthesize"`` field in
-        it counts unless ``synthesize`` is given. ``on_failure`` says what a
-        subtask that fails for good does to the task (fail, skip its
-        dependents, replan); ``max_attempts``, ``subtask_timeout`` and
-        ``stall_timeout`` (seconds) override the supervisor's defaults.
+        it counts unless ``synthesize`` is given.
 
-        ``fallback="single"`` runs the whole goal as one subtask when the model
-        cannot produce a valid plan. ``context_tokens`` is the context budget of
-        each llm call (0: the model's) and ``context="summarize"`` has inputs
-        that do not fit summarised before they are cut. ``max_tokens`` and
-        ``max_duration`` (seconds) bound the task: past either it fails with
-        ``BUDGET_EXCEEDED``. ``cache=False`` runs every subtask even if an
-        identical one ran before.
+        The task's options are ``options`` (a ``TaskOptions``) with any of its
+        fields given as keywords on top (``priority=2``, ``on_failure="skip"``,
+        ``max_tokens=5000``, ...; see ``TaskOptions`` for each). Every submit
+        carries an idempotency key (one is made unless given), so a retried
+        call never stores the task twice.
         """
-        request = _submit_request(
-            goal,
-            plan=plan,
-            synthesize=synthesize,
-            priority=priority,
-            max_parallel=max_parallel,
-            on_failure=on_failure,
-            max_attempts=max_attempts,
-            subtask_timeout=subtask_timeout,
-            stall_timeout=stall_timeout,
-            fallback=fallback,
-            context_tokens=context_tokens,
-            context=context,
-            max_tokens=max_tokens,
-            max_duration=max_duration,
-            cache=cache,
-            idempotency_key=idempotency_key,
-        )
+        request = _submit_request(goal, plan, TaskOptions.of(options, **fields), idempotency_key)
         response: pb.SubmitTaskResponse = await self._call(lambda s: s.SubmitTask, request)
         return response.task_id
 
@@ -233,8 +197,7 @@ class TaskloomClient:
         another supervisor stores nothing twice.
         """
         requests = [
-            _submit_request(**{**defaults, **({"goal": t} if isinstance(t, str) else t)})
-            for t in tasks
+            _request_of({**defaults, **({"goal": t} if isinstance(t, str) else t)}) for t in tasks
         ]
         replies = await asyncio.gather(*(self._submit_chunk(c) for c in _batches(requests)))
         return [result for reply in replies for result in reply]
@@ -443,25 +406,9 @@ def _batches(
 
 
 def _submit_request(
-    goal: str,
-    *,
-    plan: PlanLike | None = None,
-    synthesize: bool | None = None,
-    priority: int = 0,
-    max_parallel: int = 0,
-    on_failure: OnFailure | str = OnFailure.FAIL,
-    max_attempts: int = 0,
-    subtask_timeout: float = 0.0,
-    stall_timeout: float = 0.0,
-    fallback: Fallback | str = Fallback.NONE,
-    context_tokens: int = 0,
-    context: ContextMode | str = ContextMode.TRUNCATE,
-    max_tokens: int = 0,
-    max_duration: float = 0.0,
-    cache: bool | None = None,
-    idempotency_key: str = "",
+    goal: str, plan: PlanLike | None, options: TaskOptions, idempotency_key: str
 ) -> pb.SubmitTaskRequest:
-    """``submit``'s arguments as a request."""
+    """A submit's arguments as a request."""
     # A key of our own makes the call safe to retry on another supervisor:
     # if the first one stored the task before it went away, the retry
     # finds that task instead of creating a second.
@@ -469,24 +416,33 @@ def _submit_request(
     if plan is not None:
         parsed = plan if isinstance(plan, Plan) else parse_plan(plan)
         request.plan.CopyFrom(codec.plan_to_pb(parsed))
-        if synthesize is None:
-            synthesize = parsed.synthesize
-    options = TaskOptions(
-        priority=priority,
-        max_parallel=max_parallel,
-        on_failure=OnFailure(on_failure),
-        max_attempts=max_attempts,
-        subtask_timeout=subtask_timeout,
-        stall_timeout=stall_timeout,
-        fallback=Fallback(fallback),
-        context_tokens=context_tokens,
-        context=ContextMode(context),
-        max_tokens=max_tokens,
-        max_duration=max_duration,
-        cache=cache,
-    )
-    request.options.CopyFrom(codec.options_to_pb(options, synthesize=synthesize))
+        if options.synthesize is None and parsed.synthesize is not None:
+            options = replace(options, synthesize=parsed.synthesize)
+    request.options.CopyFrom(codec.options_to_pb(options))
     return request
+
+
+SUBMIT_ARGUMENTS = frozenset({"goal", "plan", "options", "idempotency_key"}) | frozenset(
+    OptionFields.__annotations__
+)
+"""What one item of ``submit_many`` may set: ``submit``'s arguments."""
+
+
+def _request_of(item: Mapping[str, Any]) -> pb.SubmitTaskRequest:
+    """One item of ``submit_many`` (``submit``'s arguments) as a request."""
+    fields = dict(item)
+    unknown = sorted(set(fields) - SUBMIT_ARGUMENTS)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown argument {unknown[0]!r}; an item takes " + ", ".join(sorted(SUBMIT_ARGUMENTS))
+        )
+    goal = fields.pop("goal", None)
+    if not isinstance(goal, str):
+        raise InvalidArgument('each item needs a "goal"', field="goal")
+    plan = fields.pop("plan", None)
+    base = fields.pop("options", None)
+    key = fields.pop("idempotency_key", "")
+    return _submit_request(goal, plan, TaskOptions.of(base, **fields), key)
 
 
 def _most_telling(errors: builtins.list[TaskloomError]) -> TaskloomError:
@@ -525,39 +481,13 @@ class SyncTaskloomClient:
         goal: str,
         *,
         plan: PlanLike | None = None,
-        synthesize: bool | None = None,
-        priority: int = 0,
-        max_parallel: int = 0,
-        on_failure: OnFailure | str = OnFailure.FAIL,
-        max_attempts: int = 0,
-        subtask_timeout: float = 0.0,
-        stall_timeout: float = 0.0,
-        fallback: Fallback | str = Fallback.NONE,
-        context_tokens: int = 0,
-        context: ContextMode | str = ContextMode.TRUNCATE,
-        max_tokens: int = 0,
-        max_duration: float = 0.0,
-        cache: bool | None = None,
+        options: TaskOptions | None = None,
         idempotency_key: str = "",
+        **fields: Unpack[OptionFields],
     ) -> str:
         return self._run(
             self._client.submit(
-                goal,
-                plan=plan,
-                synthesize=synthesize,
-                priority=priority,
-                max_parallel=max_parallel,
-                on_failure=on_failure,
-                max_attempts=max_attempts,
-                subtask_timeout=subtask_timeout,
-                stall_timeout=stall_timeout,
-                fallback=fallback,
-                context_tokens=context_tokens,
-                context=context,
-                max_tokens=max_tokens,
-                max_duration=max_duration,
-                cache=cache,
-                idempotency_key=idempotency_key,
+                goal, plan=plan, options=options, idempotency_key=idempotency_key, **fields
             )
         )
 

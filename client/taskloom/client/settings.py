@@ -34,3 +34,4 @@ class ClientSettings(ConnectionSettings):
     reconnect_timeout: Seconds = 60.0
     """How long ``watch`` keeps trying to resume after losing the supervisor."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
+    """Largest message accepted from the supervisor (a task with its subtasks)."""

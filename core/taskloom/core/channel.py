@@ -11,12 +11,9 @@ Keepalive is how a peer that stops answering without closing its connection
 and a supervisor sends nothing to a worker it has no work for. So a worker
 must find a dead leader, and reach the standby, within the lease TTL the
 standby restores its attempts with (15 s): the pings take up to
-KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (10 s), the reconnect a few
-seconds more. At 20 s and 10 s, idle workers came back to a new leader
-after 20-30 s (``test_workers_leave_a_frozen_leader_for_the_standby_before_
-its_leases_lapse``). The pings are grpc's C core's, no Python: at rest, 500
-idle workers cost the supervisor 7.7-8.3 ms of CPU a second at 5 s, against
-2.3-2.7 ms at 20 s (bench/RESULTS.md).
+KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS (10 s), the reconnect a few seconds
+more. The pings are grpc's C core's, no Python; what they cost is in the
+benchmark docs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A long-running process carries its start-up heap (modules, gRPC, protobuf,
 pydantic, OpenTelemetry) for ever, and every full collection walks all of it:
-measured here, 15-55 ms pauses of the supervisor's and workers' event loops
+pauses of the supervisor's and workers' event loops of tens of milliseconds
 under load, which were the p99 of dispatch. ``settle`` (as Instagram does with
 ``gc.freeze``) moves what exists once the process is set up into a permanent
 generation the collector never visits, and collects young objects less often.

@@ -8,9 +8,9 @@ these types. Times are Unix seconds as floats.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict
 
 from taskloom.core.errors import InvalidArgument
 
@@ -174,7 +174,11 @@ class FailureReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
-    synthesize: bool = True
+    """How a task runs: what the SDK's ``submit`` takes, the CLI fills and
+    the supervisor stores. Every field's zero value means "the default"."""
+
+    synthesize: bool | None = None
+    """Append a final step that merges the results; None: yes, unless the plan says not."""
     priority: int = 0
     max_parallel: int = 0
     on_failure: OnFailure = OnFailure.FAIL
@@ -221,6 +225,30 @@ class TaskOptions:
                 field="options.context_tokens",
             )
 
+    @classmethod
+    def of(cls, base: TaskOptions | None = None, **fields: Any) -> TaskOptions:
+        """``base`` (or the defaults) with ``fields`` set, the enums given as
+        their values too (``on_failure="skip"``); an unknown field or value is
+        ``InvalidArgument``."""
+        unknown = sorted(set(fields) - set(OptionFields.__annotations__))
+        if unknown:
+            raise InvalidArgument(
+                f"unknown task option {unknown[0]!r}; the options are "
+                + ", ".join(sorted(OptionFields.__annotations__)),
+                field=f"options.{unknown[0]}",
+            )
+        for name, kind in (("on_failure", OnFailure), ("fallback", Fallback),
+                           ("context", ContextMode)):  # fmt: skip
+            if name in fields:
+                try:
+                    fields[name] = kind(fields[name])
+                except ValueError:
+                    allowed = ", ".join(v.value for v in kind)
+                    raise InvalidArgument(
+                        f"{name} {fields[name]!r} is not one of {allowed}", field=f"options.{name}"
+                    ) from None
+        return replace(base or cls(), **fields)
+
     def to_doc(self) -> dict[str, Any]:
         """The options as JSON-ready values (how the store keeps them)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -243,6 +271,25 @@ class TaskOptions:
             max_duration=float(doc.get("max_duration", 0.0)),
             cache=doc.get("cache"),
         )
+
+
+class OptionFields(TypedDict, total=False):
+    """``TaskOptions``' fields as keyword arguments (``submit(goal, priority=2)``);
+    enums may be given as their values."""
+
+    synthesize: bool | None
+    priority: int
+    max_parallel: int
+    on_failure: OnFailure | str
+    max_attempts: int
+    subtask_timeout: float
+    stall_timeout: float
+    fallback: Fallback | str
+    context_tokens: int
+    context: ContextMode | str
+    max_tokens: int
+    max_duration: float
+    cache: bool | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,11 +90,15 @@ class TaskloomSettings(BaseSettings):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        # Each field's docstring is its description: the flags' help and the
+        # configuration reference are made from it.
+        use_attribute_docstrings=True,
     )
     flag_names: ClassVar[dict[str, str]] = {}
     """Field name → CLI flag, so errors can name both."""
 
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    """The least important log lines written: debug, info, warning or error."""
     log_format: str = Field(default="text", pattern=r"^(text|json)$")
     """``json``: one object per line with the task, subtask and trace ids."""
 
@@ -174,6 +178,7 @@ class LLMSettings(TaskloomSettings):
         default="http://127.0.0.1:11434",
         validation_alias=AliasChoices("OLLAMA_HOST", "ollama_host"),
     )
+    """The Ollama server (read from ``OLLAMA_HOST``, as Ollama itself does)."""
     openai_base_url: str = "https://api.openai.com/v1"
     """Any OpenAI-compatible server: vLLM, llama.cpp's server, OpenAI itself."""
     openai_api_key: str = Field(
@@ -181,6 +186,7 @@ class LLMSettings(TaskloomSettings):
         validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key"),
         repr=False,
     )
+    """The key of the OpenAI-compatible server (read from ``OPENAI_API_KEY``); never logged."""
     llm_timeout: Seconds = 300.0
     """Longest wait for one LLM reply."""
     context_tokens: int = Field(default=0, ge=0)
@@ -217,7 +223,7 @@ class ConnectionSettings(KeepaliveSettings):
     """How a client or worker reaches the supervisor securely."""
 
     token: str = Field(default="", repr=False)
-    """Bearer token sent with every call (``TASKLOOM_TOKEN``); never logged."""
+    """Bearer token sent with every call; never logged."""
     tls: bool = False
     """Use TLS even without ``tls_ca`` (trusting the system's CAs)."""
     tls_ca: Path | None = None

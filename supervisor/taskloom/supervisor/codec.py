@@ -4,28 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from taskloom.core.errors import InvalidArgument, TaskloomError
+from taskloom.core import wire
+from taskloom.core.errors import TaskloomError
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
-    ContextMode,
     Event,
-    Fallback,
-    OnFailure,
-    Plan,
-    PlannedSubtask,
     ProgressUpdate,
     Subtask,
     SubtaskFailure,
     SubtaskResult,
-    SubtaskStatus,
     Task,
-    TaskOptions,
     TaskStatus,
-    Usage,
     WorkerInfo,
 )
 from taskloom.core.status import error_detail, status_code
@@ -40,147 +30,27 @@ from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import workers_pb2 as wpb
 
 
-def _split(seconds: float) -> tuple[int, int]:
-    """Whole seconds and nanoseconds, as a Timestamp or Duration holds them.
-    The fraction is taken before scaling: a Unix time times 1e9 is past the
-    precision of a float, and would lose about 200 ns."""
-    whole = int(seconds)
-    nanos = round((seconds - whole) * 1e9)
-    if abs(nanos) == 1_000_000_000:  # the fraction rounded up to a whole second
-        return whole + nanos // 1_000_000_000, 0
-    return whole, nanos
-
-
-def _timestamp(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    whole, nanos = _split(seconds)
-    return Timestamp(seconds=whole, nanos=nanos)
-
-
-def _duration(seconds: float) -> Duration:
-    whole, nanos = _split(seconds)
-    return Duration(seconds=whole, nanos=nanos)
-
-
-# -- tasks --------------------------------------------------------------------
-
-
-def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
-    return TaskOptions(
-        synthesize=message.synthesize if message.HasField("synthesize") else True,
-        priority=message.priority,
-        max_parallel=message.max_parallel,
-        on_failure=_ON_FAILURE.get(message.on_failure, OnFailure.FAIL),
-        max_attempts=message.max_attempts,
-        subtask_timeout=message.subtask_timeout.ToNanoseconds() / 1e9,
-        stall_timeout=message.stall_timeout.ToNanoseconds() / 1e9,
-        fallback=Fallback.SINGLE if message.fallback == pb.FALLBACK_SINGLE else Fallback.NONE,
-        context_tokens=message.context_tokens,
-        context=_CONTEXT_FROM_PB.get(message.context, ContextMode.TRUNCATE),
-        max_tokens=message.max_tokens,
-        max_duration=message.max_duration.ToNanoseconds() / 1e9,
-        cache=message.cache if message.HasField("cache") else None,
-    )
-
-
-_CONTEXT_FROM_PB = {
-    pb.CONTEXT_MODE_TRUNCATE: ContextMode.TRUNCATE,
-    pb.CONTEXT_MODE_SUMMARIZE: ContextMode.SUMMARIZE,
-}
-_CONTEXT_TO_PB = {v: k for k, v in _CONTEXT_FROM_PB.items()}
-
-
-def usage_to_pb(usage: Usage) -> pb.Usage:
-    return pb.Usage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        model=usage.model,
-        duration=_duration(usage.seconds),
-        calls=usage.calls,
-    )
-
-
-def usage_from_pb(message: pb.Usage) -> Usage:
-    return Usage(
-        input_tokens=message.input_tokens,
-        output_tokens=message.output_tokens,
-        model=message.model,
-        seconds=message.duration.ToNanoseconds() / 1e9,
-        calls=message.calls,
-    )
-
-
-_ON_FAILURE = {
-    pb.ON_FAILURE_FAIL: OnFailure.FAIL,
-    pb.ON_FAILURE_SKIP: OnFailure.SKIP,
-    pb.ON_FAILURE_REPLAN: OnFailure.REPLAN,
-}
-
-
-def _options_to_pb(options: TaskOptions) -> pb.TaskOptions:
-    return pb.TaskOptions(
-        synthesize=options.synthesize,
-        priority=options.priority,
-        max_parallel=options.max_parallel,
-        on_failure=pb.OnFailure.Value(f"ON_FAILURE_{options.on_failure.name}"),
-        max_attempts=options.max_attempts,
-        subtask_timeout=_duration(options.subtask_timeout),
-        stall_timeout=_duration(options.stall_timeout),
-        fallback=pb.FALLBACK_SINGLE if options.fallback == Fallback.SINGLE else pb.FALLBACK_NONE,
-        context_tokens=options.context_tokens,
-        context=_CONTEXT_TO_PB[options.context],
-        max_tokens=options.max_tokens,
-        max_duration=_duration(options.max_duration),
-        cache=options.cache,
-    )
-
-
-def plan_from_pb(message: pb.Plan) -> Plan:
-    return Plan(
-        subtasks=tuple(
-            PlannedSubtask(
-                id=s.id,
-                title=s.title,
-                instruction=s.instruction,
-                capability=s.capability,
-                depends_on=tuple(s.depends_on),
-                params=dict(s.params),
-                max_attempts=s.max_attempts,
-                timeout=s.timeout.ToNanoseconds() / 1e9,
-            )
-            for s in message.subtasks
-        )
-    )
-
-
 def statuses_from_pb(values: Iterable[pb.TaskStatus.ValueType]) -> list[TaskStatus]:
-    known = pb.TaskStatus.values()
-    unknown = [v for v in values if v not in known]
-    if unknown:
-        raise InvalidArgument(f"statuses: {unknown[0]} is not a TaskStatus", field="statuses")
-    return [TaskStatus(pb.TaskStatus.Name(v).removeprefix("TASK_STATUS_")) for v in values if v]
+    return wire.task_statuses_from_pb(values)
 
 
 def task_to_pb(task: Task) -> pb.Task:
     return pb.Task(
         id=task.id,
         goal=task.goal,
-        status=pb.TaskStatus.Value(f"TASK_STATUS_{task.status}"),
+        status=wire.task_status_to_pb(task.status),
         result=task.result,
         error=task.error,
-        options=_options_to_pb(task.options),
-        created_at=_timestamp(task.created_at),
-        updated_at=_timestamp(task.updated_at),
-        finished_at=_timestamp(task.finished_at),
+        options=wire.options_to_pb(task.options),
+        created_at=wire.timestamp(task.created_at),
+        updated_at=wire.timestamp(task.updated_at),
+        finished_at=wire.timestamp(task.finished_at),
         subtasks_total=task.subtasks_total,
         subtasks_succeeded=task.subtasks_succeeded,
         plan_version=task.plan_version,
         subtasks=[_subtask_to_pb(s) for s in task.subtasks],
-        usage=usage_to_pb(task.usage),
-        failure_reason=pb.FailureReason.Value(f"FAILURE_REASON_{task.failure_reason.value}")
-        if task.failure_reason
-        else pb.FAILURE_REASON_UNSPECIFIED,
+        usage=wire.usage_to_pb(task.usage),
+        failure_reason=wire.failure_reason_to_pb(task.failure_reason),
         owner=task.owner,
     )
 
@@ -192,28 +62,24 @@ def _subtask_to_pb(sub: Subtask) -> pb.Subtask:
         instruction=sub.instruction,
         capability=sub.capability,
         depends_on=list(sub.depends_on),
-        status=_subtask_status(sub.status),
+        status=wire.subtask_status_to_pb(sub.status),
         output=sub.output,
         error=sub.error,
         attempt=sub.attempt,
         worker=sub.worker,
         progress=sub.progress,
         params=dict(sub.params),
-        usage=usage_to_pb(sub.usage),
-        started_at=_timestamp(sub.started_at),
-        finished_at=_timestamp(sub.finished_at),
+        usage=wire.usage_to_pb(sub.usage),
+        started_at=wire.timestamp(sub.started_at),
+        finished_at=wire.timestamp(sub.finished_at),
         cache_hit=sub.cache_hit,
     )
-
-
-def _subtask_status(status: SubtaskStatus) -> pb.SubtaskStatus.ValueType:
-    return pb.SubtaskStatus.Value(f"SUBTASK_STATUS_{status}")
 
 
 def event_to_pb(event: Event) -> pb.Event:
     return pb.Event(
         id=event.id,
-        time=_timestamp(event.time),
+        time=wire.timestamp(event.time),
         type=event.type,
         task_id=event.task_id,
         subtask_id=event.subtask_id,
@@ -241,12 +107,9 @@ def error_to_pb(error: TaskloomError) -> pb.TaskError:
     )
 
 
-def ref_from_pb(message: wpb.AttemptRef) -> AttemptRef:
-    return AttemptRef(message.task_id, message.subtask_id, message.attempt)
-
-
-def _ref_to_pb(ref: AttemptRef) -> wpb.AttemptRef:
-    return wpb.AttemptRef(task_id=ref.task_id, subtask_id=ref.subtask_id, attempt=ref.attempt)
+ref_from_pb = wire.ref_from_pb
+plan_from_pb = wire.plan_from_pb
+options_from_pb = wire.options_from_pb
 
 
 def worker_info_from_pb(hello: wpb.Hello) -> WorkerInfo:
@@ -256,34 +119,35 @@ def worker_info_from_pb(hello: wpb.Hello) -> WorkerInfo:
         capabilities=frozenset(hello.capabilities),
         max_concurrency=hello.max_concurrency,
         labels=dict(hello.labels),
-        in_flight=tuple(ref_from_pb(r) for r in hello.in_flight),
+        in_flight=tuple(wire.ref_from_pb(r) for r in hello.in_flight),
         version=hello.version,
         cache_keys=dict(hello.cache_keys),
     )
 
 
 def progress_from_pb(message: wpb.Progress) -> list[ProgressUpdate]:
-    return [ProgressUpdate(ref_from_pb(u.ref), u.message, u.text) for u in message.updates]
+    return [ProgressUpdate(wire.ref_from_pb(u.ref), u.message, u.text) for u in message.updates]
 
 
 def results_from_pb(message: wpb.Completed) -> list[SubtaskResult]:
     return [
-        SubtaskResult(ref_from_pb(r.ref), r.output, usage_from_pb(r.usage)) for r in message.results
+        SubtaskResult(wire.ref_from_pb(r.ref), r.output, wire.usage_from_pb(r.usage))
+        for r in message.results
     ]
 
 
 def stopped_from_pb(message: wpb.Stopped) -> list[AttemptRef]:
-    return [ref_from_pb(r) for r in message.refs]
+    return [wire.ref_from_pb(r) for r in message.refs]
 
 
 def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
     return [
         SubtaskFailure(
-            ref_from_pb(f.ref),
+            wire.ref_from_pb(f.ref),
             f.error,
             f.retryable,
             counts=not f.handed_back,
-            usage=usage_from_pb(f.usage),
+            usage=wire.usage_from_pb(f.usage),
         )
         for f in message.failures
     ]
@@ -302,8 +166,8 @@ def welcome_to_pb(
         welcome=wpb.Welcome(
             session_id=session_id,
             supervisor_id=supervisor_id,
-            heartbeat_interval=_duration(heartbeat_interval),
-            lease_ttl=_duration(lease_ttl),
+            heartbeat_interval=wire.duration(heartbeat_interval),
+            lease_ttl=wire.duration(lease_ttl),
             max_output_bytes=max_output_bytes,
             truncate_output=truncate_output,
             idle_silence=True,
@@ -327,7 +191,7 @@ def _assign_to_pb(assignments: Iterable[Assignment]) -> wpb.Assign:
             instruction=a.instruction,
             goal=a.goal,
             context_tokens=a.context_tokens,
-            context=_CONTEXT_TO_PB[a.context],
+            context=wire.context_to_pb(a.context),
         )
         if a.inputs:
             out.inputs.extend(
@@ -338,9 +202,9 @@ def _assign_to_pb(assignments: Iterable[Assignment]) -> wpb.Assign:
         if a.trace_context:
             out.trace_context.update(a.trace_context)
         if a.deadline is not None:
-            out.deadline.seconds, out.deadline.nanos = _split(a.deadline)
+            out.deadline.seconds, out.deadline.nanos = wire.split(a.deadline)
         if a.timeout:
-            out.timeout.seconds, out.timeout.nanos = _split(a.timeout)
+            out.timeout.seconds, out.timeout.nanos = wire.split(a.timeout)
     return message
 
 
@@ -351,10 +215,10 @@ def outgoing_to_pb(message: Outgoing) -> wpb.ConnectResponse:
             return wpb.ConnectResponse(assign=_assign_to_pb(assignments))
         case CancelAttempts(refs, reason):
             return wpb.ConnectResponse(
-                cancel=wpb.Cancel(refs=[_ref_to_pb(r) for r in refs], reason=reason)
+                cancel=wpb.Cancel(refs=[wire.ref_to_pb(r) for r in refs], reason=reason)
             )
         case AckReports(refs):
-            return wpb.ConnectResponse(ack=wpb.Ack(refs=[_ref_to_pb(r) for r in refs]))
+            return wpb.ConnectResponse(ack=wpb.Ack(refs=[wire.ref_to_pb(r) for r in refs]))
         case DrainNotice(reason):
             return wpb.ConnectResponse(drain=wpb.Drain(reason=reason))
     raise TypeError(f"not a frame: {message!r}")

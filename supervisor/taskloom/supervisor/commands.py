@@ -108,8 +108,13 @@ class Commands:
                 field="goal",
             )
         options.check()
+        synthesize = options.synthesize
+        if synthesize is None:
+            synthesize = plan.synthesize if plan is not None else None
         options = replace(
-            options, stall_timeout=options.stall_timeout or self.settings.stall_timeout
+            options,
+            synthesize=True if synthesize is None else synthesize,
+            stall_timeout=options.stall_timeout or self.settings.stall_timeout,
         )
         if len(idempotency_key) > MAX_KEY_CHARS:
             raise InvalidArgument(
@@ -120,8 +125,6 @@ class Commands:
             return await self._effects.unbroken(
                 self._create(goal, options, None, (), idempotency_key, principal)
             )
-        if plan.synthesize is not None:
-            options = replace(options, synthesize=plan.synthesize)
         try:
             check_plan(
                 plan,
@@ -131,7 +134,7 @@ class Commands:
         except PlanError as e:
             e.field = e.field or "plan.subtasks"
             raise
-        graph, result_from = finalize(plan, synthesize=options.synthesize)
+        graph, result_from = finalize(plan, synthesize=bool(options.synthesize))
         graph = self.planning.resolve(graph, options)
         return await self._effects.unbroken(
             self._create(goal, options, graph, result_from, idempotency_key, principal)

@@ -225,7 +225,7 @@ class Planning:
             f"asking {self.planner.llm.describe()} for a plan",
             span=ids(span)[1],
         )
-        synthesize = options.synthesize
+        synthesize = options.synthesize is not False
         try:
             plan = await self.planner.plan(
                 goal,

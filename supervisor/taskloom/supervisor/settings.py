@@ -62,11 +62,14 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     Service "" is SERVING only on the leader (readiness); "liveness" whenever
     the process runs."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """Where state lives: ``redis://``, ``rediss://`` (TLS) or ``unix://``, with a
+    password and a database if needed."""
     redis_max_connections: int = Field(default=64, ge=2)
     """Redis connections for transitions and reads; more operations at once wait."""
     redis_prefix: str = Field(default="taskloom:", min_length=1)
     """Prefix of every Redis key, so several clusters or tests can share a server."""
     supervisor_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """This supervisor's name in logs, in the leader lease and in Welcome."""
 
     heartbeat_interval: Seconds = 5.0
     """How often a worker that runs something heartbeats (an idle one is silent)."""
@@ -100,6 +103,7 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     capabilities: StrList = ("llm",)
     """Capabilities plans may use even while no worker offering them is connected."""
     max_goal_chars: int = Field(default=20_000, ge=1)
+    """Longest goal, in characters."""
     max_plan_subtasks: int = Field(default=20_000, ge=1)
     """Largest explicit plan."""
     max_llm_plan_subtasks: int = Field(default=50, ge=1, le=500)
@@ -125,6 +129,7 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     tls_cert: Path | None = None
     """The server's certificate chain (PEM): with ``tls_key``, gRPC is served over TLS."""
     tls_key: Path | None = None
+    """The key of ``tls_cert`` (PEM)."""
     tls_client_ca: Path | None = None
     """Mutual TLS: every peer must present a certificate signed by this CA."""
     metrics_tls: bool = False
@@ -154,6 +159,7 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     max_connection_age_grace: Seconds = 300.0
     """... after its calls had this long to finish."""
     max_streams_per_connection: int = Field(default=1_000, ge=1)
+    """Calls open at once on one connection."""
 
     @field_validator("leader_ttl")
     @classmethod

@@ -6,19 +6,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from google.protobuf.duration_pb2 import Duration
-
+from taskloom.core import wire
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
-    ContextMode,
     Input,
     ProgressUpdate,
     SubtaskFailure,
     SubtaskResult,
-    Usage,
 )
-from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import workers_pb2 as wpb
 
 M = TypeVar("M", wpb.SubtaskResult, wpb.SubtaskFailure, wpb.ProgressUpdate)
@@ -48,24 +44,12 @@ Report = SubtaskResult | SubtaskFailure
 Outgoing = Accepted | Heartbeat | ProgressUpdate | SubtaskResult | SubtaskFailure | Stopped
 
 
-def _ref_to_pb(ref: AttemptRef) -> wpb.AttemptRef:
-    return wpb.AttemptRef(task_id=ref.task_id, subtask_id=ref.subtask_id, attempt=ref.attempt)
-
-
-def _usage_to_pb(usage: Usage) -> pb.Usage:
-    duration = Duration()
-    duration.FromNanoseconds(int(usage.seconds * 1e9))
-    return pb.Usage(
-        input_tokens=usage.input_tokens,
-        output_tokens=usage.output_tokens,
-        model=usage.model,
-        duration=duration,
-        calls=usage.calls,
-    )
+_ref_to_pb = wire.ref_to_pb
+_usage_to_pb = wire.usage_to_pb
 
 
 def refs_from_pb(refs: Iterable[wpb.AttemptRef]) -> list[AttemptRef]:
-    return [AttemptRef(r.task_id, r.subtask_id, r.attempt) for r in refs]
+    return [wire.ref_from_pb(r) for r in refs]
 
 
 def hello_to_pb(
@@ -115,9 +99,7 @@ def assignments_from_pb(message: wpb.Assign) -> list[Assignment]:
                 timeout=timeout.seconds + timeout.nanos / 1e9,
                 trace_context=dict(a.trace_context) if a.trace_context else {},
                 context_tokens=a.context_tokens,
-                context=ContextMode.SUMMARIZE
-                if a.context == pb.CONTEXT_MODE_SUMMARIZE
-                else ContextMode.TRUNCATE,
+                context=wire.context_from_pb(a.context),
             )
         )
     return out

@@ -42,16 +42,19 @@ class WorkerSettings(LLMSettings, ConnectionSettings):
     concurrency: int = Field(default=4, ge=1, le=10_000)
     """Subtasks run at once."""
     name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """Shown in tasks, events and logs."""
     app: str | None = None
     """``module:attribute`` holding a Worker or HandlerRegistry with custom handlers."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Prometheus metrics on this port at /metrics (unset: not served; 0: any port)."""
     metrics_host: str = "0.0.0.0"
+    """The address the metrics endpoint binds to."""
     drain_timeout: Seconds = 30.0
     """On SIGTERM, how long running subtasks get to finish before they are handed back."""
     reconnect_max: Seconds = 10.0
     """Longest wait between reconnection attempts."""
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024 * 1024)
+    """Largest message accepted from the supervisor (assignments carry their inputs)."""
 
     @field_validator("capabilities")
     @classmethod
