@@ -76,3 +76,13 @@ async def pulse(ctx: SubtaskContext) -> str:
         await ctx.progress(f"{end - loop.time():.1f}s to go")
         await asyncio.sleep(0.1)
     return f"pulsed on attempt {ctx.attempt}"
+
+
+@registry.handler("picky")
+async def picky(ctx: SubtaskContext) -> str:
+    """Fails for good if its instruction says "fail"; else returns it and its inputs."""
+    _mark(f"attempt-{ctx.subtask_id}-{ctx.attempt}", ctx.instruction)
+    if "fail" in ctx.instruction:
+        raise SubtaskError(f"refused: {ctx.instruction}", retryable=False)
+    inputs = ",".join(i.output for i in ctx.inputs)
+    return f"{ctx.instruction}[{inputs}]" if inputs else ctx.instruction

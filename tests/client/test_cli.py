@@ -26,13 +26,16 @@ from tests.fake_ollama import FakeOllama
 from tests.helpers import plan, wait_subtask
 from tests.test_real_model import embedded_model_present
 
-TASK_KEYS = {"id", "status", "goal", "result", "error", "failure_reason", "usage", "subtasks"}
+TASK_KEYS = {
+    "id", "status", "goal", "result", "error", "failure_reason", "paused", "usage", "subtasks"
+}  # fmt: skip
 SUBTASK_KEYS = {
-    "id", "title", "capability", "depends_on", "status", "output", "error", "attempts", "worker",
-    "cache_hit", "usage",
+    "id", "title", "instruction", "capability", "depends_on", "status", "output", "error",
+    "attempts", "worker", "cache_hit", "requires_approval", "usage",
 }  # fmt: skip
 EVENT_KEYS = {
-    "event_id", "time", "type", "task_id", "subtask_id", "status", "message", "trace_id", "span_id"
+    "event_id", "time", "type", "task_id", "subtask_id", "status", "message", "trace_id",
+    "span_id", "actor",
 }  # fmt: skip
 
 
@@ -177,7 +180,8 @@ async def test_errors_are_one_line_with_distinct_exit_codes(
     code, _, err = await taskloom("tasks", "--supervisor", "nowhere")
     assert code == 2 and "TASKLOOM_SUPERVISOR" in err
     code, _, err = await taskloom("supervisor", "--leader-ttl", "12s")
-    assert code == 1 and "TASKLOOM_LEADER_TTL / --leader-ttl: must be under 10s" in err
+    # A configuration error is a usage error (2), like every command's (1 means a task failed).
+    assert code == 2 and "TASKLOOM_LEADER_TTL / --leader-ttl: must be under 10s" in err
 
 
 async def test_submit_many_stores_each_line_and_waits_for_them_all(

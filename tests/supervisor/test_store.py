@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -508,3 +509,50 @@ async def test_a_loop_of_store_calls_stops_when_it_is_cancelled(store: Store) ->
         done, _ = await asyncio.wait([loop], timeout=5)
         assert done, f"trial {trial}: the loop kept running after cancel()"
         assert loop.cancelled()
+
+
+async def test_every_hash_field_written_is_one_records_lists(
+    store: Store, raw: aioredis.Redis, prefix: str
+) -> None:
+    from taskloom.core.model import Usage
+    from taskloom.supervisor import records
+
+    # A task through most transitions: run, progress, fail and retry, cache,
+    # usage, a cancelled subtask, a replan mark, the end; and a cancelled one.
+    task_id, ready = await start(store, cache_ttl=60.0, owner="alice", max_in_flight=5)
+    (a,), _ = await store.assign([(ready[0], "wid", "w", "fp")])
+    assert a is not None
+    await store.start([a.ref], "wid")
+    await store.progress([ProgressUpdate(a.ref, "half way", "text")], "wid")
+    await store.fail([SubtaskFailure(a.ref, "boom", usage=Usage(1, 2, "m", 0.1, 1))], "wid")
+    (again,), _ = await store.assign([(ReadyItem(task_id, "a", "echo"), "wid", "w", "fp")])
+    assert again is not None
+    outcome = await store.complete([SubtaskResult(again.ref, "A", Usage(3, 4, "m", 0.2, 1))])
+    for item in outcome.ready:
+        await run(store, item)
+    await store.cancel_subtask(task_id, "d", "enough")
+    planning, _, _ = await store.create_task(goal="g", options=TaskOptions(), plan=None)
+    await store.spend(planning, Usage(5, 6, "m", 0.3, 1))
+    await store.finish(
+        planning,
+        TaskStatus.CANCELLED,
+        "x",
+        EventType.TASK_CANCELLED,
+        expected=[TaskStatus.PLANNING],
+    )
+    seen_tasks = seen_subtasks = 0
+    async for key in raw.scan_iter(match=f"{prefix}task:*"):
+        kind = await raw.type(key)
+        if key.endswith(":events"):
+            entries: Any = await raw.xrange(key)
+            for _, fields in entries:
+                # What a person did names them too.
+                assert tuple(fields)[: len(records.EVENT_FIELDS)] == records.EVENT_FIELDS, key
+                assert set(fields) - set(records.EVENT_FIELDS) <= {"actor"}, key
+        elif ":sub:" in key:
+            seen_subtasks += 1
+            assert set(await raw.hkeys(key)) <= records.SUBTASK_FIELDS, key
+        elif kind == "hash":
+            seen_tasks += 1
+            assert set(await raw.hkeys(key)) <= records.TASK_FIELDS, key
+    assert seen_tasks == 2 and seen_subtasks == 4

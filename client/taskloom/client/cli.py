@@ -243,6 +243,11 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
 @click.option(
     "--idempotency-key", default="", help="Submitting again with it returns the same task"
 )
+@click.option(
+    "--approve-plan",
+    is_flag=True,
+    help="Stop after planning until the plan is approved (taskloom approve)",
+)
 @run_async
 async def submit(
     goal: str,
@@ -264,6 +269,7 @@ async def submit(
     max_duration: str | None,
     no_cache: bool,
     idempotency_key: str,
+    approve_plan: bool,
 ) -> None:
     """Submit GOAL; print its task id, or with --wait follow it to the end.
 
@@ -285,6 +291,7 @@ async def submit(
         max_tokens=max_tokens,
         max_duration=_seconds("--max-duration", max_duration),
         cache=False if no_cache else None,
+        approve_plan=approve_plan,
     )
     async with _client(supervisor) as client:
         task_id = await client.submit(
@@ -478,11 +485,134 @@ async def cancel(task_id: str, supervisor: str | None, reason: str, subtask_id: 
     (whose dependents are then skipped)."""
     async with _client(supervisor) as client:
         task = await client.cancel(task_id, reason, subtask_id=subtask_id)
-    if subtask_id:
-        sub = next(s for s in task.subtasks if s.id == subtask_id)
-        out.print(f"{task.id} {subtask_id} {sub.status}")
+    _steered(task, subtask_id, as_json=False)
+
+
+def _steered(task: Task, subtask_id: str, *, as_json: bool) -> None:
+    """What a steering command prints: the task (and the subtask) as it is now."""
+    if as_json:
+        _print_json(task_json(task))
+        return
+    paused = " (paused)" if task.paused else ""
+    sub = next((s for s in task.subtasks if s.id == subtask_id), None)
+    if sub is not None:
+        out.print(f"{task.id} {subtask_id} {sub.status}; the task is {task.status}{paused}")
     else:
-        out.print(f"{task.id} {task.status}")
+        out.print(f"{task.id} {task.status}{paused}")
+
+
+def _steering(fn: F) -> F:
+    """The options every steering command takes."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the task as JSON")(fn)
+    fn = click.option("--reason", default="", help="Why: kept in the task's events")(fn)
+    return supervisor_option(fn)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--subtask", "subtask_id", default="", help="Approve only this waiting subtask")
+@click.option(
+    "--plan", "plan_file", metavar="FILE", help="Replace the waiting plan with this one first"
+)
+@_steering
+@run_async
+async def approve(
+    task_id: str,
+    subtask_id: str,
+    plan_file: str | None,
+    supervisor: str | None,
+    reason: str,
+    as_json: bool,
+) -> None:
+    """Start a task whose plan waits for approval (submitted with
+    --approve-plan), or let a subtask that waits for approval run.
+
+    With --plan, the plan is replaced by the one in FILE first (checked like
+    any explicit plan; only before any of it has run).
+    """
+    plan = _read_plan(plan_file) if plan_file else None
+    async with _client(supervisor) as client:
+        task = await client.approve(task_id, subtask_id=subtask_id, plan=plan, reason=reason)
+    _steered(task, subtask_id, as_json=as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--subtask", "subtask_id", default="", help="Reject only this waiting subtask")
+@_steering
+@run_async
+async def reject(
+    task_id: str, subtask_id: str, supervisor: str | None, reason: str, as_json: bool
+) -> None:
+    """End a task whose plan waits for approval (CANCELLED), or skip a subtask
+    that waits for approval, and its dependents (the task goes on)."""
+    async with _client(supervisor) as client:
+        task = await client.reject(task_id, subtask_id=subtask_id, reason=reason)
+    _steered(task, subtask_id, as_json=as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--subtask", "subtask_id", required=True, help="The subtask to run again")
+@click.option("--instruction", default=None, help="Its new instruction (default: the same)")
+@_steering
+@run_async
+async def retry(
+    task_id: str,
+    subtask_id: str,
+    instruction: str | None,
+    supervisor: str | None,
+    reason: str,
+    as_json: bool,
+) -> None:
+    """Run a FAILED, SKIPPED or CANCELLED subtask again, and everything
+    downstream of it; a task that had failed or was cancelled runs again."""
+    async with _client(supervisor) as client:
+        task = await client.retry(task_id, subtask_id, instruction=instruction, reason=reason)
+    _steered(task, subtask_id, as_json=as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--subtask", "subtask_id", required=True, help="The subtask to skip")
+@click.option("--output", default="", help="What its dependents get as its output")
+@_steering
+@run_async
+async def skip(
+    task_id: str,
+    subtask_id: str,
+    output: str,
+    supervisor: str | None,
+    reason: str,
+    as_json: bool,
+) -> None:
+    """Mark a pending, waiting or failed subtask SKIPPED with an output, which
+    its dependents run on."""
+    async with _client(supervisor) as client:
+        task = await client.skip(task_id, subtask_id, output=output, reason=reason)
+    _steered(task, subtask_id, as_json=as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@_steering
+@run_async
+async def pause(task_id: str, supervisor: str | None, reason: str, as_json: bool) -> None:
+    """Start nothing new of TASK_ID until it is resumed; what runs finishes."""
+    async with _client(supervisor) as client:
+        task = await client.pause(task_id, reason=reason)
+    _steered(task, "", as_json=as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@_steering
+@run_async
+async def resume(task_id: str, supervisor: str | None, reason: str, as_json: bool) -> None:
+    """Let a paused task go on."""
+    async with _client(supervisor) as client:
+        task = await client.resume(task_id, reason=reason)
+    _steered(task, "", as_json=as_json)
 
 
 @cli.group()

@@ -269,6 +269,76 @@ class TaskloomClient:
         )
         return codec.task_from_pb(response.task)
 
+    # -- steering a task ----------------------------------------------------------------
+
+    async def approve(
+        self,
+        task_id: str,
+        *,
+        subtask_id: str = "",
+        plan: PlanLike | None = None,
+        reason: str = "",
+    ) -> Task:
+        """Start a task whose plan waits for approval (submitted with
+        ``approve_plan=True``), after replacing its plan with ``plan`` if given
+        (checked like any explicit plan; only before any of it has run); or,
+        with ``subtask_id``, let a subtask that waits for approval run."""
+        request = pb.ApproveTaskRequest(task_id=task_id, subtask_id=subtask_id, reason=reason)
+        if plan is not None:
+            request.plan.CopyFrom(
+                codec.plan_to_pb(plan if isinstance(plan, Plan) else parse_plan(plan))
+            )
+        response: pb.ApproveTaskResponse = await self._call(lambda s: s.ApproveTask, request)
+        return codec.task_from_pb(response.task)
+
+    async def reject(self, task_id: str, *, subtask_id: str = "", reason: str = "") -> Task:
+        """End a task whose plan waits for approval (CANCELLED, with ``reason``);
+        or, with ``subtask_id``, skip a waiting subtask and its dependents."""
+        response: pb.RejectTaskResponse = await self._call(
+            lambda s: s.RejectTask,
+            pb.RejectTaskRequest(task_id=task_id, subtask_id=subtask_id, reason=reason),
+        )
+        return codec.task_from_pb(response.task)
+
+    async def retry(
+        self, task_id: str, subtask_id: str, *, instruction: str | None = None, reason: str = ""
+    ) -> Task:
+        """Run a FAILED, SKIPPED or CANCELLED subtask again, with a new
+        ``instruction`` if given, and everything downstream of it; a task that
+        had failed runs again."""
+        request = pb.RetrySubtaskRequest(task_id=task_id, subtask_id=subtask_id, reason=reason)
+        if instruction is not None:
+            request.instruction = instruction
+        response: pb.RetrySubtaskResponse = await self._call(lambda s: s.RetrySubtask, request)
+        return codec.task_from_pb(response.task)
+
+    async def skip(
+        self, task_id: str, subtask_id: str, *, output: str = "", reason: str = ""
+    ) -> Task:
+        """Mark a pending, waiting or failed subtask SKIPPED with ``output``,
+        which its dependents run on."""
+        response: pb.SkipSubtaskResponse = await self._call(
+            lambda s: s.SkipSubtask,
+            pb.SkipSubtaskRequest(
+                task_id=task_id, subtask_id=subtask_id, output=output, reason=reason
+            ),
+        )
+        return codec.task_from_pb(response.task)
+
+    async def pause(self, task_id: str, *, reason: str = "") -> Task:
+        """Start nothing new of the task until it is resumed; what runs finishes."""
+        response: pb.PauseTaskResponse = await self._call(
+            lambda s: s.PauseTask, pb.PauseTaskRequest(task_id=task_id, reason=reason)
+        )
+        return codec.task_from_pb(response.task)
+
+    async def resume(self, task_id: str, *, reason: str = "") -> Task:
+        """Let a paused task go on."""
+        response: pb.ResumeTaskResponse = await self._call(
+            lambda s: s.ResumeTask, pb.ResumeTaskRequest(task_id=task_id, reason=reason)
+        )
+        return codec.task_from_pb(response.task)
+
     async def watch(
         self, task_id: str, *, after_event_id: str = "", terminal_only: bool = False
     ) -> AsyncGenerator[Event, None]:
@@ -291,14 +361,14 @@ class TaskloomClient:
                 metadata=self._metadata,
             )
             try:
+                # The supervisor ends the stream after the task's last
+                # terminal event (a reopened task goes on past an earlier one).
                 async for response in call:
                     deadline, delay = None, 0.2
                     for message in response.events:
                         event = codec.event_from_pb(message)
                         cursor = event.id
                         yield event
-                        if event.terminal:
-                            return
                 return
             except grpc.aio.AioRpcError as e:
                 deadline, delay = await self._stream_broke(e, deadline, delay)
@@ -504,6 +574,37 @@ class SyncTaskloomClient:
 
     def cancel(self, task_id: str, reason: str = "", *, subtask_id: str = "") -> Task:
         return self._run(self._client.cancel(task_id, reason, subtask_id=subtask_id))
+
+    def approve(
+        self,
+        task_id: str,
+        *,
+        subtask_id: str = "",
+        plan: PlanLike | None = None,
+        reason: str = "",
+    ) -> Task:
+        return self._run(
+            self._client.approve(task_id, subtask_id=subtask_id, plan=plan, reason=reason)
+        )
+
+    def reject(self, task_id: str, *, subtask_id: str = "", reason: str = "") -> Task:
+        return self._run(self._client.reject(task_id, subtask_id=subtask_id, reason=reason))
+
+    def retry(
+        self, task_id: str, subtask_id: str, *, instruction: str | None = None, reason: str = ""
+    ) -> Task:
+        return self._run(
+            self._client.retry(task_id, subtask_id, instruction=instruction, reason=reason)
+        )
+
+    def skip(self, task_id: str, subtask_id: str, *, output: str = "", reason: str = "") -> Task:
+        return self._run(self._client.skip(task_id, subtask_id, output=output, reason=reason))
+
+    def pause(self, task_id: str, *, reason: str = "") -> Task:
+        return self._run(self._client.pause(task_id, reason=reason))
+
+    def resume(self, task_id: str, *, reason: str = "") -> Task:
+        return self._run(self._client.resume(task_id, reason=reason))
 
     def watch(self, task_id: str, *, after_event_id: str = "") -> Iterator[Event]:
         return self._iterate(self._client.watch(task_id, after_event_id=after_event_id))

@@ -31,6 +31,7 @@ def task_from_pb(message: pb.Task) -> Task:
         usage=wire.usage_from_pb(message.usage),
         failure_reason=wire.failure_reason_from_pb(message.failure_reason),
         owner=message.owner,
+        paused=message.paused,
     )
 
 
@@ -52,6 +53,8 @@ def _subtask_from_pb(message: pb.Subtask) -> Subtask:
         cache_hit=message.cache_hit,
         started_at=wire.time_of(message, "started_at"),
         finished_at=wire.time_of(message, "finished_at"),
+        requires_approval=message.requires_approval,
+        ready_at=wire.time_of(message, "ready_at"),
     )
 
 
@@ -68,6 +71,7 @@ def event_from_pb(message: pb.Event) -> Event:
         worker=message.worker,
         trace_id=message.trace_id,
         span_id=message.span_id,
+        actor=message.actor,
     )
 
 

@@ -70,11 +70,13 @@ def task_json(task: Task) -> dict[str, Any]:
         "result": task.result,
         "error": task.error,
         "failure_reason": str(task.failure_reason) or None,
+        "paused": task.paused,
         "usage": usage_json(task.usage),
         "subtasks": [
             {
                 "id": s.id,
                 "title": s.title,
+                "instruction": s.instruction,
                 "capability": s.capability,
                 "depends_on": list(s.depends_on),
                 "status": str(s.status),
@@ -83,6 +85,7 @@ def task_json(task: Task) -> dict[str, Any]:
                 "attempts": s.attempt,
                 "worker": s.worker,
                 "cache_hit": s.cache_hit,
+                "requires_approval": s.requires_approval,
                 "usage": usage_json(s.usage),
             }
             for s in task.subtasks
@@ -102,6 +105,7 @@ def event_json(event: Event) -> dict[str, Any]:
         "message": event.message,
         "trace_id": event.trace_id or None,
         "span_id": event.span_id or None,
+        "actor": event.actor or None,
     }
 
 

@@ -86,6 +86,26 @@ class EventType(StrEnum):
     TASK_SUCCEEDED = "task.succeeded"
     TASK_FAILED = "task.failed"
     TASK_CANCELLED = "task.cancelled"
+    # Steering: each names who did it (``Event.actor``) and why.
+    TASK_AWAITING_APPROVAL = "task.awaiting_approval"
+    """The plan is stored; nothing runs until a person approves it."""
+    PLAN_APPROVED = "plan.approved"
+    PLAN_EDITED = "plan.edited"
+    """A person replaced the plan while approving it."""
+    SUBTASK_AWAITING_APPROVAL = "subtask.awaiting_approval"
+    """Its inputs are ready; it runs once a person approves it."""
+    SUBTASK_APPROVED = "subtask.approved"
+    SUBTASK_REJECTED = "subtask.rejected"
+    SUBTASK_RETRIED = "subtask.retried"
+    """A person asked for it to run again (its dependents run again with it)."""
+    SUBTASK_RESET = "subtask.reset"
+    """It runs again because something upstream of it does."""
+    SUBTASK_PROVIDED = "subtask.provided"
+    """A person skipped it with an output its dependents run on."""
+    TASK_REOPENED = "task.reopened"
+    """A task that had ended runs again (a retry or a skip of what ended it)."""
+    TASK_PAUSED = "task.paused"
+    TASK_RESUMED = "task.resumed"
 
     @property
     def terminal(self) -> bool:
@@ -124,6 +144,8 @@ class PlannedSubtask:
     """Attempts before it fails for good; 0: the task's setting."""
     timeout: float = 0.0
     """Seconds one attempt may run; 0: the task's, else the capability's default."""
+    requires_approval: bool = False
+    """A person must approve it before it runs (the supervisor may require it too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +220,8 @@ class TaskOptions:
     """Seconds from submission the task may take; 0: no limit."""
     cache: bool | None = None
     """Reuse outputs of identical earlier subtasks; None: the supervisor's default."""
+    approve_plan: bool = False
+    """Stop after planning until a person approves the plan; a replan asks again."""
 
     def check(self) -> None:
         """Each option in its range, or ``InvalidArgument`` naming the field."""
@@ -270,6 +294,7 @@ class TaskOptions:
             max_tokens=int(doc.get("max_tokens", 0)),
             max_duration=float(doc.get("max_duration", 0.0)),
             cache=doc.get("cache"),
+            approve_plan=bool(doc.get("approve_plan", False)),
         )
 
 
@@ -290,6 +315,7 @@ class OptionFields(TypedDict, total=False):
     max_tokens: int
     max_duration: float
     cache: bool | None
+    approve_plan: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +361,10 @@ class Subtask:
     started_at: float | None = None
     finished_at: float | None = None
     cache_hit: bool = False
+    requires_approval: bool = False
+    """A person must approve it before it runs."""
+    ready_at: float | None = None
+    """When its dependencies were done (it became READY, or AWAITING_APPROVAL)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +388,8 @@ class Task:
     failure_reason: FailureReason = FailureReason.NONE
     owner: str = ""
     """The principal that submitted the task; only it (and admins) may see it."""
+    paused: bool = False
+    """No new subtask starts until the task is resumed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +409,8 @@ class Event:
     """The task's OpenTelemetry trace (hex), when tracing is on."""
     span_id: str = ""
     """The span this event belongs to, where there is one (task, planning)."""
+    actor: str = ""
+    """Who took the action the event records (approve, retry, pause, ...), if a person did."""
 
     @property
     def terminal(self) -> bool:

@@ -103,6 +103,10 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
         problems.append(f"{where}.timeout must be a number of seconds")
         timeout = 0
+    requires_approval = item.get("requires_approval", False)
+    if not isinstance(requires_approval, bool):
+        problems.append(f"{where}.requires_approval must be true or false")
+        requires_approval = False
     return PlannedSubtask(
         id=fields["id"],
         title=fields["title"],
@@ -112,6 +116,7 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
         params={str(k): _param_str(v) for k, v in params.items()},
         max_attempts=max_attempts,
         timeout=float(timeout),
+        requires_approval=requires_approval,
     )
 
 
@@ -134,6 +139,7 @@ def plan_to_document(plan: Plan) -> dict[str, Any]:
                 **({"params": dict(s.params)} if s.params else {}),
                 **({"max_attempts": s.max_attempts} if s.max_attempts else {}),
                 **({"timeout": s.timeout} if s.timeout else {}),
+                **({"requires_approval": True} if s.requires_approval else {}),
             }
             for s in plan.subtasks
         ]

@@ -133,6 +133,7 @@ def options_to_pb(options: TaskOptions) -> pb.TaskOptions:
         context_tokens=options.context_tokens,
         context=_CONTEXT[options.context],
         max_tokens=options.max_tokens,
+        approve_plan=options.approve_plan,
     )
     for name in ("subtask_timeout", "stall_timeout", "max_duration"):
         value = getattr(options, name)
@@ -160,6 +161,7 @@ def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
         max_tokens=message.max_tokens,
         max_duration=seconds(message.max_duration),
         cache=message.cache if message.HasField("cache") else None,
+        approve_plan=message.approve_plan,
     )
 
 
@@ -174,6 +176,7 @@ def plan_to_pb(plan: Plan) -> pb.Plan:
             depends_on=list(s.depends_on),
             params=dict(s.params),
             max_attempts=s.max_attempts,
+            requires_approval=s.requires_approval,
         )
         if s.timeout:
             out.timeout.CopyFrom(duration(s.timeout))
@@ -192,6 +195,7 @@ def plan_from_pb(message: pb.Plan) -> Plan:
                 params=dict(s.params),
                 max_attempts=s.max_attempts,
                 timeout=seconds(s.timeout),
+                requires_approval=s.requires_approval,
             )
             for s in message.subtasks
         )

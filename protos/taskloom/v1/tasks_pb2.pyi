@@ -251,12 +251,15 @@ class PlannedSubtask(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     instruction: _builtins.str
     capability: _builtins.str
     max_attempts: _builtins.int
     """Attempts before the subtask fails for good (0: the task's setting)."""
+    requires_approval: _builtins.bool
+    """A person must approve the subtask before it runs (its inputs are shown)."""
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -278,10 +281,11 @@ class PlannedSubtask(_message.Message):
         params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_attempts: _builtins.int = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        requires_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "id", b"id", "instruction", b"instruction", "max_attempts", b"max_attempts", "params", b"params", "timeout", b"timeout", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "id", b"id", "instruction", b"instruction", "max_attempts", b"max_attempts", "params", b"params", "requires_approval", b"requires_approval", "timeout", b"timeout", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,6 +328,7 @@ class TaskOptions(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_DURATION_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
+    APPROVE_PLAN_FIELD_NUMBER: _builtins.int
     synthesize: _builtins.bool
     """Append a final `synthesize` subtask that merges the results (default true)."""
     priority: _builtins.int
@@ -341,6 +346,10 @@ class TaskOptions(_message.Message):
     """Tokens (prompt and completion, planning included) the task may use; 0: no limit."""
     cache: _builtins.bool
     """Reuse the output of identical earlier subtasks; unset: the supervisor's default."""
+    approve_plan: _builtins.bool
+    """Stop after planning until a person approves the plan (ApproveTask);
+    a replan asks again.
+    """
     @_builtins.property
     def subtask_timeout(self) -> _duration_pb2.Duration:
         """Longest one attempt of a subtask may run (unset: per capability)."""
@@ -369,10 +378,11 @@ class TaskOptions(_message.Message):
         max_tokens: _builtins.int = ...,
         max_duration: _duration_pb2.Duration | None = ...,
         cache: _builtins.bool | None = ...,
+        approve_plan: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "cache", b"cache", "max_duration", b"max_duration", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "approve_plan", b"approve_plan", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
@@ -673,6 +683,8 @@ class Subtask(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     CACHE_HIT_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    READY_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     instruction: _builtins.str
@@ -687,6 +699,8 @@ class Subtask(_message.Message):
     progress: _builtins.str
     cache_hit: _builtins.bool
     """The output was reused from an identical earlier subtask."""
+    requires_approval: _builtins.bool
+    """A person must approve it before it runs."""
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -697,6 +711,10 @@ class Subtask(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ready_at(self) -> _timestamp_pb2.Timestamp:
+        """When it became READY, or AWAITING_APPROVAL."""
+
     def __init__(
         self,
         *,
@@ -716,10 +734,12 @@ class Subtask(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         cache_hit: _builtins.bool = ...,
+        requires_approval: _builtins.bool = ...,
+        ready_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "ready_at", b"ready_at", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cache_hit", b"cache_hit", "capability", b"capability", "depends_on", b"depends_on", "error", b"error", "finished_at", b"finished_at", "id", b"id", "instruction", b"instruction", "output", b"output", "params", b"params", "progress", b"progress", "started_at", b"started_at", "status", b"status", "title", b"title", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cache_hit", b"cache_hit", "capability", b"capability", "depends_on", b"depends_on", "error", b"error", "finished_at", b"finished_at", "id", b"id", "instruction", b"instruction", "output", b"output", "params", b"params", "progress", b"progress", "ready_at", b"ready_at", "requires_approval", b"requires_approval", "started_at", b"started_at", "status", b"status", "title", b"title", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -745,6 +765,7 @@ class Task(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     goal: _builtins.str
     status: Global___TaskStatus.ValueType
@@ -757,6 +778,8 @@ class Task(_message.Message):
     failure_reason: Global___FailureReason.ValueType
     owner: _builtins.str
     """The principal that submitted the task."""
+    paused: _builtins.bool
+    """No new subtask starts until the task is resumed."""
     @_builtins.property
     def options(self) -> Global___TaskOptions: ...
     @_builtins.property
@@ -792,10 +815,11 @@ class Task(_message.Message):
         usage: Global___Usage | None = ...,
         failure_reason: Global___FailureReason.ValueType = ...,
         owner: _builtins.str = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "options", b"options", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "owner", b"owner", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "failure_reason", b"failure_reason", "finished_at", b"finished_at", "goal", b"goal", "id", b"id", "options", b"options", "owner", b"owner", "paused", b"paused", "plan_version", b"plan_version", "result", b"result", "status", b"status", "subtasks", b"subtasks", "subtasks_succeeded", b"subtasks_succeeded", "subtasks_total", b"subtasks_total", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -989,6 +1013,7 @@ class Event(_message.Message):
     WORKER_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     SPAN_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The Redis stream id: a cursor for WatchTask."""
     type: _builtins.str
@@ -1005,6 +1030,8 @@ class Event(_message.Message):
     """The task's OpenTelemetry trace id (hex), when tracing is on."""
     span_id: _builtins.str
     """The span the event belongs to, where there is one."""
+    actor: _builtins.str
+    """Who took the action the event records (approve, retry, pause, ...), if a person did."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1021,10 +1048,11 @@ class Event(_message.Message):
         worker: _builtins.str = ...,
         trace_id: _builtins.str = ...,
         span_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "id", b"id", "message", b"message", "span_id", b"span_id", "status", b"status", "subtask_id", b"subtask_id", "task_id", b"task_id", "time", b"time", "trace_id", b"trace_id", "type", b"type", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "id", b"id", "message", b"message", "span_id", b"span_id", "status", b"status", "subtask_id", b"subtask_id", "task_id", b"task_id", "time", b"time", "trace_id", b"trace_id", "type", b"type", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1051,3 +1079,287 @@ class WatchTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchTaskResponse: _TypeAlias = WatchTaskResponse  # noqa: Y015
+
+@_typing.final
+class ApproveTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SUBTASK_ID_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    subtask_id: _builtins.str
+    """Approve only this subtask (it waits for approval)."""
+    reason: _builtins.str
+    @_builtins.property
+    def plan(self) -> Global___Plan:
+        """Replace the plan before starting (only while no subtask has run); it is
+        checked like any explicit plan.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        subtask_id: _builtins.str = ...,
+        plan: Global___Plan | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "reason", b"reason", "subtask_id", b"subtask_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveTaskRequest: _TypeAlias = ApproveTaskRequest  # noqa: Y015
+
+@_typing.final
+class ApproveTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveTaskResponse: _TypeAlias = ApproveTaskResponse  # noqa: Y015
+
+@_typing.final
+class RejectTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SUBTASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    subtask_id: _builtins.str
+    """Reject only this subtask (it waits for approval): it and its dependents are skipped."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        subtask_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "subtask_id", b"subtask_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectTaskRequest: _TypeAlias = RejectTaskRequest  # noqa: Y015
+
+@_typing.final
+class RejectTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectTaskResponse: _TypeAlias = RejectTaskResponse  # noqa: Y015
+
+@_typing.final
+class RetrySubtaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SUBTASK_ID_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    subtask_id: _builtins.str
+    instruction: _builtins.str
+    """A new instruction for the subtask (unset: the same one)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        subtask_id: _builtins.str = ...,
+        instruction: _builtins.str | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "instruction", b"instruction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "instruction", b"instruction", "reason", b"reason", "subtask_id", b"subtask_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
+    _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
+
+Global___RetrySubtaskRequest: _TypeAlias = RetrySubtaskRequest  # noqa: Y015
+
+@_typing.final
+class RetrySubtaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrySubtaskResponse: _TypeAlias = RetrySubtaskResponse  # noqa: Y015
+
+@_typing.final
+class SkipSubtaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    SUBTASK_ID_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    subtask_id: _builtins.str
+    output: _builtins.str
+    """What its dependents get as its output."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        subtask_id: _builtins.str = ...,
+        output: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output", b"output", "reason", b"reason", "subtask_id", b"subtask_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkipSubtaskRequest: _TypeAlias = SkipSubtaskRequest  # noqa: Y015
+
+@_typing.final
+class SkipSubtaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkipSubtaskResponse: _TypeAlias = SkipSubtaskResponse  # noqa: Y015
+
+@_typing.final
+class PauseTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseTaskRequest: _TypeAlias = PauseTaskRequest  # noqa: Y015
+
+@_typing.final
+class PauseTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseTaskResponse: _TypeAlias = PauseTaskResponse  # noqa: Y015
+
+@_typing.final
+class ResumeTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeTaskRequest: _TypeAlias = ResumeTaskRequest  # noqa: Y015
+
+@_typing.final
+class ResumeTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task: ...
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeTaskResponse: _TypeAlias = ResumeTaskResponse  # noqa: Y015

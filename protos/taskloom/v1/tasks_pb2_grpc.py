@@ -70,6 +70,36 @@ class TaskServiceStub:
                 request_serializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
                 response_deserializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.FromString,
                 _registered_method=True)
+        self.ApproveTask = channel.unary_unary(
+                '/taskloom.v1.TaskService/ApproveTask',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.ApproveTaskRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.ApproveTaskResponse.FromString,
+                _registered_method=True)
+        self.RejectTask = channel.unary_unary(
+                '/taskloom.v1.TaskService/RejectTask',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.RejectTaskRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.RejectTaskResponse.FromString,
+                _registered_method=True)
+        self.RetrySubtask = channel.unary_unary(
+                '/taskloom.v1.TaskService/RetrySubtask',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.RetrySubtaskRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.RetrySubtaskResponse.FromString,
+                _registered_method=True)
+        self.SkipSubtask = channel.unary_unary(
+                '/taskloom.v1.TaskService/SkipSubtask',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.SkipSubtaskRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.SkipSubtaskResponse.FromString,
+                _registered_method=True)
+        self.PauseTask = channel.unary_unary(
+                '/taskloom.v1.TaskService/PauseTask',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.PauseTaskRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.PauseTaskResponse.FromString,
+                _registered_method=True)
+        self.ResumeTask = channel.unary_unary(
+                '/taskloom.v1.TaskService/ResumeTask',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.ResumeTaskRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.ResumeTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -137,6 +167,57 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveTask(self, request, context):
+        """Steering a task: each is one atomic step, logged in the task's events
+        with who took it and why; the task's owner or an admin may take it.
+
+        ApproveTask starts a task that waits for its plan to be approved (with
+        plan set: replaces the plan first), or, with subtask_id, lets a subtask
+        that waits for approval run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectTask(self, request, context):
+        """RejectTask ends a task that waits for its plan to be approved
+        (CANCELLED), or, with subtask_id, skips a subtask that waits for
+        approval, and its dependents.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrySubtask(self, request, context):
+        """RetrySubtask runs a FAILED, SKIPPED or CANCELLED subtask again, and
+        everything downstream of it; a task that had failed or was cancelled runs again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SkipSubtask(self, request, context):
+        """SkipSubtask marks a pending or failed subtask SKIPPED with an output
+        given here, which its dependents run on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseTask(self, request, context):
+        """PauseTask stops new assignments of a task; running attempts finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTask(self, request, context):
+        """ResumeTask lets a paused task go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +255,36 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WaitTasks,
                     request_deserializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.FromString,
                     response_serializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.SerializeToString,
+            ),
+            'ApproveTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveTask,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.ApproveTaskRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.ApproveTaskResponse.SerializeToString,
+            ),
+            'RejectTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectTask,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.RejectTaskRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.RejectTaskResponse.SerializeToString,
+            ),
+            'RetrySubtask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrySubtask,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.RetrySubtaskRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.RetrySubtaskResponse.SerializeToString,
+            ),
+            'SkipSubtask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SkipSubtask,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.SkipSubtaskRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.SkipSubtaskResponse.SerializeToString,
+            ),
+            'PauseTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseTask,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.PauseTaskRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.PauseTaskResponse.SerializeToString,
+            ),
+            'ResumeTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTask,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.ResumeTaskRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.ResumeTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +477,168 @@ class TaskService:
             '/taskloom.v1.TaskService/WaitTasks',
             taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
             taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/ApproveTask',
+            taskloom_dot_v1_dot_tasks__pb2.ApproveTaskRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.ApproveTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/RejectTask',
+            taskloom_dot_v1_dot_tasks__pb2.RejectTaskRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.RejectTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrySubtask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/RetrySubtask',
+            taskloom_dot_v1_dot_tasks__pb2.RetrySubtaskRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.RetrySubtaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SkipSubtask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/SkipSubtask',
+            taskloom_dot_v1_dot_tasks__pb2.SkipSubtaskRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.SkipSubtaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/PauseTask',
+            taskloom_dot_v1_dot_tasks__pb2.PauseTaskRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.PauseTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.TaskService/ResumeTask',
+            taskloom_dot_v1_dot_tasks__pb2.ResumeTaskRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.ResumeTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,31 @@ class TaskServiceStub:
     resumed by asking again for the tasks whose events did not arrive. An
     unknown task (or another caller's) ends the stream with NOT_FOUND.
     """
+    ApproveTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ApproveTaskRequest, _tasks_pb2.ApproveTaskResponse]
+    """Steering a task: each is one atomic step, logged in the task's events
+    with who took it and why; the task's owner or an admin may take it.
+
+    ApproveTask starts a task that waits for its plan to be approved (with
+    plan set: replaces the plan first), or, with subtask_id, lets a subtask
+    that waits for approval run.
+    """
+    RejectTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.RejectTaskRequest, _tasks_pb2.RejectTaskResponse]
+    """RejectTask ends a task that waits for its plan to be approved
+    (CANCELLED), or, with subtask_id, skips a subtask that waits for
+    approval, and its dependents.
+    """
+    RetrySubtask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.RetrySubtaskRequest, _tasks_pb2.RetrySubtaskResponse]
+    """RetrySubtask runs a FAILED, SKIPPED or CANCELLED subtask again, and
+    everything downstream of it; a task that had failed or was cancelled runs again.
+    """
+    SkipSubtask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.SkipSubtaskRequest, _tasks_pb2.SkipSubtaskResponse]
+    """SkipSubtask marks a pending or failed subtask SKIPPED with an output
+    given here, which its dependents run on.
+    """
+    PauseTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.PauseTaskRequest, _tasks_pb2.PauseTaskResponse]
+    """PauseTask stops new assignments of a task; running attempts finish."""
+    ResumeTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ResumeTaskRequest, _tasks_pb2.ResumeTaskResponse]
+    """ResumeTask lets a paused task go on."""
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -101,6 +126,31 @@ class TaskServiceAsyncStub(TaskServiceStub):
     resumed by asking again for the tasks whose events did not arrive. An
     unknown task (or another caller's) ends the stream with NOT_FOUND.
     """
+    ApproveTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ApproveTaskRequest, _tasks_pb2.ApproveTaskResponse]  # type: ignore[assignment]
+    """Steering a task: each is one atomic step, logged in the task's events
+    with who took it and why; the task's owner or an admin may take it.
+
+    ApproveTask starts a task that waits for its plan to be approved (with
+    plan set: replaces the plan first), or, with subtask_id, lets a subtask
+    that waits for approval run.
+    """
+    RejectTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RejectTaskRequest, _tasks_pb2.RejectTaskResponse]  # type: ignore[assignment]
+    """RejectTask ends a task that waits for its plan to be approved
+    (CANCELLED), or, with subtask_id, skips a subtask that waits for
+    approval, and its dependents.
+    """
+    RetrySubtask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.RetrySubtaskRequest, _tasks_pb2.RetrySubtaskResponse]  # type: ignore[assignment]
+    """RetrySubtask runs a FAILED, SKIPPED or CANCELLED subtask again, and
+    everything downstream of it; a task that had failed or was cancelled runs again.
+    """
+    SkipSubtask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.SkipSubtaskRequest, _tasks_pb2.SkipSubtaskResponse]  # type: ignore[assignment]
+    """SkipSubtask marks a pending or failed subtask SKIPPED with an output
+    given here, which its dependents run on.
+    """
+    PauseTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.PauseTaskRequest, _tasks_pb2.PauseTaskResponse]  # type: ignore[assignment]
+    """PauseTask stops new assignments of a task; running attempts finish."""
+    ResumeTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ResumeTaskRequest, _tasks_pb2.ResumeTaskResponse]  # type: ignore[assignment]
+    """ResumeTask lets a paused task go on."""
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService is what clients use: submit a goal, follow it, read its result."""
@@ -177,5 +227,66 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         resumed by asking again for the tasks whose events did not arrive. An
         unknown task (or another caller's) ends the stream with NOT_FOUND.
         """
+
+    @_abc_1.abstractmethod
+    def ApproveTask(
+        self,
+        request: _tasks_pb2.ApproveTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ApproveTaskResponse, _abc.Awaitable[_tasks_pb2.ApproveTaskResponse]]:
+        """Steering a task: each is one atomic step, logged in the task's events
+        with who took it and why; the task's owner or an admin may take it.
+
+        ApproveTask starts a task that waits for its plan to be approved (with
+        plan set: replaces the plan first), or, with subtask_id, lets a subtask
+        that waits for approval run.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectTask(
+        self,
+        request: _tasks_pb2.RejectTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.RejectTaskResponse, _abc.Awaitable[_tasks_pb2.RejectTaskResponse]]:
+        """RejectTask ends a task that waits for its plan to be approved
+        (CANCELLED), or, with subtask_id, skips a subtask that waits for
+        approval, and its dependents.
+        """
+
+    @_abc_1.abstractmethod
+    def RetrySubtask(
+        self,
+        request: _tasks_pb2.RetrySubtaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.RetrySubtaskResponse, _abc.Awaitable[_tasks_pb2.RetrySubtaskResponse]]:
+        """RetrySubtask runs a FAILED, SKIPPED or CANCELLED subtask again, and
+        everything downstream of it; a task that had failed or was cancelled runs again.
+        """
+
+    @_abc_1.abstractmethod
+    def SkipSubtask(
+        self,
+        request: _tasks_pb2.SkipSubtaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.SkipSubtaskResponse, _abc.Awaitable[_tasks_pb2.SkipSubtaskResponse]]:
+        """SkipSubtask marks a pending or failed subtask SKIPPED with an output
+        given here, which its dependents run on.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseTask(
+        self,
+        request: _tasks_pb2.PauseTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.PauseTaskResponse, _abc.Awaitable[_tasks_pb2.PauseTaskResponse]]:
+        """PauseTask stops new assignments of a task; running attempts finish."""
+
+    @_abc_1.abstractmethod
+    def ResumeTask(
+        self,
+        request: _tasks_pb2.ResumeTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tasks_pb2.ResumeTaskResponse, _abc.Awaitable[_tasks_pb2.ResumeTaskResponse]]:
+        """ResumeTask lets a paused task go on."""
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

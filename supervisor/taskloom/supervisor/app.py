@@ -63,7 +63,12 @@ class Supervisor:
         self.settings = settings
         self.metrics = metrics or SupervisorMetrics()
         """This process's metrics; they outlive terms of leadership."""
-        self.metrics.watch(lambda: self.scheduler_if_leading, lambda: self.orchestrator is not None)
+        self.metrics.watch(
+            lambda: self.scheduler_if_leading,
+            lambda: self.orchestrator is not None,
+            lambda: self.orchestrator.approvals() if self.orchestrator is not None else {},
+        )
+        self.metrics.approval_alert_after.set(settings.approval_alert_after)
         self.metrics_port = 0
         """Where /metrics is served once started (0: not served)."""
         self.store = Store(

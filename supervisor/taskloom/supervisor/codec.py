@@ -52,6 +52,7 @@ def task_to_pb(task: Task) -> pb.Task:
         usage=wire.usage_to_pb(task.usage),
         failure_reason=wire.failure_reason_to_pb(task.failure_reason),
         owner=task.owner,
+        paused=task.paused,
     )
 
 
@@ -72,6 +73,8 @@ def _subtask_to_pb(sub: Subtask) -> pb.Subtask:
         usage=wire.usage_to_pb(sub.usage),
         started_at=wire.timestamp(sub.started_at),
         finished_at=wire.timestamp(sub.finished_at),
+        requires_approval=sub.requires_approval,
+        ready_at=wire.timestamp(sub.ready_at),
         cache_hit=sub.cache_hit,
     )
 
@@ -89,6 +92,7 @@ def event_to_pb(event: Event) -> pb.Event:
         worker=event.worker,
         trace_id=event.trace_id,
         span_id=event.span_id,
+        actor=event.actor,
     )
 
 

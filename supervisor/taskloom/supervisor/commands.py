@@ -307,6 +307,151 @@ class Commands:
             self._effects.apply(outcome, reason=reason)
         return found
 
+    # -- steering ----------------------------------------------------------------------
+
+    async def approve(
+        self,
+        task_id: str,
+        *,
+        subtask_id: str = "",
+        plan: Plan | None = None,
+        reason: str = "",
+        principal: Principal = LOCAL_ADMIN,
+    ) -> Task:
+        """Start a task whose plan waits for approval (with ``plan``: replace
+        it first, checked like any explicit plan), or let a waiting subtask run."""
+        await self.check_owner(task_id, principal)
+        replacement: tuple[Plan, Sequence[str]] | None = None
+        if plan is not None:
+            if subtask_id:
+                raise InvalidArgument(
+                    "a plan replaces a task's whole plan: approve it without a subtask",
+                    field="plan",
+                )
+            replacement = await self._checked_plan(task_id, plan)
+        write = self.store.approve(
+            task_id, subtask_id, principal.name, _reason(reason), replacement
+        )
+        return await self._steer(task_id, write, "approved")
+
+    async def _checked_plan(self, task_id: str, plan: Plan) -> tuple[Plan, Sequence[str]]:
+        """An edited plan for a waiting task, checked and resolved like an
+        explicit plan at submit, with the ids its result is taken from."""
+        task = await self.store.get_task(task_id, subtasks=False)
+        try:
+            check_plan(
+                plan,
+                capabilities=self.planning.capabilities(),
+                limits=self.settings.explicit_plan_limits(),
+            )
+        except PlanError as e:
+            e.field = e.field or "plan.subtasks"
+            raise
+        synthesize = plan.synthesize if plan.synthesize is not None else task.options.synthesize
+        graph, result_from = finalize(plan, synthesize=synthesize is not False)
+        return self.planning.resolve(graph, task.options), result_from
+
+    async def reject(
+        self,
+        task_id: str,
+        *,
+        subtask_id: str = "",
+        reason: str = "",
+        principal: Principal = LOCAL_ADMIN,
+    ) -> Task:
+        """Cancel a task whose plan waits for approval, or skip a waiting
+        subtask (its dependents are skipped; the task goes on)."""
+        await self.check_owner(task_id, principal)
+        write = self.store.reject(task_id, subtask_id, principal.name, _reason(reason))
+        return await self._steer(task_id, write, "the plan was rejected")
+
+    async def retry(
+        self,
+        task_id: str,
+        subtask_id: str,
+        *,
+        instruction: str | None = None,
+        reason: str = "",
+        principal: Principal = LOCAL_ADMIN,
+    ) -> Task:
+        """Run a FAILED, SKIPPED or CANCELLED subtask again (with a new
+        ``instruction``, if given), and everything downstream of it."""
+        await self.check_owner(task_id, principal)
+        if instruction is not None:
+            instruction = instruction.strip()
+            limit = self.settings.explicit_plan_limits().max_instruction_chars
+            if not instruction or len(instruction) > limit:
+                raise InvalidArgument(
+                    f"the instruction must have 1 to {limit:,} characters", field="instruction"
+                )
+        _need_subtask(subtask_id)
+        write = self.store.rework(
+            "retry", task_id, subtask_id, principal.name, _reason(reason), instruction
+        )
+        return await self._steer(task_id, write, "retried")
+
+    async def skip(
+        self,
+        task_id: str,
+        subtask_id: str,
+        *,
+        output: str = "",
+        reason: str = "",
+        principal: Principal = LOCAL_ADMIN,
+    ) -> Task:
+        """Mark a pending, waiting or failed subtask SKIPPED with ``output``,
+        which its dependents run on."""
+        await self.check_owner(task_id, principal)
+        _need_subtask(subtask_id)
+        if len(output.encode()) > self.settings.max_output_bytes:
+            raise InvalidArgument(
+                f"the output is over {self.settings.max_output_bytes:,} bytes "
+                "(TASKLOOM_MAX_OUTPUT_BYTES)",
+                field="output",
+            )
+        write = self.store.rework(
+            "skip", task_id, subtask_id, principal.name, _reason(reason), output
+        )
+        return await self._steer(task_id, write, "skipped")
+
+    async def pause(
+        self, task_id: str, *, reason: str = "", principal: Principal = LOCAL_ADMIN
+    ) -> Task:
+        """Start nothing new of the task until it is resumed; what runs finishes."""
+        await self.check_owner(task_id, principal)
+        write = self.store.pause(task_id, True, principal.name, _reason(reason))
+        return await self._steer(task_id, write, "paused")
+
+    async def resume(
+        self, task_id: str, *, reason: str = "", principal: Principal = LOCAL_ADMIN
+    ) -> Task:
+        """Let a paused task go on."""
+        await self.check_owner(task_id, principal)
+        write = self.store.pause(task_id, False, principal.name, _reason(reason))
+        return await self._steer(task_id, write, "resumed")
+
+    async def _steer(self, task_id: str, write: Awaitable[Outcome], what: str) -> Task:
+        """Commit a person's action and act on what it changed, whatever
+        becomes of the caller; the task as it is now."""
+
+        async def commit() -> None:
+            with self._effects.checked():
+                outcome = await write
+            logger.info("task %s %s", task_id, what)
+            self._effects.apply(outcome, reason=f"the task was {what}")
+
+        await self._effects.unbroken(commit())
+        return await self.store.get_task(task_id)
+
+
+def _reason(reason: str) -> str:
+    return " ".join(reason.split())[:MAX_REASON_CHARS]
+
+
+def _need_subtask(subtask_id: str) -> None:
+    if not subtask_id:
+        raise InvalidArgument("name the subtask (--subtask ID)", field="subtask_id")
+
 
 def _first_steps(plan: Plan, options: TaskOptions) -> dict[str, int]:
     """Capability → how many of the plan's subtasks can start at once (those

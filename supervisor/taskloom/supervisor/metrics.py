@@ -149,6 +149,19 @@ class SupervisorMetrics:
             registry=r,
         )
         self.redis_durable.set(-1)
+        self.approval_wait = Histogram(
+            "taskloom_approval_wait_seconds",
+            "How long a plan or a subtask waited for a person to approve or reject it, "
+            "by kind (plan, subtask); apart from queue wait, which starts at approval",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.approval_alert_after = Gauge(
+            "taskloom_approval_alert_after_seconds",
+            "TASKLOOM_APPROVAL_ALERT_AFTER: waiting for approval longer than this alerts",
+            registry=r,
+        )
         self.llm = LLMMetrics(r)
         # Children looked up once: these are updated on every store operation
         # and every batch of results.
@@ -159,9 +172,15 @@ class SupervisorMetrics:
         self._queue_wait = Children(self.queue_wait)
         self._subtask_duration = Children(self.subtask_duration)
 
-    def watch(self, scheduler: Callable[[], Scheduler | None], leading: Callable[[], bool]) -> None:
-        """Export queue, worker and leader gauges read from the current scheduler."""
-        self.registry.register(SchedulerCollector(scheduler, leading))
+    def watch(
+        self,
+        scheduler: Callable[[], Scheduler | None],
+        leading: Callable[[], bool],
+        approvals: Callable[[], dict[str, tuple[int, float]]] = dict,
+    ) -> None:
+        """Export queue, worker and leader gauges read from the current
+        scheduler, and the approvals waiting (kind → count, oldest wait)."""
+        self.registry.register(SchedulerCollector(scheduler, leading, approvals))
 
     def observe_outcome(self, outcome: Outcome) -> None:
         """Count what any transition's outcome says: tasks finished, cache hits."""
@@ -201,10 +220,14 @@ class SchedulerCollector(Collector):
     """Gauges computed at scrape time from the leading scheduler."""
 
     def __init__(
-        self, scheduler: Callable[[], Scheduler | None], leading: Callable[[], bool]
+        self,
+        scheduler: Callable[[], Scheduler | None],
+        leading: Callable[[], bool],
+        approvals: Callable[[], dict[str, tuple[int, float]]],
     ) -> None:
         self._scheduler = scheduler
         self._leading = leading
+        self._approvals = approvals
 
     def collect(self) -> Iterator[Metric]:
         leader = GaugeMetricFamily(
@@ -252,7 +275,22 @@ class SchedulerCollector(Collector):
             slots.add_metric(["total"], 0.0)
             slots.add_metric(["in_use"], 0.0)
             leases.add_metric([], 0.0)
-        yield from (depth, age, workers, slots, leases, busy)
+        waiting = GaugeMetricFamily(
+            "taskloom_awaiting_approval",
+            "Plans and subtasks waiting for a person to approve them, by kind (plan, subtask)",
+            labels=["kind"],
+        )
+        longest = GaugeMetricFamily(
+            "taskloom_awaiting_approval_oldest_age_seconds",
+            "How long the oldest plan or subtask waiting for approval has waited, by kind",
+            labels=["kind"],
+        )
+        approvals = self._approvals() if scheduler is not None else {}
+        for kind in ("plan", "subtask"):
+            count, age_s = approvals.get(kind, (0, 0.0))
+            waiting.add_metric([kind], float(count))
+            longest.add_metric([kind], age_s)
+        yield from (depth, age, workers, slots, leases, busy, waiting, longest)
 
     def describe(self) -> Iterable[Metric]:
         return []

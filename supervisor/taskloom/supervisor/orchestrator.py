@@ -86,6 +86,9 @@ class Orchestrator:
         """The root span of each task this term created, until it ends."""
         self.stale_reports = 0
         """Reports for attempts that no longer hold their subtask: dropped, counted."""
+        self.awaiting: dict[tuple[str, str], float] = {}
+        """``(task, subtask)`` waiting for a person's approval (subtask '' for a
+        plan) → since when (Unix time): for the gauges and the alert."""
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -129,11 +132,18 @@ class Orchestrator:
                 if not self.planning.busy(task.task_id):
                     self.planning.plan(task.task_id, task.goal, task.options)
                 continue
+            if task.awaiting_since is not None:
+                self.awaiting[(task.task_id, "")] = task.awaiting_since
             if task.replan_pending and not self.planning.busy(task.task_id):
                 self.planning.replan(task.task_id, task.replan_pending)
+            # A paused task, or one whose plan waits, starts nothing: its
+            # READY subtasks are queued when it is resumed or approved.
+            startable = not task.paused and task.status == TaskStatus.RUNNING
             ready = []
             for sub in task.subtasks:
-                if sub.status == SubtaskStatus.READY:
+                if sub.status == SubtaskStatus.AWAITING_APPROVAL:
+                    self.awaiting[(task.task_id, sub.subtask_id)] = sub.ready_at or time.time()
+                elif sub.status == SubtaskStatus.READY and startable:
                     ready.append(
                         ReadyItem(
                             task.task_id, sub.subtask_id, sub.capability, task.options.priority
@@ -326,6 +336,14 @@ class Orchestrator:
         self.metrics.observe_outcome(outcome)
         if outcome.held:
             self.stop_attempts(outcome.held, reason)
+        now = time.time()
+        for task_id, subtask_id in outcome.awaiting:
+            self.awaiting[(task_id, subtask_id)] = now
+        for task_id, subtask_id, waited in outcome.approved:
+            self.awaiting.pop((task_id, subtask_id), None)
+            self.metrics.approval_wait.labels("subtask" if subtask_id else "plan").observe(waited)
+        for task_id in outcome.reopened:
+            self.watching.reopened(task_id)
         for task_id, status in zip(outcome.finished, outcome.finished_status, strict=False):
             self.task_ended(task_id, TaskStatus(status), outcome.ended.get(task_id))
         self.scheduler.release(refs)
@@ -346,6 +364,8 @@ class Orchestrator:
         """The task ended: tell who waits for its end (with its terminal
         event, if the write that ended it returned one) and end its span."""
         self.watching.ended(task_id, event)
+        for key in [k for k in self.awaiting if k[0] == task_id]:
+            del self.awaiting[key]
         span = self._spans.pop(task_id, None)
         if span is not None:
             span.set_attribute("taskloom.status", str(status))
@@ -359,6 +379,17 @@ class Orchestrator:
         if span is not None:
             return trace.set_span_in_context(span)
         return parent(await self.store.trace_of(task_id))
+
+    def approvals(self) -> dict[str, tuple[int, float]]:
+        """``plan`` and ``subtask`` → (how many wait for approval, the oldest's
+        wait in seconds); read by the metrics thread, from a copy."""
+        now = time.time()
+        out = {"plan": (0, 0.0), "subtask": (0, 0.0)}
+        for (_, subtask_id), since in list(self.awaiting.items()):
+            kind = "subtask" if subtask_id else "plan"
+            count, oldest = out[kind]
+            out[kind] = (count + 1, max(oldest, now - since))
+        return out
 
     def stop_attempts(self, refs: Iterable[AttemptRef], reason: str) -> None:
         """Tell the workers holding these attempts to stop, and free the slots."""

@@ -61,3 +61,10 @@ class Outcome:
     """Subtasks that became READY and were assigned at once to offered workers."""
     ended: dict[str, Event] = field(default_factory=dict)
     """The terminal event of each task in ``finished``."""
+    awaiting: list[tuple[str, str]] = field(default_factory=list)
+    """``(task, subtask)`` that began to wait for a person's approval (subtask
+    '' for a task's plan)."""
+    approved: list[tuple[str, str, float]] = field(default_factory=list)
+    """``(task, subtask, seconds it waited)`` that a person approved or rejected."""
+    reopened: list[str] = field(default_factory=list)
+    """Tasks that had ended and run again (a person's retry or skip)."""

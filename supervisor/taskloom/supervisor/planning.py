@@ -102,8 +102,11 @@ class Planning:
         return self.scheduler.capabilities() | frozenset(self.settings.capabilities)
 
     def resolve(self, plan: Plan, options: TaskOptions) -> Plan:
-        """Each subtask's attempts and timeout: its own, else the task's, else the defaults."""
+        """Each subtask's attempts and timeout (its own, else the task's, else
+        the defaults), and whether a person must approve it: if it says so, or
+        if its capability is one the operator gates, whatever the plan says."""
         max_attempts = options.max_attempts or self.settings.max_attempts
+        gated = frozenset(self.settings.approval_capabilities)
         return Plan(
             subtasks=tuple(
                 replace(
@@ -112,6 +115,7 @@ class Planning:
                     timeout=s.timeout
                     or options.subtask_timeout
                     or self.settings.timeout_for(s.capability),
+                    requires_approval=s.requires_approval or s.capability in gated,
                 )
                 for s in plan.subtasks
             ),
@@ -266,19 +270,19 @@ class Planning:
         else:
             self.metrics.planner_calls.labels("plan", "ok").inc()
         graph, result_from = finalize(plan, synthesize=synthesize)
-        ready = await self.store.set_plan(
+        stored = await self.store.set_plan(
             task_id,
             self.resolve(graph, options),
             result_from=result_from,
             priority=options.priority,
         )
-        if ready is None:
+        if stored is None:
             logger.info("task %s ended while it was being planned", task_id)
             return
         logger.info("task %s planned: %d subtasks", task_id, len(graph.subtasks))
         self.scheduler.set_task_limit(task_id, options.max_parallel)
         self.scheduler.set_graph(task_id, graph.subtasks)
-        self.scheduler.enqueue(ready)
+        self._effects.apply(stored)
 
     def _hooks(self, task_id: str, status: TaskStatus, span: Span) -> PlanHooks:
         """Planner reports become the task's events; its usage, the task's and
@@ -387,12 +391,12 @@ class Planning:
         message = f"plan v{version}: {failed_id} ({failed.title}) failed; replaced by {added}"
         if waiting:
             message += f"; {', '.join(waiting)} now wait for {', '.join(sinks)}"
-        ready = await self.store.revise_plan(
+        revised = await self.store.revise_plan(
             task_id, failed_id, task.plan_version, graph.subtasks, sinks, message
         )
-        if ready is None:
+        if revised is None:
             logger.info("task %s moved on while it was being replanned", task_id)
             return
         logger.info("task %s: %s", task_id, message)
         self.scheduler.set_graph(task_id, graph.subtasks)
-        self.scheduler.enqueue(ready)
+        self._effects.apply(revised)

@@ -57,6 +57,10 @@ TASK_FIELDS = frozenset(
         "first_failure",  # the first subtask failure, for the task's error
         "replan_pending",  # the failed subtask the planner is replacing
         "in_tokens", "out_tokens", "llm_calls", "llm_seconds", "models",  # LLM usage
+        "approve_plan",  # 1: a person approves each plan before it runs
+        "awaiting_since",  # when it began to wait for a plan's approval
+        "paused",  # 1: nothing new starts
+        "failed_by",  # the subtask whose failure ended the task
     }
 )  # fmt: skip
 """The fields of a task's hash (``keys.task``)."""
@@ -75,12 +79,17 @@ SUBTASK_FIELDS = frozenset(
         "started_at", "finished_at", "progress", "output", "error", "usage",
         "failures", "lost",  # failed attempts that counted, and attempts lost with a worker
         "cache_key", "cache_hit",
+        "gated",  # 1: a person must approve it before it runs
+        "approved",  # 1: a person did
+        "provided",  # 1: a person skipped it with an output its dependents run on
+        "ended_with_task",  # 1: cancelled because its task ended
     }
 )  # fmt: skip
 """The fields of a subtask's hash (``keys.subtask``)."""
 
 EVENT_FIELDS = ("type", "subtask", "status", "message", "attempt", "worker", "trace", "span")
-"""The fields of each entry of a task's event stream (``keys.events``), as ``emit`` writes them."""
+"""The fields of each entry of a task's event stream (``keys.events``), as ``emit`` writes them;
+an entry that records what a person did has one more, ``actor``."""
 
 DEFAULT_MAX_ATTEMPTS = 3
 """For a planned subtask that does not say (the orchestrator always does)."""
@@ -145,6 +154,7 @@ def task_fields(
         "traceparent": (trace or {}).get("traceparent", ""),
         "trace_id": trace_id(trace),
         "owner": owner,
+        "approve_plan": int(options.approve_plan),
     }
     return [str(x) for kv in fields.items() for x in kv]
 
@@ -168,6 +178,7 @@ def subtask_row(s: PlannedSubtask, *, tolerant: bool = False) -> SubtaskRow:
         s.max_attempts or DEFAULT_MAX_ATTEMPTS,
         repr(s.timeout),
         int(tolerant),
+        int(s.requires_approval),
     )
 
 
@@ -217,6 +228,8 @@ class RecoveredSubtask:
     capability: str
     deadline: float | None = None
     """When the held attempt's timeout ends (Unix time)."""
+    ready_at: float | None = None
+    """When it became READY or began to wait for approval (Unix time)."""
 
 
 RECOVERY_FIELDS = (
@@ -227,13 +240,14 @@ RECOVERY_FIELDS = (
     "capability",
     "assigned_at",
     "timeout",
+    "ready_at",
 )
 """What recovery reads of each subtask of an unfinished task."""
 
 
 def recovered_subtask(subtask_id: str, row: Sequence[str | None]) -> RecoveredSubtask | None:
     """A subtask from its ``RECOVERY_FIELDS`` (None if it has no hash)."""
-    status, attempt, worker_id, worker, capability, assigned_at, timeout = row
+    status, attempt, worker_id, worker, capability, assigned_at, timeout, ready_at = row
     if not status:
         return None
     deadline = None
@@ -247,6 +261,7 @@ def recovered_subtask(subtask_id: str, row: Sequence[str | None]) -> RecoveredSu
         worker or "",
         capability or "",
         deadline,
+        _time(ready_at),
     )
 
 
@@ -261,6 +276,9 @@ class RecoveredTask:
     subtasks: tuple[RecoveredSubtask, ...]
     replan_pending: str = ""
     """A subtask whose replacement the planner was asked for when the supervisor stopped."""
+    paused: bool = False
+    awaiting_since: float | None = None
+    """When it began to wait for its plan's approval (None: it does not)."""
 
 
 def decode_event(task_id: str, event_id: str, fields: Mapping[str, str]) -> Event:
@@ -276,6 +294,7 @@ def decode_event(task_id: str, event_id: str, fields: Mapping[str, str]) -> Even
         worker=fields.get("worker", ""),
         trace_id=fields.get("trace", ""),
         span_id=fields.get("span", ""),
+        actor=fields.get("actor", ""),
     )
 
 
@@ -322,6 +341,7 @@ def decode_task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
         ),
         failure_reason=FailureReason(raw.get("failure_reason") or ""),
         owner=raw.get("owner", ""),
+        paused=raw.get("paused") == "1",
     )
 
 
@@ -343,6 +363,8 @@ def decode_subtask(raw: Mapping[str, str]) -> Subtask:
         started_at=_time(raw.get("started_at")),
         finished_at=_time(raw.get("finished_at")),
         cache_hit=raw.get("cache_hit") == "1",
+        requires_approval=raw.get("gated") == "1",
+        ready_at=_time(raw.get("ready_at")),
     )
 
 
@@ -402,6 +424,9 @@ def decode_outcome(reply: OutcomeReply) -> Outcome:
             )
             for task_id, (eid, kind, status, message, trace) in mapped(reply.get("ended")).items()
         },
+        awaiting=[(t, s) for t, s in listed(reply.get("awaiting"))],
+        approved=[(t, s, float(w)) for t, s, w in listed(reply.get("approved"))],
+        reopened=[str(t) for t in listed(reply.get("reopened"))],
         handed=[
             Handed(
                 ReadyItem(t, s, cap),

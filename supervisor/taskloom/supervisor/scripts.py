@@ -34,6 +34,10 @@ SCRIPTS = (
     "revise",
     "spend",
     "expire",
+    "approve",
+    "reject",
+    "rework",
+    "pause",
 )
 """The scripts in ``lua/``, each loaded with ``lib.lua`` in front of it."""
 
@@ -73,6 +77,8 @@ class SubtaskRow(NamedTuple):
     """Seconds, as ``repr(float)``."""
     tolerant: int
     """1: it runs even after a dependency failed (the synthesis step)."""
+    gated: int
+    """1: a person must approve it before it runs."""
 
 
 class PlanArgs(NamedTuple):
@@ -214,6 +220,44 @@ class ExpireArgs(NamedTuple):
     limit: int
 
 
+class ApproveArgs(NamedTuple):
+    """A plan's approval (``sub`` ''), or a subtask's."""
+
+    task: str
+    sub: str
+    actor: str
+    reason: str
+    plan: PlanArgs | Literal[False]
+    """An edited plan replacing the one waiting (only before anything ran)."""
+
+
+class RejectArgs(NamedTuple):
+    task: str
+    sub: str
+    actor: str
+    reason: str
+
+
+class ReworkArgs(NamedTuple):
+    """Run a subtask again (``retry``), or skip it with an output (``skip``)."""
+
+    op: Literal["retry", "skip"]
+    task: str
+    sub: str
+    actor: str
+    reason: str
+    text: str | Literal[False]
+    """retry: a new instruction (false: the same); skip: the output."""
+
+
+class PauseArgs(NamedTuple):
+    task: str
+    paused: int
+    """1: pause; 0: resume."""
+    actor: str
+    reason: str
+
+
 class ReadyRow(NamedTuple):
     """A subtask made READY, in replies; rows from fail.lua add the attempt
     that failed (for the backoff), the others stop at ``priority``."""
@@ -246,6 +290,10 @@ PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
     ReviseArgs,
     SpendArgs,
     ExpireArgs,
+    ApproveArgs,
+    RejectArgs,
+    ReworkArgs,
+    PauseArgs,
 )
 """Every row type of payloads and replies; each is unpacked by name in at least one script."""
 
@@ -280,6 +328,12 @@ class OutcomeReply(TypedDict, total=False):
     """Task → goal, for the assignments in ``handed``."""
     traces: dict[str, str]
     """Task → traceparent, for the assignments in ``handed``."""
+    awaiting: list[list[str]]
+    """``[task, sub]`` that began to wait for approval (sub '' for a plan)."""
+    approved: list[list[Any]]
+    """``[task, sub, seconds waited]`` approved or rejected by a person."""
+    reopened: list[str]
+    """Tasks that had ended and run again."""
 
 
 class CreateReply(TypedDict):
@@ -290,10 +344,11 @@ class CreateReply(TypedDict):
     outcome: OutcomeReply
 
 
-class StorePlanReply(TypedDict):
+class StorePlanReply(TypedDict, total=False):
     ok: int
     """0: the task is no longer PLANNING."""
     ready: list[str]
+    awaiting: list[list[str]]
 
 
 class AssignReply(OutcomeReply, total=False):
@@ -329,6 +384,18 @@ class CancelSubtaskReply(OutcomeReply, total=False):
     changed: int
 
 
-class ReviseReply(TypedDict):
+class ReviseReply(OutcomeReply, total=False):
     ok: int
-    ready: list[list[Any]]
+
+
+class ControlReply(OutcomeReply, total=False):
+    """What an action of a person changed, or why it changed nothing."""
+
+    task_status: str
+    """The task's status as found ('' if there is no such task)."""
+    sub_status: str
+    """The subtask's status as found ('' if there is no such subtask)."""
+    refused: str
+    """Why nothing changed, in words ('' if the action was taken)."""
+    conflict: int
+    """1: refused for the state of the task or subtask (else: a bad request)."""

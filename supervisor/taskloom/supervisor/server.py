@@ -182,6 +182,75 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         )
         return pb.CancelTaskResponse(task=codec.task_to_pb(task))
 
+    @_unary
+    async def ApproveTask(
+        self, request: pb.ApproveTaskRequest, context: Context
+    ) -> pb.ApproveTaskResponse:
+        task = await self._current().commands.approve(
+            request.task_id,
+            subtask_id=request.subtask_id,
+            plan=codec.plan_from_pb(request.plan) if request.HasField("plan") else None,
+            reason=request.reason,
+            principal=current_principal.get(),
+        )
+        return pb.ApproveTaskResponse(task=codec.task_to_pb(task))
+
+    @_unary
+    async def RejectTask(
+        self, request: pb.RejectTaskRequest, context: Context
+    ) -> pb.RejectTaskResponse:
+        task = await self._current().commands.reject(
+            request.task_id,
+            subtask_id=request.subtask_id,
+            reason=request.reason,
+            principal=current_principal.get(),
+        )
+        return pb.RejectTaskResponse(task=codec.task_to_pb(task))
+
+    @_unary
+    async def RetrySubtask(
+        self, request: pb.RetrySubtaskRequest, context: Context
+    ) -> pb.RetrySubtaskResponse:
+        task = await self._current().commands.retry(
+            request.task_id,
+            request.subtask_id,
+            instruction=request.instruction if request.HasField("instruction") else None,
+            reason=request.reason,
+            principal=current_principal.get(),
+        )
+        return pb.RetrySubtaskResponse(task=codec.task_to_pb(task))
+
+    @_unary
+    async def SkipSubtask(
+        self, request: pb.SkipSubtaskRequest, context: Context
+    ) -> pb.SkipSubtaskResponse:
+        task = await self._current().commands.skip(
+            request.task_id,
+            request.subtask_id,
+            output=request.output,
+            reason=request.reason,
+            principal=current_principal.get(),
+        )
+        return pb.SkipSubtaskResponse(task=codec.task_to_pb(task))
+
+    @_unary
+    async def PauseTask(
+        self, request: pb.PauseTaskRequest, context: Context
+    ) -> pb.PauseTaskResponse:
+        task = await self._current().commands.pause(
+            request.task_id, reason=request.reason, principal=current_principal.get()
+        )
+        return pb.PauseTaskResponse(task=codec.task_to_pb(task))
+
+    @_unary
+    async def ResumeTask(
+        self, request: pb.ResumeTaskRequest, context: Context
+    ) -> pb.ResumeTaskResponse:
+        task = await self._current().commands.resume(
+            request.task_id, reason=request.reason, principal=current_principal.get()
+        )
+        return pb.ResumeTaskResponse(task=codec.task_to_pb(task))
+
     @_streaming
     async def WatchTask(
         self, request: pb.WatchTaskRequest, context: Context

@@ -102,6 +102,14 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
 
     capabilities: StrList = ("llm",)
     """Capabilities plans may use even while no worker offering them is connected."""
+    approval_capabilities: StrList = ()
+    """Capabilities whose every subtask a person must approve before it runs
+    (e.g. ``shell,email``), whatever the plan says: a goal's text never
+    reaches such a handler without a person."""
+    approval_alert_after: Seconds = 3600.0
+    """A plan or subtask waiting for approval longer than this raises the
+    TaskloomApprovalWaiting alert (exported as
+    ``taskloom_approval_alert_after_seconds``)."""
     max_goal_chars: int = Field(default=20_000, ge=1)
     """Longest goal, in characters."""
     max_plan_subtasks: int = Field(default=20_000, ge=1)

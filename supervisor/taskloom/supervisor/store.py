@@ -30,7 +30,14 @@ import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from taskloom.core.errors import NotLeader, ResourceExhausted, StoreUnavailable, TaskNotFound
+from taskloom.core.errors import (
+    InvalidArgument,
+    NotLeader,
+    ResourceExhausted,
+    StoreUnavailable,
+    TaskFinished,
+    TaskNotFound,
+)
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
@@ -315,15 +322,19 @@ class Store:
         *,
         result_from: Sequence[str],
         priority: int,
-    ) -> list[ReadyItem] | None:
-        """Store the graph of a PLANNING task and start it; None if it is no
-        longer PLANNING (cancelled while the model thought: it stays so)."""
+    ) -> Outcome | None:
+        """Store the graph of a PLANNING task and start it (or, if a person
+        approves its plans, have it wait for that); None if it is no longer
+        PLANNING (cancelled while the model thought: it stays so)."""
         planned = records.plan_args(plan, result_from)
         args = scripts.StorePlanArgs(task_id, planned.result_from, planned.rows)
         reply = cast(scripts.StorePlanReply, await self._run("plan", args))
-        if not reply["ok"]:
+        if not reply.get("ok"):
             return None
-        return records.ready_items(task_id, plan, records.listed(reply["ready"]), priority)
+        ready = records.ready_items(task_id, plan, records.listed(reply.get("ready")), priority)
+        outcome = decode_outcome({"awaiting": reply.get("awaiting", [])})
+        outcome.ready = ready
+        return outcome
 
     @_translated
     async def note(
@@ -495,7 +506,7 @@ class Store:
         subtasks: Sequence[PlannedSubtask],
         sinks: Sequence[str],
         message: str,
-    ) -> list[ReadyItem] | None:
+    ) -> Outcome | None:
         """Replace the failed subtask with ``subtasks`` (ids already unique);
         None if the task moved on (ended, or was revised already)."""
         args = scripts.ReviseArgs(
@@ -507,9 +518,67 @@ class Store:
             message,
         )
         reply = cast(scripts.ReviseReply, await self._run("revise", args))
-        if not reply["ok"]:
+        if not reply.get("ok"):
             return None
-        return decode_outcome({"ready": reply["ready"]}).ready
+        return decode_outcome(reply)
+
+    # -- what a person does ----------------------------------------------------------
+
+    @_translated
+    async def approve(
+        self,
+        task_id: str,
+        subtask_id: str,
+        actor: str,
+        reason: str,
+        plan: tuple[Plan, Sequence[str]] | None = None,
+    ) -> Outcome:
+        """Approve the task's waiting plan (replaced by ``plan``, with the ids
+        its result comes from, if given), or its waiting subtask."""
+        args = scripts.ApproveArgs(
+            task_id,
+            subtask_id,
+            actor,
+            reason,
+            records.plan_args(*plan) if plan is not None else False,
+        )
+        return _controlled(task_id, subtask_id, await self._run("approve", args))
+
+    @_translated
+    async def reject(self, task_id: str, subtask_id: str, actor: str, reason: str) -> Outcome:
+        """Reject the task's waiting plan (it is cancelled), or its waiting
+        subtask (it and its dependents are skipped)."""
+        args = scripts.RejectArgs(task_id, subtask_id, actor, reason)
+        return _controlled(task_id, subtask_id, await self._run("reject", args))
+
+    @_translated
+    async def rework(
+        self,
+        op: str,
+        task_id: str,
+        subtask_id: str,
+        actor: str,
+        reason: str,
+        text: str | None,
+    ) -> Outcome:
+        """``retry`` the subtask (with ``text`` as its new instruction, if
+        given) or ``skip`` it with ``text`` as its output; what depends on it
+        runs again, and a task that had ended runs again."""
+        args = scripts.ReworkArgs(
+            op,  # type: ignore[arg-type]
+            task_id,
+            subtask_id,
+            actor,
+            reason,
+            False if text is None else text,
+        )
+        return _controlled(task_id, subtask_id, await self._run("rework", args))
+
+    @_translated
+    async def pause(self, task_id: str, paused: bool, actor: str, reason: str) -> Outcome:
+        """Pause the task (nothing new starts) or resume it."""
+        args = scripts.PauseArgs(task_id, int(paused), actor, reason)
+        return _controlled(task_id, "", await self._run("pause", args))
 
     @_translated
     async def stopped(self, refs: Sequence[AttemptRef], worker: str) -> None:
@@ -709,6 +778,10 @@ class Store:
                     task.options,
                     tuple(s for s in subs if s is not None),
                     raw.get("replan_pending", ""),
+                    paused=task.paused,
+                    awaiting_since=float(raw["awaiting_since"])
+                    if raw.get("awaiting_since")
+                    else None,
                 )
             )
         return recovered
@@ -733,6 +806,19 @@ class Store:
 
 BLOCKING_SLACK = 5.0
 """How much longer than a blocking read may wait its connection waits for a reply."""
+
+
+def _controlled(task_id: str, subtask_id: str, reply: Any) -> Outcome:
+    """What a person's action changed, or the typed error for why it changed nothing."""
+    control = cast(scripts.ControlReply, reply)
+    if not control.get("task_status"):
+        raise TaskNotFound(task_id)
+    refused = control.get("refused")
+    if refused:
+        if control.get("conflict"):
+            raise TaskFinished(refused)
+        raise InvalidArgument(refused, field="subtask_id" if subtask_id else "task_id")
+    return decode_outcome(control)
 
 
 def _committed(reply: Any) -> list[bool]:

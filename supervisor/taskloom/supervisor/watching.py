@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, TaskNotFound, Unavailable
-from taskloom.core.model import Event, TaskStatus
+from taskloom.core.model import Event, EventType, TaskStatus
 from taskloom.supervisor.events import EventHub
 from taskloom.supervisor.store import Store
 
@@ -78,6 +78,12 @@ class Watching:
             if len(self._recent_ends) > RECENT_ENDS:
                 self._recent_ends.popitem(last=False)
 
+    def reopened(self, task_id: str) -> None:
+        """A task that had ended runs again: its end is no longer the answer."""
+        entry = self._recent_ends.pop(task_id, None)
+        if entry is not None:
+            self._owners[task_id] = entry[0]
+
     # -- clients ---------------------------------------------------------------------
 
     async def watch(
@@ -124,8 +130,12 @@ class Watching:
                     continue
             yield events
             cursor = events[-1].id
-            if any(e.terminal for e in events):
-                return
+            if _ends(events):
+                # A task a person reopened (a retry or a skip of what ended
+                # it) goes on after its terminal event: end with the last.
+                status = await self._store.task_status(task_id)
+                if status is None or status.terminal:
+                    return
 
     async def wait_many(
         self, task_ids: Sequence[str], *, principal: Principal = LOCAL_ADMIN
@@ -249,6 +259,17 @@ class _Waits:
     def close(self) -> None:
         for task_id in list(self.waiting):
             self.forget(task_id)
+
+
+def _ends(events: Sequence[Event]) -> bool:
+    """Whether the task's log ends within ``events``: a terminal event that no
+    ``task.reopened`` follows."""
+    for event in reversed(events):
+        if event.type == EventType.TASK_REOPENED:
+            return False
+        if event.terminal:
+            return True
+    return False
 
 
 def _owned(task_id: str, owner: str | None, principal: Principal) -> None:

@@ -15,4 +15,5 @@ for i, item in ipairs(PAYLOAD) do
   end
 end
 return cjson.encode({assigned = assigned, goals = GOALS, traces = TRACES, hits = hits,
-  ready = ready, statuses = statuses_of(finished), ended = ENDED, finished = finished})
+  ready = ready, statuses = statuses_of(finished), ended = ENDED, finished = finished,
+  awaiting = AWAITING})

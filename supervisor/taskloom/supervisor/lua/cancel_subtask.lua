@@ -29,4 +29,4 @@ settle(task, finished)
 return cjson.encode({task_status = tstatus, sub_status = st[1], changed = 1, held = held,
   ready = ready,
   statuses = statuses_of(finished), ended = ENDED,
-  finished = finished})
+  finished = finished, awaiting = AWAITING})

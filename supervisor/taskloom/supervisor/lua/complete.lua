@@ -57,4 +57,4 @@ local handed, cached
 handed, cached, ready = hand_out(ready, offer, limits, finished)
 return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
   statuses = statuses_of(finished), ended = ENDED, handed = handed, cached = cached,
-  goals = GOALS, traces = TRACES})
+  goals = GOALS, traces = TRACES, awaiting = AWAITING})

@@ -33,11 +33,11 @@ if idem ~= '' then redis.call('SET', idem, task, 'EX', RETENTION) end
 emit(task, 'task.submitted', '', 'PLANNING', message, 0, '', span)
 if not plan then return cjson.encode({task = task, created = 1, outcome = {}}) end
 local result_from, rows = unpack(plan) -- PlanArgs
-local ids = store_plan(task, result_from, rows)
+local ids = store_plan(task, result_from, rows, new.approve_plan == '1')
 local capability, ready, finished = {}, {}, {}
 for _, row in ipairs(rows) do capability[row[1]] = row[4] end
 for _, sub in ipairs(ids) do table.insert(ready, {task, sub, capability[sub], priority}) end
 local handed, cached, left = hand_out(ready, offer, limits, finished)
 return cjson.encode({task = task, created = 1, outcome = {handed = handed, cached = cached,
   ready = left, finished = finished, statuses = statuses_of(finished), ended = ENDED,
-  goals = GOALS, traces = TRACES}})
+  goals = GOALS, traces = TRACES, awaiting = AWAITING}})

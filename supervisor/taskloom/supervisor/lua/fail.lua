@@ -87,6 +87,7 @@ for i, item in ipairs(PAYLOAD) do
         skip_dependents(task, sub, ready)
         settle(task, finished)
       else
+        redis.call('HSET', tk, 'failed_by', sub)
         for _, h in ipairs(finish_task(task, 'FAILED', reason, 'task.failed', reason,
             'SUBTASK_FAILED')) do
           table.insert(held, h)
@@ -98,4 +99,4 @@ for i, item in ipairs(PAYLOAD) do
 end
 return cjson.encode({committed = committed, ready = ready, finished = finished, held = held,
   statuses = statuses_of(finished), ended = ENDED,
-  replan = replan})
+  replan = replan, awaiting = AWAITING})

@@ -14,6 +14,11 @@ end
 if not allowed then
   return cjson.encode({status = found})
 end
+if failure_reason == 'REPLAN_FAILED' then
+  -- The subtask the planner could not replace is what ended the task.
+  redis.call('HSET', k_task(task), 'failed_by', redis.call('HGET', k_task(task),
+    'replan_pending') or '')
+end
 local held = finish_task(task, status, error, event_type, error, failure_reason)
 return cjson.encode({status = found, held = held, finished = {task}, statuses = {status},
   ended = ENDED})

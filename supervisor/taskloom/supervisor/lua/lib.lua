@@ -53,18 +53,52 @@ end
 -- Append one event to the task's log; returns its id (the stream id).
 -- Each event names the task's trace, so a watcher can open it. The trace id
 -- is read once per task per script: a batch emits many events per task.
+-- An event that records what a person did names them (`actor`).
 local TRACE_IDS = {}
-local function emit(task, etype, sub, status, message, attempt, worker, span)
+local function emit(task, etype, sub, status, message, attempt, worker, span, actor)
   local trace = TRACE_IDS[task]
   if trace == nil then
     local new = NEW_TASK[task]
     trace = new and new.trace_id or redis.call('HGET', k_task(task), 'trace_id') or ''
     TRACE_IDS[task] = trace
   end
+  if actor ~= nil and actor ~= '' then
+    return redis.call('XADD', k_events(task), '*',
+      'type', etype, 'subtask', sub or '', 'status', status or '',
+      'message', message or '', 'attempt', tostring(attempt or 0), 'worker', worker or '',
+      'trace', trace, 'span', span or '', 'actor', actor)
+  end
   return redis.call('XADD', k_events(task), '*',
     'type', etype, 'subtask', sub or '', 'status', status or '',
     'message', message or '', 'attempt', tostring(attempt or 0), 'worker', worker or '',
     'trace', trace, 'span', span or '')
+end
+
+-- What began to wait for a person in this script ({task, sub}; sub '' for
+-- a plan), and what a person approved or rejected ({task, sub, seconds it
+-- waited}): replies carry both, for the supervisor's gauges.
+local AWAITING, APPROVED = {}, {}
+
+-- A subtask whose dependencies have all settled: READY, or AWAITING_APPROVAL
+-- if a person must let it run first (gated and not yet approved). READY ones
+-- are added to `ready` as {task, sub, capability, priority}.
+local function make_ready(task, sub, capability, priority, ready, message, gated)
+  local sk = k_subtask(task, sub)
+  if gated then
+    redis.call('HSET', sk, 'status', 'AWAITING_APPROVAL', 'ready_at', NOW)
+    emit(task, 'subtask.awaiting_approval', sub, 'AWAITING_APPROVAL',
+      'its inputs are ready; it runs once a person approves it')
+    table.insert(AWAITING, {task, sub})
+  else
+    redis.call('HSET', sk, 'status', 'READY', 'ready_at', NOW)
+    emit(task, 'subtask.ready', sub, 'READY', message or '', 0, '')
+    table.insert(ready, {task, sub, capability, priority})
+  end
+end
+
+-- Whether a subtask waits for a person: gated ('1') and not approved.
+local function gated_now(gated, approved)
+  return gated == '1' and approved ~= '1'
 end
 
 -- The terminal event of each task a script ended: {task = {id, type,
@@ -76,7 +110,7 @@ local ENDED = {}
 -- move it from the active to the finished index and start its retention
 -- clock. Returns the attempts that were held by workers, so the caller can
 -- tell those workers to stop: {{task, sub, attempt}, ...}.
-local function finish_task(task, status, err, etype, message, reason)
+local function finish_task(task, status, err, etype, message, reason, actor)
   local tk = k_task(task)
   TASK_STATUS[task] = status
   redis.call('HSET', tk, 'status', status, 'error', err, 'finished_at', NOW, 'updated_at', NOW,
@@ -90,7 +124,8 @@ local function finish_task(task, status, err, etype, message, reason)
     if status ~= 'SUCCEEDED' then
       local st = redis.call('HMGET', sk, 'status', 'attempt', 'worker')
       if not SUBTASK_TERMINAL[st[1]] then
-        redis.call('HSET', sk, 'status', 'CANCELLED', 'finished_at', NOW, 'progress', '')
+        redis.call('HSET', sk, 'status', 'CANCELLED', 'finished_at', NOW, 'progress', '',
+          'ended_with_task', '1')
         emit(task, 'subtask.cancelled', sub, 'CANCELLED', message, st[2], st[3])
         if st[1] == 'ASSIGNED' or st[1] == 'RUNNING' then
           table.insert(held, {task, sub, tonumber(st[2])})
@@ -99,7 +134,8 @@ local function finish_task(task, status, err, etype, message, reason)
     end
     redis.call('EXPIRE', sk, RETENTION)
   end
-  ENDED[task] = {emit(task, etype, '', status, message), etype, status, message, TRACE_IDS[task]}
+  ENDED[task] = {emit(task, etype, '', status, message, 0, '', '', actor), etype, status, message,
+    TRACE_IDS[task]}
   redis.call('ZREM', k_active_index(), task)
   local owner = redis.call('HGET', tk, 'owner')
   if owner and owner ~= '' then redis.call('ZREM', k_owner_active(owner), task) end
@@ -155,11 +191,9 @@ local function unlock_dependents(task, sub, ready, dependents)
   for _, dep in ipairs(cjson.decode(dependents)) do
     local dk = k_subtask(task, dep)
     if redis.call('HINCRBY', dk, 'pending', -1) <= 0 then
-      local v = redis.call('HMGET', dk, 'status', 'capability')
+      local v = redis.call('HMGET', dk, 'status', 'capability', 'gated', 'approved')
       if v[1] == 'PENDING' then
-        redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
-        emit(task, 'subtask.ready', dep, 'READY', '', 0, '')
-        table.insert(ready, {task, dep, v[2], priority})
+        make_ready(task, dep, v[2], priority, ready, '', gated_now(v[3], v[4]))
       end
     end
   end
@@ -207,7 +241,10 @@ local function held_by(task, sub, attempt, worker_id, more)
   if worker_id ~= nil and worker_id ~= '' and st[3] ~= worker_id then
     return nil, nil
   end
-  if task_status(task) ~= 'RUNNING' then
+  -- While a revised plan waits for approval, attempts already running
+  -- still report: nothing new starts, what runs finishes.
+  local ts = task_status(task)
+  if ts ~= 'RUNNING' and ts ~= 'AWAITING_APPROVAL' then
     return nil, nil
   end
   return st[1], {select(4, unpack(st))}
@@ -228,9 +265,9 @@ local function skip_dependents(task, sub, ready)
       if redis.call('HGET', dk, 'status') == 'PENDING' then
         if redis.call('HGET', dk, 'tolerant') == '1' then
           if redis.call('HINCRBY', dk, 'pending', -1) <= 0 then
-            redis.call('HSET', dk, 'status', 'READY', 'ready_at', NOW)
-            emit(task, 'subtask.ready', dep, 'READY', 'runs with what its dependencies produced', 0, '')
-            table.insert(ready, {task, dep, redis.call('HGET', dk, 'capability'), priority})
+            local v = redis.call('HMGET', dk, 'capability', 'gated', 'approved')
+            make_ready(task, dep, v[1], priority, ready, 'runs with what its dependencies produced',
+              gated_now(v[2], v[3]))
           end
         else
           local why = 'skipped: it depends on ' .. cur .. ', which did not succeed'
@@ -258,7 +295,8 @@ local function settle(task, finished)
   end
   local missing = {}
   for _, sub in ipairs(cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')) do
-    if redis.call('HGET', k_subtask(task, sub), 'status') ~= 'SUCCEEDED' then
+    local v = redis.call('HMGET', k_subtask(task, sub), 'status', 'provided')
+    if v[1] ~= 'SUCCEEDED' and v[2] ~= '1' then
       table.insert(missing, sub)
     end
   end
@@ -279,8 +317,10 @@ end
 
 -- Store a plan's subtasks and start the task: each subtask's hash, the list
 -- of ids, the task's counters, plan.created and a subtask.ready event for
--- each subtask without dependencies. One step instead of several commands
--- per subtask: a 20,000-subtask plan is one round trip.
+-- each subtask without dependencies (subtask.awaiting_approval for those a
+-- person must let run). One step instead of several commands per subtask: a
+-- 20,000-subtask plan is one round trip. With `hold`, the task waits in
+-- AWAITING_APPROVAL for a person to approve the plan, and nothing is READY.
 -- rows: {SubtaskRow, ...}. Returns the READY ids.
 local function ids_json(ids)
   -- cjson writes an empty table as {}; the readers want a JSON list.
@@ -288,7 +328,7 @@ local function ids_json(ids)
   return cjson.encode(ids)
 end
 
-local function store_plan(task, result_from, rows)
+local function store_plan(task, result_from, rows, hold)
   local dependents = {}
   for _, row in ipairs(rows) do
     local id, _, _, _, deps = unpack(row) -- SubtaskRow
@@ -310,29 +350,49 @@ local function store_plan(task, result_from, rows)
     end
   end
 
-  local ready = {}
+  local ready, waiting = {}, {}
   for _, row in ipairs(rows) do
-    local id, title, instruction, capability, deps, params, max_attempts, timeout, tolerant =
-      unpack(row) -- SubtaskRow
-    local status, sk = 'PENDING', k_subtask(task, id)
-    if #deps == 0 then
-      status = 'READY'
-      table.insert(ready, id)
-      FRESH[sk] = {status, '0', title, instruction, capability, params, '[]', timeout}
+    local id, title, instruction, capability, deps, params, max_attempts, timeout, tolerant,
+      gated = unpack(row) -- SubtaskRow
+    local status, sk, since = 'PENDING', k_subtask(task, id), ''
+    if #deps == 0 and not hold then
+      since = NOW
+      if gated == 1 then
+        status = 'AWAITING_APPROVAL'
+        table.insert(waiting, id)
+      else
+        status = 'READY'
+        table.insert(ready, id)
+        FRESH[sk] = {status, '0', title, instruction, capability, params, '[]', timeout}
+      end
     end
     redis.call('HSET', sk,
       'id', id, 'title', title, 'instruction', instruction, 'capability', capability,
       'deps', ids_json(deps), 'dependents', ids_json(dependents[id] or {}),
       'pending', #deps, 'params', params, 'status', status, 'attempt', 0,
-      'max_attempts', max_attempts, 'timeout', timeout, 'tolerant', tolerant, 'created_at', NOW)
+      'max_attempts', max_attempts, 'timeout', timeout, 'tolerant', tolerant, 'gated', gated,
+      'ready_at', since, 'created_at', NOW)
   end
 
-  TASK_STATUS[task] = 'RUNNING'
-  redis.call('HSET', k_task(task), 'status', 'RUNNING', 'total', #rows, 'succeeded', 0,
-    'settled', 0, 'result_from', ids_json(result_from), 'updated_at', NOW)
-  emit(task, 'plan.created', '', 'RUNNING', 'plan with ' .. #rows .. ' subtasks')
+  local status = 'RUNNING'
+  if hold then status = 'AWAITING_APPROVAL' end
+  TASK_STATUS[task] = status
+  redis.call('HSET', k_task(task), 'status', status, 'total', #rows, 'succeeded', 0,
+    'settled', 0, 'result_from', ids_json(result_from), 'updated_at', NOW,
+    'awaiting_since', hold and NOW or '')
+  emit(task, 'plan.created', '', status, 'plan with ' .. #rows .. ' subtasks')
+  if hold then
+    emit(task, 'task.awaiting_approval', '', status,
+      'the plan waits for a person to approve it (taskloom approve ' .. task .. ')')
+    table.insert(AWAITING, {task, ''})
+  end
   for _, sub in ipairs(ready) do
     emit(task, 'subtask.ready', sub, 'READY', '')
+  end
+  for _, sub in ipairs(waiting) do
+    emit(task, 'subtask.awaiting_approval', sub, 'AWAITING_APPROVAL',
+      'it runs once a person approves it')
+    table.insert(AWAITING, {task, sub})
   end
   return ready
 end
@@ -372,20 +432,25 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
   if tv == nil then
     local new = NEW_TASK[task]
     if new then
-      tv = {new.stall, new.ctx_tokens, new.ctx_mode, new.cache_ttl, new.goal, new.traceparent}
+      tv = {new.stall, new.ctx_tokens, new.ctx_mode, new.cache_ttl, new.goal, new.traceparent, ''}
     else
       tv = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl', 'goal',
-        'traceparent')
+        'traceparent', 'paused')
     end
     TASK_SHARED[task] = tv
     GOALS[task] = tv[5] or ''
     TRACES[task] = tv[6] or ''
   end
+  -- A paused task starts nothing; its READY subtasks wait for the resume.
+  if tv[7] == '1' then
+    return nil
+  end
   local inputs, outputs = {}, {}
   for _, dep in ipairs(cjson.decode(st[7])) do
-    local dv = redis.call('HMGET', k_subtask(task, dep), 'title', 'output', 'status', 'error')
+    local dv = redis.call('HMGET', k_subtask(task, dep), 'title', 'output', 'status', 'error',
+      'provided')
     local output = dv[2] or ''
-    if dv[3] ~= 'SUCCEEDED' then
+    if dv[3] ~= 'SUCCEEDED' and dv[5] ~= '1' then
       -- Only a tolerant subtask (the synthesis step) runs after a dependency
       -- that did not succeed; it is told so rather than handed nothing.
       output = '[no output: this step ended ' .. tostring(dv[3]) .. ' (' .. (dv[4] or '') .. ')]'
@@ -463,4 +528,145 @@ local function hand_out(ready, offer, limits, finished)
     end
   end
   return handed, hits, left
+end
+
+-- ---------------------------------------------------------------------------
+-- Steering: what a person's retry or skip changes (rework.lua).
+
+-- The subtasks downstream of `roots` (their dependents, transitively),
+-- roots first.
+local function downstream(task, roots)
+  local seen, order = {}, {}
+  for _, root in ipairs(roots) do
+    if not seen[root] then seen[root] = true; table.insert(order, root) end
+  end
+  local i = 1
+  while i <= #order do
+    local dependents = redis.call('HGET', k_subtask(task, order[i]), 'dependents') or '[]'
+    for _, dep in ipairs(cjson.decode(dependents)) do
+      if not seen[dep] then seen[dep] = true; table.insert(order, dep) end
+    end
+    i = i + 1
+  end
+  return order
+end
+
+-- Whether a dependency lets its dependent run: it succeeded, or a person
+-- gave its output; a tolerant dependent (the synthesis step) runs after any end.
+local function satisfied(status, provided, tolerant)
+  if tolerant then return SUBTASK_TERMINAL[status] == true end
+  return status == 'SUCCEEDED' or provided == '1'
+end
+
+-- Put `subs` back to PENDING so that they run again. Attempt numbers go on,
+-- so a report of an old attempt stays stale; attempts still held are added
+-- to `held`, to be stopped. Then each that can run now is made READY (or
+-- waits for approval again: an approval was for the old inputs), and each
+-- that never can (a dependency failed) is skipped with its dependents.
+-- `root` is the subtask a person asked to retry: its event (`why`) names
+-- them and it keeps its approval; the others say why they run again (`because`).
+local function rerun(task, subs, held, ready, actor, why, because, root)
+  local priority = priority_of(task)
+  for _, sub in ipairs(subs) do
+    local sk = k_subtask(task, sub)
+    local v = redis.call('HMGET', sk, 'status', 'attempt')
+    if v[1] == 'ASSIGNED' or v[1] == 'RUNNING' then
+      table.insert(held, {task, sub, tonumber(v[2])})
+    end
+    FRESH[sk] = nil
+    redis.call('HDEL', sk, 'output', 'error', 'progress', 'usage', 'started_at', 'finished_at',
+      'cache_hit', 'cache_key', 'failures', 'lost', 'provided', 'ended_with_task', 'ready_at')
+    if sub == root then
+      redis.call('HSET', sk, 'status', 'PENDING', 'approved', '1')
+      emit(task, 'subtask.retried', sub, 'PENDING', why, v[2], '', '', actor)
+    else
+      redis.call('HSET', sk, 'status', 'PENDING')
+      redis.call('HDEL', sk, 'approved')
+      emit(task, 'subtask.reset', sub, 'PENDING', because, v[2], '')
+    end
+  end
+  for _, sub in ipairs(subs) do
+    local sk = k_subtask(task, sub)
+    local v = redis.call('HMGET', sk, 'status', 'deps', 'tolerant', 'capability', 'gated',
+      'approved')
+    -- Still PENDING, unless skipped meanwhile for a failed dependency.
+    if v[1] == 'PENDING' then
+      local tolerant = v[3] == '1'
+      local pending, blocked = 0, nil
+      for _, dep in ipairs(cjson.decode(v[2] or '[]')) do
+        local d = redis.call('HMGET', k_subtask(task, dep), 'status', 'provided')
+        if not satisfied(d[1], d[2], tolerant) then
+          if SUBTASK_TERMINAL[d[1]] then
+            blocked = blocked or dep
+          else
+            pending = pending + 1
+          end
+        end
+      end
+      redis.call('HSET', sk, 'pending', pending)
+      if blocked then
+        local skipped = 'skipped: it depends on ' .. blocked .. ', which did not succeed'
+        redis.call('HSET', sk, 'status', 'SKIPPED', 'finished_at', NOW, 'error', skipped)
+        emit(task, 'subtask.skipped', sub, 'SKIPPED', skipped, 0, '')
+        skip_dependents(task, sub, ready)
+      elseif pending == 0 then
+        make_ready(task, sub, v[4], priority, ready, '', gated_now(v[5], v[6]))
+      end
+    end
+  end
+end
+
+-- The task's counters from its subtasks' states (after a rework changed
+-- many at once): succeeded, and settled (ended without succeeding; a
+-- failed subtask the planner is replacing counts once replaced).
+local function recount(task)
+  local tk = k_task(task)
+  local replacing = redis.call('HGET', tk, 'replan_pending') or ''
+  local succeeded, settled = 0, 0
+  for _, sub in ipairs(redis.call('LRANGE', k_subtasks(task), 0, -1)) do
+    local status = redis.call('HGET', k_subtask(task, sub), 'status')
+    if status == 'SUCCEEDED' then
+      succeeded = succeeded + 1
+    elseif SUBTASK_TERMINAL[status] and sub ~= replacing then
+      settled = settled + 1
+    end
+  end
+  redis.call('HSET', tk, 'succeeded', succeeded, 'settled', settled)
+end
+
+-- A task that ended runs again: RUNNING, back in the active indexes, its
+-- keys kept beyond the retention, its deadline back if it has not passed.
+-- Returns the subtasks its end cancelled: they run again too.
+local function reopen(task, actor, why)
+  local tk = k_task(task)
+  local v = redis.call('HMGET', tk, 'owner', 'created_at', 'max_duration')
+  TASK_STATUS[task] = 'RUNNING'
+  redis.call('HSET', tk, 'status', 'RUNNING', 'updated_at', NOW)
+  redis.call('HDEL', tk, 'error', 'failure_reason', 'finished_at', 'result', 'first_failure',
+    'failed_by')
+  redis.call('PERSIST', tk)
+  redis.call('PERSIST', k_subtasks(task))
+  redis.call('PERSIST', k_events(task))
+  redis.call('ZREM', k_finished_index(), task)
+  local created = tonumber(v[2] or NOW)
+  redis.call('ZADD', k_active_index(), created, task)
+  if v[1] and v[1] ~= '' then redis.call('ZADD', k_owner_active(v[1]), created, task) end
+  local budget = tonumber(v[3] or '0') or 0
+  if budget > 0 and created + budget > tonumber(NOW) then
+    redis.call('ZADD', k_deadlines(), created + budget, task)
+  end
+  emit(task, 'task.reopened', '', 'RUNNING', why, 0, '', '', actor)
+  local again = {}
+  for _, sub in ipairs(redis.call('LRANGE', k_subtasks(task), 0, -1)) do
+    local sk = k_subtask(task, sub)
+    redis.call('PERSIST', sk)
+    if redis.call('HGET', sk, 'ended_with_task') == '1' then table.insert(again, sub) end
+  end
+  return again
+end
+
+-- "by alice" or "by alice: the reason", for a person's action.
+local function by(actor, reason)
+  if reason ~= nil and reason ~= '' then return 'by ' .. actor .. ': ' .. reason end
+  return 'by ' .. actor
 end

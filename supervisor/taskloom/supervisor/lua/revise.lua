@@ -52,28 +52,29 @@ for dep, list in pairs(dependents) do
     end
   end
 end
-local ready = {}
+-- The new subtasks whose dependencies are all done start at once, unless a
+-- person approves each plan of the task: then the revised plan waits too.
+local hold = redis.call('HGET', tk, 'approve_plan') == '1'
+local fresh = {}
 for _, row in ipairs(rows) do
-  local id, title, instruction, capability, deps, params, max_attempts, timeout =
+  local id, title, instruction, capability, deps, params, max_attempts, timeout, _, gated =
     unpack(row) -- SubtaskRow
   local pending = 0
   for _, dep in ipairs(deps) do
-    if is_new[dep] or redis.call('HGET', k_subtask(task, dep), 'status') ~= 'SUCCEEDED' then
+    local d = is_new[dep] and {'PENDING'} or redis.call('HMGET', k_subtask(task, dep), 'status',
+      'provided')
+    if not satisfied(d[1], d[2], false) then
       pending = pending + 1
     end
   end
-  local status = 'PENDING'
-  if pending == 0 then status = 'READY' end
   redis.call('HSET', k_subtask(task, id), 'id', id, 'title', title, 'instruction', instruction,
     'capability', capability, 'deps', cjson.encode(deps),
     'dependents', cjson.encode(dependents[id]),
-    'pending', pending, 'params', params, 'status', status, 'attempt', 0,
-    'max_attempts', max_attempts, 'timeout', timeout, 'tolerant', 0, 'created_at', NOW)
+    'pending', pending, 'params', params, 'status', 'PENDING', 'attempt', 0,
+    'max_attempts', max_attempts, 'timeout', timeout, 'tolerant', 0, 'gated', gated,
+    'created_at', NOW)
   redis.call('RPUSH', k_subtasks(task), id)
-  if status == 'READY' then
-    redis.call('HSET', k_subtask(task, id), 'ready_at', NOW)
-    table.insert(ready, {task, id, capability, priority})
-  end
+  if pending == 0 then table.insert(fresh, {id, capability, gated == 1}) end
 end
 local from = cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')
 local result_from = {}
@@ -89,8 +90,18 @@ redis.call('HSET', tk, 'result_from', cjson.encode(result_from), 'version', vers
 redis.call('HINCRBY', tk, 'total', #rows)
 redis.call('HINCRBY', tk, 'settled', 1)
 redis.call('HINCRBY', tk, 'replans', 1)
-emit(task, 'plan.revised', '', 'RUNNING', message, 0, '')
-for _, item in ipairs(ready) do
-  emit(task, 'subtask.ready', item[2], 'READY', '', 0, '')
+local ready = {}
+if hold then
+  TASK_STATUS[task] = 'AWAITING_APPROVAL'
+  redis.call('HSET', tk, 'status', 'AWAITING_APPROVAL', 'awaiting_since', NOW)
+  emit(task, 'plan.revised', '', 'AWAITING_APPROVAL', message, 0, '')
+  emit(task, 'task.awaiting_approval', '', 'AWAITING_APPROVAL',
+    'the revised plan waits for a person to approve it; what runs finishes meanwhile')
+  table.insert(AWAITING, {task, ''})
+else
+  emit(task, 'plan.revised', '', 'RUNNING', message, 0, '')
+  for _, item in ipairs(fresh) do
+    make_ready(task, item[1], item[2], priority, ready, '', item[3])
+  end
 end
-return cjson.encode({ok = 1, ready = ready})
+return cjson.encode({ok = 1, ready = ready, awaiting = AWAITING})
