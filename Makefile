@@ -29,6 +29,7 @@ demo: setup
 test: setup
 	./scripts/ensure-prometheus
 	./scripts/ensure-kubectl
+	./scripts/ensure-chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # N random fault schedules through the fault-injection suite (tests/chaos);

@@ -281,6 +281,30 @@ def test_network_policies_let_only_the_right_pods_in() -> None:
             if any("namespaceSelector" in p and "monitoring" in str(p) for p in r["from"])
         ]  # fmt: skip
         assert scrape and scrape[0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    # The web console: labelled clients only (no worker), on its own port.
+    console = [
+        r for r in policies["taskloom-supervisor"]["ingress"]
+        if r["ports"] == [{"port": "console", "protocol": "TCP"}]
+    ]  # fmt: skip
+    assert len(console) == 1
+    peers = console[0]["from"]
+    assert all("taskloom.dev/client" in str(p) for p in peers)
+    assert not any(
+        matches(p.get("podSelector", {}).get("matchLabels", {"-": "-"}), pods["worker"])
+        for p in peers
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_console_is_served_on_the_supervisor_service(overlay: str) -> None:
+    docs = rendered(overlay)
+    service = named(docs, "Service", "taskloom-supervisor")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["console"]["targetPort"] == "console" and ports["console"]["port"] == 8080
+    config = [
+        c for c in of(docs, "ConfigMap") if c["metadata"]["name"].startswith("taskloom-supervisor")
+    ]
+    assert config and config[0]["data"]["TASKLOOM_CONSOLE_PORT"] == "8080"
 
 
 def test_prod_runs_ha_supervisors_with_tls_tokens_and_external_redis() -> None:

@@ -64,6 +64,7 @@ def test_every_alert_names_an_exported_metric() -> None:
         "TaskloomHighSubtaskErrorRatio",
         "TaskloomRedisErrors",
         "TaskloomRedisNotDurable",
+        "TaskloomApprovalWaiting",
     }
     used = {m for r in rules for m in METRIC.findall(r["expr"])}
     assert used <= exported_names(), used - exported_names()

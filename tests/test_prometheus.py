@@ -138,4 +138,4 @@ async def test_prometheus_scrapes_the_cluster_and_answers_for_queues_and_subtask
             rules = await asyncio.to_thread(prometheus.get, "/api/v1/rules")
             loaded = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
             assert {"TaskloomReadyWorkTooOld", "TaskloomRedisNotDurable"} <= loaded
-            assert len(loaded) == 6
+            assert len(loaded) == 7

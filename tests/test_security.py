@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -747,3 +747,36 @@ async def test_probes_get_plaintext_health_on_their_own_port_while_grpc_is_tls(
     finally:
         await standby.stop(grace=0.5)
         await leader.stop(grace=0.5)
+
+
+async def test_only_the_owner_or_an_admin_may_steer_a_task_and_never_a_worker(
+    secure: Supervisor, pki: Minted
+) -> None:
+    async with (
+        connect(secure, pki, "alice") as alice,
+        connect(secure, pki, "bob") as bob,
+        connect(secure, pki, "w1") as worker,
+        connect(secure, pki, "root") as root,
+    ):
+        task_id = await alice.submit("mine", plan=plan(("a", "echo", "x")), approve_plan=True)
+        await wait_status(alice, task_id, TaskStatus.AWAITING_APPROVAL)
+        steering: list[Callable[[TaskloomClient], Awaitable[object]]] = [
+            lambda c: c.approve(task_id),
+            lambda c: c.reject(task_id, reason="no"),
+            lambda c: c.retry(task_id, "a"),
+            lambda c: c.skip(task_id, "a", output="x"),
+            lambda c: c.pause(task_id),
+            lambda c: c.resume(task_id),
+        ]
+        for step in steering:
+            # To bob, alice's task does not exist; a worker may not steer at all.
+            with pytest.raises(TaskNotFound):
+                await step(bob)
+            with pytest.raises(PermissionDenied, match="worker role"):
+                await step(worker)
+        assert (await alice.get(task_id)).status == TaskStatus.AWAITING_APPROVAL
+        paused = await root.pause(task_id, reason="admin hold")
+        assert paused.paused
+        events = await secure.store.read_events(task_id, "0")
+        assert [e.actor for e in events if e.type == "task.paused"] == ["root"]
+        assert (await alice.approve(task_id)).status == TaskStatus.RUNNING

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,42 @@ async def test_cancel_from_the_command_line(
     assert (await client.get(task_id)).error == "enough"
 
 
+async def test_a_person_steers_a_task_from_the_command_line(
+    supervisor: Supervisor, processes: Processes, client: TaskloomClient, tmp_path: Path
+) -> None:
+    processes.worker(supervisor.address)
+    at = ("--supervisor", supervisor.address)
+    steps = write_plan(
+        tmp_path, plan(("g", "gate", "x"), ("p", "picky", "fail it", "g"), ("z", "echo", "Z", "p"))
+    )
+    code, out, _ = await taskloom("submit", "steer me", "--plan", steps, "--approve-plan", *at)
+    task_id = out.strip()
+    await wait_subtask(client, task_id, "g", "PENDING")
+    assert (await client.get(task_id)).status == TaskStatus.AWAITING_APPROVAL
+
+    edited = write_plan(tmp_path, plan(("g", "gate", "x"), ("p", "picky", "fail it", "g"),
+                                       ("z", "echo", "Z2", "p")))  # fmt: skip
+    code, out, _ = await taskloom("approve", task_id, "--plan", edited, "--reason", "ok", *at)
+    assert (code, out) == (0, f"{task_id} RUNNING\n")
+    await wait_subtask(client, task_id, "g", "RUNNING")
+    code, out, _ = await taskloom("pause", task_id, *at)
+    assert (code, out) == (0, f"{task_id} RUNNING (paused)\n")
+    code, out, _ = await taskloom("resume", task_id, "--json", *at)
+    assert code == 0 and json.loads(out)["paused"] is False
+    (processes.test_dir / "open-g").touch()
+    await wait_subtask(client, task_id, "p", "FAILED")
+    code, out, _ = await taskloom("retry", task_id, "--subtask", "p", "--instruction", "fine", *at)
+    assert code == 0 and out.startswith(f"{task_id} p ")
+    done = await client.wait(task_id)
+    assert (done.status, done.result) == (TaskStatus.SUCCEEDED, "Z2")
+    # Refusals are one line with the exit code of their kind.
+    code, _, err = await taskloom("skip", task_id, "--subtask", "p", *at)
+    assert code == 5  # the task already succeeded: nothing to skip
+    assert err.startswith("error: task ") and "already SUCCEEDED" in err
+    code, _, err = await taskloom("reject", "ffffffffffffffffffff", *at)
+    assert code == 4
+
+
 async def test_the_sync_client_does_what_the_async_one_does(
     supervisor: Supervisor, processes: Processes
 ) -> None:
@@ -266,9 +303,10 @@ async def test_the_sync_client_does_what_the_async_one_does(
 
 async def test_up_runs_a_whole_cluster_and_ctrl_c_stops_all_of_it(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
+    console = free_port()
     up = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "taskloom.client", "up", "--workers", "1", "--listen", address,
-        "--data-dir", str(tmp_path / "data"),
+        "--data-dir", str(tmp_path / "data"), "--console-port", str(console),
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -276,6 +314,11 @@ async def test_up_runs_a_whole_cluster_and_ctrl_c_stops_all_of_it(tmp_path: Path
         async with TaskloomClient(address) as client:
             task = await client.wait(await client.submit("up", plan=plan(("a", "echo", "up!"))))
         assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "up!")
+        # The console is up too, on loopback.
+        page = await asyncio.to_thread(
+            urllib.request.urlopen, f"http://127.0.0.1:{console}/tasks/{task.id}", timeout=10
+        )
+        assert b"/static/console.js" in page.read()
         assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or any(
             (tmp_path / "data" / "redis").glob("appendonlydir/*")
         )
@@ -286,6 +329,7 @@ async def test_up_runs_a_whole_cluster_and_ctrl_c_stops_all_of_it(tmp_path: Path
             up.terminate()
             await asyncio.wait_for(up.communicate(), 60)
     assert up.returncode == 0, err.decode()
+    assert f"console: http://127.0.0.1:{console}/" in err.decode()
     host, port = address.split(":")
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
         pass
@@ -308,6 +352,7 @@ async def test_demo_without_ollama_says_so_and_runs_anyway(tmp_path: Path) -> No
     assert "https://ollama.com/download" in err and "ollama pull llama3.2" in err
     assert "Traceback" not in err
     assert "SUCCEEDED" in out
+    assert re.search(r"watch it at http://127\.0\.0\.1:\d+/tasks/[0-9a-f]{20}", err), err
     if embedded_model_present():
         assert "Using the embedded model instead: SmolLM2-135M, a tiny offline model" in err
         assert "note: answered by SmolLM2-135M, a tiny offline model" in out

@@ -737,6 +737,11 @@ DEMO_PLAN = Plan(
     help="provider:model for planning and llm subtasks [TASKLOOM_LLM, ollama:llama3.2]; "
     "with --demo, the embedded model stands in when Ollama does not answer",
 )
+@click.option(
+    "--console-port",
+    type=click.IntRange(0, 65535),
+    help="The web console's port [8080 if free, else any]",
+)
 @click.option("--demo", metavar="GOAL", help="Run GOAL on the cluster, show it live, then stop")
 def up(
     workers: int,
@@ -747,6 +752,7 @@ def up(
     data_dir: Path,
     redis_fsync: str,
     llm: str | None,
+    console_port: int | None,
     demo: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
@@ -767,18 +773,20 @@ def up(
         concurrency=concurrency,
         redis_fsync=redis_fsync,
         llm=llm,
+        console_port=console_port,
     )
     try:
         err.print(f"starting a local cluster (logs in {cluster.log_dir}) …")
         cluster.start()
         err.print(
             f"supervisor on [bold]{cluster.address}[/], {workers} workers "
-            f"({capabilities}), Redis at {cluster.redis_url}",
+            f"({capabilities}), Redis at {cluster.redis_url}\n"
+            f"console: [bold]{cluster.console_url}[/]",
             markup=True,
             soft_wrap=True,
         )
         if demo is not None:
-            code = asyncio.run(_demo(cluster.address, demo, offline=offline))
+            code = asyncio.run(_demo(cluster, demo, offline=offline))
         else:
             err.print(
                 f"try: taskloom submit 'your goal' --wait --supervisor {cluster.address}\n"
@@ -859,11 +867,12 @@ async def _demo_llm(requested: str | None) -> tuple[str | None, bool]:
     return requested, True
 
 
-async def _demo(address: str, goal: str, *, offline: bool) -> int:
-    async with TaskloomClient(address) as client:
+async def _demo(cluster: LocalCluster, goal: str, *, offline: bool) -> int:
+    async with TaskloomClient(cluster.address) as client:
         task_id = await client.submit(
             goal, plan=DEMO_PLAN if offline else None, fallback=Fallback.SINGLE
         )
-        err.print(f"task {task_id}")
+        err.print(f"task {task_id}: watch it at [bold]{cluster.console_url}tasks/{task_id}[/]",
+                  markup=True, soft_wrap=True)  # fmt: skip
         task = await _follow(client, task_id)
     return 0 if task.status == TaskStatus.SUCCEEDED else exits.TASK_FAILED

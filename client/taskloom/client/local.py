@@ -26,16 +26,22 @@ from taskloom.core.localredis import LocalRedis, free_port
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
+DEFAULT_CONSOLE_PORT = 8080
+
+
+def default_port(port: int) -> int:
+    """``port`` on 127.0.0.1 if it is free, else any free port."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+        return port
+    except OSError:
+        return free_port()
 
 
 def default_listen() -> str:
     """127.0.0.1:50051 if it is free, else any free port."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", DEFAULT_PORT))
-        return f"127.0.0.1:{DEFAULT_PORT}"
-    except OSError:
-        return f"127.0.0.1:{free_port()}"
+    return f"127.0.0.1:{default_port(DEFAULT_PORT)}"
 
 
 def wait_serving(
@@ -77,8 +83,12 @@ class LocalCluster:
         concurrency: int = 4,
         redis_fsync: str = "always",
         llm: str | None = None,
+        console_port: int | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.console_port = (
+            console_port if console_port is not None else default_port(DEFAULT_CONSOLE_PORT)
+        )
         self.llm = llm
         self.redis_fsync = redis_fsync
         self.n_workers = workers
@@ -96,6 +106,11 @@ class LocalCluster:
         return self.listen
 
     @property
+    def console_url(self) -> str:
+        """Where the web console is (a task's page is ``{console_url}tasks/ID``)."""
+        return f"http://{self.listen.rpartition(':')[0]}:{self.console_port}/"
+
+    @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
 
@@ -109,7 +124,15 @@ class LocalCluster:
         # telling it up front lets plans be submitted before they have.
         self.supervisor = self._spawn(
             "supervisor",
-            ["supervisor", "--listen", self.listen, "--redis-url", self.redis_url],
+            [
+                "supervisor",
+                "--listen",
+                self.listen,
+                "--redis-url",
+                self.redis_url,
+                "--console-port",
+                str(self.console_port),
+            ],
             {"TASKLOOM_CAPABILITIES": self.capabilities},
         )
         wait_serving(self.listen, 30.0, self.supervisor)

@@ -70,7 +70,9 @@ class TaskNotFound(TaskloomError):
     """No task has this id, or it expired after the retention period."""
 
     def __init__(self, task_id: str) -> None:
-        super().__init__(f"no task with id {task_id!r} (it may have expired)")
+        # What the caller sent is echoed, but never more than an id's worth.
+        shown = task_id if len(task_id) <= 64 else task_id[:64] + "…"
+        super().__init__(f"no task with id {shown!r} (it may have expired)")
         self.task_id = task_id
 
 

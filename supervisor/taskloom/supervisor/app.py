@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable
 from types import TracebackType
 
@@ -27,6 +28,7 @@ from taskloom.core.channel import is_loopback, server_credentials, server_option
 from taskloom.core.errors import ConfigError, NotLeader, StoreUnavailable, TaskloomError
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
+from taskloom.supervisor.console import Console
 from taskloom.supervisor.interceptors import server_interceptors
 from taskloom.supervisor.leadership import Leadership
 from taskloom.supervisor.metrics import SupervisorMetrics
@@ -92,6 +94,8 @@ class Supervisor:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
+        self.console: Console | None = None
+        """The web console, once started (``console_port``)."""
         self.health_port = 0
         """Where the plaintext health-only server listens once started (0: none)."""
         self._background: list[asyncio.Task[None]] = []
@@ -206,6 +210,8 @@ class Supervisor:
         await self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
+        if self.settings.console_port is not None:
+            await self._serve_console(self.settings.console_port)
         if self.settings.health_port is not None:
             await self._serve_health(self.settings.health_port)
         if self.settings.metrics_port is not None:
@@ -240,6 +246,35 @@ class Supervisor:
             )
         self.leadership.start()
         self._background = [asyncio.create_task(self._check_llm(), name="taskloom-llm-check")]
+
+    async def _serve_console(self, port: int) -> None:
+        """The web console, where gRPC listens (so on loopback unless the
+        supervisor is opened up), over HTTPS when gRPC has TLS."""
+        settings = self.settings
+        console = Console(
+            self.current,
+            lambda: self.tokens,
+            self.quotas,
+            secure=settings.tls_cert is not None,
+            capabilities=lambda: self.current().planning.capabilities(),
+            plan_limits=settings.explicit_plan_limits(),
+        )
+        context = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+        host = self.listen.rpartition(":")[0].strip("[]")
+        try:
+            await console.start(host, port, context)
+        except OSError as e:
+            await self.stop(0)
+            raise ConfigError(
+                f"TASKLOOM_CONSOLE_PORT / --console-port: cannot listen on {host}:{port}: "
+                f"{e.strerror or e}"
+            ) from None
+        self.console = console
+        scheme = "https" if context is not None else "http"
+        logger.info("console on %s://%s:%d/", scheme, self.address.rpartition(":")[0], console.port)
 
     async def _serve_health(self, port: int) -> None:
         """The health service alone, in plaintext: probes cannot do TLS, and
@@ -356,6 +391,9 @@ class Supervisor:
         if self._health_server is not None:
             await self._health_server.stop(0)
             self._health_server = None
+        if self.console is not None:
+            await self.console.stop()
+            self.console = None
         await self.store.close()
         await self.llm.close()
         logger.info("supervisor stopped")

@@ -42,6 +42,7 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
         "leader_ttl": "--leader-ttl",
         "metrics_port": "--metrics-port",
         "health_port": "--health-port",
+        "console_port": "--console-port",
         "log_level": "--log-level",
         "log_format": "--log-format",
         "tls_cert": "--tls-cert",
@@ -56,6 +57,10 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """Serve Prometheus metrics on this port at /metrics (unset: not served; 0: any port)."""
     metrics_host: str = "0.0.0.0"
     """The address the metrics endpoint binds to."""
+    console_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve the web console on this port (unset: not served; 0: any free
+    port), on the gRPC address's host: loopback unless tokens (or
+    ``--insecure``) open the supervisor up; over HTTPS with its certificate."""
     health_port: int | None = Field(default=None, ge=0, le=65535)
     """Also serve grpc.health.v1 alone, in plaintext, on this port (on
     ``metrics_host``): for Kubernetes' gRPC probes, which cannot speak TLS.

@@ -99,11 +99,7 @@ class Watching:
         Replay, then follow: each read starts at the last event sent, so
         nothing is missed or repeated, whatever happens between reads.
         """
-        if after and after != "0" and not _EVENT_ID.match(after):
-            raise InvalidArgument(
-                f"after_event_id {after[:40]!r} is not an event id like 1700000000000-0",
-                field="after_event_id",
-            )
+        check_cursor(after)
         if terminal_only:
             async for ended in self.wait_many([task_id], principal=principal):
                 yield ended
@@ -259,6 +255,24 @@ class _Waits:
     def close(self) -> None:
         for task_id in list(self.waiting):
             self.forget(task_id)
+
+
+LAST_ID = 2**64 - 1
+"""The largest part of a Redis stream id: nothing can come after ``LAST_ID-LAST_ID``."""
+
+
+def check_cursor(after: str) -> None:
+    """InvalidArgument unless ``after`` is '' or '0' or an event id that
+    something may follow (``<ms>-<seq>``, each part within 64 bits)."""
+    if not after or after == "0":
+        return
+    match = _EVENT_ID.match(after)
+    parts = [int(p) for p in after.split("-")] if match else []
+    if not parts or max(parts) > LAST_ID or parts == [LAST_ID, LAST_ID]:
+        raise InvalidArgument(
+            f"after_event_id {after[:40]!r} is not an event id like 1700000000000-0",
+            field="after_event_id",
+        )
 
 
 def _ends(events: Sequence[Event]) -> bool:
