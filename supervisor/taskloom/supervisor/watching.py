@@ -124,14 +124,17 @@ class Watching:
                 else:
                     await self.events.wait(task_id, cursor, WATCH_WAIT)
                     continue
-            yield events
-            cursor = events[-1].id
             if _ends(events):
                 # A task a person reopened (a retry or a skip of what ended
-                # it) goes on after its terminal event: end with the last.
+                # it) goes on after its terminal event: end with the last one,
+                # and leave out what comes after it (a worker's "stopped").
                 status = await self._store.task_status(task_id)
                 if status is None or status.terminal:
+                    last = max(i for i, e in enumerate(events) if e.terminal)
+                    yield events[: last + 1]
                     return
+            yield events
+            cursor = events[-1].id
 
     async def wait_many(
         self, task_ids: Sequence[str], *, principal: Principal = LOCAL_ADMIN
