@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 from taskloom.worker import HandlerRegistry, SubtaskContext, SubtaskError
@@ -86,3 +87,28 @@ async def picky(ctx: SubtaskContext) -> str:
         raise SubtaskError(f"refused: {ctx.instruction}", retryable=False)
     inputs = ",".join(i.output for i in ctx.inputs)
     return f"{ctx.instruction}[{inputs}]" if inputs else ctx.instruction
+
+
+@registry.handler("ledger")
+async def ledger(ctx: SubtaskContext) -> str:
+    """Works for as many seconds as its instruction says, writing to the file
+    ``ledger`` one line when an attempt starts and one when it ends (however
+    it ends), with the time: so a test can tell whether two ever overlapped."""
+    path = _dir() / "ledger"
+    who = os.environ.get("TASKLOOM_NAME", "")
+
+    def write(what: str) -> None:
+        with path.open("a") as f:
+            f.write(f"{what} {ctx.subtask_id} {ctx.attempt} {time.time():.6f} {who}\n")
+
+    write("start")
+    try:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + float(ctx.instruction)
+        while loop.time() < end:
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        write("stop")
+        raise
+    write("end")
+    return f"worked on attempt {ctx.attempt}, lease valid: {ctx.lease_valid}"

@@ -17,6 +17,7 @@ from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import Event, SubtaskResult, SubtaskStatus, TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.outcomes import ReadyItem
+from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
 from tests.helpers import eventually, plan, wait_status, wait_subtask
@@ -237,3 +238,40 @@ async def test_a_commit_whose_caller_goes_away_still_unlocks_the_dependents(
     task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, timeout=20)
     # The commit ran to its end (a was not run again) and unlocked b.
     assert [(s.id, s.attempt, s.output) for s in task.subtasks] == [("a", 1, "A"), ("b", 1, "B")]
+
+
+async def test_a_supervisor_restarted_in_a_retry_storm_waits_out_each_backoff_where_it_was(
+    supervisor_settings: SupervisorSettings,
+    processes: Processes,
+    listen_address: str,
+    test_dir: Path,
+) -> None:
+    """Each retry's backoff ends at a time kept in Redis: a supervisor killed
+    while retries wait, and restarted at once, does not fire them all at once."""
+    settings = supervisor_settings.model_copy(update={"leader_ttl": 2.0, "retry_backoff": 12.0})
+    leader = await processes.supervisor(settings, listen=listen_address, name="first")
+    processes.worker(listen_address, capabilities="flaky")
+    ids = [f"f{i}" for i in range(6)]
+    async with TaskloomClient(listen_address) as client:
+        task_id = await client.submit(
+            "storm", plan=plan(*[(sid, "flaky", "2") for sid in ids]), max_attempts=2
+        )
+        # Every first attempt has failed: six retries wait, each until its retry_at.
+        await eventually(lambda: all((test_dir / f"attempt-{s}-1").exists() for s in ids))
+        raw = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        keys = [f"{settings.redis_prefix}task:{task_id}:sub:{s}" for s in ids]
+
+        async def waits() -> dict[str, float]:
+            found = {s: await raw.hget(k, "retry_at") for s, k in zip(ids, keys, strict=True)}
+            return {s: float(v) for s, v in found.items() if v} if all(found.values()) else {}
+
+        due = await eventually(waits)
+        leader.kill()
+        leader.wait()
+        await processes.supervisor(settings, listen=listen_address, name="second")
+        task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, timeout=90)
+        await raw.aclose()
+    assert task.status == TaskStatus.SUCCEEDED
+    for sid in ids:
+        started = (test_dir / f"attempt-{sid}-2").stat().st_mtime
+        assert started >= due[sid] - 0.05, f"{sid} retried {due[sid] - started:.1f}s early"

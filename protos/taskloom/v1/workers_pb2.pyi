@@ -460,6 +460,7 @@ class Welcome(_message.Message):
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
     TRUNCATE_OUTPUT_FIELD_NUMBER: _builtins.int
     IDLE_SILENCE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_ACKS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     supervisor_id: _builtins.str
     max_output_bytes: _builtins.int
@@ -475,6 +476,12 @@ class Welcome(_message.Message):
     is found by HTTP/2 keepalive instead. (False from older supervisors:
     heartbeat always.)
     """
+    heartbeat_acks: _builtins.bool
+    """The supervisor answers every Heartbeat with an Ack (empty when it has
+    nothing to acknowledge), so a worker knows it is still heard. A worker
+    that has heard nothing from it for lease_ttl stops its running attempts
+    (self-fencing): the supervisor gives them to others at that moment.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -489,10 +496,11 @@ class Welcome(_message.Message):
         max_output_bytes: _builtins.int = ...,
         truncate_output: _builtins.bool = ...,
         idle_silence: _builtins.bool = ...,
+        heartbeat_acks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_acks", b"heartbeat_acks", "heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -711,6 +719,7 @@ Global___Drain: _TypeAlias = Drain  # noqa: Y015
 class Ack(_message.Message):
     """Ack confirms reports that are committed (or discarded as stale); the worker
     may forget them. Unacknowledged reports are sent again after a reconnect.
+    An Ack with no refs answers a Heartbeat.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -78,6 +78,7 @@ class Supervisor:
             prefix=settings.redis_prefix,
             retention=settings.retention,
             max_connections=settings.redis_max_connections,
+            retry_backoff=settings.retry_backoff,
         )
         self.store.metrics = self.metrics
         self.llm = InstrumentedLLM(llm or create_llm(settings), self.metrics.llm, "plan")
@@ -299,7 +300,6 @@ class Supervisor:
         scheduler = Scheduler(
             self.store,
             lease_ttl=self.settings.lease_ttl,
-            retry_backoff=self.settings.retry_backoff,
             metrics=self.metrics,
         )
         orchestrator = Orchestrator(

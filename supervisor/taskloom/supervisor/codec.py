@@ -175,6 +175,7 @@ def welcome_to_pb(
             max_output_bytes=max_output_bytes,
             truncate_output=truncate_output,
             idle_silence=True,
+            heartbeat_acks=True,
         )
     )
 

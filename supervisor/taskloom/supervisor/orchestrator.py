@@ -144,9 +144,14 @@ class Orchestrator:
                 if sub.status == SubtaskStatus.AWAITING_APPROVAL:
                     self.awaiting[(task.task_id, sub.subtask_id)] = sub.ready_at or time.time()
                 elif sub.status == SubtaskStatus.READY and startable:
+                    # A retry goes on waiting out its backoff where it was.
                     ready.append(
                         ReadyItem(
-                            task.task_id, sub.subtask_id, sub.capability, task.options.priority
+                            task.task_id,
+                            sub.subtask_id,
+                            sub.capability,
+                            task.options.priority,
+                            retry_at=sub.retry_at,
                         )
                     )
                 elif sub.status in (SubtaskStatus.ASSIGNED, SubtaskStatus.RUNNING):

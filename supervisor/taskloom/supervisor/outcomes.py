@@ -23,7 +23,9 @@ class ReadyItem:
     capability: str
     priority: int = 0
     failed_attempt: int = 0
-    """The attempt that just failed, for retry backoff; 0 for a first run."""
+    """Failures so far, for a retry; 0 for a first run."""
+    retry_at: float = 0.0
+    """When a retry may start (Unix seconds; 0: at once), kept in Redis."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,7 @@ SUBTASK_FIELDS = frozenset(
         "status", "attempt", "worker", "worker_id", "ready_at", "assigned_at",
         "started_at", "finished_at", "progress", "output", "error", "usage",
         "failures", "lost",  # failed attempts that counted, and attempts lost with a worker
+        "retry_at",  # when its retry may start, after the backoff
         "cache_key", "cache_hit",
         "gated",  # 1: a person must approve it before it runs
         "approved",  # 1: a person did
@@ -230,6 +231,8 @@ class RecoveredSubtask:
     """When the held attempt's timeout ends (Unix time)."""
     ready_at: float | None = None
     """When it became READY or began to wait for approval (Unix time)."""
+    retry_at: float = 0.0
+    """When its retry may start (Unix time; 0: at once)."""
 
 
 RECOVERY_FIELDS = (
@@ -241,13 +244,14 @@ RECOVERY_FIELDS = (
     "assigned_at",
     "timeout",
     "ready_at",
+    "retry_at",
 )
 """What recovery reads of each subtask of an unfinished task."""
 
 
 def recovered_subtask(subtask_id: str, row: Sequence[str | None]) -> RecoveredSubtask | None:
     """A subtask from its ``RECOVERY_FIELDS`` (None if it has no hash)."""
-    status, attempt, worker_id, worker, capability, assigned_at, timeout, ready_at = row
+    status, attempt, worker_id, worker, capability, assigned_at, timeout, ready_at, retry_at = row
     if not status:
         return None
     deadline = None
@@ -262,6 +266,7 @@ def recovered_subtask(subtask_id: str, row: Sequence[str | None]) -> RecoveredSu
         capability or "",
         deadline,
         _time(ready_at),
+        float(retry_at or 0.0),
     )
 
 
@@ -410,7 +415,14 @@ def decode_outcome(reply: OutcomeReply) -> Outcome:
     return Outcome(
         committed=[bool(x) for x in listed(reply.get("committed"))],
         ready=[
-            ReadyItem(t, s, cap, int(prio), int(rest[0]) if rest else 0)
+            ReadyItem(
+                t,
+                s,
+                cap,
+                int(prio),
+                int(rest[0]) if rest else 0,
+                float(rest[1]) if len(rest) > 1 else 0.0,
+            )
             for t, s, cap, prio, *rest in listed(reply.get("ready"))
         ],
         finished=list(listed(reply.get("finished"))),

@@ -35,7 +35,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-import random
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -68,6 +67,12 @@ class AckReports:
 
 
 @dataclass(frozen=True, slots=True)
+class HeartbeatAck:
+    """Tells a worker it is still heard (an Ack with no refs): a worker that
+    hears nothing for the lease TTL stops its attempts."""
+
+
+@dataclass(frozen=True, slots=True)
 class DrainNotice:
     reason: str
 
@@ -79,7 +84,7 @@ class CloseSession:
     error: TaskloomError | None = None
 
 
-Outgoing = AssignBatch | CancelAttempts | AckReports | DrainNotice | CloseSession
+Outgoing = AssignBatch | CancelAttempts | AckReports | HeartbeatAck | DrainNotice | CloseSession
 
 
 class WorkerSession:
@@ -185,8 +190,6 @@ class Scheduler:
         store: Store,
         *,
         lease_ttl: float,
-        retry_backoff: float = 1.0,
-        retry_backoff_max: float = 60.0,
         batch_size: int = 512,
         clock: Callable[[], float] = time.monotonic,
         metrics: SupervisorMetrics | None = None,
@@ -194,8 +197,6 @@ class Scheduler:
         self._store = store
         self.metrics = metrics
         self.lease_ttl = lease_ttl
-        self.retry_backoff = retry_backoff
-        self.retry_backoff_max = retry_backoff_max
         self.batch_size = batch_size
         self._clock = clock
         self._queues: dict[str, list[tuple[int, int, ReadyItem]]] = defaultdict(list)
@@ -230,15 +231,13 @@ class Scheduler:
     # -- the queue ---------------------------------------------------------------
 
     def enqueue(self, items: Iterable[ReadyItem]) -> None:
-        """Queue READY subtasks; retries wait out an exponential backoff with jitter."""
-        now = self._clock()
+        """Queue READY subtasks; a retry waits until its ``retry_at`` (the
+        backoff the store decided, and keeps)."""
+        now, wall = self._clock(), time.time()
         for item in items:
-            if item.failed_attempt and self.retry_backoff > 0:
-                delay = min(
-                    self.retry_backoff * 2 ** (item.failed_attempt - 1), self.retry_backoff_max
-                )
-                delay *= random.uniform(0.5, 1.0)
-                heapq.heappush(self._delayed, (now + delay, next(self._seq), item))
+            if item.retry_at > wall:
+                due = now + (item.retry_at - wall)
+                heapq.heappush(self._delayed, (due, next(self._seq), item))
                 self._waiting[item.task_id] += 1
             else:
                 self._push(item)
@@ -436,6 +435,10 @@ class Scheduler:
         wait for Redis, which is on our side.)"""
         now = self._clock()
         for session in list(self._sessions.values()):
+            if session.leases and session.writing:
+                # Its heartbeats wait unread behind the reports being written;
+                # it is heard all the same, and must not fence itself.
+                session.send(HeartbeatAck())
             if session.leases and not session.writing and now - session.last_seen > self.lease_ttl:
                 logger.warning(
                     "%s sent nothing for %.1fs; closing it", session, now - session.last_seen

@@ -163,6 +163,16 @@ class FailItem(NamedTuple):
     """0: the attempt was lost with its worker and does not use up an attempt."""
     usage: str
     worker_id: str
+    jitter: float
+    """The share of the backoff this retry waits (0.5 to 1)."""
+
+
+class FailArgs(NamedTuple):
+    items: list[FailItem]
+    backoff: float
+    """Seconds before the second attempt; it doubles for each failure ..."""
+    backoff_max: float
+    """... up to this."""
 
 
 class FinishArgs(NamedTuple):
@@ -267,6 +277,8 @@ class ReadyRow(NamedTuple):
     capability: str
     priority: int
     failed_attempt: int
+    retry_at: float
+    """When the retry may start (Unix seconds; 0: at once)."""
 
 
 PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
@@ -282,6 +294,7 @@ PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
     CompleteItem,
     CompleteArgs,
     FailItem,
+    FailArgs,
     FinishArgs,
     NoteArgs,
     LeadArgs,

@@ -26,6 +26,7 @@ from taskloom.supervisor.scheduler import (
     AckReports,
     AssignBatch,
     CloseSession,
+    HeartbeatAck,
     Outgoing,
     WorkerSession,
 )
@@ -370,6 +371,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                 draining = request.heartbeat.draining if kind == "heartbeat" else None
                 orchestrator.heard_from(session, draining=draining)
                 if kind == "heartbeat":
+                    session.send(HeartbeatAck())
                     continue
                 if kind == "hello":
                     session.close(InvalidArgument("Hello may only be sent once per stream"))
@@ -423,9 +425,11 @@ def _coalesce(messages: list[Outgoing]) -> list[Outgoing]:
     """Merge queued assignments and acks into as few frames as possible."""
     assignments = [a for m in messages if isinstance(m, AssignBatch) for a in m.assignments]
     acks = [r for m in messages if isinstance(m, AckReports) for r in m.refs]
-    rest = [m for m in messages if not isinstance(m, AssignBatch | AckReports)]
+    heard = any(isinstance(m, HeartbeatAck) for m in messages)
+    rest = [m for m in messages if not isinstance(m, AssignBatch | AckReports | HeartbeatAck)]
     merged: list[Outgoing] = []
-    if acks:
+    if acks or heard:
+        # One Ack: the reports it confirms, or none, to answer a heartbeat.
         merged.append(AckReports(tuple(acks)))
     if assignments:
         merged.append(AssignBatch(tuple(assignments)))

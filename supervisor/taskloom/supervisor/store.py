@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from importlib import resources
@@ -75,6 +76,8 @@ _BLOCKING = frozenset({"read_streams"})
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError)
 PIPELINE_CHUNK = 1_000
 """Commands per pipelined round trip when reading many tasks at once."""
+RETRY_BACKOFF_MAX = 60.0
+"""The longest wait before a retry (seconds)."""
 
 
 def _translated(
@@ -133,8 +136,13 @@ class Store:
         retention: float = 7 * 86400.0,
         socket_timeout: float = REDIS_TIMEOUT,
         max_connections: int = 64,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = RETRY_BACKOFF_MAX,
     ) -> None:
         self.keys = Keys(prefix)
+        self.retry_backoff = retry_backoff
+        """Seconds before a subtask's second attempt; doubles for each failure."""
+        self.retry_backoff_max = retry_backoff_max
         self.metrics: SupervisorMetrics | None = None
         """Where operation latency and errors are counted (None: nowhere)."""
         self.fence = ""
@@ -432,7 +440,7 @@ class Store:
     async def fail(self, failures: Sequence[SubtaskFailure], worker_id: str = "") -> Outcome:
         """Commit failures: retry while attempts remain, else fail the task.
         With ``worker_id``, only failures of attempts given to that worker."""
-        payload = [
+        items = [
             scripts.FailItem(
                 f.ref.task_id,
                 f.ref.subtask_id,
@@ -442,10 +450,12 @@ class Store:
                 int(f.counts),
                 records.usage_doc(f.usage),
                 worker_id,
+                round(random.uniform(0.5, 1.0), 4),
             )
             for f in failures
         ]
-        return decode_outcome(await self._run("fail", payload))
+        args = scripts.FailArgs(items, self.retry_backoff, self.retry_backoff_max)
+        return decode_outcome(await self._run("fail", args))
 
     @_translated
     async def finish(

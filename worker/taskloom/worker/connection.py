@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from typing import Protocol
@@ -71,6 +72,11 @@ class Connection:
         self.idle_silence = False
         """Whether the supervisor lets this worker skip heartbeats while it runs
         nothing (from its Welcome)."""
+        self.heartbeat_acks = False
+        """Whether the supervisor answers heartbeats (from its Welcome), so that
+        silence from it means it no longer hears this worker."""
+        self.last_contact = time.monotonic()
+        """When the supervisor was last heard from (any message)."""
 
     def send(self, item: Outgoing) -> None:
         """Queue an item for the current session; dropped while disconnected
@@ -162,6 +168,8 @@ class Connection:
             self.max_output_bytes = welcome.max_output_bytes
             self.truncate_output = welcome.truncate_output
             self.idle_silence = welcome.idle_silence
+            self.heartbeat_acks = welcome.heartbeat_acks
+            self.last_contact = time.monotonic()
             logger.info(
                 "connected to supervisor %s at %s",
                 welcome.supervisor_id,
@@ -197,6 +205,7 @@ class Connection:
             if not isinstance(message, wpb.ConnectResponse):
                 logger.info("supervisor closed the stream")
                 return
+            self.last_contact = time.monotonic()
             kind = message.WhichOneof("message")
             if kind == "assign":
                 handler.on_assign(codec.assignments_from_pb(message.assign))

@@ -84,6 +84,16 @@ class SubtaskContext:
     _pending: list[str] = field(default_factory=list)
     _last_stream: float = 0.0
     _llm: MeteredLLM | None = None
+    _lease: Callable[[], bool] = lambda: True
+
+    @property
+    def lease_valid(self) -> bool:
+        """Whether this attempt still holds its lease, as far as the worker
+        can tell: the supervisor has been heard within the lease TTL. When it
+        has not, the supervisor gives the attempt to another worker, and the
+        worker cancels this handler. A handler about to do something that must
+        not happen twice (send a mail, charge a card) asks first."""
+        return self._lease()
 
     @property
     def llm(self) -> LLM:

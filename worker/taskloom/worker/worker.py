@@ -59,6 +59,8 @@ from taskloom.worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
+FENCE_CHECK = 0.25
+"""How often the worker checks that the supervisor still hears it (seconds)."""
 ACK_WAIT = 5.0
 """On shutdown, how long to wait for the last reports to be acknowledged."""
 SHUTDOWN_WAIT = 5.0
@@ -98,6 +100,9 @@ class Worker:
         )
         self._running: dict[AttemptRef, asyncio.Task[None]] = {}
         self._cancelled: set[AttemptRef] = set()
+        """Attempts the supervisor cancelled: acknowledged with Stopped."""
+        self._fenced: set[AttemptRef] = set()
+        """Attempts stopped because their lease lapsed: handed back."""
         self._unacked: dict[AttemptRef, Report] = {}
         self._all_acked = asyncio.Event()
         self._all_acked.set()
@@ -154,9 +159,11 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal)
         connection = asyncio.create_task(self._connection.run(), name="taskloom-connection")
+        fence = asyncio.create_task(self._fence_forever(), name="taskloom-self-fencing")
         try:
             await self._stopped.wait()
         finally:
+            fence.cancel()
             await self._connection.close()
             for task in self._running.values():
                 task.cancel()
@@ -202,6 +209,37 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ACK_WAIT):
                 await self._all_acked.wait()
+
+    def lease_valid(self) -> bool:
+        """Whether the supervisor has been heard within the lease TTL (always,
+        with a supervisor that does not answer heartbeats)."""
+        connection = self._connection
+        if not connection.heartbeat_acks:
+            return True
+        return time.monotonic() - connection.last_contact <= connection.lease_ttl
+
+    async def _fence_forever(self) -> None:
+        """Self-fencing: once the supervisor has not been heard for the lease
+        TTL, it has given this worker's attempts to others; stop them here, so
+        that no two attempts of a subtask run past the lease TTL (plus one
+        heartbeat interval) at once."""
+        while True:
+            await asyncio.sleep(FENCE_CHECK)
+            if not self._running or self.lease_valid():
+                continue
+            silent = time.monotonic() - self._connection.last_contact
+            for ref, task in list(self._running.items()):
+                if ref in self._fenced or ref in self._cancelled:
+                    continue
+                logger.warning(
+                    "no word from the supervisor for %.1fs, past the lease TTL (%gs): "
+                    "stopping %s, which runs elsewhere now",
+                    silent,
+                    self._connection.lease_ttl,
+                    ref,
+                )
+                self._fenced.add(ref)
+                task.cancel()
 
     # -- the session (called by the connection) ----------------------------------------
 
@@ -296,7 +334,9 @@ class Worker:
             if ref in self._running:
                 self._connection.send(ProgressUpdate(ref, message, text))
 
-        ctx = SubtaskContext(assignment, self.llm, self._logger, report_progress)
+        ctx = SubtaskContext(
+            assignment, self.llm, self._logger, report_progress, _lease=self.lease_valid
+        )
         report: Report
         scope = asyncio.timeout(assignment.timeout or None)
         started = time.monotonic()
@@ -331,12 +371,12 @@ class Worker:
                 self._observe(assignment.capability, "cancelled", started)
                 return "cancelled"
             outcome = "handed_back"
-            report = SubtaskFailure(
-                ref,
-                "the worker shut down before finishing; handed back",
-                counts=False,
-                usage=ctx.usage,
-            )
+            why = "the worker shut down before finishing; handed back"
+            if ref in self._fenced:
+                self._fenced.discard(ref)
+                outcome = "fenced"
+                why = "the worker lost the supervisor past the lease TTL and stopped; handed back"
+            report = SubtaskFailure(ref, why, counts=False, usage=ctx.usage)
         except SubtaskError as e:
             report = SubtaskFailure(ref, e.message, e.retryable, usage=ctx.usage)
         except Exception as e:

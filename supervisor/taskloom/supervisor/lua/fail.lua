@@ -8,14 +8,18 @@
 -- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
 -- that kills every worker it lands on from looping for ever.
 -- The attempt's LLM usage counts towards the task's max_tokens either way.
--- PAYLOAD: {FailItem, ...}. Returns OutcomeReply: committed (1|0 per
--- item), the subtasks READY again (with the attempt that failed, for the
--- backoff), the tasks finished, the attempts held in tasks that ended, and
--- the subtasks the planner must replace.
+-- A retry waits an exponential backoff with jitter, whose end (`retry_at`)
+-- is kept with the subtask: a supervisor that restarts resumes the wait
+-- where it was, instead of firing every retry at once.
+-- Returns OutcomeReply: committed (1|0 per item), the subtasks READY again
+-- (with the failures counted and when the retry may start), the tasks
+-- finished, the attempts held in tasks that ended, and the subtasks the
+-- planner must replace.
 local MAX_LOST = 20
+local items, backoff, backoff_max = unpack(PAYLOAD) -- FailArgs
 local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
-for i, item in ipairs(PAYLOAD) do
-  local task, sub, attempt, error, retryable, counts, usage, worker_id =
+for i, item in ipairs(items) do
+  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter =
     unpack(item) -- FailItem
   local lost_only = counts == 0
   committed[i] = 0
@@ -48,7 +52,8 @@ for i, item in ipairs(PAYLOAD) do
       if lost_only then
         message = 'attempt ' .. attempt .. ' lost: ' .. error ..
           '; running it again (this does not use up one of its ' .. max_attempts .. ' attempts)'
-        table.insert(ready, {task, sub, v[2], priority, 0})
+        redis.call('HDEL', sk, 'retry_at')
+        table.insert(ready, {task, sub, v[2], priority, 0, 0})
       else
         if failures == attempt then
           message = 'attempt ' .. attempt .. ' of ' .. max_attempts .. ' failed: ' .. error
@@ -56,7 +61,10 @@ for i, item in ipairs(PAYLOAD) do
           message = 'attempt ' .. attempt .. ' failed (' .. failures .. ' of ' .. max_attempts ..
             ' failures allowed): ' .. error
         end
-        table.insert(ready, {task, sub, v[2], priority, failures})
+        local wait = math.min(backoff * 2 ^ (failures - 1), backoff_max) * jitter
+        local retry_at = tonumber(NOW) + wait
+        redis.call('HSET', sk, 'retry_at', string.format('%.6f', retry_at))
+        table.insert(ready, {task, sub, v[2], priority, failures, retry_at})
       end
       emit(task, 'subtask.retrying', sub, 'READY', message, attempt, v[4])
     else

@@ -575,7 +575,8 @@ local function rerun(task, subs, held, ready, actor, why, because, root)
     end
     FRESH[sk] = nil
     redis.call('HDEL', sk, 'output', 'error', 'progress', 'usage', 'started_at', 'finished_at',
-      'cache_hit', 'cache_key', 'failures', 'lost', 'provided', 'ended_with_task', 'ready_at')
+      'cache_hit', 'cache_key', 'failures', 'lost', 'provided', 'ended_with_task', 'ready_at',
+      'retry_at')
     if sub == root then
       redis.call('HSET', sk, 'status', 'PENDING', 'approved', '1')
       emit(task, 'subtask.retried', sub, 'PENDING', why, v[2], '', '', actor)
