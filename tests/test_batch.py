@@ -9,10 +9,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from taskloom.client import TaskloomClient
 from taskloom.client import client as sdk
-from taskloom.core.errors import InvalidArgument, PlanError, TaskNotFound
+from taskloom.client.settings import ClientSettings
+from taskloom.core.errors import InvalidArgument, OutcomeUnknown, PlanError, TaskNotFound
+from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import Event, EventType, TaskStatus
 from taskloom.supervisor import watching
 from taskloom.supervisor.app import Supervisor
@@ -204,3 +207,48 @@ async def test_a_wait_outlives_a_supervisor_restart(
         ended = await asyncio.wait_for(waiting, 60)
     assert sorted(e.task_id for e in ended) == sorted(ids)
     assert {e.status for e in ended} == {"SUCCEEDED"}
+
+
+async def test_a_submit_that_times_out_while_its_write_lands_late_stores_one_task(
+    supervisor: Supervisor, redis_server: LocalRedis
+) -> None:
+    """Redis holds the write past the client's deadline: the client cannot
+    tell whether the task was stored, tries again with the same key, and the
+    second try finds the first one's task."""
+    quick = ClientSettings.load(supervisor=supervisor.address, timeout=0.5)
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        async with TaskloomClient(settings=quick) as client:
+            await raw.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+            task_id = await client.submit("late", plan=plan(("a", "echo", "x")))
+            await raw.execute_command("CLIENT", "UNPAUSE")
+            ours = await client.list(limit=100)
+    finally:
+        await raw.execute_command("CLIENT", "UNPAUSE")
+        await raw.aclose()
+    assert [t.id for t in ours if t.goal == "late"] == [task_id]
+
+
+async def test_a_submit_whose_outcome_cannot_be_told_says_so_and_names_its_key(
+    supervisor: Supervisor, redis_server: LocalRedis
+) -> None:
+    quick = ClientSettings.load(supervisor=supervisor.address, timeout=0.3, unavailable_grace=0.5)
+    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        async with TaskloomClient(settings=quick) as client:
+            await raw.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+            with pytest.raises(OutcomeUnknown, match="retrying with the same idempotency key") as e:
+                await client.submit("unknown", plan=plan(("a", "echo", "x")), idempotency_key="k-1")
+            assert e.value.idempotency_key == "k-1"
+            await raw.execute_command("CLIENT", "UNPAUSE")
+            # Repeating it with its key is safe: one task either way.
+            first = await client.submit(
+                "unknown", plan=plan(("a", "echo", "x")), idempotency_key="k-1"
+            )
+            again = await client.submit(
+                "unknown", plan=plan(("a", "echo", "x")), idempotency_key="k-1"
+            )
+            assert first == again
+    finally:
+        await raw.execute_command("CLIENT", "UNPAUSE")
+        await raw.aclose()

@@ -42,6 +42,7 @@ from taskloom.core.channel import is_loopback, open_channel
 from taskloom.core.errors import (
     InvalidArgument,
     NotLeader,
+    OutcomeUnknown,
     SupervisorUnavailable,
     TaskloomError,
     Unavailable,
@@ -120,14 +121,24 @@ class TaskloomClient:
         for channel in self._channels:
             await channel.close()
 
-    async def _call(self, pick: Callable[[Any], Callable[..., Awaitable[T]]], request: Any) -> T:
+    async def _call(
+        self,
+        pick: Callable[[Any], Callable[..., Awaitable[T]]],
+        request: Any,
+        *,
+        repeatable: bool = False,
+    ) -> T:
         """Call the supervisor that answers: on UNAVAILABLE try each other address;
         when none can be reached or none leads, try the round again for
         ``unavailable_grace`` seconds (a supervisor restarting, a standby taking
         over, a channel still in its reconnect backoff) before giving up. The
         grace counts from the first round that failed, not from the call: an
         attempt that waited long for its answer leaves it whole.
-        Every call is safe to repeat: submits carry an idempotency key."""
+
+        A ``repeatable`` call (a submit: its idempotency keys make a second
+        store impossible) is also tried again when its outcome is unknown -- a
+        deadline, Redis away; the error it ends with is then its caller's to
+        turn into ``OutcomeUnknown``."""
         deadline: float | None = None
         pause = 0.1
         while True:
@@ -147,9 +158,12 @@ class TaskloomClient:
                     continue
                 self._current = index
                 return reply
-            # Redis being down is reported at once; only a supervisor that
-            # cannot be reached, or a standby, is worth waiting for.
-            waiting = all(isinstance(e, SupervisorUnavailable | NotLeader) for e in errors)
+            # Redis being down is reported at once, unless the call is a
+            # submit, which its key makes safe to repeat; a supervisor that
+            # cannot be reached, or a standby, is always worth waiting for.
+            waiting = repeatable or all(
+                isinstance(e, SupervisorUnavailable | NotLeader) for e in errors
+            )
             if deadline is None:
                 deadline = time.monotonic() + self.settings.unavailable_grace
             if not waiting or time.monotonic() + pause > deadline:
@@ -179,7 +193,12 @@ class TaskloomClient:
         call never stores the task twice.
         """
         request = _submit_request(goal, plan, TaskOptions.of(options, **fields), idempotency_key)
-        response: pb.SubmitTaskResponse = await self._call(lambda s: s.SubmitTask, request)
+        try:
+            response: pb.SubmitTaskResponse = await self._call(
+                lambda s: s.SubmitTask, request, repeatable=True
+            )
+        except Unavailable as e:
+            raise _unknown(e, request.idempotency_key) from None
         return response.task_id
 
     async def submit_many(
@@ -213,7 +232,14 @@ class TaskloomClient:
         pause = 0.1
         while True:
             request = pb.SubmitTasksRequest(tasks=[requests[i] for i in pending])
-            reply: pb.SubmitTasksResponse = await self._call(lambda s: s.SubmitTasks, request)
+            try:
+                reply: pb.SubmitTasksResponse = await self._call(
+                    lambda s: s.SubmitTasks, request, repeatable=True
+                )
+            except Unavailable as e:
+                for index in pending:
+                    results[index] = Submitted(error=_unknown(e, requests[index].idempotency_key))
+                return results
             again = []
             for index, result in zip(pending, reply.results, strict=True):
                 if not result.HasField("error"):
@@ -221,13 +247,19 @@ class TaskloomClient:
                     continue
                 error = codec.error_from_pb(result.error)
                 results[index] = Submitted(error=error)
-                if isinstance(error, SupervisorUnavailable | NotLeader):
+                # Each task has its own key: trying it again stores it once.
+                if isinstance(error, Unavailable):
                     again.append(index)
             if not again:
                 return results
             if deadline is None:
                 deadline = time.monotonic() + self.settings.unavailable_grace
             if time.monotonic() + pause > deadline:
+                for index in again:
+                    last = results[index].error
+                    if isinstance(last, Unavailable):
+                        key = requests[index].idempotency_key
+                        results[index] = Submitted(error=_unknown(last, key))
                 return results
             pending = again
             await asyncio.sleep(pause)
@@ -513,6 +545,15 @@ def _request_of(item: Mapping[str, Any]) -> pb.SubmitTaskRequest:
     base = fields.pop("options", None)
     key = fields.pop("idempotency_key", "")
     return _submit_request(goal, plan, TaskOptions.of(base, **fields), key)
+
+
+def _unknown(error: Unavailable, key: str) -> Unavailable:
+    """What a submit that got no trustworthy answer raises: ``OutcomeUnknown``
+    (safe to repeat with ``key``), unless nothing could have been stored (no
+    supervisor leads)."""
+    if isinstance(error, NotLeader | OutcomeUnknown):
+        return error
+    return OutcomeUnknown(str(error), key)
 
 
 def _most_telling(errors: builtins.list[TaskloomError]) -> TaskloomError:

@@ -19,7 +19,8 @@ providers for their clients, ``taskloom.core.status`` for gRPC.
     │   ├── StoreUnavailable     Redis
     │   ├── LLMUnavailable       the LLM server
     │   ├── SupervisorUnavailable
-    │   └── NotLeader            this supervisor is a standby, or lost its lease
+    │   ├── NotLeader            this supervisor is a standby, or lost its lease
+    │   └── OutcomeUnknown       a submit may or may not have been stored; retry with its key
     └── LLMError                 the LLM answered, but with an error
 """
 
@@ -124,6 +125,19 @@ class SupervisorUnavailable(Unavailable):
 
 class NotLeader(Unavailable):
     """This supervisor is on standby or has lost the leader lease; another one serves."""
+
+
+class OutcomeUnknown(Unavailable):
+    """A submit got no answer it can trust (a deadline, Redis away): the task
+    may have been stored or not. Submitting again with ``idempotency_key``
+    is safe: it returns the task if it was stored, and stores it if not."""
+
+    def __init__(self, message: str, idempotency_key: str) -> None:
+        super().__init__(
+            f"outcome unknown: {message}; retrying with the same idempotency key "
+            f"({idempotency_key}) is safe"
+        )
+        self.idempotency_key = idempotency_key
 
 
 class LLMError(TaskloomError):

@@ -194,4 +194,6 @@ def _rebuild(cls: type[TaskloomError], message: str) -> TaskloomError:
         error.violations = []
     if isinstance(error, errors.TaskNotFound | errors.BudgetSpent):
         error.task_id = ""
+    if isinstance(error, errors.OutcomeUnknown):
+        error.idempotency_key = ""
     return error
