@@ -139,6 +139,35 @@ async def test_a_leader_that_lost_its_lease_cannot_write_and_steps_down(
     assert supervisor.terms == 2
 
 
+async def test_a_busy_event_loop_does_not_cost_the_lease(
+    supervisor: Supervisor, client: TaskloomClient
+) -> None:
+    """A handler of ours that holds the event loop past the lease's TTL (a
+    slow one, a long pause): a thread renews the lease all the same."""
+    token = supervisor.leadership.token
+    ttl = supervisor.settings.leader_ttl
+    await asyncio.to_thread(lambda: None)  # the loop is idle before
+    asyncio.get_running_loop().call_soon(time.sleep, ttl * 1.6)
+    await asyncio.sleep(0.1)  # the loop was blocked through this
+    assert supervisor.leadership.token == token and supervisor.terms == 1
+    assert await supervisor.store._redis.get(supervisor.store.keys.leader) == token
+    assert await client.submit("still leading", plan=plan(("a", "echo", "x")))
+
+
+async def test_a_supervisor_that_stepped_down_takes_back_a_lease_that_still_names_it(
+    supervisor: Supervisor,
+) -> None:
+    old = supervisor.leadership.token
+    await supervisor.leadership.step_down("Redis was away for a moment")
+    assert supervisor.orchestrator is None
+    # One round, long before its lease would have lapsed: it leads again,
+    # under a new token, so writes fenced with the old one stay refused.
+    await supervisor.leadership.campaign()
+    assert supervisor.orchestrator is not None and supervisor.terms == 2
+    assert supervisor.leadership.token != old
+    assert supervisor.leadership.token.partition("/")[2] == old.partition("/")[2]
+
+
 async def test_a_standby_takes_over_from_a_killed_leader(
     supervisor_settings: SupervisorSettings,
     standby_settings: SupervisorSettings,

@@ -6,11 +6,15 @@ Several supervisors may run against one Redis; one holds the lease
 each script refuses a write whose token no longer holds the lease, so a
 leader that was paused or cut off past its lease cannot change anything.
 
-``Leadership`` campaigns for the lease, renews it every third of its TTL
-while it leads, and steps down -- stops deciding, refuses writes, sends its
-workers elsewhere -- as soon as it loses the lease or cannot renew it before
-it may have lapsed. What a term of leadership runs is the caller's
-(``Term``): the supervisor starts an orchestrator for each.
+``Leadership`` campaigns for the lease, and while it leads renews it every
+third of its TTL from a thread of its own, over a connection of its own: a
+busy event loop (a slow handler, a long collection) must not cost the lease.
+It steps down -- stops deciding, refuses writes, sends its workers elsewhere
+-- as soon as it loses the lease or cannot renew it before it may have
+lapsed. A lease that still names this supervisor (it stepped down while
+Redis was away, or restarted with the same identity) is taken back at once,
+under a new token. What a term of leadership runs is the caller's (``Term``):
+the supervisor starts an orchestrator for each.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable
 from typing import Protocol
@@ -59,8 +64,13 @@ class Leadership:
         self.seen = ""
         """The token of whoever held the lease when last looked at."""
         self._valid_until = 0.0
+        """Until when the lease surely holds (monotonic): the renewing thread
+        moves it on; the event loop steps down once it is near."""
         self._ending: asyncio.Future[None] | None = None
         self._loop: asyncio.Task[None] | None = None
+        self._renewing: threading.Event | None = None
+        """Set to stop this term's renewing thread."""
+        self._stepping: asyncio.Future[None] | None = None
         store.fence = NO_LEASE
 
     @property
@@ -86,41 +96,84 @@ class Leadership:
                 logger.exception("leadership round failed; trying again")
 
     async def campaign(self) -> None:
-        """One round: renew the lease if we lead, else try to take it."""
+        """One round: try to take the lease if we do not lead; if we do (the
+        thread renews it), give it up once it may lapse unrenewed."""
+        if self.token:
+            left = self._valid_until - time.monotonic()
+            if left < self.ttl / 3:
+                # Nobody can take the lease while Redis is away, but once it
+                # is back ours may have expired: give up before it can have.
+                await self.step_down(
+                    f"cannot renew the leader lease (it lapses in {max(left, 0):.1f}s)"
+                )
+            return
         sent = time.monotonic()
         try:
-            if not self.token:
-                won, token = await self._store.acquire_lease(self.holder, self.ttl)
-                self.seen = token
-                if won:
-                    self._valid_until = sent + self.ttl
-                    await self._begin(token)
-                return
-            kept, token = await self._store.renew_lease(self.token, self.ttl)
+            won, token = await self._store.acquire_lease(self.holder, self.ttl)
         except StoreUnavailable as e:
-            # Nobody can take the lease while Redis is away, but once it is
-            # back ours may have expired: give up before it can have.
-            if self.token and time.monotonic() > self._valid_until - self.ttl / 3:
-                await self.step_down(f"cannot renew the leader lease: {e}")
-            else:
-                logger.warning("leadership: %s", e)
+            logger.warning("leadership: %s", e)
             return
-        if kept:
+        self.seen = token
+        if won:
             self._valid_until = sent + self.ttl
-        else:
-            self.seen = token
-            await self.step_down(f"the leader lease is now held by {token or 'nobody'}")
+            await self._begin(token)
+
+    def _renew_in_thread(self, token: str) -> threading.Event:
+        """Renew the lease ``token`` holds every third of the TTL from a
+        thread, until the returned event is set or the lease is lost."""
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        renewer = self._store.lease_renewer()
+
+        def run() -> None:
+            try:
+                while not stop.wait(self.ttl / 3):
+                    sent = time.monotonic()
+                    try:
+                        kept, holder = renewer.renew(token, self.ttl)
+                    except StoreUnavailable as e:
+                        logger.warning("leadership: %s", e)
+                        continue
+                    if stop.is_set():
+                        return
+                    if kept:
+                        self._valid_until = sent + self.ttl
+                        continue
+                    loop.call_soon_threadsafe(self._lost, token, holder)
+                    return
+            except RuntimeError:
+                pass  # the loop closed under us: the process is going away
+            finally:
+                renewer.close()
+
+        threading.Thread(target=run, name="taskloom-lease", daemon=True).start()
+        return stop
+
+    def _lost(self, token: str, holder: str) -> None:
+        """The renewing thread found the lease held by ``holder``."""
+        if self.token == token:
+            self.seen = holder
+            self._stepping = asyncio.ensure_future(
+                self.step_down(f"the leader lease is now held by {holder or 'nobody'}")
+            )
 
     async def _begin(self, token: str) -> None:
         self._store.fence = token
         self.token = token
+        self._renewing = self._renew_in_thread(token)
         if not await self._term.begin(token):
+            self._stop_renewing()
             self._store.fence = NO_LEASE
             self.token = ""
             with contextlib.suppress(TaskloomError):
                 await self._store.release_lease(token)
             return
         logger.info("leading (lease %s)", token)
+
+    def _stop_renewing(self) -> None:
+        if self._renewing is not None:
+            self._renewing.set()
+            self._renewing = None
 
     async def step_down(self, reason: str) -> None:
         """Stop deciding, refuse writes, send the workers elsewhere.
@@ -130,6 +183,7 @@ class Leadership:
         """
         if self.token:
             self.token = ""
+            self._stop_renewing()
             logger.warning("stepping down: %s", reason)
             self._ending = asyncio.ensure_future(self._wind_down(self._term.end(reason)))
         if self._ending is not None:

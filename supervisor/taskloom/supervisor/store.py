@@ -26,6 +26,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
@@ -78,6 +79,41 @@ PIPELINE_CHUNK = 1_000
 """Commands per pipelined round trip when reading many tasks at once."""
 RETRY_BACKOFF_MAX = 60.0
 """The longest wait before a retry (seconds)."""
+
+
+class LeaseRenewer:
+    """Renews the leader lease from a thread, over a blocking connection of
+    its own (``Store.lease_renewer``); Redis errors become ``StoreUnavailable``."""
+
+    def __init__(self, store: Store, url: str) -> None:
+        self._store = store
+        self._redis: Any = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=5.0
+        )
+
+    def renew(self, token: str, ttl: float) -> tuple[bool, str]:
+        """Extend the lease ``token`` holds: ``(True, token)``, or ``(False,
+        whoever holds it now)``."""
+        store = self._store
+        args = [
+            store.keys.prefix,
+            repr(time.time()),
+            store.retention,
+            json.dumps(scripts.LeadArgs("renew", token, int(ttl * 1000))),
+            "",
+        ]
+        try:
+            try:
+                raw = self._redis.evalsha(store._shas["lead"], 0, *args)
+            except rexc.NoScriptError:
+                raw = self._redis.eval(store._sources["lead"], 0, *args)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"Redis at {store.safe_url} is unavailable ({e})") from None
+        reply = cast(scripts.LeadReply, json.loads(raw))
+        return bool(reply["ok"]), str(reply["token"])
+
+    def close(self) -> None:
+        self._redis.close()
 
 
 def _translated(
@@ -149,6 +185,7 @@ class Store:
         """The leader lease's token; every write checks that it still holds the lease.
         Empty only for tools and tests that run without a leader."""
         self.retention = max(1, int(retention))
+        self._url = url
         self.safe_url = _without_password(url)
         # A pooled connection that Redis closed (a restart, an idle timeout)
         # is found closed only when used: the command is sent once more on a
@@ -244,6 +281,11 @@ class Store:
         """Give the lease up if we still hold it."""
         ok, _ = await self._lead("release", token, 0)
         return ok
+
+    def lease_renewer(self) -> LeaseRenewer:
+        """A blocking renewer of the leader lease with a connection of its own,
+        for a thread: the lease must not lapse because the event loop is busy."""
+        return LeaseRenewer(self, self._url)
 
     async def _lead(self, op: str, holder: str, ttl: float) -> tuple[bool, str]:
         args = scripts.LeadArgs(op, holder, int(ttl * 1000))  # type: ignore[arg-type]

@@ -1,6 +1,9 @@
 -- The leader lease: at most one supervisor decides at a time.
---   acquire: take the lease if nobody holds it; the token is
---            "<epoch>/<holder>", epoch counting up with every new lease.
+--   acquire: take the lease if nobody holds it, or if it still names this
+--            holder (a supervisor that stepped down, or restarted with the
+--            same identity, need not wait for its own lease to lapse); the
+--            token is "<epoch>/<holder>", epoch counting up with every new
+--            lease, so writes fenced with an earlier token stay refused.
 --   renew:   extend it if the token (holder) still holds it.
 --   release: give it up if the token still holds it (a clean shutdown, so a
 --            standby takes over at once rather than after the TTL).
@@ -9,11 +12,12 @@ local op, holder, ttl_ms = unpack(PAYLOAD) -- LeadArgs
 local key = k_leader()
 local current = redis.call('GET', key)
 if op == 'acquire' then
-  if current then
+  local slash = current and string.find(current, '/', 1, true)
+  if current and (slash and string.sub(current, slash + 1) or current) ~= holder then
     return cjson.encode({ok = 0, token = current})
   end
   local token = redis.call('INCR', k_leader_epoch()) .. '/' .. holder
-  redis.call('SET', key, token, 'NX', 'PX', ttl_ms)
+  redis.call('SET', key, token, 'PX', ttl_ms)
   return cjson.encode({ok = 1, token = token})
 end
 if current ~= holder then
