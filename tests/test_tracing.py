@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -19,7 +20,9 @@ from taskloom.core.llm import ChatMessage, OllamaLLM
 from taskloom.core.metrics import InstrumentedLLM, LLMMetrics
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.worker import Worker, WorkerSettings
+from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
 from tests.helpers import eventually, plan
 
@@ -119,3 +122,41 @@ async def test_prompts_and_outputs_are_recorded_only_when_asked(
         "the prompt",
         "the output",
     )
+
+
+async def test_a_task_that_ends_after_a_failover_ends_its_trace_too(
+    supervisor_settings: SupervisorSettings,
+    spans: InMemorySpanExporter,
+    processes: Processes,
+    test_dir: Path,
+) -> None:
+    """The leader that created the task hands it over (its root span ends,
+    marked handed over); the next leader marks the task's end with a span in
+    the same trace, linked to the root."""
+    first = Supervisor(supervisor_settings)
+    second = Supervisor(supervisor_settings)
+    await first.start()
+    await second.start()
+    try:
+        processes.worker(f"{first.address},{second.address}")
+        async with TaskloomClient(f"{first.address},{second.address}") as client:
+            task_id = await client.submit("over two terms", plan=plan(("g", "gate", "x")))
+            await eventually(lambda: (test_dir / "started-g-1").exists())
+            await first.stop(grace=0.5)  # hands the lease over at once
+            await eventually(lambda: second.orchestrator is not None, timeout=15)
+            (test_dir / "open-g").touch()
+            task = await client.wait(task_id)
+        assert task.status == TaskStatus.SUCCEEDED
+        finished = spans.get_finished_spans()
+        (root,) = [s for s in finished if s.name == "task"]
+        assert root.attributes is not None and root.attributes["taskloom.handed_over"] is True
+        ended = await eventually(lambda: [s for s in spans.get_finished_spans()
+                                          if s.name == "task.ended"])  # fmt: skip
+        (end,) = ended
+        assert end.context.trace_id == root.context.trace_id
+        assert end.parent is not None and end.parent.span_id == root.context.span_id
+        assert [link.context.span_id for link in end.links] == [root.context.span_id]
+        assert end.attributes is not None and end.attributes["taskloom.status"] == "SUCCEEDED"
+    finally:
+        await first.stop(grace=0.1)
+        await second.stop(grace=0.1)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from taskloom.core.errors import StoreUnavailable
 from taskloom.core.limits import fit_output
@@ -40,7 +40,7 @@ from taskloom.core.model import (
     TaskStatus,
     WorkerInfo,
 )
-from taskloom.core.tracing import parent
+from taskloom.core.tracing import parent, tracer, tracing
 from taskloom.supervisor.commands import Commands
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.outcomes import Handed, Outcome, ReadyItem
@@ -114,6 +114,12 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*loops, self.planning.stop(), return_exceptions=True)
         await self.watching.stop()
+        # The tasks this term created go on under the next leader, which
+        # marks their end with a span of its own (``_ended_elsewhere``).
+        spans, self._spans = self._spans, {}
+        for span in spans.values():
+            span.set_attribute("taskloom.handed_over", True)
+            span.end()
 
     async def recover(self) -> None:
         """Rebuild the scheduler's cache from the unfinished tasks in Redis.
@@ -373,10 +379,28 @@ class Orchestrator:
             del self.awaiting[key]
         span = self._spans.pop(task_id, None)
         if span is not None:
-            span.set_attribute("taskloom.status", str(status))
-            if status != TaskStatus.SUCCEEDED:
-                span.set_status(Status(StatusCode.ERROR, str(status)))
-            span.end()
+            _finish_span(span, status)
+        elif tracing():
+            job = asyncio.ensure_future(self._ended_elsewhere(task_id, status))
+            self._unbroken_jobs.add(job)
+            job.add_done_callback(self._unbroken_done)
+
+    async def _ended_elsewhere(self, task_id: str, status: TaskStatus) -> None:
+        """A task whose root span another term started (before a failover)
+        ended here: a ``task.ended`` span in its trace, linked to that root,
+        says how."""
+        carried = await self.store.trace_of(task_id)
+        context = parent(carried)
+        if context is None:
+            return
+        root = trace.get_current_span(context).get_span_context()
+        span = tracer().start_span(
+            "task.ended",
+            context=context,
+            links=[Link(root, {"taskloom.link": "the task's root span"})],
+            attributes={"taskloom.task_id": task_id},
+        )
+        _finish_span(span, status)
 
     async def task_context(self, task_id: str) -> Context | None:
         """The context of the task's root span, from memory or from Redis."""
@@ -478,3 +502,10 @@ class Orchestrator:
                 await self.store.trim_indexes()
             except StoreUnavailable as e:
                 logger.warning("janitor: %s", e)
+
+
+def _finish_span(span: Span, status: TaskStatus) -> None:
+    span.set_attribute("taskloom.status", str(status))
+    if status != TaskStatus.SUCCEEDED:
+        span.set_status(Status(StatusCode.ERROR, str(status)))
+    span.end()
