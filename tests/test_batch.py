@@ -219,12 +219,12 @@ async def test_a_submit_that_times_out_while_its_write_lands_late_stores_one_tas
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         async with TaskloomClient(settings=quick) as client:
-            await raw.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+            await raw.client_pause(2000, all=False)
             task_id = await client.submit("late", plan=plan(("a", "echo", "x")))
-            await raw.execute_command("CLIENT", "UNPAUSE")
+            await raw.client_unpause()
             ours = await client.list(limit=100)
     finally:
-        await raw.execute_command("CLIENT", "UNPAUSE")
+        await raw.client_unpause()
         await raw.aclose()
     assert [t.id for t in ours if t.goal == "late"] == [task_id]
 
@@ -236,11 +236,11 @@ async def test_a_submit_whose_outcome_cannot_be_told_says_so_and_names_its_key(
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         async with TaskloomClient(settings=quick) as client:
-            await raw.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+            await raw.client_pause(3000, all=False)
             with pytest.raises(OutcomeUnknown, match="retrying with the same idempotency key") as e:
                 await client.submit("unknown", plan=plan(("a", "echo", "x")), idempotency_key="k-1")
             assert e.value.idempotency_key == "k-1"
-            await raw.execute_command("CLIENT", "UNPAUSE")
+            await raw.client_unpause()
             # Repeating it with its key is safe: one task either way.
             first = await client.submit(
                 "unknown", plan=plan(("a", "echo", "x")), idempotency_key="k-1"
@@ -250,5 +250,5 @@ async def test_a_submit_whose_outcome_cannot_be_told_says_so_and_names_its_key(
             )
             assert first == again
     finally:
-        await raw.execute_command("CLIENT", "UNPAUSE")
+        await raw.client_unpause()
         await raw.aclose()
