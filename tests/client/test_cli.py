@@ -176,7 +176,13 @@ async def test_errors_are_one_line_with_distinct_exit_codes(
     nobody = f"127.0.0.1:{free_port()}"
     quick = {"TASKLOOM_UNAVAILABLE_GRACE": "1"}
     code, _, err = await taskloom("tasks", "--supervisor", nobody, env=quick)
-    assert code == 3 and err.startswith(f"error: no supervisor answers at {nobody}")
+    # It says it waits, and for how long, then why it gave up.
+    waiting, error = err.splitlines()[:2]
+    assert waiting == (
+        f"no leading supervisor answers at {nobody} yet; trying for up to 1s "
+        "(TASKLOOM_UNAVAILABLE_GRACE) …"
+    )
+    assert code == 3 and error.startswith(f"error: no supervisor answers at {nobody}")
     assert "Traceback" not in err
     code, _, err = await taskloom("tasks", "--supervisor", "nowhere")
     assert code == 2 and "TASKLOOM_SUPERVISOR" in err

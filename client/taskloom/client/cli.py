@@ -10,9 +10,12 @@ Exit codes: one table for every command (``taskloom.core.exits``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -25,9 +28,9 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from taskloom.client.client import SUBMIT_ARGUMENTS, TaskloomClient
+from taskloom.client.client import SUBMIT_ARGUMENTS, TaskloomClient, waiting_logger
 from taskloom.client.display import event_json, event_line, follow, task_json, task_text
-from taskloom.client.local import LocalCluster
+from taskloom.client.local import DEFAULT_PORT, LocalCluster
 from taskloom.client.settings import ClientSettings
 from taskloom.core import exits
 from taskloom.core.errors import (
@@ -137,7 +140,19 @@ def supervisor_option(fn: F) -> F:
     return settings_options(ClientSettings, ("supervisor",))(fn)
 
 
+class _WaitingNotice(logging.Handler):
+    """Shows the client's "waiting for a supervisor" notice on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError, SystemExit):
+            err.print(f"[dim]{record.getMessage()} …[/]", markup=True, soft_wrap=True)
+
+
 def _client(supervisor: str | None) -> TaskloomClient:
+    if not waiting_logger.handlers:
+        waiting_logger.addHandler(_WaitingNotice())
+        waiting_logger.setLevel(logging.INFO)
+        waiting_logger.propagate = False
     context = click.get_current_context(silent=True)
     flags = dict(context.meta.get(_CONNECTION, {})) if context is not None else {}
     return TaskloomClient(settings=ClientSettings.load(supervisor=supervisor, **flags))
@@ -756,8 +771,11 @@ def up(
     demo: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
-    # SIGTERM stops the cluster as cleanly as Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Every way out stops the cluster: Ctrl-C, SIGTERM, closing the terminal
+    # (SIGHUP), the stream we write to going away; and if this process is
+    # killed outright, its children see their parent gone and stop themselves.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
     offline = False
     if demo is not None:
         try:
@@ -775,41 +793,95 @@ def up(
         llm=llm,
         console_port=console_port,
     )
+    failure: TaskloomError | None = None
+    code = 0
     try:
-        err.print(f"starting a local cluster (logs in {cluster.log_dir}) …")
+        _say(f"starting a local cluster (logs in {cluster.log_dir}) …")
         cluster.start()
-        err.print(
+        _say(
             f"supervisor on [bold]{cluster.address}[/], {workers} workers "
             f"({capabilities}), Redis at {cluster.redis_url}\n"
-            f"console: [bold]{cluster.console_url}[/]",
-            markup=True,
-            soft_wrap=True,
+            f"console: [bold]{cluster.console_url}[/]"
         )
+        if listen is None and cluster.address != f"127.0.0.1:{DEFAULT_PORT}":
+            _say(
+                f"[bold yellow]127.0.0.1:{DEFAULT_PORT} is taken[/]: commands need "
+                f"--supervisor {cluster.address} (or TASKLOOM_SUPERVISOR={cluster.address})"
+            )
         if demo is not None:
             code = asyncio.run(_demo(cluster, demo, offline=offline))
         else:
-            err.print(
+            _say(
                 f"try: taskloom submit 'your goal' --wait --supervisor {cluster.address}\n"
                 "Ctrl-C stops the cluster."
             )
-            code = _wait_for_interrupt()
+            code = _run_until_told(cluster)
     except TaskloomError as e:
-        cluster.stop()
-        _fail(e)
-        return
+        failure = e
     except KeyboardInterrupt:
         code = exits.INTERRUPTED
-    err.print("stopping …")
-    cluster.stop()
+    except (OSError, SystemExit):  # what we write to went away (a closed pipe)
+        _silence()
+        code = exits.INTERRUPTED
+    finally:
+        _stop(cluster)
+    if failure is not None:
+        _fail(failure)
     sys.exit(code)
 
 
-def _wait_for_interrupt() -> int:
+def _say(text: str) -> None:
+    """Print to stderr; a stream that went away is not an error worth dying of
+    before the cluster is stopped (it is noticed by ``_run_until_told``)."""
     try:
-        while True:
-            time.sleep(3600)
+        err.print(text, markup=True, soft_wrap=True)
+    except (OSError, SystemExit):  # rich turns a broken pipe into SystemExit(1)
+        _silence()
+
+
+def _silence() -> None:
+    """Point stdout and stderr at /dev/null (their reader is gone), so that
+    nothing fails on the way out."""
+    err.quiet = out.quiet = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _stop(cluster: LocalCluster) -> None:
+    """Stop the cluster; a second Ctrl-C (or SIGTERM) kills it at once."""
+    _say("stopping … (Ctrl-C again to kill it now)")
+    try:
+        cluster.stop()
     except KeyboardInterrupt:
-        return 0
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        cluster.kill()
+
+
+def _run_until_told(cluster: LocalCluster) -> int:
+    """Wait for Ctrl-C (a KeyboardInterrupt), the supervisor or Redis exiting,
+    or our output going away (a pipe whose reader closed; a terminal that went
+    away sends SIGHUP)."""
+    streams = select.poll()
+    for fd in (1, 2):
+        streams.register(fd, 0)  # only errors and hang-ups are reported
+    while True:
+        try:
+            events = streams.poll(1000)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: how one stops it
+            return 0
+        for fd, flags in events:
+            if flags & select.POLLNVAL:  # closed before we started: nothing to watch
+                streams.unregister(fd)
+        if any(flags & (select.POLLERR | select.POLLHUP) for _, flags in events):
+            _silence()
+            return exits.INTERRUPTED
+        if problem := cluster.exited():
+            _say(f"[bold red]{problem}[/]; see {cluster.log_dir}")
+            return exits.UNAVAILABLE
 
 
 async def _usable(settings: LLMSettings) -> str:

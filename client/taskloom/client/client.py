@@ -54,6 +54,9 @@ from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import tasks_pb2_grpc
 
 logger = logging.getLogger(__name__)
+waiting_logger = logging.getLogger(f"{__name__}.waiting")
+"""Says (at INFO) when a call starts waiting for a supervisor, and for how long
+it will; the CLI shows it, so that its wait is never silent."""
 T = TypeVar("T")
 PlanLike = Plan | Mapping[str, Any] | str
 
@@ -166,6 +169,13 @@ class TaskloomClient:
             )
             if deadline is None:
                 deadline = time.monotonic() + self.settings.unavailable_grace
+                if waiting:
+                    waiting_logger.info(
+                        "no leading supervisor answers at %s yet; trying for up to %gs "
+                        "(TASKLOOM_UNAVAILABLE_GRACE)",
+                        ", ".join(self._addresses),
+                        self.settings.unavailable_grace,
+                    )
             if not waiting or time.monotonic() + pause > deadline:
                 raise _most_telling(errors) from None
             await asyncio.sleep(pause)

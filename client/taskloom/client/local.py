@@ -1,8 +1,10 @@
 """``taskloom up``: Redis, a supervisor and N workers on this machine, in one command.
 
-Each runs as a child process in its own process group, logging to a file in
-the data folder; ``stop()`` sends SIGTERM (so workers drain and Redis flushes
-its AOF) and SIGKILLs whatever lingers.
+Each runs as a child process in its own session (a Ctrl-C in the terminal
+reaches ``up`` alone, which stops them in order), logging to a file in the
+data folder; ``stop()`` sends SIGTERM (so workers drain and Redis flushes its
+AOF) and SIGKILLs whatever lingers. Each child also ends when ``up`` dies
+without stopping it (``taskloom.core.parent``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from taskloom.core import parent
 from taskloom.core.errors import ConfigError
 from taskloom.core.localredis import LocalRedis, free_port
 
@@ -30,9 +33,13 @@ DEFAULT_CONSOLE_PORT = 8080
 
 
 def default_port(port: int) -> int:
-    """``port`` on 127.0.0.1 if it is free, else any free port."""
+    """``port`` on 127.0.0.1 if it is free, else any free port.
+
+    Probed as the servers bind it, with ``SO_REUSEADDR``: connections of a
+    cluster that just stopped, in TIME_WAIT for a minute, do not make it taken."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
         return port
     except OSError:
@@ -117,7 +124,9 @@ class LocalCluster:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.redis_url:
-            self.redis = LocalRedis(self.data_dir / "redis", appendfsync=self.redis_fsync)
+            self.redis = LocalRedis(
+                self.data_dir / "redis", appendfsync=self.redis_fsync, die_with_parent=True
+            )
             self.redis.start()
             self.redis_url = self.redis.url
         # The supervisor learns its workers' capabilities when they connect;
@@ -165,13 +174,31 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=parent.die_with_parent(),
             env={
                 **os.environ,
                 "PYTHONUNBUFFERED": "1",
+                parent.PARENT_PID: str(os.getpid()),
                 **({"TASKLOOM_LLM": self.llm} if self.llm else {}),
                 **(env or {}),
             },
         )
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """Every process of the cluster, Redis last."""
+        found = [*self.workers, *([self.supervisor] if self.supervisor else [])]
+        if self.redis is not None and self.redis.process is not None:
+            found.append(self.redis.process)
+        return found
+
+    def exited(self) -> str:
+        """Which of the supervisor and Redis has exited, with its status ('' if none)."""
+        if self.supervisor is not None and self.supervisor.poll() is not None:
+            return f"the supervisor exited with status {self.supervisor.returncode}"
+        redis = self.redis.process if self.redis is not None else None
+        if redis is not None and redis.poll() is not None:
+            return f"Redis exited with status {redis.returncode}"
+        return ""
 
     def stop(self, timeout: float = 40.0) -> None:
         """Workers first (they drain), then the supervisor, then Redis."""
@@ -181,6 +208,14 @@ class LocalCluster:
             self.redis.stop()
         for log in self._logs:
             log.close()
+
+    def kill(self) -> None:
+        """SIGKILL every process of the cluster now (a second Ctrl-C)."""
+        for p in self.processes():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in self.processes():
+            p.wait()
 
 
 def _terminate(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:

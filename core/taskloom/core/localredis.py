@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from taskloom.core import parent
 from taskloom.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,15 @@ class LocalRedis:
         port: int = 0,
         binary: RedisBinary | None = None,
         appendfsync: str = "always",
+        die_with_parent: bool = False,
     ) -> None:
         # Absolute: redis-server changes into --dir before it opens the log file.
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         self.appendfsync = appendfsync
+        self.die_with_parent = die_with_parent
+        """Whether the server gets SIGTERM when this process dies (Linux)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,6 +104,7 @@ class LocalRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=parent.die_with_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from taskloom.core import exits, heap
 from taskloom.core.errors import ConfigError, TaskloomError
 from taskloom.core.flags import settings_options
 from taskloom.core.logs import setup_logging
+from taskloom.core.parent import watch_parent
 from taskloom.core.tracing import setup_tracing
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
@@ -31,6 +32,7 @@ def command(**flags: str | None) -> None:
         sys.exit(exits.USAGE)
     setup_logging(settings.log_level, settings.log_format)
     setup_tracing("taskloom-supervisor")
+    watch_parent()
     try:
         asyncio.run(_serve(settings))
     except TaskloomError as e:

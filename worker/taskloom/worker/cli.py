@@ -11,6 +11,7 @@ from taskloom.core import exits, heap
 from taskloom.core.errors import ConfigError, TaskloomError
 from taskloom.core.flags import settings_options
 from taskloom.core.logs import setup_logging
+from taskloom.core.parent import watch_parent
 from taskloom.core.tracing import setup_tracing
 from taskloom.worker.settings import WorkerSettings
 from taskloom.worker.worker import Worker, load_handlers
@@ -32,6 +33,7 @@ def command(**flags: str | int | None) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(exits.USAGE)
     heap.settle()
+    watch_parent()
     try:
         asyncio.run(worker.serve(install_signal_handlers=True))
     except TaskloomError as e:
