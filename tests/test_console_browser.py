@@ -64,8 +64,39 @@ async def console(supervisor_settings: SupervisorSettings) -> AsyncIterator[Supe
 
 
 def statuses(driver: Any) -> dict[str, str]:
-    nodes = driver.find_elements("css selector", "g.node[data-subtask-id]")
-    return {n.get_attribute("data-subtask-id"): n.get_attribute("data-status") for n in nodes}
+    # Read in one script: the page redraws as events arrive, and an element
+    # found in one call may be gone by the next.
+    found: dict[str, str] = driver.execute_script(
+        "const s = {};"
+        "for (const n of document.querySelectorAll('g.node[data-subtask-id]'))"
+        "  s[n.dataset.subtaskId] = n.dataset.status;"
+        "return s;"
+    )
+    return found
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    text: str = driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText : '';",
+        element_id,
+    )
+    return text
+
+
+async def click(driver: Any, selector: str) -> None:
+    """Click what ``selector`` finds, finding it again if the page redrew it
+    between finding and clicking."""
+
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            driver.find_element("css selector", selector).click()
+        except StaleElementReferenceException as e:
+            raise AssertionError(f"{selector} was redrawn") from e
+        return True
+
+    await eventually(lambda: asyncio.to_thread(attempt), timeout=30)
 
 
 async def test_a_person_approves_a_plan_by_clicking_and_watches_it_run_live(
@@ -91,8 +122,7 @@ async def test_a_person_approves_a_plan_by_clicking_and_watches_it_run_live(
         # A mark the page keeps until it is reloaded.
         browser.execute_script("window.__same_page = true;")
 
-        approve = browser.find_element("css selector", 'button[data-action="approve"]')
-        await asyncio.to_thread(approve.click)
+        await click(browser, 'button[data-action="approve"]')
         await eventually(lambda: statuses(browser).get("research") == "RUNNING", timeout=30)
         (test_dir / "open-research").touch()
         every = dict.fromkeys(pending, "SUCCEEDED")
@@ -101,13 +131,9 @@ async def test_a_person_approves_a_plan_by_clicking_and_watches_it_run_live(
         assert (await client.get(task_id)).status == TaskStatus.SUCCEEDED
 
         # A subtask's detail: its instruction and the inputs it got.
-        node = browser.find_element("css selector", 'g.node[data-subtask-id="write"]')
-        await asyncio.to_thread(node.click)
+        await click(browser, 'g.node[data-subtask-id="write"]')
         detail = await eventually(
-            lambda: (
-                "write it up" in browser.find_element("id", "detail").text
-                and browser.find_element("id", "detail").text
-            ),
+            lambda: "write it up" in text_of(browser, "detail") and text_of(browser, "detail"),
             timeout=30,
         )
         assert "outline" in detail and "examples" in detail
@@ -141,8 +167,7 @@ async def test_a_graph_of_a_thousand_subtasks_is_drawn_and_stays_navigable(
     )
     # The wide layer wraps into columns: the whole graph fits one screen's shape.
     assert 0.2 < width / height < 12, (width, height)
-    zoom_in = browser.find_element("css selector", 'button[title="zoom in"]')
-    await asyncio.to_thread(zoom_in.click)
+    await click(browser, 'button[title="zoom in"]')
     smaller = browser.execute_script(
         "return document.getElementById('graph').viewBox.baseVal.width;"
     )

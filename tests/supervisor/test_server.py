@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from taskloom.client import TaskloomClient
-from taskloom.core.errors import NotLeader, StoreUnavailable
+from taskloom.core.errors import NotLeader, OutcomeUnknown, StoreUnavailable
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
@@ -103,13 +103,16 @@ async def test_while_redis_is_down_calls_fail_fast_and_work_resumes_when_it_retu
         assert done.status == TaskStatus.SUCCEEDED
 
         redis.kill()
-        for call in (
-            client.get(done.id),
-            client.submit("during", plan=plan(("a", "echo", "1"))),
-            client.list(),
-        ):
+        for call in (client.get(done.id), client.list()):
             with pytest.raises(StoreUnavailable, match=r"Redis at .* is unavailable"):
                 await asyncio.wait_for(call, 30)
+        # A submit is safe to repeat (its idempotency key), so the SDK tries it
+        # for its grace period, then says the outcome is unknown -- or, if the
+        # supervisor stepped down meanwhile (its lease lapsed), that none leads.
+        with pytest.raises((OutcomeUnknown, NotLeader)) as raised:
+            await asyncio.wait_for(client.submit("during", plan=plan(("a", "echo", "1"))), 30)
+        if isinstance(raised.value, OutcomeUnknown):
+            assert "Redis at" in str(raised.value) and raised.value.idempotency_key
 
         with LocalRedis(tmp_path / "redis", port=redis.port):
             # If the outage outlasted its leader lease the supervisor stepped
