@@ -30,6 +30,7 @@ test: setup
 	./scripts/ensure-prometheus
 	./scripts/ensure-kubectl
 	./scripts/ensure-chromium
+	./scripts/ensure-redis-sentinel
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # N random fault schedules through the fault-injection suite (tests/chaos);

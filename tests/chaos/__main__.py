@@ -1,7 +1,8 @@
 """``python -m tests.chaos --runs 100 --seed 7``: random fault schedules, checked.
 
 Each run draws 1-3 faults (``harness.FAULTS``; the partition only where
-network namespaces can be made) at random times, runs the 200-subtask goal
+network namespaces can be made, the Redis primary's kill only where
+``redis-sentinel`` is installed) at random times, runs the 200-subtask goal
 through a fresh cluster, and checks I1-I4. One line per run, then a summary;
 the exit status is 1 if any invariant was broken. Histories of failed runs
 are kept under ``--keep``.
@@ -19,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.chaos.harness import netns_unavailable, random_schedule, run
+from tests.sentinel import MISSING, sentinel_binaries
 
 
 async def main(runs: int, seed: int, keep: Path) -> int:
@@ -26,10 +28,13 @@ async def main(runs: int, seed: int, keep: Path) -> int:
     reason = netns_unavailable()
     if reason:
         print(f"partition faults skipped: {reason}", flush=True)
+    sentinel = sentinel_binaries() is not None
+    if not sentinel:
+        print(f"replicated-Redis faults skipped: {MISSING}", flush=True)
     totals: Counter[str] = Counter()
     failed = 0
     for i in range(runs):
-        schedule = random_schedule(rng, netns=reason is None)
+        schedule = random_schedule(rng, netns=reason is None, sentinel=sentinel)
         root = Path(tempfile.mkdtemp(prefix=f"taskloom-chaos-{seed}-{i}-"))
         result = await run(f"run {i + 1}/{runs}", root, schedule, seed=seed + i)
         print(result.line(), flush=True)

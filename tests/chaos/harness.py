@@ -7,10 +7,13 @@ processes, a scripted Ollama, and a goal the scripted model plans into a
 layered graph of 200+ subtasks. While the task runs, faults fire at their
 times: SIGKILL or SIGTERM a worker (a replacement starts), SIGKILL the
 leading supervisor (a standby takes over, or it restarts), SIGKILL Redis
-(it restarts from its AOF), cut a worker's network namespace off and heal
-it, or slow a worker's link by 2 s. Then the task's commit log, the
-workers' records and the faults are written to ``history.jsonl`` and
-checked.
+(it restarts from its AOF), SIGKILL the Redis primary of a replicated Redis
+(Sentinel promotes a replica; the run then uses a primary, two replicas and
+three sentinels), cut a worker's network namespace off and heal it, or slow a
+worker's link by 2 s. Meanwhile a user submits, approves and cancels small
+tasks (``users``). Then the task's commit log, the workers' records and the
+faults are written to ``history.jsonl`` and checked, and so is every task the
+user was told was stored.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ from taskloom.core.errors import Unavailable
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import Task
 from tests.chaos.checker import Verdict, check
+from tests.chaos.users import Users
 from tests.fake_ollama import ChatCall, FakeOllama
+from tests.sentinel import ReplicatedRedis
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "chaos:"
@@ -54,7 +59,10 @@ FAULTS = (
     "freeze_redis",
     "partition",
     "latency",
+    "kill_primary",
 )
+SINGLE_REDIS = ("kill_redis", "freeze_redis")
+"""Faults of the single Redis, not drawn with ``kill_primary`` (a replicated one)."""
 
 
 def layered_plan(seed: int, layers: int = 8, width: int = 25) -> dict[str, Any]:
@@ -238,7 +246,10 @@ class Cluster:
     lease_ttl: float = 2.0
     leader_ttl: float = 1.5
     listen_host: str = "127.0.0.1"
+    replicated: bool = False
+    """A primary, two replicas and three sentinels instead of one Redis."""
     redis: LocalRedis = field(init=False)
+    sentinel: ReplicatedRedis | None = field(init=False, default=None)
     supervisors: dict[str, Member] = field(default_factory=dict)
     workers: dict[str, Member] = field(default_factory=dict)
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -251,6 +262,19 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "records").mkdir(exist_ok=True)
         self.redis = LocalRedis(self.root / "redis", appendfsync="always")
+        if self.replicated:
+            self.sentinel = ReplicatedRedis(self.root / "replicated")
+
+    @property
+    def redis_url(self) -> str:
+        return self.sentinel.url if self.sentinel is not None else self.redis.url
+
+    def redis_client(self) -> Any:
+        """A client of the (current) primary, for the harness's own reads."""
+        if self.sentinel is None:
+            return redis.Redis.from_url(self.redis.url, decode_responses=True, socket_timeout=2)
+        port = self.sentinel.ports[self.sentinel.primary()]
+        return redis.Redis(port=port, decode_responses=True, socket_timeout=2)
 
     # processes
 
@@ -261,7 +285,7 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
             "OLLAMA_HOST": self.ollama.url,
             "TASKLOOM_MODEL": "llama3.2",
-            "TASKLOOM_REDIS_URL": self.redis.url,
+            "TASKLOOM_REDIS_URL": self.redis_url,
             "TASKLOOM_REDIS_PREFIX": PREFIX,
             "TASKLOOM_HEARTBEAT_INTERVAL": "0.3",
             "TASKLOOM_LEASE_TTL": str(self.lease_ttl),
@@ -289,7 +313,10 @@ class Cluster:
         return Member(name, process)
 
     def start_redis(self) -> None:
-        self.redis.start()
+        if self.sentinel is not None:
+            self.sentinel.start()
+        else:
+            self.redis.start()
 
     async def start_supervisor(self, name: str, *, port: int = 0, standby: bool = False) -> None:
         port = port or free_port()
@@ -342,7 +369,10 @@ class Cluster:
 
     def leader(self) -> Member | None:
         # Not for ever: Redis may be frozen (then no leader is known).
-        client: Any = redis.Redis.from_url(self.redis.url, decode_responses=True, socket_timeout=2)
+        try:
+            client = self.redis_client()
+        except (redis.RedisError, StopIteration):
+            return None
         try:
             token = client.get(PREFIX + "leader") or ""
         except redis.RedisError:
@@ -367,6 +397,8 @@ class Cluster:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.redis.stop()
+        if self.sentinel is not None:
+            self.sentinel.stop()
 
     # the task
 
@@ -392,7 +424,7 @@ class Cluster:
         self, task_id: str
     ) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, str]]:
         """The run's history (also written to history.jsonl), the graph and the stored outputs."""
-        client: Any = redis.Redis.from_url(self.redis.url, decode_responses=True)
+        client: Any = self.redis_client()
         try:
             events = client.xrange(f"{PREFIX}task:{task_id}:events")
             subs = client.lrange(f"{PREFIX}task:{task_id}:subs", 0, -1)
@@ -411,7 +443,9 @@ class Cluster:
         for path in sorted((self.root / "records").glob("*.jsonl")):
             for line in path.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):  # a line cut by SIGKILL
-                    history.append(json.loads(line))
+                    record = json.loads(line)
+                    if record.get("task") == task_id:  # not the users' small tasks
+                        history.append(record)
         history += self.faults
         history.sort(key=lambda h: h["time"])
         with (self.root / "history.jsonl").open("w") as out:
@@ -464,6 +498,7 @@ async def run(
         # A lease must outlast the round trip: 2 s each way needs more than 4 s.
         lease_ttl=6.0 if "latency" in kinds else 2.0,
         listen_host="0.0.0.0" if netns else "127.0.0.1",
+        replicated="kill_primary" in kinds,
     )
     proxy: DelayProxy | None = None
     rng = random.Random(seed)
@@ -489,22 +524,31 @@ async def run(
         started = time.monotonic()
         started_at = time.time()
         task_id = await cluster.submit("a goal the scripted model turns into 200 steps")
+        users = Users(cluster.addresses, random.Random(seed))
+        stop_users = asyncio.Event()
+        using = asyncio.create_task(users.run(stop_users))
         pending = sorted(faults)
-        task = await cluster.get(task_id)
-        while not task.status.terminal:
-            elapsed = time.monotonic() - started
-            while pending and pending[0][0] <= elapsed:
-                await _inject(cluster, pending.pop(0)[1], rng, netns)
-            if elapsed > timeout:
-                break
-            await asyncio.sleep(0.1)
+        try:
             task = await cluster.get(task_id)
+            while not task.status.terminal:
+                elapsed = time.monotonic() - started
+                while pending and pending[0][0] <= elapsed:
+                    await _inject(cluster, pending.pop(0)[1], rng, netns)
+                if elapsed > timeout:
+                    break
+                await asyncio.sleep(0.1)
+                task = await cluster.get(task_id)
+        finally:
+            stop_users.set()
+            await using
         history, plan, outputs = cluster.history(task_id)
         verdict = check(
             history, plan=plan, outputs=outputs, task_status=task.status, task_error=task.error
         )
         if not task.status.terminal:
             verdict.add("I1", f"the task did not finish within {timeout:.0f}s ({task.status})")
+        await users.settle()
+        await users.check(verdict)
         return Result(
             name,
             verdict,
@@ -585,6 +629,14 @@ async def _inject(
         cluster.fault("partition_healed")
     elif kind == "latency":
         cluster.fault("latency", detail="one worker's link is 2 s slower each way")
+    elif kind == "kill_primary" and cluster.sentinel is not None:
+        replicated = cluster.sentinel
+        old = await asyncio.to_thread(replicated.kill_primary)
+        cluster.fault(kind, target=old)
+        new = await asyncio.to_thread(replicated.wait_promoted, old)
+        cluster.fault("replica_promoted", target=new)
+        # Back as a replica of the new primary, as an operator would bring it.
+        await asyncio.to_thread(replicated.restart_as_replica, old)
 
 
 async def _stopped_for(seconds: float, send: Callable[[int], None]) -> None:
@@ -609,6 +661,7 @@ SCENARIOS: dict[str, list[tuple[float, str]]] = {
     "supervisor_sigkill_restart": [(1.5, "kill_leader_restart")],
     "redis_sigkill_aof": [(1.5, "kill_redis")],
     "redis_sigstop": [(1.5, "freeze_redis_11s")],
+    "redis_primary_sigkill_sentinel": [(1.5, "kill_primary")],
     "supervisor_sigstop_standby": [(1.5, "freeze_leader")],
     "worker_partitioned": [(1.0, "partition")],
     "worker_link_latency": [(0.0, "latency")],
@@ -617,13 +670,18 @@ SCENARIOS: dict[str, list[tuple[float, str]]] = {
 there from the start: one worker talks through a 2 s delay throughout."""
 
 
-def random_schedule(rng: random.Random, *, netns: bool) -> list[tuple[float, str]]:
-    """1-3 faults at random times in the first 4 s; the partition only where possible."""
-    kinds = [k for k in FAULTS if netns or k != "partition"]
+def random_schedule(
+    rng: random.Random, *, netns: bool, sentinel: bool = False
+) -> list[tuple[float, str]]:
+    """1-3 faults at random times in the first 4 s; the partition and the
+    replicated Redis only where they can be run."""
+    kinds = [k for k in FAULTS if (netns or k != "partition") and (sentinel or k != "kill_primary")]
     chosen = rng.sample(kinds, rng.randint(1, 3))
-    # One supervisor topology per run.
+    # One supervisor topology per run, and one Redis topology.
     if "kill_leader_standby" in chosen and "kill_leader_restart" in chosen:
         chosen = [k for k in chosen if k != "kill_leader_restart"]
+    if "kill_primary" in chosen:
+        chosen = [k for k in chosen if k not in SINGLE_REDIS]
     return sorted(
         (0.0 if kind == "latency" else round(rng.uniform(0.5, 4.0), 2), kind) for kind in chosen
     )

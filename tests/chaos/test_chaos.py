@@ -13,6 +13,7 @@ import pytest
 
 from taskloom.core.model import TaskStatus
 from tests.chaos.harness import SCENARIOS, netns_unavailable, random_schedule, run
+from tests.sentinel import MISSING, sentinel_binaries
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,12 +26,16 @@ async def test_scenario_keeps_every_invariant(name: str, tmp_path: Path) -> None
         if reason:
             print(f"skipping {name}: {reason}")
             pytest.skip(reason)
+    if any(kind == "kill_primary" for _, kind in faults) and sentinel_binaries() is None:
+        pytest.skip(MISSING)
     result = await run(name, tmp_path / name, faults, seed=len(name))
     print(result.line())
 
     assert result.verdict.ok, f"{result.line()}\n{result.verdict.violations}\nhistory: {tmp_path}"
     assert result.task.status == TaskStatus.SUCCEEDED
     assert result.verdict.stats["subtasks"] >= 200
+    # Users submitted, approved and cancelled while the faults fired.
+    assert result.verdict.stats["user_tasks"] > 0, result.line()
     if name in ("worker_sigkill", "worker_partitioned"):
         # The faults hit running work, which ran again.
         assert result.verdict.stats["retries"] > 0, result.line()
@@ -49,9 +54,10 @@ async def test_random_fault_schedules_keep_every_invariant(tmp_path: Path) -> No
     seed = int(os.environ.get("TASKLOOM_CHAOS_SEED", "1"))
     rng = random.Random(seed)
     netns = netns_unavailable() is None
+    sentinel = sentinel_binaries() is not None
     failed = []
     for i in range(runs):
-        schedule = random_schedule(rng, netns=netns)
+        schedule = random_schedule(rng, netns=netns, sentinel=sentinel)
         result = await run(f"random-{seed}-{i}", tmp_path / f"run{i}", schedule, seed=seed + i)
         print(result.line())
         if not result.verdict.ok:

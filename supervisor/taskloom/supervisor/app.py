@@ -79,6 +79,8 @@ class Supervisor:
             retention=settings.retention,
             max_connections=settings.redis_max_connections,
             retry_backoff=settings.retry_backoff,
+            min_replicas=settings.replicas,
+            replica_timeout=settings.redis_replica_timeout,
         )
         self.store.metrics = self.metrics
         self.llm = InstrumentedLLM(llm or create_llm(settings), self.metrics.llm, "plan")

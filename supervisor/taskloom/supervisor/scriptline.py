@@ -18,6 +18,10 @@ the rest of the store knows. A connection that fails or stops answering for
 ``redis.exceptions.ConnectionError`` or ``TimeoutError``; the next call opens
 a new one. A call that is cancelled leaves its reply to be read and dropped,
 so the replies of the others stay in step.
+
+Where the store asks for replicas, a call returns only after ``WAIT`` says
+enough replicas have its write; a server that answers ``READONLY`` (demoted in
+a failover) has its connection closed, so the next call finds the primary.
 """
 
 from __future__ import annotations
@@ -214,6 +218,10 @@ class _Replies(asyncio.Protocol):
         self.resume_writing()
 
 
+class NotReplicated(rexc.ConnectionError):
+    """A write that too few replicas acknowledged in time (``WAIT``)."""
+
+
 Locate = Callable[[], Awaitable[Endpoint]]
 """Where to connect now (Sentinel's current primary, or a fixed address)."""
 
@@ -227,6 +235,8 @@ class ScriptLine:
         timeout: float,
         *,
         connect_timeout: float = 5.0,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         if isinstance(endpoint, Endpoint):
             fixed = endpoint
@@ -241,6 +251,13 @@ class ScriptLine:
         self.connect_timeout = connect_timeout
         self._connection: _Replies | None = None
         self._opening = asyncio.Lock()
+        self.replicas = replicas
+        """A call returns only once this many replicas have its write (``WAIT``)."""
+        self.replica_timeout = replica_timeout
+        self._sent = 0
+        """Commands written so far (on any connection), numbering each call's."""
+        self._barrier: tuple[_Replies, int, asyncio.Future[Any]] | None = None
+        """The last WAIT sent: its connection, the commands it covers, its reply."""
 
     @property
     def connected(self) -> bool:
@@ -256,9 +273,40 @@ class ScriptLine:
             return await self.call(pack(["EVAL", script, 0, *args]))
 
     async def call(self, command: bytes) -> Any:
-        """Send one packed command; its reply, or the redis-py exception for its error."""
+        """Send one packed command; its reply, or the redis-py exception for its error.
+
+        With ``replicas``, the reply is returned only once that many replicas
+        have acknowledged the write (``NotReplicated`` otherwise). One WAIT
+        covers every command sent before it on its connection, so the calls
+        whose replies arrive together share one."""
         connection = self._connection or await self._open()
-        return await _ask(connection, command)
+        self._sent += 1
+        mark = self._sent
+        try:
+            reply = await _ask(connection, command)
+        except rexc.ReadOnlyError:
+            # The server was demoted (a failover): the next call connects to
+            # the primary that is named now.
+            connection.fail(rexc.ConnectionError("the server is a replica now"))
+            raise
+        if self.replicas:
+            await self._replicated(connection, mark)
+        return reply
+
+    async def _replicated(self, connection: _Replies, mark: int) -> None:
+        barrier = self._barrier
+        if barrier is None or barrier[0] is not connection or barrier[1] < mark:
+            command = pack(["WAIT", self.replicas, max(1, int(self.replica_timeout * 1000))])
+            barrier = self._barrier = (connection, self._sent, connection.send(command))
+        reply = await asyncio.shield(barrier[2])
+        if isinstance(reply, hiredis.ReplyError):
+            raise error_of(str(reply))
+        if int(reply) < self.replicas:
+            raise NotReplicated(
+                f"the write reached {reply} of the {self.replicas} replicas asked for "
+                f"(TASKLOOM_REDIS_MIN_REPLICAS) within {self.replica_timeout:g} s: the "
+                "primary has it, a failover now would lose it; its outcome is unknown"
+            )
 
     async def _open(self) -> _Replies:
         async with self._opening:

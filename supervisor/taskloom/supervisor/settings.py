@@ -15,6 +15,7 @@ from taskloom.core.channel import (
     DEFAULT_MAX_RECEIVE_BYTES,
     ServerLimits,
 )
+from taskloom.core.errors import ConfigError
 from taskloom.core.plan import PlanLimits
 from taskloom.core.settings import (
     Address,
@@ -25,6 +26,7 @@ from taskloom.core.settings import (
     StrList,
 )
 from taskloom.supervisor.keys import REDIS_TIMEOUT
+from taskloom.supervisor.redistarget import RedisTarget
 
 
 class SupervisorSettings(LLMSettings, KeepaliveSettings):
@@ -68,7 +70,14 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     the process runs."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Where state lives: ``redis://``, ``rediss://`` (TLS) or ``unix://``, with a
-    password and a database if needed."""
+    password and a database if needed; or a primary that Sentinel names,
+    ``redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER``."""
+    redis_min_replicas: int | None = Field(default=None, ge=0, le=16)
+    """A transition is acknowledged only once this many replicas have it
+    (``WAIT``), so that it survives the loss of the primary. Unset: 1 with a
+    ``redis+sentinel://`` URL, else 0."""
+    redis_replica_timeout: Seconds = Field(default=1.0, gt=0, lt=REDIS_TIMEOUT)
+    """How long a transition waits for its replicas before it fails as unknown."""
     redis_max_connections: int = Field(default=64, ge=2)
     """Redis connections for transitions and reads; more operations at once wait."""
     redis_prefix: str = Field(default="taskloom:", min_length=1)
@@ -191,9 +200,18 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            RedisTarget.parse(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return value
+
+    @property
+    def replicas(self) -> int:
+        """Replicas each transition waits for (``redis_min_replicas`` or its default)."""
+        if self.redis_min_replicas is not None:
+            return self.redis_min_replicas
+        return 1 if RedisTarget.parse(self.redis_url).is_sentinel else 0
 
     def token_table(self) -> TokenTable:
         """The configured tokens (empty: authentication is off)."""

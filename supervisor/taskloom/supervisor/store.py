@@ -24,10 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
-import redis
-import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -62,7 +59,8 @@ from taskloom.supervisor import records, scripts
 from taskloom.supervisor.keys import REDIS_TIMEOUT, Keys, lua_prelude
 from taskloom.supervisor.outcomes import OfferedSlots, Outcome, ReadyItem
 from taskloom.supervisor.records import RecoveredTask, decode_event, decode_outcome, plain
-from taskloom.supervisor.scriptline import Endpoint, ScriptLine
+from taskloom.supervisor.redistarget import RedisTarget
+from taskloom.supervisor.scriptline import ScriptLine
 
 if TYPE_CHECKING:
     from taskloom.supervisor.metrics import SupervisorMetrics
@@ -85,10 +83,10 @@ class LeaseRenewer:
     """Renews the leader lease from a thread, over a blocking connection of
     its own (``Store.lease_renewer``); Redis errors become ``StoreUnavailable``."""
 
-    def __init__(self, store: Store, url: str) -> None:
+    def __init__(self, store: Store, target: RedisTarget) -> None:
         self._store = store
-        self._redis: Any = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=5.0
+        self._redis: Any = target.sync_client(
+            decode_responses=True, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=5.0
         )
 
     def renew(self, token: str, ttl: float) -> tuple[bool, str]:
@@ -174,6 +172,8 @@ class Store:
         max_connections: int = 64,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = RETRY_BACKOFF_MAX,
+        min_replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self.keys = Keys(prefix)
         self.retry_backoff = retry_backoff
@@ -185,8 +185,8 @@ class Store:
         """The leader lease's token; every write checks that it still holds the lease.
         Empty only for tools and tests that run without a leader."""
         self.retention = max(1, int(retention))
-        self._url = url
-        self.safe_url = _without_password(url)
+        self.target = RedisTarget.parse(url)
+        self.safe_url = self.target.safe_url
         # A pooled connection that Redis closed (a restart, an idle timeout)
         # is found closed only when used: the command is sent once more on a
         # new connection rather than failing. Every pooled command is a read
@@ -202,24 +202,36 @@ class Store:
         # redis-py's annotations cannot express decode_responses=True (every
         # reply is str); the store is the one module that touches it, so it
         # holds the clients as Any rather than casting each reply.
+        # Through Sentinel, every connection asks for the primary when it opens.
+        self._sentinels = (
+            self.target.async_manager(socket_timeout=socket_timeout, socket_connect_timeout=5.0)
+            if self.target.is_sentinel
+            else None
+        )
         # A blocking pool: a burst of more operations than connections waits
         # for a free one (redis-py's default pool fails them at 100).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
+        self._redis: Any = self.target.async_client(
+            self._sentinels,
             max_connections=max_connections,
-            timeout=socket_timeout,
+            pool_timeout=socket_timeout,
             socket_timeout=socket_timeout,
             **options,
         )
-        self._redis: Any = aioredis.Redis.from_pool(pool)
         # Watchers block in XREAD; they get their own connection, with a
         # timeout past the longest block, so that a connection that died
         # silently is found (see events.BLOCK_MS).
-        self._blocking: Any = aioredis.Redis.from_url(
-            url, socket_timeout=socket_timeout + BLOCKING_SLACK, **options
+        self._blocking: Any = self.target.async_client(
+            self._sentinels, socket_timeout=socket_timeout + BLOCKING_SLACK, **options
         )
-        # Scripts, the hot path, share one auto-pipelined connection.
-        self._line = ScriptLine(Endpoint.from_url(url), socket_timeout)
+        # Scripts, the hot path, share one auto-pipelined connection; with
+        # replicas asked for, each returns once enough of them have its write.
+        self.min_replicas = min_replicas
+        self._line = ScriptLine(
+            self.target.locator(self._sentinels),
+            socket_timeout,
+            replicas=min_replicas,
+            replica_timeout=replica_timeout,
+        )
         prelude = lua_prelude() + _lua("lib")
         self._sources = {name: prelude + _lua(name) for name in scripts.SCRIPTS}
         self._shas = {
@@ -248,6 +260,9 @@ class Store:
         await self._line.close()
         await self._redis.aclose()
         await self._blocking.aclose()
+        if self._sentinels is not None:
+            for sentinel in self._sentinels.sentinels:
+                await sentinel.aclose()
 
     async def _run(
         self, name: str, payload: Any, *, fenced: bool = True, now: float | None = None
@@ -285,7 +300,7 @@ class Store:
     def lease_renewer(self) -> LeaseRenewer:
         """A blocking renewer of the leader lease with a connection of its own,
         for a thread: the lease must not lapse because the event loop is busy."""
-        return LeaseRenewer(self, self._url)
+        return LeaseRenewer(self, self.target)
 
     async def _lead(self, op: str, holder: str, ttl: float) -> tuple[bool, str]:
         args = scripts.LeadArgs(op, holder, int(ttl * 1000))  # type: ignore[arg-type]
@@ -888,13 +903,3 @@ def _offer(offer: OfferedSlots | None) -> scripts.Offer:
 
 def _lua(name: str) -> str:
     return resources.files("taskloom.supervisor").joinpath(f"lua/{name}.lua").read_text()
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
