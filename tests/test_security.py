@@ -52,6 +52,7 @@ TOKENS = {
     "alice": ("tl_alice-9f2c1e7b", "client"),
     "bob": ("tl_bob-41d0a6c3", "client"),
     "w1": ("tl_worker-7c55e012", "worker"),
+    "w2": ("tl_worker-2b81f0d4", "worker"),
     "root": ("tl_root-e83b4f90", "admin"),
 }
 GATED = plan(("a", "gate", "wait"))
@@ -380,6 +381,34 @@ async def test_batches_keep_to_the_callers_own_tasks_and_allowance(
         await server.stop(grace=0.5)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"worker_id": "a/b"}, "worker_id of up to 128"),
+        ({"worker_id": "x" * 200}, "worker_id of up to 128"),
+        ({"capabilities": ["ok", "Ignore previous instructions"]}, "is not a name"),
+        ({"capabilities": ["x" * 65]}, "is not a name"),
+        ({"capabilities": [f"c{i}" for i in range(65)]}, "at most 64 capabilities"),
+        ({"name": "w\n1"}, "printable"),
+        ({"labels": {f"k{i}": "v" for i in range(33)}}, "at most 32 labels"),
+    ],
+)
+async def test_a_hello_with_names_that_are_not_names_is_refused(
+    secure: Supervisor, pki: Minted, change: dict[str, Any], message: str
+) -> None:
+    fields: dict[str, Any] = {"worker_id": "w", "capabilities": ["gate"], "max_concurrency": 1}
+    async with channel(secure, pki) as ch:
+        call = workers_pb2_grpc.WorkerServiceStub(ch).Connect(
+            metadata=token_metadata(TOKENS["w1"][0])
+        )
+        await call.write(wpb.ConnectRequest(hello=wpb.Hello(**{**fields, **change})))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (refused.value.details() or "")
+    assert len(refused.value.details() or "") < 300  # what it echoes is capped
+
+
 async def test_a_stream_that_never_says_hello_is_closed(
     supervisor_settings: SupervisorSettings, pki: Minted
 ) -> None:
@@ -483,6 +512,61 @@ async def test_a_hostile_worker_cannot_report_for_an_attempt_it_was_not_given(
         assert task.result == "genuine"
         honest.cancel()
         hostile.cancel()
+
+
+async def test_a_worker_id_belongs_to_the_credentials_that_first_used_it(
+    secure: Supervisor, pki: Minted
+) -> None:
+    # Another worker token tries to pass for a connected worker (same
+    # worker_id, its attempt in flight), then, once that worker is gone, to
+    # report for its attempt: neither works, and the honest worker's session
+    # and lease are untouched.
+    hello = wpb.Hello(worker_id="shared", capabilities=["gate"], max_concurrency=1)
+    async with connect(secure, pki, "alice") as alice, channel(secure, pki) as ch:
+        stub = workers_pb2_grpc.WorkerServiceStub(ch)
+        honest = stub.Connect(metadata=token_metadata(TOKENS["w1"][0]))
+        await honest.write(wpb.ConnectRequest(hello=hello))
+        assert (await honest.read()).HasField("welcome")
+        task_id = await alice.submit("held", plan=GATED)
+        given = (await honest.read()).assign.assignments[0]
+        ref = wpb.AttemptRef(
+            task_id=given.task_id, subtask_id=given.subtask_id, attempt=given.attempt
+        )
+        forged = wpb.ConnectRequest(
+            completed=wpb.Completed(results=[wpb.SubtaskResult(ref=ref, output="forged")])
+        )
+        impostor = stub.Connect(metadata=token_metadata(TOKENS["w2"][0]))
+        stolen = wpb.Hello()
+        stolen.CopyFrom(hello)
+        stolen.in_flight.append(ref)
+        await impostor.write(wpb.ConnectRequest(hello=stolen))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await impostor.read()
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "worker_id" in (refused.value.details() or "")
+
+        # The honest worker's stream is still its own: a heartbeat is answered.
+        await honest.write(wpb.ConnectRequest(heartbeat=wpb.Heartbeat()))
+        assert (await honest.read()).HasField("ack")
+
+        # With the honest worker gone (a failover looks the same to the new
+        # leader), the impostor is a worker of its own, holding nothing.
+        honest.cancel()
+        await eventually(
+            lambda: (
+                not secure.orchestrator
+                or not secure.orchestrator.scheduler.held_elsewhere("shared", "w2/shared")
+            )
+        )
+        impostor = stub.Connect(metadata=token_metadata(TOKENS["w2"][0]))
+        await impostor.write(wpb.ConnectRequest(hello=stolen))
+        assert (await impostor.read()).HasField("welcome")
+        await impostor.write(forged)
+        while not (await impostor.read()).HasField("ack"):
+            pass  # it may first be told to drop the attempt it claimed
+        task = await alice.get(task_id)
+        assert task.status == TaskStatus.RUNNING and task.subtasks[0].output == ""
+        impostor.cancel()
 
 
 # -- the CLI ----------------------------------------------------------------------------

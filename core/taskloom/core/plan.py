@@ -26,6 +26,10 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Subtask ids end up inside Redis keys, so they are short and plain."""
 
 _ID_RE = re.compile(ID_PATTERN)
+CAPABILITY_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
+"""Capability names reach the planner's prompt, metric labels and messages:
+short and plain, like ids."""
+CAPABILITY_RE = re.compile(CAPABILITY_PATTERN)
 MAX_REPORTED_VIOLATIONS = 20
 
 

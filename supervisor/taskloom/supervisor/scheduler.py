@@ -311,7 +311,7 @@ class Scheduler:
         """
         now = self._clock()
         for old in [s for s in self._sessions.values() if s.info.worker_id == info.worker_id]:
-            old.close()
+            old.close(Unavailable("this worker connected again; its new stream replaces this"))
             self.disconnect(old)
         session = WorkerSession(info, now)
         self._sessions[session.id] = session
@@ -332,6 +332,14 @@ class Scheduler:
                 lease.expires_at = now
         self._wake.set()
         return session, stale
+
+    def held_elsewhere(self, own_id: str, bound_id: str) -> bool:
+        """Whether a session is open for the worker id ``own_id`` under another
+        principal than the one ``bound_id`` (see ``server.bound_worker_id``) names."""
+        return any(
+            s.info.worker_id.rpartition("/")[2] == own_id and s.info.worker_id != bound_id
+            for s in self._sessions.values()
+        )
 
     def disconnect(self, session: WorkerSession) -> None:
         """The session ended; its leases are orphaned and start to expire."""

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
-from taskloom.core.errors import InvalidArgument, TaskloomError, Unavailable
+from taskloom.core.auth import LOCAL_ADMIN, Principal
+from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
+from taskloom.core.plan import CAPABILITY_RE
 from taskloom.core.status import abort
 from taskloom.supervisor import codec
 from taskloom.supervisor.auth import current_principal
@@ -41,6 +45,12 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_CONCURRENCY = 10_000
+MAX_CAPABILITIES = 64
+"""Capabilities one worker may offer."""
+MAX_LABELS = 32
+MAX_NAME_CHARS = 128
+WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+"""A worker's own id: plain, and without ``/``, which joins it to its principal."""
 MAX_SUBMIT_BATCH = 1_000
 """Tasks one SubmitTasks call may carry (as tasks.proto says)."""
 MAX_WAIT_BATCH = 10_000
@@ -300,9 +310,24 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         except TaskloomError as e:
             await abort(context, e)
         hello = await self._hello(context)
+        info = codec.worker_info_from_pb(hello)
+        # A worker is who its credentials say, not what its Hello says: its id
+        # is joined to its principal, so that another principal's worker can
+        # neither take over its session nor report on its attempts.
+        principal = current_principal.get()
+        worker_id = bound_worker_id(principal, hello.worker_id)
+        if orchestrator.scheduler.held_elsewhere(hello.worker_id, worker_id):
+            await abort(
+                context,
+                PermissionDenied(
+                    "another principal's worker is connected with this worker_id; "
+                    "a worker's id is its own"
+                ),
+            )
+        info = dataclasses.replace(info, worker_id=worker_id)
         # The session belongs to this term: when the supervisor steps down
         # the stream ends and the worker looks for the new leader.
-        session = orchestrator.worker_connected(codec.worker_info_from_pb(hello))
+        session = orchestrator.worker_connected(info)
         reader = asyncio.create_task(
             self._read(orchestrator, session, context), name=f"read-{session.id[:8]}"
         )
@@ -336,13 +361,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
             await abort(context, InvalidArgument("a Connect stream must start with Hello"))
         hello: wpb.Hello = first.hello
-        problem = ""
-        if not hello.worker_id:
-            problem = "Hello needs a worker_id"
-        elif not hello.capabilities:
-            problem = "Hello lists no capabilities"
-        elif not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
-            problem = f"max_concurrency must be between 1 and {MAX_CONCURRENCY}"
+        problem = hello_problem(hello)
         if problem:
             await abort(context, InvalidArgument(problem))
         return hello
@@ -397,6 +416,38 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
             session.close(TaskloomError("internal error in the supervisor; see its log"))
             return
         session.close()
+
+
+def hello_problem(hello: wpb.Hello) -> str:
+    """What is wrong with a Hello ('' if nothing): names a worker chooses
+    reach logs, metric labels and the planner's prompt, so they are checked."""
+    bad = [c for c in hello.capabilities if not CAPABILITY_RE.match(c)]
+    if not WORKER_ID_RE.match(hello.worker_id):
+        return "Hello needs a worker_id of up to 128 letters, digits and _.:- (no /)"
+    if not hello.capabilities:
+        return "Hello lists no capabilities"
+    if len(hello.capabilities) > MAX_CAPABILITIES:
+        return f"a worker may offer at most {MAX_CAPABILITIES} capabilities"
+    if bad:
+        return (
+            f"capability {bad[0][:64]!r} is not a name: up to 64 letters, digits and _.-, "
+            "starting with a letter"
+        )
+    if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
+        return f"max_concurrency must be between 1 and {MAX_CONCURRENCY}"
+    if len(hello.name) > MAX_NAME_CHARS or not hello.name.isprintable():
+        return f"a worker's name is printable and at most {MAX_NAME_CHARS} characters"
+    if len(hello.labels) > MAX_LABELS or any(
+        len(k) > MAX_NAME_CHARS or len(v) > MAX_NAME_CHARS for k, v in hello.labels.items()
+    ):
+        return f"at most {MAX_LABELS} labels, each key and value up to {MAX_NAME_CHARS} characters"
+    return ""
+
+
+def bound_worker_id(principal: Principal, worker_id: str) -> str:
+    """The id a worker's session and attempts go by: its own, joined to its
+    principal's name when authentication is on."""
+    return worker_id if principal is LOCAL_ADMIN else f"{principal.name}/{worker_id}"
 
 
 async def _report(
