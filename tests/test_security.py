@@ -524,7 +524,7 @@ async def test_a_worker_id_belongs_to_the_credentials_that_first_used_it(
     hello = wpb.Hello(worker_id="shared", capabilities=["gate"], max_concurrency=1)
     async with connect(secure, pki, "alice") as alice, channel(secure, pki) as ch:
         stub = workers_pb2_grpc.WorkerServiceStub(ch)
-        honest = stub.Connect(metadata=token_metadata(TOKENS["w1"][0]))
+        honest: Any = stub.Connect(metadata=token_metadata(TOKENS["w1"][0]))
         await honest.write(wpb.ConnectRequest(hello=hello))
         assert (await honest.read()).HasField("welcome")
         task_id = await alice.submit("held", plan=GATED)
@@ -535,7 +535,7 @@ async def test_a_worker_id_belongs_to_the_credentials_that_first_used_it(
         forged = wpb.ConnectRequest(
             completed=wpb.Completed(results=[wpb.SubtaskResult(ref=ref, output="forged")])
         )
-        impostor = stub.Connect(metadata=token_metadata(TOKENS["w2"][0]))
+        impostor: Any = stub.Connect(metadata=token_metadata(TOKENS["w2"][0]))
         stolen = wpb.Hello()
         stolen.CopyFrom(hello)
         stolen.in_flight.append(ref)
