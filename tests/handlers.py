@@ -112,3 +112,10 @@ async def ledger(ctx: SubtaskContext) -> str:
         raise
     write("end")
     return f"worked on attempt {ctx.attempt}, lease valid: {ctx.lease_valid}"
+
+
+@registry.handler("count", cacheable="shared")
+async def count(ctx: SubtaskContext) -> str:
+    """The number of words of its instruction, and which worker counted them:
+    a pure function of public input, so its outputs are shared across owners."""
+    return f"{len(ctx.instruction.split())} words, counted by {os.environ.get('TASKLOOM_NAME', '')}"

@@ -46,6 +46,7 @@ from taskloom.v1 import tasks_pb2_grpc, workers_pb2_grpc
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.worker import Worker, WorkerSettings
 from tests.conftest import REPO, Processes
+from tests.fake_ollama import FakeOllama
 from tests.helpers import eventually, plan, wait_status
 
 TOKENS = {
@@ -234,6 +235,32 @@ async def test_a_worker_process_runs_tasks_over_mutual_tls_with_its_token(
             assert "hello over mTLS" in task.result
     finally:
         await server.stop(grace=0.5)
+
+
+async def test_cached_outputs_stay_with_their_owner_unless_the_handler_shares_them(
+    secure: Supervisor, pki: Minted, processes: Processes, fake_ollama: FakeOllama
+) -> None:
+    answers = iter(["for alice", "for bob"])
+    fake_ollama.responder = lambda call: next(answers)
+    processes.worker(
+        secure.address,
+        capabilities="llm,count",
+        env={"TASKLOOM_TOKEN": TOKENS["w1"][0], "TASKLOOM_TLS_CA": str(pki.ca)},
+    )
+    asked = plan(("s1", "llm", "what is 2+2?"))
+    counted = plan(("s1", "count", "one two three"))
+    async with connect(secure, pki, "alice") as alice, connect(secure, pki, "bob") as bob:
+        first = await alice.wait(await alice.submit("g", plan=asked))
+        again = await alice.wait(await alice.submit("g", plan=asked))
+        # Bob asks the very same: his answer is his own, not Alice's.
+        bobs = await bob.wait(await bob.submit("g", plan=asked))
+        assert (first.result, again.result, bobs.result) == ("for alice", "for alice", "for bob")
+        assert [t.subtasks[0].cache_hit for t in (first, again, bobs)] == [False, True, False]
+        # A handler declared cacheable="shared" is reused across owners.
+        mine = await alice.wait(await alice.submit("c", plan=counted))
+        theirs = await bob.wait(await bob.submit("c", plan=counted))
+        assert mine.result == theirs.result and mine.result.startswith("3 words")
+        assert [t.subtasks[0].cache_hit for t in (mine, theirs)] == [False, True]
 
 
 async def test_a_worker_with_a_client_token_is_refused_and_says_why(

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from taskloom.core.errors import LLMError, LLMUnavailable
 from taskloom.core.llm import LLM, ChatMessage
@@ -42,28 +43,35 @@ larger window costs the server memory for every call."""
 MIN_PROMPT_TOKENS = 64
 
 
+Cacheable = bool | Literal["shared"]
+"""Whether a handler's outputs may be reused: not, for the same owner, or for anyone."""
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerInfo:
     fn: Handler
     version: str
     cacheable: bool
+    shared_cache: bool = False
 
 
 class HandlerRegistry:
     """Capability name → handler.
 
     A ``cacheable`` handler's output may be reused for an identical subtask
-    (same capability, instruction, params, inputs, version and model); use it
-    for pure functions of their inputs, never for side effects. ``version``
-    defaults to a hash of the handler's source, so editing it invalidates
-    what was cached.
+    (same capability, instruction, params, inputs, version and model) of the
+    same owner; use it for pure functions of their inputs, never for side
+    effects. ``cacheable="shared"`` reuses it across owners too: only for
+    pure functions of public inputs, since one tenant then gets what was
+    computed for another. ``version`` defaults to a hash of the handler's
+    source, so editing it invalidates what was cached.
     """
 
     def __init__(self) -> None:
         self._handlers: dict[str, HandlerInfo] = {}
 
     def handler(
-        self, name: str, *, version: str | None = None, cacheable: bool = False
+        self, name: str, *, version: str | None = None, cacheable: Cacheable = False
     ) -> Callable[[Handler], Handler]:
         """Decorator: register ``fn`` as the handler for capability ``name``."""
 
@@ -74,9 +82,13 @@ class HandlerRegistry:
         return register
 
     def add(
-        self, name: str, fn: Handler, *, version: str | None = None, cacheable: bool = False
+        self, name: str, fn: Handler, *, version: str | None = None, cacheable: Cacheable = False
     ) -> None:
-        self._handlers[name] = HandlerInfo(fn, version or _source_hash(fn), cacheable)
+        if cacheable not in (True, False, "shared"):
+            raise ValueError(f"cacheable is True, False or 'shared', not {cacheable!r}")
+        self._handlers[name] = HandlerInfo(
+            fn, version or _source_hash(fn), bool(cacheable), cacheable == "shared"
+        )
 
     def update(self, other: HandlerRegistry) -> None:
         self._handlers.update(other._handlers)

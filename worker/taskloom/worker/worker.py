@@ -49,6 +49,7 @@ from taskloom.worker.connection import Connection
 from taskloom.worker.context import SubtaskContext, SubtaskError
 from taskloom.worker.handlers import (
     LLM_HANDLER_VERSION,
+    Cacheable,
     Handler,
     HandlerRegistry,
     echo,
@@ -115,7 +116,7 @@ class Worker:
         )
 
     def handler(
-        self, name: str, *, version: str | None = None, cacheable: bool = False
+        self, name: str, *, version: str | None = None, cacheable: Cacheable = False
     ) -> Callable[[Handler], Handler]:
         """Decorator: register an async function of a ``SubtaskContext`` for capability
         ``name``. See ``HandlerRegistry`` for ``version`` and ``cacheable``."""
@@ -128,7 +129,8 @@ class Worker:
         for capability in self.settings.capabilities:
             info = self.registry.info(capability)
             if info is not None and info.cacheable:
-                keys[capability] = f"{info.version}@{self.llm.describe()}"
+                shared = "shared:" if info.shared_cache else ""
+                keys[capability] = f"{shared}{info.version}@{self.llm.describe()}"
         return keys
 
     def check(self) -> None:

@@ -427,15 +427,16 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
     return nil
   end
   -- What every subtask of a task shares, read once per task and script:
-  -- stall, context tokens, context mode, cache TTL.
+  -- stall, context tokens, context mode, cache TTL, goal, trace, paused, owner.
   local tv = TASK_SHARED[task]
   if tv == nil then
     local new = NEW_TASK[task]
     if new then
-      tv = {new.stall, new.ctx_tokens, new.ctx_mode, new.cache_ttl, new.goal, new.traceparent, ''}
+      tv = {new.stall, new.ctx_tokens, new.ctx_mode, new.cache_ttl, new.goal, new.traceparent, '',
+        new.owner or ''}
     else
       tv = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl', 'goal',
-        'traceparent', 'paused')
+        'traceparent', 'paused', 'owner')
     end
     TASK_SHARED[task] = tv
     GOALS[task] = tv[5] or ''
@@ -459,8 +460,12 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
     table.insert(outputs, output)
   end
   if fingerprint ~= nil and fingerprint ~= '' and tonumber(tv[4] or '0') > 0 then
+    -- An output is reused for its owner's identical subtasks only, unless
+    -- the handler declared it shared (a pure function of public inputs).
+    local scope = tv[8] or ''
+    if string.sub(fingerprint, 1, 7) == 'shared:' then scope = '' end
     local key = redis.sha1hex(cjson.encode({st[5], st[4], st[6] or '{}', outputs,
-      GOALS[task], tv[2] or '0', tv[3] or '', fingerprint}))
+      GOALS[task], tv[2] or '0', tv[3] or '', fingerprint, scope}))
     local hit = redis.call('GET', k_cache(key))
     if hit then
       redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', hit, 'usage', '',
