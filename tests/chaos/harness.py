@@ -39,7 +39,7 @@ import redis
 
 from taskloom.client import TaskloomClient
 from taskloom.client.local import wait_serving
-from taskloom.core.errors import Unavailable
+from taskloom.core.errors import ConfigError, Unavailable
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import Task
 from tests.chaos.checker import Verdict, check
@@ -319,14 +319,25 @@ class Cluster:
             self.redis.start()
 
     async def start_supervisor(self, name: str, *, port: int = 0, standby: bool = False) -> None:
-        port = port or free_port()
-        args = ["supervisor", "--listen", f"{self.listen_host}:{port}"]
-        if self.listen_host != "127.0.0.1":
-            args.append("--insecure")  # reached from the test's network namespace
-        member = self._spawn(name, args)
-        member.address = f"127.0.0.1:{port}"
-        self.supervisors[name] = member
-        await asyncio.to_thread(wait_serving, member.address, 30.0, member.process, standby=standby)
+        fixed = port
+        for _ in range(3):
+            port = fixed or free_port()
+            args = ["supervisor", "--listen", f"{self.listen_host}:{port}"]
+            if self.listen_host != "127.0.0.1":
+                args.append("--insecure")  # reached from the test's network namespace
+            member = self._spawn(name, args)
+            member.address = f"127.0.0.1:{port}"
+            self.supervisors[name] = member
+            try:
+                await asyncio.to_thread(
+                    wait_serving, member.address, 30.0, member.process, standby=standby
+                )
+                return
+            except ConfigError:
+                log = (self.root / f"{name}.log").read_text(errors="replace")
+                # A free port another process took in the meantime: pick another.
+                if fixed or "cannot listen on" not in log:
+                    raise
 
     def addresses(self, host: str = "127.0.0.1") -> str:
         return ",".join(f"{host}:{m.address.rpartition(':')[2]}" for m in self.supervisors.values())

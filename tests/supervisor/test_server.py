@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import grpc
@@ -11,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from taskloom.client import TaskloomClient
-from taskloom.core.errors import NotLeader, OutcomeUnknown, StoreUnavailable
+from taskloom.core.errors import ConfigError, NotLeader, OutcomeUnknown, StoreUnavailable
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
@@ -126,3 +127,16 @@ async def test_while_redis_is_down_calls_fail_fast_and_work_resumes_when_it_retu
             assert await eventually(readable, timeout=10)
             task = await client.wait(await client.submit("after", plan=plan(("b", "echo", "2"))))
             assert (task.status, task.result) == (TaskStatus.SUCCEEDED, "2")
+
+
+async def test_a_port_in_use_is_a_clear_configuration_error(
+    supervisor_settings: SupervisorSettings,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        server = Supervisor(supervisor_settings.model_copy(update={"listen": address}))
+        with pytest.raises(ConfigError, match=f"cannot listen on {address}: .*another process"):
+            await server.start()
+        await server.stop(grace=0)

@@ -139,14 +139,19 @@ class Supervisor:
             raise ConfigError("TASKLOOM_METRICS_TLS needs TASKLOOM_TLS_CERT and _KEY")
         if settings.tls_client_ca is not None and settings.tls_cert is None:
             raise ConfigError("TASKLOOM_TLS_CLIENT_CA needs TLS: set TASKLOOM_TLS_CERT and _KEY")
-        if settings.tls_cert is None:
-            return server.add_insecure_port(self.listen)
-        cert, key = settings.read_file("tls_cert"), settings.read_file("tls_key")
-        if cert is None or key is None:  # pragma: no cover - both are set, checked above
-            raise ConfigError("TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: give both or neither")
-        return server.add_secure_port(
-            self.listen, server_credentials(cert, key, settings.read_file("tls_client_ca"))
-        )
+        try:
+            if settings.tls_cert is None:
+                return server.add_insecure_port(self.listen)
+            cert, key = settings.read_file("tls_cert"), settings.read_file("tls_key")
+            if cert is None or key is None:  # pragma: no cover - both are set, checked above
+                raise ConfigError("TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: give both or neither")
+            return server.add_secure_port(
+                self.listen, server_credentials(cert, key, settings.read_file("tls_client_ca"))
+            )
+        except RuntimeError as e:  # grpc's way of saying the bind failed
+            raise ConfigError(
+                f"cannot listen on {self.listen}: {e} (is another process using that port?)"
+            ) from None
 
     @property
     def address(self) -> str:
