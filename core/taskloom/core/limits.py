@@ -25,3 +25,16 @@ def fit_output(output: str, max_bytes: int, *, truncate: bool) -> tuple[str, str
     marker = f"\n[… output cut to fit {max_bytes:,} of {size:,} bytes (TASKLOOM_MAX_OUTPUT_BYTES)]"
     keep = max(0, max_bytes - len(marker.encode()))
     return output.encode()[:keep].decode(errors="ignore") + marker, ""
+
+
+def cut_text(text: str, max_bytes: int, what: str) -> tuple[str, bool]:
+    """``text`` cut to ``max_bytes`` of UTF-8 with a marker naming ``what``
+    limit it met, and whether it was cut."""
+    if len(text) * 4 <= max_bytes:
+        return text, False
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text, False
+    marker = f" [… cut to {max_bytes:,} of {len(data):,} bytes ({what})]"
+    keep = max(0, max_bytes - len(marker.encode()))
+    return data[:keep].decode(errors="ignore") + marker, True

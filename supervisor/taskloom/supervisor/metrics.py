@@ -117,6 +117,14 @@ class SupervisorMetrics:
             "Reports for attempts that no longer held their subtask, discarded",
             registry=r,
         )
+        self.progress_cut = Counter(
+            "taskloom_progress_cut",
+            "Progress and stream messages cut or dropped, by reason (message: a progress "
+            "message over its size; chunk: a streamed piece over its size; rate: a worker "
+            "over its rate; stream: a subtask's stream over its budget)",
+            ["reason"],
+            registry=r,
+        )
         self.planner_calls = Counter(
             "taskloom_planner_runs",
             "Plans and replans asked of the model, by kind (plan, replan) and outcome",

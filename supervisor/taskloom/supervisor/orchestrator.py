@@ -29,7 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from taskloom.core.errors import StoreUnavailable
-from taskloom.core.limits import fit_output
+from taskloom.core.limits import cut_text, fit_output
 from taskloom.core.model import (
     AttemptRef,
     Event,
@@ -57,6 +57,9 @@ T = TypeVar("T")
 DEADLINE_INTERVAL = 1.0
 """How often tasks are checked against their max_duration."""
 JANITOR_INTERVAL = 60.0
+STREAM_PIECE_BYTES = 64 * 1024
+"""Largest piece of streamed text one message may log (a worker sends one
+every 0.1 s, so an honest one stays far below)."""
 """How often finished tasks past their retention leave the indexes."""
 
 
@@ -213,9 +216,37 @@ class Orchestrator:
         ok = await self.store.start(refs, worker_id)
         self._count_stale(ok)
 
-    async def progress(self, updates: Sequence[ProgressUpdate], worker_id: str = "") -> None:
+    async def progress(
+        self,
+        updates: Sequence[ProgressUpdate],
+        worker_id: str = "",
+        session: WorkerSession | None = None,
+    ) -> None:
+        """Log progress and streamed text within their caps: a message or a
+        piece over its size is cut, a worker over its rate loses the excess,
+        and a subtask's stream stops at its budget (``progress.lua``)."""
         self.scheduler.touch((u.ref for u in updates), worker_id)
-        ok = await self.store.progress(updates, worker_id)
+        if session is not None:
+            allowed = session.progress_allowance(
+                len(updates), self.settings.max_progress_rate, time.monotonic()
+            )
+            if allowed < len(updates):
+                self.metrics.progress_cut.labels("rate").inc(len(updates) - allowed)
+                updates = updates[:allowed]
+        fitted = []
+        for update in updates:
+            message, cut = cut_text(
+                update.message, self.settings.max_progress_bytes, "TASKLOOM_MAX_PROGRESS_BYTES"
+            )
+            if cut:
+                self.metrics.progress_cut.labels("message").inc()
+            text, cut = cut_text(update.text, STREAM_PIECE_BYTES, "one streamed piece")
+            if cut:
+                self.metrics.progress_cut.labels("chunk").inc()
+            fitted.append(ProgressUpdate(update.ref, message, text))
+        if not fitted:
+            return
+        ok = await self.store.progress(fitted, worker_id, self.settings.max_stream_bytes)
         self._count_stale(ok)
 
     async def stopped(self, session: WorkerSession, refs: Sequence[AttemptRef]) -> None:

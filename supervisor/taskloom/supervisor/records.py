@@ -84,6 +84,7 @@ SUBTASK_FIELDS = frozenset(
         "approved",  # 1: a person did
         "provided",  # 1: a person skipped it with an output its dependents run on
         "ended_with_task",  # 1: cancelled because its task ended
+        "streamed",  # bytes of streamed text it added to the log (TASKLOOM_MAX_STREAM_BYTES)
     }
 )  # fmt: skip
 """The fields of a subtask's hash (``keys.subtask``)."""

@@ -102,6 +102,22 @@ class WorkerSession:
         unread meanwhile, so its silence does not count (see ``reap``)."""
         self.draining = False
         self.closed = False
+        self._progress_tokens: float | None = None
+        self._progress_at = now
+
+    def progress_allowance(self, wanted: int, rate: float, now: float) -> int:
+        """How many of ``wanted`` progress messages this worker may log now: a
+        token bucket of ``rate`` per second per slot, holding two seconds' worth."""
+        per_second = rate * self.info.max_concurrency
+        burst = 2 * per_second
+        if self._progress_tokens is None:
+            tokens = burst
+        else:
+            tokens = min(burst, self._progress_tokens + (now - self._progress_at) * per_second)
+        self._progress_at = now
+        allowed = min(wanted, int(tokens))
+        self._progress_tokens = tokens - allowed
+        return allowed
 
     @property
     def free(self) -> int:

@@ -134,6 +134,8 @@ class ProgressItem(NamedTuple):
     message: str
     text: str
     worker_id: str
+    stream_budget: int
+    """Bytes of streamed text the subtask may add to the log in all."""
 
 
 class CompleteItem(NamedTuple):

@@ -13,13 +13,15 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
+from taskloom.core.limits import cut_text
+from taskloom.core.model import Event
 from taskloom.core.plan import CAPABILITY_RE
 from taskloom.core.status import abort
 from taskloom.supervisor import codec
@@ -44,6 +46,11 @@ logger = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+FRAME_BYTES = 1024 * 1024
+"""About the most a WatchTask or WaitTasks message carries."""
+EVENT_BYTES = 512 * 1024
+EVENT_OVERHEAD = 256
+"""An event's fields other than its message, generously."""
 MAX_CONCURRENCY = 10_000
 MAX_CAPABILITIES = 64
 """Capabilities one worker may offer."""
@@ -275,7 +282,8 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
                 principal=principal,
                 terminal_only=request.terminal_only,
             ):
-                yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in events])
+                for frame in frames(events):
+                    yield pb.WatchTaskResponse(events=[codec.event_to_pb(e) for e in frame])
 
     @_streaming
     async def WaitTasks(
@@ -291,7 +299,8 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         orchestrator = self._current()
         with self._quotas.watching(principal):
             async for events in orchestrator.watching.wait_many(task_ids, principal=principal):
-                yield pb.WaitTasksResponse(events=[codec.event_to_pb(e) for e in events])
+                for frame in frames(events):
+                    yield pb.WaitTasksResponse(events=[codec.event_to_pb(e) for e in frame])
 
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
@@ -418,6 +427,26 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         session.close()
 
 
+def frames(events: list[Event]) -> Iterator[list[Event]]:
+    """``events`` in messages of at most about ``FRAME_BYTES``, so that no
+    message nears a channel's limit however large the log; an event larger
+    than ``EVENT_BYTES`` (only logs written before the caps) goes out cut."""
+    frame: list[Event] = []
+    size = 0
+    for event in events:
+        message, cut = cut_text(event.message, EVENT_BYTES, "too large to send")
+        if cut:
+            event = dataclasses.replace(event, message=message)
+        weight = len(event.message) * 4 if len(event.message) * 4 <= EVENT_BYTES else EVENT_BYTES
+        if frame and size + weight > FRAME_BYTES:
+            yield frame
+            frame, size = [], 0
+        frame.append(event)
+        size += weight + EVENT_OVERHEAD
+    if frame:
+        yield frame
+
+
 def hello_problem(hello: wpb.Hello) -> str:
     """What is wrong with a Hello ('' if nothing): names a worker chooses
     reach logs, metric labels and the planner's prompt, so they are checked."""
@@ -461,7 +490,9 @@ async def _report(
         refs = [codec.ref_from_pb(r) for r in request.accepted.refs]
         await orchestrator.accepted(refs, worker_id)
     elif kind == "progress":
-        await orchestrator.progress(codec.progress_from_pb(request.progress), worker_id)
+        await orchestrator.progress(
+            codec.progress_from_pb(request.progress), worker_id, session=session
+        )
     elif kind == "completed":
         acks = await orchestrator.completed(codec.results_from_pb(request.completed), worker_id)
         session.send(AckReports(tuple(acks)))

@@ -142,6 +142,14 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """Largest output of one subtask (UTF-8 bytes)."""
     output_overflow: Literal["fail", "truncate"] = "fail"
     """A larger output fails its subtask (for good), or is cut with a marker."""
+    max_progress_bytes: int = Field(default=4096, ge=256)
+    """Longest progress message (UTF-8 bytes); a longer one is cut with a marker."""
+    max_stream_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Streamed text one subtask may add to its task's log (UTF-8 bytes); past
+    it, its stream is cut with one marker (its output is not affected)."""
+    max_progress_rate: float = Field(default=20.0, gt=0)
+    """Progress and stream messages a worker may send per second for each of
+    its slots (twice that in a burst); more are dropped and counted."""
     shutdown_grace: Seconds = 10.0
     """On SIGTERM, how long in-flight RPCs get to finish."""
     hello_timeout: Seconds = 5.0

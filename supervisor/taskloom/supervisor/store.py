@@ -456,11 +456,20 @@ class Store:
         return _committed(await self._run("start", payload))
 
     @_translated
-    async def progress(self, updates: Sequence[ProgressUpdate], worker_id: str = "") -> list[bool]:
-        """Log progress and streamed output; False where the report is stale."""
+    async def progress(
+        self, updates: Sequence[ProgressUpdate], worker_id: str = "", stream_budget: int = 1 << 20
+    ) -> list[bool]:
+        """Log progress and streamed output (at most ``stream_budget`` bytes of
+        it per subtask); False where the report is stale."""
         payload = [
             scripts.ProgressItem(
-                u.ref.task_id, u.ref.subtask_id, u.ref.attempt, u.message, u.text, worker_id
+                u.ref.task_id,
+                u.ref.subtask_id,
+                u.ref.attempt,
+                u.message,
+                u.text,
+                worker_id,
+                stream_budget,
             )
             for u in updates
         ]
@@ -746,8 +755,11 @@ class Store:
         return found, ""
 
     @_translated
-    async def read_events(self, task_id: str, after: str, count: int = 1000) -> list[Event]:
-        """Up to ``count`` events after the cursor (``""`` or ``"0"``: from the start)."""
+    async def read_events(self, task_id: str, after: str, count: int = 256) -> list[Event]:
+        """Up to ``count`` events after the cursor (``""`` or ``"0"``: from the start).
+
+        Events are small (progress and streamed pieces are capped), so a read
+        costs bounded memory however long the log."""
         start = f"({after}" if after and after != "0" else "-"
         entries = await self._redis.xrange(self.keys.events(task_id), start, "+", count=count)
         return [decode_event(task_id, eid, fields) for eid, fields in entries]
