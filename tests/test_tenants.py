@@ -19,7 +19,7 @@ from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import tasks_pb2_grpc, workers_pb2_grpc
 from taskloom.v1 import workers_pb2 as wpb
-from tests.conftest import stop_or_explain
+from tests.conftest import Processes, stop_or_explain
 from tests.helpers import eventually, plan, wait_status
 
 MIB = 1024 * 1024
@@ -145,3 +145,22 @@ async def test_watching_a_big_log_goes_in_messages_of_bounded_size(
         assert len(sizes) >= 12
     finally:
         await stop_or_explain(server)
+
+
+async def test_many_assignments_of_a_large_goal_reach_a_worker_in_frames_it_accepts(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    # 200 subtasks of a goal of 20,000 four-byte characters: 16 MB of
+    # assignments, ready at once, for a worker that accepts 2 MiB a message.
+    processes.worker(
+        supervisor.address,
+        capabilities="echo",
+        concurrency=200,
+        env={"TASKLOOM_MAX_MESSAGE_BYTES": str(2 * MIB)},
+    )
+    steps = plan(*((f"s{i}", "echo", f"step {i}") for i in range(200)))
+    task_id = await client.submit("\U0001d11e" * 20_000, plan=steps)
+    task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED, timeout=120)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert all(s.attempt == 1 for s in task.subtasks)
+    assert "RESOURCE_EXHAUSTED" not in processes.log("worker-1")

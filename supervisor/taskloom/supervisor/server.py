@@ -21,7 +21,7 @@ import grpc
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
 from taskloom.core.limits import cut_text
-from taskloom.core.model import Event
+from taskloom.core.model import Assignment, Event
 from taskloom.core.plan import CAPABILITY_RE
 from taskloom.core.status import abort
 from taskloom.supervisor import codec
@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+ASSIGN_FRAME_BYTES = 1024 * 1024
+"""About the most one Assign message carries: a worker accepts 64 MiB by
+default and no less than 1 MiB (an assignment larger than this goes alone)."""
 FRAME_BYTES = 1024 * 1024
 """About the most a WatchTask or WaitTasks message carries."""
 EVENT_BYTES = 512 * 1024
@@ -427,6 +430,28 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         session.close()
 
 
+def assignment_size(a: Assignment) -> int:
+    """An upper bound of an assignment's encoded size (UTF-8 at most 4 bytes a character)."""
+    text = len(a.goal) + len(a.instruction) + len(a.title)
+    text += sum(len(i.title) + len(i.output) + len(i.subtask_id) for i in a.inputs)
+    text += sum(len(k) + len(v) for k, v in a.params.items())
+    return 4 * text + 512
+
+
+def _by_size(assignments: list[Assignment], limit: int) -> Iterator[list[Assignment]]:
+    part: list[Assignment] = []
+    size = 0
+    for assignment in assignments:
+        weight = assignment_size(assignment)
+        if part and size + weight > limit:
+            yield part
+            part, size = [], 0
+        part.append(assignment)
+        size += weight
+    if part:
+        yield part
+
+
 def frames(events: list[Event]) -> Iterator[list[Event]]:
     """``events`` in messages of at most about ``FRAME_BYTES``, so that no
     message nears a channel's limit however large the log; an event larger
@@ -513,8 +538,9 @@ def _coalesce(messages: list[Outgoing]) -> list[Outgoing]:
     if acks or heard:
         # One Ack: the reports it confirms, or none, to answer a heartbeat.
         merged.append(AckReports(tuple(acks)))
-    if assignments:
-        merged.append(AssignBatch(tuple(assignments)))
+    # Assignments carry their goal and inputs: split so that no frame nears
+    # the worker's limit however many share a large goal.
+    merged += [AssignBatch(tuple(part)) for part in _by_size(assignments, ASSIGN_FRAME_BYTES)]
     # Cancels and drains after the assignments they may refer to; a close last.
     merged += [m for m in rest if not isinstance(m, CloseSession)]
     merged += [m for m in rest if isinstance(m, CloseSession)][:1]
