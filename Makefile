@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 N      ?= 100
 SEED   ?= 1
 
-.PHONY: setup demo test chaos lint docs format protos protos-check wheel clean
+.PHONY: setup demo test chaos fuzz lint docs format protos protos-check wheel clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test: setup
 	./scripts/ensure-chromium
 	./scripts/ensure-redis-sentinel
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fuzz tests with N examples each (CI runs 60): make fuzz N=2000
+fuzz: setup
+	TASKLOOM_FUZZ_EXAMPLES=$(N) $(BIN)/python -m pytest -p no:cacheprovider tests/supervisor/test_fuzz.py -q
 
 # N random fault schedules through the fault-injection suite (tests/chaos);
 # `make test` runs each scenario once and 2 random schedules.

@@ -5,6 +5,7 @@ code; the supervisor, the SDK and a worker process talk through them."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -162,6 +163,54 @@ async def test_each_role_reaches_only_its_own_service(secure: Supervisor, pki: M
             first: Any = await call.read()
             assert first.HasField("welcome")
             call.cancel()
+
+
+async def test_another_principals_task_costs_one_small_read_not_the_task(
+    secure: Supervisor, pki: Minted, redis_server: LocalRedis
+) -> None:
+    many = plan(*((f"s{i}", "gate", "x") for i in range(500)))
+    raw = Redis.from_url(redis_server.url, decode_responses=True)
+    async with connect(secure, pki, "alice") as alice, connect(secure, pki, "bob") as bob:
+        task_id = await alice.submit("large", plan=many)
+
+        async def reads() -> tuple[int, int]:
+            stats = await raw.info("commandstats")
+            return tuple(  # type: ignore[return-value]
+                int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hgetall", "lrange")
+            )
+
+        before = await reads()
+        with pytest.raises(TaskNotFound):
+            await bob.get(task_id)
+        assert await reads() == before  # the owner was checked first: no subtask was read
+        assert len((await alice.get(task_id)).subtasks) == 500
+        assert (await reads())[0] > before[0]
+    await raw.aclose()
+
+
+async def test_a_watch_the_client_cancels_ends_quietly(
+    secure: Supervisor, pki: Minted, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with connect(secure, pki, "alice") as alice:
+        task_id = await alice.submit("watched", plan=GATED)
+        seen = asyncio.Event()
+
+        async def follow() -> None:
+            async for _ in alice.watch(task_id):
+                seen.set()
+
+        following = asyncio.create_task(follow())
+        await seen.wait()
+        following.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await following
+        # The server side of the stream ends too, and is collected.
+        await alice.get(task_id)
+        await asyncio.sleep(0.2)
+        gc.collect()
+        await asyncio.sleep(0.2)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
 
 
 async def test_a_task_is_visible_only_to_its_owner_and_admins(

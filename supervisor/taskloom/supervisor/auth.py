@@ -143,12 +143,12 @@ def _as(
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
-            reset = current_principal.set(principal)
-            try:
-                async for item in inner(request, context):
-                    yield item
-            finally:
-                current_principal.reset(reset)
+            # Each call runs in a task (a context) of its own, so the value
+            # needs no reset; and a stream the client cancels is closed from
+            # another context, where a reset would fail.
+            current_principal.set(principal)
+            async for item in inner(request, context):
+                yield item
 
         behavior = generator
     else:

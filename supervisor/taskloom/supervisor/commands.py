@@ -207,6 +207,9 @@ class Commands:
     async def get(
         self, task_id: str, *, subtasks: bool = True, principal: Principal = LOCAL_ADMIN
     ) -> Task:
+        if not principal.admin:
+            # Another principal's task costs one small read, not a large one.
+            await self.check_owner(task_id, principal)
         task = await self.store.get_task(task_id, subtasks=subtasks)
         if not principal.admin and task.owner != principal.name:
             raise TaskNotFound(task_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -461,6 +462,9 @@ def decode_page_token(token: str) -> tuple[float, str]:
         return float("inf"), ""
     try:
         score, task_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        return float(score), task_id
+        value = float(score)
     except ValueError:
-        raise InvalidArgument("page_token is not one this server issued") from None
+        value, task_id = math.nan, ""
+    if not math.isfinite(value) or not plain(task_id):
+        raise InvalidArgument("page_token is not one this server issued", field="page_token")
+    return value, task_id
