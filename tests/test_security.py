@@ -213,6 +213,17 @@ async def test_a_watch_the_client_cancels_ends_quietly(
     assert not errors, errors
 
 
+async def test_priority_is_brought_within_the_range_of_the_callers_role(
+    secure: Supervisor, pki: Minted
+) -> None:
+    async with connect(secure, pki, "alice") as alice, connect(secure, pki, "root") as root:
+        mine = await alice.get(await alice.submit("greedy", plan=GATED, priority=2**31 - 1))
+        low = await alice.get(await alice.submit("modest", plan=GATED, priority=-(2**31)))
+        ops = await root.get(await root.submit("urgent", plan=GATED, priority=2**31 - 1))
+    assert (mine.options.priority, low.options.priority) == (100, -100)
+    assert ops.options.priority == 10_000
+
+
 async def test_a_task_is_visible_only_to_its_owner_and_admins(
     secure: Supervisor, pki: Minted
 ) -> None:
@@ -816,6 +827,136 @@ async def test_without_tokens_the_supervisor_keeps_to_loopback_unless_told(
     with_tokens = Supervisor(open_wide.model_copy(update={"tokens": tokens_entries()}))
     assert with_tokens.listen == "0.0.0.0:0"
     await with_tokens.store.close()
+
+
+async def test_metrics_and_health_follow_the_grpc_port_to_loopback(
+    supervisor_settings: SupervisorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    wide = supervisor_settings.model_copy(
+        update={"listen": "0.0.0.0:0", "metrics_port": 0, "health_port": 0}
+    )
+    guarded = Supervisor(wide)
+    await guarded.start()
+    try:
+        assert guarded.metrics_host == "127.0.0.1"
+        assert "metrics and health listen on 127.0.0.1, not 0.0.0.0" in caplog.text
+        assert f"listening on 127.0.0.1:{guarded.port}" in caplog.text
+    finally:
+        await guarded.stop(grace=0.5)
+    told = Supervisor(wide.model_copy(update={"insecure": True}))
+    await told.start()
+    try:
+        assert told.metrics_host == "0.0.0.0"
+        # The start-up line names the address really bound.
+        assert f"listening on 0.0.0.0:{told.port}" in caplog.text
+    finally:
+        await told.stop(grace=0.5)
+
+
+def roleless_client_certificate(pki: Minted) -> tuple[Path, Path]:
+    """A client certificate from the same CA that names no role."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key: Any = serialization.load_pem_private_key(
+        (pki.directory / "ca-key.pem").read_bytes(), None
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nobody")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = pki.directory / "nobody.pem", pki.directory / "nobody-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_with_mutual_tls_a_certificate_names_its_holder_and_one_without_a_role_gets_none(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    from taskloom.client.certs import issue
+
+    server_cert, server_key = pki.files["server"]
+    settings = supervisor_settings.model_copy(
+        update={"tls_cert": server_cert, "tls_key": server_key, "tls_client_ca": pki.ca}
+    )
+    server = Supervisor(settings)
+    assert server.authenticated  # no tokens, yet every caller is named
+    await server.start()
+    held = {
+        "alice": issue(pki.directory, "alice", role="client"),
+        "bob": issue(pki.directory, "bob", role="client"),
+        "worker": pki.files["worker"],
+        "roleless": roleless_client_certificate(pki),
+        "ca": (pki.ca, pki.directory / "ca-key.pem"),  # the CA's own key pair
+        "server": pki.files["server"],
+    }
+
+    def as_(who: str) -> TaskloomClient:
+        cert, key = held[who]
+        return TaskloomClient(
+            settings=ClientSettings.load(
+                supervisor=server.address,
+                tls_ca=str(pki.ca),
+                tls_cert=str(cert),
+                tls_key=str(key),
+                unavailable_grace="0.5",
+            )
+        )
+
+    try:
+        async with as_("alice") as alice, as_("bob") as bob:
+            task_id = await alice.submit("mine", plan=GATED)
+            assert (await alice.get(task_id)).owner == "alice"
+            with pytest.raises(TaskNotFound):
+                await bob.get(task_id)
+        for who in ("worker", "roleless"):
+            async with as_(who) as other:
+                with pytest.raises(PermissionDenied) as refused:
+                    await other.list()
+            expected = "role, which may not call" if who == "worker" else "names no taskloom role"
+            assert expected in str(refused.value), (who, refused.value)
+        for who in ("ca", "server"):
+            # Certificates that are not for clients do not get through TLS.
+            async with as_(who) as other:
+                with pytest.raises((PermissionDenied, SupervisorUnavailable)):
+                    await other.list()
+        # A client's certificate does not open the worker stream.
+        cert, key = (p.read_bytes() for p in held["alice"])
+        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), key, cert)
+        async with grpc.aio.secure_channel(server.address, credentials) as ch:
+            call: Any = workers_pb2_grpc.WorkerServiceStub(ch).Connect()
+            await call.write(
+                wpb.ConnectRequest(
+                    hello=wpb.Hello(worker_id="w", capabilities=["gate"], max_concurrency=1)
+                )
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await call.read()
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await server.stop(grace=0.5)
 
 
 async def test_metrics_can_be_served_over_tls(

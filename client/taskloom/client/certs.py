@@ -4,8 +4,13 @@
 
     ca.pem                      the CA: clients, workers and (for mTLS) the supervisor trust it
     server.pem, server-key.pem  the supervisor (localhost, 127.0.0.1, ::1 and --host names)
-    worker.pem, worker-key.pem  a worker's client certificate (mutual TLS)
-    client.pem, client-key.pem  a client's certificate (mutual TLS)
+    worker.pem, worker-key.pem  a worker's client certificate (mutual TLS), role worker
+    client.pem, client-key.pem  a client's certificate (mutual TLS), role client
+
+A client certificate carries its holder's role and name as a subject
+alternative name ``urn:taskloom:<role>:<name>``; with mutual TLS and no
+token, that is who the caller is. ``taskloom certs issue DIR NAME --role R``
+signs another one with the same CA.
 
 Keys are ECDSA P-256, written readable by their owner only. For development:
 production certificates come from your PKI (or cert-manager on Kubernetes).
@@ -16,6 +21,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +31,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from taskloom.core.auth import Role, role_uri
 from taskloom.core.errors import ConfigError
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1", "taskloom-supervisor")
 LEAF_NAMES = ("server", "worker", "client")
 
@@ -88,34 +96,73 @@ def init(
     names = list(dict.fromkeys([*DEFAULT_HOSTS, *hosts]))
     files: dict[str, tuple[Path, Path]] = {}
     for leaf in LEAF_NAMES:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"taskloom-{leaf}")]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-            )
+        role = None if leaf == "server" else Role(leaf)
+        files[leaf] = _leaf(
+            directory, leaf, ca_cert, ca_key, days=days, hosts=names, role=role, name=leaf
         )
-        if leaf == "server":
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
-            ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        else:
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-            )
-        cert = builder.sign(ca_key, hashes.SHA256())
-        cert_path, key_path = directory / f"{leaf}.pem", directory / f"{leaf}-key.pem"
-        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
-        _write(key_path, _key_pem(key), private=True)
-        files[leaf] = (cert_path, key_path)
     return Minted(directory, directory / "ca.pem", files)
+
+
+def issue(directory: Path, name: str, *, role: str, days: int = 365) -> tuple[Path, Path]:
+    """Sign a client certificate for ``name`` in ``role`` with the CA that
+    ``init`` wrote to ``directory``: ``NAME.pem`` and ``NAME-key.pem``."""
+    try:
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        ca_key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no CA in {directory} ({e}); run `taskloom certs init` first") from None
+    if role not in Role.__members__.values():
+        raise ConfigError(f"role {role!r} is not one of client, worker, admin")
+    if not _NAME.match(name) or name in (*LEAF_NAMES, "ca"):
+        raise ConfigError(
+            f"{name!r}: a name is letters, digits and ._@- (not {', '.join(LEAF_NAMES)})"
+        )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    return _leaf(directory, name, ca_cert, ca_key, days=days, role=Role(role), name=name)
+
+
+def _leaf(
+    directory: Path,
+    leaf: str,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    days: int,
+    role: Role | None,
+    name: str,
+    hosts: Iterable[str] = (),
+) -> tuple[Path, Path]:
+    """One certificate signed by the CA: the server's (``role`` None) or a
+    client's naming its role and name."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"taskloom-{leaf}")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    if role is None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in hosts]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(role_uri(role, name))]),
+            critical=False,
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = directory / f"{leaf}.pem", directory / f"{leaf}-key.pem"
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(key_path, _key_pem(key), private=True)
+    return cert_path, key_path
 
 
 def _general_name(name: str) -> x509.GeneralName:

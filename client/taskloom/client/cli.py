@@ -665,6 +665,25 @@ def certs_init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) 
               "   # client.pem for clients; mutual TLS only")  # fmt: skip
 
 
+@certs.command("issue")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@click.option(
+    "--role", type=click.Choice(["client", "worker", "admin"]), default="client", show_default=True
+)
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+def certs_issue(directory: Path, name: str, role: str, days: int) -> None:
+    """Sign a client certificate for NAME in ROLE with the CA in DIRECTORY
+    (from `certs init`): with mutual TLS it stands for NAME, as a token would."""
+    from taskloom.client import certs as minting
+
+    try:
+        cert, key = minting.issue(directory, name, role=role, days=days)
+    except TaskloomError as e:
+        _fail(e)
+    out.print(f"wrote {cert} and {key}: {name}, role {role}")
+
+
 @cli.group()
 def tokens() -> None:
     """Bearer tokens for the supervisor's tokens file."""

@@ -106,14 +106,34 @@ class Supervisor:
         self.tokens = settings.token_table()
         """Who may call (empty: authentication is off)."""
         self.listen = self._guarded_listen()
+        self.metrics_host = self._guarded_metrics_host()
+        """Where /metrics and the health port listen: on loopback too when
+        the gRPC port was kept there for lack of authentication."""
         self.quotas = Quotas(settings, self.metrics)
         self.leadership = Leadership(self.store, "", settings.leader_ttl, self)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether callers must prove who they are: tokens, or mutual TLS
+        (whose certificates name a role; one that names none gets nothing)."""
+        return bool(self.tokens) or self.settings.tls_client_ca is not None
+
+    def _guarded_metrics_host(self) -> str:
+        host = self.settings.metrics_host
+        if self.authenticated or self.settings.insecure or is_loopback(f"{host}:0"):
+            return host
+        logger.warning(
+            "metrics and health listen on 127.0.0.1, not %s, as gRPC does without "
+            "authentication: set tokens or mutual TLS, or pass --insecure",
+            host,
+        )
+        return "127.0.0.1"
 
     def _guarded_listen(self) -> str:
         """Where to listen: without tokens or mutual TLS only on loopback,
         unless the operator said --insecure."""
         listen = self.settings.listen
-        protected = bool(self.tokens) or self.settings.tls_client_ca is not None
+        protected = self.authenticated
         if protected or self.settings.insecure or is_loopback(listen):
             if not protected and not is_loopback(listen):
                 logger.warning(
@@ -188,7 +208,9 @@ class Supervisor:
         server = grpc.aio.server(
             options=server_options(self.settings.server_limits()),
             interceptors=server_interceptors(
-                self.tokens, lambda reason: self.metrics.refused.labels(reason).inc()
+                lambda: self.tokens,
+                lambda reason: self.metrics.refused.labels(reason).inc(),
+                mutual_tls=self.settings.tls_client_ca is not None,
             ),
         )
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(
@@ -227,20 +249,24 @@ class Supervisor:
             self.metrics_port = serve_metrics(
                 self.settings.metrics_port,
                 self.metrics.registry,
-                self.settings.metrics_host,
+                self.metrics_host,
                 certfile=str(self.settings.tls_cert) if tls else None,
                 keyfile=str(self.settings.tls_key) if tls else None,
             )
             logger.info("metrics on %s://%s:%d/metrics", "https" if tls else "http",
-                        self.settings.metrics_host, self.metrics_port)  # fmt: skip
+                        self.metrics_host, self.metrics_port)  # fmt: skip
         logger.info(
             "supervisor %s listening on %s (%s, %s; redis %s, llm %s)",
             self.settings.supervisor_id,
-            self.address,
+            f"{self.listen.rpartition(':')[0]}:{self.port}",  # as bound, 0.0.0.0 included
             ("mutual TLS" if self.settings.tls_client_ca else "TLS")
             if self.settings.tls_cert
             else "plaintext",
-            f"{len(self.tokens)} tokens" if self.tokens else "no tokens: everyone is admin",
+            f"{len(self.tokens)} tokens"
+            if self.tokens
+            else "client certificates name the callers"
+            if self.settings.tls_client_ca
+            else "no authentication: everyone is admin",
             self.store.safe_url,
             self.llm.describe(),
         )
@@ -289,7 +315,7 @@ class Supervisor:
         this port offers nothing else."""
         health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
-        address = f"{self.settings.metrics_host}:{port}"
+        address = f"{self.metrics_host}:{port}"
         try:
             self.health_port = health_server.add_insecure_port(address)
         except RuntimeError:

@@ -13,9 +13,11 @@ call (UNAUTHENTICATED, PERMISSION_DENIED) or runs it with the principal in
     grpc.health.v1.Health/*                yes     yes     yes     yes
 
 Health stays open so that load balancers and Kubernetes probes, which send no
-metadata, can ask. With no tokens configured, authentication is off and every
-caller is the local admin (the supervisor then listens on loopback only,
-unless told ``--insecure``).
+metadata, can ask. With mutual TLS, a call without a token is its client
+certificate's principal (``urn:taskloom:<role>:<name>``; a certificate that
+names none gets no role). With neither tokens nor mutual TLS, authentication
+is off and every caller is the local admin (the supervisor then listens on
+loopback only, unless told ``--insecure``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 import grpc
+from cryptography import x509
 
-from taskloom.core.auth import LOCAL_ADMIN, Principal, Role, TokenTable, bearer
+from taskloom.core.auth import (
+    LOCAL_ADMIN,
+    Principal,
+    Role,
+    TokenTable,
+    bearer,
+    hash_token,
+    principal_of_uris,
+)
 from taskloom.core.errors import PermissionDenied, TaskloomError, Unauthenticated
 from taskloom.core.status import abort
 
@@ -39,6 +50,11 @@ current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar(
     "taskloom_principal", default=LOCAL_ADMIN
 )
 """The caller of the RPC being served."""
+current_credential: contextvars.ContextVar[bytes] = contextvars.ContextVar(
+    "taskloom_credential", default=b""
+)
+"""The hash of the token the caller presented (empty: none), so that a long
+stream opened with it can be closed when it is revoked or expires."""
 
 OPEN_PREFIX = "/grpc.health.v1.Health/"
 WORKER_METHODS = frozenset({"/taskloom.v1.WorkerService/Connect"})
@@ -64,10 +80,19 @@ Refused: TypeAlias = Callable[[str], None]
 
 
 class Authenticator(grpc.aio.ServerInterceptor):
-    """Checks the bearer token and the role of every call but health checks."""
+    """Checks the credentials (a bearer token, or with mutual TLS a client
+    certificate) and the role of every call but health checks."""
 
-    def __init__(self, tokens: TokenTable, refused: Refused | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Callable[[], TokenTable],
+        refused: Refused | None = None,
+        *,
+        mutual_tls: bool = False,
+    ) -> None:
         self._tokens = tokens
+        """The table now (it is reloaded when its file changes)."""
+        self._mutual_tls = mutual_tls
         self._refused = refused or (lambda reason: None)
         self._last_log = 0.0
         self._unlogged = 0
@@ -77,29 +102,86 @@ class Authenticator(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if handler is None or not self._tokens or method.startswith(OPEN_PREFIX):
+        tokens = self._tokens()
+        if handler is None or not (tokens or self._mutual_tls) or method.startswith(OPEN_PREFIX):
             return handler
         token = bearer(handler_call_details.invocation_metadata or ())
         error: TaskloomError
-        if token is None:
+        if token is None or not tokens:
+            if self._mutual_tls:
+                return self._certified(handler, method)
             error = Unauthenticated(
                 "this supervisor needs a token: pass --token or set TASKLOOM_TOKEN"
             )
             return self._refuse(handler, error, "missing", method)
-        principal = self._tokens.lookup(token) if token else None
-        if principal is None:
+        entry = tokens.entry(token) if token else None
+        if entry is None:
             error = Unauthenticated(
                 "the token is not valid (unknown, revoked or malformed); "
                 "ask the operator for a new one"
             )
             return self._refuse(handler, error, "invalid", method)
-        if not allowed(principal.role, method):
-            error = PermissionDenied(
-                f"{principal.name} has the {principal.role} role, which may not call "
-                f"{method.rsplit('/', 1)[-1]}"
+        if entry.expired(time.time()):
+            error = Unauthenticated(
+                f"the token of {entry.principal.name} expired at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(entry.expires))}; "
+                "ask the operator for a new one"
             )
-            return self._refuse(handler, error, "forbidden", method, principal)
-        return _as(principal, handler)
+            return self._refuse(handler, error, "expired", method, entry.principal)
+        problem = self._forbidden(entry.principal, method)
+        if problem is not None:
+            return self._refuse(handler, problem, "forbidden", method, entry.principal)
+        return _as(entry.principal, handler, hash_token(token).encode())
+
+    @staticmethod
+    def _forbidden(principal: Principal, method: str) -> TaskloomError | None:
+        if allowed(principal.role, method):
+            return None
+        return PermissionDenied(
+            f"{principal.name} has the {principal.role} role, which may not call "
+            f"{method.rsplit('/', 1)[-1]}"
+        )
+
+    def _certified(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler, run as the principal the client certificate names
+        (known only once the call runs, from its TLS session)."""
+
+        def decide(context: Any) -> Principal | TaskloomError:
+            principal = certificate_principal(context)
+            if principal is None:
+                self._note("no role", method)
+                return PermissionDenied(
+                    "no token, and the client certificate names no taskloom role: present "
+                    "a token, or a certificate whose subject alternative names include "
+                    "urn:taskloom:<role>:<name> (as `taskloom certs` writes them)"
+                )
+            problem = self._forbidden(principal, method)
+            if problem is not None:
+                self._note("forbidden", method, principal)
+                return problem
+            return principal
+
+        return _as(decide, handler)
+
+    def _note(
+        self, reason: str, method: str, principal: Principal | None = None, what: str = ""
+    ) -> None:
+        self._refused(reason)
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            logger.warning(
+                "refused %s: %s%s%s (%d more refusals since the last report)",
+                method,
+                reason,
+                what,
+                f" of {principal.name}" if principal else "",
+                self._unlogged,
+            )
+            self._last_log, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
 
     def _refuse(
         self,
@@ -109,20 +191,8 @@ class Authenticator(grpc.aio.ServerInterceptor):
         method: str,
         principal: Principal | None = None,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        self._refused(reason)
-        now = time.monotonic()
-        if now - self._last_log >= LOG_EVERY:
-            # Never the token: a mistyped one is still someone's secret.
-            logger.warning(
-                "refused %s: %s token%s (%d more refusals since the last report)",
-                method,
-                reason,
-                f" of {principal.name}" if principal else "",
-                self._unlogged,
-            )
-            self._last_log, self._unlogged = now, 0
-        else:
-            self._unlogged += 1
+        # Never the token: a mistyped one is still someone's secret.
+        self._note(reason, method, principal, " token")
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await abort(context, error)
@@ -130,10 +200,29 @@ class Authenticator(grpc.aio.ServerInterceptor):
         return _handler_like(handler, refuse)
 
 
+def certificate_principal(context: Any) -> Principal | None:
+    """The principal the peer's client certificate names, if any."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    return principal_of_uris(names.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+Decide: TypeAlias = Callable[[Any], "Principal | TaskloomError"]
+
+
 def _as(
-    principal: Principal, handler: grpc.RpcMethodHandler[Any, Any]
+    principal: Principal | Decide,
+    handler: grpc.RpcMethodHandler[Any, Any],
+    credential: bytes = b"",
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, run with ``principal`` as the current caller."""
+    """The same handler, run with ``principal`` as the current caller (or the
+    one ``principal(context)`` decides on when the call runs, or its refusal)."""
     inner = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
@@ -146,7 +235,8 @@ def _as(
             # Each call runs in a task (a context) of its own, so the value
             # needs no reset; and a stream the client cancels is closed from
             # another context, where a reset would fail.
-            current_principal.set(principal)
+            current_principal.set(await _who(principal, context))
+            current_credential.set(credential)
             async for item in inner(request, context):
                 yield item
 
@@ -154,7 +244,8 @@ def _as(
     else:
 
         async def coroutine(request: Any, context: Any) -> Any:
-            reset = current_principal.set(principal)
+            reset = current_principal.set(await _who(principal, context))
+            current_credential.set(credential)
             try:
                 return await cast(Awaitable[Any], inner(request, context))
             finally:
@@ -162,6 +253,16 @@ def _as(
 
         behavior = coroutine
     return _handler_like(handler, behavior)
+
+
+async def _who(principal: Principal | Decide, context: Any) -> Principal:
+    if isinstance(principal, Principal):
+        return principal
+    decided = principal(context)
+    if isinstance(decided, TaskloomError):
+        await abort(context, decided)
+    assert isinstance(decided, Principal)
+    return decided
 
 
 def _handler_like(

@@ -111,10 +111,13 @@ class Commands:
         synthesize = options.synthesize
         if synthesize is None:
             synthesize = plan.synthesize if plan is not None else None
+        # Priority orders work across tenants: each role has a range.
+        bound = self.settings.max_admin_priority if principal.admin else self.settings.max_priority
         options = replace(
             options,
             synthesize=True if synthesize is None else synthesize,
             stall_timeout=options.stall_timeout or self.settings.stall_timeout,
+            priority=max(-bound, min(bound, options.priority)),
         )
         if len(idempotency_key) > MAX_KEY_CHARS:
             raise InvalidArgument(

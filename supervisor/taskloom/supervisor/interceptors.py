@@ -45,7 +45,7 @@ class _Traced(grpc.aio.ServerInterceptor):
 
 
 def server_interceptors(
-    tokens: TokenTable, refused: Refused | None = None
+    tokens: Callable[[], TokenTable], refused: Refused | None = None, *, mutual_tls: bool = False
 ) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors for the supervisor's server, outermost first."""
-    return [Authenticator(tokens, refused), _Traced()]
+    return [Authenticator(tokens, refused, mutual_tls=mutual_tls), _Traced()]

@@ -176,6 +176,11 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """WatchTask streams one principal may hold open at once."""
     max_tasks_in_flight: int = Field(default=1_000, ge=1)
     """Unfinished tasks one principal may have."""
+    max_priority: int = Field(default=100, ge=0)
+    """A client's tasks run at a priority from minus this to this; what it asks
+    beyond is brought within (admins: ``max_admin_priority``)."""
+    max_admin_priority: int = Field(default=10_000, ge=0)
+    """The priority range of an admin's tasks."""
     submit_rate: float = Field(default=20.0, gt=0)
     """Submits per second one principal may make on average ..."""
     submit_burst: int = Field(default=100, ge=1)
