@@ -224,6 +224,85 @@ async def test_priority_is_brought_within_the_range_of_the_callers_role(
     assert ops.options.priority == 10_000
 
 
+async def test_tokens_expire_and_are_reloaded_and_a_revoked_workers_stream_is_closed(
+    supervisor_settings: SupervisorSettings, pki: Minted, tmp_path: Path
+) -> None:
+    table = tmp_path / "tokens"
+
+    def write(*names: str, expired: str = "") -> None:
+        lines = [f"{hash_token(TOKENS[n][0])} {n} {TOKENS[n][1]}" for n in names]
+        if expired:
+            lines.append(
+                f"{hash_token(TOKENS[expired][0])} {expired} client expires=2020-01-01T00:00Z"
+            )
+        table.write_text("\n".join(lines) + "\n")
+
+    write("alice", "w1", "w2", expired="bob")
+    cert, key = pki.files["server"]
+    server = Supervisor(
+        supervisor_settings.model_copy(
+            update={"tls_cert": cert, "tls_key": key, "tokens_file": table}
+        )
+    )
+    await server.start()
+    try:
+        async with connect(server, pki, "bob") as bob:
+            with pytest.raises(Unauthenticated, match="expired at 2020-01-01 00:00:00Z"):
+                await bob.list()
+        async with connect(server, pki, "root") as root:
+            with pytest.raises(Unauthenticated, match="not valid"):
+                await root.list()
+        async with channel(server, pki) as ch:
+            stub = workers_pb2_grpc.WorkerServiceStub(ch)
+            revoked: Any = stub.Connect(metadata=token_metadata(TOKENS["w1"][0]))
+            kept: Any = stub.Connect(metadata=token_metadata(TOKENS["w2"][0]))
+            for name, call in (("w1", revoked), ("w2", kept)):
+                hello = wpb.Hello(worker_id=name, capabilities=["gate"], max_concurrency=1)
+                await call.write(wpb.ConnectRequest(hello=hello))
+                assert (await call.read()).HasField("welcome")
+            # The operator adds root and revokes w1; the file is seen to change.
+            write("alice", "w2", "root")
+            async with connect(server, pki, "root") as root:
+
+                async def admitted() -> bool:
+                    try:
+                        await root.list()
+                    except Unauthenticated:
+                        return False
+                    return True
+
+                assert await eventually(admitted, timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as closed:
+                while True:
+                    await revoked.read()
+            assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "revoked" in (closed.value.details() or "")
+            await kept.write(wpb.ConnectRequest(heartbeat=wpb.Heartbeat()))
+            assert (await kept.read()).HasField("ack")  # a valid token's stream goes on
+            kept.cancel()
+            # A table that no longer parses leaves the tokens as they were.
+            table.write_text("this is not a tokens table\n")
+            server.reload_tokens()
+            async with connect(server, pki, "alice") as alice:
+                await alice.list()
+    finally:
+        await server.stop(grace=0.5)
+
+
+async def test_a_token_file_keeps_the_token_off_the_command_line(
+    secure: Supervisor, pki: Minted, tmp_path: Path
+) -> None:
+    env = {"TASKLOOM_SUPERVISOR": secure.address, "TASKLOOM_TLS_CA": str(pki.ca)}
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKENS["alice"][0] + "\n")
+    listed = await asyncio.to_thread(run_cli, "tasks", "--token-file", str(token_file), env=env)
+    assert listed.returncode == 0, listed.stderr
+    missing = await asyncio.to_thread(
+        run_cli, "tasks", "--token-file", str(tmp_path / "nothing"), env=env
+    )
+    assert missing.returncode == 2 and "cannot read" in missing.stderr, missing.stderr
+
+
 async def test_a_task_is_visible_only_to_its_owner_and_admins(
     secure: Supervisor, pki: Minted
 ) -> None:

@@ -135,7 +135,7 @@ def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 def supervisor_option(fn: F) -> F:
     """``--supervisor`` and the flags that secure the connection to it."""
-    fn = settings_options(ClientSettings, ("token", "tls_ca", "tls_cert", "tls_key"),
+    fn = settings_options(ClientSettings, ("token", "token_file", "tls_ca", "tls_cert", "tls_key"),
                           callback=_remember)(fn)  # fmt: skip
     return settings_options(ClientSettings, ("supervisor",))(fn)
 

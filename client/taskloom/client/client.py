@@ -93,7 +93,8 @@ class TaskloomClient:
         self.settings = settings or ClientSettings.load(supervisor=address)
         self._addresses = self.settings.supervisor
         tls = self.settings.client_tls()
-        if self.settings.token and tls is None:
+        token = self.settings.bearer_token()
+        if token and tls is None:
             exposed = [a for a in self._addresses if not is_loopback(a)]
             if exposed:
                 logger.warning(
@@ -101,7 +102,7 @@ class TaskloomClient:
                     "set TASKLOOM_TLS_CA",
                     ", ".join(exposed),
                 )
-        self._metadata = token_metadata(self.settings.token)
+        self._metadata = token_metadata(token)
         self._channels = [
             open_channel(a, self.settings.max_message_bytes, tls, self.settings.keepalive())
             for a in self._addresses

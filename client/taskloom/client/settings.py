@@ -16,6 +16,7 @@ class ClientSettings(ConnectionSettings):
     flag_names: ClassVar[dict[str, str]] = {
         "supervisor": "--supervisor",
         "token": "--token",
+        "token_file": "--token-file",
         "tls_ca": "--tls-ca",
         "tls_cert": "--tls-cert",
         "tls_key": "--tls-key",

@@ -223,7 +223,10 @@ class ConnectionSettings(KeepaliveSettings):
     """How a client or worker reaches the supervisor securely."""
 
     token: str = Field(default="", repr=False)
-    """Bearer token sent with every call; never logged."""
+    """Bearer token sent with every call; never logged. A command line shows
+    in ``ps``: prefer ``token_file`` or the environment."""
+    token_file: Path | None = None
+    """A file holding the bearer token (read when the settings are loaded)."""
     tls: bool = False
     """Use TLS even without ``tls_ca`` (trusting the system's CAs)."""
     tls_ca: Path | None = None
@@ -234,6 +237,16 @@ class ConnectionSettings(KeepaliveSettings):
     """The key of ``tls_cert`` (PEM)."""
     tls_server_name: str = ""
     """Expect this name in the supervisor's certificate (default: the address's host)."""
+
+    def bearer_token(self) -> str:
+        """``token``, or what ``token_file`` holds."""
+        if self.token or self.token_file is None:
+            return self.token
+        data = self.read_file("token_file") or b""
+        token = data.decode(errors="replace").strip()
+        if not token:
+            raise ConfigError(f"TASKLOOM_TOKEN_FILE: {self.token_file} is empty")
+        return token
 
     def client_tls(self) -> ClientTLS | None:
         """The TLS material to connect with, or None for plaintext."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -25,7 +27,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from taskloom.core.channel import is_loopback, server_credentials, server_options
-from taskloom.core.errors import ConfigError, NotLeader, StoreUnavailable, TaskloomError
+from taskloom.core.errors import (
+    ConfigError,
+    NotLeader,
+    StoreUnavailable,
+    TaskloomError,
+    Unauthenticated,
+)
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.supervisor.console import Console
@@ -50,6 +58,17 @@ SERVICE_NAMES = (
 LIVENESS = "liveness"
 """The health service that is SERVING whenever the process runs, leader or not."""
 BACKGROUND_STOP_WAIT = 5.0
+
+
+TOKENS_CHECK = 2.0
+"""How often the tokens file is checked for changes (and tokens for expiry)."""
+
+
+def _mtime(path: Path | None) -> float:
+    try:
+        return path.stat().st_mtime_ns if path is not None else 0.0
+    except OSError:
+        return 0.0
 
 
 class Supervisor:
@@ -279,7 +298,48 @@ class Supervisor:
                 self.leadership.seen or "another supervisor",
             )
         self.leadership.start()
-        self._background = [asyncio.create_task(self._check_llm(), name="taskloom-llm-check")]
+        self._background = [
+            asyncio.create_task(self._check_llm(), name="taskloom-llm-check"),
+            asyncio.create_task(self._watch_tokens(), name="taskloom-tokens"),
+        ]
+
+    def reload_tokens(self) -> None:
+        """Read the tokens again (SIGHUP, or the file changed): new tokens work
+        at once; worker streams opened with a token that is gone or expired
+        are closed. A file that no longer parses leaves the table as it was."""
+        try:
+            table = self.settings.token_table()
+        except TaskloomError as e:
+            logger.error("tokens not reloaded, the old ones stay in force: %s", e)
+            return
+        if not table and self.tokens:
+            logger.error("tokens not reloaded: the new table is empty (that would open the door)")
+            return
+        self.tokens = table
+        logger.info("tokens reloaded: %d entries", len(table))
+        self._close_revoked()
+
+    def _close_revoked(self) -> None:
+        if self.orchestrator is None or not self.tokens:
+            return
+        now = time.time()
+        for session in self.orchestrator.scheduler.sessions():
+            if session.credential and not self.tokens.valid(session.credential, now):
+                logger.warning("closing %s: its token was revoked or has expired", session)
+                session.close(Unauthenticated("this worker's token was revoked or has expired"))
+
+    async def _watch_tokens(self) -> None:
+        """Reload the tokens file when it changes; close streams whose token expired."""
+        path = self.settings.tokens_file
+        seen = _mtime(path)
+        while True:
+            await asyncio.sleep(TOKENS_CHECK)
+            now = _mtime(path)
+            if now != seen:
+                seen = now
+                self.reload_tokens()
+            else:
+                self._close_revoked()
 
     async def _serve_console(self, port: int) -> None:
         """The web console, where gRPC listens (so on loopback unless the

@@ -46,6 +46,8 @@ async def _serve(settings: SupervisorSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP reads the tokens file again (it is also watched for changes).
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload_tokens)
     await supervisor.start()
     heap.settle()
     try:

@@ -102,6 +102,8 @@ class WorkerSession:
         unread meanwhile, so its silence does not count (see ``reap``)."""
         self.draining = False
         self.closed = False
+        self.credential = b""
+        """The hash of the token it connected with (empty: none, or a certificate)."""
         self._progress_tokens: float | None = None
         self._progress_at = now
 

@@ -25,7 +25,7 @@ from taskloom.core.model import Assignment, Event
 from taskloom.core.plan import CAPABILITY_RE
 from taskloom.core.status import abort
 from taskloom.supervisor import codec
-from taskloom.supervisor.auth import current_principal
+from taskloom.supervisor.auth import current_credential, current_principal
 from taskloom.supervisor.orchestrator import Orchestrator
 from taskloom.supervisor.quotas import Quotas
 from taskloom.supervisor.scheduler import (
@@ -340,6 +340,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
         # The session belongs to this term: when the supervisor steps down
         # the stream ends and the worker looks for the new leader.
         session = orchestrator.worker_connected(info)
+        session.credential = current_credential.get()
         reader = asyncio.create_task(
             self._read(orchestrator, session, context), name=f"read-{session.id[:8]}"
         )

@@ -24,6 +24,7 @@ def command(**flags: str | int | None) -> None:
     try:
         settings = WorkerSettings.load(**flags)
         settings.client_tls()  # unreadable certificates fail here, not on connect
+        settings.bearer_token()  # and so does an unreadable token file
         setup_logging(settings.log_level, settings.log_format)
         setup_tracing("taskloom-worker")
         registry = load_handlers(settings.app) if settings.app else None

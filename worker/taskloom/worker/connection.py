@@ -143,7 +143,7 @@ class Connection:
                 await channel.close()
 
     async def _session(self, stub: workers_pb2_grpc.WorkerServiceAsyncStub, address: str) -> bool:
-        call = stub.Connect(metadata=token_metadata(self._settings.token))
+        call = stub.Connect(metadata=token_metadata(self._settings.bearer_token()))
         self._call = call
         handler = self._handler
         try:

@@ -29,6 +29,7 @@ class WorkerSettings(LLMSettings, ConnectionSettings):
         "log_level": "--log-level",
         "log_format": "--log-format",
         "token": "--token",
+        "token_file": "--token-file",
         "tls_ca": "--tls-ca",
         "tls_cert": "--tls-cert",
         "tls_key": "--tls-key",
