@@ -303,6 +303,62 @@ async def test_a_token_file_keeps_the_token_off_the_command_line(
     assert missing.returncode == 2 and "cannot read" in missing.stderr, missing.stderr
 
 
+async def test_a_token_limited_to_some_capabilities_uses_only_those(
+    supervisor_settings: SupervisorSettings, pki: Minted, fake_ollama: FakeOllama
+) -> None:
+    carol, w3 = "tl_carol-5e0a77c2", "tl_worker-99a1c0de"
+    limited = (
+        f"{hash_token(carol)} carol client capabilities=echo,llm; "
+        f"{hash_token(w3)} w3 worker capabilities=echo"
+    )
+    cert, key = pki.files["server"]
+    server = Supervisor(
+        supervisor_settings.model_copy(
+            update={"tls_cert": cert, "tls_key": key, "tokens": f"{tokens_entries()}; {limited}"}
+        )
+    )
+    await server.start()
+    fake_ollama.responder = lambda call: json.dumps(
+        {"subtasks": [{"id": "a", "title": "A", "instruction": "x", "capability": "echo",
+                       "depends_on": []}]}
+    )  # fmt: skip
+    settings = ClientSettings.load(supervisor=server.address, token=carol, tls_ca=str(pki.ca))
+    try:
+        async with TaskloomClient(settings=settings) as client:
+            with pytest.raises(PermissionDenied, match="carol may not use gate: its token allows"):
+                await client.submit("gated", plan=plan(("a", "gate", "x")))
+            await client.submit("echoed", plan=plan(("a", "echo", "x")))
+            # The planner is offered only what carol may use.
+            planned = await client.submit("plan it for me")
+            await eventually(lambda: any(c.system or c.prompt for c in fake_ollama.calls))
+            assert (await client.get(planned)).status != TaskStatus.FAILED
+            offered = json.dumps([c.format for c in fake_ollama.calls]) + "".join(
+                c.system + c.prompt for c in fake_ollama.calls
+            )
+            assert "echo" in offered and "gate" not in offered
+        async with channel(server, pki) as ch:
+            stub = workers_pb2_grpc.WorkerServiceStub(ch)
+            for offered_caps, welcome in ((["echo", "gate"], False), (["echo"], True)):
+                call: Any = stub.Connect(metadata=token_metadata(w3))
+                await call.write(
+                    wpb.ConnectRequest(
+                        hello=wpb.Hello(
+                            worker_id="w3", capabilities=offered_caps, max_concurrency=1
+                        )
+                    )
+                )
+                if welcome:
+                    assert (await call.read()).HasField("welcome")
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call.read()
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    assert "may not offer gate" in (refused.value.details() or "")
+                call.cancel()
+    finally:
+        await server.stop(grace=0.5)
+
+
 async def test_a_task_is_visible_only_to_its_owner_and_admins(
     secure: Supervisor, pki: Minted
 ) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taskloom.core.errors import ConfigError
+from taskloom.core.plan import CAPABILITY_RE
 
 METADATA_KEY = "authorization"
 SCHEME = "Bearer "
@@ -142,6 +143,17 @@ class TokenTable:
                 found = entry
         return found
 
+    def rights(self, name: str) -> frozenset[str] | None:
+        """The capabilities ``name`` may use (None: every one, also for a name
+        the table does not know, such as a certificate's)."""
+        found: set[str] = set()
+        for entry in self._entries:
+            if entry.principal.name == name:
+                if entry.principal.capabilities is None:
+                    return None
+                found |= entry.principal.capabilities
+        return frozenset(found) if found else None
+
     def valid(self, digest: bytes, now: float) -> bool:
         """Whether a token of this hash is in the table and has not expired."""
         return any(e.digest == digest and not e.expired(now) for e in self._entries)
@@ -214,6 +226,10 @@ def _options(fields: list[str], where: str) -> dict[str, str]:
                 f"{where}: {field!r}: after the role come expires=... and capabilities=..."
             )
         options[key] = value
+    named = options.get("capabilities", "").split(",")
+    bad = [c for c in named if c and not CAPABILITY_RE.match(c)]
+    if bad:
+        raise ConfigError(f"{where}: capability {bad[0][:64]!r} is not a capability name")
     return options
 
 

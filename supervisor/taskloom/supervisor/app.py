@@ -398,6 +398,7 @@ class Supervisor:
         orchestrator = Orchestrator(
             self.settings, self.store, self.planner, scheduler, metrics=self.metrics
         )
+        orchestrator.planning.rights = lambda owner: self.tokens.rights(owner)
         try:
             await orchestrator.start()
         except (StoreUnavailable, NotLeader) as e:

@@ -17,7 +17,13 @@ from typing import Protocol, TypeVar
 from opentelemetry.trace import Span
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal
-from taskloom.core.errors import InvalidArgument, PlanError, TaskFinished, TaskNotFound
+from taskloom.core.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    PlanError,
+    TaskFinished,
+    TaskNotFound,
+)
 from taskloom.core.model import (
     AttemptRef,
     EventType,
@@ -138,6 +144,14 @@ class Commands:
             e.field = e.field or "plan.subtasks"
             raise
         graph, result_from = finalize(plan, synthesize=bool(options.synthesize))
+        forbidden = sorted(
+            {s.capability for s in graph.subtasks if not principal.may_use(s.capability)}
+        )
+        if forbidden:
+            raise PermissionDenied(
+                f"{principal.name} may not use {', '.join(forbidden)}: its token allows "
+                f"{', '.join(sorted(principal.capabilities or ())) or 'no capability'}"
+            )
         graph = self.planning.resolve(graph, options)
         return await self._effects.unbroken(
             self._create(goal, options, graph, result_from, idempotency_key, principal)

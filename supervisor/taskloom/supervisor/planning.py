@@ -86,6 +86,8 @@ class Planning:
         self.jobs: set[asyncio.Task[None]] = set()
         """The jobs running now."""
         self._task_ids: set[str] = set()
+        self.rights: Callable[[str], frozenset[str] | None] = lambda owner: None
+        """The capabilities a principal may use (None: every one), by name."""
 
     def busy(self, task_id: str) -> bool:
         """Whether a job plans or replans this task now."""
@@ -100,6 +102,14 @@ class Planning:
     def capabilities(self) -> frozenset[str]:
         """What plans may use: the connected workers' capabilities and the configured ones."""
         return self.scheduler.capabilities() | frozenset(self.settings.capabilities)
+
+    async def allowed(self, task_id: str) -> frozenset[str]:
+        """What the plans of this task may use: ``capabilities``, within its
+        owner's rights (a token may be limited to some capabilities)."""
+        caps = self.capabilities()
+        owner = await self.store.task_owner(task_id)
+        rights = self.rights(owner) if owner else None
+        return caps if rights is None else caps & rights
 
     def resolve(self, plan: Plan, options: TaskOptions) -> Plan:
         """Each subtask's attempts and timeout (its own, else the task's, else
@@ -233,7 +243,7 @@ class Planning:
         try:
             plan = await self.planner.plan(
                 goal,
-                capabilities=self.capabilities(),
+                capabilities=await self.allowed(task_id),
                 synthesize=synthesize,
                 hooks=self._hooks(task_id, TaskStatus.PLANNING, span),
             )
@@ -251,7 +261,7 @@ class Planning:
                 )
                 return
             self.metrics.planner_calls.labels("plan", "fallback").inc()
-            plan, synthesize = self._single(goal), False
+            plan, synthesize = self._single(goal, await self.allowed(task_id)), False
             await self.store.note(
                 task_id,
                 TaskStatus.PLANNING,
@@ -309,9 +319,8 @@ class Planning:
 
         return PlanHooks(rejected=rejected, normalized=normalized, spent=spent)
 
-    def _single(self, goal: str) -> Plan:
+    def _single(self, goal: str, caps: frozenset[str]) -> Plan:
         """fallback=single: the whole goal as one subtask."""
-        caps = self.capabilities()
         capability = "llm" if "llm" in caps or not caps else sorted(caps)[0]
         limit = self.settings.llm_plan_limits().max_instruction_chars
         return Plan(
@@ -357,7 +366,7 @@ class Planning:
                 task.goal,
                 failed=failed,
                 done=done,
-                capabilities=self.capabilities(),
+                capabilities=await self.allowed(task_id),
                 hooks=self._hooks(task_id, TaskStatus.RUNNING, span),
             )
         except BudgetSpent:

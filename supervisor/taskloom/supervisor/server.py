@@ -336,6 +336,15 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                     "a worker's id is its own"
                 ),
             )
+        beyond = sorted(c for c in info.capabilities if not principal.may_use(c))
+        if beyond:
+            await abort(
+                context,
+                PermissionDenied(
+                    f"{principal.name} may not offer {', '.join(b[:64] for b in beyond[:8])} "
+                    "(its token is limited to other capabilities)"
+                ),
+            )
         info = dataclasses.replace(info, worker_id=worker_id)
         # The session belongs to this term: when the supervisor steps down
         # the stream ends and the worker looks for the new leader.
