@@ -359,6 +359,64 @@ async def test_a_token_limited_to_some_capabilities_uses_only_those(
         await server.stop(grace=0.5)
 
 
+def raw_grpc_call(
+    address: str, path: str, headers: list[tuple[bytes, bytes]]
+) -> dict[bytes, bytes]:
+    """One call over plain HTTP/2 with whatever headers (no gRPC client sends
+    a value that is not UTF-8); the response's grpc-status and grpc-message."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = address.rsplit(":", 1)
+    config = h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+    )
+    conn = h2.connection.H2Connection(config)
+    found: dict[bytes, bytes] = {}
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        conn.initiate_connection()
+        conn.send_headers(
+            1,
+            [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
+             (b":authority", address.encode()), (b"content-type", b"application/grpc"),
+             (b"te", b"trailers"), *headers],
+        )  # fmt: skip
+        conn.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+        sock.sendall(conn.data_to_send())
+        while True:
+            data = sock.recv(65535)
+            assert data, "the server closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    found |= {k: v for k, v in event.headers if k.startswith(b"grpc-")}
+                if isinstance(event, h2.events.StreamEnded):
+                    return found
+            sock.sendall(conn.data_to_send())
+
+
+async def test_a_token_that_is_not_utf8_never_reaches_the_log_and_floods_nothing(
+    supervisor_settings: SupervisorSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Supervisor(supervisor_settings.model_copy(update={"tokens": tokens_entries()}))
+    await server.start()
+    try:
+        bad = [(b"authorization", b"Bearer tl_alice-9f2c1e7b\xff")]
+        for _ in range(50):
+            answer = await asyncio.to_thread(
+                raw_grpc_call, server.address, "/taskloom.v1.TaskService/ListTasks", bad
+            )
+            assert answer[b"grpc-status"] == b"16"  # UNAUTHENTICATED
+    finally:
+        await server.stop(grace=0.5)
+    assert "tl_alice" not in caplog.text and "9f2c1e7b" not in caplog.text
+    about = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.WARNING
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_a_task_is_visible_only_to_its_owner_and_admins(
     secure: Supervisor, pki: Minted
 ) -> None:

@@ -98,3 +98,40 @@ def setup_logging(
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+class _GrpcMetadataFilter(logging.Filter):
+    """grpc logs a metadata value that is not UTF-8 at ERROR, value and all:
+    a mistyped token is still someone's secret, and anyone can send such
+    values, as often as they like. Each such record becomes one line without
+    the value, at most once per ``every`` seconds (with a count)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last = -every
+        self._hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Invalid encoding"):
+            return True
+        now = record.created
+        if now - self._last < self.every:
+            self._hidden += 1
+            return False
+        record.msg = (
+            "a call's metadata held a value that is not UTF-8 (not shown: it may be a "
+            f"secret); {self._hidden} more since the last report"
+        )
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._last, self._hidden = now, 0
+        return True
+
+
+def hide_grpc_metadata() -> None:
+    """Install the filter above on grpc's logger (once per process)."""
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _GrpcMetadataFilter) for f in grpc_logger.filters):
+        grpc_logger.addFilter(_GrpcMetadataFilter())

@@ -35,6 +35,7 @@ from taskloom.core.errors import (
     Unauthenticated,
 )
 from taskloom.core.llm import LLM, create_llm
+from taskloom.core.logs import hide_grpc_metadata
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.supervisor.console import Console
 from taskloom.supervisor.interceptors import server_interceptors
@@ -123,6 +124,7 @@ class Supervisor:
         self._background: list[asyncio.Task[None]] = []
         self.port = 0
         self.tokens = settings.token_table()
+        hide_grpc_metadata()  # a bad token in a header must not reach the log
         """Who may call (empty: authentication is off)."""
         self.listen = self._guarded_listen()
         self.metrics_host = self._guarded_metrics_host()
