@@ -7,6 +7,7 @@ is not lost for a minute to the connections of a cluster that just stopped."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,7 +57,9 @@ def wait_until(condition: object, what: str) -> None:
         time.sleep(0.1)
 
 
-def start_up(tmp_path: Path, fake_ollama: FakeOllama) -> tuple[subprocess.Popen[bytes], set[int]]:
+def start_up(
+    tmp_path: Path, fake_ollama: FakeOllama, said: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], set[int]]:
     """``up`` with one worker, its stderr piped to us; returns it once it has
     printed where its console is, with the pids of its cluster."""
     up = subprocess.Popen(
@@ -76,6 +79,8 @@ def start_up(tmp_path: Path, fake_ollama: FakeOllama) -> tuple[subprocess.Popen[
         line = up.stderr.readline()
         assert line and time.monotonic() < deadline, f"up did not start: {seen.decode()}"
         seen += line
+    if said is not None:
+        said.append(seen.decode())
     cluster = children_of(up.pid)
     assert len(cluster) == 3, cluster  # Redis, the supervisor, one worker
     worker_log = tmp_path / "data" / "logs" / "worker-1.log"
@@ -202,3 +207,34 @@ def test_up_stops_the_rest_and_says_so_when_its_supervisor_dies(
     wait_until(lambda: not any(running(pid) for pid in cluster), f"{cluster} all stopped")
     assert "the supervisor exited with status -9; see" in said, said
     assert up.returncode == 3
+
+
+def test_the_redis_up_starts_wants_a_password_that_only_its_user_can_read(
+    tmp_path: Path, fake_ollama: FakeOllama, cleanup: list[int]
+) -> None:
+    said: list[str] = []
+    up, cluster = start_up(tmp_path, fake_ollama, said)
+    cleanup += [up.pid, *cluster]
+    try:
+        data = tmp_path / "data"
+        password = (data / "redis-password").read_text().strip()
+        assert len(password) >= 24
+        private = {p: p.stat().st_mode & 0o777 for p in (data, data / "redis", data / "logs")}
+        assert set(private.values()) == {0o700}, private
+        assert (data / "redis-password").stat().st_mode & 0o777 == 0o600
+        assert all(p.stat().st_mode & 0o077 == 0 for p in (data / "redis").rglob("*"))
+        # The password is printed nowhere and on no command line.
+        printed = re.search(r"Redis at redis://:\*\*\*@127\.0\.0\.1:(\d+)/0", said[0])
+        assert printed is not None, said[0]
+        port = int(printed[1])
+        assert password not in said[0]
+        for pid in cluster:
+            assert password.encode() not in (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"PING\r\n")
+            assert s.recv(64).startswith(b"-NOAUTH")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(GUARD)
+        if up.stderr is not None:
+            up.stderr.close()

@@ -819,7 +819,7 @@ def up(
         cluster.start()
         _say(
             f"supervisor on [bold]{cluster.address}[/], {workers} workers "
-            f"({capabilities}), Redis at {cluster.redis_url}\n"
+            f"({capabilities}), Redis at {cluster.safe_redis_url}\n"
             f"console: [bold]{cluster.console_url}[/]"
         )
         if listen is None and cluster.address != f"127.0.0.1:{DEFAULT_PORT}":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -122,27 +124,25 @@ class LocalCluster:
         return self.data_dir / "logs"
 
     def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_dir.chmod(0o700)  # logs name tasks and goals: this user's only
         if not self.redis_url:
             self.redis = LocalRedis(
-                self.data_dir / "redis", appendfsync=self.redis_fsync, die_with_parent=True
+                self.data_dir / "redis",
+                appendfsync=self.redis_fsync,
+                die_with_parent=True,
+                password=self._redis_password(),
             )
             self.redis.start()
             self.redis_url = self.redis.url
         # The supervisor learns its workers' capabilities when they connect;
         # telling it up front lets plans be submitted before they have.
+        # The Redis URL holds its password: in the environment, not on the
+        # command line, where `ps` shows it to every user.
         self.supervisor = self._spawn(
             "supervisor",
-            [
-                "supervisor",
-                "--listen",
-                self.listen,
-                "--redis-url",
-                self.redis_url,
-                "--console-port",
-                str(self.console_port),
-            ],
-            {"TASKLOOM_CAPABILITIES": self.capabilities},
+            ["supervisor", "--listen", self.listen, "--console-port", str(self.console_port)],
+            {"TASKLOOM_CAPABILITIES": self.capabilities, "TASKLOOM_REDIS_URL": self.redis_url},
         )
         wait_serving(self.listen, 30.0, self.supervisor)
         for i in range(1, self.n_workers + 1):
@@ -162,6 +162,25 @@ class LocalCluster:
                     ],
                 )
             )
+
+    def _redis_password(self) -> str:
+        """The password of the Redis this starts: made once, kept in the data
+        folder (mode 0600), so a restarted cluster finds its data again."""
+        path = self.data_dir / "redis-password"
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)
+        if path.exists():
+            return path.read_text().strip()
+        password = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        return password
+
+    @property
+    def safe_redis_url(self) -> str:
+        """Where Redis is, without its password."""
+        return re.sub(r"//([^@/]*):[^@/]*@", r"//\1:***@", self.redis_url)
 
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None

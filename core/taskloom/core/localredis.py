@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 from taskloom.core import parent
 from taskloom.core.errors import ConfigError
@@ -49,6 +50,15 @@ def find_redis_server() -> RedisBinary:
     )
 
 
+def pack_command(*args: str) -> bytes:
+    """A command as RESP."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -67,6 +77,7 @@ class LocalRedis:
         binary: RedisBinary | None = None,
         appendfsync: str = "always",
         die_with_parent: bool = False,
+        password: str = "",
     ) -> None:
         # Absolute: redis-server changes into --dir before it opens the log file.
         self.data_dir = data_dir.resolve()
@@ -74,16 +85,21 @@ class LocalRedis:
         self.binary = binary or find_redis_server()
         self.appendfsync = appendfsync
         self.die_with_parent = die_with_parent
+        self.password = password
+        """Required of every client (``requirepass``) when set."""
         """Whether the server gets SIGTERM when this process dies (Linux)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        login = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{login}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Its data and log are readable by this user only.
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_dir.chmod(0o700)
         args = [
             str(self.binary.path),
             "--bind", "127.0.0.1",
@@ -96,6 +112,14 @@ class LocalRedis:
             "--loglevel", "warning",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
+        if self.password:
+            # Not on its command line, where `ps` shows it: in a config file
+            # of its own (mode 0600), which redis-server reads first.
+            conf = self.data_dir / "auth.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"requirepass {self.password}\n")
+            args.insert(1, str(conf))
         # It logs to its file; holding our stdout open would keep a reader of
         # it (a test, a pipe) waiting after we are gone.
         self.process = subprocess.Popen(
@@ -104,7 +128,7 @@ class LocalRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=parent.die_with_parent() if self.die_with_parent else None,
+            preexec_fn=self._preexec,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -119,11 +143,20 @@ class LocalRedis:
         self.stop()
         raise ConfigError(f"redis-server did not answer on port {self.port} within {timeout}s")
 
+    def _preexec(self) -> None:
+        os.umask(0o077)  # its AOF, dumps and log: this user's only
+        if self.die_with_parent:
+            parent.die_with_parent()()
+
     def _answers(self) -> bool:
         with (
             contextlib.suppress(OSError),
             socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s,
         ):
+            if self.password:
+                s.sendall(pack_command("AUTH", self.password))
+                if not s.recv(16).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
         return False
