@@ -10,8 +10,13 @@ from typing import Any
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from taskloom.client import TaskloomClient
+from taskloom.client.settings import ClientSettings
+from taskloom.core.auth import hash_token
+from taskloom.core.errors import ResourceExhausted
+from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.server import FRAME_BYTES
@@ -164,3 +169,156 @@ async def test_many_assignments_of_a_large_goal_reach_a_worker_in_frames_it_acce
     assert task.status == TaskStatus.SUCCEEDED, task.error
     assert all(s.attempt == 1 for s in task.subtasks)
     assert "RESOURCE_EXHAUSTED" not in processes.log("worker-1")
+
+
+# -- budgets -------------------------------------------------------------------------
+
+PEOPLE = {"alice": "tl_alice-budget-1", "bob": "tl_bob-budget-2", "root": "tl_root-budget-3"}
+
+
+@pytest.fixture
+async def budgeted(supervisor_settings: SupervisorSettings) -> AsyncIterator[Supervisor]:
+    tokens = "; ".join(
+        f"{hash_token(t)} {n} {'admin' if n == 'root' else 'client'}" for n, t in PEOPLE.items()
+    )
+    server = Supervisor(
+        supervisor_settings.model_copy(
+            update={
+                "tokens": tokens,
+                "max_unfinished_subtasks": 100,
+                "max_stored_bytes": 40_000,
+                "admin_max_unfinished_subtasks": 150,
+                "unsuccessful_retention": 2.0,
+            }
+        )
+    )
+    await server.start()
+    yield server
+    await stop_or_explain(server)
+
+
+def as_(server: Supervisor, who: str) -> TaskloomClient:
+    return TaskloomClient(
+        settings=ClientSettings.load(supervisor=server.address, token=PEOPLE[who])
+    )
+
+
+def gates(n: int) -> dict[str, Any]:
+    return plan(*((f"g{i}", "gate", "wait") for i in range(n)))
+
+
+async def test_unfinished_subtasks_are_budgeted_per_principal(budgeted: Supervisor) -> None:
+    async with as_(budgeted, "alice") as alice, as_(budgeted, "bob") as bob:
+        first = await alice.submit("sixty", plan=gates(60))
+        with pytest.raises(ResourceExhausted) as refused:
+            await alice.submit("sixty more", plan=gates(60))
+        message = str(refused.value)
+        assert "alice has 60 subtasks in unfinished tasks and this task adds 60" in message
+        assert "the budget is 100 (TASKLOOM_MAX_UNFINISHED_SUBTASKS)" in message
+        await bob.submit("bob is not alice", plan=gates(60))  # his own budget
+        await alice.cancel(first)
+        await alice.submit("sixty again", plan=gates(60))  # a finished task frees its subtasks
+    async with as_(budgeted, "root") as root:
+        await root.submit("an admin", plan=gates(100))
+        with pytest.raises(ResourceExhausted, match="the budget is 150"):
+            await root.submit("has a budget too", plan=gates(60))
+
+
+async def test_stored_bytes_are_budgeted_until_they_expire_sooner_when_cancelled(
+    budgeted: Supervisor, redis_server: LocalRedis, prefix: str
+) -> None:
+    async with as_(budgeted, "alice") as alice:
+        big = await alice.submit("x" * 19_000, plan=gates(1))
+        done = await alice.submit("y" * 19_000, plan=plan(("a", "echo", "e")))
+        with pytest.raises(ResourceExhausted) as refused:
+            await alice.submit("z" * 5_000, plan=gates(1))
+        assert "TASKLOOM_MAX_STORED_BYTES" in str(refused.value)
+        assert "alice stores 38," in str(refused.value)
+        await alice.cancel(big)
+        # Cancelled, it still stores its bytes until it expires ...
+        with pytest.raises(ResourceExhausted):
+            await alice.submit("z" * 5_000, plan=gates(1))
+        raw = Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            # ... which comes sooner than for what succeeds (or would run).
+            assert 0 < await raw.ttl(f"{prefix}task:{big}") <= 2
+            assert await raw.ttl(f"{prefix}task:{done}") == -1  # still running: no expiry
+
+            async def expired() -> bool:
+                return await raw.exists(f"{prefix}task:{big}") == 0
+
+            await eventually(expired, timeout=30)
+            assert budgeted.orchestrator is not None
+            await budgeted.orchestrator.store.trim_indexes()  # the janitor's round
+        finally:
+            await raw.aclose()
+        await alice.submit("z" * 5_000, plan=gates(1))
+
+
+async def test_a_large_plan_is_written_in_parts_and_appears_all_at_once(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes, redis_server: LocalRedis,
+    prefix: str,
+) -> None:  # fmt: skip
+    raw = Redis.from_url(redis_server.url, decode_responses=True)
+
+    async def scripts_run() -> int:
+        stats = await raw.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+    # 5,000 subtasks of 150-character instructions, in 50 chains of 100.
+    steps = plan(
+        *(
+            (f"s{c}-{i}", "echo", "e" * 150, *([f"s{c}-{i - 1}"] if i else []))
+            for c in range(50)
+            for i in range(100)
+        )
+    )
+    before = await scripts_run()
+    task_id = await client.submit("large", plan=steps)
+    # At least one script per 500 subtasks, and then the one that shows the task.
+    assert await scripts_run() - before >= 11
+    assert await raw.zcard(f"{prefix}staging") == 0
+    processes.worker(supervisor.address, capabilities="echo", concurrency=50)
+    task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED, timeout=240)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert len(task.subtasks) == 5_000
+    # The same submit again (its key) stores nothing more and leaves nothing behind.
+    keys_before = await raw.dbsize()
+    again = await client.submit("large", plan=steps, idempotency_key="big-one")
+    twice = await client.submit("large", plan=steps, idempotency_key="big-one")
+    assert again == twice
+    assert await raw.zcard(f"{prefix}staging") == 0
+    assert await raw.dbsize() - keys_before < 5_000 + 10  # one plan's keys, not two
+    await raw.aclose()
+
+
+async def test_the_janitor_removes_a_plan_whose_submit_never_finished(
+    supervisor: Supervisor, redis_server: LocalRedis, prefix: str
+) -> None:
+    from taskloom.core.model import Plan, PlannedSubtask
+
+    store = supervisor.store
+    large = Plan(tuple(PlannedSubtask(f"s{i}", "S", "x", "echo") for i in range(2_500)))
+    await store._stage("0123456789abcdef0123", large, ["s0"], 0, False)  # and then it died
+    raw = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert await raw.llen(f"{prefix}task:0123456789abcdef0123:subs") == 2_500
+        assert await store.sweep_staging(older_than=0) == 1
+        left = [k async for k in raw.scan_iter(f"{prefix}task:0123456789abcdef0123*")]
+        assert left == [] and await raw.zcard(f"{prefix}staging") == 0
+    finally:
+        await raw.aclose()
+
+
+async def test_a_large_plan_of_independent_subtasks_runs_them_all(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    # 1,200 subtasks ready at once: more than the step that shows the task
+    # hands out; the rest are queued by the supervisor.
+    processes.worker(supervisor.address, capabilities="echo", concurrency=100)
+    task_id = await client.submit(
+        "wide", plan=plan(*((f"w{i}", "echo", "w") for i in range(1_200)))
+    )
+    task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED, timeout=240)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert all(s.attempt == 1 for s in task.subtasks)

@@ -97,6 +97,7 @@ class Supervisor:
             settings.redis_url,
             prefix=settings.redis_prefix,
             retention=settings.retention,
+            unsuccessful_retention=settings.unsuccessful_retention,
             max_connections=settings.redis_max_connections,
             retry_backoff=settings.retry_backoff,
             min_replicas=settings.replicas,

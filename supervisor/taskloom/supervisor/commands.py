@@ -190,8 +190,8 @@ class Commands:
                     else 0.0,
                     trace=carrier(root),
                     owner=principal.name,
-                    max_in_flight=0 if principal.admin else self.settings.max_tasks_in_flight,
                     offer=offer.slots(),
+                    **self._budgets(principal),
                 )
             handed = outcome.handed
         except BaseException:
@@ -218,6 +218,21 @@ class Commands:
             self.scheduler.set_graph(task_id, graph.subtasks)
         self._effects.apply(outcome)
         return task_id, created
+
+    def _budgets(self, principal: Principal) -> dict[str, int]:
+        """What the principal may have in Redis (an admin: more, not unlimited)."""
+        s = self.settings
+        if principal.admin:
+            return {
+                "max_in_flight": s.admin_max_tasks_in_flight,
+                "max_subtasks": s.admin_max_unfinished_subtasks,
+                "max_bytes": s.admin_max_stored_bytes,
+            }
+        return {
+            "max_in_flight": s.max_tasks_in_flight,
+            "max_subtasks": s.max_unfinished_subtasks,
+            "max_bytes": s.max_stored_bytes,
+        }
 
     # -- reading -----------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ scripts get the same key builders, generated from the templates below by
     {prefix}owner:{key}:tasks        zset    one principal's tasks, scored by creation time
     {prefix}owner:{key}:active       zset    its unfinished tasks (for the in-flight limit)
     {prefix}owners                   set     principals that own tasks (to trim their indexes)
+    {prefix}owner:{key}:usage        hash    its unfinished subtasks and stored bytes (budgets)
+    {prefix}sizes                    hash    finished task → "bytes owner", until it expires
+    {prefix}staging                  zset    tasks whose large plan is being written, by start
     {prefix}hub:{id}                 stream  wakes one supervisor's event hub (short-lived)
 
 The fields of the task and subtask hashes and of the event entries are
@@ -48,6 +51,9 @@ _TEMPLATES = {
     "owner_tasks": "owner:{key}:tasks",
     "owner_active": "owner:{key}:active",
     "owners": "owners",
+    "owner_usage": "owner:{key}:usage",
+    "sizes": "sizes",
+    "staging": "staging",
     "hub": "hub:{key}",
 }
 
@@ -64,6 +70,8 @@ class Keys:
         self.leader_epoch = prefix + _TEMPLATES["leader_epoch"]
         self.deadlines = prefix + _TEMPLATES["deadlines"]
         self.owners = prefix + _TEMPLATES["owners"]
+        self.sizes = prefix + _TEMPLATES["sizes"]
+        self.staging = prefix + _TEMPLATES["staging"]
 
     def task(self, task: str) -> str:
         return self.prefix + _TEMPLATES["task"].format(task=task)
@@ -90,6 +98,9 @@ class Keys:
 
     def owner_active(self, owner: str) -> str:
         return self.prefix + _TEMPLATES["owner_active"].format(key=owner)
+
+    def owner_usage(self, owner: str) -> str:
+        return self.prefix + _TEMPLATES["owner_usage"].format(key=owner)
 
     def hub(self, supervisor: str) -> str:
         """The stream that wakes one supervisor's event hub."""

@@ -531,6 +531,7 @@ class Orchestrator:
             await asyncio.sleep(JANITOR_INTERVAL)
             try:
                 await self.store.trim_indexes()
+                await self.store.sweep_staging()
             except StoreUnavailable as e:
                 logger.warning("janitor: %s", e)
 

@@ -62,6 +62,7 @@ TASK_FIELDS = frozenset(
         "awaiting_since",  # when it began to wait for a plan's approval
         "paused",  # 1: nothing new starts
         "failed_by",  # the subtask whose failure ended the task
+        "stored",  # bytes it stores, as its owner's budget counts them
     }
 )  # fmt: skip
 """The fields of a task's hash (``keys.task``)."""

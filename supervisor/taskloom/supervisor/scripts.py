@@ -16,7 +16,7 @@ Every script replies with one JSON object, typed here as a ``TypedDict``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict
 
 SCRIPTS = (
     "create",
@@ -38,6 +38,8 @@ SCRIPTS = (
     "reject",
     "rework",
     "pause",
+    "stage",
+    "release",
 )
 """The scripts in ``lua/``, each loaded with ``lib.lua`` in front of it."""
 
@@ -81,9 +83,48 @@ class SubtaskRow(NamedTuple):
     """1: a person must approve it before it runs."""
 
 
+class StagedPlan(NamedTuple):
+    """A plan that stage.lua wrote in parts before create.lua makes it visible."""
+
+    subtasks: int
+    size: int
+    """Its bytes, as its owner's budget counts them."""
+    roots: list[list[str]]
+    """[id, capability] of each subtask READY from the start."""
+    waiting: list[str]
+    """The first subtasks that wait for a person's approval."""
+
+
 class PlanArgs(NamedTuple):
     result_from: list[str]
     rows: list[SubtaskRow]
+    staged: StagedPlan | Literal[False] = False
+
+
+class StageArgs(NamedTuple):
+    task: str
+    rows: list[SubtaskRow]
+    dependents: dict[str, list[str]]
+    """The ids that depend on each row's subtask (its dependents may be in
+    other parts of the plan)."""
+    hold: bool
+    """The plan waits for approval: nothing is READY yet."""
+
+
+class Budget(NamedTuple):
+    """What the owner may have, and what the new task adds."""
+
+    max_subtasks: int
+    """Subtasks of the owner's unfinished tasks (0: no limit)."""
+    max_bytes: int
+    """Bytes the owner stores until they expire (0: no limit)."""
+    subtasks: int
+    size: int
+
+
+class ReleaseArgs(NamedTuple):
+    tasks: list[str]
+    """Tasks whose keys have expired: their bytes leave their owners' usage."""
 
 
 class CreateArgs(NamedTuple):
@@ -104,6 +145,7 @@ class CreateArgs(NamedTuple):
     limits: dict[str, int]
     """Task → how many more attempts may run (max_parallel)."""
     priority: int
+    budget: Budget
 
 
 class StorePlanArgs(NamedTuple):
@@ -309,6 +351,10 @@ PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
     RejectArgs,
     ReworkArgs,
     PauseArgs,
+    StagedPlan,
+    StageArgs,
+    Budget,
+    ReleaseArgs,
 )
 """Every row type of payloads and replies; each is unpacked by name in at least one script."""
 
@@ -355,8 +401,11 @@ class CreateReply(TypedDict):
     task: str
     """The new task, or the one the idempotency key names."""
     created: int
-    """1: created; 0: the idempotency key named ``task``; -1: the owner is at its limit."""
+    """1: created; 0: the idempotency key named ``task``; -1: the owner is at its
+    limit of unfinished tasks; -2: of unfinished subtasks; -3: of stored bytes."""
     outcome: OutcomeReply
+    in_use: NotRequired[int]
+    """With -2 and -3: what the owner has now."""
 
 
 class StorePlanReply(TypedDict, total=False):

@@ -113,6 +113,9 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """How long a cached output is kept."""
     retention: Seconds = 7 * 86400.0
     """How long finished tasks, their subtasks and events are kept."""
+    unsuccessful_retention: Seconds = 86400.0
+    """How long a task that failed or was cancelled is kept (at most ``retention``):
+    what failed is looked at soon or not at all, and is what a runaway client makes most."""
 
     capabilities: StrList = ("llm",)
     """Capabilities plans may use even while no worker offering them is connected."""
@@ -181,6 +184,18 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     beyond is brought within (admins: ``max_admin_priority``)."""
     max_admin_priority: int = Field(default=10_000, ge=0)
     """The priority range of an admin's tasks."""
+    max_unfinished_subtasks: int = Field(default=100_000, ge=1)
+    """Subtasks of one principal's unfinished tasks, at most (a submit past it
+    gets RESOURCE_EXHAUSTED naming what is in use)."""
+    max_stored_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Bytes one principal's tasks may keep in Redis (goals, plans, outputs,
+    streamed text) until they expire, unfinished or retained."""
+    admin_max_tasks_in_flight: int = Field(default=100_000, ge=1)
+    """An admin's unfinished tasks, at most: admins get budgets too, larger."""
+    admin_max_unfinished_subtasks: int = Field(default=1_000_000, ge=1)
+    """An admin's unfinished subtasks, at most."""
+    admin_max_stored_bytes: int = Field(default=4 * 1024**3, ge=1024)
+    """The bytes an admin's tasks may keep."""
     submit_rate: float = Field(default=20.0, gt=0)
     """Submits per second one principal may make on average ..."""
     submit_burst: int = Field(default=100, ge=1)

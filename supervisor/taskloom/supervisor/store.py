@@ -15,13 +15,22 @@ Redis errors are translated here, and only here, into ``StoreUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -168,6 +177,7 @@ class Store:
         *,
         prefix: str = "taskloom:",
         retention: float = 7 * 86400.0,
+        unsuccessful_retention: float | None = None,
         socket_timeout: float = REDIS_TIMEOUT,
         max_connections: int = 64,
         retry_backoff: float = 1.0,
@@ -185,6 +195,10 @@ class Store:
         """The leader lease's token; every write checks that it still holds the lease.
         Empty only for tools and tests that run without a leader."""
         self.retention = max(1, int(retention))
+        self.unsuccessful_retention = min(
+            self.retention, max(1, int(unsuccessful_retention or self.retention))
+        )
+        """How long a task that failed or was cancelled is kept."""
         self.target = RedisTarget.parse(url)
         self.safe_url = self.target.safe_url
         # A pooled connection that Redis closed (a restart, an idle timeout)
@@ -275,6 +289,7 @@ class Store:
             self.retention,
             json.dumps(payload),
             self.fence if fenced else "",
+            self.unsuccessful_retention,
         ]
         reply = await self._line.eval(self._sources[name], self._shas[name], args)
         return json.loads(reply)
@@ -324,6 +339,8 @@ class Store:
         owner: str = "",
         max_in_flight: int = 0,
         offer: OfferedSlots | None = None,
+        max_subtasks: int = 0,
+        max_bytes: int = 0,
     ) -> tuple[str, bool, Outcome]:
         """Store a new task (PLANNING, or RUNNING with ``plan``) owned by ``owner``.
 
@@ -336,8 +353,15 @@ class Store:
         ``options.max_parallel``). ``created`` is False when the idempotency key
         already names a task of the same owner, which is returned instead.
         With ``max_in_flight``, an owner who already has that many
-        unfinished tasks gets ``ResourceExhausted``.
+        unfinished tasks gets ``ResourceExhausted``; so does one whose
+        unfinished subtasks or stored bytes would pass ``max_subtasks`` or
+        ``max_bytes``.
+
+        A plan of more than ``CREATE_CHUNK`` subtasks (or bytes) is written
+        in parts first (stage.lua), out of sight, so that no one script holds
+        Redis up for long; the last step makes the task visible, all or none.
         """
+        size = len(goal.encode()) + (_plan_size(plan) if plan is not None else 0)
         # Idempotency keys are the owner's own: another principal's key
         # must neither find nor block this one's task.
         idem = self.keys.idempotency(f"{owner}\x00{idempotency_key}") if idempotency_key else ""
@@ -367,17 +391,114 @@ class Store:
             offer=_offer(offer),
             limits={task_id: options.max_parallel} if options.max_parallel > 0 else {},
             priority=options.priority,
+            budget=scripts.Budget(
+                max_subtasks, max_bytes, len(plan.subtasks) if plan is not None else 0, size
+            ),
         )
-        reply = cast(scripts.CreateReply, await self._run("create", args, now=now))
-        if reply["created"] < 0:
-            raise ResourceExhausted(
-                f"{owner} already has {max_in_flight:,} unfinished tasks, the limit "
-                "(TASKLOOM_MAX_TASKS_IN_FLIGHT); wait for some to end or cancel them",
-                subject="max_tasks_in_flight",
+        staged = plan is not None and _large(plan)
+        if staged and plan is not None:
+            await self._check_budget(owner, len(plan.subtasks), size, max_subtasks, max_bytes)
+            args = args._replace(
+                plan=await self._stage(task_id, plan, result_from, size, options.approve_plan)
             )
+        try:
+            reply = cast(scripts.CreateReply, await self._run("create", args, now=now))
+        except BaseException:
+            if staged:
+                await self._unstage_quietly(task_id)
+            raise
+        if reply["created"] < 1 and staged:
+            await self._unstage_quietly(task_id)
+        if reply["created"] == 1 and staged and plan is not None and not options.approve_plan:
+            # The first subtasks create.lua did not see are READY too: queue them.
+            outcome = decode_outcome(records.mapped(reply["outcome"]))  # type: ignore[arg-type]
+            runnable = [s for s in plan.subtasks if not s.depends_on and not s.requires_approval]
+            outcome.ready += [
+                ReadyItem(task_id, s.id, s.capability, options.priority)
+                for s in runnable[CREATE_CHUNK:]
+            ]
+            return task_id, True, outcome
+        if reply["created"] < 0:
+            raise _over_budget(
+                owner, reply["created"], reply.get("in_use", 0), max_in_flight, max_subtasks,
+                max_bytes, len(plan.subtasks) if plan is not None else 0, size,
+            )  # fmt: skip
         if not reply["created"]:
             return str(reply["task"]), False, Outcome()
         return task_id, True, decode_outcome(records.mapped(reply["outcome"]))  # type: ignore[arg-type]
+
+    @_translated
+    async def usage(self, owner: str) -> tuple[int, int]:
+        """``owner``'s unfinished subtasks and stored bytes, as its budgets count them."""
+        found = await self._redis.hmget(self.keys.owner_usage(owner), ["subtasks", "bytes"])
+        return int(found[0] or 0), int(found[1] or 0)
+
+    async def _check_budget(
+        self, owner: str, count: int, size: int, max_subtasks: int, max_bytes: int
+    ) -> None:
+        """Refuse early what create.lua would refuse, before writing a large plan."""
+        if not owner or not (max_subtasks or max_bytes):
+            return
+        subtasks, stored = await self.usage(owner)
+        if max_subtasks and subtasks + count > max_subtasks:
+            raise _over_budget(owner, -2, subtasks, 0, max_subtasks, max_bytes, count, size)
+        if max_bytes and stored + size > max_bytes:
+            raise _over_budget(owner, -3, stored, 0, max_subtasks, max_bytes, count, size)
+
+    async def _stage(
+        self, task_id: str, plan: Plan, result_from: Sequence[str], size: int, hold: bool
+    ) -> scripts.PlanArgs:
+        """Write a large plan's subtasks in parts (stage.lua); what create.lua then needs."""
+        dependents: dict[str, list[str]] = {}
+        for s in plan.subtasks:
+            for dep in s.depends_on:
+                dependents.setdefault(dep, []).append(s.id)
+        rows = records.plan_args(plan, result_from).rows
+        for part in _parts(rows):
+            mine = {r.id: dependents[r.id] for r in part if r.id in dependents}
+            await self._run("stage", scripts.StageArgs(task_id, part, mine, hold))
+        roots = [] if hold else [s for s in plan.subtasks if not s.depends_on]
+        runnable = [s for s in roots if not s.requires_approval]
+        return scripts.PlanArgs(
+            list(result_from),
+            [],
+            scripts.StagedPlan(
+                len(plan.subtasks),
+                size,
+                # create.lua hands out only the first ones; the caller queues the rest.
+                [[s.id, s.capability] for s in runnable[:CREATE_CHUNK]],
+                [s.id for s in roots if s.requires_approval],
+            ),
+        )
+
+    async def _unstage_quietly(self, task_id: str) -> None:
+        """Remove what staging wrote for a task that was not created (the janitor
+        does it later if Redis is away now)."""
+        with contextlib.suppress(*_UNAVAILABLE):
+            await self._unstage(task_id)
+
+    async def _unstage(self, task_id: str) -> None:
+        if await self._redis.exists(self.keys.task(task_id)):
+            await self._redis.zrem(self.keys.staging, task_id)
+            return
+        ids_key = self.keys.subtasks(task_id)
+        while ids := await self._redis.lrange(ids_key, 0, CREATE_CHUNK - 1):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.delete(*(self.keys.subtask(task_id, i) for i in ids))
+                pipe.ltrim(ids_key, len(ids), -1)
+                await pipe.execute()
+        await self._redis.delete(ids_key, self.keys.events(task_id))
+        await self._redis.zrem(self.keys.staging, task_id)
+
+    @_translated
+    async def sweep_staging(self, older_than: float = 600.0) -> int:
+        """Remove the parts of plans whose submit never finished; returns how many."""
+        stale = await self._redis.zrangebyscore(
+            self.keys.staging, "-inf", time.time() - older_than, start=0, num=100
+        )
+        for task_id in stale:
+            await self._unstage(task_id)
+        return len(stale)
 
     @_translated
     async def set_plan(
@@ -873,6 +994,8 @@ class Store:
             self.keys.finished_index, "-inf", cutoff, start=0, num=1000
         )
         if old:
+            # What they stored leaves their owners' usage (release.lua).
+            await self._run("release", scripts.ReleaseArgs(old), fenced=False)
             owners = await self._redis.smembers(self.keys.owners)
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(self.keys.finished_index, *old)
@@ -881,6 +1004,70 @@ class Store:
                     pipe.zrem(self.keys.owner_tasks(owner), *old)
                 await pipe.execute()
         return len(old)
+
+
+CREATE_CHUNK = 500
+"""Subtasks per script when a large plan is written in parts."""
+CREATE_CHUNK_BYTES = 256 * 1024
+"""... and no more bytes of them than this per script."""
+
+
+def _plan_size(plan: Plan) -> int:
+    """A plan's bytes as its owner's budget counts them (store_plan's rows_size)."""
+    return sum(
+        len(s.id.encode()) + len(s.title.encode()) + len(s.instruction.encode())
+        + len(s.capability.encode()) + len(json.dumps(dict(s.params)).encode())
+        for s in plan.subtasks
+    )  # fmt: skip
+
+
+def _large(plan: Plan) -> bool:
+    return len(plan.subtasks) > CREATE_CHUNK or _plan_size(plan) > CREATE_CHUNK_BYTES
+
+
+def _parts(rows: list[scripts.SubtaskRow]) -> Iterator[list[scripts.SubtaskRow]]:
+    part: list[scripts.SubtaskRow] = []
+    size = 0
+    for row in rows:
+        weight = len(row.instruction) + len(row.title) + len(row.params) + 64
+        if part and (len(part) >= CREATE_CHUNK or size + weight > CREATE_CHUNK_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(row)
+        size += weight
+    if part:
+        yield part
+
+
+def _over_budget(
+    owner: str,
+    code: int,
+    in_use: int,
+    max_in_flight: int,
+    max_subtasks: int,
+    max_bytes: int,
+    count: int,
+    size: int,
+) -> ResourceExhausted:
+    if code == -1:
+        return ResourceExhausted(
+            f"{owner} already has {max_in_flight:,} unfinished tasks, the limit "
+            "(TASKLOOM_MAX_TASKS_IN_FLIGHT); wait for some to end or cancel them",
+            subject="max_tasks_in_flight",
+        )
+    if code == -2:
+        return ResourceExhausted(
+            f"{owner} has {in_use:,} subtasks in unfinished tasks and this task adds "
+            f"{count:,}; the budget is {max_subtasks:,} (TASKLOOM_MAX_UNFINISHED_SUBTASKS): "
+            "wait for tasks to end or cancel some",
+            subject="max_unfinished_subtasks",
+        )
+    return ResourceExhausted(
+        f"{owner} stores {in_use:,} bytes and this task adds {size:,}; the budget is "
+        f"{max_bytes:,} (TASKLOOM_MAX_STORED_BYTES): a finished task's bytes are freed "
+        "when it expires (TASKLOOM_RETENTION, TASKLOOM_UNSUCCESSFUL_RETENTION)",
+        subject="max_stored_bytes",
+    )
 
 
 BLOCKING_SLACK = 5.0

@@ -12,7 +12,7 @@
 -- (or handed out), the tasks finished, the attempts held in tasks that ended.
 local items, offer, limits = unpack(PAYLOAD) -- CompleteArgs
 local committed, ready, finished, held = {}, {}, {}, {}
-local tasks, succeeded = {}, {}
+local tasks, succeeded, stored = {}, {}, {}
 for i, item in ipairs(items) do
   local task, sub, attempt, output, usage, worker_id = unpack(item) -- CompleteItem
   committed[i] = 0
@@ -23,6 +23,7 @@ for i, item in ipairs(items) do
       'finished_at', NOW, 'progress', '', 'error', '')
     emit(task, 'subtask.succeeded', sub, 'SUCCEEDED', '', attempt, v[1])
     committed[i] = 1
+    stored[task] = (stored[task] or 0) + #output
     if v[2] then
       local ttl = tonumber(redis.call('HGET', k_task(task), 'cache_ttl') or '0')
       if ttl > 0 then
@@ -49,6 +50,7 @@ for i, item in ipairs(items) do
 end
 for _, task in ipairs(tasks) do
   local tk = k_task(task)
+  account(task, 0, stored[task])
   redis.call('HSET', tk, 'updated_at', NOW)
   redis.call('HINCRBY', tk, 'succeeded', succeeded[task])
   settle(task, finished)

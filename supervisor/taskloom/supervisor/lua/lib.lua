@@ -1,10 +1,11 @@
 -- Shared by every script; loaded after the key builders from keys.py.
 -- ARGV: the key prefix (the key builders read it), now (Unix seconds), the
 -- retention (seconds), the script's payload as JSON (its type is named in
--- scripts.py, and on the line of each script that unpacks it) and the
--- caller's fencing token.
-local _, NOW, RETENTION_SECONDS, PAYLOAD_JSON, FENCE = unpack(ARGV)
+-- scripts.py, and on the line of each script that unpacks it), the
+-- caller's fencing token and the retention of a task that did not succeed.
+local _, NOW, RETENTION_SECONDS, PAYLOAD_JSON, FENCE, SHORT_RETENTION = unpack(ARGV)
 local RETENTION = tonumber(RETENTION_SECONDS)
+local UNSUCCESSFUL_RETENTION = tonumber(SHORT_RETENTION or RETENTION_SECONDS)
 local PAYLOAD = cjson.decode(PAYLOAD_JSON)
 
 -- Fencing: a supervisor writes only while the leader lease holds its token.
@@ -14,6 +15,36 @@ local PAYLOAD = cjson.decode(PAYLOAD_JSON)
 if FENCE ~= '' and redis.call('GET', k_leader()) ~= FENCE then
   return redis.error_reply('TASKLOOM_FENCED the leader lease is held by ' ..
     tostring(redis.call('GET', k_leader()) or 'nobody'))
+end
+
+-- What each principal has in Redis, against its budgets: the subtasks of
+-- its unfinished tasks and the bytes of what it stored (goals, plans,
+-- outputs, streamed text) until they expire. The owner of each task is read
+-- once per script.
+local OWNERS = {}
+local function owner_of(task)
+  local owner = OWNERS[task]
+  if owner == nil then
+    owner = redis.call('HGET', k_task(task), 'owner') or ''
+    OWNERS[task] = owner
+  end
+  return owner
+end
+local function account(task, subtasks, bytes)
+  local owner = owner_of(task)
+  if bytes ~= 0 then redis.call('HINCRBY', k_task(task), 'stored', bytes) end
+  if owner == '' then return end
+  local usage = k_owner_usage(owner)
+  if subtasks ~= 0 then redis.call('HINCRBY', usage, 'subtasks', subtasks) end
+  if bytes ~= 0 then redis.call('HINCRBY', usage, 'bytes', bytes) end
+end
+-- The bytes of a plan's rows as stored.
+local function rows_size(rows)
+  local size = 0
+  for _, row in ipairs(rows) do
+    size = size + #row[1] + #row[2] + #row[3] + #row[4] + #row[6]
+  end
+  return size
 end
 
 local SUBTASK_TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true, SKIPPED = true}
@@ -112,6 +143,9 @@ local ENDED = {}
 -- tell those workers to stop: {{task, sub, attempt}, ...}.
 local function finish_task(task, status, err, etype, message, reason, actor)
   local tk = k_task(task)
+  -- What failed or was cancelled is kept for a shorter time.
+  local retention = RETENTION
+  if status ~= 'SUCCEEDED' then retention = UNSUCCESSFUL_RETENTION end
   TASK_STATUS[task] = status
   redis.call('HSET', tk, 'status', status, 'error', err, 'finished_at', NOW, 'updated_at', NOW,
     'failure_reason', reason or '')
@@ -132,17 +166,26 @@ local function finish_task(task, status, err, etype, message, reason, actor)
         end
       end
     end
-    redis.call('EXPIRE', sk, RETENTION)
+    redis.call('EXPIRE', sk, retention)
   end
   ENDED[task] = {emit(task, etype, '', status, message, 0, '', '', actor), etype, status, message,
     TRACE_IDS[task]}
   redis.call('ZREM', k_active_index(), task)
-  local owner = redis.call('HGET', tk, 'owner')
-  if owner and owner ~= '' then redis.call('ZREM', k_owner_active(owner), task) end
-  redis.call('ZADD', k_finished_index(), tonumber(NOW), task)
-  redis.call('EXPIRE', tk, RETENTION)
-  redis.call('EXPIRE', k_subtasks(task), RETENTION)
-  redis.call('EXPIRE', k_events(task), RETENTION)
+  local owner = owner_of(task)
+  local counted = redis.call('HMGET', tk, 'total', 'stored')
+  if owner ~= '' then
+    redis.call('ZREM', k_owner_active(owner), task)
+    -- Its subtasks no longer count as unfinished; its bytes count until the
+    -- janitor sees it expire (the sizes hash tells it how many, and whose).
+    local total = tonumber(counted[1] or '0') or 0
+    if total > 0 then redis.call('HINCRBY', k_owner_usage(owner), 'subtasks', -total) end
+    redis.call('HSET', k_sizes(), task, (counted[2] or '0') .. ' ' .. owner)
+  end
+  -- Scored so that the janitor drops it from the indexes when its keys expire.
+  redis.call('ZADD', k_finished_index(), tonumber(NOW) - RETENTION + retention, task)
+  redis.call('EXPIRE', tk, retention)
+  redis.call('EXPIRE', k_subtasks(task), retention)
+  redis.call('EXPIRE', k_events(task), retention)
   return held
 end
 
@@ -339,6 +382,11 @@ local function store_plan(task, result_from, rows, hold)
     end
   end
 
+  -- Count the plan against its owner's budgets (one that replaces a plan
+  -- counts only the difference in subtasks).
+  local before = tonumber(redis.call('HGET', k_task(task), 'total') or '0') or 0
+  account(task, #rows - before, rows_size(rows))
+
   local subs = k_subtasks(task)
   redis.call('DEL', subs)
   local chunk = {}
@@ -395,6 +443,41 @@ local function store_plan(task, result_from, rows, hold)
     table.insert(AWAITING, {task, sub})
   end
   return ready
+end
+
+-- Make a plan that stage.lua wrote in parts the task's plan: the task's
+-- fields, plan.created, and what waits for approval. Its first subtasks are
+-- READY already (stage.lua), and are not logged one by one (subtask.ready):
+-- that would be as long a step as the one staging avoids. Returns the ids of
+-- the READY ones and each one's capability, as store_plan's caller needs.
+local function finish_staged(task, result_from, staged, hold)
+  local subtasks, size, roots, waiting = unpack(staged) -- StagedPlan
+  redis.call('ZREM', k_staging(), task)
+  account(task, subtasks, size)
+  local status = 'RUNNING'
+  if hold then status = 'AWAITING_APPROVAL' end
+  TASK_STATUS[task] = status
+  redis.call('HSET', k_task(task), 'status', status, 'total', subtasks, 'succeeded', 0,
+    'settled', 0, 'result_from', ids_json(result_from), 'updated_at', NOW,
+    'awaiting_since', hold and NOW or '')
+  emit(task, 'plan.created', '', status, 'plan with ' .. subtasks .. ' subtasks, ' .. #roots ..
+    ' of them ready')
+  if hold then
+    emit(task, 'task.awaiting_approval', '', status,
+      'the plan waits for a person to approve it (taskloom approve ' .. task .. ')')
+    table.insert(AWAITING, {task, ''})
+  end
+  for _, sub in ipairs(waiting) do
+    emit(task, 'subtask.awaiting_approval', sub, 'AWAITING_APPROVAL',
+      'it runs once a person approves it')
+    table.insert(AWAITING, {task, sub})
+  end
+  local ids, capability = {}, {}
+  for _, root in ipairs(roots) do
+    table.insert(ids, root[1])
+    capability[root[1]] = root[2]
+  end
+  return ids, capability
 end
 
 -- Give a READY subtask to a worker: READY -> ASSIGNED with attempt + 1.
@@ -470,6 +553,7 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
     if hit then
       redis.call('HSET', sk, 'status', 'SUCCEEDED', 'output', hit, 'usage', '',
         'finished_at', NOW, 'progress', '', 'error', '', 'cache_hit', '1')
+      account(task, 0, #hit)
       emit(task, 'subtask.succeeded', sub, 'SUCCEEDED',
         'cache_hit: the output of an identical earlier subtask, reused', 0, '')
       redis.call('HSET', tk, 'updated_at', NOW)
@@ -645,7 +729,12 @@ end
 -- Returns the subtasks its end cancelled: they run again too.
 local function reopen(task, actor, why)
   local tk = k_task(task)
-  local v = redis.call('HMGET', tk, 'owner', 'created_at', 'max_duration')
+  local v = redis.call('HMGET', tk, 'owner', 'created_at', 'max_duration', 'total')
+  if v[1] and v[1] ~= '' then
+    local total = tonumber(v[4] or '0') or 0
+    if total > 0 then redis.call('HINCRBY', k_owner_usage(v[1]), 'subtasks', total) end
+    redis.call('HDEL', k_sizes(), task)
+  end
   TASK_STATUS[task] = 'RUNNING'
   redis.call('HSET', tk, 'status', 'RUNNING', 'updated_at', NOW)
   redis.call('HDEL', tk, 'error', 'failure_reason', 'finished_at', 'result', 'first_failure',

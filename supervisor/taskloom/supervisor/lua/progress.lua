@@ -11,6 +11,7 @@ for i, item in ipairs(PAYLOAD) do
     local sk = k_subtask(task, sub)
     local worker = redis.call('HGET', sk, 'worker')
     if message ~= '' then
+      account(task, 0, #message)
       redis.call('HSET', sk, 'progress', message)
       emit(task, 'subtask.progress', sub, status, message, attempt, worker)
     end
@@ -19,6 +20,7 @@ for i, item in ipairs(PAYLOAD) do
       -- piece that crosses it is replaced by one marker, later ones dropped.
       local streamed = redis.call('HINCRBY', sk, 'streamed', #text)
       if streamed <= stream_budget then
+        account(task, 0, #text)
         emit(task, 'subtask.output', sub, status, text, attempt, worker)
       elseif streamed - #text <= stream_budget then
         emit(task, 'subtask.output', sub, status,

@@ -88,6 +88,7 @@ end
 redis.call('HSET', tk, 'result_from', cjson.encode(result_from), 'version', version + 1,
   'replan_pending', '', 'updated_at', NOW)
 redis.call('HINCRBY', tk, 'total', #rows)
+account(task, #rows, rows_size(rows))
 redis.call('HINCRBY', tk, 'settled', 1)
 redis.call('HINCRBY', tk, 'replans', 1)
 local ready = {}
