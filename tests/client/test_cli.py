@@ -123,9 +123,16 @@ async def test_submit_prints_the_id_and_get_watch_tasks_follow_it(
     code, out, _ = await taskloom("get", task_id, env=env)
     assert code == 0 and "SUCCEEDED" in out and "one" in out
     code, out, _ = await taskloom("tasks", env=env)
-    assert code == 0 and task_id in out and "just one" in out
-    code, out, _ = await taskloom("tasks", "--status", "failed", "--json", env=env)
+    header, row = out.splitlines()[:2]
+    assert code == 0 and header.split() == ["ID", "CREATED", "STATUS", "DONE", "GOAL"]
+    assert row.startswith(task_id) and "just one" in row and "1/1" in row
+    code, out, _ = await taskloom("tasks", "--json", env=env)
+    (listed,) = [json.loads(line) for line in out.splitlines()]
+    assert listed["id"] == task_id and listed["subtasks_total"] == 1 and "subtasks" not in listed
+    code, out, err = await taskloom("tasks", "--status", "failed", "--json", env=env)
     assert code == 0 and out == ""
+    code, out, err = await taskloom("tasks", "--status", "failed", env=env)
+    assert code == 0 and out == "" and err.strip() == "no tasks in FAILED"
 
 
 async def test_submit_wait_follows_progress_and_exits_1_when_the_task_fails(
@@ -186,6 +193,8 @@ async def test_errors_are_one_line_with_distinct_exit_codes(
     assert "Traceback" not in err
     code, _, err = await taskloom("tasks", "--supervisor", "nowhere")
     assert code == 2 and "TASKLOOM_SUPERVISOR" in err
+    code, _, err = await taskloom("tasks", "--supervisor", "http://127.0.0.1:50051")
+    assert code == 2 and "is a URL; give HOST:PORT (127.0.0.1:50051)" in err
     code, _, err = await taskloom("supervisor", "--leader-ttl", "12s")
     # A configuration error is a usage error (2), like every command's (1 means a task failed).
     assert code == 2 and "TASKLOOM_LEADER_TTL / --leader-ttl: must be under 10s" in err
@@ -336,6 +345,11 @@ async def test_up_runs_a_whole_cluster_and_ctrl_c_stops_all_of_it(tmp_path: Path
             await asyncio.wait_for(up.communicate(), 60)
     assert up.returncode == 0, err.decode()
     assert f"console: http://127.0.0.1:{console}/" in err.decode()
+    # No Ollama here: up says so at once and stands the embedded model in,
+    # as the demo does, rather than failing the first goal.
+    said = " ".join(err.decode().split())
+    assert "No usable Ollama" in said
+    assert "Using the embedded model instead" in said or "No embedded model either" in said
     host, port = address.split(":")
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
         pass

@@ -90,6 +90,8 @@ def test_parsing_ignores_unknown_fields_and_reads_synthesize() -> None:
     ("document", "problem"),
     [
         ("{not json", "not valid JSON"),
+        ('{"subtasks": [{"id": "a", "instruction": "cut off in the mid', "ends too early"),
+        ('{"subtasks": [{"id": "a", "instr', "the plan's JSON ends too early"),
         ([], "must be a JSON object"),
         ({"steps": []}, "'subtasks' must be a list"),
         ({"subtasks": [3]}, "subtasks[0] must be an object"),
@@ -106,6 +108,7 @@ def test_malformed_documents_raise_plan_errors_that_say_where(
     with pytest.raises(PlanError) as caught:
         parse_plan(document)
     assert any(problem in v for v in caught.value.violations) or problem in str(caught.value)
+    assert "the plan is the" not in str(caught.value) and "Unterminated" not in str(caught.value)
 
 
 def test_finalize_appends_synthesis_over_every_sink() -> None:

@@ -29,7 +29,14 @@ import click
 from rich.console import Console
 
 from taskloom.client.client import SUBMIT_ARGUMENTS, TaskloomClient, waiting_logger
-from taskloom.client.display import event_json, event_line, follow, task_json, task_text
+from taskloom.client.display import (
+    event_json,
+    event_line,
+    follow,
+    task_json,
+    task_summary_json,
+    task_text,
+)
 from taskloom.client.local import DEFAULT_PORT, LocalCluster
 from taskloom.client.settings import ClientSettings
 from taskloom.core import exits
@@ -479,14 +486,19 @@ async def tasks(
     """List tasks, newest first."""
     async with _client(supervisor) as client:
         found = await client.list(statuses=[TaskStatus(s.upper()) for s in statuses], limit=limit)
+    if as_json:
+        for task in found:
+            print(json.dumps(task_summary_json(task), ensure_ascii=False))
+        return
+    if not found:
+        err.print("no tasks" + (f" in {', '.join(statuses)}" if statuses else ""))
+        return
+    out.print(f"{'ID':<20}  {'CREATED':<19}  {'STATUS':<10} {'DONE':>7}  GOAL", style="bold")
     for task in found:
-        if as_json:
-            print(json.dumps(task_json(task), ensure_ascii=False))
-        else:
-            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(task.created_at))
-            progress = f"{task.subtasks_succeeded}/{task.subtasks_total}"
-            goal = task.goal.replace("\n", " ")
-            out.print(f"{task.id}  {created}  {task.status:<10} {progress:>7}  {goal[:60]}")
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(task.created_at))
+        progress = f"{task.subtasks_succeeded}/{task.subtasks_total}"
+        goal = task.goal.replace("\n", " ")
+        out.print(f"{task.id:<20}  {created}  {task.status:<10} {progress:>7}  {goal[:60]}")
 
 
 @cli.command()
@@ -749,7 +761,11 @@ DEMO_PLAN = Plan(
     help="Use this Redis instead of starting one [TASKLOOM_REDIS_URL]",
 )
 @click.option("--capabilities", default="llm,echo", show_default=True, help="Of each worker")
-@click.option("--concurrency", type=click.IntRange(1, 1000), default=4, show_default=True)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    help="Slots of each worker [4; 1 with the embedded model, which answers one call at a time]",
+)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -782,7 +798,7 @@ def up(
     listen: str | None,
     redis_url: str | None,
     capabilities: str,
-    concurrency: int,
+    concurrency: int | None,
     data_dir: Path,
     redis_fsync: str,
     llm: str | None,
@@ -796,11 +812,17 @@ def up(
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     offline = False
-    if demo is not None:
+    if demo is not None or llm is None:
+        # As the demo does: Ollama if it answers, else (unless a model was
+        # named) the embedded one, saying so now rather than at the first goal.
         try:
-            llm, offline = asyncio.run(_demo_llm(llm))
+            llm, offline = asyncio.run(_demo_llm(llm, demo=demo is not None))
         except TaskloomError as e:
             _fail(e)
+    if concurrency is None:
+        # A worker advertises what its model can run: the embedded one answers
+        # one call at a time, so more slots would only queue on its lock.
+        concurrency = 1 if (llm or "").startswith("embedded:") else 4
     cluster = LocalCluster(
         data_dir=data_dir,
         workers=workers,
@@ -819,7 +841,7 @@ def up(
         cluster.start()
         _say(
             f"supervisor on [bold]{cluster.address}[/], {workers} workers "
-            f"({capabilities}), Redis at {cluster.safe_redis_url}\n"
+            f"({capabilities}, {concurrency} slots each), Redis at {cluster.safe_redis_url}\n"
             f"console: [bold]{cluster.console_url}[/]"
         )
         if listen is None and cluster.address != f"127.0.0.1:{DEFAULT_PORT}":
@@ -918,7 +940,7 @@ async def _usable(settings: LLMSettings) -> str:
         await model.close()
 
 
-async def _demo_llm(requested: str | None) -> tuple[str | None, bool]:
+async def _demo_llm(requested: str | None, *, demo: bool = True) -> tuple[str | None, bool]:
     """The model the demo runs with, and whether it must do without one.
 
     Ollama when it answers; else the embedded SmolLM2 if installed; else no
@@ -947,11 +969,15 @@ async def _demo_llm(requested: str | None) -> tuple[str | None, bool]:
             soft_wrap=True,
         )
         return "embedded:smollm2", False
+    meanwhile = (
+        "Meanwhile, here is the same machinery on an explicit plan of `echo` "
+        "subtasks (no model involved):"
+        if demo
+        else "Meanwhile, only tasks with an explicit plan (--plan FILE) can run."
+    )
     err.print(
         f"\n[bold yellow]No usable Ollama:[/] {problem}\n"
-        f"No embedded model either: {embedded_problem}\n{get_ollama}\n"
-        "Meanwhile, here is the same machinery on an explicit plan of `echo` "
-        "subtasks (no model involved):\n",
+        f"No embedded model either: {embedded_problem}\n{get_ollama}\n{meanwhile}\n",
         markup=True,
         soft_wrap=True,
     )

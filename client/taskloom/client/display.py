@@ -61,6 +61,23 @@ def model_notice(usage: Usage) -> str:
     return TINY_NOTICE if "embedded:smollm2" in usage.model.split(",") else ""
 
 
+def task_summary_json(task: Task) -> dict[str, Any]:
+    """A task as ``tasks --json`` lists it: no subtasks (a listing does not
+    read them; ``get --json`` shows them), their counts instead."""
+    return {
+        "id": task.id,
+        "status": str(task.status),
+        "goal": task.goal,
+        "created_at": task.created_at,
+        "subtasks_total": task.subtasks_total,
+        "subtasks_succeeded": task.subtasks_succeeded,
+        "result": task.result,
+        "error": task.error,
+        "failure_reason": str(task.failure_reason) or None,
+        "usage": usage_json(task.usage),
+    }
+
+
 def task_json(task: Task) -> dict[str, Any]:
     """The task as ``submit --json`` and ``get --json`` print it."""
     return {

@@ -52,10 +52,15 @@ def parse_plan(document: Any) -> Plan:
         try:
             document = json.loads(document)
         except json.JSONDecodeError as e:
-            problem = f"not valid JSON: {e}"
-            if e.pos >= len(e.doc.rstrip()) - 1:
-                problem = "the JSON ends too early (the reply was cut off); return a shorter plan"
-            raise PlanError(f"the plan is {problem}", [problem]) from None
+            # A reply cut off by its token limit ends inside the JSON: at the
+            # end of the text, or inside a string that never closes.
+            cut = e.pos >= len(e.doc.rstrip()) - 1 or e.msg.startswith("Unterminated string")
+            problem = (
+                "the plan's JSON ends too early (the reply was cut off); return a shorter plan"
+                if cut
+                else f"the plan is not valid JSON: {e}"
+            )
+            raise PlanError(problem, [problem]) from None
     if not isinstance(document, dict):
         raise PlanError("a plan must be a JSON object with a 'subtasks' list")
     raw = document.get("subtasks")

@@ -43,6 +43,13 @@ def split_list(value: Any) -> Any:
 
 def check_address(value: str) -> str:
     """``HOST:PORT``, as gRPC wants it."""
+    scheme, found, rest = value.strip().partition("://")
+    if found:
+        # A URL is the usual slip: say what to write instead.
+        tls = " and, for TLS, --tls-ca" if scheme in ("https", "grpcs") else ""
+        raise ValueError(
+            f"{value!r} is a URL; give HOST:PORT ({rest.split('/')[0] or '127.0.0.1:50051'}){tls}"
+        )
     host, sep, port = value.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
