@@ -105,7 +105,13 @@ async def test_a_task_shows_up_in_the_supervisors_and_the_workers_metrics(
             assert value(text, "taskloom_tasks_submitted_total") == 2
             assert value(text, "taskloom_leader") == 1
 
+            # Every process says how it does itself, and no series is a _created one.
+            assert (value(text, "process_resident_memory_bytes") or 0) > 0
+            assert "python_info{" in text and "_created" not in text
+
             worker = scrape(worker_port)
+            assert (value(worker, "process_resident_memory_bytes") or 0) > 0
+            assert "_created" not in worker
             assert (
                 value(
                     worker, "taskloom_worker_attempts_total", capability="llm", outcome="succeeded"
@@ -129,7 +135,7 @@ def test_no_label_can_carry_an_id_and_names_follow_the_rules() -> None:
         for sample in family.samples:
             assert not {"task", "task_id", "subtask", "subtask_id"} & set(sample.labels)
         if family.type == "counter":
-            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+            assert all(s.name.endswith("_total") for s in family.samples)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")

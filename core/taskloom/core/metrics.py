@@ -14,7 +14,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.trace import SpanKind
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback, WrappedLLM
 from taskloom.core.tracing import genai_attributes, record_content, tracer
@@ -120,6 +129,12 @@ class InstrumentedLLM(WrappedLLM):
         return reply
 
 
+# A ``_created`` series per counter and histogram doubles what is scraped and
+# says nothing a dashboard uses (OpenMetrics' own advice for this case).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+_WITH_PROCESS: set[CollectorRegistry] = set()
+
+
 def serve_metrics(
     port: int,
     registry: CollectorRegistry,
@@ -130,7 +145,13 @@ def serve_metrics(
 ) -> int:
     """Serve ``registry`` on ``http://host:port/metrics`` (``https`` with a
     certificate and key) from a thread; returns the port (useful with 0: any
-    free port)."""
+    free port). The process's own metrics (``process_*``, ``python_*``) are
+    served with it."""
+    if registry not in _WITH_PROCESS:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        _WITH_PROCESS.add(registry)
     server, _ = start_http_server(
         port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile
     )
