@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
 OVERFLOW_HINT = (
     "return less, or have the supervisor cut long outputs (TASKLOOM_OUTPUT_OVERFLOW=truncate)"
 )
@@ -38,3 +43,22 @@ def cut_text(text: str, max_bytes: int, what: str) -> tuple[str, bool]:
     marker = f" [… cut to {max_bytes:,} of {len(data):,} bytes ({what})]"
     keep = max(0, max_bytes - len(marker.encode()))
     return data[:keep].decode(errors="ignore") + marker, True
+
+
+def batches(
+    items: Iterable[T], weight: Callable[[T], int], limit: int, *, most: int = 0
+) -> Iterator[list[T]]:
+    """``items`` in order, in lists whose weights add up to at most ``limit``
+    (and of at most ``most`` items, if given); an item heavier than ``limit``
+    goes alone."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        w = weight(item)
+        if batch and (total + w > limit or (most and len(batch) >= most)):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += w
+    if batch:
+        yield batch

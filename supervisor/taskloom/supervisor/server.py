@@ -20,7 +20,7 @@ import grpc
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
-from taskloom.core.limits import cut_text
+from taskloom.core.limits import batches, cut_text
 from taskloom.core.model import Assignment, Event
 from taskloom.core.plan import CAPABILITY_RE
 from taskloom.core.status import abort
@@ -448,38 +448,19 @@ def assignment_size(a: Assignment) -> int:
     return 4 * text + 512
 
 
-def _by_size(assignments: list[Assignment], limit: int) -> Iterator[list[Assignment]]:
-    part: list[Assignment] = []
-    size = 0
-    for assignment in assignments:
-        weight = assignment_size(assignment)
-        if part and size + weight > limit:
-            yield part
-            part, size = [], 0
-        part.append(assignment)
-        size += weight
-    if part:
-        yield part
-
-
 def frames(events: list[Event]) -> Iterator[list[Event]]:
     """``events`` in messages of at most about ``FRAME_BYTES``, so that no
     message nears a channel's limit however large the log; an event larger
     than ``EVENT_BYTES`` (only logs written before the caps) goes out cut."""
-    frame: list[Event] = []
-    size = 0
-    for event in events:
+
+    def fitted(event: Event) -> Event:
         message, cut = cut_text(event.message, EVENT_BYTES, "too large to send")
-        if cut:
-            event = dataclasses.replace(event, message=message)
-        weight = len(event.message) * 4 if len(event.message) * 4 <= EVENT_BYTES else EVENT_BYTES
-        if frame and size + weight > FRAME_BYTES:
-            yield frame
-            frame, size = [], 0
-        frame.append(event)
-        size += weight + EVENT_OVERHEAD
-    if frame:
-        yield frame
+        return dataclasses.replace(event, message=message) if cut else event
+
+    def weight(event: Event) -> int:
+        return min(len(event.message) * 4, EVENT_BYTES) + EVENT_OVERHEAD
+
+    yield from batches(map(fitted, events), weight, FRAME_BYTES)
 
 
 def hello_problem(hello: wpb.Hello) -> str:
@@ -550,7 +531,10 @@ def _coalesce(messages: list[Outgoing]) -> list[Outgoing]:
         merged.append(AckReports(tuple(acks)))
     # Assignments carry their goal and inputs: split so that no frame nears
     # the worker's limit however many share a large goal.
-    merged += [AssignBatch(tuple(part)) for part in _by_size(assignments, ASSIGN_FRAME_BYTES)]
+    merged += [
+        AssignBatch(tuple(part))
+        for part in batches(assignments, assignment_size, ASSIGN_FRAME_BYTES)
+    ]
     # Cancels and drains after the assignments they may refer to; a close last.
     merged += [m for m in rest if not isinstance(m, CloseSession)]
     merged += [m for m in rest if isinstance(m, CloseSession)][:1]

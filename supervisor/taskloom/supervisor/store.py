@@ -46,6 +46,7 @@ from taskloom.core.errors import (
     TaskFinished,
     TaskNotFound,
 )
+from taskloom.core.limits import batches
 from taskloom.core.model import (
     Assignment,
     AttemptRef,
@@ -1026,17 +1027,10 @@ def _large(plan: Plan) -> bool:
 
 
 def _parts(rows: list[scripts.SubtaskRow]) -> Iterator[list[scripts.SubtaskRow]]:
-    part: list[scripts.SubtaskRow] = []
-    size = 0
-    for row in rows:
-        weight = len(row.instruction) + len(row.title) + len(row.params) + 64
-        if part and (len(part) >= CREATE_CHUNK or size + weight > CREATE_CHUNK_BYTES):
-            yield part
-            part, size = [], 0
-        part.append(row)
-        size += weight
-    if part:
-        yield part
+    def weight(row: scripts.SubtaskRow) -> int:
+        return len(row.instruction) + len(row.title) + len(row.params) + 64
+
+    return batches(rows, weight, CREATE_CHUNK_BYTES, most=CREATE_CHUNK)
 
 
 def _over_budget(
