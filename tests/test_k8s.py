@@ -131,6 +131,10 @@ def test_the_hpa_alternative_and_the_secret_examples_validate(tmp_path: Path) ->
     (hpa,) = of(docs, "HorizontalPodAutoscaler")
     kubernetes_validate.validate(hpa, KUBERNETES_VERSION, strict=True)
     assert hpa["spec"]["scaleTargetRef"]["name"] == "taskloom-worker"
+    concurrency = config(tuple(docs), "taskloom-worker")["TASKLOOM_CONCURRENCY"]
+    assert hpa["spec"]["metrics"][0]["external"]["target"]["averageValue"] == concurrency
+    # An apply must not reset what the autoscaler chose.
+    assert "replicas" not in named(docs, "Deployment", "taskloom-worker")["spec"]
     examples = list(yaml.safe_load_all((K8S / "overlays/prod/secrets.example.yaml").read_text()))
     assert {d["metadata"]["name"] for d in examples} == {
         "taskloom-tls",
@@ -337,8 +341,9 @@ def test_prod_runs_ha_supervisors_with_tls_tokens_and_external_redis() -> None:
 
 def test_dev_has_one_of_each_and_redis_with_aof_on_a_volume() -> None:
     docs = rendered("dev")
-    for name in ("taskloom-supervisor", "taskloom-worker"):
-        assert named(docs, "Deployment", name)["spec"]["replicas"] == 1
+    assert named(docs, "Deployment", "taskloom-supervisor")["spec"]["replicas"] == 1
+    # No count: Kubernetes starts one worker, and an autoscaler added later owns it.
+    assert "replicas" not in named(docs, "Deployment", "taskloom-worker")["spec"]
     assert config(docs, "taskloom-supervisor")["TASKLOOM_INSECURE"] == "true"
     assert of(docs, "PodDisruptionBudget") == []
     redis = named(docs, "StatefulSet", "taskloom-redis")
@@ -358,12 +363,23 @@ def test_workers_scale_on_their_capability_queue_down_to_zero() -> None:
     assert spec["minReplicaCount"] == 0
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus"
+    # What the query returns is tested on a real Prometheus (test_prometheus.py).
     query = trigger["metadata"]["query"]
-    capability = config(docs, "taskloom-worker")["TASKLOOM_CAPABILITIES"]
-    assert f'taskloom_ready_subtasks{{capability="{capability}"}}' in query
-    assert f'taskloom_busy_subtasks{{capability="{capability}"}}' in query
+    assert f'namespace="{scaled["metadata"]["namespace"]}"' in query
+    assert query.endswith("or vector(0)")
     concurrency = config(docs, "taskloom-worker")["TASKLOOM_CONCURRENCY"]
     assert trigger["metadata"]["threshold"] == concurrency
+    assert "replicas" not in named(docs, "Deployment", "taskloom-worker")["spec"]
+    # From zero: the supervisor accepts the pool's capabilities with no worker
+    # connected, read from the one place the workers read them.
+    (supervisor,) = named(docs, "Deployment", "taskloom-supervisor")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in supervisor["env"]}
+    source = env["TASKLOOM_CAPABILITIES"]["valueFrom"]["configMapKeyRef"]
+    assert source["name"].rpartition("-")[0] == "taskloom-worker"
+    assert source["key"] == "TASKLOOM_CAPABILITIES"
+    assert "TASKLOOM_CAPABILITIES" not in config(docs, "taskloom-supervisor")
 
 
 def test_monitoring_ships_the_same_rules_and_dashboard() -> None:

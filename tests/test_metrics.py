@@ -176,7 +176,9 @@ async def test_busy_subtasks_count_the_work_workers_hold_per_capability(
     for sid in "abc":
         (test_dir / f"open-{sid}").touch()
     await client.wait(task_id)
-    await eventually(lambda: not get("taskloom_busy_subtasks", "gate"))
+    # Zero, not absent: an autoscaler's sum must see the idle pool.
+    await eventually(lambda: get("taskloom_busy_subtasks", "gate") == 0)
+    assert get("taskloom_ready_subtasks", "gate") == 0
 
 
 async def test_the_leader_says_whether_redis_can_lose_what_it_acknowledges(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from taskloom.client import TaskloomClient
@@ -24,6 +25,7 @@ from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import REPO, Processes
 from tests.helpers import eventually, plan
+from tests.test_k8s import K8S, of, rendered
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None,
@@ -32,7 +34,9 @@ pytestmark = pytest.mark.skipif(
 
 
 class Prometheus:
-    def __init__(self, tmp_path: Path, targets: list[str]) -> None:
+    def __init__(
+        self, tmp_path: Path, targets: list[str], labels: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         shutil.copy(REPO / "deploy" / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
         config = tmp_path / "prometheus.yml"
@@ -41,7 +45,8 @@ class Prometheus:
             "rule_files: [alerts.yml]\n"
             "scrape_configs:\n"
             "  - job_name: taskloom\n"
-            f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
+            f"    static_configs: [{{targets: {json.dumps(targets)}, "
+            f"labels: {json.dumps(labels or {})}}}]\n"
         )
         self.log = (tmp_path / "prometheus.log").open("wb")
         self.process = subprocess.Popen(
@@ -139,3 +144,55 @@ async def test_prometheus_scrapes_the_cluster_and_answers_for_queues_and_subtask
             loaded = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
             assert {"TaskloomReadyWorkTooOld", "TaskloomRedisNotDurable"} <= loaded
             assert len(loaded) == 7
+
+
+async def test_the_shipped_autoscaler_queries_see_work_with_no_worker_and_zero_at_rest(
+    supervisor_settings: SupervisorSettings, tmp_path: Path, prometheus_factory: list[Prometheus]
+) -> None:
+    """KEDA's query (as the prod overlay renders it) and prometheus-adapter's
+    rule, evaluated on a real Prometheus scraping a supervisor with no worker:
+    the READY work of a pool scaled to zero counts, an idle capability reads 0
+    (not nothing), and another namespace's supervisors do not count."""
+    settings = supervisor_settings.model_copy(
+        update={"metrics_port": 0, "capabilities": ("llm", "shell")}
+    )
+    (scaled,) = of(rendered("prod"), "ScaledObject")
+    keda = scaled["spec"]["triggers"][0]["metadata"]["query"]
+    namespace = scaled["metadata"]["namespace"]
+    assert f'namespace="{namespace}"' in keda
+    adapter_rules = yaml.safe_load((K8S / "components/hpa/prometheus-adapter.yaml").read_text())
+    (rule,) = adapter_rules["rules"]["external"]
+    adapter = rule["metricsQuery"].replace("<<.LabelMatchers>>", f'namespace="{namespace}"')
+    elsewhere = keda.replace(f'namespace="{namespace}"', 'namespace="elsewhere"')
+
+    async with Supervisor(settings, metrics=SupervisorMetrics(CollectorRegistry())) as supervisor:
+        prometheus = Prometheus(
+            tmp_path, [f"127.0.0.1:{supervisor.metrics_port}"], {"namespace": namespace}
+        )
+        prometheus_factory.append(prometheus)
+
+        async def query(expr: str) -> dict[str, float]:
+            """capability (or "" for a sum) → value; {} before the first scrape."""
+            try:
+                result = await asyncio.to_thread(prometheus.query, expr)
+            except OSError:
+                return {}
+            return {r["metric"].get("capability", ""): float(r["value"][1]) for r in result}
+
+        async with TaskloomClient(supervisor.address) as client:
+            task_id = await client.submit("two", plan=plan(("a", "llm", "A"), ("b", "llm", "B")))
+
+            async def scaled_up() -> bool:
+                return await query(keda) == {"": 2.0}
+
+            await eventually(scaled_up, timeout=60, interval=0.5)
+            assert await query(adapter) == {"llm": 2.0, "shell": 0.0}
+            assert await query(elsewhere) == {"": 0.0}
+
+            await client.cancel(task_id)
+
+            async def at_rest() -> bool:
+                return await query(keda) == {"": 0.0}
+
+            await eventually(at_rest, timeout=60, interval=0.5)
+            assert await query(adapter) == {"llm": 0.0, "shell": 0.0}

@@ -89,6 +89,7 @@ class Supervisor:
             lambda: self.scheduler_if_leading,
             lambda: self.orchestrator is not None,
             lambda: self.orchestrator.approvals() if self.orchestrator is not None else {},
+            configured=settings.capabilities,
         )
         self.metrics.approval_alert_after.set(settings.approval_alert_after)
         self.metrics_port = 0

@@ -46,6 +46,7 @@ class Scheduler(Protocol):
     def sessions(self) -> Sequence[Session]: ...
     def lease_count(self) -> int: ...
     def busy_by_capability(self) -> dict[str, int]: ...
+    def capabilities(self) -> frozenset[str]: ...
 
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -185,10 +186,14 @@ class SupervisorMetrics:
         scheduler: Callable[[], Scheduler | None],
         leading: Callable[[], bool],
         approvals: Callable[[], dict[str, tuple[int, float]]] = dict,
+        configured: Collection[str] = (),
     ) -> None:
         """Export queue, worker and leader gauges read from the current
-        scheduler, and the approvals waiting (kind → count, oldest wait)."""
-        self.registry.register(SchedulerCollector(scheduler, leading, approvals))
+        scheduler, and the approvals waiting (kind → count, oldest wait).
+        The per-capability gauges have a series, zero if need be, for every
+        capability plans may use (``configured`` and the connected workers'):
+        an autoscaler's query must see 0, not nothing, for a pool at rest."""
+        self.registry.register(SchedulerCollector(scheduler, leading, approvals, configured))
 
     def observe_outcome(self, outcome: Outcome) -> None:
         """Count what any transition's outcome says: tasks finished, cache hits."""
@@ -232,10 +237,12 @@ class SchedulerCollector(Collector):
         scheduler: Callable[[], Scheduler | None],
         leading: Callable[[], bool],
         approvals: Callable[[], dict[str, tuple[int, float]]],
+        configured: Collection[str] = (),
     ) -> None:
         self._scheduler = scheduler
         self._leading = leading
         self._approvals = approvals
+        self._configured = frozenset(configured)
 
     def collect(self) -> Iterator[Metric]:
         leader = GaugeMetricFamily(
@@ -268,16 +275,19 @@ class SchedulerCollector(Collector):
         )
         scheduler = self._scheduler()
         if scheduler is not None:
-            for capability, (count, oldest) in sorted(scheduler.queue_stats().items()):
+            queues = scheduler.queue_stats()
+            held = scheduler.busy_by_capability()
+            known = self._configured | scheduler.capabilities() | queues.keys() | held.keys()
+            for capability in sorted(known):
+                count, oldest = queues.get(capability, (0, 0.0))
                 depth.add_metric([capability], float(count))
                 age.add_metric([capability], oldest if count else 0.0)
+                busy.add_metric([capability], float(held.get(capability, 0)))
             sessions = scheduler.sessions()
             workers.add_metric([], float(len(sessions)))
             slots.add_metric(["total"], float(sum(s.info.max_concurrency for s in sessions)))
             slots.add_metric(["in_use"], float(sum(len(s.leases) for s in sessions)))
             leases.add_metric([], float(scheduler.lease_count()))
-            for capability, count in sorted(scheduler.busy_by_capability().items()):
-                busy.add_metric([capability], float(count))
         else:
             workers.add_metric([], 0.0)
             slots.add_metric(["total"], 0.0)

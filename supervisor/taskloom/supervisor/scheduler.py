@@ -398,8 +398,9 @@ class Scheduler:
         return list(self._sessions.values())
 
     def capabilities(self) -> frozenset[str]:
-        """What the connected workers can do."""
-        return frozenset(c for c, sessions in self._capable.items() if sessions)
+        """What the connected workers can do (also read from the metrics thread:
+        it iterates over a copy)."""
+        return frozenset(c for c, sessions in list(self._capable.items()) if sessions)
 
     # -- leases ----------------------------------------------------------------------
 
