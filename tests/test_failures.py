@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from taskloom.client import TaskloomClient
-from taskloom.core.errors import InvalidArgument, TaskFinished
+from taskloom.client.settings import ClientSettings
+from taskloom.core.errors import InvalidArgument, TaskFinished, Unavailable
 from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import Event, SubtaskResult, SubtaskStatus, TaskStatus
 from taskloom.supervisor.app import Supervisor
@@ -275,3 +276,38 @@ async def test_a_supervisor_restarted_in_a_retry_storm_waits_out_each_backoff_wh
     for sid in ids:
         started = (test_dir / f"attempt-{sid}-2").stat().st_mtime
         assert started >= due[sid] - 0.05, f"{sid} retried {due[sid] - started:.1f}s early"
+
+
+async def test_a_full_redis_refuses_submits_clearly_and_loses_nothing(
+    supervisor_settings: SupervisorSettings, processes: Processes, tmp_path: Path
+) -> None:
+    """Redis at its maxmemory with noeviction (as the dev overlay runs it):
+    a submit is refused with words that say so, nothing is half-stored, and
+    once there is room again the cluster goes on as before."""
+    with LocalRedis(tmp_path / "redis") as server:
+        settings = supervisor_settings.model_copy(update={"redis_url": server.url})
+        raw = aioredis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            async with Supervisor(settings) as supervisor:
+                processes.worker(supervisor.address, capabilities="echo")
+                quick = ClientSettings.load(supervisor=supervisor.address, unavailable_grace=0)
+                async with TaskloomClient(settings=quick) as client:
+                    before = await client.wait(
+                        await client.submit("before", plan=plan(("a", "echo", "A")))
+                    )
+                    assert before.status == TaskStatus.SUCCEEDED
+                    used = int((await raw.info("memory"))["used_memory"])
+                    await raw.config_set("maxmemory-policy", "noeviction")
+                    await raw.config_set("maxmemory", used + 100_000)
+                    big = plan(*((f"s{i}", "echo", "x" * 15_000) for i in range(8)))
+                    with pytest.raises(Unavailable, match=r"is full .* nothing of it was stored"):
+                        for _ in range(20):
+                            await client.submit("too big", plan=big)
+                    await raw.config_set("maxmemory", 0)
+                    after = await client.wait(
+                        await client.submit("after", plan=plan(("a", "echo", "B")))
+                    )
+                    assert after.status == TaskStatus.SUCCEEDED
+                    assert (await client.get(before.id)).result == before.result
+        finally:
+            await raw.aclose()

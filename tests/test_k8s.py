@@ -351,8 +351,25 @@ def test_dev_has_one_of_each_and_redis_with_aof_on_a_volume() -> None:
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--appendfsync") + 1] == "always"
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
-    url = config(docs, "taskloom-supervisor")["TASKLOOM_REDIS_URL"]
-    assert url.startswith("redis://taskloom-redis:")
+    # Under a permissive licence (Valkey, or Redis up to 7.2), full means
+    # refusing writes rather than dropping keys, and a password from a Secret.
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    image, _, tag = container["image"].partition(":")
+    assert image.startswith("valkey/") or (image == "redis" and tag < "7.3"), container["image"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    redis_env = {e["name"]: e for e in container["env"]}
+    secret = redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    (supervisor,) = named(docs, "Deployment", "taskloom-supervisor")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in supervisor["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    names = [e["name"] for e in supervisor["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("TASKLOOM_REDIS_URL")  # $(…) order
+    url = env["TASKLOOM_REDIS_URL"]["value"]
+    assert url.startswith("redis://:$(REDIS_PASSWORD)@taskloom-redis:")
+    assert "TASKLOOM_REDIS_URL" not in config(docs, "taskloom-supervisor")
 
 
 def test_workers_scale_on_their_capability_queue_down_to_zero() -> None:

@@ -150,6 +150,17 @@ def _translated(
                     f"this supervisor lost the leader lease (now held by {holder}); "
                     "a supervisor takes the lead within TASKLOOM_LEADER_TTL, try again"
                 ) from None
+            if str(e).startswith("OOM "):
+                # maxmemory with noeviction: Redis refuses the script before its
+                # first write, so nothing of it is stored; loops retry it later.
+                if self.metrics is not None:
+                    self.metrics.redis_failure(operation).inc()
+                raise StoreUnavailable(
+                    f"Redis at {self.safe_url} is full (used memory over its maxmemory, "
+                    "policy noeviction) and refused the write; nothing of it was stored. "
+                    "Raise maxmemory or free memory: finished tasks expire after their "
+                    "retention"
+                ) from None
             raise
         # redis-py (8.x) finishes a command whose caller was cancelled and
         # returns as if nothing happened: the cancellation is lost, and a loop
