@@ -34,13 +34,16 @@ async def test_a_worker_cut_off_stops_its_attempt_before_another_worker_starts_i
     leader = await processes.supervisor(settings, listen=leader_address, name="leader")
     await processes.supervisor(settings, listen=standby_address, name="standby", standby=True)
     # w1 knows only the leader: frozen, it cannot go elsewhere. w2 knows only
-    # the standby, which refuses it until it leads.
+    # the standby, which sends it to the leader while there is one; it starts
+    # once w1 holds the attempt, and comes back to the standby when the
+    # leader freezes (keepalive), to get the attempt once the standby leads.
     processes.worker(leader_address, name="w1", capabilities="ledger")
-    processes.worker(standby_address, name="w2", capabilities="ledger")
 
     async with TaskloomClient(f"{leader_address},{standby_address}") as client:
         task_id = await client.submit("once at a time", plan=plan(("job", "ledger", "12")))
         await eventually(lambda: ledger(test_dir), timeout=30)
+        processes.worker(standby_address, name="w2", capabilities="ledger")
+        await eventually(lambda: "connected to supervisor" in processes.log("w2"), timeout=30)
         leader.send_signal(signal.SIGSTOP)
         try:
             # The standby leads, restores the lease, lets it lapse and gives

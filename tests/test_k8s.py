@@ -202,9 +202,9 @@ def test_supervisor_probes_are_grpc_on_the_health_port(overlay: str) -> None:
     (container,) = containers(supervisor)
     health_port = int(config(docs, "taskloom-supervisor")["TASKLOOM_HEALTH_PORT"])
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
-    # Readiness: service "" is SERVING on the leader only; liveness on any
-    # supervisor that runs (app.LIVENESS).
-    assert readiness["grpc"] == {"port": health_port, "service": ""}
+    # Readiness: "ready" is SERVING on every supervisor that answers (a
+    # standby redirects: app.READY); liveness on any that runs (app.LIVENESS).
+    assert readiness["grpc"] == {"port": health_port, "service": "ready"}
     assert liveness["grpc"] == {"port": health_port, "service": "liveness"}
     assert container["startupProbe"]["grpc"]["service"] == "liveness"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -322,6 +322,13 @@ def test_prod_runs_ha_supervisors_with_tls_tokens_and_external_redis() -> None:
     budget = named(docs, "PodDisruptionBudget", "taskloom-supervisor")
     labels = supervisor["spec"]["template"]["metadata"]["labels"]
     assert matches(budget["spec"]["selector"]["matchLabels"], labels)
+    # Standbys are Ready too, so a drain may take any one supervisor at a time.
+    assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+    (container,) = containers(supervisor)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    assert env["TASKLOOM_ADVERTISE"]["value"] == f"$(POD_IP):{port}"
     settings = config(docs, "taskloom-supervisor")
     assert settings["TASKLOOM_TLS_CERT"].startswith("/etc/taskloom/tls/")
     assert settings["TASKLOOM_TOKENS_FILE"].startswith("/etc/taskloom/tokens/")

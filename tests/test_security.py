@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -38,7 +39,7 @@ from taskloom.core.errors import (
     TaskNotFound,
     Unauthenticated,
 )
-from taskloom.core.localredis import LocalRedis
+from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
@@ -1231,13 +1232,25 @@ async def test_probes_get_plaintext_health_on_their_own_port_while_grpc_is_tls(
                 stub = health_pb2_grpc.HealthStub(ch)
                 readiness = await stub.Check(health_pb2.HealthCheckRequest(service=""))
                 liveness = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"))
+                answers = await stub.Check(health_pb2.HealthCheckRequest(service="ready"))
                 serving = health_pb2.HealthCheckResponse.SERVING
                 assert (readiness.status == serving) is ready
                 assert liveness.status == serving
+                # Kubernetes' readiness: a standby answers (it redirects) too.
+                assert answers.status == serving
                 # Nothing but health on this port.
                 with pytest.raises(grpc.aio.AioRpcError) as other:
                     await tasks_pb2_grpc.TaskServiceStub(ch).ListTasks(pb.ListTasksRequest())
                 assert other.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # Given the standby alone, a client follows it to the leader over TLS:
+        # the leader's certificate must carry the name the client asked for
+        # ("localhost"), not the leader's bare address.
+        settings = ClientSettings.load(
+            supervisor=f"localhost:{standby.port}", token=TOKENS["alice"][0], tls_ca=str(pki.ca)
+        )
+        async with TaskloomClient(settings=settings) as alice:
+            task_id = await alice.submit("via the standby", plan=plan(("a", "echo", "x")))
+            assert (await alice.get(task_id)).goal == "via the standby"
     finally:
         await standby.stop(grace=0.5)
         await leader.stop(grace=0.5)
@@ -1274,3 +1287,41 @@ async def test_only_the_owner_or_an_admin_may_steer_a_task_and_never_a_worker(
         events = await secure.store.read_events(task_id, "0")
         assert [e.actor for e in events if e.type == "task.paused"] == ["root"]
         assert (await alice.approve(task_id)).status == TaskStatus.RUNNING
+
+
+async def test_a_standby_relays_the_console_over_https_only_to_its_own_certificate(
+    supervisor_settings: SupervisorSettings, pki: Minted, tmp_path: Path
+) -> None:
+    """The console relay carries a signed-in person's cookie: a standby sends
+    it only to a leader that serves with the very certificate it serves with."""
+    port = free_port()
+    trust = ssl.create_default_context(cafile=str(pki.ca))
+
+    async def sign_in_and_list(http: aiohttp.ClientSession) -> tuple[int, int]:
+        there = f"https://127.0.0.2:{port}"
+        async with http.post(
+            f"{there}/api/session",
+            json={"token": TOKENS["alice"][0]},
+            headers={"X-Taskloom-Console": "1"},
+            ssl=trust,
+            server_hostname="localhost",
+        ) as signed:
+            pass
+        async with http.get(f"{there}/api/tasks", ssl=trust, server_hostname="localhost") as r:
+            return signed.status, r.status
+
+    other = init(tmp_path / "other-pki")
+    for leader_pki, statuses in ((pki, (200, 200)), (other, (503, 503))):
+        leader = Supervisor(secured(supervisor_settings, leader_pki, console_port=port))
+        await leader.start()
+        standby = Supervisor(
+            secured(supervisor_settings, pki, console_port=port, listen="127.0.0.2:0")
+        )
+        await standby.start()
+        try:
+            assert standby.orchestrator is None
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                assert await sign_in_and_list(http) == statuses, leader_pki.ca
+        finally:
+            await standby.stop(grace=0.5)
+            await leader.stop(grace=0.5)

@@ -9,8 +9,17 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 
-from taskloom.core.channel import Keepalive, ServerLimits, client_options, server_options
+from taskloom.core.channel import (
+    ClientTLS,
+    Keepalive,
+    ServerLimits,
+    client_options,
+    followed_tls,
+    server_options,
+)
+from taskloom.core.status import valid_address
 
 METHOD = "/test.Echo/Stream"
 
@@ -70,3 +79,33 @@ async def test_a_client_that_pings_faster_than_the_limit_is_cut_off() -> None:
     limits = ServerLimits(min_ping_interval_ms=2_000)
     ended = await _silent_stream(limits, ping_every_ms=1_000, quiet=30.0)
     assert ended == "UNAVAILABLE: Too many pings"
+
+
+def test_a_followed_leader_must_carry_the_name_the_caller_expected() -> None:
+    tls = ClientTLS(ca=b"ca")
+    assert followed_tls(tls, "taskloom-supervisor:50051") == ClientTLS(
+        ca=b"ca", server_name="taskloom-supervisor"
+    )
+    assert followed_tls(tls, "[::1]:50051") == ClientTLS(ca=b"ca", server_name="::1")
+    named = ClientTLS(ca=b"ca", server_name="given")
+    assert followed_tls(named, "x:1") is named
+    assert followed_tls(None, "x:1") is None
+
+
+@pytest.mark.parametrize(
+    ("address", "valid"),
+    [
+        ("10.0.0.7:50051", True),
+        ("taskloom-0.taskloom.svc:50051", True),
+        ("[::1]:50051", True),
+        ("elsewhere", False),
+        ("http://x:1/", False),
+        ("a b:1", False),
+        ("x:0", False),
+        ("x:65536", False),
+        (":50051", False),
+        ("x" * 300 + ":1", False),
+    ],
+)
+def test_a_redirect_names_a_plain_host_and_port(address: str, valid: bool) -> None:
+    assert valid_address(address) is valid

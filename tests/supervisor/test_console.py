@@ -15,11 +15,12 @@ import pytest
 from taskloom.client import TaskloomClient
 from taskloom.client.settings import ClientSettings
 from taskloom.core.auth import hash_token
+from taskloom.core.localredis import free_port
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
-from tests.helpers import plan, wait_status
+from tests.helpers import eventually, plan, wait_status
 
 HEADER = {"X-Taskloom-Console": "1"}
 TOKENS = {"alice": "tl_alice_token", "bob": "tl_bob_token", "w": "tl_worker_token"}
@@ -256,3 +257,64 @@ async def test_with_tokens_a_person_signs_in_and_acts_as_that_token_does(
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_a_standbys_console_relays_the_api_to_the_leaders(
+    supervisor_settings: SupervisorSettings, tmp_path: Path
+) -> None:
+    """Behind a Service that spreads connections over every supervisor, the
+    console works wherever it lands: a standby passes the API on to the
+    leader's console (same port, the leader's host), event stream included,
+    and the leader acts as the signed-in person."""
+    table = tmp_path / "tokens"
+    table.write_text(f"{hash_token(TOKENS['alice'])} alice client\n")
+    port = free_port()
+    base = supervisor_settings.model_copy(update={"console_port": port, "tokens_file": table})
+    leader = Supervisor(base)
+    await leader.start()
+    standby = Supervisor(
+        base.model_copy(update={"listen": "127.0.0.2:0", "supervisor_id": "standby"})
+    )
+    await standby.start()
+    http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+    try:
+        assert leader.orchestrator is not None and standby.orchestrator is None
+        there = f"http://127.0.0.2:{port}"
+        async with http.post(
+            f"{there}/api/session", json={"token": TOKENS["alice"]}, headers=HEADER
+        ) as ok:
+            assert ok.status == 200, await ok.text()
+            assert "HttpOnly" in ok.headers["Set-Cookie"]
+        settings = ClientSettings.load(supervisor=leader.address, token=TOKENS["alice"])
+        async with TaskloomClient(settings=settings) as as_alice:
+            task_id = await as_alice.submit(
+                "approve me", plan=plan(("a", "echo", "A")), approve_plan=True
+            )
+            await wait_status(as_alice, task_id, TaskStatus.AWAITING_APPROVAL)
+        async with http.get(f"{there}/api/tasks") as listed:
+            assert listed.status == 200
+            assert "script-src 'self'" in listed.headers["Content-Security-Policy"]
+            assert [t["id"] for t in (await listed.json())["tasks"]] == [task_id]
+        async with http.post(
+            f"{there}/api/tasks/{task_id}/reject", json={"reason": "no"}, headers=HEADER
+        ) as rejected:
+            assert (await rejected.json())["status"] == "CANCELLED"
+        async with http.get(f"{there}/api/tasks/{task_id}/events") as stream:
+            assert stream.content_type == "text/event-stream"
+            events = await asyncio.wait_for(read_events(stream), 30)
+        assert events[-1]["type"] == "task.cancelled" and events[-1]["actor"] == "alice"
+        # A change still needs the console's header, on the standby too.
+        async with http.post(f"{there}/api/tasks/{task_id}/cancel", json={}) as refused:
+            assert refused.status == 403
+        # The standby's own pages are served locally.
+        async with http.get(f"{there}/") as page:
+            assert page.status == 200 and page.content_type == "text/html"
+        # Once it leads itself, it serves the API itself, to the same cookie.
+        await leader.stop(grace=0.5)
+        await eventually(lambda: standby.orchestrator is not None, timeout=30)
+        async with http.get(f"{there}/api/tasks") as after:
+            assert [t["id"] for t in (await after.json())["tasks"]] == [task_id]
+    finally:
+        await http.close()
+        await standby.stop(grace=0.5)
+        await leader.stop(grace=0.5)

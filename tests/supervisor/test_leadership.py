@@ -4,6 +4,7 @@ and a leader that lost its lease cannot write."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -16,8 +17,12 @@ from taskloom.client import TaskloomClient
 from taskloom.core.errors import NotLeader
 from taskloom.core.localredis import free_port
 from taskloom.core.model import AttemptRef, Event, EventType, TaskStatus
+from taskloom.core.status import leader_of
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import tasks_pb2_grpc
+from tests.client.test_cli import taskloom as cli
 from tests.conftest import Processes
 from tests.helpers import eventually, plan, wait_status
 
@@ -50,23 +55,56 @@ async def _collect(events: AsyncIterator[Event]) -> list[Event]:
     return [e async for e in events]
 
 
-async def test_a_standby_refuses_work_and_names_the_leader(
-    supervisor: Supervisor, standby_settings: SupervisorSettings
+async def test_a_standby_names_the_leader_and_the_sdk_cli_and_workers_follow_it(
+    supervisor: Supervisor, standby_settings: SupervisorSettings, processes: Processes
 ) -> None:
+    """Both supervisors answer (as Ready pods behind one Service); a standby
+    refuses with UNAVAILABLE and the leader's address in the status details,
+    and whoever was given only the standby's address ends up at the leader."""
     async with Supervisor(standby_settings) as standby:
         assert supervisor.orchestrator is not None
         assert standby.orchestrator is None
         assert await health(supervisor.address) == health_pb2.HealthCheckResponse.SERVING
         assert await health(standby.address) == health_pb2.HealthCheckResponse.NOT_SERVING
 
-        async with TaskloomClient(standby.address) as alone:
-            with pytest.raises(NotLeader, match=supervisor.settings.supervisor_id):
-                await alone.submit("anything", plan=plan(("a", "echo", "x")))
+        async with grpc.aio.insecure_channel(standby.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await tasks_pb2_grpc.TaskServiceStub(channel).GetTask(
+                    pb.GetTaskRequest(task_id="0" * 20), timeout=5
+                )
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert leader_of(raised.value) == supervisor.address
+        assert supervisor.settings.supervisor_id in (raised.value.details() or "")
 
-        # Given both addresses, standby first, calls find the leader.
-        async with TaskloomClient(f"{standby.address},{supervisor.address}") as both:
-            task_id = await both.submit("via the list", plan=plan(("a", "echo", "x")))
-            assert (await both.get(task_id)).goal == "via the list"
+        processes.worker(standby.address, name="follower")
+        await eventually(lambda: _names(supervisor) == ["follower"], timeout=30)
+        assert "following the leader to " + supervisor.address in processes.log("follower")
+        async with TaskloomClient(standby.address) as alone:
+            task_id = await alone.submit("via the standby", plan=plan(("a", "echo", "x")))
+            assert (await alone.wait(task_id)).status == TaskStatus.SUCCEEDED
+        # A watch opened on the standby follows too (a fresh client).
+        async with TaskloomClient(standby.address) as watcher:
+            events = await asyncio.wait_for(_collect(watcher.watch(task_id)), 30)
+        assert events[-1].type == "task.succeeded"
+        code, out, err = await cli("get", task_id, "--json", "--supervisor", standby.address)
+        assert code == 0, err
+        assert json.loads(out)["status"] == "SUCCEEDED"
+
+
+async def test_a_redirect_is_only_followed_to_a_plain_address(
+    supervisor: Supervisor, client: TaskloomClient
+) -> None:
+    """What a standby names is checked before anything connects to it: a
+    lease naming no HOST:PORT (or one not worth trusting) is no redirect."""
+    keys = supervisor.store.keys
+    for holder in ("usurper@elsewhere", "usurper@http://x:1/", "usurper@a b:1"):
+        await supervisor.store._redis.set(keys.leader, f"999/{holder}", px=60_000)
+        await eventually(lambda: supervisor.orchestrator is None, timeout=10)
+        with pytest.raises(NotLeader, match="usurper") as raised:
+            await client.get("0" * 20)
+        assert raised.value.leader == ""
+    await supervisor.store._redis.delete(keys.leader)
+    await eventually(lambda: supervisor.orchestrator is not None, timeout=10)
 
 
 async def test_a_clean_shutdown_hands_over_and_the_task_finishes(

@@ -38,7 +38,7 @@ import grpc
 from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
 from taskloom.core.auth import token_metadata
-from taskloom.core.channel import is_loopback, open_channel
+from taskloom.core.channel import followed_tls, is_loopback, open_channel
 from taskloom.core.errors import (
     InvalidArgument,
     NotLeader,
@@ -68,6 +68,8 @@ SUBMIT_BYTES = 1024 * 1024
 default (``TASKLOOM_MAX_REQUEST_BYTES``)."""
 WAIT_BATCH = 10_000
 """Tasks per WaitTasks stream (the supervisor's limit)."""
+MAX_FOLLOWED = 4
+"""Leaders' addresses a client keeps channels to beside its configured ones."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,12 @@ class TaskloomClient:
         self, address: str | None = None, *, settings: ClientSettings | None = None
     ) -> None:
         self.settings = settings or ClientSettings.load(supervisor=address)
-        self._addresses = self.settings.supervisor
+        self._addresses = builtins.list(self.settings.supervisor)
+        self._configured = len(self._addresses)
+        """The first addresses are the configured ones; after them, leaders
+        that standbys named (at most ``MAX_FOLLOWED``)."""
         tls = self.settings.client_tls()
+        self._tls = tls
         token = self.settings.bearer_token()
         if token and tls is None:
             exposed = [a for a in self._addresses if not is_loopback(a)]
@@ -147,8 +153,10 @@ class TaskloomClient:
         pause = 0.1
         while True:
             errors: builtins.list[TaskloomError] = []
-            for step in range(len(self._stubs)):
-                index = (self._current + step) % len(self._stubs)
+            order = [(self._current + step) % len(self._stubs) for step in range(len(self._stubs))]
+            follows = 0
+            while order:
+                index = order.pop(0)
                 try:
                     reply = await pick(self._stubs[index])(
                         request, timeout=self.settings.timeout, metadata=self._metadata
@@ -159,6 +167,11 @@ class TaskloomClient:
                         self._current = index
                         raise error from None
                     errors.append(error)
+                    # A standby names the leader: go there next, at once.
+                    followed = await self._follow(error, index) if follows < 2 else None
+                    if followed is not None:
+                        follows += 1
+                        order = [followed, *(i for i in order if i != followed)]
                     continue
                 self._current = index
                 return reply
@@ -181,6 +194,33 @@ class TaskloomClient:
                 raise _most_telling(errors) from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+    async def _follow(self, error: TaskloomError, index: int) -> int | None:
+        """The index of the leader a standby's ``NotLeader`` names, with a
+        channel opened to it if it is new; None if it names none (or the
+        address it came from)."""
+        if not isinstance(error, NotLeader) or not error.leader:
+            return None
+        if error.leader in self._addresses:
+            found = self._addresses.index(error.leader)
+            return None if found == index else found
+        if len(self._addresses) - self._configured >= MAX_FOLLOWED:
+            # Forget the oldest leader followed: leaders come and go.
+            oldest = self._configured
+            await self._channels.pop(oldest).close()
+            del self._addresses[oldest], self._stubs[oldest]
+            if self._current >= oldest:
+                self._current = max(self._current - 1, 0)
+            index -= index > oldest
+        tls = followed_tls(self._tls, self._addresses[index])
+        channel = open_channel(
+            error.leader, self.settings.max_message_bytes, tls, self.settings.keepalive()
+        )
+        logger.debug("following the leader to %s", error.leader)
+        self._addresses.append(error.leader)
+        self._channels.append(channel)
+        self._stubs.append(tasks_pb2_grpc.TaskServiceStub(channel))
+        return len(self._stubs) - 1
 
     async def submit(
         self,
@@ -430,6 +470,10 @@ class TaskloomClient:
         gone = e.code() == grpc.StatusCode.CANCELLED
         if not (gone or isinstance(error, Unavailable)):
             raise error from None
+        followed = await self._follow(error, self._current)
+        if followed is not None:
+            self._current = followed  # a standby named the leader: at once
+            return deadline or time.monotonic() + self.settings.reconnect_timeout, delay
         self._current = (self._current + 1) % len(self._stubs)
         now = time.monotonic()
         deadline = deadline or now + self.settings.reconnect_timeout

@@ -19,7 +19,7 @@ benchmark docs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
@@ -161,6 +161,17 @@ def open_channel(
     return grpc.aio.secure_channel(
         address, credentials, options=options, interceptors=_interceptors()
     )
+
+
+def followed_tls(tls: ClientTLS | None, referrer: str) -> ClientTLS | None:
+    """TLS for a channel to the leader a standby named: its certificate must
+    carry the name the caller expected at ``referrer`` (the address it was
+    given, or ``server_name``), not the leader's bare address -- so a
+    redirect can never take a caller to a server it would not have trusted."""
+    if tls is None or tls.server_name:
+        return tls
+    host = referrer.rpartition(":")[0].strip("[]")
+    return replace(tls, server_name=host)
 
 
 def is_loopback(address: str) -> bool:

@@ -124,7 +124,15 @@ class SupervisorUnavailable(Unavailable):
 
 
 class NotLeader(Unavailable):
-    """This supervisor is on standby or has lost the leader lease; another one serves."""
+    """This supervisor is on standby or has lost the leader lease; another one serves.
+
+    ``leader`` is where the leader says it serves (``HOST:PORT``, its
+    ``TASKLOOM_ADVERTISE``), when the standby knows it: sent to clients in the
+    status's ``ErrorInfo`` metadata, and followed by the SDK, CLI and workers."""
+
+    def __init__(self, message: str, *, leader: str = "") -> None:
+        super().__init__(message)
+        self.leader = leader
 
 
 class OutcomeUnknown(Unavailable):

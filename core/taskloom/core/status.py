@@ -23,6 +23,8 @@ from taskloom.core import errors
 from taskloom.core.errors import TaskloomError
 
 ERROR_TYPE_KEY = "taskloom-error-type"
+LEADER_KEY = "leader"
+"""``ErrorInfo.metadata`` key of a standby's refusal: where the leader serves."""
 DOMAIN = "taskloom.dev"
 
 _CODES: dict[type[TaskloomError], grpc.StatusCode] = {
@@ -77,7 +79,10 @@ def trailing_metadata(
 ) -> tuple[tuple[str, str | bytes], ...]:
     """The error's class and its ``google.rpc.Status`` with details."""
     code = code or status_code(error)
-    details = [error_details_pb2.ErrorInfo(reason=type(error).__name__, domain=DOMAIN)]
+    info = error_details_pb2.ErrorInfo(reason=type(error).__name__, domain=DOMAIN)
+    if isinstance(error, errors.NotLeader) and error.leader:
+        info.metadata[LEADER_KEY] = error.leader
+    details = [info]
     if isinstance(error, errors.InvalidArgument) and error.field:
         details.append(
             error_details_pb2.BadRequest(
@@ -109,17 +114,21 @@ def trailing_metadata(
     return ((ERROR_TYPE_KEY, type(error).__name__), *status.trailing_metadata)
 
 
-def _rich_details(metadata: object) -> tuple[str, str]:
-    """``(field, subject)`` from a status's rich details, if it has them."""
-    field = subject = ""
+def _rich_details(metadata: object) -> tuple[str, str, str]:
+    """``(field, subject, leader)`` from a status's rich details, if it has them."""
+    field = subject = leader = ""
     for key, value in metadata or ():  # type: ignore[attr-defined]
         if key != "grpc-status-details-bin" or not isinstance(value, bytes):
             continue
         try:
             status = status_pb2.Status.FromString(value)
         except Exception:  # a garbled trailer says nothing; keep the code
-            return "", ""
+            return "", "", ""
         for holder in status.details:
+            if holder.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                holder.Unpack(info)
+                leader = info.metadata.get(LEADER_KEY, leader)
             if holder.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 holder.Unpack(bad)
@@ -128,7 +137,7 @@ def _rich_details(metadata: object) -> tuple[str, str]:
                 quota = error_details_pb2.QuotaFailure()
                 holder.Unpack(quota)
                 subject = next((v.subject for v in quota.violations), subject)
-    return field, subject
+    return field, subject, leader
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str) -> TaskloomError:
@@ -152,8 +161,30 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str) -> TaskloomError
         cls = _BY_CODE.get(code)
         if cls is None:
             return TaskloomError(f"{code.name}: {details}")
-    field, subject = _rich_details(error_metadata)
-    return _with_details(_rebuild(cls, details), field, subject)
+    field, subject, leader = _rich_details(error_metadata)
+    rebuilt = _with_details(_rebuild(cls, details), field, subject)
+    if isinstance(rebuilt, errors.NotLeader) and valid_address(leader):
+        rebuilt.leader = leader
+    return rebuilt
+
+
+def leader_of(error: grpc.aio.AioRpcError) -> str:
+    """Where the leader serves, from a standby's refusal (``''`` if it does not say)."""
+    leader = _rich_details(error.trailing_metadata())[2]
+    return leader if valid_address(leader) else ""
+
+
+def valid_address(address: str) -> bool:
+    """Whether a redirect names a plain ``HOST:PORT`` (what a client will
+    follow; anything else a server sends is ignored)."""
+    host, _, port = address.rpartition(":")
+    return (
+        0 < len(address) <= 262
+        and port.isdigit()
+        and 0 < int(port) < 65536
+        and bool(host)
+        and all(c.isalnum() or c in ".-_[]:" for c in host)
+    )
 
 
 def error_detail(error: TaskloomError) -> tuple[str, str]:
@@ -196,4 +227,6 @@ def _rebuild(cls: type[TaskloomError], message: str) -> TaskloomError:
         error.task_id = ""
     if isinstance(error, errors.OutcomeUnknown):
         error.idempotency_key = ""
+    if isinstance(error, errors.NotLeader):
+        error.leader = ""
     return error

@@ -5,7 +5,8 @@
 
 Several supervisors may run against one Redis; one leads (``leadership``).
 ``start()`` connects to Redis (failing fast with a clear error), starts the
-gRPC server on standby (health NOT_SERVING, RPCs refused with UNAVAILABLE)
+gRPC server on standby (health NOT_SERVING, RPCs refused with UNAVAILABLE
+naming the leader, whom callers follow)
 and competes for the leader lease. Each term of leadership gets a fresh
 scheduler and orchestrator, which recover the unfinished tasks from Redis;
 when the term ends its workers are told to go elsewhere. ``stop(grace)``
@@ -15,7 +16,9 @@ hands the lease over at once, then lets RPCs finish for ``grace`` seconds.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable
@@ -58,11 +61,23 @@ SERVICE_NAMES = (
 )
 LIVENESS = "liveness"
 """The health service that is SERVING whenever the process runs, leader or not."""
+READY = "ready"
+"""SERVING while this supervisor answers calls, leader or standby (a standby
+names the leader, and callers follow): Kubernetes' readiness, so that every
+supervisor is an endpoint and a drain may take any one of them."""
 BACKGROUND_STOP_WAIT = 5.0
 
 
 TOKENS_CHECK = 2.0
 """How often the tokens file is checked for changes (and tokens for expiry)."""
+
+
+def certificate_pin(path: Path) -> bytes:
+    """SHA-256 of the first certificate in a PEM file (its DER form)."""
+    pem = path.read_text()
+    return hashlib.sha256(
+        ssl.PEM_cert_to_DER_cert(pem[: pem.index("-----END CERTIFICATE-----") + 25])
+    ).digest()
 
 
 def _mtime(path: Path | None) -> float:
@@ -205,6 +220,20 @@ class Supervisor:
         return f"{host}:{self.port}"
 
     @property
+    def advertised(self) -> str:
+        """Where others reach this supervisor directly (``TASKLOOM_ADVERTISE``,
+        else the listen address with this host's address for a wildcard)."""
+        if self.settings.advertise:
+            return self.settings.advertise
+        host = self.listen.rpartition(":")[0]
+        if host in ("0.0.0.0", "[::]", "::"):
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
     def scheduler(self) -> Scheduler:
         """This term's scheduler (only while leading)."""
         return self.current().scheduler
@@ -214,15 +243,35 @@ class Supervisor:
         orchestrator = self.orchestrator
         return orchestrator.scheduler if orchestrator is not None else None
 
+    def _leader_host(self) -> str:
+        """The leader's host while this supervisor is a standby that knows
+        where the leader serves (else ''): where the console relays to."""
+        if self.orchestrator is not None:
+            return ""
+        try:
+            self.current()
+        except NotLeader as e:
+            return e.leader.rpartition(":")[0].strip("[]")
+        return ""
+
     def current(self) -> Orchestrator:
         """The orchestrator of the current term, or NotLeader on standby."""
         orchestrator = self.orchestrator
         if orchestrator is None:
-            leader = self.leadership.leader or "no supervisor"
+            leader = self.leadership.leader
+            _, at, address = leader.rpartition("@")
+            # Never send a caller back here: a lease that still names this
+            # supervisor (it is stepping down, or taking it back) is no redirect.
+            follow = address if at and leader != self.leadership.holder else ""
             raise NotLeader(
                 f"supervisor {self.settings.supervisor_id} is on standby and "
-                f"{leader} holds the leader lease; use the leader's address "
-                "(or give several with commas)"
+                f"{leader or 'no supervisor'} holds the leader lease; "
+                + (
+                    "calls follow it there"
+                    if follow
+                    else "use the leader's address (or give several with commas)"
+                ),
+                leader=follow,
             )
         return orchestrator
 
@@ -261,6 +310,7 @@ class Supervisor:
             )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(READY, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
         if self.settings.console_port is not None:
@@ -294,7 +344,7 @@ class Supervisor:
             self.llm.describe(),
         )
         # One attempt now, so a lone supervisor leads as soon as start() returns.
-        self.leadership.holder = f"{self.settings.supervisor_id}@{self.address}"
+        self.leadership.holder = f"{self.settings.supervisor_id}@{self.advertised}"
         await self.leadership.campaign()
         if self.orchestrator is None:
             logger.info(
@@ -356,6 +406,8 @@ class Supervisor:
             secure=settings.tls_cert is not None,
             capabilities=lambda: self.current().planning.capabilities(),
             plan_limits=settings.explicit_plan_limits(),
+            leader=self._leader_host,
+            pin=certificate_pin(settings.tls_cert) if settings.tls_cert is not None else None,
         )
         context = None
         if settings.tls_cert is not None and settings.tls_key is not None:

@@ -18,6 +18,12 @@ and a small JSON API over the same commands and watches as the gRPC API:
     POST   /api/tasks/{id}/{action}     approve, reject, retry, skip, pause, resume, cancel
     POST   /api/plans/validate {plan}   what the validator says of a plan
 
+On a standby the API is relayed to the leader's console (same port, the
+leader's host from the lease), so that a console behind a Service that
+spreads connections over every supervisor works wherever it lands; over
+HTTPS the leader must present the very certificate this supervisor serves
+with (a SHA-256 pin). Pages and static files are served locally.
+
 Who may do what is exactly as over gRPC: with tokens configured, a caller
 signs in with one (never in a URL) and acts with its role and ownership (a
 client sees only its own tasks; a worker token is refused); without tokens
@@ -41,6 +47,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal, Role, TokenTable
@@ -50,6 +57,7 @@ from taskloom.core.errors import (
     PlanError,
     TaskloomError,
     Unauthenticated,
+    Unavailable,
 )
 from taskloom.core.model import (
     SYNTHESIZE_ID,
@@ -98,6 +106,19 @@ _HTTP = {
     "UNAVAILABLE": 503,
 }
 Current = Callable[[], Orchestrator]
+RELAYED = "X-Taskloom-Relayed"
+"""Set on a request a standby relays: a supervisor never relays it again."""
+REQUEST_HEADERS = ("Accept", "Content-Type", "Cookie", CSRF_HEADER, "Last-Event-ID")
+"""What a relayed request carries to the leader (nothing else of the browser's)."""
+RESPONSE_HEADERS = (
+    "Content-Type",
+    "Cache-Control",
+    "Set-Cookie",
+    "Content-Security-Policy",
+    "X-Content-Type-Options",
+    "Referrer-Policy",
+    "X-Frame-Options",
+)
 
 
 class Console:
@@ -112,8 +133,15 @@ class Console:
         secure: bool,
         capabilities: Callable[[], frozenset[str]],
         plan_limits: Any,
+        leader: Callable[[], str] = str,
+        pin: bytes | None = None,
     ) -> None:
         self._current = current
+        self._leader = leader
+        """The leader's host while this supervisor is a standby that knows it, else ''."""
+        self._pin = pin
+        """SHA-256 of this supervisor's certificate (DER): what a relay expects of the leader."""
+        self._relays: aiohttp.ClientSession | None = None
         self._tokens = tokens
         self._quotas = quotas
         self._secure = secure
@@ -128,7 +156,7 @@ class Console:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[self._guard],
+            middlewares=[self._guard, self._relay],
             client_max_size=MAX_BODY,
             handler_args={"max_field_size": 8190},
         )
@@ -167,6 +195,9 @@ class Console:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._relays is not None:
+            await self._relays.close()
+            self._relays = None
 
     # -- every request -----------------------------------------------------------------
 
@@ -205,6 +236,57 @@ class Console:
             response.headers["X-Frame-Options"] = "DENY"
             if request.path.startswith("/api/"):
                 response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @web.middleware
+    async def _relay(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """On a standby, the API is the leader's: pass the request on to its
+        console and its answer back, streamed (the event stream included)."""
+        leader = self._leader() if request.path.startswith("/api/") else ""
+        if not leader or request.headers.get(RELAYED):
+            return await handler(request)
+        host = f"[{leader}]" if ":" in leader else leader
+        url = f"{'https' if self._secure else 'http'}://{host}:{self.port}{request.rel_url}"
+        headers = {k: v for k in REQUEST_HEADERS if (v := request.headers.get(k)) is not None}
+        headers[RELAYED] = "1"
+        if self._relays is None:
+            self._relays = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
+            )
+        try:
+            upstream = await self._relays.request(
+                request.method,
+                url,
+                headers=headers,
+                data=await request.read() or None,
+                allow_redirects=False,
+                ssl=aiohttp.Fingerprint(self._pin) if self._pin else False,
+            )
+        except aiohttp.ServerFingerprintMismatch:
+            raise Unavailable(
+                f"this supervisor is a standby, and the leader at {host}:{self.port} does not "
+                "serve with the same certificate, so the console is not relayed to it; "
+                "open the leader's console"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise Unavailable(
+                f"this supervisor is a standby, and the leader's console at {host}:{self.port} "
+                f"does not answer ({e or type(e).__name__}); try again"
+            ) from None
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name in RESPONSE_HEADERS:
+                for value in upstream.headers.getall(name, ()):
+                    response.headers.add(name, value)
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
         return response
 
     def _principal(self, request: web.Request) -> Principal:

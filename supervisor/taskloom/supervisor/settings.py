@@ -25,6 +25,7 @@ from taskloom.core.settings import (
     Seconds,
     StrList,
 )
+from taskloom.core.status import valid_address
 from taskloom.supervisor.keys import REDIS_TIMEOUT
 from taskloom.supervisor.redistarget import RedisTarget
 
@@ -34,6 +35,7 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
 
     flag_names: ClassVar[dict[str, str]] = {
         "listen": "--listen",
+        "advertise": "--advertise",
         "redis_url": "--redis-url",
         "redis_prefix": "--redis-prefix",
         "ollama_host": "--ollama-host",
@@ -55,6 +57,11 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
 
     listen: Address = "127.0.0.1:50051"
     """Where the gRPC server listens (port 0: any free port)."""
+    advertise: str = ""
+    """``HOST:PORT`` where clients and workers reach this supervisor directly
+    (in Kubernetes: the pod's IP and port). A standby names the leader's in its
+    refusals, and the SDK, CLI and workers follow it. Unset: the listen
+    address, with this host's address in place of 0.0.0.0."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Prometheus metrics on this port at /metrics (unset: not served; 0: any port)."""
     metrics_host: str = "0.0.0.0"
@@ -66,8 +73,9 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     health_port: int | None = Field(default=None, ge=0, le=65535)
     """Also serve grpc.health.v1 alone, in plaintext, on this port (on
     ``metrics_host``): for Kubernetes' gRPC probes, which cannot speak TLS.
-    Service "" is SERVING only on the leader (readiness); "liveness" whenever
-    the process runs."""
+    Service "" is SERVING only on the leader; "ready" on every supervisor that
+    answers calls (a standby names the leader: Kubernetes' readiness);
+    "liveness" whenever the process runs."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Where state lives: ``redis://``, ``rediss://`` (TLS) or ``unix://``, with a
     password and a database if needed; or a primary that Sentinel names,
@@ -223,6 +231,13 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
                 "that Redis answers after the supervisor gave up on it could otherwise still "
                 "land, after its caller was told it failed"
             )
+        return value
+
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, value: str) -> str:
+        if value and not valid_address(value):
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. 10.0.0.7:50051)")
         return value
 
     @field_validator("redis_url")

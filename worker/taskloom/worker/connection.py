@@ -8,8 +8,10 @@ stream breaks, the connection waits a jittered, exponentially growing delay
 were never acknowledged are sent again on it. The delay never exceeds a third of
 the lease TTL the supervisor announced, so a worker is back before the leases
 it holds expire, even when the supervisor restarts. Given several supervisor
-addresses, a session that fails or ends moves on to the next one: standbys
-refuse workers, so the worker settles on whichever leads.
+addresses, a session that fails or ends moves on to the next one. A standby
+refuses workers, naming the leader where it knows it: the worker goes
+there at once (over TLS it expects the certificate of the address it was
+given), and back to its addresses when that session ends.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Protocol
 import grpc
 
 from taskloom.core.auth import token_metadata
-from taskloom.core.channel import open_channel
+from taskloom.core.channel import followed_tls, open_channel
 from taskloom.core.model import Assignment, AttemptRef
+from taskloom.core.status import leader_of
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.v1 import workers_pb2_grpc
 from taskloom.worker import codec
@@ -93,22 +96,35 @@ class Connection:
         addresses = self._settings.supervisor
         tls = self._settings.client_tls()
         keepalive = self._settings.keepalive()
-        channels = [
-            open_channel(a, self._settings.max_message_bytes, tls, keepalive) for a in addresses
-        ]
+        max_bytes = self._settings.max_message_bytes
+        channels = [open_channel(a, max_bytes, tls, keepalive) for a in addresses]
         stubs: list[workers_pb2_grpc.WorkerServiceAsyncStub] = [
             workers_pb2_grpc.WorkerServiceStub(c) for c in channels
         ]
+        followed: tuple[str, grpc.aio.Channel] | None = None
+        """The leader a standby named, tried next; dropped once its session ends."""
+        follows = 0
         failures = 0
         index = 0
         try:
             while not self._closing.is_set():
                 welcomed = False
-                address = addresses[index]
+                if followed is not None:
+                    address, stub = followed[0], workers_pb2_grpc.WorkerServiceStub(followed[1])
+                else:
+                    address, stub = addresses[index], stubs[index]
+                leader = ""
                 try:
-                    welcomed = await self._session(stubs[index], address)
+                    welcomed = await self._session(stub, address)
                 except grpc.aio.AioRpcError as e:
-                    if e.code() in _REFUSED and not self._closing.is_set():
+                    leader = leader_of(e) if followed is None else ""
+                    if leader and leader != address and not self._closing.is_set():
+                        logger.info(
+                            "supervisor at %s is a standby; following the leader to %s",
+                            address,
+                            leader,
+                        )
+                    elif e.code() in _REFUSED and not self._closing.is_set():
                         # Not a passing fault: say so every time, with what to do.
                         logger.error(
                             "supervisor at %s refused this worker: %s; check TASKLOOM_TOKEN "
@@ -131,14 +147,31 @@ class Connection:
                     self.connected.clear()
                 if self._closing.is_set():
                     break
-                index = (index + 1) % len(addresses)
+                if followed is not None:
+                    # The leader's session ended (or it no longer answers):
+                    # back to the given addresses, which name the next one.
+                    await followed[1].close()
+                    followed = None
+                elif leader and leader != address:
+                    follows += 1
+                    channel = open_channel(leader, max_bytes, followed_tls(tls, address), keepalive)
+                    followed = (leader, channel)
+                    if follows <= 2:
+                        continue  # at once; past that, pause first (below)
+                else:
+                    index = (index + 1) % len(addresses)
+                if welcomed:
+                    follows = 0
                 failures = 0 if welcomed else failures + 1
-                if index != 0:
+                if index != 0 and followed is None:
                     continue  # try every address once before waiting
                 cap = min(self._settings.reconnect_max, self.lease_ttl / 3, 0.1 * 2**failures)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), random.uniform(0.05, cap))
+                follows = 0
         finally:
+            if followed is not None:
+                await followed[1].close()
             for channel in channels:
                 await channel.close()
 
