@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskloom.client import TaskloomClient
+from taskloom.core.errors import TaskNotFound
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
@@ -224,3 +225,35 @@ async def test_a_redis_that_refuses_config_get_is_said_to_be_unknown(
         # The supervisor serves as ever.
         task_id = await client.submit("g", plan=plan(("a", "echo", "1")))
         assert (await client.get(task_id)).goal == "g"
+
+
+async def test_grpc_calls_are_counted_by_method_type_and_code(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    """The gRPC server metrics every gRPC dashboard knows, from a real server:
+    unary calls by their code, a watch stream once it ends, the worker stream."""
+    settings = supervisor_settings.model_copy(update={"metrics_port": 0})
+    async with Supervisor(settings, metrics=SupervisorMetrics(CollectorRegistry())) as supervisor:
+        processes.worker(supervisor.address, capabilities="echo")
+        async with TaskloomClient(supervisor.address) as client:
+            task_id = await client.submit("counted", plan=plan(("a", "echo", "1")))
+            [_ async for _ in client.watch(task_id)]
+            for _ in range(2):
+                with pytest.raises(TaskNotFound):
+                    await client.get("0" * 20)
+        text = await asyncio.to_thread(scrape, supervisor.metrics_port)
+
+    def handled(method: str, kind: str, code: str, service: str = "TaskService") -> float | None:
+        return value(text, "grpc_server_handled_total", grpc_service=f"taskloom.v1.{service}",
+                     grpc_method=method, grpc_type=kind, grpc_code=code)  # fmt: skip
+
+    assert handled("SubmitTask", "unary", "OK") == 1
+    assert handled("GetTask", "unary", "NOT_FOUND") == 2
+    assert handled("WatchTask", "server_stream", "OK") == 1
+    tasks = {"grpc_service": "taskloom.v1.TaskService", "grpc_type": "unary"}
+    assert value(text, "grpc_server_started_total", grpc_method="GetTask", **tasks) == 2
+    assert value(text, "grpc_server_handling_seconds_count", grpc_method="GetTask", **tasks) == 2
+    # The worker's stream has started (it ends when the supervisor stops).
+    started = value(text, "grpc_server_started_total", grpc_service="taskloom.v1.WorkerService",
+                    grpc_method="Connect", grpc_type="bidi_stream")  # fmt: skip
+    assert started is not None and started >= 1

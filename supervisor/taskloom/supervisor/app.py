@@ -283,6 +283,7 @@ class Supervisor:
                 lambda: self.tokens,
                 lambda reason: self.metrics.refused.labels(reason).inc(),
                 mutual_tls=self.settings.tls_client_ca is not None,
+                registry=self.metrics.registry,
             ),
         )
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(
