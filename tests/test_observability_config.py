@@ -54,6 +54,22 @@ def test_every_dashboard_query_names_an_exported_metric() -> None:
         assert topic in titles
 
 
+def test_the_dashboard_filters_every_query_by_namespace_and_instance() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace", "instance"} <= variables
+    scoped = '{namespace=~"$namespace", instance=~"$instance"'
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            selectors = re.findall(r"\btaskloom_[a-z_]+(\{[^}]*)?", target["expr"])
+            assert selectors and all(s.startswith(scoped) for s in selectors), target["expr"]
+    # A panel that plots errors/s beside a latency gives them their own axis.
+    (redis,) = [p for p in dashboard["panels"] if p["title"].startswith("Redis operation")]
+    (override,) = redis["fieldConfig"]["overrides"]
+    assert {"id": "unit", "value": "ops"} in override["properties"]
+    assert redis["fieldConfig"]["defaults"]["unit"] == "s"
+
+
 def test_every_alert_names_an_exported_metric() -> None:
     rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
@@ -62,12 +78,27 @@ def test_every_alert_names_an_exported_metric() -> None:
         "TaskloomNoWorkersForReadyWork",
         "TaskloomReadyWorkTooOld",
         "TaskloomHighSubtaskErrorRatio",
+        "TaskloomPlannerFailing",
+        "TaskloomLLMErrors",
         "TaskloomRedisErrors",
         "TaskloomRedisNotDurable",
         "TaskloomApprovalWaiting",
     }
     used = {m for r in rules for m in METRIC.findall(r["expr"])}
     assert used <= exported_names(), used - exported_names()
+
+
+def test_every_alert_is_per_namespace_and_links_a_runbook_that_exists() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    runbooks = (REPO / "docs/operations/runbooks.md").read_text()
+    headings = {line[3:].strip() for line in runbooks.splitlines() if line.startswith("## ")}
+    for rule in rules:
+        name = rule["alert"]
+        assert "by (namespace" in rule["expr"], name
+        url = rule["annotations"]["runbook_url"]
+        page, _, anchor = url.partition("#")
+        assert page.endswith("/docs/operations/runbooks.md"), url
+        assert anchor == name.lower() and name in headings, name
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian prometheus)")

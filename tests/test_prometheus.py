@@ -143,7 +143,7 @@ async def test_prometheus_scrapes_the_cluster_and_answers_for_queues_and_subtask
             rules = await asyncio.to_thread(prometheus.get, "/api/v1/rules")
             loaded = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
             assert {"TaskloomReadyWorkTooOld", "TaskloomRedisNotDurable"} <= loaded
-            assert len(loaded) == 7
+            assert len(loaded) == 9
 
 
 async def test_the_shipped_autoscaler_queries_see_work_with_no_worker_and_zero_at_rest(
@@ -196,3 +196,15 @@ async def test_the_shipped_autoscaler_queries_see_work_with_no_worker_and_zero_a
 
             await eventually(at_rest, timeout=60, interval=0.5)
             assert await query(adapter) == {"llm": 0.0, "shell": 0.0}
+
+        # Every dashboard query is valid PromQL on this Prometheus, with the
+        # dashboard's variables as Grafana fills them in; the leader panel sees it.
+        dashboard = json.loads((REPO / "deploy/grafana/taskloom.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$namespace", namespace).replace("$instance", ".*")
+                reply = await asyncio.to_thread(prometheus.get, "/api/v1/query", query=expr)
+                assert reply["status"] == "success", expr
+        (leader,) = [p for p in dashboard["panels"] if p["title"].startswith("Leader")]
+        expr = leader["targets"][0]["expr"].replace("$namespace", namespace)
+        assert await query(expr.replace("$instance", ".*")) == {"": 1.0}

@@ -273,6 +273,12 @@ class SchedulerCollector(Collector):
             "a capability's workers have; what autoscalers scale on)",
             labels=["capability"],
         )
+        offered = GaugeMetricFamily(
+            "taskloom_capability_workers",
+            "Connected workers that offer a capability (0 for one plans may use that none "
+            "offers: its READY work waits)",
+            labels=["capability"],
+        )
         scheduler = self._scheduler()
         if scheduler is not None:
             queues = scheduler.queue_stats()
@@ -284,6 +290,9 @@ class SchedulerCollector(Collector):
                 age.add_metric([capability], oldest if count else 0.0)
                 busy.add_metric([capability], float(held.get(capability, 0)))
             sessions = scheduler.sessions()
+            for capability in sorted(known):
+                count = sum(capability in s.info.capabilities for s in sessions)
+                offered.add_metric([capability], float(count))
             workers.add_metric([], float(len(sessions)))
             slots.add_metric(["total"], float(sum(s.info.max_concurrency for s in sessions)))
             slots.add_metric(["in_use"], float(sum(len(s.leases) for s in sessions)))
@@ -308,7 +317,7 @@ class SchedulerCollector(Collector):
             count, age_s = approvals.get(kind, (0, 0.0))
             waiting.add_metric([kind], float(count))
             longest.add_metric([kind], age_s)
-        yield from (depth, age, workers, slots, leases, busy, waiting, longest)
+        yield from (depth, age, workers, slots, leases, busy, offered, waiting, longest)
 
     def describe(self) -> Iterable[Metric]:
         return []
