@@ -186,10 +186,12 @@ class Processes:
         listen: str,
         name: str = "supervisor",
         standby: bool = False,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """A supervisor process with these settings; returns once it is serving
         (with ``standby``, once it answers)."""
         env = {
+            **(env or {}),
             "TASKLOOM_REDIS_PREFIX": settings.redis_prefix,
             "TASKLOOM_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
             "TASKLOOM_LEASE_TTL": str(settings.lease_ttl),

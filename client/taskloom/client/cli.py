@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from rich.console import Console
 
 from taskloom.client.client import SUBMIT_ARGUMENTS, TaskloomClient, waiting_logger
@@ -60,6 +61,7 @@ from taskloom.core.model import (
 )
 from taskloom.core.plan import parse_plan
 from taskloom.core.settings import LLMSettings, parse_duration
+from taskloom.core.tracing import setup_tracing, tracer
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -188,8 +190,51 @@ def cli() -> None:
     """taskloom: LLM-planned tasks on a cluster of workers."""
 
 
+SERVING_COMMANDS = frozenset({"supervisor", "worker", "up"})
+"""Commands that run for long and set up tracing as the processes they are."""
+
+
 def main() -> None:
-    cli()
+    """The CLI; with tracing configured (``OTEL_*``), each client command is a
+    span (``taskloom submit``, ...) whose context its calls carry, so a task
+    submitted from the CLI is one trace with the command that made it."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if not command or command in SERVING_COMMANDS:
+        cli()
+        return
+    try:
+        traced = setup_tracing("taskloom-cli")
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(exits.USAGE)
+    if not traced:
+        cli()
+        return
+    with tracer().start_as_current_span(
+        f"taskloom {command}",
+        kind=SpanKind.CLIENT,
+        attributes={"taskloom.command": command},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            cli(standalone_mode=False)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.ClickException as e:
+            e.show()
+            code = e.exit_code
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            code = 1
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        else:
+            code = 0
+        span.set_attribute("process.exit.code", code)
+        if code:
+            span.set_status(Status(StatusCode.ERROR, f"exit code {code}"))
+    sys.exit(code)
 
 
 def _print_json(document: dict[str, Any]) -> None:

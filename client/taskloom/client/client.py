@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 import grpc
+from opentelemetry import propagate
 
 from taskloom.client import codec
 from taskloom.client.settings import ClientSettings
@@ -50,6 +51,7 @@ from taskloom.core.errors import (
 from taskloom.core.model import Event, OptionFields, Plan, Task, TaskOptions, TaskStatus
 from taskloom.core.plan import parse_plan
 from taskloom.core.status import from_rpc_error
+from taskloom.core.tracing import tracing
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import tasks_pb2_grpc
 
@@ -194,6 +196,16 @@ class TaskloomClient:
                 raise _most_telling(errors) from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+    def _stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call's metadata, plus the current trace context: the gRPC
+        instrumentation covers unary calls only, so streams carry it here and
+        the supervisor's span of a watch joins the caller's trace."""
+        if not tracing():
+            return tuple(self._metadata)
+        carried: dict[str, str] = {}
+        propagate.inject(carried)
+        return (*self._metadata, *carried.items())
 
     async def _follow(self, error: TaskloomError, index: int) -> int | None:
         """The index of the leader a standby's ``NotLeader`` names, with a
@@ -441,7 +453,7 @@ class TaskloomClient:
                 pb.WatchTaskRequest(
                     task_id=task_id, after_event_id=cursor, terminal_only=terminal_only
                 ),
-                metadata=self._metadata,
+                metadata=self._stream_metadata(),
             )
             try:
                 # The supervisor ends the stream after the task's last
@@ -530,7 +542,7 @@ class TaskloomClient:
         delay = 0.2
         while left:
             call = self._stubs[self._current].WaitTasks(
-                pb.WaitTasksRequest(task_ids=builtins.list(left)), metadata=self._metadata
+                pb.WaitTasksRequest(task_ids=builtins.list(left)), metadata=self._stream_metadata()
             )
             try:
                 async for response in call:

@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 
 from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback, WrappedLLM
-from taskloom.core.tracing import genai_attributes, record_content, tracer
+from taskloom.core.tracing import genai_attributes, record_content, response_attributes, tracer
 
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 """LLM calls take from a fraction of a second to minutes."""
@@ -121,6 +121,7 @@ class InstrumentedLLM(WrappedLLM):
                     time.monotonic() - started
                 )
             span.set_attributes(genai_attributes(self.provider, self.model, reply.usage))
+            span.set_attributes(response_attributes(reply))
             if record_content():
                 span.set_attribute("taskloom.completion", reply.text)
         self._metrics.requests.labels(model, self._operation, "ok").inc()

@@ -1,17 +1,29 @@
 """OpenTelemetry traces: one trace per task, across the supervisor and workers.
 
-``setup_tracing`` installs an exporter only when asked: the OTLP exporter when
-the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``, or
-``OTEL_TRACES_EXPORTER=otlp``) is set, the console exporter with
-``TASKLOOM_TRACE_CONSOLE=1``; otherwise tracing stays a no-op. The task's root
-span context travels as a W3C ``traceparent`` inside each Assignment (stream
-metadata would carry one per stream, not one per subtask). Prompts and outputs
-are recorded only with ``TASKLOOM_TRACE_CONTENT=1``.
+``setup_tracing`` follows OpenTelemetry's standard variables:
+
+- ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console``, ``none`` or a comma list
+  (default: ``otlp`` when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+  ``..._TRACES_ENDPOINT`` is set, else none: tracing stays a no-op);
+  ``TASKLOOM_TRACE_CONSOLE=1`` adds ``console``.
+- ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``:
+  ``grpc`` (the default here, port 4317) or ``http/protobuf`` (port 4318); the
+  exporters read their own endpoint, headers, timeout and TLS variables.
+- ``OTEL_TRACES_SAMPLER`` / ``..._ARG`` (the SDK's samplers, e.g.
+  ``parentbased_traceidratio`` with ``0.1``), ``OTEL_SERVICE_NAME``,
+  ``OTEL_RESOURCE_ATTRIBUTES``, and ``OTEL_PROPAGATORS`` (default
+  ``tracecontext,baggage``) for the gRPC calls between processes.
+
+The task's root span context travels inside each Assignment (stream metadata
+would carry one per stream, not one per subtask). Prompts and outputs are
+recorded only with ``TASKLOOM_TRACE_CONTENT=1``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,40 +32,86 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from taskloom.core.errors import ConfigError
 from taskloom.core.model import Usage
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+EXPORTERS = ("otlp", "console", "none")
+PROTOCOLS = ("grpc", "http/protobuf")
 
 
-def setup_tracing(service: str) -> None:
-    """Install a tracer provider with the exporters the environment asks for."""
-    otlp = (
-        any(
-            os.environ.get(v)
-            for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        )
-        or os.environ.get("OTEL_TRACES_EXPORTER", "") == "otlp"
+def exporters() -> list[str]:
+    """The span exporters the environment asks for (``[]``: none)."""
+    endpoint = any(
+        os.environ.get(v)
+        for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
-    console = os.environ.get("TASKLOOM_TRACE_CONSOLE") == "1"
-    if not (otlp or console):
-        return
+    raw = os.environ.get("OTEL_TRACES_EXPORTER", "").strip() or ("otlp" if endpoint else "none")
+    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPORTERS]
+    if unknown:
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not an exporter taskloom has; "
+            f"use {', '.join(EXPORTERS)} (or several, with commas)"
+        )
+    if os.environ.get("TASKLOOM_TRACE_CONSOLE") == "1" and "console" not in names:
+        names.append("console")
+    return [n for n in names if n != "none"]
+
+
+def otlp_protocol() -> str:
+    """``grpc`` or ``http/protobuf``, from the standard variables."""
+    raw = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip()
+    if raw not in PROTOCOLS:
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL: {raw!r} is not supported; use grpc or http/protobuf"
+        )
+    return raw
+
+
+def setup_tracing(service: str) -> bool:
+    """Install a tracer provider with the exporters the environment asks for;
+    False if it asks for none (tracing stays a no-op). Spans still queued
+    are flushed when the process exits."""
+    names = exporters()
+    protocol = otlp_protocol() if "otlp" in names else ""
+    if not names:
+        return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         ConsoleSpanExporter,
         SimpleSpanProcessor,
+        SpanExporter,
     )
 
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service)})
+    # No sampler given: the SDK reads OTEL_TRACES_SAMPLER and its argument.
     provider = TracerProvider(resource=resource)
-    if otlp:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    if protocol:
+        exporter: SpanExporter
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    if console:
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+            exporter = OTLPSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HTTPSpanExporter,
+            )
+
+            exporter = HTTPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if "console" in names:
+        # On stderr: stdout is for what a command prints (--json).
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     trace.set_tracer_provider(provider)
+    atexit.register(provider.shutdown)
+    return True
 
 
 def tracer() -> trace.Tracer:
@@ -72,7 +130,9 @@ def record_content() -> bool:
 
 
 def carrier(span: Span) -> dict[str, str]:
-    """The W3C trace context of ``span``, to send along."""
+    """The W3C trace context of ``span``, to store with a task and send in its
+    assignments: taskloom's own record, whatever ``OTEL_PROPAGATORS`` says
+    (those govern the gRPC calls between processes)."""
     out: dict[str, str] = {}
     _PROPAGATOR.inject(out, context=trace.set_span_in_context(span))
     return out
@@ -104,4 +164,17 @@ def genai_attributes(provider: str, model: str, usage: Usage | None = None) -> d
     if usage is not None:
         attributes["gen_ai.usage.input_tokens"] = usage.input_tokens
         attributes["gen_ai.usage.output_tokens"] = usage.output_tokens
+    return attributes
+
+
+def response_attributes(reply: Any) -> dict[str, Any]:
+    """``gen_ai.response.*`` of a ``ChatReply``: what the provider said of its
+    answer (the model that gave it, its id, why it stopped), where it said."""
+    attributes: dict[str, Any] = {}
+    if reply.model:
+        attributes["gen_ai.response.model"] = reply.model
+    if reply.response_id:
+        attributes["gen_ai.response.id"] = reply.response_id
+    if reply.finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = [reply.finish_reason]
     return attributes

@@ -27,11 +27,11 @@ def command(**flags: str | None) -> None:
     """Run a supervisor: plan goals, schedule subtasks on workers, keep state in Redis."""
     try:
         settings = SupervisorSettings.load(**flags)
+        setup_logging(settings.log_level, settings.log_format)
+        setup_tracing("taskloom-supervisor")
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(exits.USAGE)
-    setup_logging(settings.log_level, settings.log_format)
-    setup_tracing("taskloom-supervisor")
     watch_parent()
     try:
         asyncio.run(_serve(settings))

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from opentelemetry import trace
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
@@ -24,6 +25,7 @@ from taskloom.core.limits import batches, cut_text
 from taskloom.core.model import Assignment, Event
 from taskloom.core.plan import CAPABILITY_RE
 from taskloom.core.status import abort
+from taskloom.core.tracing import parent, tracing
 from taskloom.supervisor import codec
 from taskloom.supervisor.auth import current_credential, current_principal
 from taskloom.supervisor.orchestrator import Orchestrator
@@ -278,6 +280,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     ) -> AsyncGenerator[pb.WatchTaskResponse, None]:
         principal = current_principal.get()
         orchestrator = self._current()
+        await _join_traces(orchestrator, [request.task_id])
         with self._quotas.watching(principal):
             async for events in orchestrator.watching.watch(
                 request.task_id,
@@ -300,10 +303,30 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             )
         principal = current_principal.get()
         orchestrator = self._current()
+        await _join_traces(orchestrator, task_ids)
         with self._quotas.watching(principal):
             async for events in orchestrator.watching.wait_many(task_ids, principal=principal):
                 for frame in frames(events):
                     yield pb.WaitTasksResponse(events=[codec.event_to_pb(e) for e in frame])
+
+
+MAX_TRACE_LINKS = 32
+"""Tasks whose traces a WaitTasks call's span links to (the first ones)."""
+
+
+async def _join_traces(orchestrator: Orchestrator, task_ids: list[str]) -> None:
+    """Link the call's server span to the traces of the tasks it watches, so
+    that a watch shows in the task's trace instead of as an orphan one."""
+    if not tracing():
+        return
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    for task_id in task_ids[:MAX_TRACE_LINKS]:
+        carried = parent(await orchestrator.store.trace_of(task_id))
+        if carried is not None:
+            linked = trace.get_current_span(carried).get_span_context()
+            span.add_link(linked, {"taskloom.task_id": task_id})
 
 
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):

@@ -31,6 +31,12 @@ class ChatMessage:
 class ChatReply:
     text: str
     usage: Usage = field(default_factory=Usage)
+    model: str = ""
+    """The model that answered, as the provider names it ('' if it does not say)."""
+    response_id: str = ""
+    """The provider's id of this reply ('' if it gives none)."""
+    finish_reason: str = ""
+    """Why the generation stopped (``stop``, ``length``, ...; '' if not given)."""
 
 
 class LLM(abc.ABC):

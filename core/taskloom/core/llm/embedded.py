@@ -179,6 +179,9 @@ class EmbeddedLLM(LLM):
         return ChatReply(
             text,
             self._usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), started),
+            model=str(result.get("model") or ""),
+            response_id=str(result.get("id") or ""),
+            finish_reason=str(result["choices"][0].get("finish_reason") or ""),
         )
 
     async def _started(self) -> _Child:

@@ -64,7 +64,12 @@ class OllamaLLM(LLM):
                 response = await self._client.chat(
                     model=self.model, messages=payload, format=fmt, options=options
                 )
-                return ChatReply(response.message.content or "", self._usage(response, started))
+                return ChatReply(
+                    response.message.content or "",
+                    self._usage(response, started),
+                    model=response.model or "",
+                    finish_reason=response.done_reason or "",
+                )
             parts: list[str] = []
             last: ollama.ChatResponse | None = None
             stream = await self._client.chat(
@@ -76,7 +81,12 @@ class OllamaLLM(LLM):
                 if text:
                     parts.append(text)
                     await on_text(text)
-            return ChatReply("".join(parts), self._usage(last, started))
+            return ChatReply(
+                "".join(parts),
+                self._usage(last, started),
+                model=(last.model or "") if last is not None else "",
+                finish_reason=(last.done_reason or "") if last is not None else "",
+            )
         except (ConnectionError, httpx.TransportError) as e:
             raise self._unreachable(e) from None
         except ollama.ResponseError as e:

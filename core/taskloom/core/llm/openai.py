@@ -84,11 +84,19 @@ class OpenAILLM(LLM):
             response = await self._client.post("/chat/completions", json=body)
             self._raise_for(response)
             payload = response.json()
-            text = (payload.get("choices") or [{}])[0].get("message", {}).get("content") or ""
-            return ChatReply(text, self._usage(payload.get("usage"), started))
+            choice = (payload.get("choices") or [{}])[0]
+            text = choice.get("message", {}).get("content") or ""
+            return ChatReply(
+                text,
+                self._usage(payload.get("usage"), started),
+                model=str(payload.get("model") or ""),
+                response_id=str(payload.get("id") or ""),
+                finish_reason=str(choice.get("finish_reason") or ""),
+            )
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         parts: list[str] = []
         usage: Mapping[str, Any] | None = None
+        model = response_id = finish_reason = ""
         async with self._client.stream("POST", "/chat/completions", json=body) as response:
             if response.status_code >= 400:
                 await response.aread()
@@ -101,12 +109,21 @@ class OpenAILLM(LLM):
                     break
                 chunk = json.loads(data)
                 usage = chunk.get("usage") or usage
+                model = str(chunk.get("model") or model)
+                response_id = str(chunk.get("id") or response_id)
                 for choice in chunk.get("choices") or []:
+                    finish_reason = str(choice.get("finish_reason") or finish_reason)
                     text = (choice.get("delta") or {}).get("content") or ""
                     if text:
                         parts.append(text)
                         await on_text(text)
-        return ChatReply("".join(parts), self._usage(usage, started))
+        return ChatReply(
+            "".join(parts),
+            self._usage(usage, started),
+            model=model,
+            response_id=response_id,
+            finish_reason=finish_reason,
+        )
 
     async def check(self) -> None:
         try:
