@@ -45,11 +45,11 @@ async def test_a_task_from_the_cli_is_one_trace_across_processes_on_a_real_recei
     env = receiver.env(protocol)
     address = f"127.0.0.1:{free_port()}"
     await processes.supervisor(supervisor_settings, listen=address, env=env)
-    processes.worker(address, capabilities="llm,echo", env=env)
+    processes.worker(address, capabilities="llm,echo,flaky", env=env)
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(
-        json.dumps({"subtasks": [{"id": "a", "capability": "llm", "instruction": "answer"}]})
-    )
+    steps = [{"id": "a", "capability": "llm", "instruction": "answer"},
+             {"id": "b", "capability": "flaky", "instruction": "2"}]  # fmt: skip
+    plan_file.write_text(json.dumps({"subtasks": steps}))
     code, out, err = await cli(
         "submit", "traced", "--plan", str(plan_file), "--wait", "--json",
         "--supervisor", address, env=env,
@@ -75,13 +75,20 @@ async def test_a_task_from_the_cli_is_one_trace_across_processes_on_a_real_recei
     (root,) = got.named("task", "taskloom-supervisor")
     assert command.attributes["taskloom.command"] == "submit"
     assert command.attributes["process.exit.code"] == 0
-    # One trace: the command, the task's root span, the attempts (the step and
+    # One trace: the command, the task's root span, the attempts (a, b twice,
     # the synthesis) and their LLM calls.
     assert root.trace_id == command.trace_id
     assert root.attributes["taskloom.task_id"] == task_id
     attempts = got.named("subtask.attempt", "taskloom-worker")
-    assert len(attempts) == 2 and {s.parent_span_id for s in attempts} == {root.span_id}
+    assert len(attempts) == 4 and {s.parent_span_id for s in attempts} == {root.span_id}
     assert {s.trace_id for s in attempts} == {command.trace_id}
+    # The failed attempt records its exception; the retry links to it.
+    first, second = sorted(
+        (s for s in attempts if s.attributes["taskloom.subtask_id"] == "b"),
+        key=lambda s: s.attributes["taskloom.attempt"],
+    )
+    assert "exception" in first.events and "exception" not in second.events
+    assert second.links == [(first.trace_id, first.span_id)]
     chats = [s for s in got.spans if s.name.startswith("chat ") and s.service == "taskloom-worker"]
     assert len(chats) == 2 and {s.trace_id for s in chats} == {command.trace_id}
     assert chats[0].attributes["gen_ai.response.model"] == "llama3.2"

@@ -22,14 +22,18 @@ recorded only with ``TASKLOOM_TRACE_CONTENT=1``.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from taskloom.core.errors import ConfigError
@@ -92,7 +96,7 @@ def setup_tracing(service: str) -> bool:
 
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service)})
     # No sampler given: the SDK reads OTEL_TRACES_SAMPLER and its argument.
-    provider = TracerProvider(resource=resource)
+    provider = TracerProvider(resource=resource, id_generator=AttemptIds())
     if protocol:
         exporter: SpanExporter
         if protocol == "grpc":
@@ -178,3 +182,52 @@ def response_attributes(reply: Any) -> dict[str, Any]:
     if reply.finish_reason:
         attributes["gen_ai.response.finish_reasons"] = [reply.finish_reason]
     return attributes
+
+
+_NEXT_SPAN_ID: ContextVar[int] = ContextVar("taskloom_next_span_id", default=0)
+
+
+class AttemptIds(RandomIdGenerator):
+    """Random ids, except for a span started under ``span_id_for``: an
+    attempt's span id is made from its task, subtask and attempt number, so
+    that the next attempt, on whichever worker, can link to it."""
+
+    def generate_span_id(self) -> int:
+        wanted = _NEXT_SPAN_ID.get()
+        if wanted:
+            _NEXT_SPAN_ID.set(0)
+            return wanted
+        return super().generate_span_id()
+
+
+def attempt_span_id(task_id: str, subtask_id: str, attempt: int) -> int:
+    """The span id of an attempt's span (64 bits of a hash; never 0)."""
+    digest = hashlib.blake2b(f"{task_id}/{subtask_id}/{attempt}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") or 1
+
+
+@contextlib.contextmanager
+def span_id_for(span_id: int) -> Iterator[None]:
+    """The next span started here gets ``span_id`` (with ``AttemptIds``)."""
+    token = _NEXT_SPAN_ID.set(span_id)
+    try:
+        yield
+    finally:
+        _NEXT_SPAN_ID.reset(token)
+
+
+def previous_attempt(
+    carried: Mapping[str, str], task_id: str, subtask_id: str, attempt: int
+) -> list[Link]:
+    """A link to the attempt before ``attempt`` of a subtask (none for the first)."""
+    context = parent(carried)
+    if attempt <= 1 or context is None:
+        return []
+    task = trace.get_current_span(context).get_span_context()
+    before = SpanContext(
+        task.trace_id,
+        attempt_span_id(task_id, subtask_id, attempt - 1),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return [Link(before, {"taskloom.attempt": attempt - 1})]

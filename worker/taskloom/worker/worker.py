@@ -29,6 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from taskloom.core.errors import ConfigError
@@ -43,7 +44,14 @@ from taskloom.core.model import (
     SubtaskFailure,
     SubtaskResult,
 )
-from taskloom.core.tracing import parent, tracer, tracing
+from taskloom.core.tracing import (
+    attempt_span_id,
+    parent,
+    previous_attempt,
+    span_id_for,
+    tracer,
+    tracing,
+)
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
 from taskloom.worker.context import SubtaskContext, SubtaskError
@@ -308,12 +316,17 @@ class Worker:
             return
         # A span per attempt, a child of the task's root span (its context came
         # inside the Assignment); the handler's LLM calls are spans beneath it.
+        # Its span id is made from the attempt, so that a retry links to it.
         with (
             bind_attempt(ref),
+            span_id_for(attempt_span_id(ref.task_id, ref.subtask_id, ref.attempt)),
             tracer().start_as_current_span(
                 "subtask.attempt",
                 context=parent(assignment.trace_context),
                 kind=SpanKind.CONSUMER,
+                links=previous_attempt(
+                    assignment.trace_context, ref.task_id, ref.subtask_id, ref.attempt
+                ),
                 attributes={
                     "taskloom.task_id": ref.task_id,
                     "taskloom.subtask_id": ref.subtask_id,
@@ -358,6 +371,7 @@ class Worker:
                 report = SubtaskResult(ref, text, ctx.usage)
                 outcome = "succeeded"
         except TimeoutError as e:
+            trace.get_current_span().record_exception(e)
             outcome = "timed_out" if scope.expired() else "failed"
             if scope.expired():
                 report = SubtaskFailure(
@@ -380,9 +394,11 @@ class Worker:
                 why = "the worker lost the supervisor past the lease TTL and stopped; handed back"
             report = SubtaskFailure(ref, why, counts=False, usage=ctx.usage)
         except SubtaskError as e:
+            trace.get_current_span().record_exception(e)
             report = SubtaskFailure(ref, e.message, e.retryable, usage=ctx.usage)
         except Exception as e:
             logger.exception("handler %s failed on %s", assignment.capability, ref)
+            trace.get_current_span().record_exception(e)
             report = SubtaskFailure(ref, f"{type(e).__name__}: {e}", True, usage=ctx.usage)
         finally:
             self._running.pop(ref, None)
