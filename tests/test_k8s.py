@@ -27,6 +27,7 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
+    ("cert-manager.io/v1", "Certificate"): "certificate-cert-manager.io-v1.json",
 }
 BACKGROUND_STOP = 5
 """Seconds a stopping supervisor may wait for its background work (app.py)."""
@@ -338,9 +339,21 @@ def test_prod_runs_ha_supervisors_with_tls_tokens_and_external_redis() -> None:
     assert env["TASKLOOM_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "taskloom-redis"
     worker = named(docs, "Deployment", "taskloom-worker")
     (worker_container,) = containers(worker)
+    # Tokens and TLS material are Secrets mounted as files, never environment.
     worker_env = {e["name"]: e for e in worker_container["env"]}
-    assert "secretKeyRef" in worker_env["TASKLOOM_TOKEN"]["valueFrom"]
+    assert "TASKLOOM_TOKEN" not in worker_env
+    token_file = config(docs, "taskloom-worker")["TASKLOOM_TOKEN_FILE"]
+    mounts = {m["mountPath"]: m["name"] for m in worker_container["volumeMounts"]}
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    token_volume = volumes[mounts[str(Path(token_file).parent)]]
+    assert token_volume["secret"]["secretName"] == "taskloom-worker-token"
+    assert Path(token_file).name == "token"
     assert config(docs, "taskloom-worker")["TASKLOOM_TLS_CA"].startswith("/etc/taskloom/tls/")
+    for workload in workloads(docs):
+        for each in containers(workload):
+            for variable in each.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                assert ref is None or ref["name"] == "taskloom-redis", variable
     # Secret values are never part of the rendered manifests, nor Redis in-cluster.
     assert of(docs, "Secret") == []
     assert of(docs, "StatefulSet") == []
@@ -426,3 +439,36 @@ def test_monitoring_ships_the_same_rules_and_dashboard() -> None:
     }
     # Standbys are scraped too: they report taskloom_leader 0.
     assert named(docs, "Service", "taskloom-supervisor-metrics")["spec"]["publishNotReadyAddresses"]
+
+
+def test_cert_manager_can_issue_the_certificate_supervisors_serve(tmp_path: Path) -> None:
+    here = tmp_path / "with-cert-manager"
+    here.mkdir()
+    base = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
+    (here / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(base / "overlays" / "prod")],
+                "components": [str(base / "components" / "cert-manager")],
+            }
+        )
+    )
+    docs = kustomize(here)
+    (certificate,) = of(docs, "Certificate")
+    schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[("cert-manager.io/v1", "Certificate")])
+                        .read_text())  # fmt: skip
+    jsonschema.validate(certificate, schema)
+    spec = certificate["spec"]
+    supervisor = named(docs, "Deployment", "taskloom-supervisor")
+    volumes = {v["name"]: v for v in supervisor["spec"]["template"]["spec"]["volumes"]}
+    assert spec["secretName"] == volumes["tls"]["secret"]["secretName"]
+    # The name workers expect is on it, and the key is rotated with each renewal.
+    assert config(tuple(docs), "taskloom-worker")["TASKLOOM_TLS_SERVER_NAME"] in spec["dnsNames"]
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    assert "server auth" in spec["usages"]
+    broken = json.loads(json.dumps(certificate))
+    broken["spec"]["issuer"] = broken["spec"].pop("issuerRef")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)

@@ -38,6 +38,7 @@ from taskloom.core.errors import (
     SupervisorUnavailable,
     TaskNotFound,
     Unauthenticated,
+    Unavailable,
 )
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import TaskStatus
@@ -1325,3 +1326,65 @@ async def test_a_standby_relays_the_console_over_https_only_to_its_own_certifica
         finally:
             await standby.stop(grace=0.5)
             await leader.stop(grace=0.5)
+
+
+async def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(
+    supervisor_settings: SupervisorSettings, pki: Minted, tmp_path: Path
+) -> None:
+    """Certificates come from files a Secret (or cert-manager) replaces: new
+    gRPC connections and the console get the renewed one, and a half-written
+    pair is ignored until it is whole."""
+    renewed = init(tmp_path / "renewed")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(cert: Path, key: Path) -> None:
+        # As a Secret volume does it: each file replaced whole.
+        for name, source in (("tls.crt", cert), ("tls.key", key)):
+            fresh = live / f".{name}.new"
+            fresh.write_bytes(source.read_bytes())
+            os.replace(fresh, live / name)
+
+    install(*pki.files["server"])
+    port = free_port()
+    settings = secured(supervisor_settings, pki, console_port=port).model_copy(
+        update={"tls_cert": live / "tls.crt", "tls_key": live / "tls.key"}
+    )
+    server = Supervisor(settings)
+    await server.start()
+
+    async def grpc_trusts(ca: Path) -> bool:
+        client = ClientSettings.load(
+            supervisor=server.address, token=TOKENS["alice"][0], tls_ca=str(ca),
+            unavailable_grace=0,
+        )  # fmt: skip
+        try:
+            async with TaskloomClient(settings=client) as alice:
+                await alice.list()
+        except Unavailable:
+            return False
+        return True
+
+    async def console_trusts(ca: Path) -> bool:
+        trust = ssl.create_default_context(cafile=str(ca))
+        try:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"https://127.0.0.1:{port}/", ssl=trust) as page,
+            ):
+                return page.status == 200
+        except aiohttp.ClientConnectorCertificateError:
+            return False
+
+    try:
+        assert await grpc_trusts(pki.ca) and not await grpc_trusts(renewed.ca)
+        assert await console_trusts(pki.ca)
+        install(*renewed.files["server"])
+        await eventually(lambda: grpc_trusts(renewed.ca), timeout=30)
+        assert not await grpc_trusts(pki.ca)
+        await eventually(lambda: console_trusts(renewed.ca), timeout=30)
+        # A key that is not the certificate's (a renewal caught half-way) is not taken.
+        (live / "tls.key").write_bytes(pki.files["server"][1].read_bytes())
+        assert await grpc_trusts(renewed.ca)
+    finally:
+        await server.stop(grace=0.5)

@@ -19,7 +19,10 @@ benchmark docs.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
@@ -133,14 +136,68 @@ def server_options(limits: ServerLimits | None = None) -> Options:
     ]
 
 
-def server_credentials(
-    cert: bytes, key: bytes, client_ca: bytes | None = None
-) -> grpc.ServerCredentials:
-    """TLS for the server; with ``client_ca``, every peer must present a
-    certificate that CA signed (mutual TLS), or the handshake fails."""
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
+class CertificateFiles:
+    """A server's certificate chain, key and (for mutual TLS) client CA, as
+    files that may be replaced while it runs (a Kubernetes Secret, cert-manager
+    renewing it). ``changed()`` reads them again when they differ on disk and
+    hold a matching pair; a half-written or mismatched pair is ignored (the
+    one in use stays) until it is whole."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self._stamp = self._stat()
+        self.pem = self._read()
+        """(chain, key, client CA) as last read and checked."""
+
+    def _paths(self) -> list[Path]:
+        return [p for p in (self.cert, self.key, self.client_ca) if p is not None]
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        # Through the symlink a Secret volume swaps: inode, size and time.
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, self._paths()))
+
+    def _read(self) -> tuple[bytes, bytes, bytes | None]:
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        check.load_cert_chain(self.cert, self.key)  # refuses a key that is not the chain's
+        ca = self.client_ca.read_bytes() if self.client_ca is not None else None
+        return self.cert.read_bytes(), self.key.read_bytes(), ca
+
+    def changed(self) -> bool:
+        """Read the files again if they changed on disk; True if that gave a
+        new, whole certificate and key."""
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return False
+            pem = self._read()
+        except (OSError, ssl.SSLError, ValueError) as e:
+            logger.warning("TLS files changed but cannot be used yet (%s); keeping the old ones", e)
+            return False
+        self._stamp, changed = stamp, pem != self.pem
+        self.pem = pem
+        if changed:
+            logger.info("TLS certificate reloaded from %s", self.cert)
+        return changed
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that take the files again for new connections
+        once they change (gRPC asks before each handshake). This object then
+        tracks the files for gRPC: give other servers one of their own."""
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            return self._configuration() if self.changed() else None
+
+        # The stubs say the fetcher must return a configuration; gRPC's own
+        # documentation says None keeps the one in use.
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(),
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=self.client_ca is not None,
+        )
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        chain, key, ca = self.pem
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
 
 
 def open_channel(

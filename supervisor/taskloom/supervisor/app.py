@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskloom.core.channel import is_loopback, server_credentials, server_options
+from taskloom.core.channel import CertificateFiles, is_loopback, server_options
 from taskloom.core.errors import (
     ConfigError,
     NotLeader,
@@ -134,6 +134,7 @@ class Supervisor:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
+        self._console_tls: tuple[CertificateFiles, ssl.SSLContext] | None = None
         self.console: Console | None = None
         """The web console, once started (``console_port``)."""
         self.health_port = 0
@@ -200,12 +201,20 @@ class Supervisor:
         try:
             if settings.tls_cert is None:
                 return server.add_insecure_port(self.listen)
-            cert, key = settings.read_file("tls_cert"), settings.read_file("tls_key")
-            if cert is None or key is None:  # pragma: no cover - both are set, checked above
-                raise ConfigError("TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: give both or neither")
-            return server.add_secure_port(
-                self.listen, server_credentials(cert, key, settings.read_file("tls_client_ca"))
-            )
+            settings.read_file("tls_cert")  # unreadable files: a ConfigError naming them
+            settings.read_file("tls_key")
+            settings.read_file("tls_client_ca")
+            assert settings.tls_key is not None  # both are set, checked above
+            try:
+                files = CertificateFiles(
+                    settings.tls_cert, settings.tls_key, settings.tls_client_ca
+                )
+            except (ssl.SSLError, ValueError) as e:
+                raise ConfigError(
+                    f"TASKLOOM_TLS_CERT and TASKLOOM_TLS_KEY: not a certificate and its key ({e})"
+                ) from None
+            # Read again for new connections when the files change (a renewal).
+            return server.add_secure_port(self.listen, files.credentials())
         except RuntimeError as e:  # grpc's way of saying the bind failed
             raise ConfigError(
                 f"cannot listen on {self.listen}: {e} (is another process using that port?)"
@@ -355,7 +364,7 @@ class Supervisor:
         self.leadership.start()
         self._background = [
             asyncio.create_task(self._check_llm(), name="taskloom-llm-check"),
-            asyncio.create_task(self._watch_tokens(), name="taskloom-tokens"),
+            asyncio.create_task(self._watch_files(), name="taskloom-files"),
         ]
 
     def reload_tokens(self) -> None:
@@ -383,8 +392,10 @@ class Supervisor:
                 logger.warning("closing %s: its token was revoked or has expired", session)
                 session.close(Unauthenticated("this worker's token was revoked or has expired"))
 
-    async def _watch_tokens(self) -> None:
-        """Reload the tokens file when it changes; close streams whose token expired."""
+    async def _watch_files(self) -> None:
+        """Reload the tokens file when it changes; close streams whose token
+        expired; give the console a renewed certificate (gRPC takes it itself,
+        at its next handshake)."""
         path = self.settings.tokens_file
         seen = _mtime(path)
         while True:
@@ -395,6 +406,11 @@ class Supervisor:
                 self.reload_tokens()
             else:
                 self._close_revoked()
+            if self._console_tls is not None and self._console_tls[0].changed():
+                files, context = self._console_tls
+                context.load_cert_chain(str(files.cert), str(files.key))
+                if self.console is not None:
+                    self.console.pin = certificate_pin(files.cert)
 
     async def _serve_console(self, port: int) -> None:
         """The web console, where gRPC listens (so on loopback unless the
@@ -414,6 +430,8 @@ class Supervisor:
         if settings.tls_cert is not None and settings.tls_key is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+            # Renewed certificates are loaded into the same context (_watch_files).
+            self._console_tls = (CertificateFiles(settings.tls_cert, settings.tls_key), context)
         host = self.listen.rpartition(":")[0].strip("[]")
         try:
             await console.start(host, port, context)

@@ -139,7 +139,7 @@ class Console:
         self._current = current
         self._leader = leader
         """The leader's host while this supervisor is a standby that knows it, else ''."""
-        self._pin = pin
+        self.pin = pin
         """SHA-256 of this supervisor's certificate (DER): what a relay expects of the leader."""
         self._relays: aiohttp.ClientSession | None = None
         self._tokens = tokens
@@ -264,7 +264,7 @@ class Console:
                 headers=headers,
                 data=await request.read() or None,
                 allow_redirects=False,
-                ssl=aiohttp.Fingerprint(self._pin) if self._pin else False,
+                ssl=aiohttp.Fingerprint(self.pin) if self.pin else False,
             )
         except aiohttp.ServerFingerprintMismatch:
             raise Unavailable(
