@@ -118,3 +118,16 @@ async def test_promtool_accepts_the_rules_and_their_tests(args: list[str]) -> No
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_every_exported_metric_is_documented() -> None:
+    """docs/operations/metrics.md lists each metric (without the taskloom_
+    prefix, as families: a counter without _total, a histogram without _bucket)."""
+    page = (REPO / "docs/operations/metrics.md").read_text()
+    families = set()
+    for name in exported_names():
+        for suffix in ("_total", "_bucket", "_count", "_sum"):
+            name = name.removesuffix(suffix)
+        families.add(name.removeprefix("taskloom_"))
+    missing = sorted(f for f in families if f"`{f}" not in page)
+    assert not missing, f"undocumented metrics: {missing}"
