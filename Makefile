@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 N      ?= 100
 SEED   ?= 1
 
-.PHONY: setup demo test chaos fuzz lint docs format protos protos-check wheel clean
+.PHONY: setup demo test chaos fuzz lint docs format protos protos-check wheel lock image clean
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,26 @@ protos-check: setup
 
 wheel: setup
 	$(BIN)/python -m build --wheel --outdir dist .
+
+# The image's dependencies, pinned with hashes (Dockerfile: --require-hashes).
+LOCK = $(BIN)/uv pip compile --generate-hashes --python-version 3.11 \
+       --python-platform x86_64-manylinux_2_28 --no-header
+lock: setup
+	{ head -2 requirements/server.txt; $(LOCK) pyproject.toml --extra server; } > requirements/server.new
+	{ head -2 requirements/build.txt; echo 'hatchling>=1.25' | $(LOCK) -; } > requirements/build.new
+	mv requirements/server.new requirements/server.txt
+	mv requirements/build.new requirements/build.txt
+
+# The image, where a container engine runs; elsewhere the checks that can run
+# without one (hadolint, an install like the image's, the manifests rendered
+# and validated).
+image: setup
+	if command -v docker >/dev/null 2>&1; then \
+	    docker build -t ghcr.io/taskloom/taskloom:$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("taskloom"))') . ; \
+	else \
+	    echo "no docker here: checking the Dockerfile, the image's install and the manifests"; \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_image.py tests/test_k8s.py; \
+	fi
 
 clean:
 	rm -rf $(VENV) dist build site .mypy_cache .ruff_cache .pytest_cache

@@ -19,15 +19,17 @@ import select
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from rich.console import Console
+from rich.markup import escape
 
 from taskloom.client.client import SUBMIT_ARGUMENTS, TaskloomClient, waiting_logger
 from taskloom.client.display import (
@@ -38,7 +40,6 @@ from taskloom.client.display import (
     task_summary_json,
     task_text,
 )
-from taskloom.client.local import DEFAULT_PORT, LocalCluster
 from taskloom.client.settings import ClientSettings
 from taskloom.core import exits
 from taskloom.core.errors import (
@@ -47,8 +48,7 @@ from taskloom.core.errors import (
     TaskloomError,
 )
 from taskloom.core.flags import settings_options
-from taskloom.core.llm import create_llm
-from taskloom.core.llm.embedded import TINY_NOTICE
+from taskloom.core.llm.base import TINY_NOTICE
 from taskloom.core.model import (
     ContextMode,
     Fallback,
@@ -62,6 +62,9 @@ from taskloom.core.model import (
 from taskloom.core.plan import parse_plan
 from taskloom.core.settings import LLMSettings, parse_duration
 from taskloom.core.tracing import setup_tracing, tracer
+
+if TYPE_CHECKING:
+    from taskloom.client.local import LocalCluster
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,7 +86,9 @@ err = Console(stderr=True, highlight=False)
 
 
 def _fail(error: TaskloomError) -> None:
-    err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+    # Escaped: an error's text may hold brackets ('taskloom[server]', a plan's ids).
+    err.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False,
+              soft_wrap=True)  # fmt: skip
     sys.exit(exits.exit_code(error))
 
 
@@ -179,9 +184,28 @@ class TaskloomGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is None and cmd_name in self._plugins():
-            loaded = self._plugins()[cmd_name].load()
+            try:
+                loaded = self._plugins()[cmd_name].load()
+            except ImportError as e:
+                return _lacking(cmd_name, e)
             command = loaded if isinstance(loaded, click.Command) else None
         return command
+
+
+def _lacking(name: str, error: ImportError) -> click.Command:
+    """A command whose parts this install lacks: it says what to install."""
+
+    @click.command(name, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        _fail(
+            ConfigError(
+                f"taskloom {name} needs the server parts, which this install lacks "
+                f"({error.name} is missing); install them with pip install 'taskloom[server]'"
+            )
+        )
+
+    return command
 
 
 @click.group(cls=TaskloomGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -687,6 +711,44 @@ async def resume(task_id: str, supervisor: str | None, reason: str, as_json: boo
     _steered(task, "", as_json=as_json)
 
 
+@cli.command()
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar="TASKLOOM_METRICS_PORT",
+    required=True,
+    help="The port this host's supervisor or worker serves /metrics on [TASKLOOM_METRICS_PORT]",
+)
+def health(metrics_port: int) -> None:
+    """Whether the supervisor or worker on this host answers (exit 0) or not
+    (exit 1): its /metrics endpoint on loopback. The image's HEALTHCHECK."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            ok = response.status == 200
+    except OSError as e:
+        click.echo(f"unhealthy: nothing answers at {url} ({e})", err=True)
+        sys.exit(1)
+    if not ok:
+        click.echo(f"unhealthy: {url} answered {response.status}", err=True)
+        sys.exit(1)
+    click.echo("healthy")
+
+
+def _minting() -> Any:
+    """``taskloom.client.certs``: cryptography loads only here (the server extra)."""
+    try:
+        from taskloom.client import certs as minting
+    except ImportError as e:
+        _fail(
+            ConfigError(
+                f"taskloom certs needs cryptography, which this install lacks ({e.name} is "
+                "missing); install it with pip install 'taskloom[server]'"
+            )
+        )
+    return minting
+
+
 @cli.group()
 def certs() -> None:
     """Certificates for trying TLS locally."""
@@ -705,7 +767,7 @@ def certs() -> None:
 @click.option("--force", is_flag=True, help="Replace certificates already there")
 def certs_init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> None:
     """Mint a local CA and server, worker and client certificates into DIRECTORY."""
-    from taskloom.client import certs as minting  # cryptography loads only here
+    minting = _minting()
 
     try:
         minted = minting.init(directory, hosts=hosts, days=days, force=force)
@@ -732,7 +794,7 @@ def certs_init(directory: Path, hosts: tuple[str, ...], days: int, force: bool) 
 def certs_issue(directory: Path, name: str, role: str, days: int) -> None:
     """Sign a client certificate for NAME in ROLE with the CA in DIRECTORY
     (from `certs init`): with mutual TLS it stands for NAME, as a token would."""
-    from taskloom.client import certs as minting
+    minting = _minting()
 
     try:
         cert, key = minting.issue(directory, name, role=role, days=days)
@@ -851,6 +913,17 @@ def up(
     demo: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
+    try:  # the server extra (a client-only install goes without)
+        from taskloom.client.local import DEFAULT_PORT, LocalCluster
+        from taskloom.core.llm import create_llm  # noqa: F401
+        from taskloom.supervisor.app import Supervisor  # noqa: F401
+    except ImportError as e:
+        _fail(
+            ConfigError(
+                f"taskloom up runs a supervisor and workers, which this install lacks ({e.name} "
+                "is missing); install them with pip install 'taskloom[server,local]'"
+            )
+        )
     # Every way out stops the cluster: Ctrl-C, SIGTERM, closing the terminal
     # (SIGHUP), the stream we write to going away; and if this process is
     # killed outright, its children see their parent gone and stop themselves.
@@ -972,6 +1045,8 @@ def _run_until_told(cluster: LocalCluster) -> int:
 
 async def _usable(settings: LLMSettings) -> str:
     """'' if the model answers, else why not."""
+    from taskloom.core.llm import create_llm
+
     try:
         model = create_llm(settings)
     except TaskloomError as e:

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from taskloom.core.llm.embedded import TINY_NOTICE
+from taskloom.core.llm.base import TINY_NOTICE
 from taskloom.core.model import Event, EventType, Task, Usage
 
 STYLES = {

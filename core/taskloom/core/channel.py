@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +237,10 @@ def is_loopback(address: str) -> bool:
 
 
 def _interceptors() -> list[grpc.aio.ClientInterceptor]:
+    try:  # the otel extra (a client-only install goes without)
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    except ImportError:
+        return []
     return [
         # OpenTelemetry client spans for unary calls (a no-op unless tracing is
         # set up). Its stream interceptors change how a call behaves when

@@ -32,7 +32,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -85,6 +84,13 @@ def setup_tracing(service: str) -> bool:
     protocol = otlp_protocol() if "otlp" in names else ""
     if not names:
         return False
+    try:
+        import opentelemetry.sdk  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT: exporting traces needs the "
+            "OpenTelemetry SDK; install it with pip install 'taskloom[otel]'"
+        ) from None
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -96,7 +102,7 @@ def setup_tracing(service: str) -> bool:
 
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service)})
     # No sampler given: the SDK reads OTEL_TRACES_SAMPLER and its argument.
-    provider = TracerProvider(resource=resource, id_generator=AttemptIds())
+    provider = TracerProvider(resource=resource, id_generator=attempt_ids())
     if protocol:
         exporter: SpanExporter
         if protocol == "grpc":
@@ -187,17 +193,22 @@ def response_attributes(reply: Any) -> dict[str, Any]:
 _NEXT_SPAN_ID: ContextVar[int] = ContextVar("taskloom_next_span_id", default=0)
 
 
-class AttemptIds(RandomIdGenerator):
-    """Random ids, except for a span started under ``span_id_for``: an
-    attempt's span id is made from its task, subtask and attempt number, so
-    that the next attempt, on whichever worker, can link to it."""
+def attempt_ids() -> Any:
+    """The SDK's random id generator, except for a span started under
+    ``span_id_for``: an attempt's span id is made from its task, subtask and
+    attempt number, so that the next attempt, on whichever worker, can link
+    to it. (Built here: the SDK is the otel extra's.)"""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
-    def generate_span_id(self) -> int:
-        wanted = _NEXT_SPAN_ID.get()
-        if wanted:
-            _NEXT_SPAN_ID.set(0)
-            return wanted
-        return super().generate_span_id()
+    class AttemptIds(RandomIdGenerator):
+        def generate_span_id(self) -> int:
+            wanted = _NEXT_SPAN_ID.get()
+            if wanted:
+                _NEXT_SPAN_ID.set(0)
+                return wanted
+            return super().generate_span_id()
+
+    return AttemptIds()
 
 
 def attempt_span_id(task_id: str, subtask_id: str, attempt: int) -> int:

@@ -270,8 +270,9 @@ class Supervisor:
             leader = self.leadership.leader
             _, at, address = leader.rpartition("@")
             # Never send a caller back here: a lease that still names this
-            # supervisor (it is stepping down, or taking it back) is no redirect.
-            follow = address if at and leader != self.leadership.holder else ""
+            # supervisor, or a dead one that served at this address before it
+            # (a restart under a new id), is no redirect.
+            follow = address if at and address != self.advertised else ""
             raise NotLeader(
                 f"supervisor {self.settings.supervisor_id} is on standby and "
                 f"{leader or 'no supervisor'} holds the leader lease; "

@@ -149,9 +149,11 @@ class Connection:
                     break
                 if followed is not None:
                     # The leader's session ended (or it no longer answers):
-                    # back to the given addresses, which name the next one.
+                    # back to the given addresses, from the one after the
+                    # standby that named it.
                     await followed[1].close()
                     followed = None
+                    index = (index + 1) % len(addresses)
                 elif leader and leader != address:
                     follows += 1
                     channel = open_channel(leader, max_bytes, followed_tls(tls, address), keepalive)

@@ -7,6 +7,8 @@ extra).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from taskloom.core.llm.base import (
     LLM,
     ChatMessage,
@@ -14,9 +16,11 @@ from taskloom.core.llm.base import (
     TextCallback,
     estimate_tokens,
 )
-from taskloom.core.llm.ollama import OllamaLLM
-from taskloom.core.llm.openai import OpenAILLM
 from taskloom.core.settings import LLMSettings
+
+if TYPE_CHECKING:
+    from taskloom.core.llm.ollama import OllamaLLM
+    from taskloom.core.llm.openai import OpenAILLM
 
 __all__ = [
     "LLM",
@@ -30,8 +34,25 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    # The backends' clients (ollama, httpx) are the server extra's: a
+    # client-only install imports this package without them.
+    if name == "OllamaLLM":
+        from taskloom.core.llm.ollama import OllamaLLM
+
+        return OllamaLLM
+    if name == "OpenAILLM":
+        from taskloom.core.llm.openai import OpenAILLM
+
+        return OpenAILLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def create_llm(settings: LLMSettings) -> LLM:
     """The backend ``settings.llm`` names; ``ConfigError`` if it cannot be had here."""
+    from taskloom.core.llm.ollama import OllamaLLM
+    from taskloom.core.llm.openai import OpenAILLM
+
     provider, model = settings.llm_spec
     if provider == "openai":
         return OpenAILLM(

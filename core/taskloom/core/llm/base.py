@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 from taskloom.core.model import Usage
 
+TINY_NOTICE = "SmolLM2-135M, a tiny offline model: expect rough answers"
+"""What is said wherever the embedded SmolLM2 answers."""
+
 Role = Literal["system", "user", "assistant"]
 TextCallback = Callable[[str], Awaitable[None]]
 

@@ -52,7 +52,6 @@ MAX_GRAMMAR_ITEMS = 16
 """llama.cpp turns a JSON schema into a grammar by unrolling every bound, and
 refuses (aborting the process) when that grows too large: bounds beyond these
 are lowered before the schema reaches it. What comes back is validated anyway."""
-TINY_NOTICE = "SmolLM2-135M, a tiny offline model: expect rough answers"
 REPEAT_PENALTY = 1.18
 """Makes a tiny model less likely to repeat itself, line after line."""
 DEFAULT_REPLY_TOKENS = 384
