@@ -31,6 +31,7 @@ test: setup
 	./scripts/ensure-kubectl
 	./scripts/ensure-chromium
 	./scripts/ensure-redis-sentinel
+	./scripts/ensure-crd-validators
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fuzz tests with N examples each (CI runs 60): make fuzz N=2000
@@ -84,6 +85,7 @@ image: setup
 	    docker build -t ghcr.io/taskloom/taskloom:$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("taskloom"))') . ; \
 	else \
 	    echo "no docker here: checking the Dockerfile, the image's install and the manifests"; \
+	    ./scripts/ensure-kubectl; ./scripts/ensure-crd-validators; \
 	    $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_image.py tests/test_k8s.py; \
 	fi
 

@@ -472,3 +472,45 @@ def test_cert_manager_can_issue_the_certificate_supervisors_serve(tmp_path: Path
     broken["spec"]["issuer"] = broken["spec"].pop("issuerRef")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def upstream_errors(docs: list[Doc]) -> list[tuple[str, str | None]]:
+    """(kind, error) of each document, validated against the upstream schema
+    of its CRD (deploy/k8s/validate: kubernetes-models' validators, with Node)."""
+    node = shutil.which("node")
+    modules = K8S / "validate" / "node_modules"
+    assert node and modules.exists(), (
+        "node and the CRD validators are needed (scripts/ensure-crd-validators "
+        "installs them; make test runs it)"
+    )
+    out = subprocess.run(
+        [node, str(K8S / "validate" / "validate.mjs")],
+        input=json.dumps(docs), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return [(r["kind"], r["error"]) for r in json.loads(out.stdout)]
+
+
+def test_the_crd_kinds_validate_against_their_upstream_schemas(tmp_path: Path) -> None:
+    here = tmp_path / "everything"
+    here.mkdir()
+    base = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
+    (here / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(base / "overlays" / "prod")],
+                "components": [str(base / "components" / "cert-manager")],
+            }
+        )
+    )
+    crds = [d for d in kustomize(here) if (d["apiVersion"], d["kind"]) in CRD_SCHEMAS]
+    assert {d["kind"] for d in crds} == {k for _, k in CRD_SCHEMAS}
+    assert upstream_errors(crds) == [(d["kind"], None) for d in crds]
+    # What the upstream schemas refuse is refused.
+    scaled = json.loads(json.dumps(next(d for d in crds if d["kind"] == "ScaledObject")))
+    scaled["spec"]["minReplicaCount"] = "zero"
+    certificate = json.loads(json.dumps(next(d for d in crds if d["kind"] == "Certificate")))
+    del certificate["spec"]["issuerRef"]
+    assert all(error for _, error in upstream_errors([scaled, certificate]))
