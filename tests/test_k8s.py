@@ -53,22 +53,27 @@ def rendered(overlay: str) -> tuple[Doc, ...]:
     return tuple(kustomize(K8S / "overlays" / overlay))
 
 
-def with_hpa(tmp_path: Path) -> list[Doc]:
-    """The base with the HPA component instead of KEDA's."""
-    here = tmp_path / "hpa-overlay"
+def composed(tmp_path: Path, resource: str, component: str) -> list[Doc]:
+    """``resource`` (a path under deploy/k8s) with ``component`` added, rendered."""
+    here = tmp_path / f"with-{component.replace('/', '-')}"
     here.mkdir()
-    base = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
+    root = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
     (here / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
-                "resources": [str(base / "base")],
-                "components": [str(base / "components" / "hpa")],
+                "resources": [str(root / resource)],
+                "components": [str(root / "components" / component)],
             }
         )
     )
     return kustomize(here)
+
+
+def with_hpa(tmp_path: Path) -> list[Doc]:
+    """The base with the HPA component instead of KEDA's."""
+    return composed(tmp_path, "base", "hpa")
 
 
 def of(docs: tuple[Doc, ...] | list[Doc], kind: str) -> list[Doc]:
@@ -442,20 +447,7 @@ def test_monitoring_ships_the_same_rules_and_dashboard() -> None:
 
 
 def test_cert_manager_can_issue_the_certificate_supervisors_serve(tmp_path: Path) -> None:
-    here = tmp_path / "with-cert-manager"
-    here.mkdir()
-    base = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
-    (here / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [str(base / "overlays" / "prod")],
-                "components": [str(base / "components" / "cert-manager")],
-            }
-        )
-    )
-    docs = kustomize(here)
+    docs = composed(tmp_path, "overlays/prod", "cert-manager")
     (certificate,) = of(docs, "Certificate")
     schema = json.loads((K8S / "schemas" / CRD_SCHEMAS[("cert-manager.io/v1", "Certificate")])
                         .read_text())  # fmt: skip
@@ -492,20 +484,8 @@ def upstream_errors(docs: list[Doc]) -> list[tuple[str, str | None]]:
 
 
 def test_the_crd_kinds_validate_against_their_upstream_schemas(tmp_path: Path) -> None:
-    here = tmp_path / "everything"
-    here.mkdir()
-    base = Path("../" * len(here.relative_to("/").parts)) / K8S.relative_to("/")
-    (here / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [str(base / "overlays" / "prod")],
-                "components": [str(base / "components" / "cert-manager")],
-            }
-        )
-    )
-    crds = [d for d in kustomize(here) if (d["apiVersion"], d["kind"]) in CRD_SCHEMAS]
+    everything = composed(tmp_path, "overlays/prod", "cert-manager")
+    crds = [d for d in everything if (d["apiVersion"], d["kind"]) in CRD_SCHEMAS]
     assert {d["kind"] for d in crds} == {k for _, k in CRD_SCHEMAS}
     assert upstream_errors(crds) == [(d["kind"], None) for d in crds]
     # What the upstream schemas refuse is refused.
