@@ -325,7 +325,9 @@ async def test_each_action_holds_across_a_failover_right_after_it(
     the standby; the other supervisor carries on from Redis."""
     from taskloom.core.localredis import free_port
 
-    settings = supervisor_settings.model_copy(update={"leader_ttl": 2.0})
+    # A worker's lease must outlast a takeover (the leader's lease lapsing,
+    # then the worker's backoff): docs/architecture.md gives the inequality.
+    settings = supervisor_settings.model_copy(update={"leader_ttl": 2.0, "lease_ttl": 6.0})
     names = {f"127.0.0.1:{free_port()}": name for name in ("a", "b")}
     running = {}
     for i, (address, name) in enumerate(names.items()):
@@ -333,17 +335,24 @@ async def test_each_action_holds_across_a_failover_right_after_it(
             settings, listen=address, name=name, standby=i > 0
         )
     addresses = ",".join(names)
-    processes.worker(addresses)
+    processes.worker(addresses, name="w")
+
+    def sessions() -> int:
+        return processes.log("w").count("connected to supervisor")
 
     async def failover() -> None:
         (leader,) = [a for a in names if await _leading(a)]
+        before = sessions()
         running[leader].kill()
         running[leader].wait()
         running[leader] = await processes.supervisor(
             settings, listen=leader, name=names[leader], standby=True
         )
-        # Either may win the lease now.
+        # Either may win the lease now. The next action waits for the worker
+        # to be back with it: the subject here is what the actions leave in
+        # Redis, not whether a worker can ride two failovers a second apart.
         await eventually(lambda: _anyone_leads(names), timeout=30)
+        await eventually(lambda: sessions() > before, timeout=30)
 
     async with TaskloomClient(addresses) as client:
         steps = plan(
