@@ -228,10 +228,10 @@ class Supervisor:
             host = "127.0.0.1"
         return f"{host}:{self.port}"
 
-    @property
-    def advertised(self) -> str:
+    def _advertise(self) -> str:
         """Where others reach this supervisor directly (``TASKLOOM_ADVERTISE``,
-        else the listen address with this host's address for a wildcard)."""
+        else the listen address with this host's address for a wildcard);
+        worked out once, at start, into the lease holder's name."""
         if self.settings.advertise:
             return self.settings.advertise
         host = self.listen.rpartition(":")[0]
@@ -252,27 +252,26 @@ class Supervisor:
         orchestrator = self.orchestrator
         return orchestrator.scheduler if orchestrator is not None else None
 
+    def _redirect(self) -> str:
+        """Where a standby sends callers: the address the lease's holder
+        serves at, or '' if the lease names none, or this supervisor's own
+        (it still holds it, or a dead one served here before a restart)."""
+        _, at, address = self.leadership.leader.rpartition("@")
+        return address if at and address != self.leadership.holder.rpartition("@")[2] else ""
+
     def _leader_host(self) -> str:
         """The leader's host while this supervisor is a standby that knows
         where the leader serves (else ''): where the console relays to."""
         if self.orchestrator is not None:
             return ""
-        try:
-            self.current()
-        except NotLeader as e:
-            return e.leader.rpartition(":")[0].strip("[]")
-        return ""
+        return self._redirect().rpartition(":")[0].strip("[]")
 
     def current(self) -> Orchestrator:
         """The orchestrator of the current term, or NotLeader on standby."""
         orchestrator = self.orchestrator
         if orchestrator is None:
             leader = self.leadership.leader
-            _, at, address = leader.rpartition("@")
-            # Never send a caller back here: a lease that still names this
-            # supervisor, or a dead one that served at this address before it
-            # (a restart under a new id), is no redirect.
-            follow = address if at and address != self.advertised else ""
+            follow = self._redirect()
             raise NotLeader(
                 f"supervisor {self.settings.supervisor_id} is on standby and "
                 f"{leader or 'no supervisor'} holds the leader lease; "
@@ -355,7 +354,7 @@ class Supervisor:
             self.llm.describe(),
         )
         # One attempt now, so a lone supervisor leads as soon as start() returns.
-        self.leadership.holder = f"{self.settings.supervisor_id}@{self.advertised}"
+        self.leadership.holder = f"{self.settings.supervisor_id}@{self._advertise()}"
         await self.leadership.campaign()
         if self.orchestrator is None:
             logger.info(

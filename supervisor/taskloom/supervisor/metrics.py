@@ -9,6 +9,7 @@ describes. No label carries a task or subtask id.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Protocol
 
@@ -290,9 +291,9 @@ class SchedulerCollector(Collector):
                 age.add_metric([capability], oldest if count else 0.0)
                 busy.add_metric([capability], float(held.get(capability, 0)))
             sessions = scheduler.sessions()
+            counts = collections.Counter(c for s in sessions for c in s.info.capabilities)
             for capability in sorted(known):
-                count = sum(capability in s.info.capabilities for s in sessions)
-                offered.add_metric([capability], float(count))
+                offered.add_metric([capability], float(counts[capability]))
             workers.add_metric([], float(len(sessions)))
             slots.add_metric(["total"], float(sum(s.info.max_concurrency for s in sessions)))
             slots.add_metric(["in_use"], float(sum(len(s.leases) for s in sessions)))
