@@ -1,10 +1,12 @@
 """How well a backend plans: ``python -m bench.plan_eval [--llm embedded:smollm2]``.
 
-Runs each goal through the supervisor's planner (schema, normalisation,
-validation, repairs) against the configured backend (``TASKLOOM_LLM`` and
-friends, or ``--llm``) and prints, per goal and overall: whether a valid plan
-came out, repairs used, fixes made without the model, subtasks, tokens and
-latency. ``--json FILE`` keeps the rows.
+Runs each goal of ``bench/plan_goals.txt`` (32, public) through the
+supervisor's planner (schema, normalisation, validation, content checks,
+repairs) against the configured backend (``TASKLOOM_LLM`` and friends, or
+``--llm``) and scores each plan by rules (``Score``): a valid graph, distinct
+non-placeholder instructions, only the capabilities offered, a sane size and
+depth. Prints per goal and overall: the score and each rule's rate, repairs,
+subtasks, tokens and latency. ``--json FILE`` keeps the rows with the plans.
 """
 
 from __future__ import annotations
@@ -15,43 +17,86 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from taskloom.core.errors import TaskloomError
 from taskloom.core.llm import create_llm
-from taskloom.core.model import Usage
-from taskloom.supervisor.planner import PlanHooks, Planner
+from taskloom.core.model import Plan, Usage
+from taskloom.core.plan import content_problems, plan_to_document
+from taskloom.supervisor.planner import PlanHooks, Planner, offered_capabilities
 from taskloom.supervisor.settings import SupervisorSettings
 
-GOALS = [
-    "Write a short guide to brewing good coffee at home: beans, grinding, water, methods.",
-    "Compare three popular Python web frameworks and recommend one for a small team.",
-    "Plan a three-day trip to Lisbon on a modest budget.",
-    "Explain how vaccines train the immune system, for a twelve-year-old.",
-    "Draft a one-page business plan for a neighbourhood bicycle repair shop.",
-    "Summarise the causes and effects of the 2008 financial crisis.",
-    "Write a weekly meal plan for a vegetarian family of four.",
-    "Design a beginner's eight-week running programme to reach 5 km.",
-    "List the pros and cons of remote work for a software company.",
-    "Create a study plan for learning basic Spanish in three months.",
-]
+GOALS_FILE = Path(__file__).with_name("plan_goals.txt")
+MAX_SANE_SUBTASKS = 10
+MAX_SANE_DEPTH = 5
+
+
+def load_goals(path: Path = GOALS_FILE) -> list[str]:
+    """The evaluation's goals: one per line; ``#`` comments and blank lines skipped."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def depth(plan: Plan) -> int:
+    """Steps on the longest dependency chain of a valid (acyclic) plan."""
+    needs = {s.id: s.depends_on for s in plan.subtasks}
+    memo: dict[str, int] = {}
+
+    def level(i: str) -> int:
+        if i not in memo:
+            memo[i] = 1 + max((level(d) for d in needs[i] if d in needs), default=0)
+        return memo[i]
+
+    return max(map(level, needs), default=0)
+
+
+@dataclass
+class Score:
+    """The rules a plan is scored by (each 1 or 0; all 0 without a plan)."""
+
+    valid: int = 0
+    """The planner produced a valid graph (after its repairs)."""
+    distinct: int = 0
+    """No placeholder instruction or title, no step written twice or only repeating the goal."""
+    allowed: int = 0
+    """Only the capabilities offered, and never the test-only ``echo``."""
+    sane: int = 0
+    """2 to 10 subtasks, at most 5 deep: the goal broken up, not shredded."""
+
+    @property
+    def total(self) -> float:
+        return (self.valid + self.distinct + self.allowed + self.sane) / 4
+
+
+def score(plan: Plan | None, goal: str, offered: set[str]) -> Score:
+    if plan is None:
+        return Score()
+    caps = {s.capability for s in plan.subtasks}
+    return Score(
+        valid=1,
+        distinct=int(not content_problems(plan, goal=goal)),
+        allowed=int(caps <= offered and "echo" not in caps),
+        sane=int(2 <= len(plan.subtasks) <= MAX_SANE_SUBTASKS and depth(plan) <= MAX_SANE_DEPTH),
+    )
 
 
 @dataclass
 class Row:
     goal: str
-    valid: bool
+    score: Score
     repairs: int
     fixes: int
     subtasks: int
+    depth: int
     input_tokens: int
     output_tokens: int
     seconds: float
     error: str = ""
+    plan: list[dict[str, object]] = field(default_factory=list)
 
 
-async def evaluate(goal: str, planner: Planner, capabilities: set[str]) -> Row:
+async def evaluate(goal: str, planner: Planner, offered: set[str]) -> Row:
     rejected: list[str] = []
     fixed: list[str] = []
     usage = Usage()
@@ -68,22 +113,29 @@ async def evaluate(goal: str, planner: Planner, capabilities: set[str]) -> Row:
 
     hooks = PlanHooks(rejected=on_rejected, normalized=on_fixed, spent=on_spent)
     started = time.monotonic()
+    plan: Plan | None = None
+    error = ""
     try:
-        plan = await planner.plan(goal, capabilities=capabilities, hooks=hooks)
-        valid, size, error = True, len(plan.subtasks), ""
+        plan = await planner.plan(goal, capabilities=offered, hooks=hooks)
     except TaskloomError as e:
-        valid, size, error = False, 0, str(e)
+        error = str(e)
     return Row(
         goal=goal,
-        valid=valid,
+        score=score(plan, goal, offered),
         repairs=len(rejected),
         fixes=len(fixed),
-        subtasks=size,
+        subtasks=len(plan.subtasks) if plan else 0,
+        depth=depth(plan) if plan else 0,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         seconds=time.monotonic() - started,
         error=error[:200],
+        plan=plan_to_document(plan)["subtasks"] if plan else [],
     )
+
+
+def percent(rows: list[Row], rule: str) -> str:
+    return f"{100 * statistics.mean(getattr(r.score, rule) for r in rows):.0f} %"
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -100,28 +152,36 @@ async def main(args: argparse.Namespace) -> int:
         repairs=settings.plan_repairs,
         reply_tokens=settings.plan_reply_tokens,
     )
-    goals = GOALS[: args.goals]
+    goals = load_goals()[: args.goals or None]
+    # What the supervisor offers the planner when workers run these.
+    offered = set(offered_capabilities(args.capabilities.split(",")))
     rows = []
-    print(f"backend {llm.describe()}, {len(goals)} goals, {settings.plan_repairs} repairs allowed")
+    print(f"backend {llm.describe()}, {len(goals)} goals, {settings.plan_repairs} repairs "
+          f"allowed, offered: {', '.join(sorted(offered))}")  # fmt: skip
     for goal in goals:
-        row = await evaluate(goal, planner, set(args.capabilities.split(",")))
+        row = await evaluate(goal, planner, offered)
         rows.append(row)
-        verdict = f"valid, {row.subtasks} subtasks" if row.valid else f"FAILED: {row.error}"
+        verdict = (
+            f"score {row.score.total:.2f}, {row.subtasks} subtasks, depth {row.depth}"
+            if row.score.valid
+            else f"FAILED: {row.error}"
+        )
         print(
             f"  {row.seconds:6.1f}s  {row.repairs} repairs  {row.fixes} fixes  "
             f"{row.input_tokens + row.output_tokens:6d} tokens  {goal[:50]!r}: {verdict}"
         )
     await llm.close()
-    valid = [r for r in rows if r.valid]
+    valid = [r for r in rows if r.score.valid]
     print()
-    print("| backend | goals | valid plans | repairs/plan | fixes/plan | mean subtasks "
-          "| tokens/plan (in+out) | latency/plan median (max) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | goals | score | valid | distinct | allowed | sane | repairs/plan "
+          "| mean subtasks | tokens/plan (in+out) | latency/plan median (max) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {llm.describe()} | {len(rows)} | {len(valid)}/{len(rows)} "
-        f"({100 * len(valid) / len(rows):.0f} %) "
+        f"| {llm.describe()} | {len(rows)} "
+        f"| {statistics.mean(r.score.total for r in rows):.2f} "
+        f"| {percent(rows, 'valid')} | {percent(rows, 'distinct')} "
+        f"| {percent(rows, 'allowed')} | {percent(rows, 'sane')} "
         f"| {statistics.mean(r.repairs for r in rows):.2f} "
-        f"| {statistics.mean(r.fixes for r in rows):.2f} "
         f"| {statistics.mean(r.subtasks for r in valid) if valid else 0:.1f} "
         f"| {statistics.mean(r.input_tokens for r in rows):.0f}"
         f"+{statistics.mean(r.output_tokens for r in rows):.0f} "
@@ -138,9 +198,13 @@ async def main(args: argparse.Namespace) -> int:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm", help="provider:model [TASKLOOM_LLM]")
-    parser.add_argument("--goals", type=int, default=len(GOALS), help="How many of the goals")
-    parser.add_argument("--capabilities", default="llm", help="What plans may use")
-    parser.add_argument("--json", help="Write the rows here")
+    parser.add_argument("--goals", type=int, default=0, help="How many of the goals (0: all)")
+    parser.add_argument(
+        "--capabilities",
+        default="llm,echo",
+        help="What the workers run (the planner is offered these, less the test-only echo)",
+    )
+    parser.add_argument("--json", help="Write the rows (with each plan) here")
     sys.exit(asyncio.run(main(parser.parse_args())))
 
 

@@ -103,6 +103,8 @@ def supervisor_settings(
         leader_ttl=5.0,
         retry_backoff=0.05,
         capabilities=TEST_CAPABILITIES,
+        # The scripted planners use echo, which is not offered by default.
+        planner_capabilities=TEST_CAPABILITIES,
     )
 
 
@@ -198,6 +200,7 @@ class Processes:
             "TASKLOOM_LEADER_TTL": str(settings.leader_ttl),
             "TASKLOOM_RETRY_BACKOFF": str(settings.retry_backoff),
             "TASKLOOM_CAPABILITIES": ",".join(settings.capabilities),
+            "TASKLOOM_PLANNER_CAPABILITIES": ",".join(settings.planner_capabilities),
         }
         args = ["supervisor", "--listen", listen, "--redis-url", settings.redis_url]
         process = self._spawn(name, args, env)

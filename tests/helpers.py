@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,15 @@ async def wait_subtask(
     return task
 
 
+def planned(*subtasks: tuple[Any, ...]) -> str:
+    """A model's plan reply from ``(id, capability, instruction, depends_on...)``
+    tuples: like ``plan``, with titles that pass the planner's content checks."""
+    document = plan(*subtasks)
+    for item in document["subtasks"]:
+        item["title"] = f"Work on {item['id']}"
+    return json.dumps(document)
+
+
 def plan(*subtasks: tuple[Any, ...], synthesize: bool = False) -> dict[str, Any]:
     """A plan document from ``(id, capability, instruction, depends_on...)`` tuples."""
     return {
@@ -79,3 +89,9 @@ def plan(*subtasks: tuple[Any, ...], synthesize: bool = False) -> dict[str, Any]
         ],
         "synthesize": synthesize,
     }
+
+
+TWO_STEPS = planned(
+    ("s1", "llm", "Gather the key facts."), ("s2", "llm", "Write more from them.", "s1")
+)
+"""A model's reply planning two llm steps, the second on the first."""

@@ -4,7 +4,6 @@ and the result cache."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
-from tests.helpers import eventually, plan, wait_status
+from tests.helpers import eventually, plan, planned, wait_status
 
 SUMMARY_REQUEST = "Summarise the text below"
 
@@ -38,7 +37,9 @@ async def test_tokens_are_counted_per_call_per_subtask_and_per_task(
 ) -> None:
     def respond(call: ChatCall) -> str:
         if call.planning:
-            return json.dumps(plan(("s1", "llm", "facts"), ("s2", "llm", "more", "s1")))
+            return planned(
+                ("s1", "llm", "Gather the key facts."), ("s2", "llm", "Write more from them.", "s1")
+            )
         return "an answer"
 
     fake_ollama.responder = respond
@@ -267,7 +268,9 @@ async def test_a_cluster_on_an_openai_compatible_server_plans_and_answers(
 ) -> None:
     def respond(call: ChatCall) -> str:
         if call.planning:
-            return json.dumps(plan(("s1", "llm", "facts"), ("s2", "llm", "more", "s1")))
+            return planned(
+                ("s1", "llm", "Gather the key facts."), ("s2", "llm", "Write more from them.", "s1")
+            )
         return "answer from the OpenAI API"
 
     fake_ollama.responder = respond

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import shutil
 import subprocess
 import urllib.request
@@ -25,7 +24,7 @@ from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
-from tests.helpers import eventually, plan
+from tests.helpers import eventually, plan, planned
 
 MODEL = "ollama:llama3.2"
 
@@ -52,7 +51,9 @@ async def test_a_task_shows_up_in_the_supervisors_and_the_workers_metrics(
 ) -> None:
     def respond(call: ChatCall) -> str:
         if call.planning:
-            return json.dumps(plan(("s1", "llm", "facts"), ("s2", "llm", "more", "s1")))
+            return planned(
+                ("s1", "llm", "Gather the key facts."), ("s2", "llm", "Write more from them.", "s1")
+            )
         return "an answer"
 
     fake_ollama.responder = respond

@@ -1,18 +1,20 @@
 """A real model plans and answers end to end: the embedded SmolLM2-135M, in a
 supervisor process and a worker process, no network.
 
-Such a tiny model's plans are often wrong (repeated ids, dangling
-dependencies), so nothing is asserted about their quality: only that each task
-ends, SUCCEEDED or FAILED with a typed reason, and that no invalid graph was
-ever scheduled. To keep its time bounded on a busy 2-core machine, the worker
-runs one call at a time (what the embedded model can do) and replies are
-short (``TASKLOOM_MAX_OUTPUT_TOKENS``); ``TASKLOOM_REAL_MODEL_GOALS`` sets how
-many goals (default 1).
+Such a tiny model's plans are often poor, so little is asserted about their
+quality: each task ends, SUCCEEDED or FAILED with a typed reason; no invalid
+graph, and no plan whose steps are placeholders or copies, is ever
+scheduled; and no answer repeats one line over and over. To keep its time
+bounded on a busy 2-core machine, the worker runs one call at a time (what
+the embedded model can do) and replies are short
+(``TASKLOOM_MAX_OUTPUT_TOKENS``); ``TASKLOOM_REAL_MODEL_GOALS`` sets how many
+goals (default 1).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 
@@ -20,7 +22,7 @@ from taskloom.client import TaskloomClient
 from taskloom.core.errors import ConfigError
 from taskloom.core.llm.embedded import find_model_file
 from taskloom.core.model import SYNTHESIZE_ID, FailureReason, Plan, PlannedSubtask, TaskStatus
-from taskloom.core.plan import PlanLimits, validate_plan
+from taskloom.core.plan import PlanLimits, content_problems, validate_plan
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
 from tests.helpers import wait_status
@@ -35,6 +37,16 @@ GOALS = [
 N = int(os.environ.get("TASKLOOM_REAL_MODEL_GOALS", "1"))
 REPLY_TOKENS = "96"
 """Longest reply of one llm subtask: each generation takes seconds, not minutes."""
+
+
+MAX_REPEATS = 3
+"""How often one line may recur in an answer: a list may repeat a short line
+("- Yes"), but a model running on into its prompt repeats it over and over."""
+
+
+def most_repeated_line(text: str) -> int:
+    lines = Counter(line.strip() for line in text.splitlines() if len(line.strip()) > 3)
+    return max(lines.values(), default=0)
 
 
 def embedded_model_present() -> bool:
@@ -78,6 +90,9 @@ async def test_the_embedded_model_plans_and_answers_goals_through_the_cluster(
             else:
                 assert task.result.strip()
                 assert task.usage.calls >= 2 and task.usage.model == "embedded:smollm2"
+            # No answer runs on repeating itself (or its prompt's scaffolding).
+            for text in [task.result, *(s.output for s in task.subtasks)]:
+                assert most_repeated_line(text) <= MAX_REPEATS, text
             # Whatever was scheduled was a valid graph.
             if task.subtasks:
                 assert any(e.type == "plan.created" for e in events)
@@ -97,6 +112,11 @@ async def test_the_embedded_model_plans_and_answers_goals_through_the_cluster(
                     == []
                 )
                 assert task.subtasks[-1].id in (SYNTHESIZE_ID, "goal")
+                # The model's steps say different things (not ids, copies, the goal).
+                steps = (
+                    Plan(graph.subtasks[:-1]) if graph.subtasks[-1].id == SYNTHESIZE_ID else graph
+                )
+                assert content_problems(steps, goal=task.goal) == []
             else:
                 assert task.failure_reason in (
                     FailureReason.PLAN_INVALID,

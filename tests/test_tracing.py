@@ -24,7 +24,7 @@ from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.worker import Worker, WorkerSettings
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
-from tests.helpers import eventually, plan
+from tests.helpers import eventually, plan, planned
 
 
 def children(spans: list[ReadableSpan], of: ReadableSpan) -> list[ReadableSpan]:
@@ -40,7 +40,9 @@ async def test_a_task_is_one_trace_from_planning_to_the_llm_calls_of_each_attemp
 ) -> None:
     def respond(call: ChatCall) -> str:
         if call.planning:
-            return json.dumps(plan(("s1", "llm", "facts"), ("s2", "llm", "more", "s1")))
+            return planned(
+                ("s1", "llm", "Gather the key facts."), ("s2", "llm", "Write more from them.", "s1")
+            )
         return "SECRET OUTPUT"
 
     fake_ollama.responder = respond

@@ -24,7 +24,7 @@ from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
 from tests.conftest import REPO, Processes
 from tests.fake_ollama import FakeOllama
-from tests.helpers import plan, wait_subtask
+from tests.helpers import plan, planned, wait_subtask
 from tests.test_real_model import embedded_model_present
 
 TASK_KEYS = {
@@ -384,7 +384,7 @@ async def test_demo_with_ollama_plans_and_answers_with_the_model(
     tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
     fake_ollama.responder = lambda call: (
-        json.dumps(plan(("s1", "llm", "Think."))) if call.planning else "THE ANSWER"
+        planned(("s1", "llm", "Think it over.")) if call.planning else "THE ANSWER"
     )
     code, out, err = await asyncio.wait_for(
         taskloom(

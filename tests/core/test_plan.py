@@ -8,8 +8,10 @@ from taskloom.core.errors import PlanError
 from taskloom.core.model import SYNTHESIZE_ID, Plan, PlannedSubtask
 from taskloom.core.plan import (
     PlanLimits,
+    content_problems,
     finalize,
     find_cycle,
+    normalize_plan,
     parse_plan,
     plan_to_document,
     sinks,
@@ -120,3 +122,70 @@ def test_finalize_appends_synthesis_over_every_sink() -> None:
     assert graph.subtasks[-1].capability == "llm"
     assert result_from == [SYNTHESIZE_ID]
     assert finalize(plan, synthesize=False) == (plan, ["b", "c"])
+
+
+def step(sid: str, title: str, instruction: str, capability: str = "llm") -> PlannedSubtask:
+    return PlannedSubtask(sid, title, instruction, capability)
+
+
+GOAL = "Write a short guide to brewing good coffee at home."
+
+
+@pytest.mark.parametrize(
+    ("subtasks", "problem"),
+    [
+        ((step("s1", "Beans", "s1"),), "s1's instruction 's1' is a placeholder"),
+        ((step("s1", "Beans", "Step 2"),), "s1's instruction 'Step 2' is a placeholder"),
+        ((step("s1", "Beans", "TODO"),), "s1's instruction 'TODO' is a placeholder"),
+        ((step("s1", "Beans", "beans"),), "s1's instruction 'beans' is a placeholder"),
+        ((step("s1", "S1", "Explain how to pick beans."),), "s1's title 'S1' says nothing"),
+        ((step("s1", "", "Explain how to pick beans."),), "s1's title '' says nothing"),
+        ((step("s1", "Step 1", "Explain how to pick beans."),), "s1's title 'Step 1' says"),
+        (
+            (step("a", "Beans", "Explain how to pick beans."),
+             step("b", "Beans again", "explain how to pick  the beans!")),
+            "b's instruction repeats a's",
+        ),
+        (
+            (step("a", "Guide", GOAL), step("b", "Grind", "Explain the grind sizes.")),
+            "a's instruction only repeats the goal",
+        ),
+    ],
+)  # fmt: skip
+def test_a_model_plan_that_says_nothing_is_named(
+    subtasks: tuple[PlannedSubtask, ...], problem: str
+) -> None:
+    problems = content_problems(Plan(subtasks), goal=GOAL)
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_a_plan_with_content_passes_and_custom_handlers_are_not_judged() -> None:
+    good = Plan((
+        step("pros", "Pros", "List the advantages of each method."),
+        step("cons", "Cons", "List the drawbacks of each method."),
+        step("s3", "Summary", "Weigh them."),
+        # Alike in form, different in content.
+        step("d1", "Day one", "Describe day 1 of the trip to Lisbon and where to eat."),
+        step("d2", "Day two", "Describe day 2 of the trip to Lisbon and where to eat."),
+        step("adv", "Advantages", "List the advantages of remote work for a software company."),
+        step("dis", "Drawbacks", "List the disadvantages of remote work for a software company."),
+        # A custom handler's instruction may be data, even the same data twice.
+        step("f1", "F1", "q3.csv", capability="load"),
+        step("f2", "F2", "q3.csv", capability="load"),
+    ))  # fmt: skip
+    assert content_problems(good, goal=GOAL) == []
+    # One step may carry the whole goal.
+    assert content_problems(Plan((step("s1", "Guide", GOAL),)), goal=GOAL) == []
+
+
+def test_as_a_last_resort_steps_saying_the_same_are_merged() -> None:
+    messy = Plan((
+        step("s1", "Beans", "Explain how to pick the beans."),
+        PlannedSubtask("s2", "Beans", "explain how to pick beans!", "llm", ("s1",)),
+        PlannedSubtask("s3", "Grind", "Explain the grind sizes.", "llm", ("s2",)),
+    ))  # fmt: skip
+    assert normalize_plan(messy, capabilities=CAPS)[0] == messy  # the model is asked first
+    fixed, notes = normalize_plan(messy, capabilities=CAPS, last_resort=True)
+    assert [(s.id, s.depends_on) for s in fixed.subtasks] == [("s1", ()), ("s3", ("s1",))]
+    assert notes == ["merged s2 into s1: the two said the same"]
+    assert content_problems(fixed, goal=GOAL) == []

@@ -19,10 +19,10 @@ from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.planner import PlanHooks, Planner
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
-from tests.helpers import plan, wait_status
+from tests.helpers import planned, wait_status
 
 LIMITS = PlanLimits(max_subtasks=8, max_title_chars=80, max_instruction_chars=500)
-GOOD = json.dumps(plan(("s1", "llm", "find facts"), ("s2", "llm", "write it up", "s1")))
+GOOD = planned(("s1", "llm", "find facts"), ("s2", "llm", "write it up", "s1"))
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def scripted(fake: FakeOllama, *replies: str) -> None:
 
 
 def doc(*subtasks: tuple[Any, ...]) -> str:
-    return json.dumps(plan(*subtasks))
+    return planned(*subtasks)
 
 
 BAD_REPLIES: dict[str, tuple[str, str]] = {
@@ -50,20 +50,22 @@ BAD_REPLIES: dict[str, tuple[str, str]] = {
     "invalid JSON": ("Sure! Here is your plan: {subtasks: [s1]}", "not valid JSON"),
     "truncated JSON": (GOOD[: len(GOOD) // 2], "the reply was cut off"),
     "duplicate ids": (
-        doc(("s1", "llm", "a"), ("s1", "llm", "b"), ("s2", "llm", "c", "s1")),
+        doc(("s1", "llm", "Find the facts."), ("s1", "llm", "Find the figures."),
+            ("s2", "llm", "Write them up.", "s1")),
         "duplicate id s1",
     ),
     "dangling dependency": (
-        doc(("s1", "llm", "a"), ("s4", "llm", "b", "s9")),
+        doc(("s1", "llm", "Find the facts."), ("s4", "llm", "Write them up.", "s9")),
         "s4 depends on missing s9",
     ),
     "cycle": (
-        doc(("s1", "llm", "a"), ("s2", "llm", "b", "s5"), ("s5", "llm", "c", "s2")),
+        doc(("s1", "llm", "Find the facts."), ("s2", "llm", "Check them.", "s5"),
+            ("s5", "llm", "Write them up.", "s2")),
         "cycle s2 → s5 → s2",
     ),
     "unknown capability": (doc(("s1", "shell", "rm -rf /")), "unknown capability 'shell'"),
     "500 subtasks": (
-        doc(*[(f"s{i}", "llm", "step") for i in range(500)]),
+        doc(*[(f"s{i}", "llm", f"Write part {i}.") for i in range(500)]),
         "the plan has 500 subtasks; at most 8 are allowed",
     ),
     "empty plan": (json.dumps({"subtasks": []}), "the plan has no subtasks"),
@@ -92,7 +94,24 @@ async def test_a_bad_reply_is_repaired_by_the_model_with_the_exact_problem(
     assert problem in fake_ollama.calls[1].prompt
 
 
-@pytest.mark.parametrize("case", sorted(set(BAD_REPLIES) - {"dangling dependency"}))
+LAST_RESORT = {
+    # case: (the plan made of the bad reply without the model, what was done)
+    "dangling dependency": (
+        [("s1", ()), ("s4", ())],
+        "dropped s4's dependency on missing s9",
+    ),
+    "duplicate ids": (
+        [("s1", ()), ("s1-2", ()), ("s2", ("s1",))],
+        "renamed the second subtask with id s1 to s1-2",
+    ),
+    "cycle": (
+        [("s1", ()), ("s2", ()), ("s5", ("s2",))],
+        "dropped s2's dependency on s5, which closed a cycle",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(set(BAD_REPLIES) - set(LAST_RESORT)))
 async def test_a_model_that_never_gets_it_right_ends_in_a_readable_plan_error(
     case: str, llm: OllamaLLM, fake_ollama: FakeOllama
 ) -> None:
@@ -107,10 +126,12 @@ async def test_a_model_that_never_gets_it_right_ends_in_a_readable_plan_error(
     assert [c.options["temperature"] for c in fake_ollama.calls] == [0.0, 0.3, 0.6]
 
 
-async def test_dependencies_the_model_cannot_fix_are_dropped_as_a_last_resort(
-    llm: OllamaLLM, fake_ollama: FakeOllama
+@pytest.mark.parametrize("case", sorted(LAST_RESORT))
+async def test_what_the_model_cannot_fix_is_fixed_without_it_as_a_last_resort(
+    case: str, llm: OllamaLLM, fake_ollama: FakeOllama
 ) -> None:
-    bad, problem = BAD_REPLIES["dangling dependency"]
+    bad, problem = BAD_REPLIES[case]
+    graph, fix = LAST_RESORT[case]
     scripted(fake_ollama, bad)
     rejected: list[str] = []
     notes: list[str] = []
@@ -126,11 +147,11 @@ async def test_dependencies_the_model_cannot_fix_are_dropped_as_a_last_resort(
         "g", capabilities={"llm"}, hooks=hooks
     )
 
-    assert [(s.id, s.depends_on) for s in result.subtasks] == [("s1", ()), ("s4", ())]
+    assert [(s.id, s.depends_on) for s in result.subtasks] == graph
     assert len(rejected) == 2 and all(problem in r for r in rejected)
-    assert notes == ["attempt 3: fixed without the model: dropped s4's dependency on missing s9"]
-    # The model was told which ids exist before that.
-    assert "depends_on may only name these ids: s1, s4." in fake_ollama.calls[1].prompt
+    assert notes == [f"attempt 3: fixed without the model: {fix}"]
+    if case == "dangling dependency":  # the model was told which ids exist before that
+        assert "depends_on may only name these ids: s1, s4." in fake_ollama.calls[1].prompt
 
 
 async def test_what_can_be_fixed_without_the_model_is_fixed_and_reported(

@@ -8,11 +8,14 @@ A plan is JSON of the form::
 
 Unknown fields are ignored. ``parse_plan`` turns such a document into a
 ``Plan``; ``validate_plan`` lists every way the plan breaks the rules, in words
-that can be fed back to the model that wrote it ("s4 depends on missing s9").
+that can be fed back to the model that wrote it ("s4 depends on missing s9");
+``content_problems`` lists how a model's valid plan still says nothing
+(placeholder instructions, a step written twice).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Collection, Iterable
@@ -218,11 +221,106 @@ def validate_plan(
     return violations[:MAX_REPORTED_VIOLATIONS]
 
 
+PROSE_CAPABILITIES = frozenset({"llm"})
+"""Capabilities whose instruction is prose for a model: a few words are not one."""
+MIN_INSTRUCTION_WORDS = 2
+STOPWORDS = frozenset((
+    "a", "an", "the", "of", "to", "and", "or", "for", "in", "on", "at", "by", "with", "from",
+    "this", "that", "these", "those", "it", "its", "is", "are", "be", "your", "their", "our",
+    "each", "every", "all", "some", "any", "as", "into", "about",
+))  # fmt: skip
+"""Words that do not make two instructions different ("pick the beans", "pick beans")."""
+_PLACEHOLDER_RE = re.compile(
+    r"^(?:(?:step|subtask|task|sub-task|part|s|t)\s*[-_#.]?\s*\d*|todo|tbd|tba|n/?a|none|"
+    r"\.\.\.|…|instruction|title|do it|do this|see above|same as above|as above)$"
+)
+
+
+def _plain(text: str) -> str:
+    """``text`` for comparing: lower case, words only, single spaces."""
+    return " ".join(re.findall(r"[^\W_]+", text.casefold()))
+
+
+def content_problems(plan: Plan, *, goal: str) -> list[str]:
+    """How a model's plan says nothing, though valid: placeholder instructions
+    and titles, steps written twice, steps that only repeat the goal. Worded to
+    be fed back to the model; empty if none.
+
+    Only steps for a model (``PROSE_CAPABILITIES``) are checked, whose
+    instruction is prose that the model reads: a custom handler's may be data
+    (a file name, a number). For plans written by a model only: an explicit
+    plan may say what it likes.
+    """
+    problems: list[str] = []
+    ids = {_plain(s.id) for s in plan.subtasks}
+    # An id like "s1" is no title or instruction; one like "pros" may be a title.
+    bare_ids = {i for i in ids if _PLACEHOLDER_RE.match(i) or not re.search(r"[a-z]{3}", i)}
+    whole_goal = _plain(goal)
+    seen: list[tuple[str, str]] = []
+    several = len(plan.subtasks) > 1
+    for s in plan.subtasks:
+        if s.capability not in PROSE_CAPABILITIES:
+            continue
+        instruction, title = _plain(s.instruction), _plain(s.title)
+        if (
+            not title
+            or title in bare_ids
+            or _PLACEHOLDER_RE.match(title)
+            or _PLACEHOLDER_RE.match(s.title.strip().casefold())
+        ):
+            problems.append(
+                f"{s.id}'s title {s.title!r} says nothing: name what the step does in a few words"
+            )
+        if (
+            instruction in ids
+            or _PLACEHOLDER_RE.match(instruction)
+            or _PLACEHOLDER_RE.match(s.instruction.strip().casefold())
+            or len(instruction.split()) < MIN_INSTRUCTION_WORDS
+        ):
+            problems.append(
+                f"{s.id}'s instruction {s.instruction[:60]!r} is a placeholder: write out what "
+                "the worker must do in this step, in a full sentence"
+            )
+            continue
+        if several and _alike(instruction, whole_goal):
+            problems.append(
+                f"{s.id}'s instruction only repeats the goal: say which part of the goal "
+                "this step does"
+            )
+            continue
+        copy = next((other for other, text in seen if _alike(instruction, text)), None)
+        if copy is not None:
+            problems.append(
+                f"{s.id}'s instruction repeats {copy}'s: give each step its own part of the "
+                "work, or leave the copy out"
+            )
+        seen.append((s.id, instruction))
+    return problems[:MAX_REPORTED_VIOLATIONS]
+
+
+def _alike(a: str, b: str) -> bool:
+    """Whether two plain texts say the same: the same words once the small ones
+    are left out, or, in a longer text, one word more or less (not a number:
+    "day 1" and "day 2" are two steps, and so are "advantages" and
+    "disadvantages")."""
+    if a == b:
+        return True
+    words_a, words_b = set(a.split()) - STOPWORDS, set(b.split()) - STOPWORDS
+    if words_a == words_b:
+        return True
+    differ = words_a ^ words_b
+    return (
+        len(words_a | words_b) >= 8
+        and len(differ) == 1
+        and not any(c.isdigit() for c in next(iter(differ)))
+    )
+
+
 def normalize_plan(
     plan: Plan,
     *,
     capabilities: Collection[str],
-    drop_missing: bool = False,
+    last_resort: bool = False,
     external: Collection[str] = (),
 ) -> tuple[Plan, list[str]]:
     """Fix what can be fixed without asking the model again, and say what was fixed.
@@ -231,27 +329,95 @@ def normalize_plan(
     capability in the wrong case is matched to the listed one; a subtask's
     dependency on itself and repeated dependencies are dropped; a subtask
     that repeats another exactly (same id or not) is dropped, and what
-    depended on the copy depends on the original. With ``drop_missing`` (the
-    last resort, once the model has had its chances to fix them) dependencies
-    on ids that are neither in the plan nor ``external`` are dropped too: the
-    subtask they name does not exist, so there is nothing to wait for.
-    Anything else (a cycle, two different subtasks with one id) is left for
-    ``validate_plan`` to report.
+    depended on the copy depends on the original. With ``last_resort`` (once
+    the model has had its chances to fix them): two different subtasks with
+    one id get ids of their own (``s2``, ``s2-2``; a dependency on the id means
+    the first); a model step that says what an earlier one says (in other
+    case, spacing or nearly the same words) is merged into it; dependencies
+    on ids that are neither in the plan nor
+    ``external`` are dropped (the subtask they name does not exist, so there is
+    nothing to wait for); and a cycle is broken where a subtask depends on one
+    listed after it. Anything else is left for ``validate_plan`` to report.
 
     One fix can make another possible (a merge turns a dependency into a
     self-dependency, whose removal makes two subtasks identical), so the
     passes repeat until nothing changes.
     """
     notes: list[str] = []
+    if last_resort:
+        plan = _merge_copies(_distinct_ids(plan, notes), notes)
     for _ in range(len(plan.subtasks) + 1):
         fixed, more = _normalize_once(
-            plan, capabilities=capabilities, drop_missing=drop_missing, external=external
+            plan, capabilities=capabilities, drop_missing=last_resort, external=external
         )
         notes += more
         if fixed == plan:
             break
         plan = fixed
+    if last_resort:
+        plan = _acyclic(plan, notes)
     return plan, notes
+
+
+def _distinct_ids(plan: Plan, notes: list[str]) -> Plan:
+    """Later subtasks sharing an id renamed ``id-2``, ``id-3``… (not already taken)."""
+    taken = {s.id.strip() for s in plan.subtasks}
+    seen: set[str] = set()
+    out: list[PlannedSubtask] = []
+    for s in plan.subtasks:
+        sid = s.id.strip()
+        if sid in seen:
+            n = 2
+            while f"{sid}-{n}" in taken:
+                n += 1
+            new = f"{sid}-{n}"
+            taken.add(new)
+            notes.append(f"renamed the second subtask with id {sid} to {new}")
+            s = replace(s, id=new)
+        seen.add(sid)
+        out.append(s)
+    return Plan(tuple(out), synthesize=plan.synthesize)
+
+
+def _merge_copies(plan: Plan, notes: list[str]) -> Plan:
+    """Model steps alike (``_alike``) to an earlier one of the same capability
+    dropped; what depended on a copy depends on the original."""
+    alias: dict[str, str] = {}
+    kept: list[tuple[PlannedSubtask, str]] = []
+    for s in plan.subtasks:
+        text = _plain(s.instruction)
+        if s.capability in PROSE_CAPABILITIES:
+            original = next(
+                (k for k, t in kept if k.capability == s.capability and _alike(text, t)), None
+            )
+            if original is not None:
+                alias[s.id] = original.id
+                notes.append(f"merged {s.id} into {original.id}: the two said the same")
+                continue
+        kept.append((s, text))
+    if not alias:
+        return plan
+    return Plan(
+        tuple(replace(s, depends_on=tuple(alias.get(d, d) for d in s.depends_on)) for s, _ in kept),
+        synthesize=plan.synthesize,
+    )
+
+
+def _acyclic(plan: Plan, notes: list[str]) -> Plan:
+    """Each cycle broken at a dependency on a subtask listed later (every cycle
+    has one: they cannot all point backwards)."""
+    order = {s.id: n for n, s in enumerate(plan.subtasks)}
+    subtasks = list(plan.subtasks)
+    while (cycle := find_cycle(subtasks)) is not None:
+        for a, b in itertools.pairwise(cycle):
+            if order[b] > order[a]:
+                i = order[a]
+                subtasks[i] = replace(
+                    subtasks[i], depends_on=tuple(d for d in subtasks[i].depends_on if d != b)
+                )
+                notes.append(f"dropped {a}'s dependency on {b}, which closed a cycle")
+                break
+    return Plan(tuple(subtasks), synthesize=plan.synthesize)
 
 
 def _normalize_once(

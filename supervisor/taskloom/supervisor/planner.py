@@ -5,8 +5,10 @@ JSON schema as its structured-output format, at temperature 0 (raised a little
 for each repair), with a bound on
 the reply's length. Its reply is parsed, normalised (what can be fixed without
 the model: spaces, exact repeats, self-dependencies; each fix reported) and
-validated (``taskloom.core.plan``); every violation is fed back ("duplicate id
-s3", "cycle s2 → s5 → s2") and the model tries again, up to ``repairs`` times.
+validated (``taskloom.core.plan``), then checked for content (placeholder
+instructions, a step written twice, a step that only repeats the goal); every
+violation is fed back ("duplicate id s3", "cycle s2 → s5 → s2", "s2's
+instruction repeats s1's") and the model tries again, up to ``repairs`` times.
 Then the planner gives up with a ``PlanError`` that says what was still wrong.
 
 The goal goes in as data between ``<goal>`` tags (tags inside it are
@@ -24,7 +26,13 @@ from typing import Any
 from taskloom.core.errors import PlanError
 from taskloom.core.llm import LLM, ChatMessage
 from taskloom.core.model import Plan, Subtask, Usage
-from taskloom.core.plan import PlanLimits, normalize_plan, parse_plan, validate_plan
+from taskloom.core.plan import (
+    PlanLimits,
+    content_problems,
+    normalize_plan,
+    parse_plan,
+    validate_plan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +40,20 @@ KNOWN_CAPABILITIES = {
     "llm": "a general language model: research from its own knowledge, analyse, write, summarise",
     "echo": "returns its instruction unchanged (for testing)",
 }
+
+TEST_ONLY_CAPABILITIES = frozenset({"echo"})
+"""Built-ins for tests and benchmarks: never offered to the planner unless listed."""
+
+
+def offered_capabilities(
+    available: Collection[str], *, planner: Collection[str] = ()
+) -> frozenset[str]:
+    """What the planner may use of the ``available`` capabilities: those listed in
+    ``planner`` (``TASKLOOM_PLANNER_CAPABILITIES``), else all but the test-only."""
+    if planner:
+        return frozenset(available) & frozenset(planner)
+    return frozenset(available) - TEST_ONLY_CAPABILITIES
+
 
 SYSTEM_PROMPT = """\
 You are the planner of taskloom, which carries out a goal as a graph of subtasks \
@@ -48,6 +70,8 @@ the goal, this instruction and the results of the subtasks it depends on, nothin
 
 Rules:
 - Every id is unique and every id in depends_on is the id of another subtask.
+- Every instruction is a full sentence saying what that step must do: its own part \
+of the work, not a copy of another step's instruction or of the goal, never just an id.
 - There are no cycles: a subtask never depends, directly or indirectly, on itself.
 - Subtasks that do not need each other's results must not depend on each other, \
 so that they run at the same time.
@@ -180,7 +204,7 @@ class Planner:
             ChatMessage("system", self._system(caps, SYNTHESIS_RULE if synthesize else "")),
             ChatMessage("user", fence(goal, "goal")),
         ]
-        plan = await self._ask(messages, caps, frozenset(), hooks)
+        plan = await self._ask(messages, caps, frozenset(), hooks, goal)
         return Plan(subtasks=plan.subtasks, synthesize=synthesize)
 
     async def replan(
@@ -213,7 +237,7 @@ class Planner:
             ChatMessage("system", self._system(caps, REPLAN_RULE)),
             ChatMessage("user", report),
         ]
-        return await self._ask(messages, caps, frozenset(s.id for s in done), hooks)
+        return await self._ask(messages, caps, frozenset(s.id for s in done), hooks, goal)
 
     async def _ask(
         self,
@@ -221,9 +245,11 @@ class Planner:
         caps: list[str],
         external: frozenset[str],
         hooks: PlanHooks,
+        goal: str,
     ) -> Plan:
         """Ask, normalise, validate, feed the violations back; ``external`` ids
-        may be depended on."""
+        may be depended on. A plan that is valid but says nothing (placeholder
+        instructions, copies of a step or of the goal) goes back too."""
         schema = plan_schema(caps, self.limits)
         violations: list[str] = []
         for attempt in range(1, self.repairs + 2):
@@ -237,12 +263,13 @@ class Planner:
                 await hooks.spent(reply.usage)
             plan: Plan | None = None
             try:
-                # On the last attempt, dependencies on subtasks that do not
-                # exist are dropped rather than failing the plan for them.
+                # On the last attempt, what the model could not fix and can be
+                # fixed without it (missing dependencies, duplicate ids,
+                # cycles) is, rather than failing the plan for it.
                 plan, notes = normalize_plan(
                     parse_plan(reply.text),
                     capabilities=caps,
-                    drop_missing=attempt == self.repairs + 1,
+                    last_resort=attempt == self.repairs + 1,
                     external=external,
                 )
                 if notes and hooks.normalized is not None:
@@ -255,7 +282,9 @@ class Planner:
                         for s in plan.subtasks
                     )
                 )
-                violations = validate_plan(inner, capabilities=caps, limits=self.limits)
+                violations = validate_plan(
+                    inner, capabilities=caps, limits=self.limits
+                ) or content_problems(inner, goal=goal)
             except PlanError as e:
                 violations = e.violations or [e.message]
             if not violations and plan is not None:

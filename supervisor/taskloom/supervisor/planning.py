@@ -44,7 +44,7 @@ from taskloom.core.plan import finalize
 from taskloom.core.tracing import genai_attributes, ids, tracer
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.outcomes import Outcome
-from taskloom.supervisor.planner import PlanHooks, Planner
+from taskloom.supervisor.planner import PlanHooks, Planner, offered_capabilities
 from taskloom.supervisor.scheduler import Scheduler
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.supervisor.store import Store
@@ -104,9 +104,10 @@ class Planning:
         return self.scheduler.capabilities() | frozenset(self.settings.capabilities)
 
     async def allowed(self, task_id: str) -> frozenset[str]:
-        """What the plans of this task may use: ``capabilities``, within its
-        owner's rights (a token may be limited to some capabilities)."""
-        caps = self.capabilities()
+        """What the planner may use for this task: ``capabilities`` offered to the
+        planner (``offered_capabilities``), within its owner's rights (a token may
+        be limited to some capabilities)."""
+        caps = offered_capabilities(self.capabilities(), planner=self.settings.planner_capabilities)
         owner = await self.store.task_owner(task_id)
         rights = self.rights(owner) if owner else None
         return caps if rights is None else caps & rights

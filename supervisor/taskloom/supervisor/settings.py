@@ -127,6 +127,10 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
 
     capabilities: StrList = ("llm",)
     """Capabilities plans may use even while no worker offering them is connected."""
+    planner_capabilities: StrList = ()
+    """The capabilities the planner may put in its plans (of those workers offer
+    or ``capabilities`` lists); empty: all of them except the test-only ``echo``,
+    which a model would otherwise pick for steps that then do no work."""
     approval_capabilities: StrList = ()
     """Capabilities whose every subtask a person must approve before it runs
     (e.g. ``shell,email``), whatever the plan says: a goal's text never
