@@ -5,7 +5,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-GOAL   ?= Write a short guide to brewing good coffee at home: beans, grinding, water, methods.
+# `make demo` runs the financial report pipeline (examples/report);
+# `make demo GOAL="..."` has the model plan and run any goal instead.
+GOAL   ?=
+REPORT_GOAL = Report on Northwind Tools' last eight quarters: profitability, liquidity, growth.
 PYTEST_ARGS ?=
 N      ?= 100
 SEED   ?= 1
@@ -24,7 +27,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+ifeq ($(strip $(GOAL)),)
+	$(BIN)/taskloom up --workers 2 --app examples.report.handlers:registry \
+	    --demo-plan examples/report/plan.json --demo "$(REPORT_GOAL)"
+else
 	$(BIN)/taskloom up --workers 2 --demo "$(GOAL)"
+endif
 
 test: setup
 	./scripts/ensure-prometheus

@@ -867,7 +867,15 @@ DEMO_PLAN = Plan(
     envvar="TASKLOOM_REDIS_URL",
     help="Use this Redis instead of starting one [TASKLOOM_REDIS_URL]",
 )
-@click.option("--capabilities", default="llm,echo", show_default=True, help="Of each worker")
+@click.option(
+    "--capabilities",
+    help="Of each worker [llm,echo, and with --app every handler it registers]",
+)
+@click.option(
+    "--app",
+    metavar="MODULE:ATTR",
+    help="Custom handlers for the workers (a HandlerRegistry or Worker), found from here",
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 1000),
@@ -900,17 +908,25 @@ DEMO_PLAN = Plan(
     help="The web console's port [8080 if free, else any]",
 )
 @click.option("--demo", metavar="GOAL", help="Run GOAL on the cluster, show it live, then stop")
+@click.option(
+    "--demo-plan",
+    "demo_plan",
+    metavar="FILE",
+    help="With --demo: run this JSON plan instead of asking the LLM for one",
+)
 def up(
     workers: int,
     listen: str | None,
     redis_url: str | None,
-    capabilities: str,
+    capabilities: str | None,
+    app: str | None,
     concurrency: int | None,
     data_dir: Path,
     redis_fsync: str,
     llm: str | None,
     console_port: int | None,
     demo: str | None,
+    demo_plan: str | None,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
     try:  # the server extra (a client-only install goes without)
@@ -929,6 +945,13 @@ def up(
     # killed outright, its children see their parent gone and stop themselves.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
+    if demo_plan is not None and demo is None:
+        _fail(ConfigError("--demo-plan goes with --demo GOAL"))
+    try:
+        plan = _read_plan(demo_plan) if demo_plan else None
+        offered = capabilities or _capabilities_with(app)
+    except TaskloomError as e:
+        _fail(e)
     offline = False
     if demo is not None or llm is None:
         # As the demo does: Ollama if it answers, else (unless a model was
@@ -946,11 +969,12 @@ def up(
         workers=workers,
         listen=listen,
         redis_url=redis_url,
-        capabilities=capabilities,
+        capabilities=offered,
         concurrency=concurrency,
         redis_fsync=redis_fsync,
         llm=llm,
         console_port=console_port,
+        app=app,
     )
     failure: TaskloomError | None = None
     code = 0
@@ -959,7 +983,7 @@ def up(
         cluster.start()
         _say(
             f"supervisor on [bold]{cluster.address}[/], {workers} workers "
-            f"({capabilities}, {concurrency} slots each), Redis at {cluster.safe_redis_url}\n"
+            f"({offered}, {concurrency} slots each), Redis at {cluster.safe_redis_url}\n"
             f"console: [bold]{cluster.console_url}[/]"
         )
         if listen is None and cluster.address != f"127.0.0.1:{DEFAULT_PORT}":
@@ -968,7 +992,7 @@ def up(
                 f"--supervisor {cluster.address} (or TASKLOOM_SUPERVISOR={cluster.address})"
             )
         if demo is not None:
-            code = asyncio.run(_demo(cluster, demo, offline=offline))
+            code = asyncio.run(_demo(cluster, demo, offline=offline, plan=plan))
         else:
             _say(
                 f"try: taskloom submit 'your goal' --wait --supervisor {cluster.address}\n"
@@ -1104,10 +1128,23 @@ async def _demo_llm(requested: str | None, *, demo: bool = True) -> tuple[str | 
     return requested, True
 
 
-async def _demo(cluster: LocalCluster, goal: str, *, offline: bool) -> int:
+def _capabilities_with(app: str | None) -> str:
+    """``llm,echo`` and every handler ``app`` registers."""
+    if app is None:
+        return "llm,echo"
+    from taskloom.worker.worker import load_handlers
+
+    return ",".join(dict.fromkeys(["llm", "echo", *load_handlers(app)]))
+
+
+async def _demo(
+    cluster: LocalCluster, goal: str, *, offline: bool, plan: Plan | None = None
+) -> int:
+    if offline and plan is not None and any(s.capability == "llm" for s in plan.subtasks):
+        raise ConfigError("the demo plan has llm steps, and no model answers (see above)")
     async with TaskloomClient(cluster.address) as client:
         task_id = await client.submit(
-            goal, plan=DEMO_PLAN if offline else None, fallback=Fallback.SINGLE
+            goal, plan=plan or (DEMO_PLAN if offline else None), fallback=Fallback.SINGLE
         )
         err.print(f"task {task_id}: watch it at [bold]{cluster.console_url}tasks/{task_id}[/]",
                   markup=True, soft_wrap=True)  # fmt: skip

@@ -93,8 +93,10 @@ class LocalCluster:
         redis_fsync: str = "always",
         llm: str | None = None,
         console_port: int | None = None,
+        app: str | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.app = app
         self.console_port = (
             console_port if console_port is not None else default_port(DEFAULT_CONSOLE_PORT)
         )
@@ -159,6 +161,7 @@ class LocalCluster:
                         str(self.concurrency),
                         "--name",
                         f"worker-{i}",
+                        *(["--app", self.app] if self.app else []),
                     ],
                 )
             )
