@@ -50,6 +50,7 @@ from taskloom.core.errors import (
 from taskloom.core.flags import settings_options
 from taskloom.core.llm.base import TINY_NOTICE
 from taskloom.core.model import (
+    Aggregate,
     ContextMode,
     Fallback,
     OnFailure,
@@ -301,6 +302,14 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
 @click.option("--wait", is_flag=True, help="Follow progress live until the task ends")
 @click.option("--json", "as_json", is_flag=True, help="Print the task as JSON")
 @click.option("--no-synthesize", is_flag=True, help="Skip the final synthesis step")
+@click.option(
+    "--aggregate",
+    type=click.Choice([a.value for a in Aggregate]),
+    default=Aggregate.SUMMARIZE.value,
+    show_default=True,
+    help="How the final step makes one answer: the model merges the results, they are "
+    "put one after another (no model), or the answer most of them gave wins (no model)",
+)
 @click.option("--priority", type=int, default=0, help="Higher runs first")
 @click.option("--max-parallel", type=int, default=0, help="At most this many subtasks at once")
 @click.option(
@@ -347,6 +356,7 @@ async def submit(
     wait: bool,
     as_json: bool,
     no_synthesize: bool,
+    aggregate: str,
     priority: int,
     max_parallel: int,
     on_failure: str,
@@ -370,6 +380,7 @@ async def submit(
     plan = _read_plan(plan_file) if plan_file else None
     options = TaskOptions.of(
         synthesize=False if no_synthesize else None,
+        aggregate=aggregate,
         priority=priority,
         max_parallel=max_parallel,
         on_failure=on_failure,

@@ -175,6 +175,18 @@ class Fallback(StrEnum):
     """One subtask carries the whole goal."""
 
 
+class Aggregate(StrEnum):
+    """How a task's final step makes one answer of its last steps' results."""
+
+    SUMMARIZE = "summarize"
+    """The model merges them into one answer (a ``synthesize`` llm step)."""
+    CONCAT = "concat"
+    """No model: the results one after another under their titles."""
+    VOTE = "vote"
+    """No model: the answer most of them gave (compared without case, spacing
+    and end punctuation); with no majority, the most common, earliest first."""
+
+
 class ContextMode(StrEnum):
     """How the llm handler fits inputs that exceed its context budget."""
 
@@ -222,6 +234,9 @@ class TaskOptions:
     """Reuse outputs of identical earlier subtasks; None: the supervisor's default."""
     approve_plan: bool = False
     """Stop after planning until a person approves the plan; a replan asks again."""
+    aggregate: Aggregate = Aggregate.SUMMARIZE
+    """How the final step makes one answer (with ``synthesize``; without, the results
+    are concatenated)."""
 
     def check(self) -> None:
         """Each option in its range, or ``InvalidArgument`` naming the field."""
@@ -262,7 +277,7 @@ class TaskOptions:
                 field=f"options.{unknown[0]}",
             )
         for name, kind in (("on_failure", OnFailure), ("fallback", Fallback),
-                           ("context", ContextMode)):  # fmt: skip
+                           ("context", ContextMode), ("aggregate", Aggregate)):  # fmt: skip
             if name in fields:
                 try:
                     fields[name] = kind(fields[name])
@@ -295,6 +310,7 @@ class TaskOptions:
             max_duration=float(doc.get("max_duration", 0.0)),
             cache=doc.get("cache"),
             approve_plan=bool(doc.get("approve_plan", False)),
+            aggregate=Aggregate(doc.get("aggregate", Aggregate.SUMMARIZE)),
         )
 
 
@@ -316,6 +332,7 @@ class OptionFields(TypedDict, total=False):
     max_duration: float
     cache: bool | None
     approve_plan: bool
+    aggregate: Aggregate | str
 
 
 @dataclass(frozen=True, slots=True)

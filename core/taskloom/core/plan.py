@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from taskloom.core.errors import PlanError
-from taskloom.core.model import SYNTHESIZE_ID, Plan, PlannedSubtask
+from taskloom.core.model import SYNTHESIZE_ID, Aggregate, Plan, PlannedSubtask
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Subtask ids end up inside Redis keys, so they are short and plain."""
@@ -558,21 +558,31 @@ SYNTHESIS_INSTRUCTION = (
 )
 
 
-def finalize(plan: Plan, *, synthesize: bool) -> tuple[Plan, list[str]]:
+VOTE_TITLE = "Vote on the answer"
+VOTE_INSTRUCTION = "Take the answer most of the earlier steps gave."
+
+
+def finalize(
+    plan: Plan, *, synthesize: bool, aggregate: Aggregate = Aggregate.SUMMARIZE
+) -> tuple[Plan, list[str]]:
     """The plan as it runs, and the ids the task's result is taken from.
 
     With synthesis, a ``synthesize`` subtask (capability ``llm``) depending on
-    every sink is appended and the result is its output; without, the result
-    is made of the sinks' outputs.
+    every sink is appended and the result is its output: the model's merge
+    (``summarize``) or, with no model call, the majority answer (``vote``, the
+    ``llm`` handler's ``aggregate`` param). Without synthesis, or with
+    ``concat``, the result is made of the sinks' outputs under their titles.
     """
     ends = sinks(plan)
-    if not synthesize:
+    if not synthesize or aggregate == Aggregate.CONCAT:
         return plan, ends
+    vote = aggregate == Aggregate.VOTE
     step = PlannedSubtask(
         id=SYNTHESIZE_ID,
-        title=SYNTHESIS_TITLE,
-        instruction=SYNTHESIS_INSTRUCTION,
+        title=VOTE_TITLE if vote else SYNTHESIS_TITLE,
+        instruction=VOTE_INSTRUCTION if vote else SYNTHESIS_INSTRUCTION,
         capability="llm",
         depends_on=tuple(ends),
+        params={"aggregate": Aggregate.VOTE.value} if vote else {},
     )
     return Plan(subtasks=(*plan.subtasks, step), synthesize=True), [SYNTHESIZE_ID]

@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskloom.core.errors import InvalidArgument
 from taskloom.core.model import (
+    Aggregate,
     AttemptRef,
     ContextMode,
     FailureReason,
@@ -98,6 +99,11 @@ _ON_FAILURE = {
     OnFailure.REPLAN: pb.ON_FAILURE_REPLAN,
 }
 _FALLBACK = {Fallback.NONE: pb.FALLBACK_NONE, Fallback.SINGLE: pb.FALLBACK_SINGLE}
+_AGGREGATE = {
+    Aggregate.SUMMARIZE: pb.AGGREGATE_SUMMARIZE,
+    Aggregate.CONCAT: pb.AGGREGATE_CONCAT,
+    Aggregate.VOTE: pb.AGGREGATE_VOTE,
+}
 _CONTEXT = {
     ContextMode.TRUNCATE: pb.CONTEXT_MODE_TRUNCATE,
     ContextMode.SUMMARIZE: pb.CONTEXT_MODE_SUMMARIZE,
@@ -111,6 +117,7 @@ def _inverse(table: dict[object, int]) -> dict[int, object]:
 _ON_FAILURE_FROM = _inverse(_ON_FAILURE)  # type: ignore[arg-type]
 _FALLBACK_FROM = _inverse(_FALLBACK)  # type: ignore[arg-type]
 _CONTEXT_FROM = _inverse(_CONTEXT)  # type: ignore[arg-type]
+_AGGREGATE_FROM = _inverse(_AGGREGATE)  # type: ignore[arg-type]
 
 
 def context_to_pb(mode: ContextMode) -> pb.ContextMode.ValueType:
@@ -134,6 +141,7 @@ def options_to_pb(options: TaskOptions) -> pb.TaskOptions:
         context=_CONTEXT[options.context],
         max_tokens=options.max_tokens,
         approve_plan=options.approve_plan,
+        aggregate=_AGGREGATE[options.aggregate],
     )
     for name in ("subtask_timeout", "stall_timeout", "max_duration"):
         value = getattr(options, name)
@@ -162,6 +170,7 @@ def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
         max_duration=seconds(message.max_duration),
         cache=message.cache if message.HasField("cache") else None,
         approve_plan=message.approve_plan,
+        aggregate=_AGGREGATE_FROM.get(message.aggregate, Aggregate.SUMMARIZE),  # type: ignore[arg-type]
     )
 
 

@@ -157,6 +157,34 @@ FALLBACK_SINGLE: Fallback.ValueType  # 2
 """One subtask carries the whole goal."""
 Global___Fallback: _TypeAlias = Fallback  # noqa: Y015
 
+class _Aggregate:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AggregateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregate.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGGREGATE_UNSPECIFIED: _Aggregate.ValueType  # 0
+    """As AGGREGATE_SUMMARIZE."""
+    AGGREGATE_SUMMARIZE: _Aggregate.ValueType  # 1
+    """The model merges them into one answer (a `synthesize` llm step)."""
+    AGGREGATE_CONCAT: _Aggregate.ValueType  # 2
+    """No model: the results one after another under their titles."""
+    AGGREGATE_VOTE: _Aggregate.ValueType  # 3
+    """No model: the answer most of them gave."""
+
+class Aggregate(_Aggregate, metaclass=_AggregateEnumTypeWrapper):
+    """How a task's final step makes one answer of its last steps' results."""
+
+AGGREGATE_UNSPECIFIED: Aggregate.ValueType  # 0
+"""As AGGREGATE_SUMMARIZE."""
+AGGREGATE_SUMMARIZE: Aggregate.ValueType  # 1
+"""The model merges them into one answer (a `synthesize` llm step)."""
+AGGREGATE_CONCAT: Aggregate.ValueType  # 2
+"""No model: the results one after another under their titles."""
+AGGREGATE_VOTE: Aggregate.ValueType  # 3
+"""No model: the answer most of them gave."""
+Global___Aggregate: _TypeAlias = Aggregate  # noqa: Y015
+
 class _ContextMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -329,6 +357,7 @@ class TaskOptions(_message.Message):
     MAX_DURATION_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
     APPROVE_PLAN_FIELD_NUMBER: _builtins.int
+    AGGREGATE_FIELD_NUMBER: _builtins.int
     synthesize: _builtins.bool
     """Append a final `synthesize` subtask that merges the results (default true)."""
     priority: _builtins.int
@@ -350,6 +379,8 @@ class TaskOptions(_message.Message):
     """Stop after planning until a person approves the plan (ApproveTask);
     a replan asks again.
     """
+    aggregate: Global___Aggregate.ValueType
+    """How the final step makes one answer (with synthesize)."""
     @_builtins.property
     def subtask_timeout(self) -> _duration_pb2.Duration:
         """Longest one attempt of a subtask may run (unset: per capability)."""
@@ -379,10 +410,11 @@ class TaskOptions(_message.Message):
         max_duration: _duration_pb2.Duration | None = ...,
         cache: _builtins.bool | None = ...,
         approve_plan: _builtins.bool = ...,
+        aggregate: Global___Aggregate.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "cache", b"cache", "max_duration", b"max_duration", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "approve_plan", b"approve_plan", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "aggregate", b"aggregate", "approve_plan", b"approve_plan", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015

@@ -143,7 +143,9 @@ class Commands:
         except PlanError as e:
             e.field = e.field or "plan.subtasks"
             raise
-        graph, result_from = finalize(plan, synthesize=bool(options.synthesize))
+        graph, result_from = finalize(
+            plan, synthesize=bool(options.synthesize), aggregate=options.aggregate
+        )
         forbidden = sorted(
             {s.capability for s in graph.subtasks if not principal.may_use(s.capability)}
         )
@@ -383,7 +385,9 @@ class Commands:
             e.field = e.field or "plan.subtasks"
             raise
         synthesize = plan.synthesize if plan.synthesize is not None else task.options.synthesize
-        graph, result_from = finalize(plan, synthesize=synthesize is not False)
+        graph, result_from = finalize(
+            plan, synthesize=synthesize is not False, aggregate=task.options.aggregate
+        )
         return self.planning.resolve(graph, task.options), result_from
 
     async def reject(

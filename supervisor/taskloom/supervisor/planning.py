@@ -246,6 +246,7 @@ class Planning:
                 goal,
                 capabilities=await self.allowed(task_id),
                 synthesize=synthesize,
+                aggregate=options.aggregate,
                 hooks=self._hooks(task_id, TaskStatus.PLANNING, span),
             )
         except BudgetSpent:
@@ -280,7 +281,7 @@ class Planning:
             return
         else:
             self.metrics.planner_calls.labels("plan", "ok").inc()
-        graph, result_from = finalize(plan, synthesize=synthesize)
+        graph, result_from = finalize(plan, synthesize=synthesize, aggregate=options.aggregate)
         stored = await self.store.set_plan(
             task_id,
             self.resolve(graph, options),

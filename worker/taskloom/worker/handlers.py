@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 from taskloom.core.errors import LLMError, LLMUnavailable
 from taskloom.core.llm import LLM, ChatMessage
-from taskloom.core.model import ContextMode
+from taskloom.core.model import Aggregate, ContextMode
 from taskloom.worker.context import SubtaskContext, SubtaskError
 
 Handler = Callable[[SubtaskContext], Awaitable[object]]
@@ -130,6 +131,8 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
     """
 
     async def run(ctx: SubtaskContext) -> str:
+        if ctx.params.get("aggregate") == Aggregate.VOTE:
+            return await vote(ctx)
         llm = ctx.llm
         budget = ctx.context_tokens or context_tokens
         if not budget:
@@ -158,6 +161,37 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
         return reply.text
 
     return run
+
+
+def _ballot(text: str) -> str:
+    """An answer as it is counted: case, spacing and end punctuation aside."""
+    return " ".join(text.casefold().split()).rstrip(".!?;:")
+
+
+def majority(answers: list[tuple[str, str]]) -> tuple[str, list[str]]:
+    """Of ``(id, answer)`` pairs, the answer given most often (ties: the one
+    given first) and the ids that gave it."""
+    counts = Counter(_ballot(a) for _, a in answers)
+    best = max(counts.values())
+    winner = next(a for _, a in answers if counts[_ballot(a)] == best)
+    return winner, [i for i, a in answers if _ballot(a) == _ballot(winner)]
+
+
+async def vote(ctx: SubtaskContext) -> str:
+    """The ``vote`` aggregation: the answer most inputs gave, no model call."""
+    answers = [(i.subtask_id, i.output.strip()) for i in ctx.inputs if i.output.strip()]
+    if not answers:
+        raise SubtaskError("nothing to vote on: no earlier step gave an answer", retryable=False)
+    winner, voters = majority(answers)
+    if 2 * len(voters) > len(answers):
+        note = f"{len(voters)} of {len(answers)} answers agree ({', '.join(voters)})"
+    else:
+        note = (
+            f"no majority among {len(answers)} answers; the most common, given by "
+            f"{', '.join(voters)}, is taken"
+        )
+    await ctx.progress(note)
+    return winner
 
 
 async def fit_prompt(
