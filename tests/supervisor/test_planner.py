@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -185,3 +186,34 @@ async def test_the_planner_is_not_offered_echo_unless_it_is_listed() -> None:
     assert offered_capabilities(running) == {"llm", "search"}
     assert offered_capabilities(running, planner=("llm", "echo")) == {"llm", "echo"}
     assert offered_capabilities(running, planner=("llm", "shell")) == {"llm"}
+
+
+async def test_the_planner_is_offered_roles_for_llm_steps_and_held_to_them(
+    llm: OllamaLLM, fake_ollama: FakeOllama
+) -> None:
+    def step(role: str) -> str:
+        document = json.loads(planned(("s1", "llm", "Draft the answer."), ("s2", "search", "q")))
+        document["subtasks"][0]["role"] = role
+        return json.dumps(document)
+
+    replies = [step("chef"), step("writer")]
+    fake_ollama.responder = lambda call: replies[len(fake_ollama.calls) - 1]
+
+    result = await Planner(llm, limits=LIMITS).plan("g", capabilities={"llm", "search"})
+
+    assert result.subtasks[0].params == {"role": "writer"}
+    assert result.subtasks[1].params == {}
+    first, repair = fake_ollama.calls
+    item = first.format["properties"]["subtasks"]["items"]
+    assert item["properties"]["role"]["enum"] == ["analyst", "critic", "researcher", "writer"]
+    assert "role" not in item["required"]
+    assert "  - critic: reviews others' results" in first.system
+    assert "s1 has role 'chef'; the roles are: analyst, critic, researcher, writer" in repair.prompt
+
+    # Without llm steps on offer there is nothing to give a role to.
+    fake_ollama.calls.clear()
+    fake_ollama.responder = lambda call: planned(("s1", "search", "query one"))
+    await Planner(llm, limits=LIMITS).plan("g", capabilities={"search"})
+    (call,) = fake_ollama.calls
+    assert "role" not in call.format["properties"]["subtasks"]["items"]["properties"]
+    assert '"role"' not in call.system

@@ -95,6 +95,7 @@ def task_json(task: Task) -> dict[str, Any]:
                 "title": s.title,
                 "instruction": s.instruction,
                 "capability": s.capability,
+                "role": s.params.get("role", ""),
                 "depends_on": list(s.depends_on),
                 "status": str(s.status),
                 "output": s.output,
@@ -152,13 +153,16 @@ def task_text(task: Task) -> Group:
     parts: list[Any] = [header, Text(task.goal, style="italic")]
     if task.subtasks:
         table = Table(show_edge=False, pad_edge=False)
-        for column in ("id", "title", "capability", "status", "attempts", "worker", "tokens"):
+        roles = any(s.params.get("role") for s in task.subtasks)
+        columns = ("id", "title", "capability", "role", "status", "attempts", "worker", "tokens")
+        for column in columns if roles else [c for c in columns if c != "role"]:
             table.add_column(column)
         for s in task.subtasks:
             table.add_row(
                 s.id,
                 s.title,
                 s.capability,
+                *([s.params.get("role", "")] if roles else []),
                 Text(str(s.status), STYLES.get(s.status, "")),
                 "cached" if s.cache_hit else str(s.attempt),
                 s.worker,
@@ -183,6 +187,7 @@ class _Row:
     id: str
     title: str = ""
     capability: str = ""
+    role: str = ""
     status: str = "PENDING"
     attempt: int = 0
     worker: str = ""
@@ -209,6 +214,7 @@ class LiveView:
         for s in task.subtasks:
             row = self.rows.setdefault(s.id, _Row(s.id))
             row.title, row.capability = s.title, s.capability
+            row.role = s.params.get("role", "")
             row.status, row.attempt, row.worker = str(s.status), s.attempt, s.worker
 
     def apply(self, event: Event) -> None:
@@ -230,12 +236,15 @@ class LiveView:
 
     def render(self) -> Group:
         table = Table(show_edge=False, pad_edge=False, expand=False)
-        for column in ("id", "title", "status", "try", "worker", ""):
+        roles = any(row.role for row in self.rows.values())
+        columns = ("id", "title", "role", "status", "try", "worker", "")
+        for column in columns if roles else [c for c in columns if c != "role"]:
             table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=48)
         for row in self.rows.values():
             table.add_row(
                 row.id,
                 row.title,
+                *([row.role] if roles else []),
                 Text(row.status, STYLES.get(row.status, "")),
                 str(row.attempt or ""),
                 row.worker,

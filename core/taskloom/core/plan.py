@@ -115,6 +115,12 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
         problems.append(f"{where}.timeout must be a number of seconds")
         timeout = 0
+    role = item.get("role") or ""
+    if not isinstance(role, str):
+        problems.append(f"{where}.role must be a string")
+        role = ""
+    if role.strip():
+        params = {**params, "role": role.strip()}
     requires_approval = item.get("requires_approval", False)
     if not isinstance(requires_approval, bool):
         problems.append(f"{where}.requires_approval must be true or false")

@@ -40,6 +40,7 @@ from taskloom.core.errors import (
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.logs import hide_grpc_metadata
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
+from taskloom.core.roles import load_roles
 from taskloom.supervisor.console import Console
 from taskloom.supervisor.interceptors import server_interceptors
 from taskloom.supervisor.leadership import Leadership
@@ -126,6 +127,7 @@ class Supervisor:
             limits=settings.llm_plan_limits(),
             repairs=settings.plan_repairs,
             reply_tokens=settings.plan_reply_tokens,
+            roles=load_roles(settings.roles_file),
         )
         self.orchestrator: Orchestrator | None = None
         """This term's orchestrator while leading; None on standby."""

@@ -37,6 +37,7 @@ from taskloom.core.plan import check_plan, finalize
 from taskloom.core.tracing import carrier, tracer
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.outcomes import Handed, Outcome
+from taskloom.supervisor.planner import role_problems
 from taskloom.supervisor.planning import Planning
 from taskloom.supervisor.scheduler import Scheduler
 from taskloom.supervisor.settings import SupervisorSettings
@@ -143,6 +144,8 @@ class Commands:
         except PlanError as e:
             e.field = e.field or "plan.subtasks"
             raise
+        if problems := role_problems(plan, self.planning.planner.roles):
+            raise InvalidArgument("; ".join(problems[:5]), field="plan.subtasks")
         graph, result_from = finalize(
             plan, synthesize=bool(options.synthesize), aggregate=options.aggregate
         )

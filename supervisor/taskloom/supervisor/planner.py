@@ -19,7 +19,7 @@ goal cannot change what a valid plan is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +33,7 @@ from taskloom.core.plan import (
     parse_plan,
     validate_plan,
 )
+from taskloom.core.roles import BUILTIN_ROLES, ROLE_PARAM, Role
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ the goal, this instruction and the results of the subtasks it depends on, nothin
 - "capability": which kind of worker runs it, one of:
 {capabilities}
 - "depends_on": the ids of the subtasks whose results it needs (empty if none).
-
+{roles}
 Rules:
 - Every id is unique and every id in depends_on is the id of another subtask.
 - Every instruction is a full sentence saying what that step must do: its own part \
@@ -135,8 +136,29 @@ def fence(text: str, tag: str) -> str:
     return f"<{tag}>\n{text}\n</{tag}>"
 
 
-def plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, Any]:
-    """The structured-output schema: bounded everywhere, so small models cannot loop."""
+def role_problems(plan: Plan, roles: Collection[str]) -> list[str]:
+    """Steps given a role that is not on offer (any role when none is)."""
+    listed = ", ".join(sorted(roles)) or "none"
+    return [
+        f"{s.id} has role {s.params[ROLE_PARAM]!r}; the roles are: {listed}"
+        for s in plan.subtasks
+        if ROLE_PARAM in s.params and s.params[ROLE_PARAM] not in roles
+    ]
+
+
+def plan_schema(
+    capabilities: Collection[str], limits: PlanLimits, roles: Collection[str] = ()
+) -> dict[str, Any]:
+    """The structured-output schema: bounded everywhere, so small models cannot
+    loop. With ``roles``, a step may name one (optional)."""
+    schema = _plan_schema(capabilities, limits)
+    if roles:
+        item = schema["properties"]["subtasks"]["items"]
+        item["properties"]["role"] = {"type": "string", "enum": sorted(roles)}
+    return schema
+
+
+def _plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
@@ -180,9 +202,17 @@ class Planner:
     """Turns a goal into a validated ``Plan`` with the help of an LLM."""
 
     def __init__(
-        self, llm: LLM, *, limits: PlanLimits, repairs: int = 3, reply_tokens: int = 4096
+        self,
+        llm: LLM,
+        *,
+        limits: PlanLimits,
+        repairs: int = 3,
+        reply_tokens: int = 4096,
+        roles: Mapping[str, Role] | None = None,
     ) -> None:
         self.llm = llm
+        self.roles: Mapping[str, Role] = BUILTIN_ROLES if roles is None else roles
+        """The roles the planner may give llm steps (``TASKLOOM_ROLES_FILE``)."""
         self.limits = limits
         self.repairs = repairs
         self.reply_tokens = reply_tokens
@@ -194,9 +224,22 @@ class Planner:
             f"  - {c}: {KNOWN_CAPABILITIES.get(c, 'a custom handler named ' + c)}"
             for c in capabilities
         )
+        roles = ""
+        if self._offers_roles(capabilities):
+            roles = (
+                '- "role" (llm subtasks): who does it, one of:\n'
+                + "\n".join(f"  - {r.name}: {r.description}" for r in self.roles.values())
+                + "\n"
+            )
         return SYSTEM_PROMPT.format(
-            max_subtasks=self.limits.max_subtasks, capabilities=listing, synthesis_rule=rule
+            max_subtasks=self.limits.max_subtasks,
+            capabilities=listing,
+            synthesis_rule=rule,
+            roles=roles,
         )
+
+    def _offers_roles(self, capabilities: Collection[str]) -> bool:
+        return bool(self.roles) and "llm" in capabilities
 
     async def plan(
         self,
@@ -263,7 +306,8 @@ class Planner:
         """Ask, normalise, validate, feed the violations back; ``external`` ids
         may be depended on. A plan that is valid but says nothing (placeholder
         instructions, copies of a step or of the goal) goes back too."""
-        schema = plan_schema(caps, self.limits)
+        roles = sorted(self.roles) if self._offers_roles(caps) else []
+        schema = plan_schema(caps, self.limits, roles)
         violations: list[str] = []
         for attempt in range(1, self.repairs + 2):
             reply = await self.llm.chat(
@@ -295,9 +339,11 @@ class Planner:
                         for s in plan.subtasks
                     )
                 )
-                violations = validate_plan(
-                    inner, capabilities=caps, limits=self.limits
-                ) or content_problems(inner, goal=goal)
+                violations = (
+                    validate_plan(inner, capabilities=caps, limits=self.limits)
+                    or role_problems(inner, roles)
+                    or content_problems(inner, goal=goal)
+                )
             except PlanError as e:
                 violations = e.violations or [e.message]
             if not violations and plan is not None:

@@ -41,6 +41,7 @@ from taskloom.core.model import (
     Usage,
 )
 from taskloom.core.plan import finalize
+from taskloom.core.roles import ROLE_PARAM, ROLE_PROMPT_PARAM
 from taskloom.core.tracing import genai_attributes, ids, tracer
 from taskloom.supervisor.metrics import SupervisorMetrics
 from taskloom.supervisor.outcomes import Outcome
@@ -115,13 +116,20 @@ class Planning:
     def resolve(self, plan: Plan, options: TaskOptions) -> Plan:
         """Each subtask's attempts and timeout (its own, else the task's, else
         the defaults), and whether a person must approve it: if it says so, or
-        if its capability is one the operator gates, whatever the plan says."""
+        if its capability is one the operator gates, whatever the plan says. A
+        step with a role gets the role's system prompt (param ``role_prompt``)."""
         max_attempts = options.max_attempts or self.settings.max_attempts
         gated = frozenset(self.settings.approval_capabilities)
+        roles = self.planner.roles
         return Plan(
             subtasks=tuple(
                 replace(
                     s,
+                    params=(
+                        {**s.params, ROLE_PROMPT_PARAM: roles[s.params[ROLE_PARAM]].prompt}
+                        if s.params.get(ROLE_PARAM) in roles
+                        else s.params
+                    ),
                     max_attempts=s.max_attempts or max_attempts,
                     timeout=s.timeout
                     or options.subtask_timeout

@@ -131,6 +131,9 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """The capabilities the planner may put in its plans (of those workers offer
     or ``capabilities`` lists); empty: all of them except the test-only ``echo``,
     which a model would otherwise pick for steps that then do no work."""
+    roles_file: str | None = None
+    """A TOML or JSON file of roles (name, description, system prompt) added to the
+    built-in researcher, analyst, writer and critic; the planner gives llm steps one."""
     approval_capabilities: StrList = ()
     """Capabilities whose every subtask a person must approve before it runs
     (e.g. ``shell,email``), whatever the plan says: a goal's text never

@@ -22,6 +22,7 @@ from typing import Literal
 from taskloom.core.errors import LLMError, LLMUnavailable
 from taskloom.core.llm import LLM, ChatMessage
 from taskloom.core.model import Aggregate, ContextMode
+from taskloom.core.roles import ROLE_PROMPT_PARAM
 from taskloom.worker.context import SubtaskContext, SubtaskError
 
 Handler = Callable[[SubtaskContext], Awaitable[object]]
@@ -148,7 +149,7 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
                 await ctx.progress(note)
             temperature = float(ctx.params.get("temperature", "0") or 0)
             reply = await llm.chat(
-                [ChatMessage("system", LLM_SYSTEM_PROMPT), ChatMessage("user", prompt)],
+                [ChatMessage("system", system_prompt(ctx)), ChatMessage("user", prompt)],
                 temperature=temperature,
                 on_text=ctx.stream,
                 max_tokens=reply_tokens,
@@ -161,6 +162,12 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
         return reply.text
 
     return run
+
+
+def system_prompt(ctx: SubtaskContext) -> str:
+    """The ``llm`` handler's system prompt, after the step's role's, if it has one."""
+    role = ctx.params.get(ROLE_PROMPT_PARAM, "").strip()
+    return f"{role}\n\n{LLM_SYSTEM_PROMPT}" if role else LLM_SYSTEM_PROMPT
 
 
 def _ballot(text: str) -> str:
@@ -208,7 +215,7 @@ async def fit_prompt(
     """
     head = f"Overall goal:\n{ctx.goal}"
     step = f"Your step: {ctx.title}\n{ctx.instruction}" if ctx.title else ctx.instruction
-    fixed = llm.count_tokens(LLM_SYSTEM_PROMPT) + llm.count_tokens(head) + llm.count_tokens(step)
+    fixed = llm.count_tokens(system_prompt(ctx)) + llm.count_tokens(head) + llm.count_tokens(step)
     if fixed + MIN_PROMPT_TOKENS > available:
         raise SubtaskError(
             f"the goal and this step's instruction take about {fixed} tokens, but the context "

@@ -44,6 +44,7 @@ from taskloom.core.model import (
     SubtaskFailure,
     SubtaskResult,
 )
+from taskloom.core.roles import ROLE_PARAM
 from taskloom.core.tracing import (
     attempt_span_id,
     parent,
@@ -333,6 +334,7 @@ class Worker:
                     "taskloom.attempt": ref.attempt,
                     "taskloom.capability": assignment.capability,
                     "taskloom.worker": self.settings.name,
+                    "taskloom.role": assignment.params.get(ROLE_PARAM, ""),
                 },
             ) as span,
         ):
