@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 hypothesis_settings.register_profile("ci", derandomize=True)
 hypothesis_settings.register_profile("explore", derandomize=False)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-TEST_CAPABILITIES = "llm,echo,gate,flaky,broken,stall,pulse,picky,ledger,count"
+TEST_CAPABILITIES = "llm,echo,gate,flaky,broken,doubt,stall,pulse,picky,ledger,count"
 REQUIRE_ALL = os.environ.get("TASKLOOM_REQUIRE_ALL") == "1"
 """Set by CI (``.ci/run``): every test must run, so a skip (a tool that is
 missing, a browser that cannot start) fails instead. A developer's machine

@@ -49,6 +49,12 @@ async def flaky(ctx: SubtaskContext) -> str:
     return f"ok on attempt {ctx.attempt}"
 
 
+@registry.handler("doubt")
+async def doubt(ctx: SubtaskContext) -> str:
+    """Asks for its step to be planned again, its instruction the reason."""
+    ctx.replan(ctx.instruction)
+
+
 @registry.handler("broken")
 async def broken(ctx: SubtaskContext) -> str:
     """Fails for good."""

@@ -495,6 +495,8 @@ class SubtaskFailure:
     """False when the attempt ended for a reason outside the subtask (its worker
     died or shut down): it does not use up one of the subtask's attempts."""
     usage: Usage = field(default_factory=Usage)
+    replan: bool = False
+    """The handler asked for the step to be planned again (``ctx.replan``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from taskloom.v1 import tasks_pb2 as taskloom_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskloom/v1/workers.proto\x12\x0btaskloom.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskloom/v1/tasks.proto\"B\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\xc0\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.taskloom.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.taskloom.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x15.taskloom.v1.AcceptedH\x00\x12)\n\x08progress\x18\x04 \x01(\x0b\x32\x15.taskloom.v1.ProgressH\x00\x12+\n\tcompleted\x18\x05 \x01(\x0b\x32\x16.taskloom.v1.CompletedH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.taskloom.v1.FailedH\x00\x12\'\n\x07stopped\x18\x07 \x01(\x0b\x32\x14.taskloom.v1.StoppedH\x00\x42\t\n\x07message\"\xdc\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.taskloom.v1.Hello.LabelsEntry\x12*\n\tin_flight\x18\x06 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x35\n\ncache_keys\x18\x08 \x03(\x0b\x32!.taskloom.v1.Hello.CacheKeysEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0e\x43\x61\x63heKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"1\n\x08\x41\x63\x63\x65pted\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"U\n\x0eProgressUpdate\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"8\n\x08Progress\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.ProgressUpdate\"h\n\rSubtaskResult\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06output\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.taskloom.v1.Usage\"8\n\tCompleted\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.taskloom.v1.SubtaskResult\"\x90\x01\n\x0eSubtaskFailure\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x13\n\x0bhanded_back\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.taskloom.v1.Usage\"7\n\x06\x46\x61iled\x12-\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.SubtaskFailure\"0\n\x07Stopped\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"\xd9\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.taskloom.v1.WelcomeH\x00\x12%\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x13.taskloom.v1.AssignH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.taskloom.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.taskloom.v1.DrainH\x00\x12\x1f\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x10.taskloom.v1.AckH\x00\x42\t\n\x07message\"\xfa\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsupervisor_id\x18\x04 \x01(\t\x12\x18\n\x10max_output_bytes\x18\x05 \x01(\x03\x12\x17\n\x0ftruncate_output\x18\x06 \x01(\x08\x12\x14\n\x0cidle_silence\x18\x07 \x01(\x08\x12\x16\n\x0eheartbeat_acks\x18\x08 \x01(\x08\":\n\x05Input\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xa4\x04\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x13\n\x0binstruction\x18\x06 \x01(\t\x12\x0c\n\x04goal\x18\x07 \x01(\t\x12\"\n\x06inputs\x18\x08 \x03(\x0b\x32\x12.taskloom.v1.Input\x12\x33\n\x06params\x18\t \x03(\x0b\x32#.taskloom.v1.Assignment.ParamsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\rtrace_context\x18\x0b \x03(\x0b\x32).taskloom.v1.Assignment.TraceContextEntry\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\x05\x12)\n\x07\x63ontext\x18\x0e \x01(\x0e\x32\x18.taskloom.v1.ContextMode\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x06\x41ssign\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.Assignment\"?\n\x06\x43\x61ncel\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x03\x41\x63k\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.taskloom.v1.ConnectRequest\x1a\x1c.taskloom.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskloom/v1/workers.proto\x12\x0btaskloom.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskloom/v1/tasks.proto\"B\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\xc0\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.taskloom.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.taskloom.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x15.taskloom.v1.AcceptedH\x00\x12)\n\x08progress\x18\x04 \x01(\x0b\x32\x15.taskloom.v1.ProgressH\x00\x12+\n\tcompleted\x18\x05 \x01(\x0b\x32\x16.taskloom.v1.CompletedH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.taskloom.v1.FailedH\x00\x12\'\n\x07stopped\x18\x07 \x01(\x0b\x32\x14.taskloom.v1.StoppedH\x00\x42\t\n\x07message\"\xdc\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.taskloom.v1.Hello.LabelsEntry\x12*\n\tin_flight\x18\x06 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x35\n\ncache_keys\x18\x08 \x03(\x0b\x32!.taskloom.v1.Hello.CacheKeysEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0e\x43\x61\x63heKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"1\n\x08\x41\x63\x63\x65pted\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"U\n\x0eProgressUpdate\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"8\n\x08Progress\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.ProgressUpdate\"h\n\rSubtaskResult\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06output\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.taskloom.v1.Usage\"8\n\tCompleted\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.taskloom.v1.SubtaskResult\"\xa0\x01\n\x0eSubtaskFailure\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x13\n\x0bhanded_back\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.taskloom.v1.Usage\x12\x0e\n\x06replan\x18\x06 \x01(\x08\"7\n\x06\x46\x61iled\x12-\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.SubtaskFailure\"0\n\x07Stopped\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"\xd9\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.taskloom.v1.WelcomeH\x00\x12%\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x13.taskloom.v1.AssignH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.taskloom.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.taskloom.v1.DrainH\x00\x12\x1f\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x10.taskloom.v1.AckH\x00\x42\t\n\x07message\"\xfa\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsupervisor_id\x18\x04 \x01(\t\x12\x18\n\x10max_output_bytes\x18\x05 \x01(\x03\x12\x17\n\x0ftruncate_output\x18\x06 \x01(\x08\x12\x14\n\x0cidle_silence\x18\x07 \x01(\x08\x12\x16\n\x0eheartbeat_acks\x18\x08 \x01(\x08\":\n\x05Input\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xa4\x04\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x13\n\x0binstruction\x18\x06 \x01(\t\x12\x0c\n\x04goal\x18\x07 \x01(\t\x12\"\n\x06inputs\x18\x08 \x03(\x0b\x32\x12.taskloom.v1.Input\x12\x33\n\x06params\x18\t \x03(\x0b\x32#.taskloom.v1.Assignment.ParamsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\rtrace_context\x18\x0b \x03(\x0b\x32).taskloom.v1.Assignment.TraceContextEntry\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\x05\x12)\n\x07\x63ontext\x18\x0e \x01(\x0e\x32\x18.taskloom.v1.ContextMode\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x06\x41ssign\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.Assignment\"?\n\x06\x43\x61ncel\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x03\x41\x63k\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.taskloom.v1.ConnectRequest\x1a\x1c.taskloom.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,31 +65,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETED']._serialized_start=1224
   _globals['_COMPLETED']._serialized_end=1280
   _globals['_SUBTASKFAILURE']._serialized_start=1283
-  _globals['_SUBTASKFAILURE']._serialized_end=1427
-  _globals['_FAILED']._serialized_start=1429
-  _globals['_FAILED']._serialized_end=1484
-  _globals['_STOPPED']._serialized_start=1486
-  _globals['_STOPPED']._serialized_end=1534
-  _globals['_CONNECTRESPONSE']._serialized_start=1537
-  _globals['_CONNECTRESPONSE']._serialized_end=1754
-  _globals['_WELCOME']._serialized_start=1757
-  _globals['_WELCOME']._serialized_end=2007
-  _globals['_INPUT']._serialized_start=2009
-  _globals['_INPUT']._serialized_end=2067
-  _globals['_ASSIGNMENT']._serialized_start=2070
-  _globals['_ASSIGNMENT']._serialized_end=2618
-  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=2520
-  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=2565
-  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_start=2567
-  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_end=2618
-  _globals['_ASSIGN']._serialized_start=2620
-  _globals['_ASSIGN']._serialized_end=2674
-  _globals['_CANCEL']._serialized_start=2676
-  _globals['_CANCEL']._serialized_end=2739
-  _globals['_DRAIN']._serialized_start=2741
-  _globals['_DRAIN']._serialized_end=2764
-  _globals['_ACK']._serialized_start=2766
-  _globals['_ACK']._serialized_end=2810
-  _globals['_WORKERSERVICE']._serialized_start=2812
-  _globals['_WORKERSERVICE']._serialized_end=2901
+  _globals['_SUBTASKFAILURE']._serialized_end=1443
+  _globals['_FAILED']._serialized_start=1445
+  _globals['_FAILED']._serialized_end=1500
+  _globals['_STOPPED']._serialized_start=1502
+  _globals['_STOPPED']._serialized_end=1550
+  _globals['_CONNECTRESPONSE']._serialized_start=1553
+  _globals['_CONNECTRESPONSE']._serialized_end=1770
+  _globals['_WELCOME']._serialized_start=1773
+  _globals['_WELCOME']._serialized_end=2023
+  _globals['_INPUT']._serialized_start=2025
+  _globals['_INPUT']._serialized_end=2083
+  _globals['_ASSIGNMENT']._serialized_start=2086
+  _globals['_ASSIGNMENT']._serialized_end=2634
+  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=2536
+  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=2581
+  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_start=2583
+  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_end=2634
+  _globals['_ASSIGN']._serialized_start=2636
+  _globals['_ASSIGN']._serialized_end=2690
+  _globals['_CANCEL']._serialized_start=2692
+  _globals['_CANCEL']._serialized_end=2755
+  _globals['_DRAIN']._serialized_start=2757
+  _globals['_DRAIN']._serialized_end=2780
+  _globals['_ACK']._serialized_start=2782
+  _globals['_ACK']._serialized_end=2826
+  _globals['_WORKERSERVICE']._serialized_start=2828
+  _globals['_WORKERSERVICE']._serialized_end=2917
 # @@protoc_insertion_point(module_scope)

@@ -339,12 +339,17 @@ class SubtaskFailure(_message.Message):
     RETRYABLE_FIELD_NUMBER: _builtins.int
     HANDED_BACK_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    REPLAN_FIELD_NUMBER: _builtins.int
     error: _builtins.str
     retryable: _builtins.bool
     """A retryable failure is tried again while attempts remain."""
     handed_back: _builtins.bool
     """The attempt ended for a reason outside the subtask (the worker shut
     down and handed it back): it does not count against max_attempts.
+    """
+    replan: _builtins.bool
+    """The handler asked for its step to be planned again (ctx.replan): the
+    planner replaces it, whatever the task's on_failure, while replans remain.
     """
     @_builtins.property
     def ref(self) -> Global___AttemptRef: ...
@@ -358,10 +363,11 @@ class SubtaskFailure(_message.Message):
         retryable: _builtins.bool = ...,
         handed_back: _builtins.bool = ...,
         usage: _tasks_pb2.Usage | None = ...,
+        replan: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "retryable", b"retryable", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "replan", b"replan", "retryable", b"retryable", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

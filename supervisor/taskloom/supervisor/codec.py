@@ -152,6 +152,7 @@ def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
             f.retryable,
             counts=not f.handed_back,
             usage=wire.usage_from_pb(f.usage),
+            replan=f.replan,
         )
         for f in message.failures
     ]

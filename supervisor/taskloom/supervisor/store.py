@@ -650,6 +650,7 @@ class Store:
                 records.usage_doc(f.usage),
                 worker_id,
                 round(random.uniform(0.5, 1.0), 4),
+                int(f.replan),
             )
             for f in failures
         ]

@@ -150,6 +150,7 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
             retryable=i.retryable,
             handed_back=not i.counts,
             usage=_usage_to_pb(i.usage),
+            replan=i.replan,
         )
         for i in items
         if isinstance(i, SubtaskFailure)

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from taskloom.core.errors import TaskloomError
 from taskloom.core.llm import LLM, ChatMessage, ChatReply, TextCallback
@@ -28,6 +28,10 @@ class SubtaskError(TaskloomError):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class ReplanRequested(SubtaskError):
+    """Raised by ``SubtaskContext.replan``: the step is to be planned again."""
 
 
 class MeteredLLM(WrappedLLM):
@@ -94,6 +98,16 @@ class SubtaskContext:
         worker cancels this handler. A handler about to do something that must
         not happen twice (send a mail, charge a card) asks first."""
         return self._lease()
+
+    def replan(self, reason: str) -> NoReturn:
+        """Ask the planner to replace this step, with ``reason`` (what was
+        surprising: the data is not what the plan assumed, the step cannot be
+        done as asked). The attempt ends here; the planner revises the step
+        with the finished steps' outputs in view, and the steps that needed
+        this one wait for the replacement. Granted whatever the task's
+        ``on_failure``, while the task has replans left (``TASKLOOM_MAX_REPLANS``);
+        after that the step fails as the task's ``on_failure`` says."""
+        raise ReplanRequested(reason.strip() or "the handler asked for a replan")
 
     @property
     def llm(self) -> LLM:

@@ -27,17 +27,22 @@ from taskloom.worker.context import SubtaskContext, SubtaskError
 
 Handler = Callable[[SubtaskContext], Awaitable[object]]
 
+CANNOT = "CANNOT:"
+"""How the model says a step cannot be done as asked: the llm handler asks for a replan."""
+
 LLM_SYSTEM_PROMPT = (
     "You are one member of a team working towards a larger goal. Carry out only the step "
     "you are given, thoroughly and concisely, and use the results of earlier steps where "
-    "they help. Reply with the result itself, without preamble."
+    "they help. Reply with the result itself, without preamble. If the step cannot be done "
+    "as asked (what it needs is missing, or it contradicts the goal), reply with one line "
+    f"that starts with {CANNOT} and says why."
 )
 SUMMARY_PROMPT = (
     "Summarise the text below in at most {words} words. Keep every fact, number, name "
     "and conclusion that someone continuing the work would need; drop repetition and "
     "filler. Reply with the summary only.\n\n<text>\n{text}\n</text>"
 )
-LLM_HANDLER_VERSION = "llm/2"
+LLM_HANDLER_VERSION = "llm/3"
 """Part of the cache key of llm subtasks: bump it when the prompt changes."""
 MAX_DEFAULT_CONTEXT = 8192
 """The default budget is the model's context length, but no more than this: a
@@ -159,6 +164,9 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
             raise SubtaskError(str(e), retryable=True) from None
         except LLMError as e:
             raise SubtaskError(str(e), retryable=False) from None
+        answer = reply.text.strip()
+        if answer[: len(CANNOT)].upper() == CANNOT:
+            ctx.replan(f"the model cannot do this step as asked: {answer[len(CANNOT) :].strip()}")
         return reply.text
 
     return run

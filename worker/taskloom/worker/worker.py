@@ -55,7 +55,7 @@ from taskloom.core.tracing import (
 )
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
-from taskloom.worker.context import SubtaskContext, SubtaskError
+from taskloom.worker.context import ReplanRequested, SubtaskContext, SubtaskError
 from taskloom.worker.handlers import (
     LLM_HANDLER_VERSION,
     Cacheable,
@@ -397,7 +397,13 @@ class Worker:
             report = SubtaskFailure(ref, why, counts=False, usage=ctx.usage)
         except SubtaskError as e:
             trace.get_current_span().record_exception(e)
-            report = SubtaskFailure(ref, e.message, e.retryable, usage=ctx.usage)
+            report = SubtaskFailure(
+                ref,
+                e.message,
+                e.retryable,
+                usage=ctx.usage,
+                replan=isinstance(e, ReplanRequested),
+            )
         except Exception as e:
             logger.exception("handler %s failed on %s", assignment.capability, ref)
             trace.get_current_span().record_exception(e)

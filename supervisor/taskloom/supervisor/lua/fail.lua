@@ -3,7 +3,9 @@
 -- assignment is attempt + 1); otherwise the subtask FAILS, and then by the
 -- task's on_failure policy either the task fails too (cancelling the rest)
 -- or the subtask's dependents are skipped and the task runs on, or the
--- planner is asked for a replacement (at most max_replans times).
+-- planner is asked for a replacement (at most max_replans times). A handler
+-- that asks for a replan (ctx.replan) gets one whatever the policy, while
+-- replans remain; after that its request fails the step by the policy.
 -- A failure that does not count (the worker died or shut down) uses up none
 -- of the subtask's max_attempts, only one of MAX_LOST, which stops a subtask
 -- that kills every worker it lands on from looping for ever.
@@ -19,7 +21,7 @@ local MAX_LOST = 20
 local items, backoff, backoff_max = unpack(PAYLOAD) -- FailArgs
 local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
 for i, item in ipairs(items) do
-  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter =
+  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter, asked =
     unpack(item) -- FailItem
   local lost_only = counts == 0
   committed[i] = 0
@@ -46,6 +48,9 @@ for i, item in ipairs(items) do
     committed[i] = 1
     redis.call('HSET', tk, 'updated_at', NOW)
     local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
+    if asked == 1 then
+      retryable = 0 -- the handler wants the step replanned, not run again
+    end
     if retryable == 1 and failures < max_attempts and lost < MAX_LOST then
       redis.call('HSET', sk, 'status', 'READY', 'error', error, 'ready_at', NOW, 'progress', '')
       local message
@@ -70,7 +75,9 @@ for i, item in ipairs(items) do
     else
       redis.call('HSET', sk, 'status', 'FAILED', 'error', error, 'finished_at', NOW, 'progress', '')
       local why = 'failed after ' .. failures .. ' attempt(s): ' .. error
-      if retryable ~= 1 then
+      if asked == 1 then
+        why = 'asked to be planned again: ' .. error
+      elseif retryable ~= 1 then
         why = 'failed: ' .. error
       elseif lost >= MAX_LOST then
         why = 'lost its worker ' .. lost .. ' times (' .. error .. '); it may be what stops them'
@@ -82,7 +89,7 @@ for i, item in ipairs(items) do
       local policy = redis.call('HGET', tk, 'on_failure')
       local replans = tonumber(redis.call('HGET', tk, 'replans') or '0')
       local max_replans = tonumber(redis.call('HGET', tk, 'max_replans') or '0')
-      if policy == 'replan' and replans < max_replans
+      if (policy == 'replan' or asked == 1) and replans < max_replans
           and redis.call('HGET', sk, 'tolerant') ~= '1' then
         -- The task waits (its dependents stay PENDING) while the planner
         -- replaces this step; recovery finds the mark and asks again.
