@@ -9,11 +9,12 @@ BIN    := $(VENV)/bin
 # `make demo GOAL="..."` has the model plan and run any goal instead.
 GOAL   ?=
 REPORT_GOAL = Report on Northwind Tools' last eight quarters: profitability, liquidity, growth.
+SOFTWARE_GOAL = Write a Python function that checks whether a string is a valid ISBN-10.
 PYTEST_ARGS ?=
 N      ?= 100
 SEED   ?= 1
 
-.PHONY: setup demo test chaos fuzz lint docs format protos protos-check wheel lock image clean
+.PHONY: setup demo demo-software test chaos fuzz lint docs format protos protos-check wheel lock image clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +34,12 @@ ifeq ($(strip $(GOAL)),)
 else
 	$(BIN)/taskloom up --workers 2 --demo "$(GOAL)"
 endif
+
+# A software task by roles (examples/software): requirements, design, code,
+# review, fix, each an llm step with its role's system prompt.
+demo-software: setup
+	TASKLOOM_ROLES_FILE=examples/software/roles.toml $(BIN)/taskloom up --workers 2 \
+	    --demo-plan examples/software/plan.json --demo "$(SOFTWARE_GOAL)"
 
 test: setup
 	./scripts/ensure-prometheus

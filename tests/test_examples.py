@@ -82,3 +82,34 @@ async def test_a_csv_that_is_not_the_figures_fails_the_task_saying_why(
     assert code != 0
     assert "lacks the column(s) cost_of_sales, operating_expenses" in out + err
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+async def test_the_software_demo_runs_each_step_with_its_role(
+    tmp_path: Path, fake_ollama: FakeOllama
+) -> None:
+    software = REPO / "examples" / "software"
+
+    def respond(call: ChatCall) -> str:
+        return f"<{call.system.split('.')[0]}>"  # "<You are a code reviewer>"
+
+    fake_ollama.responder = respond
+    code, out, err = await asyncio.wait_for(
+        taskloom(
+            "up", "--workers", "1", "--data-dir", str(tmp_path / "data"),
+            "--demo-plan", str(software / "plan.json"), "--demo", "Write an ISBN-10 check",
+            env={"OLLAMA_HOST": fake_ollama.url,
+                 "TASKLOOM_ROLES_FILE": str(software / "roles.toml")},
+        ),
+        180,
+    )  # fmt: skip
+
+    assert code == 0, err + out
+    calls = {c.prompt.rsplit("Your step: ", 1)[1].split("\n")[0]: c for c in fake_ollama.calls}
+    assert calls["Write the requirements"].system.startswith("You are a product owner.")
+    assert calls["Design it"].system.startswith("You are a software architect.")
+    assert calls["Review the code"].system.startswith("You are a code reviewer.")
+    fix = calls["Fix what the review found"]
+    assert fix.system.startswith("You are a Python developer.")
+    assert "<You are a code reviewer>" in fix.prompt  # the review is among its inputs
+    assert "<You are a Python developer>" in out  # the result
+    assert "product-owner" in out and "reviewer" in out  # the role column
