@@ -18,7 +18,7 @@ from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes
 from tests.fake_ollama import ChatCall, FakeOllama
-from tests.helpers import plan, planned
+from tests.helpers import eventually, plan, planned
 
 REVIEWER = "You are the reviewer of this test: find one flaw."
 
@@ -46,6 +46,7 @@ async def test_the_planner_gives_steps_roles_and_the_model_plays_them(
     fake_ollama.responder = respond
     async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
         processes.worker(supervisor.address)
+        await eventually(lambda: len(supervisor.scheduler.sessions()) == 1)
         task = await client.wait(await client.submit("Write and review a limerick"))
 
         assert task.status == TaskStatus.SUCCEEDED, task.error
@@ -57,7 +58,10 @@ async def test_the_planner_gives_steps_roles_and_the_model_plays_them(
             "nothing invented."
         )
         assert s2.output == f"done by: {REVIEWER}"
-        assert "  - reviewer: finds flaws" in fake_ollama.planning_calls()[0].system
+        planning = fake_ollama.planning_calls()[0].system
+        assert "  - reviewer: finds flaws" in planning
+        # The planner sees the live inventory: workers and free slots per capability.
+        assert re.search(r"  - llm: a general language model.*\(1 worker, 4 free slots\)", planning)
         # taskloom get shows it, as a column and in --json.
         console = Console(record=True, width=200)
         console.print(task_text(task))

@@ -217,3 +217,17 @@ async def test_the_planner_is_offered_roles_for_llm_steps_and_held_to_them(
     (call,) = fake_ollama.calls
     assert "role" not in call.format["properties"]["subtasks"]["items"]["properties"]
     assert '"role"' not in call.system
+
+
+async def test_the_planner_is_told_how_many_workers_and_free_slots_each_capability_has(
+    llm: OllamaLLM, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.responder = lambda call: planned(("s1", "llm", "Answer the goal."))
+    planner = Planner(llm, limits=LIMITS)
+    planner.inventory = lambda: {"llm": (2, 7), "search": (1, 1)}
+    await planner.plan("g", capabilities={"llm", "search", "render"})
+    (call,) = fake_ollama.calls
+    assert "  - llm: a general language model" in call.system
+    assert "(2 workers, 7 free slots)" in call.system
+    assert "  - search: a custom handler named search (1 worker, 1 free slot)" in call.system
+    assert "  - render: a custom handler named render (no worker connected now)" in call.system

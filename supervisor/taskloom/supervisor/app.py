@@ -476,6 +476,7 @@ class Supervisor:
             self.settings, self.store, self.planner, scheduler, metrics=self.metrics
         )
         orchestrator.planning.rights = lambda owner: self.tokens.rights(owner)
+        self.planner.inventory = scheduler.inventory  # what this term's workers offer
         try:
             await orchestrator.start()
         except (StoreUnavailable, NotLeader) as e:

@@ -192,6 +192,18 @@ def _plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str,
     }
 
 
+def _workers(seen: tuple[int, int] | None) -> str:
+    """What the model is told of a capability's workers: how much can run at once."""
+    if seen is None:
+        return " (no worker connected now)"
+    workers, free = seen
+    return f" ({_count(workers, 'worker')}, {_count(free, 'free slot')})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _aggregation_rule(synthesize: bool, aggregate: Aggregate) -> str:
     if not synthesize or aggregate == Aggregate.CONCAT:
         return ""
@@ -213,6 +225,9 @@ class Planner:
         self.llm = llm
         self.roles: Mapping[str, Role] = BUILTIN_ROLES if roles is None else roles
         """The roles the planner may give llm steps (``TASKLOOM_ROLES_FILE``)."""
+        self.inventory: Callable[[], Mapping[str, tuple[int, int]]] | None = None
+        """Per capability, the workers offering it and their free slots, which the
+        model is told (the scheduler's, once the supervisor leads; None: unknown)."""
         self.limits = limits
         self.repairs = repairs
         self.reply_tokens = reply_tokens
@@ -220,8 +235,10 @@ class Planner:
         JSON is repaired like any other mistake."""
 
     def _system(self, capabilities: list[str], rule: str) -> str:
+        inventory = self.inventory() if self.inventory is not None else None
         listing = "\n".join(
             f"  - {c}: {KNOWN_CAPABILITIES.get(c, 'a custom handler named ' + c)}"
+            + (_workers(inventory.get(c)) if inventory is not None else "")
             for c in capabilities
         )
         roles = ""

@@ -397,6 +397,15 @@ class Scheduler:
     def sessions(self) -> list[WorkerSession]:
         return list(self._sessions.values())
 
+    def inventory(self) -> dict[str, tuple[int, int]]:
+        """Per capability, the workers connected that offer it and their free slots."""
+        found: dict[str, tuple[int, int]] = {}
+        for capability, sessions in list(self._capable.items()):
+            live = [s for s in list(sessions.values()) if not s.closed]
+            if live:
+                found[capability] = (len(live), sum(max(s.free, 0) for s in live))
+        return found
+
     def capabilities(self) -> frozenset[str]:
         """What the connected workers can do (also read from the metrics thread:
         it iterates over a copy)."""
