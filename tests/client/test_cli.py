@@ -31,7 +31,7 @@ TASK_KEYS = {
     "id", "status", "goal", "result", "error", "failure_reason", "paused", "usage", "subtasks"
 }  # fmt: skip
 SUBTASK_KEYS = {
-    "id", "title", "instruction", "capability", "depends_on", "status", "output", "error",
+    "id", "title", "instruction", "capability", "role", "depends_on", "status", "output", "error",
     "attempts", "worker", "cache_hit", "requires_approval", "usage",
 }  # fmt: skip
 EVENT_KEYS = {
