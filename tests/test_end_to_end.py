@@ -386,11 +386,10 @@ async def test_bad_requests_get_clear_errors_and_the_supervisor_keeps_serving(
 
 
 BAD_PLANS = {
-    "cycle": (plan(("a", "llm", "x", "b"), ("b", "llm", "y", "a")), "cycle a → b → a"),
     "capability": (plan(("a", "teleport", "x")), "a uses unknown capability 'teleport'"),
-    # (A dependency on a missing id is dropped at the last attempt instead:
-    # see test_planning_robustness.)
-    "duplicate": (plan(("a", "llm", "x"), ("a", "llm", "y")), "duplicate id a"),
+    # (A dependency on a missing id, a cycle and a duplicate id are fixed at
+    # the last attempt instead: see test_planning_robustness.)
+    "placeholder": (plan(("a", "llm", "s1")), "a's instruction 's1' is a placeholder"),
     "not json": ("this is not a plan", "not valid JSON"),
 }
 
