@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from taskloom.client import TaskloomClient
@@ -12,7 +14,7 @@ from taskloom.core.wire import options_from_pb, options_to_pb
 from taskloom.supervisor.app import Supervisor
 from taskloom.worker.handlers import majority
 from tests.conftest import Processes
-from tests.fake_ollama import FakeOllama
+from tests.fake_ollama import ChatCall, FakeOllama
 from tests.helpers import plan, planned
 
 ANSWERS = plan(("a", "echo", "42"), ("b", "echo", " 42. "), ("c", "echo", "41"), synthesize=True)
@@ -87,3 +89,57 @@ async def test_summarize_stays_the_default_and_the_planner_is_told_about_a_vote(
     planning = fake_ollama.planning_calls()
     assert "taken by majority vote" not in planning[0].system
     assert "taken by majority vote of the subtasks nothing depends on" in planning[1].system
+
+
+async def test_a_critic_sends_one_step_back_with_its_critique_then_the_model_merges(
+    supervisor: Supervisor, client: TaskloomClient, fake_ollama: FakeOllama, processes: Processes
+) -> None:
+    verdicts = iter([
+        {"verdict": "revise", "step": "b", "critique": "give the figures in euros"},
+        {"verdict": "accept", "step": "a", "critique": ""},
+    ])  # fmt: skip
+    reviews: list[ChatCall] = []
+
+    def respond(call: ChatCall) -> str:
+        if call.format and "verdict" in call.format.get("properties", {}):
+            reviews.append(call)
+            return json.dumps(next(verdicts))
+        if "Your step: Review, then synthesize" in call.prompt:
+            return "FINAL"
+        if "Your step: B" in call.prompt:
+            return "B2 in euros" if "give the figures in euros" in call.prompt else "B1"
+        return "A1"
+
+    fake_ollama.responder = respond
+    processes.worker(supervisor.address)
+    steps = plan(("a", "llm", "Find the facts."), ("b", "llm", "Give the numbers."),
+                 synthesize=True)  # fmt: skip
+    task = await client.wait(await client.submit("Report", plan=steps, aggregate="critic"))
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.result == "FINAL"
+    subs = {s.id: s for s in task.subtasks}
+    assert (subs["a"].attempt, subs["a"].output) == (1, "A1")
+    assert (subs["b"].attempt, subs["b"].output) == (2, "B2 in euros")
+    assert "Their critique:\ngive the figures in euros" in subs["b"].instruction
+    assert "Your previous answer:\nB1" in subs["b"].instruction
+    final = subs["synthesize"]
+    assert (final.title, final.attempt, final.params["reviewed"]) == (
+        "Review, then synthesize",
+        2,
+        "1",
+    )
+    assert len(reviews) == 1  # one round: the second attempt merges
+    assert '<result step="b" title="B">\nB1' in reviews[0].prompt
+    events = [e async for e in client.watch(task.id)]
+    (retried,) = [e for e in events if e.type == "subtask.retried"]
+    assert (retried.subtask_id, retried.message) == (
+        "b",
+        "sent back by synthesize (attempt 1): give the figures in euros",
+    )
+    assert "the critic sends b back: give the figures in euros" in [e.message for e in events]
+
+    # A critic that accepts lets the same attempt merge.
+    accepted = await client.wait(await client.submit("Again", plan=steps, aggregate="critic"))
+    assert accepted.status == TaskStatus.SUCCEEDED, accepted.error
+    assert (accepted.result, accepted.subtasks[-1].attempt) == ("FINAL", 1)

@@ -307,8 +307,9 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
     type=click.Choice([a.value for a in Aggregate]),
     default=Aggregate.SUMMARIZE.value,
     show_default=True,
-    help="How the final step makes one answer: the model merges the results, they are "
-    "put one after another (no model), or the answer most of them gave wins (no model)",
+    help="How the final step makes one answer: the model merges the results; they are "
+    "put one after another (no model); the answer most of them gave wins (no model); or a "
+    "critic may send one back for another attempt with its critique, then the model merges",
 )
 @click.option("--priority", type=int, default=0, help="Higher runs first")
 @click.option("--max-parallel", type=int, default=0, help="At most this many subtasks at once")

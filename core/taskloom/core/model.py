@@ -185,6 +185,9 @@ class Aggregate(StrEnum):
     VOTE = "vote"
     """No model: the answer most of them gave (compared without case, spacing
     and end punctuation); with no majority, the most common, earliest first."""
+    CRITIC = "critic"
+    """A critic pass reviews them and may send one back for another attempt with
+    its critique (once); then the model merges them, as ``summarize``."""
 
 
 class ContextMode(StrEnum):
@@ -497,6 +500,9 @@ class SubtaskFailure:
     usage: Usage = field(default_factory=Usage)
     replan: bool = False
     """The handler asked for the step to be planned again (``ctx.replan``)."""
+    send_back: str = ""
+    """A dependency the handler (a critic) sends back for another attempt, with
+    ``error`` as the critique (``ctx.send_back``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -565,6 +565,7 @@ SYNTHESIS_INSTRUCTION = (
 
 
 VOTE_TITLE = "Vote on the answer"
+CRITIC_TITLE = "Review, then synthesize"
 VOTE_INSTRUCTION = "Take the answer most of the earlier steps gave."
 
 
@@ -575,20 +576,22 @@ def finalize(
 
     With synthesis, a ``synthesize`` subtask (capability ``llm``) depending on
     every sink is appended and the result is its output: the model's merge
-    (``summarize``) or, with no model call, the majority answer (``vote``, the
-    ``llm`` handler's ``aggregate`` param). Without synthesis, or with
+    (``summarize``), the same after a critic pass that may send one sink back
+    for another attempt (``critic``) or, with no model call, the majority
+    answer (``vote``); the ``llm`` handler reads the ``aggregate`` param. Without synthesis, or with
     ``concat``, the result is made of the sinks' outputs under their titles.
     """
     ends = sinks(plan)
     if not synthesize or aggregate == Aggregate.CONCAT:
         return plan, ends
     vote = aggregate == Aggregate.VOTE
+    titles = {Aggregate.VOTE: VOTE_TITLE, Aggregate.CRITIC: CRITIC_TITLE}
     step = PlannedSubtask(
         id=SYNTHESIZE_ID,
-        title=VOTE_TITLE if vote else SYNTHESIS_TITLE,
+        title=titles.get(aggregate, SYNTHESIS_TITLE),
         instruction=VOTE_INSTRUCTION if vote else SYNTHESIS_INSTRUCTION,
         capability="llm",
         depends_on=tuple(ends),
-        params={"aggregate": Aggregate.VOTE.value} if vote else {},
+        params={} if aggregate == Aggregate.SUMMARIZE else {"aggregate": aggregate.value},
     )
     return Plan(subtasks=(*plan.subtasks, step), synthesize=True), [SYNTHESIZE_ID]

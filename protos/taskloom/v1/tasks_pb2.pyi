@@ -171,6 +171,10 @@ class _AggregateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregate.V
     """No model: the results one after another under their titles."""
     AGGREGATE_VOTE: _Aggregate.ValueType  # 3
     """No model: the answer most of them gave."""
+    AGGREGATE_CRITIC: _Aggregate.ValueType  # 4
+    """A critic reviews them and may send one back for another attempt with its
+    critique (once); then the model merges them.
+    """
 
 class Aggregate(_Aggregate, metaclass=_AggregateEnumTypeWrapper):
     """How a task's final step makes one answer of its last steps' results."""
@@ -183,6 +187,10 @@ AGGREGATE_CONCAT: Aggregate.ValueType  # 2
 """No model: the results one after another under their titles."""
 AGGREGATE_VOTE: Aggregate.ValueType  # 3
 """No model: the answer most of them gave."""
+AGGREGATE_CRITIC: Aggregate.ValueType  # 4
+"""A critic reviews them and may send one back for another attempt with its
+critique (once); then the model merges them.
+"""
 Global___Aggregate: _TypeAlias = Aggregate  # noqa: Y015
 
 class _ContextMode:

@@ -340,6 +340,7 @@ class SubtaskFailure(_message.Message):
     HANDED_BACK_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     REPLAN_FIELD_NUMBER: _builtins.int
+    SEND_BACK_FIELD_NUMBER: _builtins.int
     error: _builtins.str
     retryable: _builtins.bool
     """A retryable failure is tried again while attempts remain."""
@@ -350,6 +351,11 @@ class SubtaskFailure(_message.Message):
     replan: _builtins.bool
     """The handler asked for its step to be planned again (ctx.replan): the
     planner replaces it, whatever the task's on_failure, while replans remain.
+    """
+    send_back: _builtins.str
+    """The handler (a critic) sends this step, one of its dependencies, back for
+    another attempt with `error` as the critique; the handler's own step
+    runs again once that attempt is done.
     """
     @_builtins.property
     def ref(self) -> Global___AttemptRef: ...
@@ -364,10 +370,11 @@ class SubtaskFailure(_message.Message):
         handed_back: _builtins.bool = ...,
         usage: _tasks_pb2.Usage | None = ...,
         replan: _builtins.bool = ...,
+        send_back: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "replan", b"replan", "retryable", b"retryable", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "replan", b"replan", "retryable", b"retryable", "send_back", b"send_back", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

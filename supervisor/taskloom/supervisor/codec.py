@@ -153,6 +153,7 @@ def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
             counts=not f.handed_back,
             usage=wire.usage_from_pb(f.usage),
             replan=f.replan,
+            send_back=f.send_back,
         )
         for f in message.failures
     ]

@@ -211,6 +211,8 @@ class FailItem(NamedTuple):
     """The share of the backoff this retry waits (0.5 to 1)."""
     replan: int = 0
     """1: the handler asked for the step to be planned again."""
+    send_back: str = ""
+    """A dependency the handler sends back for another attempt ('' for none)."""
 
 
 class FailArgs(NamedTuple):

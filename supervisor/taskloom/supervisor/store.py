@@ -651,6 +651,7 @@ class Store:
                 worker_id,
                 round(random.uniform(0.5, 1.0), 4),
                 int(f.replan),
+                f.send_back,
             )
             for f in failures
         ]

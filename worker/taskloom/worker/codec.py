@@ -151,6 +151,7 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
             handed_back=not i.counts,
             usage=_usage_to_pb(i.usage),
             replan=i.replan,
+            send_back=i.send_back,
         )
         for i in items
         if isinstance(i, SubtaskFailure)

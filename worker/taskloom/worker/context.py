@@ -34,6 +34,14 @@ class ReplanRequested(SubtaskError):
     """Raised by ``SubtaskContext.replan``: the step is to be planned again."""
 
 
+class SentBack(SubtaskError):
+    """Raised by ``SubtaskContext.send_back``: a dependency is to run again."""
+
+    def __init__(self, step: str, critique: str) -> None:
+        super().__init__(critique)
+        self.step = step
+
+
 class MeteredLLM(WrappedLLM):
     """The worker's model, adding every call's usage to the subtask's."""
 
@@ -108,6 +116,16 @@ class SubtaskContext:
         ``on_failure``, while the task has replans left (``TASKLOOM_MAX_REPLANS``);
         after that the step fails as the task's ``on_failure`` says."""
         raise ReplanRequested(reason.strip() or "the handler asked for a replan")
+
+    def send_back(self, step: str, critique: str) -> NoReturn:
+        """Send ``step``, one of this subtask's inputs, back for another attempt
+        with ``critique`` added to its instruction (with its previous answer);
+        this subtask runs again once it is done. Once per subtask: its next
+        attempt has ``params["reviewed"] == "1"``, and a second send-back is
+        committed as a failure."""
+        if step not in {i.subtask_id for i in self.inputs}:
+            raise SubtaskError(f"cannot send back {step!r}: it is not one of this step's inputs")
+        raise SentBack(step, critique.strip() or "the reviewer asked for another attempt")
 
     @property
     def llm(self) -> LLM:

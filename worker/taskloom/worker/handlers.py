@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -139,6 +140,8 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
     async def run(ctx: SubtaskContext) -> str:
         if ctx.params.get("aggregate") == Aggregate.VOTE:
             return await vote(ctx)
+        if ctx.params.get("aggregate") == Aggregate.CRITIC and ctx.params.get("reviewed") != "1":
+            await review(ctx, max_output_tokens)
         llm = ctx.llm
         budget = ctx.context_tokens or context_tokens
         if not budget:
@@ -176,6 +179,60 @@ def system_prompt(ctx: SubtaskContext) -> str:
     """The ``llm`` handler's system prompt, after the step's role's, if it has one."""
     role = ctx.params.get(ROLE_PROMPT_PARAM, "").strip()
     return f"{role}\n\n{LLM_SYSTEM_PROMPT}" if role else LLM_SYSTEM_PROMPT
+
+
+CRITIC_PROMPT = (
+    "You are a demanding critic reviewing a team's results before they are merged into "
+    "the final answer to the goal. If one result is wrong, misses something the goal "
+    "needs, or is too weak to use, name that one step and say exactly what to fix; "
+    "otherwise accept. Reply with the JSON object only."
+)
+REVIEW_ITEM = 1500
+"""Characters of each result the critic reads."""
+
+
+async def review(ctx: SubtaskContext, max_output_tokens: int) -> None:
+    """The critic pass of ``aggregate=critic``: accept, or send one input back
+    with a critique (``ctx.send_back``, which ends this attempt)."""
+    steps = [i.subtask_id for i in ctx.inputs]
+    if not steps:
+        return
+    results = "\n\n".join(
+        f'<result step="{i.subtask_id}" title="{i.title}">\n{i.output[:REVIEW_ITEM]}\n</result>'
+        for i in ctx.inputs
+    )
+    schema = {
+        "type": "object",
+        "properties": {
+            "verdict": {"type": "string", "enum": ["accept", "revise"]},
+            "step": {"type": "string", "enum": steps},
+            "critique": {"type": "string", "maxLength": 600},
+        },
+        "required": ["verdict", "step", "critique"],
+        "additionalProperties": False,
+    }
+    try:
+        reply = await ctx.llm.chat(
+            [
+                ChatMessage("system", CRITIC_PROMPT),
+                ChatMessage("user", f"Goal:\n{ctx.goal}\n\nResults:\n{results}"),
+            ],
+            schema=schema,
+            max_tokens=min(max_output_tokens, 400),
+        )
+    except LLMUnavailable as e:
+        raise SubtaskError(str(e), retryable=True) from None
+    except LLMError as e:
+        raise SubtaskError(str(e), retryable=False) from None
+    try:
+        verdict = json.loads(reply.text)
+    except ValueError:
+        verdict = {}
+    step, critique = str(verdict.get("step", "")), str(verdict.get("critique", "")).strip()
+    if verdict.get("verdict") == "revise" and step in steps and critique:
+        await ctx.progress(f"the critic sends {step} back: {critique}")
+        ctx.send_back(step, critique)
+    await ctx.progress("the critic accepts the results" + (f": {critique}" if critique else ""))
 
 
 def _ballot(text: str) -> str:

@@ -55,7 +55,7 @@ from taskloom.core.tracing import (
 )
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
-from taskloom.worker.context import ReplanRequested, SubtaskContext, SubtaskError
+from taskloom.worker.context import ReplanRequested, SentBack, SubtaskContext, SubtaskError
 from taskloom.worker.handlers import (
     LLM_HANDLER_VERSION,
     Cacheable,
@@ -403,6 +403,7 @@ class Worker:
                 e.retryable,
                 usage=ctx.usage,
                 replan=isinstance(e, ReplanRequested),
+                send_back=e.step if isinstance(e, SentBack) else "",
             )
         except Exception as e:
             logger.exception("handler %s failed on %s", assignment.capability, ref)

@@ -18,11 +18,42 @@
 -- finished, the attempts held in tasks that ended, and the subtasks the
 -- planner must replace.
 local MAX_LOST = 20
+
+-- A critic's attempt sends one of its dependencies back: that step runs
+-- again with the critique added to its instruction (and its previous answer
+-- shown), and everything downstream of it (the critic's step included) waits
+-- for it. The critic's step is marked `reviewed` in its params, so that its
+-- next attempt merges instead of sending back again: one round. False (and
+-- nothing changed) unless `back` is a SUCCEEDED dependency of `sub` and the
+-- step was not reviewed yet; the report is then committed as a failure.
+local function sent_back(task, sub, attempt, back, critique, ready, held)
+  local sk, bk = k_subtask(task, sub), k_subtask(task, back)
+  local s = redis.call('HMGET', sk, 'deps', 'params')
+  local params = cjson.decode(s[2] or '{}')
+  if params.reviewed == '1' then return false end
+  local is_dep = false
+  for _, dep in ipairs(cjson.decode(s[1] or '[]')) do
+    if dep == back then is_dep = true end
+  end
+  local b = redis.call('HMGET', bk, 'status', 'instruction', 'output')
+  if not is_dep or b[1] ~= 'SUCCEEDED' then return false end
+  params.reviewed = '1'
+  redis.call('HSET', sk, 'params', cjson.encode(params), 'status', 'PENDING')
+  redis.call('HSET', bk, 'instruction', (b[2] or '') ..
+    '\n\nA reviewer sent your previous answer back. Their critique:\n' .. critique ..
+    '\n\nYour previous answer:\n' .. string.sub(b[3] or '', 1, 4000))
+  local because = 'sent back by ' .. sub .. ' (attempt ' .. attempt .. '): ' .. critique
+  rerun(task, downstream(task, {back}), held, ready, '', because,
+    'runs again: ' .. back .. ' was sent back by ' .. sub, back)
+  redis.call('HSET', k_task(task), 'updated_at', NOW)
+  recount(task)
+  return true
+end
 local items, backoff, backoff_max = unpack(PAYLOAD) -- FailArgs
 local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
 for i, item in ipairs(items) do
-  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter, asked =
-    unpack(item) -- FailItem
+  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter, asked,
+    send_back = unpack(item) -- FailItem
   local lost_only = counts == 0
   committed[i] = 0
   local over = nil
@@ -34,6 +65,9 @@ for i, item in ipairs(items) do
     committed[i] = 1
     for _, h in ipairs(over) do table.insert(held, h) end
     table.insert(finished, task)
+  elseif send_back ~= nil and send_back ~= '' and held_by(task, sub, attempt, worker_id)
+      and sent_back(task, sub, attempt, send_back, error, ready, held) then
+    committed[i] = 1
   elseif held_by(task, sub, attempt, worker_id) then
     local tk, sk = k_task(task), k_subtask(task, sub)
     local v = redis.call('HMGET', sk, 'max_attempts', 'capability', 'title', 'worker')
