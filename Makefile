@@ -36,10 +36,12 @@ else
 endif
 
 # A software task by roles (examples/software): requirements, design, code,
-# review, fix, each an llm step with its role's system prompt.
+# review, fix, each an llm step with its role's system prompt; then a critic
+# may send the fixed code back once before the final answer is written.
 demo-software: setup
 	TASKLOOM_ROLES_FILE=examples/software/roles.toml $(BIN)/taskloom up --workers 2 \
-	    --demo-plan examples/software/plan.json --demo "$(SOFTWARE_GOAL)"
+	    --demo-plan examples/software/plan.json --demo-aggregate critic \
+	    --demo "$(SOFTWARE_GOAL)"
 
 test: setup
 	./scripts/ensure-prometheus

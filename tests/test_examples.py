@@ -90,13 +90,20 @@ async def test_the_software_demo_runs_each_step_with_its_role(
     software = REPO / "examples" / "software"
 
     def respond(call: ChatCall) -> str:
+        if call.format and "verdict" in call.format.get("properties", {}):  # the critic
+            return json.dumps({"verdict": "revise", "step": "fix", "critique": "handle 'X'"})
+        if "Your step: Review, then synthesize" in call.prompt:
+            return "THE FINAL CODE"
+        if "Their critique:\nhandle 'X'" in call.prompt:
+            return "<fixed again>"
         return f"<{call.system.split('.')[0]}>"  # "<You are a code reviewer>"
 
     fake_ollama.responder = respond
     code, out, err = await asyncio.wait_for(
         taskloom(
             "up", "--workers", "1", "--data-dir", str(tmp_path / "data"),
-            "--demo-plan", str(software / "plan.json"), "--demo", "Write an ISBN-10 check",
+            "--demo-plan", str(software / "plan.json"), "--demo-aggregate", "critic",
+            "--demo", "Write an ISBN-10 check",
             env={"OLLAMA_HOST": fake_ollama.url,
                  "TASKLOOM_ROLES_FILE": str(software / "roles.toml")},
         ),
@@ -104,12 +111,18 @@ async def test_the_software_demo_runs_each_step_with_its_role(
     )  # fmt: skip
 
     assert code == 0, err + out
-    calls = {c.prompt.rsplit("Your step: ", 1)[1].split("\n")[0]: c for c in fake_ollama.calls}
+    calls = {
+        c.prompt.rsplit("Your step: ", 1)[1].split("\n")[0]: c
+        for c in fake_ollama.calls
+        if "Your step: " in c.prompt and "Their critique" not in c.prompt
+    }
     assert calls["Write the requirements"].system.startswith("You are a product owner.")
     assert calls["Design it"].system.startswith("You are a software architect.")
     assert calls["Review the code"].system.startswith("You are a code reviewer.")
     fix = calls["Fix what the review found"]
     assert fix.system.startswith("You are a Python developer.")
     assert "<You are a code reviewer>" in fix.prompt  # the review is among its inputs
-    assert "<You are a Python developer>" in out  # the result
     assert "product-owner" in out and "reviewer" in out  # the role column
+    # The critic sent the fixed code back once; then the final step merged.
+    assert "the critic sends fix back: handle 'X'" in out
+    assert "THE FINAL CODE" in out

@@ -926,6 +926,13 @@ DEMO_PLAN = Plan(
     metavar="FILE",
     help="With --demo: run this JSON plan instead of asking the LLM for one",
 )
+@click.option(
+    "--demo-aggregate",
+    type=click.Choice([a.value for a in Aggregate]),
+    default=Aggregate.SUMMARIZE.value,
+    show_default=True,
+    help="With --demo: how the task's final step makes one answer (see submit --aggregate)",
+)
 def up(
     workers: int,
     listen: str | None,
@@ -939,6 +946,7 @@ def up(
     console_port: int | None,
     demo: str | None,
     demo_plan: str | None,
+    demo_aggregate: str,
 ) -> None:
     """Run Redis, a supervisor and workers here; Ctrl-C stops them all."""
     try:  # the server extra (a client-only install goes without)
@@ -1004,7 +1012,9 @@ def up(
                 f"--supervisor {cluster.address} (or TASKLOOM_SUPERVISOR={cluster.address})"
             )
         if demo is not None:
-            code = asyncio.run(_demo(cluster, demo, offline=offline, plan=plan))
+            code = asyncio.run(
+                _demo(cluster, demo, offline=offline, plan=plan, aggregate=demo_aggregate)
+            )
         else:
             _say(
                 f"try: taskloom submit 'your goal' --wait --supervisor {cluster.address}\n"
@@ -1150,13 +1160,21 @@ def _capabilities_with(app: str | None) -> str:
 
 
 async def _demo(
-    cluster: LocalCluster, goal: str, *, offline: bool, plan: Plan | None = None
+    cluster: LocalCluster,
+    goal: str,
+    *,
+    offline: bool,
+    plan: Plan | None = None,
+    aggregate: str = Aggregate.SUMMARIZE.value,
 ) -> int:
     if offline and plan is not None and any(s.capability == "llm" for s in plan.subtasks):
         raise ConfigError("the demo plan has llm steps, and no model answers (see above)")
     async with TaskloomClient(cluster.address) as client:
         task_id = await client.submit(
-            goal, plan=plan or (DEMO_PLAN if offline else None), fallback=Fallback.SINGLE
+            goal,
+            plan=plan or (DEMO_PLAN if offline else None),
+            fallback=Fallback.SINGLE,
+            aggregate=aggregate,
         )
         err.print(f"task {task_id}: watch it at [bold]{cluster.console_url}tasks/{task_id}[/]",
                   markup=True, soft_wrap=True)  # fmt: skip
