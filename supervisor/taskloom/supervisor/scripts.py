@@ -209,7 +209,7 @@ class FailItem(NamedTuple):
     worker_id: str
     jitter: float
     """The share of the backoff this retry waits (0.5 to 1)."""
-    replan: int = 0
+    wants_replan: int = 0
     """1: the handler asked for the step to be planned again."""
     send_back: str = ""
     """A dependency the handler sends back for another attempt ('' for none)."""

@@ -52,8 +52,8 @@ end
 local items, backoff, backoff_max = unpack(PAYLOAD) -- FailArgs
 local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
 for i, item in ipairs(items) do
-  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter, asked,
-    send_back = unpack(item) -- FailItem
+  local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter,
+    wants_replan, send_back = unpack(item) -- FailItem
   local lost_only = counts == 0
   committed[i] = 0
   local over = nil
@@ -82,7 +82,7 @@ for i, item in ipairs(items) do
     committed[i] = 1
     redis.call('HSET', tk, 'updated_at', NOW)
     local priority = tonumber(redis.call('HGET', tk, 'priority') or '0')
-    if asked == 1 then
+    if wants_replan == 1 then
       retryable = 0 -- the handler wants the step replanned, not run again
     end
     if retryable == 1 and failures < max_attempts and lost < MAX_LOST then
@@ -109,7 +109,7 @@ for i, item in ipairs(items) do
     else
       redis.call('HSET', sk, 'status', 'FAILED', 'error', error, 'finished_at', NOW, 'progress', '')
       local why = 'failed after ' .. failures .. ' attempt(s): ' .. error
-      if asked == 1 then
+      if wants_replan == 1 then
         why = 'asked to be planned again: ' .. error
       elseif retryable ~= 1 then
         why = 'failed: ' .. error
@@ -123,7 +123,7 @@ for i, item in ipairs(items) do
       local policy = redis.call('HGET', tk, 'on_failure')
       local replans = tonumber(redis.call('HGET', tk, 'replans') or '0')
       local max_replans = tonumber(redis.call('HGET', tk, 'max_replans') or '0')
-      if (policy == 'replan' or asked == 1) and replans < max_replans
+      if (policy == 'replan' or wants_replan == 1) and replans < max_replans
           and redis.call('HGET', sk, 'tolerant') ~= '1' then
         -- The task waits (its dependents stay PENDING) while the planner
         -- replaces this step; recovery finds the mark and asks again.
