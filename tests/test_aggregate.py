@@ -143,3 +143,17 @@ async def test_a_critic_sends_one_step_back_with_its_critique_then_the_model_mer
     accepted = await client.wait(await client.submit("Again", plan=steps, aggregate="critic"))
     assert accepted.status == TaskStatus.SUCCEEDED, accepted.error
     assert (accepted.result, accepted.subtasks[-1].attempt) == ("FINAL", 1)
+
+
+async def test_a_critic_reply_that_is_not_a_verdict_accepts_the_results(
+    supervisor: Supervisor, client: TaskloomClient, fake_ollama: FakeOllama, processes: Processes
+) -> None:
+    fake_ollama.responder = lambda call: (
+        '["not", "a", "verdict"]' if call.format else "MERGED" if "Review" in call.prompt else "x"
+    )
+    processes.worker(supervisor.address)
+    steps = plan(("a", "llm", "Find the facts."), synthesize=True)
+    task = await client.wait(await client.submit("Report", plan=steps, aggregate="critic"))
+
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert (task.result, task.subtasks[-1].attempt) == ("MERGED", 1)

@@ -190,6 +190,13 @@ class Aggregate(StrEnum):
     its critique (once); then the model merges them, as ``summarize``."""
 
 
+AGGREGATE_PARAM = "aggregate"
+"""The param of a final step that tells the ``llm`` handler how to aggregate."""
+REVIEWED_PARAM = "reviewed"
+"""Set to "1" (by ``fail.lua``) on a step whose critic sent one of its inputs back:
+its next attempt merges without reviewing again."""
+
+
 class ContextMode(StrEnum):
     """How the llm handler fits inputs that exceed its context budget."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from taskloom.core.errors import PlanError
-from taskloom.core.model import SYNTHESIZE_ID, Aggregate, Plan, PlannedSubtask
+from taskloom.core.model import AGGREGATE_PARAM, SYNTHESIZE_ID, Aggregate, Plan, PlannedSubtask
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Subtask ids end up inside Redis keys, so they are short and plain."""
@@ -592,6 +592,6 @@ def finalize(
         instruction=VOTE_INSTRUCTION if vote else SYNTHESIS_INSTRUCTION,
         capability="llm",
         depends_on=tuple(ends),
-        params={} if aggregate == Aggregate.SUMMARIZE else {"aggregate": aggregate.value},
+        params={} if aggregate == Aggregate.SUMMARIZE else {AGGREGATE_PARAM: aggregate.value},
     )
     return Plan(subtasks=(*plan.subtasks, step), synthesize=True), [SYNTHESIZE_ID]

@@ -151,14 +151,24 @@ def plan_schema(
 ) -> dict[str, Any]:
     """The structured-output schema: bounded everywhere, so small models cannot
     loop. With ``roles``, a step may name one (optional)."""
-    schema = _plan_schema(capabilities, limits)
+    item: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "pattern": limits.id_pattern},
+            "title": {"type": "string", "maxLength": limits.max_title_chars},
+            "instruction": {"type": "string", "maxLength": limits.max_instruction_chars},
+            "capability": {"type": "string", "enum": sorted(capabilities)},
+            "depends_on": {
+                "type": "array",
+                "items": {"type": "string", "pattern": limits.id_pattern},
+                "maxItems": limits.max_subtasks,
+            },
+        },
+        "required": ["id", "title", "instruction", "capability", "depends_on"],
+        "additionalProperties": False,
+    }
     if roles:
-        item = schema["properties"]["subtasks"]["items"]
         item["properties"]["role"] = {"type": "string", "enum": sorted(roles)}
-    return schema
-
-
-def _plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
@@ -166,25 +176,7 @@ def _plan_schema(capabilities: Collection[str], limits: PlanLimits) -> dict[str,
                 "type": "array",
                 "minItems": 1,
                 "maxItems": limits.max_subtasks,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string", "pattern": limits.id_pattern},
-                        "title": {"type": "string", "maxLength": limits.max_title_chars},
-                        "instruction": {
-                            "type": "string",
-                            "maxLength": limits.max_instruction_chars,
-                        },
-                        "capability": {"type": "string", "enum": sorted(capabilities)},
-                        "depends_on": {
-                            "type": "array",
-                            "items": {"type": "string", "pattern": limits.id_pattern},
-                            "maxItems": limits.max_subtasks,
-                        },
-                    },
-                    "required": ["id", "title", "instruction", "capability", "depends_on"],
-                    "additionalProperties": False,
-                },
+                "items": item,
             }
         },
         "required": ["subtasks"],

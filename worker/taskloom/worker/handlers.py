@@ -12,6 +12,7 @@ subtask's output: a string, or anything JSON can encode.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -22,7 +23,7 @@ from typing import Literal
 
 from taskloom.core.errors import LLMError, LLMUnavailable
 from taskloom.core.llm import LLM, ChatMessage
-from taskloom.core.model import Aggregate, ContextMode
+from taskloom.core.model import AGGREGATE_PARAM, REVIEWED_PARAM, Aggregate, ContextMode
 from taskloom.core.roles import ROLE_PROMPT_PARAM
 from taskloom.worker.context import SubtaskContext, SubtaskError
 
@@ -138,9 +139,10 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
     """
 
     async def run(ctx: SubtaskContext) -> str:
-        if ctx.params.get("aggregate") == Aggregate.VOTE:
+        aggregate = ctx.params.get(AGGREGATE_PARAM)
+        if aggregate == Aggregate.VOTE:
             return await vote(ctx)
-        if ctx.params.get("aggregate") == Aggregate.CRITIC and ctx.params.get("reviewed") != "1":
+        if aggregate == Aggregate.CRITIC and ctx.params.get(REVIEWED_PARAM) != "1":
             await review(ctx, max_output_tokens)
         llm = ctx.llm
         budget = ctx.context_tokens or context_tokens
@@ -149,7 +151,7 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
         elif llm.context_is_fixed:
             budget = min(budget, await llm.context_length())
         reply_tokens = min(max_output_tokens, budget // 4)
-        try:
+        with model_errors():
             prompt, notes = await fit_prompt(
                 ctx, llm, budget - reply_tokens, summarize=ctx.context_mode == ContextMode.SUMMARIZE
             )
@@ -163,16 +165,23 @@ def llm_handler(*, context_tokens: int, max_output_tokens: int) -> Handler:
                 max_tokens=reply_tokens,
                 context_tokens=budget,
             )
-        except LLMUnavailable as e:
-            raise SubtaskError(str(e), retryable=True) from None
-        except LLMError as e:
-            raise SubtaskError(str(e), retryable=False) from None
         answer = reply.text.strip()
         if answer[: len(CANNOT)].upper() == CANNOT:
             ctx.replan(f"the model cannot do this step as asked: {answer[len(CANNOT) :].strip()}")
         return reply.text
 
     return run
+
+
+@contextlib.contextmanager
+def model_errors() -> Iterator[None]:
+    """The model's failures as the subtask's: unreachable is retried, refused is not."""
+    try:
+        yield
+    except LLMUnavailable as e:
+        raise SubtaskError(str(e), retryable=True) from None
+    except LLMError as e:
+        raise SubtaskError(str(e), retryable=False) from None
 
 
 def system_prompt(ctx: SubtaskContext) -> str:
@@ -211,7 +220,7 @@ async def review(ctx: SubtaskContext, max_output_tokens: int) -> None:
         "required": ["verdict", "step", "critique"],
         "additionalProperties": False,
     }
-    try:
+    with model_errors():
         reply = await ctx.llm.chat(
             [
                 ChatMessage("system", CRITIC_PROMPT),
@@ -220,13 +229,11 @@ async def review(ctx: SubtaskContext, max_output_tokens: int) -> None:
             schema=schema,
             max_tokens=min(max_output_tokens, 400),
         )
-    except LLMUnavailable as e:
-        raise SubtaskError(str(e), retryable=True) from None
-    except LLMError as e:
-        raise SubtaskError(str(e), retryable=False) from None
     try:
         verdict = json.loads(reply.text)
     except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict):  # a model that ignored the schema: accepted
         verdict = {}
     step, critique = str(verdict.get("step", "")), str(verdict.get("critique", "")).strip()
     if verdict.get("verdict") == "revise" and step in steps and critique:

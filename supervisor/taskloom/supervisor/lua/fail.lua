@@ -22,7 +22,8 @@ local MAX_LOST = 20
 -- A critic's attempt sends one of its dependencies back: that step runs
 -- again with the critique added to its instruction (and its previous answer
 -- shown), and everything downstream of it (the critic's step included) waits
--- for it. The critic's step is marked `reviewed` in its params, so that its
+-- for it. The critic's step is marked `reviewed` in its params (REVIEWED_PARAM
+-- in model.py), so that its
 -- next attempt merges instead of sending back again: one round. False (and
 -- nothing changed) unless `back` is a SUCCEEDED dependency of `sub` and the
 -- step was not reviewed yet; the report is then committed as a failure.
