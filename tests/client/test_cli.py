@@ -32,7 +32,7 @@ TASK_KEYS = {
 }  # fmt: skip
 SUBTASK_KEYS = {
     "id", "title", "instruction", "capability", "role", "depends_on", "status", "output", "error",
-    "attempts", "worker", "cache_hit", "requires_approval", "usage",
+    "attempts", "worker", "cache_hit", "requires_approval", "requires", "usage",
 }  # fmt: skip
 EVENT_KEYS = {
     "event_id", "time", "type", "task_id", "subtask_id", "status", "message", "trace_id",
@@ -472,3 +472,25 @@ async def test_ctrl_c_on_submit_wait_asks_whether_to_cancel(
     else:
         assert f"task {task.id} goes on" in output
         assert task.status == TaskStatus.RUNNING
+
+
+async def test_brackets_in_goals_titles_and_outputs_are_printed_as_text(
+    supervisor: Supervisor, processes: Processes, tmp_path: Path
+) -> None:
+    # Rich would read these as markup: '[/]' alone made get and tasks crash.
+    processes.worker(supervisor.address)
+    document = plan(("a", "echo", "say [red]hi[/]"))
+    document["subtasks"][0]["title"] = "close [/] tag"
+    args = ("--supervisor", supervisor.address)
+    code, out, err = await taskloom(
+        "submit", "[bold]goal[/]", "--plan", write_plan(tmp_path, document), "--wait", *args
+    )
+    assert code == 0, err
+    assert "say [red]hi[/]" in out
+    code, out, err = await taskloom("tasks", *args)
+    assert code == 0, err
+    assert "[bold]goal[/]" in out
+    task_id = out.splitlines()[1].split()[0]
+    code, out, err = await taskloom("get", task_id, *args)
+    assert code == 0, err
+    assert "close [/] tag" in out and "[bold]goal[/]" in out

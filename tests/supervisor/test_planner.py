@@ -12,6 +12,7 @@ from taskloom.core.llm import OllamaLLM
 from taskloom.core.localredis import free_port
 from taskloom.core.model import Subtask, SubtaskStatus
 from taskloom.core.plan import PlanLimits
+from taskloom.supervisor.outcomes import Stock
 from taskloom.supervisor.planner import PlanHooks, Planner, offered_capabilities
 from tests.fake_ollama import FakeOllama
 from tests.helpers import planned
@@ -224,7 +225,7 @@ async def test_the_planner_is_told_how_many_workers_and_free_slots_each_capabili
 ) -> None:
     fake_ollama.responder = lambda call: planned(("s1", "llm", "Answer the goal."))
     planner = Planner(llm, limits=LIMITS)
-    planner.inventory = lambda: {"llm": (2, 7), "search": (1, 1)}
+    planner.inventory = lambda: {"llm": Stock(2, 7, {}), "search": Stock(1, 1, {})}
     await planner.plan("g", capabilities={"llm", "search", "render"})
     (call,) = fake_ollama.calls
     assert "  - llm: a general language model" in call.system

@@ -63,6 +63,7 @@ def _hello(**fields: object) -> wpb.ConnectRequest:
         ((_hello(worker_id=""),), "Hello needs a worker_id"),
         ((_hello(max_concurrency=0),), "max_concurrency must be between 1 and 10000"),
         ((_hello(), _hello()), "Hello may only be sent once per stream"),
+        ((_hello(labels={"gpu": "yes, two"}),), "each key and value 1-64 letters"),
     ],
 )
 async def test_a_malformed_worker_stream_is_refused_with_the_reason(

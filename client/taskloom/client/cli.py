@@ -70,7 +70,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False)
+out = Console(highlight=False, markup=False)
+"""Markup is off: goals, titles and messages are text, whatever brackets they
+hold; a line that styles itself passes ``markup=True`` and escapes the text."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Following:
 
 _following: list[Following] = []
 """The task a command is following, for what to do on Ctrl-C."""
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 
 def _fail(error: TaskloomError) -> None:
@@ -160,7 +162,7 @@ class _WaitingNotice(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(OSError, SystemExit):
-            err.print(f"[dim]{record.getMessage()} …[/]", markup=True, soft_wrap=True)
+            err.print(f"[dim]{escape(record.getMessage())} …[/]", markup=True, soft_wrap=True)
 
 
 def _client(supervisor: str | None) -> TaskloomClient:
@@ -495,7 +497,11 @@ async def submit_many(
                     document["error"] = str(result.error)
                 print(json.dumps(document, ensure_ascii=False), flush=True)
             elif result.error is not None:
-                err.print(f"[bold red]task {number} refused:[/] {result.error}", soft_wrap=True)
+                err.print(
+                    f"[bold red]task {number} refused:[/] {escape(str(result.error))}",
+                    markup=True,
+                    soft_wrap=True,
+                )
             else:
                 out.print(result.task_id)
         refused = [r.error for r in results if r.error is not None]
@@ -1085,7 +1091,7 @@ def _run_until_told(cluster: LocalCluster) -> int:
             _silence()
             return exits.INTERRUPTED
         if problem := cluster.exited():
-            _say(f"[bold red]{problem}[/]; see {cluster.log_dir}")
+            _say(f"[bold red]{escape(problem)}[/]; see {escape(str(cluster.log_dir))}")
             return exits.UNAVAILABLE
 
 
@@ -1129,8 +1135,8 @@ async def _demo_llm(requested: str | None, *, demo: bool = True) -> tuple[str | 
     embedded_problem = await _usable(embedded)
     if not embedded_problem:
         err.print(
-            f"\n[bold yellow]No usable Ollama:[/] {problem}\n"
-            f"Using the embedded model instead: {TINY_NOTICE}. {get_ollama}\n",
+            f"\n[bold yellow]No usable Ollama:[/] {escape(problem)}\n"
+            f"Using the embedded model instead: {TINY_NOTICE}. {escape(get_ollama)}\n",
             markup=True,
             soft_wrap=True,
         )
@@ -1142,8 +1148,9 @@ async def _demo_llm(requested: str | None, *, demo: bool = True) -> tuple[str | 
         else "Meanwhile, only tasks with an explicit plan (--plan FILE) can run."
     )
     err.print(
-        f"\n[bold yellow]No usable Ollama:[/] {problem}\n"
-        f"No embedded model either: {embedded_problem}\n{get_ollama}\n{meanwhile}\n",
+        f"\n[bold yellow]No usable Ollama:[/] {escape(problem)}\n"
+        f"No embedded model either: {escape(embedded_problem)}\n{escape(get_ollama)}\n"
+        f"{meanwhile}\n",
         markup=True,
         soft_wrap=True,
     )

@@ -54,6 +54,7 @@ def _subtask_from_pb(message: pb.Subtask) -> Subtask:
         started_at=wire.time_of(message, "started_at"),
         finished_at=wire.time_of(message, "finished_at"),
         requires_approval=message.requires_approval,
+        requires=dict(message.requires),
         ready_at=wire.time_of(message, "ready_at"),
     )
 

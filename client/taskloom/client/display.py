@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from taskloom.core.llm.base import TINY_NOTICE
-from taskloom.core.model import Event, EventType, Task, Usage
+from taskloom.core.model import Event, EventType, Task, Usage, route_key
 
 STYLES = {
     "PENDING": "dim",
@@ -104,6 +104,7 @@ def task_json(task: Task) -> dict[str, Any]:
                 "worker": s.worker,
                 "cache_hit": s.cache_hit,
                 "requires_approval": s.requires_approval,
+                "requires": dict(s.requires),
                 "usage": usage_json(s.usage),
             }
             for s in task.subtasks
@@ -158,14 +159,15 @@ def task_text(task: Task) -> Group:
         for column in columns if roles else [c for c in columns if c != "role"]:
             table.add_column(column)
         for s in task.subtasks:
+            # Text, not str: a cell's brackets are data, never rich markup.
             table.add_row(
-                s.id,
-                s.title,
-                s.capability,
-                *([s.params.get("role", "")] if roles else []),
+                Text(s.id),
+                Text(s.title),
+                Text(route_key(s.capability, s.requires)),
+                *([Text(s.params.get("role", ""))] if roles else []),
                 Text(str(s.status), STYLES.get(s.status, "")),
                 "cached" if s.cache_hit else str(s.attempt),
-                s.worker,
+                Text(s.worker),
                 f"{s.usage.tokens:,}" if s.usage.tokens else "",
             )
         parts.append(table)
@@ -242,13 +244,13 @@ class LiveView:
             table.add_column(column, overflow="ellipsis", no_wrap=True, max_width=48)
         for row in self.rows.values():
             table.add_row(
-                row.id,
-                row.title,
-                *([row.role] if roles else []),
+                Text(row.id),
+                Text(row.title),
+                *([Text(row.role)] if roles else []),
                 Text(row.status, STYLES.get(row.status, "")),
                 str(row.attempt or ""),
-                row.worker,
-                row.note,
+                Text(row.worker),
+                Text(row.note),
             )
         header = Text.assemble(
             ("task ", "bold"),

@@ -146,6 +146,36 @@ class PlannedSubtask:
     """Seconds one attempt may run; 0: the task's, else the capability's default."""
     requires_approval: bool = False
     """A person must approve it before it runs (the supervisor may require it too)."""
+    requires: Mapping[str, str] = field(default_factory=dict)
+    """Worker labels it needs (``{"gpu": "true"}``): it runs only on a worker
+    with every one of them (label routing)."""
+
+    @property
+    def route(self) -> str:
+        """Where it may run: its capability, narrowed by its ``requires``."""
+        return route_key(self.capability, self.requires)
+
+
+def route_key(capability: str, requires: Mapping[str, str]) -> str:
+    """The queue a subtask waits in: ``llm``, or ``llm[gpu=true,zone=eu]`` when
+    it requires labels (sorted, so equal requirements share one queue). Label
+    keys and values are plain names (``LABEL_RE``), so the key parses back."""
+    if not requires:
+        return capability
+    return capability + "[" + ",".join(f"{k}={requires[k]}" for k in sorted(requires)) + "]"
+
+
+def split_route(key: str) -> tuple[str, dict[str, str]]:
+    """The capability and required labels of a ``route_key``."""
+    if not key.endswith("]") or "[" not in key:
+        return key, {}
+    capability, _, inner = key[:-1].partition("[")
+    return capability, dict(pair.partition("=")[::2] for pair in inner.split(",") if pair)
+
+
+def satisfies(labels: Mapping[str, str], requires: Mapping[str, str]) -> bool:
+    """Whether a worker with ``labels`` may run what ``requires`` these."""
+    return all(labels.get(k) == v for k, v in requires.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +422,8 @@ class Subtask:
     """A person must approve it before it runs."""
     ready_at: float | None = None
     """When its dependencies were done (it became READY, or AWAITING_APPROVAL)."""
+    requires: Mapping[str, str] = field(default_factory=dict)
+    """Worker labels it needs (label routing)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +33,11 @@ CAPABILITY_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$"
 """Capability names reach the planner's prompt, metric labels and messages:
 short and plain, like ids."""
 CAPABILITY_RE = re.compile(CAPABILITY_PATTERN)
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$"
+"""Label keys and values a subtask may require: plain names, so that a route
+(``llm[gpu=true]``) parses back ("model=llama3.1:70b" is one)."""
+LABEL_RE = re.compile(LABEL_PATTERN)
+MAX_REQUIRES = 8
 MAX_REPORTED_VIOLATIONS = 20
 
 
@@ -121,6 +126,12 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
         role = ""
     if role.strip():
         params = {**params, "role": role.strip()}
+    requires = item.get("requires", {}) or {}
+    if not isinstance(requires, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in requires.values()
+    ):
+        problems.append(f"{where}.requires must be an object of label names and values")
+        requires = {}
     requires_approval = item.get("requires_approval", False)
     if not isinstance(requires_approval, bool):
         problems.append(f"{where}.requires_approval must be true or false")
@@ -135,6 +146,7 @@ def _parse_subtask(index: int, item: Any, problems: list[str]) -> PlannedSubtask
         max_attempts=max_attempts,
         timeout=float(timeout),
         requires_approval=requires_approval,
+        requires={str(k): _param_str(v) for k, v in requires.items()},
     )
 
 
@@ -158,6 +170,7 @@ def plan_to_document(plan: Plan) -> dict[str, Any]:
                 **({"max_attempts": s.max_attempts} if s.max_attempts else {}),
                 **({"timeout": s.timeout} if s.timeout else {}),
                 **({"requires_approval": True} if s.requires_approval else {}),
+                **({"requires": dict(s.requires)} if s.requires else {}),
             }
             for s in plan.subtasks
         ]
@@ -210,6 +223,7 @@ def validate_plan(
             violations.append(
                 f"{name} uses unknown capability {s.capability!r}; available: {available}"
             )
+        violations.extend(requires_problems(name, s.requires))
         if len(s.params) > limits.max_params or any(
             len(v) > limits.max_param_chars for v in s.params.values()
         ):
@@ -225,6 +239,19 @@ def validate_plan(
     if cycle:
         violations.append("cycle " + " → ".join(cycle))
     return violations[:MAX_REPORTED_VIOLATIONS]
+
+
+def requires_problems(name: str, requires: Mapping[str, str]) -> list[str]:
+    """What is wrong with the labels a subtask requires."""
+    if len(requires) > MAX_REQUIRES:
+        return [f"{name} requires {len(requires)} labels; at most {MAX_REQUIRES}"]
+    bad = [f"{k}={v}" for k, v in requires.items() if not (LABEL_RE.match(k) and LABEL_RE.match(v))]
+    if bad:
+        return [
+            f"{name} requires label {bad[0][:80]!r}: keys and values are 1-64 letters, digits "
+            "and _.:/- starting with a letter or digit"
+        ]
+    return []
 
 
 PROSE_CAPABILITIES = frozenset({"llm"})
@@ -393,9 +420,7 @@ def _merge_copies(plan: Plan, notes: list[str]) -> Plan:
     for s in plan.subtasks:
         text = _plain(s.instruction)
         if s.capability in PROSE_CAPABILITIES:
-            original = next(
-                (k for k, t in kept if k.capability == s.capability and _alike(text, t)), None
-            )
+            original = next((k for k, t in kept if k.route == s.route and _alike(text, t)), None)
             if original is not None:
                 alias[s.id] = original.id
                 notes.append(f"merged {s.id} into {original.id}: the two said the same")
@@ -477,7 +502,7 @@ def _normalize_once(
     seen: dict[tuple[object, ...], str] = {}
     ids = [s.id for s in cleaned]
     for s in cleaned:
-        body = (s.title, s.instruction, s.capability, s.depends_on, tuple(sorted(s.params.items())))
+        body = (s.title, s.instruction, s.route, s.depends_on, tuple(sorted(s.params.items())))
         original = seen.get(body)
         if original is not None and (original == s.id or ids.count(s.id) == 1):
             if original == s.id:

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from taskloom.core.channel import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, ClientTLS, Keepalive
 from taskloom.core.errors import ConfigError
+from taskloom.core.plan import LABEL_RE
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -71,6 +72,28 @@ def parse_duration_map(value: Any) -> Any:
     return value
 
 
+def parse_label_map(value: Any) -> Any:
+    """``"gpu=true, zone=eu"`` → ``{"gpu": "true", "zone": "eu"}``, each key and
+    value a label name (``LABEL_RE``: what a subtask can require)."""
+    if isinstance(value, str):
+        pairs: dict[str, str] = {}
+        for part in value.split(","):
+            if part.strip():
+                key, sep, label = (x.strip() for x in part.partition("="))
+                if not sep:
+                    raise ValueError(f"{part.strip()!r} is not KEY=VALUE (e.g. gpu=true)")
+                pairs[key] = label
+        value = pairs
+    if isinstance(value, dict):
+        for key, label in value.items():
+            if not (LABEL_RE.match(str(key)) and LABEL_RE.match(str(label))):
+                raise ValueError(
+                    f"label {key}={label} is not KEY=VALUE of 1-64 letters, digits and "
+                    "_.:/- starting with a letter or digit"
+                )
+    return value
+
+
 def check_addresses(value: tuple[str, ...]) -> tuple[str, ...]:
     """One or more ``HOST:PORT``, tried in turn (several supervisors, one leader)."""
     if not value:
@@ -84,6 +107,7 @@ StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(split_list)]
 DurationMap = Annotated[
     dict[str, Annotated[float, Field(gt=0)]], NoDecode, BeforeValidator(parse_duration_map)
 ]
+LabelMap = Annotated[dict[str, str], NoDecode, BeforeValidator(parse_label_map)]
 Addresses = Annotated[
     tuple[str, ...], NoDecode, BeforeValidator(split_list), AfterValidator(check_addresses)
 ]

@@ -187,6 +187,7 @@ def plan_to_pb(plan: Plan) -> pb.Plan:
             params=dict(s.params),
             max_attempts=s.max_attempts,
             requires_approval=s.requires_approval,
+            requires=dict(s.requires),
         )
         if s.timeout:
             out.timeout.CopyFrom(duration(s.timeout))
@@ -206,6 +207,7 @@ def plan_from_pb(message: pb.Plan) -> Plan:
                 max_attempts=s.max_attempts,
                 timeout=seconds(s.timeout),
                 requires_approval=s.requires_approval,
+                requires=dict(s.requires),
             )
             for s in message.subtasks
         )

@@ -279,6 +279,26 @@ class PlannedSubtask(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RequiresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
@@ -288,6 +308,7 @@ class PlannedSubtask(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     instruction: _builtins.str
@@ -306,6 +327,13 @@ class PlannedSubtask(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """Longest one attempt may run (unset: the task's, else the capability's default)."""
 
+    @_builtins.property
+    def requires(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Worker labels the subtask needs (e.g. gpu=true): it runs only on a worker
+        that sent every one of them in its Hello. Keys and values are 1-64
+        letters, digits and _.:/- (label routing).
+        """
+
     def __init__(
         self,
         *,
@@ -318,10 +346,11 @@ class PlannedSubtask(_message.Message):
         max_attempts: _builtins.int = ...,
         timeout: _duration_pb2.Duration | None = ...,
         requires_approval: _builtins.bool = ...,
+        requires: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "id", b"id", "instruction", b"instruction", "max_attempts", b"max_attempts", "params", b"params", "requires_approval", b"requires_approval", "timeout", b"timeout", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "id", b"id", "instruction", b"instruction", "max_attempts", b"max_attempts", "params", b"params", "requires", b"requires", "requires_approval", b"requires_approval", "timeout", b"timeout", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -707,6 +736,26 @@ class Subtask(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RequiresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     TITLE_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
@@ -725,6 +774,7 @@ class Subtask(_message.Message):
     CACHE_HIT_FIELD_NUMBER: _builtins.int
     REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
     READY_AT_FIELD_NUMBER: _builtins.int
+    REQUIRES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     title: _builtins.str
     instruction: _builtins.str
@@ -755,6 +805,10 @@ class Subtask(_message.Message):
     def ready_at(self) -> _timestamp_pb2.Timestamp:
         """When it became READY, or AWAITING_APPROVAL."""
 
+    @_builtins.property
+    def requires(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Worker labels it needs (label routing)."""
+
     def __init__(
         self,
         *,
@@ -776,10 +830,11 @@ class Subtask(_message.Message):
         cache_hit: _builtins.bool = ...,
         requires_approval: _builtins.bool = ...,
         ready_at: _timestamp_pb2.Timestamp | None = ...,
+        requires: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "ready_at", b"ready_at", "started_at", b"started_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cache_hit", b"cache_hit", "capability", b"capability", "depends_on", b"depends_on", "error", b"error", "finished_at", b"finished_at", "id", b"id", "instruction", b"instruction", "output", b"output", "params", b"params", "progress", b"progress", "ready_at", b"ready_at", "requires_approval", b"requires_approval", "started_at", b"started_at", "status", b"status", "title", b"title", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cache_hit", b"cache_hit", "capability", b"capability", "depends_on", b"depends_on", "error", b"error", "finished_at", b"finished_at", "id", b"id", "instruction", b"instruction", "output", b"output", "params", b"params", "progress", b"progress", "ready_at", b"ready_at", "requires", b"requires", "requires_approval", b"requires_approval", "started_at", b"started_at", "status", b"status", "title", b"title", "usage", b"usage", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

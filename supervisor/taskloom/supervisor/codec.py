@@ -74,6 +74,7 @@ def _subtask_to_pb(sub: Subtask) -> pb.Subtask:
         started_at=wire.timestamp(sub.started_at),
         finished_at=wire.timestamp(sub.finished_at),
         requires_approval=sub.requires_approval,
+        requires=dict(sub.requires),
         ready_at=wire.timestamp(sub.ready_at),
         cache_hit=sub.cache_hit,
     )

@@ -620,6 +620,7 @@ def _detail(sub: Subtask) -> dict[str, Any]:
         "error": sub.error,
         "progress": sub.progress,
         "params": dict(sub.params),
+        "requires": dict(sub.requires),
         "usage": _usage(sub.usage),
         "ready_at": sub.ready_at,
         "started_at": sub.started_at,

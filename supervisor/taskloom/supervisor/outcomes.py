@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from taskloom.core.model import Assignment, AttemptRef, Event
 
@@ -70,3 +71,13 @@ class Outcome:
     """``(task, subtask, seconds it waited)`` that a person approved or rejected."""
     reopened: list[str] = field(default_factory=list)
     """Tasks that had ended and run again (a person's retry or skip)."""
+
+
+class Stock(NamedTuple):
+    """What the connected workers of one capability offer the planner."""
+
+    workers: int
+    free: int
+    """Slots free now."""
+    labels: dict[tuple[str, str], int]
+    """(key, value) → how many of the workers have that label."""

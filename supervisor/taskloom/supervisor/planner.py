@@ -27,6 +27,7 @@ from taskloom.core.errors import PlanError
 from taskloom.core.llm import LLM, ChatMessage
 from taskloom.core.model import Aggregate, Plan, Subtask, Usage
 from taskloom.core.plan import (
+    MAX_REQUIRES,
     PlanLimits,
     content_problems,
     normalize_plan,
@@ -34,6 +35,7 @@ from taskloom.core.plan import (
     validate_plan,
 )
 from taskloom.core.roles import BUILTIN_ROLES, ROLE_PARAM, Role
+from taskloom.supervisor.outcomes import Stock
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ the goal, this instruction and the results of the subtasks it depends on, nothin
 - "capability": which kind of worker runs it, one of:
 {capabilities}
 - "depends_on": the ids of the subtasks whose results it needs (empty if none).
-{roles}
+{roles}{requires}
 Rules:
 - Every id is unique and every id in depends_on is the id of another subtask.
 - Every instruction is a full sentence saying what that step must do: its own part \
@@ -146,11 +148,56 @@ def role_problems(plan: Plan, roles: Collection[str]) -> list[str]:
     ]
 
 
+REQUIRES_LINE = (
+    '- "requires" (optional): worker labels the step needs, as an object such as '
+    '{{"gpu": "true"}}: only when the step cannot run without them, and only '
+    "labels listed above.\n"
+)
+MAX_PROMPT_LABELS = 12
+"""Labels listed per capability in the planner's prompt, most common first."""
+
+
+def distinguishing(stock: Stock) -> list[tuple[str, str]]:
+    """The labels that tell a capability's workers apart (those all of them
+    have route nothing), most common first, at most ``MAX_PROMPT_LABELS``."""
+    pairs = [p for p, n in stock.labels.items() if n < stock.workers]
+    pairs.sort(key=lambda p: (-stock.labels[p], p))
+    return pairs[:MAX_PROMPT_LABELS]
+
+
+def label_problems(plan: Plan, inventory: Mapping[str, Stock] | None) -> list[str]:
+    """Steps that require labels no connected worker of their capability has."""
+    if inventory is None:
+        return []
+    problems = []
+    for s in plan.subtasks:
+        if not s.requires:
+            continue
+        stock = inventory.get(s.capability)
+        # Each label on its own: a worker with all of them is not known from
+        # the counts, so the planner is lenient and routing decides.
+        missing = [
+            f"{k}={v}" for k, v in s.requires.items() if stock is None or (k, v) not in stock.labels
+        ]
+        if missing:
+            on_offer = ", ".join(f"{k}={v}" for k, v in distinguishing(stock)) if stock else ""
+            problems.append(
+                f"{s.id} requires {', '.join(missing)}, which no connected {s.capability} "
+                f"worker has; labels on offer: {on_offer or 'none'}"
+            )
+    return problems
+
+
 def plan_schema(
-    capabilities: Collection[str], limits: PlanLimits, roles: Collection[str] = ()
+    capabilities: Collection[str],
+    limits: PlanLimits,
+    roles: Collection[str] = (),
+    *,
+    labels: bool = False,
 ) -> dict[str, Any]:
     """The structured-output schema: bounded everywhere, so small models cannot
-    loop. With ``roles``, a step may name one (optional)."""
+    loop. With ``roles``, a step may name one (optional); with ``labels``, it
+    may require worker labels (optional)."""
     item: dict[str, Any] = {
         "type": "object",
         "properties": {
@@ -169,6 +216,12 @@ def plan_schema(
     }
     if roles:
         item["properties"]["role"] = {"type": "string", "enum": sorted(roles)}
+    if labels:
+        item["properties"]["requires"] = {
+            "type": "object",
+            "additionalProperties": {"type": "string", "maxLength": 64},
+            "maxProperties": MAX_REQUIRES,
+        }
     return {
         "type": "object",
         "properties": {
@@ -184,12 +237,15 @@ def plan_schema(
     }
 
 
-def _workers(seen: tuple[int, int] | None) -> str:
-    """What the model is told of a capability's workers: how much can run at once."""
+def _workers(seen: Stock | None) -> str:
+    """What the model is told of a capability's workers: how much can run at
+    once, and the labels that tell them apart."""
     if seen is None:
         return " (no worker connected now)"
-    workers, free = seen
-    return f" ({_count(workers, 'worker')}, {_count(free, 'free slot')})"
+    labels = "".join(
+        f"; {k}={v} on {_count(seen.labels[(k, v)], 'worker')}" for k, v in distinguishing(seen)
+    )
+    return f" ({_count(seen.workers, 'worker')}, {_count(seen.free, 'free slot')}{labels})"
 
 
 def _count(n: int, noun: str) -> str:
@@ -217,9 +273,10 @@ class Planner:
         self.llm = llm
         self.roles: Mapping[str, Role] = BUILTIN_ROLES if roles is None else roles
         """The roles the planner may give llm steps (``TASKLOOM_ROLES_FILE``)."""
-        self.inventory: Callable[[], Mapping[str, tuple[int, int]]] | None = None
-        """Per capability, the workers offering it and their free slots, which the
-        model is told (the scheduler's, once the supervisor leads; None: unknown)."""
+        self.inventory: Callable[[], Mapping[str, Stock]] | None = None
+        """Per capability, the workers offering it, their free slots and labels,
+        which the model is told (the scheduler's, once the supervisor leads;
+        None: unknown)."""
         self.limits = limits
         self.repairs = repairs
         self.reply_tokens = reply_tokens
@@ -245,6 +302,17 @@ class Planner:
             capabilities=listing,
             synthesis_rule=rule,
             roles=roles,
+            requires=REQUIRES_LINE if self._offers_labels(capabilities, inventory) else "",
+        )
+
+    @staticmethod
+    def _offers_labels(
+        capabilities: Collection[str], inventory: Mapping[str, Stock] | None
+    ) -> bool:
+        """Whether some capability's workers differ in labels (else requiring
+        one routes nothing, and the model is not asked to consider it)."""
+        return inventory is not None and any(
+            distinguishing(inventory[c]) for c in capabilities if c in inventory
         )
 
     def _offers_roles(self, capabilities: Collection[str]) -> bool:
@@ -316,7 +384,8 @@ class Planner:
         may be depended on. A plan that is valid but says nothing (placeholder
         instructions, copies of a step or of the goal) goes back too."""
         roles = sorted(self.roles) if self._offers_roles(caps) else []
-        schema = plan_schema(caps, self.limits, roles)
+        inventory = self.inventory() if self.inventory is not None else None
+        schema = plan_schema(caps, self.limits, roles, labels=self._offers_labels(caps, inventory))
         violations: list[str] = []
         for attempt in range(1, self.repairs + 2):
             reply = await self.llm.chat(
@@ -351,6 +420,7 @@ class Planner:
                 violations = (
                     validate_plan(inner, capabilities=caps, limits=self.limits)
                     or role_problems(inner, roles)
+                    or label_problems(inner, inventory)
                     or content_problems(inner, goal=goal)
                 )
             except PlanError as e:

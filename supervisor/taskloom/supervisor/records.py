@@ -35,6 +35,7 @@ from taskloom.core.model import (
     TaskOptions,
     TaskStatus,
     Usage,
+    split_route,
 )
 from taskloom.supervisor.outcomes import Handed, Outcome, ReadyItem
 from taskloom.supervisor.scripts import (
@@ -176,7 +177,7 @@ def subtask_row(s: PlannedSubtask, *, tolerant: bool = False) -> SubtaskRow:
         s.id,
         s.title,
         s.instruction,
-        s.capability,
+        s.route,
         list(s.depends_on),
         json.dumps(dict(s.params)),
         s.max_attempts or DEFAULT_MAX_ATTEMPTS,
@@ -188,8 +189,8 @@ def subtask_row(s: PlannedSubtask, *, tolerant: bool = False) -> SubtaskRow:
 
 def ready_items(task_id: str, plan: Plan, ids: Sequence[str], priority: int) -> list[ReadyItem]:
     """The READY subtasks plan.lua reported, for the scheduler's queue."""
-    capability = {s.id: s.capability for s in plan.subtasks}
-    return [ReadyItem(task_id, sid, capability[sid], priority) for sid in ids]
+    route = {s.id: s.route for s in plan.subtasks}
+    return [ReadyItem(task_id, sid, route[sid], priority) for sid in ids]
 
 
 def usage_doc(usage: Usage) -> str:
@@ -354,11 +355,14 @@ def decode_task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
 
 
 def decode_subtask(raw: Mapping[str, str]) -> Subtask:
+    # The stored capability is the subtask's route (see ``route_key``).
+    capability, requires = split_route(raw.get("capability", ""))
     return Subtask(
         id=raw["id"],
         title=raw.get("title", ""),
         instruction=raw.get("instruction", ""),
-        capability=raw.get("capability", ""),
+        capability=capability,
+        requires=requires,
         depends_on=tuple(json.loads(raw.get("deps") or "[]")),
         status=SubtaskStatus(raw["status"]),
         output=raw.get("output", ""),
@@ -393,7 +397,7 @@ def decode_assignment(
         task_id=task_id,
         subtask_id=subtask_id,
         attempt=int(attempt),
-        capability=capability,
+        capability=split_route(capability)[0],
         title=title or "",
         instruction=instruction or "",
         goal=goals.get(task_id, ""),

@@ -42,9 +42,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from taskloom.core.errors import TaskloomError, Unavailable
-from taskloom.core.model import Assignment, AttemptRef, PlannedSubtask, WorkerInfo
+from taskloom.core.model import (
+    Assignment,
+    AttemptRef,
+    PlannedSubtask,
+    WorkerInfo,
+    satisfies,
+    split_route,
+)
 from taskloom.supervisor.metrics import SupervisorMetrics
-from taskloom.supervisor.outcomes import Handed, OfferedSlots, Outcome, ReadyItem
+from taskloom.supervisor.outcomes import Handed, OfferedSlots, Outcome, ReadyItem, Stock
 from taskloom.supervisor.store import Store
 
 logger = logging.getLogger(__name__)
@@ -182,7 +189,12 @@ class Offer:
             return None
         return {
             capability: [
-                (s.info.worker_id, s.info.name, s.info.cache_keys.get(capability, ""), n)
+                (
+                    s.info.worker_id,
+                    s.info.name,
+                    s.info.cache_keys.get(split_route(capability)[0], ""),
+                    n,
+                )
                 for s, n in sessions
             ]
             for capability, sessions in self.workers.items()
@@ -229,7 +241,11 @@ class Scheduler:
         self._sessions: dict[str, WorkerSession] = {}
         self._capable: defaultdict[str, dict[str, WorkerSession]] = defaultdict(dict)
         """Capability → the sessions that offer it: dispatch looks at these
-        only, so idle workers of other capabilities cost it nothing."""
+        only, so idle workers of other capabilities cost it nothing. A route
+        (``llm[gpu=true]``, see ``route_key``) is a key here too, once seen:
+        the sessions of its capability whose labels it requires."""
+        self._routes: dict[str, tuple[str, dict[str, str]]] = {}
+        """Route → its capability and required labels, for the routes seen."""
         self._leases: dict[AttemptRef, Lease] = {}
         self._limits: dict[str, int] = {}
         self._followers: dict[str, frozenset[str]] = {}
@@ -298,7 +314,7 @@ class Scheduler:
 
     def set_graph(self, task_id: str, subtasks: Iterable[PlannedSubtask]) -> None:
         """Learn (or, after a replan, add to) what the task's commits may unlock."""
-        waiting = {s.capability for s in subtasks if s.depends_on}
+        waiting = {s.route for s in subtasks if s.depends_on}
         if waiting:
             self._followers[task_id] = self._followers.get(task_id, frozenset()) | waiting
 
@@ -335,6 +351,9 @@ class Scheduler:
         self._sessions[session.id] = session
         for capability in info.capabilities:
             self._capable[capability][session.id] = session
+        for route, (capability, requires) in self._routes.items():
+            if capability in info.capabilities and satisfies(info.labels, requires):
+                self._capable[route][session.id] = session
         held = set(info.in_flight)
         stale: list[AttemptRef] = []
         for ref in info.in_flight:
@@ -364,6 +383,9 @@ class Scheduler:
         self._sessions.pop(session.id, None)
         for capability in session.info.capabilities:
             self._capable[capability].pop(session.id, None)
+        for route, (capability, _) in self._routes.items():
+            if capability in session.info.capabilities:
+                self._capable[route].pop(session.id, None)
         session.closed = True
         for ref in session.leases:
             lease = self._leases.get(ref)
@@ -397,19 +419,28 @@ class Scheduler:
     def sessions(self) -> list[WorkerSession]:
         return list(self._sessions.values())
 
-    def inventory(self) -> dict[str, tuple[int, int]]:
-        """Per capability, the workers connected that offer it and their free slots."""
-        found: dict[str, tuple[int, int]] = {}
+    def inventory(self) -> dict[str, Stock]:
+        """Per capability, the workers connected that offer it, their free
+        slots and their labels."""
+        found: dict[str, Stock] = {}
         for capability, sessions in list(self._capable.items()):
             live = [s for s in list(sessions.values()) if not s.closed]
-            if live:
-                found[capability] = (len(live), sum(max(s.free, 0) for s in live))
+            if live and capability not in self._routes:
+                labels: Counter[tuple[str, str]] = Counter(
+                    pair for s in live for pair in s.info.labels.items()
+                )
+                found[capability] = Stock(
+                    len(live), sum(max(s.free, 0) for s in live), dict(labels)
+                )
         return found
 
     def capabilities(self) -> frozenset[str]:
         """What the connected workers can do (also read from the metrics thread:
         it iterates over a copy)."""
-        return frozenset(c for c, sessions in list(self._capable.items()) if sessions)
+        routes = self._routes
+        return frozenset(
+            c for c, sessions in list(self._capable.items()) if sessions and c not in routes
+        )
 
     # -- leases ----------------------------------------------------------------------
 
@@ -510,6 +541,23 @@ class Scheduler:
                 lease.overdue = False
             logger.warning("cannot end %d leases yet: %s", len(expired) + len(overdue), e)
 
+    def _able(self, key: str) -> dict[str, WorkerSession]:
+        """The sessions that may run what waits under ``key``: a capability,
+        or a route whose sessions are found the first time it is seen."""
+        sessions = self._capable.get(key)
+        if sessions is not None:
+            return sessions
+        capability, requires = split_route(key)
+        if not requires:
+            return {}
+        self._routes[key] = (capability, requires)
+        sessions = self._capable[key] = {
+            sid: s
+            for sid, s in self._capable.get(capability, {}).items()
+            if satisfies(s.info.labels, requires)
+        }
+        return sessions
+
     # -- assigning in the write that makes subtasks READY ----------------------------------
 
     def offer(self, wanted: Mapping[str, int]) -> Offer:
@@ -523,8 +571,7 @@ class Scheduler:
         for capability, n in wanted.items():
             if n <= 0 or self._queues.get(capability):
                 continue
-            sessions = self._capable.get(capability)
-            free = [s for s in sessions.values() if s.free > 0] if sessions else []
+            free = [s for s in self._able(capability).values() if s.free > 0]
             if not free:
                 continue
             share = -(-n // len(free))
@@ -627,7 +674,7 @@ class Scheduler:
                         item,
                         s.info.worker_id,
                         s.info.name,
-                        s.info.cache_keys.get(item.capability, ""),
+                        s.info.cache_keys.get(split_route(item.capability)[0], ""),
                     )
                     for item, s in picks
                 ]
@@ -703,6 +750,12 @@ class Scheduler:
 
     def _pick(self) -> list[tuple[ReadyItem, WorkerSession]]:
         picks: list[tuple[ReadyItem, WorkerSession]] = []
+        for route in [r for r in self._routes if not self._queues.get(r)]:
+            # A route nothing waits in is forgotten (found again when used):
+            # requirements that come and go do not pile up here.
+            self._queues.pop(route, None)
+            self._capable.pop(route, None)
+            del self._routes[route]
         capabilities = [c for c, q in self._queues.items() if q]
         if not capabilities:
             return picks
@@ -710,7 +763,7 @@ class Scheduler:
         self._rotation = (self._rotation + 1) % len(capabilities)
         for capability in capabilities[self._rotation :] + capabilities[: self._rotation]:
             queue = self._queues[capability]
-            workers = [(s.load, s.id, s) for s in self._capable[capability].values() if s.free > 0]
+            workers = [(s.load, s.id, s) for s in self._able(capability).values() if s.free > 0]
             heapq.heapify(workers)
             deferred = []
             while queue and workers and len(picks) < self.batch_size:

@@ -23,7 +23,7 @@ from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
 from taskloom.core.limits import batches, cut_text
 from taskloom.core.model import Assignment, Event
-from taskloom.core.plan import CAPABILITY_RE
+from taskloom.core.plan import CAPABILITY_RE, LABEL_RE
 from taskloom.core.status import abort
 from taskloom.core.tracing import parent, tracing
 from taskloom.supervisor import codec
@@ -505,10 +505,13 @@ def hello_problem(hello: wpb.Hello) -> str:
         return f"max_concurrency must be between 1 and {MAX_CONCURRENCY}"
     if len(hello.name) > MAX_NAME_CHARS or not hello.name.isprintable():
         return f"a worker's name is printable and at most {MAX_NAME_CHARS} characters"
-    if len(hello.labels) > MAX_LABELS or any(
-        len(k) > MAX_NAME_CHARS or len(v) > MAX_NAME_CHARS for k, v in hello.labels.items()
+    if len(hello.labels) > MAX_LABELS or not all(
+        LABEL_RE.match(k) and LABEL_RE.match(v) for k, v in hello.labels.items()
     ):
-        return f"at most {MAX_LABELS} labels, each key and value up to {MAX_NAME_CHARS} characters"
+        return (
+            f"at most {MAX_LABELS} labels, each key and value 1-64 letters, digits and _.:/- "
+            "starting with a letter or digit"
+        )
     return ""
 
 

@@ -426,8 +426,7 @@ class Store:
             outcome = decode_outcome(records.mapped(reply["outcome"]))  # type: ignore[arg-type]
             runnable = [s for s in plan.subtasks if not s.depends_on and not s.requires_approval]
             outcome.ready += [
-                ReadyItem(task_id, s.id, s.capability, options.priority)
-                for s in runnable[CREATE_CHUNK:]
+                ReadyItem(task_id, s.id, s.route, options.priority) for s in runnable[CREATE_CHUNK:]
             ]
             return task_id, True, outcome
         if reply["created"] < 0:
@@ -478,7 +477,7 @@ class Store:
                 len(plan.subtasks),
                 size,
                 # create.lua hands out only the first ones; the caller queues the rest.
-                [[s.id, s.capability] for s in runnable[:CREATE_CHUNK]],
+                [[s.id, s.route] for s in runnable[:CREATE_CHUNK]],
                 [s.id for s in roots if s.requires_approval],
             ),
         )

@@ -9,7 +9,14 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
-from taskloom.core.settings import Addresses, ConnectionSettings, LLMSettings, Seconds, StrList
+from taskloom.core.settings import (
+    Addresses,
+    ConnectionSettings,
+    LabelMap,
+    LLMSettings,
+    Seconds,
+    StrList,
+)
 
 
 class WorkerSettings(LLMSettings, ConnectionSettings):
@@ -19,6 +26,7 @@ class WorkerSettings(LLMSettings, ConnectionSettings):
         "supervisor": "--supervisor",
         "capabilities": "--capabilities",
         "concurrency": "--concurrency",
+        "labels": "--labels",
         "name": "--name",
         "app": "--app",
         "ollama_host": "--ollama-host",
@@ -42,6 +50,10 @@ class WorkerSettings(LLMSettings, ConnectionSettings):
     """What this worker runs; each needs a handler (built in: llm, echo)."""
     concurrency: int = Field(default=4, ge=1, le=10_000)
     """Subtasks run at once."""
+    labels: LabelMap = Field(default_factory=dict)
+    """What this worker is, as ``KEY=VALUE`` pairs (``gpu=true,zone=eu``): a
+    subtask that ``requires`` labels runs only on workers with all of them. An
+    ``llm`` worker also gets ``model=<its model>`` unless it sets one."""
     name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Shown in tasks, events and logs."""
     app: str | None = None

@@ -44,6 +44,7 @@ from taskloom.core.model import (
     SubtaskFailure,
     SubtaskResult,
 )
+from taskloom.core.plan import LABEL_RE
 from taskloom.core.roles import ROLE_PARAM
 from taskloom.core.tracing import (
     attempt_span_id,
@@ -141,6 +142,17 @@ class Worker:
                 shared = "shared:" if info.shared_cache else ""
                 keys[capability] = f"{shared}{info.version}@{self.llm.describe()}"
         return keys
+
+    def labels(self) -> dict[str, str]:
+        """What the worker tells the supervisor it is (``TASKLOOM_LABELS``):
+        subtasks that require labels are routed by them. An ``llm`` worker
+        says which model it runs (``model``) unless its settings do."""
+        labels = dict(self.settings.labels)
+        if "llm" in self.settings.capabilities and "model" not in labels:
+            model = self.llm.model
+            if LABEL_RE.match(model):
+                labels["model"] = model
+        return labels
 
     def check(self) -> None:
         """Every advertised capability needs a handler."""

@@ -71,6 +71,12 @@ function clock(seconds) {
   return seconds ? new Date(seconds * 1000).toLocaleTimeString() : "–";
 }
 
+/** " on workers labelled gpu=true, zone=eu" for a subtask's required labels. */
+function routeText(requires) {
+  const pairs = Object.entries(requires || {}).map(([k, v]) => `${k}=${v}`);
+  return pairs.length ? ` on workers labelled ${pairs.join(", ")}` : "";
+}
+
 function badge(status, extra = "") {
   return h("span", { class: `badge ${extra}`, "data-status": status, text: status });
 }
@@ -308,7 +314,7 @@ function taskPage(taskId) {
       h("h2", {}, `${s.title || s.id} `, badge(s.status)),
       h("dl", {},
         h("dt", { text: "id" }), h("dd", { text: s.id }),
-        h("dt", { text: "capability" }), h("dd", { text: s.capability + (s.requires_approval ? " (needs approval)" : "") }),
+        h("dt", { text: "capability" }), h("dd", { text: s.capability + routeText(s.requires) + (s.requires_approval ? " (needs approval)" : "") }),
         h("dt", { text: "attempt" }), h("dd", { text: `${s.attempt}${s.worker ? ` on ${s.worker}` : ""}` }),
         h("dt", { text: "timings" }), h("dd", { text: `ready ${clock(s.ready_at)} · started ${clock(s.started_at)} · ended ${clock(s.finished_at)}` }),
         h("dt", { text: "tokens" }), h("dd", { text: `${s.usage.input_tokens} in, ${s.usage.output_tokens} out, ${s.usage.calls} calls ${s.usage.models.join(", ")}` }),
