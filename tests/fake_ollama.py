@@ -31,6 +31,9 @@ class ChatCall:
     api: str = "ollama"
     received_at: float = field(default_factory=time.monotonic)
     responded_at: float | None = None
+    chunks_sent: int = 0
+    cut: bool = False
+    """The client closed a streamed reply before its end."""
 
     @property
     def system(self) -> str:
@@ -69,6 +72,12 @@ class FakeOllama:
         """Set: the OpenAI API wants this bearer token."""
         self.calls: list[ChatCall] = []
         self.responder: Responder = lambda call: f"echo: {call.prompt[-200:]}"
+        self.chunk_delay = 0.0
+        """Seconds between streamed chunks (Ollama's API), like a model generating."""
+        self.counts_tokens = False
+        """True: like Ollama, a reply counts 4 characters a token, stops at
+        ``num_predict`` (done_reason "length") and reports what it generated;
+        False: every reply is 7 tokens, whatever it says."""
         self._lock = threading.Lock()
         fake = self
 
@@ -120,12 +129,15 @@ class FakeOllama:
                     options=body.get("options") or {},
                 )
                 reply = fake.answer(call)
+                predict = int(call.options.get("num_predict") or 0)
+                if fake.counts_tokens and isinstance(reply, str) and predict:
+                    reply = reply[: predict * 4]
                 if isinstance(reply, HTTPError):
                     self._json(reply.status, {"error": reply.message})
                 elif call.stream:
                     self._stream(call, reply)
                 else:
-                    self._json(200, _chunk(call, reply, done=True))
+                    self._json(200, _chunk(call, reply, done=True, fake=fake, text=reply))
 
             def _authorized(self) -> bool:
                 if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
@@ -197,11 +209,19 @@ class FakeOllama:
                 self.end_headers()
                 pieces = [text[i : i + 16] for i in range(0, len(text), 16)] or [""]
                 lines = [_chunk(call, p, done=False) for p in pieces]
-                lines.append(_chunk(call, "", done=True))
-                for line in lines:
-                    data = (json.dumps(line) + "\n").encode()
-                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.write(b"0\r\n\r\n")
+                lines.append(_chunk(call, "", done=True, fake=fake, text=text))
+                try:
+                    for line in lines:
+                        data = (json.dumps(line) + "\n").encode()
+                        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                        self.wfile.flush()
+                        call.chunks_sent += 1
+                        if fake.chunk_delay:
+                            time.sleep(fake.chunk_delay)
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    call.cut = True
+                    self.close_connection = True
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -251,7 +271,14 @@ def _model(name: str) -> dict[str, Any]:
     }
 
 
-def _chunk(call: ChatCall, content: str, *, done: bool) -> dict[str, Any]:
+def _chunk(
+    call: ChatCall,
+    content: str,
+    *,
+    done: bool,
+    fake: FakeOllama | None = None,
+    text: str = "",
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "model": call.model,
         "created_at": "2026-01-01T00:00:00Z",
@@ -259,9 +286,12 @@ def _chunk(call: ChatCall, content: str, *, done: bool) -> dict[str, Any]:
         "done": done,
     }
     if done:
+        counted = fake is not None and fake.counts_tokens
+        predict = int(call.options.get("num_predict") or 0)
+        generated = -(-len(text) // 4) if counted else 7
         chunk |= {
-            "done_reason": "stop",
+            "done_reason": "length" if counted and predict and generated >= predict else "stop",
             "prompt_eval_count": sum(len(m["content"]) // 4 for m in call.messages),
-            "eval_count": 7,
+            "eval_count": generated,
         }
     return chunk

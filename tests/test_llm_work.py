@@ -65,7 +65,7 @@ async def test_tokens_are_counted_per_call_per_subtask_and_per_task(
     assert task.usage.model == "ollama:llama3.2"
 
 
-async def test_a_task_past_its_max_tokens_stops_starting_work_and_cancels_what_runs(
+async def test_a_task_out_of_tokens_stops_starting_work_and_cancels_what_runs(
     supervisor: Supervisor,
     client: TaskloomClient,
     fake_ollama: FakeOllama,
@@ -79,24 +79,30 @@ async def test_a_task_past_its_max_tokens_stops_starting_work_and_cancels_what_r
 
     fake_ollama.responder = respond
     processes.worker(supervisor.address)
+    # What the worker reckons fast's prompt takes (it errs high: the fake
+    # counts 4 characters a token, the worker 3).
+    await client.wait(await client.submit("g", plan=plan(("fast", "llm", "quick"))))
+    (first,) = fake_ollama.step_calls("FAST")
+    reckoned = sum((len(m["content"]) + 2) // 3 for m in first.messages)
+    # Room for fast's prompt and reply (7 tokens), not for next's prompt after it.
     task_id = await client.submit(
         "g",
         plan=plan(
             ("fast", "llm", "quick"), ("slow", "llm", "long"), ("next", "llm", "then", "fast")
         ),
-        max_tokens=10,
+        max_tokens=reckoned + 8,
     )
     task = await wait_status(client, task_id, TaskStatus.FAILED, TaskStatus.SUCCEEDED)
 
     assert task.status == TaskStatus.FAILED
     assert task.failure_reason == FailureReason.BUDGET_EXCEEDED
-    assert (
-        task.error.startswith("BUDGET_EXCEEDED: the task used") and "max_tokens is 10" in task.error
-    )
+    assert task.error.startswith("BUDGET_EXCEEDED: the task's budget ran out (")
+    assert "; in next, no room left for another LLM call" in task.error
     subtasks = {s.id: s for s in task.subtasks}
     assert subtasks["fast"].status == SubtaskStatus.SUCCEEDED
     assert subtasks["slow"].status == SubtaskStatus.CANCELLED
     assert subtasks["next"].status == SubtaskStatus.CANCELLED
+    # next never called the model: its prompt alone would have passed the budget.
     assert fake_ollama.step_calls("NEXT") == []
 
     # The worker was told to stop the slow step, and did (logged after the task's end).

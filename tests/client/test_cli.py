@@ -85,7 +85,8 @@ async def test_submit_wait_json_prints_the_finished_task(
     assert [set(s) for s in task["subtasks"]] == [SUBTASK_KEYS, SUBTASK_KEYS]
     assert task["failure_reason"] is None
     assert task["usage"] == {
-        "input_tokens": 0, "output_tokens": 0, "calls": 0, "seconds": 0.0, "models": []
+        "input_tokens": 0, "output_tokens": 0, "calls": 0, "seconds": 0.0, "models": [],
+        "cost": 0.0, "costs": {},
     }  # fmt: skip
     b = task["subtasks"][1]
     assert (b["id"], b["depends_on"], b["status"], b["output"], b["attempts"]) == (

@@ -341,6 +341,13 @@ async def _follow(client: TaskloomClient, task_id: str) -> Task:
     help="Inputs over the budget: cut them, or summarise them first",
 )
 @click.option("--max-tokens", type=click.IntRange(0), default=0, help="Token budget of the task")
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(0, max_open=True, max=1e12),
+    default=0.0,
+    help="Money budget of the task, in the supervisor's price table's currency (US dollars "
+    "by default); a reply is stopped where it runs out",
+)
 @click.option("--max-duration", metavar="DURATION", help="Time budget of the task")
 @click.option("--no-cache", is_flag=True, help="Run every subtask, even if an identical one ran")
 @click.option(
@@ -370,6 +377,7 @@ async def submit(
     context_tokens: int,
     context_mode: str,
     max_tokens: int,
+    max_cost: float,
     max_duration: str | None,
     no_cache: bool,
     idempotency_key: str,
@@ -394,6 +402,7 @@ async def submit(
         context_tokens=context_tokens,
         context=context_mode,
         max_tokens=max_tokens,
+        max_cost=max_cost,
         max_duration=_seconds("--max-duration", max_duration),
         cache=False if no_cache else None,
         approve_plan=approve_plan,

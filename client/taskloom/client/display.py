@@ -44,16 +44,29 @@ def usage_json(usage: Usage) -> dict[str, Any]:
         "calls": usage.calls,
         "seconds": round(usage.seconds, 3),
         "models": [m for m in usage.model.split(",") if m],
+        "cost": round(usage.cost, 8),
+        "costs": {m: round(c, 8) for m, c in usage.costs.items()},
     }
 
 
+def money(amount: float) -> str:
+    """An amount in the price table's currency, to 4 significant digits."""
+    return f"{amount:.4g}" if amount < 1000 else f"{amount:,.2f}"
+
+
 def usage_line(usage: Usage) -> str:
-    """``1,234 tokens in, 56 out; 3 calls, 4.2 s (ollama:llama3.2)``."""
+    """``1,234 tokens in, 56 out; 3 calls, 4.2 s (ollama:llama3.2); cost 0.0123
+    (openai:gpt-4o 0.0123)``."""
     line = (
         f"{usage.input_tokens:,} tokens in, {usage.output_tokens:,} out; "
         f"{usage.calls} LLM call{'s' if usage.calls != 1 else ''}, {usage.seconds:.1f} s"
     )
-    return f"{line} ({usage.model})" if usage.model else line
+    if usage.model:
+        line += f" ({usage.model})"
+    if usage.costs:
+        by_model = ", ".join(f"{m} {money(c)}" for m, c in sorted(usage.costs.items()))
+        line += f"; cost {money(usage.cost)} ({by_model})"
+    return line
 
 
 def model_notice(usage: Usage) -> str:
@@ -155,9 +168,15 @@ def task_text(task: Task) -> Group:
     if task.subtasks:
         table = Table(show_edge=False, pad_edge=False)
         roles = any(s.params.get("role") for s in task.subtasks)
-        columns = ("id", "title", "capability", "role", "status", "attempts", "worker", "tokens")
-        for column in columns if roles else [c for c in columns if c != "role"]:
-            table.add_column(column)
+        costs = any(s.usage.costs for s in task.subtasks)
+        columns = (
+            "id", "title", "capability", "role", "status", "attempts", "worker", "tokens", "cost"
+        )  # fmt: skip
+        hidden = {"role"} if not roles else set()
+        hidden |= {"cost"} if not costs else set()
+        for column in columns:
+            if column not in hidden:
+                table.add_column(column)
         for s in task.subtasks:
             # Text, not str: a cell's brackets are data, never rich markup.
             table.add_row(
@@ -169,6 +188,7 @@ def task_text(task: Task) -> Group:
                 "cached" if s.cache_hit else str(s.attempt),
                 Text(s.worker),
                 f"{s.usage.tokens:,}" if s.usage.tokens else "",
+                *([money(s.usage.cost) if s.usage.costs else ""] if costs else []),
             )
         parts.append(table)
     if task.usage.calls:

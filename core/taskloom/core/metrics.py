@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry.trace import SpanKind
@@ -26,6 +27,8 @@ from prometheus_client import (
 )
 
 from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback, WrappedLLM
+from taskloom.core.model import Usage
+from taskloom.core.prices import PriceTable
 from taskloom.core.tracing import genai_attributes, record_content, response_attributes, tracer
 
 LLM_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -75,15 +78,31 @@ class LLMMetrics:
             ["model", "direction"],
             registry=registry,
         )
+        self.cost = Counter(
+            "taskloom_llm_cost",
+            "What LLM calls cost by model, in the price table's currency (US dollars "
+            "unless TASKLOOM_PRICES_FILE says otherwise)",
+            ["model"],
+            registry=registry,
+        )
 
 
 class InstrumentedLLM(WrappedLLM):
-    """A backend whose every call is counted in ``LLMMetrics``."""
+    """A backend whose every call is counted in ``LLMMetrics`` and priced by
+    ``prices``: each reply's usage carries its cost."""
 
-    def __init__(self, inner: LLM, metrics: LLMMetrics, operation: str) -> None:
+    def __init__(
+        self,
+        inner: LLM,
+        metrics: LLMMetrics,
+        operation: str,
+        prices: PriceTable | None = None,
+    ) -> None:
         super().__init__(inner)
         self._metrics = metrics
         self._operation = operation
+        self.prices = prices or PriceTable()
+        """Replaced when the supervisor sends its table (workers)."""
 
     async def chat(
         self,
@@ -120,14 +139,36 @@ class InstrumentedLLM(WrappedLLM):
                 self._metrics.duration.labels(model, self._operation).observe(
                     time.monotonic() - started
                 )
+            reply = self.priced(reply)
             span.set_attributes(genai_attributes(self.provider, self.model, reply.usage))
             span.set_attributes(response_attributes(reply))
+            span.set_attribute("taskloom.cost", reply.usage.cost)
             if record_content():
                 span.set_attribute("taskloom.completion", reply.text)
         self._metrics.requests.labels(model, self._operation, "ok").inc()
         self._metrics.tokens.labels(model, "input").inc(reply.usage.input_tokens)
         self._metrics.tokens.labels(model, "output").inc(reply.usage.output_tokens)
         return reply
+
+    def priced(self, reply: ChatReply) -> ChatReply:
+        """``reply`` with its usage's cost (none for a model without a price)."""
+        usage = reply.usage
+        cost = self.prices.cost(self.describe(), usage.input_tokens, usage.output_tokens)
+        if not cost:
+            return reply
+        self._metrics.cost.labels(self.describe()).inc(cost)
+        return replace(reply, usage=replace(usage, costs={self.describe(): cost}))
+
+    def charge(self, usage: Usage) -> Usage:
+        """``usage`` (of a call that did not return: cancelled, cut) priced and counted."""
+        cost = self.prices.cost(self.describe(), usage.input_tokens, usage.output_tokens)
+        model = self.describe()
+        self._metrics.tokens.labels(model, "input").inc(usage.input_tokens)
+        self._metrics.tokens.labels(model, "output").inc(usage.output_tokens)
+        if not cost:
+            return usage
+        self._metrics.cost.labels(model).inc(cost)
+        return replace(usage, costs={model: cost})
 
 
 # A ``_created`` series per counter and histogram doubles what is scraped and

@@ -277,6 +277,9 @@ class TaskOptions:
     aggregate: Aggregate = Aggregate.SUMMARIZE
     """How the final step makes one answer (with ``synthesize``; without, the results
     are concatenated)."""
+    max_cost: float = 0.0
+    """Money the task's LLM calls may cost, planning included, in the price
+    table's currency (``TASKLOOM_PRICES_FILE``); 0: no limit."""
 
     def check(self) -> None:
         """Each option in its range, or ``InvalidArgument`` naming the field."""
@@ -297,6 +300,10 @@ class TaskOptions:
         if self.max_tokens < 0:
             raise InvalidArgument(
                 "max_tokens must be positive (0: no limit)", field="options.max_tokens"
+            )
+        if not 0 <= self.max_cost < 1e12:
+            raise InvalidArgument(
+                "max_cost must be positive (0: no limit)", field="options.max_cost"
             )
         if self.context_tokens and not 256 <= self.context_tokens <= 10_000_000:
             raise InvalidArgument(
@@ -351,6 +358,7 @@ class TaskOptions:
             cache=doc.get("cache"),
             approve_plan=bool(doc.get("approve_plan", False)),
             aggregate=Aggregate(doc.get("aggregate", Aggregate.SUMMARIZE)),
+            max_cost=float(doc.get("max_cost", 0.0)),
         )
 
 
@@ -373,30 +381,42 @@ class OptionFields(TypedDict, total=False):
     cache: bool | None
     approve_plan: bool
     aggregate: Aggregate | str
+    max_cost: float
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What LLM calls cost: tokens in and out, seconds spent waiting, calls made."""
+    """What LLM calls cost: tokens in and out, seconds spent waiting, calls
+    made, and money by model (``taskloom.core.prices``)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     model: str = ""
     seconds: float = 0.0
     calls: int = 0
+    costs: Mapping[str, float] = field(default_factory=dict)
+    """Model (``provider:model``) → what its calls cost, in the price table's currency."""
 
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
+    @property
+    def cost(self) -> float:
+        return sum(self.costs.values(), 0.0)
+
     def __add__(self, other: Usage) -> Usage:
         models = dict.fromkeys(m for u in (self, other) for m in u.model.split(",") if m)
+        costs = dict(self.costs)
+        for model, cost in other.costs.items():
+            costs[model] = costs.get(model, 0.0) + cost
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             model=",".join(models),
             seconds=self.seconds + other.seconds,
             calls=self.calls + other.calls,
+            costs=costs,
         )
 
 
@@ -506,6 +526,10 @@ class Assignment:
     """Seconds without progress before the supervisor stops the attempt (0: never)."""
     context_tokens: int = 0
     context: ContextMode = ContextMode.TRUNCATE
+    budget_tokens: int = 0
+    """Tokens the task may still use when the attempt starts (0: no limit)."""
+    budget_cost: float = 0.0
+    """Money the task may still spend when the attempt starts (0: no limit)."""
     ref: AttemptRef = field(init=False, repr=False, compare=False)
     """Which attempt this is (made once: it keys leases and running handlers)."""
 
@@ -542,6 +566,8 @@ class SubtaskFailure:
     send_back: str = ""
     """A dependency the handler (a critic) sends back for another attempt, with
     ``error`` as the critique (``ctx.send_back``)."""
+    budget_exceeded: bool = False
+    """The attempt stopped where the task's budget ran out: the task ends."""
 
 
 @dataclass(frozen=True, slots=True)

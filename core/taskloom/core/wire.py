@@ -8,7 +8,8 @@ own messages from these pieces; nothing past the codecs sees protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -78,6 +79,7 @@ def usage_to_pb(usage: Usage) -> pb.Usage:
         model=usage.model,
         duration=duration(usage.seconds),
         calls=usage.calls,
+        costs=dict(usage.costs),
     )
 
 
@@ -88,7 +90,13 @@ def usage_from_pb(message: pb.Usage) -> Usage:
         model=message.model,
         seconds=seconds(message.duration),
         calls=message.calls,
+        costs=_costs(message.costs),
     )
+
+
+def _costs(costs: Mapping[str, float]) -> dict[str, float]:
+    """Costs as sent: finite and not negative, whoever sent them."""
+    return {m: c for m, c in costs.items() if math.isfinite(c) and c >= 0}
 
 
 # -- options and plans -------------------------------------------------------------
@@ -143,6 +151,7 @@ def options_to_pb(options: TaskOptions) -> pb.TaskOptions:
         max_tokens=options.max_tokens,
         approve_plan=options.approve_plan,
         aggregate=_AGGREGATE[options.aggregate],
+        max_cost=options.max_cost,
     )
     for name in ("subtask_timeout", "stall_timeout", "max_duration"):
         value = getattr(options, name)
@@ -172,6 +181,7 @@ def options_from_pb(message: pb.TaskOptions) -> TaskOptions:
         cache=message.cache if message.HasField("cache") else None,
         approve_plan=message.approve_plan,
         aggregate=_AGGREGATE_FROM.get(message.aggregate, Aggregate.SUMMARIZE),  # type: ignore[arg-type]
+        max_cost=message.max_cost,
     )
 
 

@@ -229,7 +229,9 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     FAILURE_REASON_SUBTASK_FAILED: _FailureReason.ValueType  # 3
     """A subtask the result depends on failed for good."""
     FAILURE_REASON_BUDGET_EXCEEDED: _FailureReason.ValueType  # 4
-    """The task used more tokens or time than its max_tokens or max_duration."""
+    """The task used more tokens, money or time than its max_tokens, max_cost or
+    max_duration.
+    """
     FAILURE_REASON_REPLAN_FAILED: _FailureReason.ValueType  # 5
     """on_failure=replan could not replace a failed subtask."""
     FAILURE_REASON_INTERNAL: _FailureReason.ValueType  # 6
@@ -246,7 +248,9 @@ FAILURE_REASON_LLM_UNAVAILABLE: FailureReason.ValueType  # 2
 FAILURE_REASON_SUBTASK_FAILED: FailureReason.ValueType  # 3
 """A subtask the result depends on failed for good."""
 FAILURE_REASON_BUDGET_EXCEEDED: FailureReason.ValueType  # 4
-"""The task used more tokens or time than its max_tokens or max_duration."""
+"""The task used more tokens, money or time than its max_tokens, max_cost or
+max_duration.
+"""
 FAILURE_REASON_REPLAN_FAILED: FailureReason.ValueType  # 5
 """on_failure=replan could not replace a failed subtask."""
 FAILURE_REASON_INTERNAL: FailureReason.ValueType  # 6
@@ -395,6 +399,7 @@ class TaskOptions(_message.Message):
     CACHE_FIELD_NUMBER: _builtins.int
     APPROVE_PLAN_FIELD_NUMBER: _builtins.int
     AGGREGATE_FIELD_NUMBER: _builtins.int
+    MAX_COST_FIELD_NUMBER: _builtins.int
     synthesize: _builtins.bool
     """Append a final `synthesize` subtask that merges the results (default true)."""
     priority: _builtins.int
@@ -418,6 +423,11 @@ class TaskOptions(_message.Message):
     """
     aggregate: Global___Aggregate.ValueType
     """How the final step makes one answer (with synthesize)."""
+    max_cost: _builtins.float
+    """Money the task's LLM calls may cost, planning included, in the
+    supervisor's price table's currency (US dollars by default); 0: no limit.
+    Enforced while a reply streams: a worker stops the generation there.
+    """
     @_builtins.property
     def subtask_timeout(self) -> _duration_pb2.Duration:
         """Longest one attempt of a subtask may run (unset: per capability)."""
@@ -448,10 +458,11 @@ class TaskOptions(_message.Message):
         cache: _builtins.bool | None = ...,
         approve_plan: _builtins.bool = ...,
         aggregate: Global___Aggregate.ValueType = ...,
+        max_cost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "cache", b"cache", "max_duration", b"max_duration", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "aggregate", b"aggregate", "approve_plan", b"approve_plan", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_synthesize", b"_synthesize", "aggregate", b"aggregate", "approve_plan", b"approve_plan", "cache", b"cache", "context", b"context", "context_tokens", b"context_tokens", "fallback", b"fallback", "max_attempts", b"max_attempts", "max_cost", b"max_cost", "max_duration", b"max_duration", "max_parallel", b"max_parallel", "max_tokens", b"max_tokens", "on_failure", b"on_failure", "priority", b"priority", "stall_timeout", b"stall_timeout", "subtask_timeout", b"subtask_timeout", "synthesize", b"synthesize"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
@@ -681,11 +692,32 @@ Global___WaitTasksResponse: _TypeAlias = WaitTasksResponse  # noqa: Y015
 class Usage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class CostsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     CALLS_FIELD_NUMBER: _builtins.int
+    COSTS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     model: _builtins.str
@@ -695,6 +727,12 @@ class Usage(_message.Message):
     def duration(self) -> _duration_pb2.Duration:
         """Time spent waiting for the model."""
 
+    @_builtins.property
+    def costs(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Model (provider:model) -> what its calls cost, in the supervisor's price
+        table's currency; models without a price are absent.
+        """
+
     def __init__(
         self,
         *,
@@ -703,10 +741,11 @@ class Usage(_message.Message):
         model: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
         calls: _builtins.int = ...,
+        costs: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "duration", b"duration", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "costs", b"costs", "duration", b"duration", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from taskloom.v1 import tasks_pb2 as taskloom_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskloom/v1/workers.proto\x12\x0btaskloom.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskloom/v1/tasks.proto\"B\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\xc0\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.taskloom.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.taskloom.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x15.taskloom.v1.AcceptedH\x00\x12)\n\x08progress\x18\x04 \x01(\x0b\x32\x15.taskloom.v1.ProgressH\x00\x12+\n\tcompleted\x18\x05 \x01(\x0b\x32\x16.taskloom.v1.CompletedH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.taskloom.v1.FailedH\x00\x12\'\n\x07stopped\x18\x07 \x01(\x0b\x32\x14.taskloom.v1.StoppedH\x00\x42\t\n\x07message\"\xdc\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.taskloom.v1.Hello.LabelsEntry\x12*\n\tin_flight\x18\x06 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x35\n\ncache_keys\x18\x08 \x03(\x0b\x32!.taskloom.v1.Hello.CacheKeysEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0e\x43\x61\x63heKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"1\n\x08\x41\x63\x63\x65pted\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"U\n\x0eProgressUpdate\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"8\n\x08Progress\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.ProgressUpdate\"h\n\rSubtaskResult\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06output\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.taskloom.v1.Usage\"8\n\tCompleted\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.taskloom.v1.SubtaskResult\"\xb3\x01\n\x0eSubtaskFailure\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x13\n\x0bhanded_back\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.taskloom.v1.Usage\x12\x0e\n\x06replan\x18\x06 \x01(\x08\x12\x11\n\tsend_back\x18\x07 \x01(\t\"7\n\x06\x46\x61iled\x12-\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.SubtaskFailure\"0\n\x07Stopped\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"\xd9\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.taskloom.v1.WelcomeH\x00\x12%\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x13.taskloom.v1.AssignH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.taskloom.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.taskloom.v1.DrainH\x00\x12\x1f\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x10.taskloom.v1.AckH\x00\x42\t\n\x07message\"\xfa\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsupervisor_id\x18\x04 \x01(\t\x12\x18\n\x10max_output_bytes\x18\x05 \x01(\x03\x12\x17\n\x0ftruncate_output\x18\x06 \x01(\x08\x12\x14\n\x0cidle_silence\x18\x07 \x01(\x08\x12\x16\n\x0eheartbeat_acks\x18\x08 \x01(\x08\":\n\x05Input\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xa4\x04\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x13\n\x0binstruction\x18\x06 \x01(\t\x12\x0c\n\x04goal\x18\x07 \x01(\t\x12\"\n\x06inputs\x18\x08 \x03(\x0b\x32\x12.taskloom.v1.Input\x12\x33\n\x06params\x18\t \x03(\x0b\x32#.taskloom.v1.Assignment.ParamsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\rtrace_context\x18\x0b \x03(\x0b\x32).taskloom.v1.Assignment.TraceContextEntry\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\x05\x12)\n\x07\x63ontext\x18\x0e \x01(\x0e\x32\x18.taskloom.v1.ContextMode\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x06\x41ssign\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.Assignment\"?\n\x06\x43\x61ncel\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x03\x41\x63k\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.taskloom.v1.ConnectRequest\x1a\x1c.taskloom.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskloom/v1/workers.proto\x12\x0btaskloom.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskloom/v1/tasks.proto\"B\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\xc0\x02\n\x0e\x43onnectRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.taskloom.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.taskloom.v1.HeartbeatH\x00\x12)\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x15.taskloom.v1.AcceptedH\x00\x12)\n\x08progress\x18\x04 \x01(\x0b\x32\x15.taskloom.v1.ProgressH\x00\x12+\n\tcompleted\x18\x05 \x01(\x0b\x32\x16.taskloom.v1.CompletedH\x00\x12%\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x13.taskloom.v1.FailedH\x00\x12\'\n\x07stopped\x18\x07 \x01(\x0b\x32\x14.taskloom.v1.StoppedH\x00\x42\t\n\x07message\"\xdc\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.taskloom.v1.Hello.LabelsEntry\x12*\n\tin_flight\x18\x06 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x35\n\ncache_keys\x18\x08 \x03(\x0b\x32!.taskloom.v1.Hello.CacheKeysEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0e\x43\x61\x63heKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\tHeartbeat\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"1\n\x08\x41\x63\x63\x65pted\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\"U\n\x0eProgressUpdate\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"8\n\x08Progress\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.ProgressUpdate\"h\n\rSubtaskResult\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06output\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.taskloom.v1.Usage\"8\n\tCompleted\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.taskloom.v1.SubtaskResult\"\xcc\x01\n\x0eSubtaskFailure\x12$\n\x03ref\x18\x01 \x01(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12\x13\n\x0bhanded_back\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.taskloom.v1.Usage\x12\x0e\n\x06replan\x18\x06 \x01(\x08\x12\x11\n\tsend_back\x18\x07 \x01(\t\x12\x17\n\x0f\x62udget_exceeded\x18\x08 \x01(\x08\"7\n\x06\x46\x61iled\x12-\n\x08\x66\x61ilures\x18\x01 \x03(\x0b\x32\x1b.taskloom.v1.SubtaskFailure\"S\n\x07Stopped\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12!\n\x05usage\x18\x02 \x03(\x0b\x32\x12.taskloom.v1.Usage\"\xd9\x01\n\x0f\x43onnectResponse\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.taskloom.v1.WelcomeH\x00\x12%\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x13.taskloom.v1.AssignH\x00\x12%\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x13.taskloom.v1.CancelH\x00\x12#\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x12.taskloom.v1.DrainH\x00\x12\x1f\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x10.taskloom.v1.AckH\x00\x42\t\n\x07message\"\xef\x02\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rsupervisor_id\x18\x04 \x01(\t\x12\x18\n\x10max_output_bytes\x18\x05 \x01(\x03\x12\x17\n\x0ftruncate_output\x18\x06 \x01(\x08\x12\x14\n\x0cidle_silence\x18\x07 \x01(\x08\x12\x16\n\x0eheartbeat_acks\x18\x08 \x01(\x08\x12\x30\n\x06prices\x18\t \x03(\x0b\x32 .taskloom.v1.Welcome.PricesEntry\x1a\x41\n\x0bPricesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.taskloom.v1.Price:\x02\x38\x01\"&\n\x05Price\x12\r\n\x05input\x18\x01 \x01(\x01\x12\x0e\n\x06output\x18\x02 \x01(\x01\":\n\x05Input\x12\x12\n\nsubtask_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06output\x18\x03 \x01(\t\"\xd0\x04\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nsubtask_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x12\n\ncapability\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12\x13\n\x0binstruction\x18\x06 \x01(\t\x12\x0c\n\x04goal\x18\x07 \x01(\t\x12\"\n\x06inputs\x18\x08 \x03(\x0b\x32\x12.taskloom.v1.Input\x12\x33\n\x06params\x18\t \x03(\x0b\x32#.taskloom.v1.Assignment.ParamsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12@\n\rtrace_context\x18\x0b \x03(\x0b\x32).taskloom.v1.Assignment.TraceContextEntry\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\x05\x12)\n\x07\x63ontext\x18\x0e \x01(\x0e\x32\x18.taskloom.v1.ContextMode\x12\x15\n\rbudget_tokens\x18\x0f \x01(\x03\x12\x13\n\x0b\x62udget_cost\x18\x10 \x01(\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x06\x41ssign\x12,\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.Assignment\"?\n\x06\x43\x61ncel\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\",\n\x03\x41\x63k\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.taskloom.v1.AttemptRef2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.taskloom.v1.ConnectRequest\x1a\x1c.taskloom.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HELLO_CACHEKEYSENTRY']._loaded_options = None
   _globals['_HELLO_CACHEKEYSENTRY']._serialized_options = b'8\001'
+  _globals['_WELCOME_PRICESENTRY']._loaded_options = None
+  _globals['_WELCOME_PRICESENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGNMENT_PARAMSENTRY']._loaded_options = None
   _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._loaded_options = None
@@ -65,31 +67,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETED']._serialized_start=1224
   _globals['_COMPLETED']._serialized_end=1280
   _globals['_SUBTASKFAILURE']._serialized_start=1283
-  _globals['_SUBTASKFAILURE']._serialized_end=1462
-  _globals['_FAILED']._serialized_start=1464
-  _globals['_FAILED']._serialized_end=1519
-  _globals['_STOPPED']._serialized_start=1521
-  _globals['_STOPPED']._serialized_end=1569
-  _globals['_CONNECTRESPONSE']._serialized_start=1572
-  _globals['_CONNECTRESPONSE']._serialized_end=1789
-  _globals['_WELCOME']._serialized_start=1792
-  _globals['_WELCOME']._serialized_end=2042
-  _globals['_INPUT']._serialized_start=2044
-  _globals['_INPUT']._serialized_end=2102
-  _globals['_ASSIGNMENT']._serialized_start=2105
-  _globals['_ASSIGNMENT']._serialized_end=2653
-  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=2555
-  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=2600
-  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_start=2602
-  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_end=2653
-  _globals['_ASSIGN']._serialized_start=2655
-  _globals['_ASSIGN']._serialized_end=2709
-  _globals['_CANCEL']._serialized_start=2711
-  _globals['_CANCEL']._serialized_end=2774
-  _globals['_DRAIN']._serialized_start=2776
-  _globals['_DRAIN']._serialized_end=2799
-  _globals['_ACK']._serialized_start=2801
-  _globals['_ACK']._serialized_end=2845
-  _globals['_WORKERSERVICE']._serialized_start=2847
-  _globals['_WORKERSERVICE']._serialized_end=2936
+  _globals['_SUBTASKFAILURE']._serialized_end=1487
+  _globals['_FAILED']._serialized_start=1489
+  _globals['_FAILED']._serialized_end=1544
+  _globals['_STOPPED']._serialized_start=1546
+  _globals['_STOPPED']._serialized_end=1629
+  _globals['_CONNECTRESPONSE']._serialized_start=1632
+  _globals['_CONNECTRESPONSE']._serialized_end=1849
+  _globals['_WELCOME']._serialized_start=1852
+  _globals['_WELCOME']._serialized_end=2219
+  _globals['_WELCOME_PRICESENTRY']._serialized_start=2154
+  _globals['_WELCOME_PRICESENTRY']._serialized_end=2219
+  _globals['_PRICE']._serialized_start=2221
+  _globals['_PRICE']._serialized_end=2259
+  _globals['_INPUT']._serialized_start=2261
+  _globals['_INPUT']._serialized_end=2319
+  _globals['_ASSIGNMENT']._serialized_start=2322
+  _globals['_ASSIGNMENT']._serialized_end=2914
+  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_start=2816
+  _globals['_ASSIGNMENT_PARAMSENTRY']._serialized_end=2861
+  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_start=2863
+  _globals['_ASSIGNMENT_TRACECONTEXTENTRY']._serialized_end=2914
+  _globals['_ASSIGN']._serialized_start=2916
+  _globals['_ASSIGN']._serialized_end=2970
+  _globals['_CANCEL']._serialized_start=2972
+  _globals['_CANCEL']._serialized_end=3035
+  _globals['_DRAIN']._serialized_start=3037
+  _globals['_DRAIN']._serialized_end=3060
+  _globals['_ACK']._serialized_start=3062
+  _globals['_ACK']._serialized_end=3106
+  _globals['_WORKERSERVICE']._serialized_start=3108
+  _globals['_WORKERSERVICE']._serialized_end=3197
 # @@protoc_insertion_point(module_scope)

@@ -341,6 +341,7 @@ class SubtaskFailure(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     REPLAN_FIELD_NUMBER: _builtins.int
     SEND_BACK_FIELD_NUMBER: _builtins.int
+    BUDGET_EXCEEDED_FIELD_NUMBER: _builtins.int
     error: _builtins.str
     retryable: _builtins.bool
     """A retryable failure is tried again while attempts remain."""
@@ -357,6 +358,10 @@ class SubtaskFailure(_message.Message):
     another attempt with `error` as the critique; the handler's own step
     runs again once that attempt is done.
     """
+    budget_exceeded: _builtins.bool
+    """The attempt stopped because the task's budget (Assignment.budget_tokens,
+    budget_cost) ran out: the task ends with BUDGET_EXCEEDED.
+    """
     @_builtins.property
     def ref(self) -> Global___AttemptRef: ...
     @_builtins.property
@@ -371,10 +376,11 @@ class SubtaskFailure(_message.Message):
         usage: _tasks_pb2.Usage | None = ...,
         replan: _builtins.bool = ...,
         send_back: _builtins.str = ...,
+        budget_exceeded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "handed_back", b"handed_back", "ref", b"ref", "replan", b"replan", "retryable", b"retryable", "send_back", b"send_back", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_exceeded", b"budget_exceeded", "error", b"error", "handed_back", b"handed_back", "ref", b"ref", "replan", b"replan", "retryable", b"retryable", "send_back", b"send_back", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -407,16 +413,24 @@ class Stopped(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REFS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRef]: ...
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[_tasks_pb2.Usage]:
+        """What each attempt's LLM calls had used when it stopped (in the order of
+        refs; may be shorter): a cancelled attempt's tokens count too.
+        """
+
     def __init__(
         self,
         *,
         refs: _abc.Iterable[Global___AttemptRef] | None = ...,
+        usage: _abc.Iterable[_tasks_pb2.Usage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refs", b"refs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,6 +480,27 @@ Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
 class Welcome(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PricesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Price: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Price | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SESSION_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
@@ -474,6 +509,7 @@ class Welcome(_message.Message):
     TRUNCATE_OUTPUT_FIELD_NUMBER: _builtins.int
     IDLE_SILENCE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACKS_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     supervisor_id: _builtins.str
     max_output_bytes: _builtins.int
@@ -499,6 +535,13 @@ class Welcome(_message.Message):
     def heartbeat_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def lease_ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def prices(self) -> _containers.MessageMap[_builtins.str, Global___Price]:
+        """Model pattern (provider:model, * allowed) -> its price: what workers
+        price their LLM calls with (empty from older supervisors: the worker's
+        built-in table).
+        """
+
     def __init__(
         self,
         *,
@@ -510,14 +553,39 @@ class Welcome(_message.Message):
         truncate_output: _builtins.bool = ...,
         idle_silence: _builtins.bool = ...,
         heartbeat_acks: _builtins.bool = ...,
+        prices: _abc.Mapping[_builtins.str, Global___Price] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_acks", b"heartbeat_acks", "heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_acks", b"heartbeat_acks", "heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "prices", b"prices", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class Price(_message.Message):
+    """Money per million tokens, in the price table's currency."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    input: _builtins.float
+    output: _builtins.float
+    def __init__(
+        self,
+        *,
+        input: _builtins.float = ...,
+        output: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Price: _TypeAlias = Price  # noqa: Y015
 
 @_typing.final
 class Input(_message.Message):
@@ -604,6 +672,8 @@ class Assignment(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
+    BUDGET_COST_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     subtask_id: _builtins.str
     attempt: _builtins.int
@@ -614,6 +684,12 @@ class Assignment(_message.Message):
     """The task's goal, for handlers that need the whole picture."""
     context_tokens: _builtins.int
     context: _tasks_pb2.ContextMode.ValueType
+    budget_tokens: _builtins.int
+    """What the task may still spend when the attempt starts (0: no limit):
+    tokens, and money in the price table's currency. The worker bounds its
+    LLM calls by it and stops a reply that reaches it.
+    """
+    budget_cost: _builtins.float
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Input]:
         """Outputs of the direct dependencies, in the order of depends_on."""
@@ -651,10 +727,12 @@ class Assignment(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         context_tokens: _builtins.int = ...,
         context: _tasks_pb2.ContextMode.ValueType = ...,
+        budget_tokens: _builtins.int = ...,
+        budget_cost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "capability", b"capability", "context", b"context", "context_tokens", b"context_tokens", "deadline", b"deadline", "goal", b"goal", "inputs", b"inputs", "instruction", b"instruction", "params", b"params", "subtask_id", b"subtask_id", "task_id", b"task_id", "timeout", b"timeout", "title", b"title", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "budget_cost", b"budget_cost", "budget_tokens", b"budget_tokens", "capability", b"capability", "context", b"context", "context_tokens", b"context_tokens", "deadline", b"deadline", "goal", b"goal", "inputs", b"inputs", "instruction", b"instruction", "params", b"params", "subtask_id", b"subtask_id", "task_id", b"task_id", "timeout", b"timeout", "title", b"title", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,7 @@ from taskloom.core.errors import (
 from taskloom.core.llm import LLM, create_llm
 from taskloom.core.logs import hide_grpc_metadata
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
+from taskloom.core.prices import load_prices
 from taskloom.core.roles import load_roles
 from taskloom.supervisor.console import Console
 from taskloom.supervisor.interceptors import server_interceptors
@@ -121,7 +122,12 @@ class Supervisor:
             replica_timeout=settings.redis_replica_timeout,
         )
         self.store.metrics = self.metrics
-        self.llm = InstrumentedLLM(llm or create_llm(settings), self.metrics.llm, "plan")
+        self.prices = load_prices(settings.prices_file)
+        """What LLM calls cost (``TASKLOOM_PRICES_FILE``): the planner's, and
+        workers', who get it in their Welcome."""
+        self.llm = InstrumentedLLM(
+            llm or create_llm(settings), self.metrics.llm, "plan", prices=self.prices
+        )
         self.planner = Planner(
             self.llm,
             limits=settings.llm_plan_limits(),
@@ -301,7 +307,7 @@ class Supervisor:
             TaskServicer(self.current, self.quotas), server
         )
         workers_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.current, self.settings), server
+            WorkerServicer(self.current, self.settings, self.prices), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from taskloom.core import wire
 from taskloom.core.errors import TaskloomError
@@ -16,8 +16,10 @@ from taskloom.core.model import (
     SubtaskResult,
     Task,
     TaskStatus,
+    Usage,
     WorkerInfo,
 )
+from taskloom.core.prices import Price
 from taskloom.core.status import error_detail, status_code
 from taskloom.supervisor.scheduler import (
     AckReports,
@@ -141,8 +143,13 @@ def results_from_pb(message: wpb.Completed) -> list[SubtaskResult]:
     ]
 
 
-def stopped_from_pb(message: wpb.Stopped) -> list[AttemptRef]:
-    return [wire.ref_from_pb(r) for r in message.refs]
+def stopped_from_pb(message: wpb.Stopped) -> list[tuple[AttemptRef, Usage]]:
+    """Each stopped attempt with what its LLM calls had used (none if not sent)."""
+    usage = [wire.usage_from_pb(u) for u in message.usage]
+    return [
+        (wire.ref_from_pb(r), usage[i] if i < len(usage) else Usage())
+        for i, r in enumerate(message.refs)
+    ]
 
 
 def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
@@ -155,6 +162,7 @@ def failures_from_pb(message: wpb.Failed) -> list[SubtaskFailure]:
             usage=wire.usage_from_pb(f.usage),
             replan=f.replan,
             send_back=f.send_back,
+            budget_exceeded=f.budget_exceeded,
         )
         for f in message.failures
     ]
@@ -168,9 +176,13 @@ def welcome_to_pb(
     *,
     max_output_bytes: int = 0,
     truncate_output: bool = False,
+    prices: Mapping[str, Price] | None = None,
 ) -> wpb.ConnectResponse:
     return wpb.ConnectResponse(
         welcome=wpb.Welcome(
+            prices={
+                m: wpb.Price(input=p.input, output=p.output) for m, p in (prices or {}).items()
+            },
             session_id=session_id,
             supervisor_id=supervisor_id,
             heartbeat_interval=wire.duration(heartbeat_interval),
@@ -213,6 +225,10 @@ def _assign_to_pb(assignments: Iterable[Assignment]) -> wpb.Assign:
             out.deadline.seconds, out.deadline.nanos = wire.split(a.deadline)
         if a.timeout:
             out.timeout.seconds, out.timeout.nanos = wire.split(a.timeout)
+        if a.budget_tokens:
+            out.budget_tokens = a.budget_tokens
+        if a.budget_cost:
+            out.budget_cost = a.budget_cost
     return message
 
 

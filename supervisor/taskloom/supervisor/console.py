@@ -595,6 +595,8 @@ def _usage(usage: Any) -> dict[str, Any]:
         "calls": usage.calls,
         "seconds": round(usage.seconds, 3),
         "models": [m for m in usage.model.split(",") if m],
+        "cost": round(usage.cost, 8),
+        "costs": {m: round(c, 8) for m, c in usage.costs.items()},
     }
 
 

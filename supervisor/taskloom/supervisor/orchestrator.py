@@ -38,6 +38,7 @@ from taskloom.core.model import (
     SubtaskResult,
     SubtaskStatus,
     TaskStatus,
+    Usage,
     WorkerInfo,
 )
 from taskloom.core.tracing import parent, tracer, tracing
@@ -249,9 +250,11 @@ class Orchestrator:
         ok = await self.store.progress(fitted, worker_id, self.settings.max_stream_bytes)
         self._count_stale(ok)
 
-    async def stopped(self, session: WorkerSession, refs: Sequence[AttemptRef]) -> None:
+    async def stopped(
+        self, session: WorkerSession, stopped: Sequence[tuple[AttemptRef, Usage]]
+    ) -> None:
         """The worker acknowledged a Cancel: those handlers have stopped."""
-        await self.store.stopped(refs, session.info.name)
+        await self.store.stopped(stopped, session.info.name, session.info.worker_id)
 
     async def completed(
         self, results: Sequence[SubtaskResult], worker_id: str = ""

@@ -321,9 +321,10 @@ class Planning:
             total += usage
             llm = self.planner.llm
             span.set_attributes(genai_attributes(llm.provider, llm.model, total))
+            span.set_attribute("taskloom.cost", total.cost)
             outcome = await self.store.spend(task_id, usage)
             if outcome.finished:
-                logger.info("task %s used up its max_tokens while planning", task_id)
+                logger.info("task %s used up its budget while planning", task_id)
                 self._effects.apply(outcome, reason="the task used up its token budget")
                 raise BudgetSpent(task_id)
 

@@ -59,6 +59,8 @@ TASK_FIELDS = frozenset(
         "first_failure",  # the first subtask failure, for the task's error
         "replan_pending",  # the failed subtask the planner is replacing
         "in_tokens", "out_tokens", "llm_calls", "llm_seconds", "models",  # LLM usage
+        "cost", "costs",  # money: the sum, and a JSON map of it by model
+        "max_cost",  # set when created, if it has one
         "approve_plan",  # 1: a person approves each plan before it runs
         "awaiting_since",  # when it began to wait for a plan's approval
         "paused",  # 1: nothing new starts
@@ -88,6 +90,7 @@ SUBTASK_FIELDS = frozenset(
         "provided",  # 1: a person skipped it with an output its dependents run on
         "ended_with_task",  # 1: cancelled because its task ended
         "streamed",  # bytes of streamed text it added to the log (TASKLOOM_MAX_STREAM_BYTES)
+        "charged",  # the stopped attempt whose LLM usage was counted (stopped.lua)
     }
 )  # fmt: skip
 """The fields of a subtask's hash (``keys.subtask``)."""
@@ -160,6 +163,8 @@ def task_fields(
         "trace_id": trace_id(trace),
         "owner": owner,
         "approve_plan": int(options.approve_plan),
+        # Only with a budget in money: the scripts read it as 0 when missing.
+        **({"max_cost": repr(options.max_cost)} if options.max_cost else {}),
     }
     return [str(x) for kv in fields.items() for x in kv]
 
@@ -205,6 +210,7 @@ def usage_doc(usage: Usage) -> str:
             "model": usage.model,
             "seconds": round(usage.seconds, 6),
             "calls": usage.calls,
+            **({"costs": dict(usage.costs)} if usage.costs else {}),
         }
     )
 
@@ -323,7 +329,12 @@ def decode_usage(doc: Mapping[str, Any]) -> Usage:
         model=str(doc.get("model", "")),
         seconds=float(doc.get("seconds", 0.0)),
         calls=int(doc.get("calls", 0)),
+        costs=_costs(doc.get("costs")),
     )
+
+
+def _costs(doc: Any) -> dict[str, float]:
+    return {str(m): float(c) for m, c in doc.items()} if isinstance(doc, dict) else {}
 
 
 def decode_task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
@@ -347,6 +358,7 @@ def decode_task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
             model=raw.get("models", ""),
             seconds=float(raw.get("llm_seconds") or 0.0),
             calls=int(raw.get("llm_calls") or 0),
+            costs=_costs(json.loads(raw.get("costs") or "{}")),
         ),
         failure_reason=FailureReason(raw.get("failure_reason") or ""),
         owner=raw.get("owner", ""),
@@ -391,7 +403,7 @@ def decode_assignment(
     """An assignment as assign_one (lib.lua) returns it; ``goals`` and
     ``traces`` are what the script's tasks share."""
     (attempt, title, instruction, capability, params, inputs, timeout, stall,
-     context_tokens, context) = row  # fmt: skip
+     context_tokens, context, budget_tokens, budget_cost) = row  # fmt: skip
     traceparent = traces.get(task_id)
     return Assignment(
         task_id=task_id,
@@ -409,6 +421,8 @@ def decode_assignment(
         context_tokens=int(context_tokens),
         context=ContextMode(context or ContextMode.TRUNCATE),
         trace_context={"traceparent": traceparent} if traceparent else {},
+        budget_tokens=int(budget_tokens),
+        budget_cost=float(budget_cost),
     )
 
 

@@ -213,6 +213,8 @@ class FailItem(NamedTuple):
     """1: the handler asked for the step to be planned again."""
     send_back: str = ""
     """A dependency the handler sends back for another attempt ('' for none)."""
+    budget_exceeded: int = 0
+    """1: the worker stopped the attempt where the task's budget ran out."""
 
 
 class FailArgs(NamedTuple):
@@ -258,6 +260,9 @@ class StoppedItem(NamedTuple):
     sub: str
     attempt: int
     worker: str
+    usage: str
+    """What the attempt's LLM calls had used (``usage_doc``)."""
+    worker_id: str
 
 
 class ReviseArgs(NamedTuple):
@@ -373,7 +378,8 @@ HandedRow = list[Any]
 """``[task, sub, capability, worker (1-based), AssignmentRow]``."""
 AssignmentRow = list[Any]
 """``[attempt, title, instruction, capability, params, inputs, timeout, stall,
-context_tokens, context]``, inputs being ``[[dep, title, output], ...]``."""
+context_tokens, context, budget_tokens, budget_cost]``, inputs being ``[[dep,
+title, output], ...]``."""
 
 
 class OutcomeReply(TypedDict, total=False):

@@ -24,6 +24,7 @@ from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomErro
 from taskloom.core.limits import batches, cut_text
 from taskloom.core.model import Assignment, Event
 from taskloom.core.plan import CAPABILITY_RE, LABEL_RE
+from taskloom.core.prices import PriceTable
 from taskloom.core.status import abort
 from taskloom.core.tracing import parent, tracing
 from taskloom.supervisor import codec
@@ -332,9 +333,12 @@ async def _join_traces(orchestrator: Orchestrator, task_ids: list[str]) -> None:
 class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     """One bidirectional stream per worker: assignments down, reports up."""
 
-    def __init__(self, current: Current, settings: SupervisorSettings) -> None:
+    def __init__(
+        self, current: Current, settings: SupervisorSettings, prices: PriceTable | None = None
+    ) -> None:
         self._current = current
         self._settings = settings
+        self._prices = prices or PriceTable()
 
     async def Connect(self, request_iterator: Any, context: Context) -> None:  # type: ignore[override]
         # Reads go through context.read() (the reader task), writes through
@@ -385,6 +389,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                     self._settings.lease_ttl,
                     max_output_bytes=self._settings.max_output_bytes,
                     truncate_output=self._settings.output_overflow == "truncate",
+                    prices=self._prices.prices,
                 )
             )
             await self._write(session, context)

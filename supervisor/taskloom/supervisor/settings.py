@@ -134,6 +134,11 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     roles_file: str | None = None
     """A TOML or JSON file of roles (name, description, system prompt) added to the
     built-in researcher, analyst, writer and critic; the planner gives llm steps one."""
+    prices_file: str | None = None
+    """A TOML or JSON price table, ``{"openai:gpt-4o": {input = 2.5, output = 10}}``
+    per million tokens (``*`` patterns allowed), over the built-in one (local
+    models free, a few hosted models at list price): what tasks' ``max_cost``
+    and costs are counted in. Workers get it from the supervisor."""
     approval_capabilities: StrList = ()
     """Capabilities whose every subtask a person must approve before it runs
     (e.g. ``shell,email``), whatever the plan says: a goal's text never

@@ -651,6 +651,7 @@ class Store:
                 round(random.uniform(0.5, 1.0), 4),
                 int(f.replan),
                 f.send_back,
+                int(f.budget_exceeded),
             )
             for f in failures
         ]
@@ -791,9 +792,17 @@ class Store:
         return _controlled(task_id, "", await self._run("pause", args))
 
     @_translated
-    async def stopped(self, refs: Sequence[AttemptRef], worker: str) -> None:
-        """Log that a worker stopped these attempts after a Cancel."""
-        payload = [scripts.StoppedItem(r.task_id, r.subtask_id, r.attempt, worker) for r in refs]
+    async def stopped(
+        self, stopped: Sequence[tuple[AttemptRef, Usage]], worker: str, worker_id: str
+    ) -> None:
+        """Log that a worker stopped these attempts after a Cancel, and count
+        what their LLM calls had used towards their tasks."""
+        payload = [
+            scripts.StoppedItem(
+                r.task_id, r.subtask_id, r.attempt, worker, records.usage_doc(u), worker_id
+            )
+            for r, u in stopped
+        ]
         await self._run("stopped", payload)
 
     # -- reading ---------------------------------------------------------------

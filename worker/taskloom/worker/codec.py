@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from taskloom.core import wire
@@ -14,6 +14,7 @@ from taskloom.core.model import (
     ProgressUpdate,
     SubtaskFailure,
     SubtaskResult,
+    Usage,
 )
 from taskloom.v1 import workers_pb2 as wpb
 
@@ -29,9 +30,10 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Stopped:
-    """A cancelled attempt's handler has stopped."""
+    """A cancelled attempt's handler has stopped, having used ``usage``."""
 
     ref: AttemptRef
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ def assignments_from_pb(message: wpb.Assign) -> list[Assignment]:
                 trace_context=dict(a.trace_context) if a.trace_context else {},
                 context_tokens=a.context_tokens,
                 context=wire.context_from_pb(a.context),
+                budget_tokens=a.budget_tokens,
+                budget_cost=a.budget_cost,
             )
         )
     return out
@@ -154,15 +158,23 @@ def frames_to_pb(items: Sequence[Outgoing]) -> list[wpb.ConnectRequest]:
             usage=_usage_to_pb(i.usage),
             replan=i.replan,
             send_back=i.send_back,
+            budget_exceeded=i.budget_exceeded,
         )
         for i in items
         if isinstance(i, SubtaskFailure)
     ]
     for failed in _by_size(failures):
         frames.append(wpb.ConnectRequest(failed=wpb.Failed(failures=failed)))
-    stopped = [_ref_to_pb(i.ref) for i in items if isinstance(i, Stopped)]
+    stopped = [i for i in items if isinstance(i, Stopped)]
     if stopped:
-        frames.append(wpb.ConnectRequest(stopped=wpb.Stopped(refs=stopped)))
+        frames.append(
+            wpb.ConnectRequest(
+                stopped=wpb.Stopped(
+                    refs=[_ref_to_pb(i.ref) for i in stopped],
+                    usage=[_usage_to_pb(i.usage) for i in stopped],
+                )
+            )
+        )
     return frames
 
 

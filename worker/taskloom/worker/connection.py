@@ -30,6 +30,7 @@ import grpc
 from taskloom.core.auth import token_metadata
 from taskloom.core.channel import followed_tls, open_channel
 from taskloom.core.model import Assignment, AttemptRef
+from taskloom.core.prices import Price
 from taskloom.core.status import leader_of
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.v1 import workers_pb2_grpc
@@ -49,6 +50,7 @@ class SessionHandler(Protocol):
     def in_flight(self) -> list[AttemptRef]: ...
     def cache_keys(self) -> dict[str, str]: ...
     def labels(self) -> dict[str, str]: ...
+    def on_prices(self, prices: dict[str, Price]) -> None: ...
     def unacked(self) -> list[Report]: ...
     def running(self) -> int: ...
     def draining(self) -> bool: ...
@@ -206,6 +208,8 @@ class Connection:
             self.truncate_output = welcome.truncate_output
             self.idle_silence = welcome.idle_silence
             self.heartbeat_acks = welcome.heartbeat_acks
+            if welcome.prices:
+                handler.on_prices({m: Price(p.input, p.output) for m, p in welcome.prices.items()})
             self.last_contact = time.monotonic()
             logger.info(
                 "connected to supervisor %s at %s",

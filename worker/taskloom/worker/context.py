@@ -3,16 +3,20 @@ report progress and stream output."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from taskloom.core.errors import TaskloomError
 from taskloom.core.llm import LLM, ChatMessage, ChatReply, TextCallback
 from taskloom.core.llm.base import WrappedLLM
+from taskloom.core.metrics import InstrumentedLLM
 from taskloom.core.model import Assignment, AttemptRef, ContextMode, Input, Usage
+from taskloom.core.prices import PriceTable
 
 STREAM_INTERVAL = 0.1
 """Streamed output is sent at most this often per subtask (~10 messages/s)."""
@@ -42,12 +46,53 @@ class SentBack(SubtaskError):
         self.step = step
 
 
+class BudgetExhausted(SubtaskError):
+    """The task's budget (``max_tokens``, ``max_cost``) ran out in this
+    attempt: the worker stops the generation and the task ends."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
 class MeteredLLM(WrappedLLM):
-    """The worker's model, adding every call's usage to the subtask's."""
+    """The worker's model, adding every call's usage to the subtask's, and
+    holding every call to what the task's budget has left: the reply is
+    capped there (``max_tokens``), and a streamed reply that passes it is
+    stopped (for backends that do not honour the cap)."""
 
     def __init__(self, inner: LLM, context: SubtaskContext) -> None:
         super().__init__(inner)
         self._context = context
+
+    def _room(self, prompt: int) -> int | None:
+        """Output tokens the budget leaves after a prompt of ``prompt`` tokens
+        (None: no limit); ``BudgetExhausted`` when it leaves none."""
+        ctx, model = self._context, self.describe()
+        rooms = []
+        if ctx.assignment.budget_tokens:
+            rooms.append(ctx.assignment.budget_tokens - ctx.usage.tokens - prompt)
+        if ctx.assignment.budget_cost:
+            price = ctx.prices.price(model)
+            if price is None:
+                raise SubtaskError(
+                    f"{model} has no price, and this task has a max_cost: add the model "
+                    "to the supervisor's TASKLOOM_PRICES_FILE",
+                    retryable=False,
+                )
+            left = ctx.assignment.budget_cost - ctx.usage.cost - prompt * price.input / 1e6
+            if price.output > 0:
+                rooms.append(math.floor(left * 1e6 / price.output))
+            elif left <= 0:
+                rooms.append(0)
+        if not rooms:
+            return None
+        room = min(rooms)
+        if room < 1:
+            raise BudgetExhausted(
+                f"BUDGET_EXCEEDED: no room left for another LLM call (a prompt of about "
+                f"{prompt} tokens)"
+            )
+        return room
 
     async def chat(
         self,
@@ -60,23 +105,73 @@ class MeteredLLM(WrappedLLM):
         context_tokens: int = 0,
     ) -> ChatReply:
         started = time.monotonic()
+        budgeted = bool(
+            self._context.assignment.budget_tokens or self._context.assignment.budget_cost
+        )
+        prompt = sum(self.count_tokens(m.content) for m in messages) if budgeted else 0
+        room = self._room(prompt) if budgeted else None
+        cap = max_tokens if room is None else min(max_tokens or room, room)
+        # The cap stops a backend that honours it; a streamed reply from one
+        # that does not is stopped here, by the tokens counted so far (an
+        # estimate unless the backend has the tokenizer: hence the slack).
+        stop_at = None if room is None else room * 3 // 2 + 16
+        parts: list[str] = []
+        chars = 0
+
+        async def metered_text(piece: str) -> None:
+            nonlocal chars
+            parts.append(piece)
+            chars += len(piece)
+            # No token is shorter than a character: counting starts past that.
+            if stop_at is not None and chars > stop_at:
+                counted = self.count_tokens("".join(parts))
+                if counted > stop_at:
+                    raise BudgetExhausted(
+                        f"BUDGET_EXCEEDED: its reply was stopped after about {counted} tokens"
+                    )
+            await on_text(piece)  # type: ignore[misc]  # only passed on with on_text
+
         try:
             reply = await super().chat(
                 messages,
                 schema=schema,
                 temperature=temperature,
-                on_text=on_text,
-                max_tokens=max_tokens,
+                on_text=metered_text if on_text is not None else None,
+                max_tokens=cap,
                 context_tokens=context_tokens,
             )
+        except (asyncio.CancelledError, BudgetExhausted):
+            # Stopped mid-call: the tokens sent and streamed were spent, as
+            # far as they can be counted here.
+            self._context.usage += self._charge(
+                Usage(
+                    input_tokens=prompt or sum(self.count_tokens(m.content) for m in messages),
+                    output_tokens=self.count_tokens("".join(parts)) if parts else 0,
+                    model=self.describe(),
+                    seconds=time.monotonic() - started,
+                    calls=1,
+                )
+            )
+            raise
         except BaseException:
-            # A call that failed or was cancelled still took time.
+            # A call that failed still took time.
             self._context.usage += Usage(
                 model=self.describe(), seconds=time.monotonic() - started, calls=1
             )
             raise
         self._context.usage += reply.usage
+        if room is not None and cap == room and reply.usage.output_tokens >= room:
+            raise BudgetExhausted(
+                f"BUDGET_EXCEEDED: its reply was stopped after {reply.usage.output_tokens} tokens"
+            )
         return reply
+
+    def _charge(self, usage: Usage) -> Usage:
+        inner = self.inner
+        if isinstance(inner, InstrumentedLLM):
+            return inner.charge(usage)
+        cost = self._context.prices.cost(usage.model, usage.input_tokens, usage.output_tokens)
+        return replace(usage, costs={usage.model: cost}) if cost else usage
 
     async def close(self) -> None:
         """The worker's model outlives the subtask: nothing to close here."""
@@ -93,6 +188,8 @@ class SubtaskContext:
     _report: Callable[[str, str], Awaitable[None]]
     usage: Usage = field(default_factory=Usage)
     """What the subtask's LLM calls cost so far; every call through ``llm`` adds to it."""
+    prices: PriceTable = field(default_factory=PriceTable)
+    """What the worker prices LLM calls with (the supervisor's table)."""
     _pending: list[str] = field(default_factory=list)
     _last_stream: float = 0.0
     _llm: MeteredLLM | None = None

@@ -43,8 +43,10 @@ from taskloom.core.model import (
     ProgressUpdate,
     SubtaskFailure,
     SubtaskResult,
+    Usage,
 )
 from taskloom.core.plan import LABEL_RE
+from taskloom.core.prices import Price, PriceTable
 from taskloom.core.roles import ROLE_PARAM
 from taskloom.core.tracing import (
     attempt_span_id,
@@ -56,7 +58,13 @@ from taskloom.core.tracing import (
 )
 from taskloom.worker.codec import Accepted, Heartbeat, Report, Stopped
 from taskloom.worker.connection import Connection
-from taskloom.worker.context import ReplanRequested, SentBack, SubtaskContext, SubtaskError
+from taskloom.worker.context import (
+    BudgetExhausted,
+    ReplanRequested,
+    SentBack,
+    SubtaskContext,
+    SubtaskError,
+)
 from taskloom.worker.handlers import (
     LLM_HANDLER_VERSION,
     Cacheable,
@@ -106,9 +114,10 @@ class Worker:
         )
         if registry is not None:
             self.registry.update(registry)
-        self.llm: LLM = InstrumentedLLM(
+        self._metered = InstrumentedLLM(
             llm or create_llm(self.settings), self.metrics.llm, "generate"
         )
+        self.llm: LLM = self._metered
         self._running: dict[AttemptRef, asyncio.Task[None]] = {}
         self._cancelled: set[AttemptRef] = set()
         """Attempts the supervisor cancelled: acknowledged with Stopped."""
@@ -153,6 +162,10 @@ class Worker:
             if LABEL_RE.match(model):
                 labels["model"] = model
         return labels
+
+    def on_prices(self, prices: dict[str, Price]) -> None:
+        """The supervisor's price table (its Welcome): what LLM calls are priced with."""
+        self._metered.prices = PriceTable(prices)
 
     def check(self) -> None:
         """Every advertised capability needs a handler."""
@@ -364,8 +377,14 @@ class Worker:
                 self._connection.send(ProgressUpdate(ref, message, text))
 
         ctx = SubtaskContext(
-            assignment, self.llm, self._logger, report_progress, _lease=self.lease_valid
+            assignment,
+            self.llm,
+            self._logger,
+            report_progress,
+            prices=self._metered.prices,
+            _lease=self.lease_valid,
         )
+        span = trace.get_current_span()
         report: Report
         scope = asyncio.timeout(assignment.timeout or None)
         started = time.monotonic()
@@ -397,8 +416,9 @@ class Worker:
             if ref in self._cancelled:
                 self._cancelled.discard(ref)
                 self._running.pop(ref, None)
-                self._connection.send(Stopped(ref))
+                self._connection.send(Stopped(ref, ctx.usage))
                 self._observe(assignment.capability, "cancelled", started)
+                _spent(span, ctx.usage)
                 return "cancelled"
             outcome = "handed_back"
             why = "the worker shut down before finishing; handed back"
@@ -416,6 +436,7 @@ class Worker:
                 usage=ctx.usage,
                 replan=isinstance(e, ReplanRequested),
                 send_back=e.step if isinstance(e, SentBack) else "",
+                budget_exceeded=isinstance(e, BudgetExhausted),
             )
         except Exception as e:
             logger.exception("handler %s failed on %s", assignment.capability, ref)
@@ -424,6 +445,7 @@ class Worker:
         finally:
             self._running.pop(ref, None)
         self._observe(assignment.capability, outcome, started)
+        _spent(span, ctx.usage)
         self._report(report)
         return outcome
 
@@ -434,6 +456,14 @@ class Worker:
         self._unacked[report.ref] = report
         self._all_acked.clear()
         self._connection.send(report)
+
+
+def _spent(span: trace.Span, usage: Usage) -> None:
+    """The attempt's LLM usage on its span."""
+    if usage.calls:
+        span.set_attribute("taskloom.input_tokens", usage.input_tokens)
+        span.set_attribute("taskloom.output_tokens", usage.output_tokens)
+        span.set_attribute("taskloom.cost", usage.cost)
 
 
 def _as_text(output: object) -> str:

@@ -161,15 +161,16 @@ class EmbeddedLLM(LLM):
             try:
                 result = await child.call(request, stream=on_text is not None, pieces=pieces,
                                           on_text=on_text)  # fmt: skip
-            except asyncio.CancelledError:
-                # Stop the generation now, not when it would have ended.
-                self._stop_child("the call was cancelled")
-                raise
             except _ChildDied as e:
                 self._stop_child(str(e))
                 raise LLMUnavailable(
                     f"the embedded model's process died ({e}); it starts again for the next call"
                 ) from None
+            except BaseException:
+                # Cancelled, or on_text stopped it (a budget): stop the
+                # generation now, not when it would have ended.
+                self._stop_child("the call was stopped")
+                raise
         if on_text is not None:
             text = "".join(pieces)
             return ChatReply(text, self._usage(prompt_tokens, self.count_tokens(text), started))

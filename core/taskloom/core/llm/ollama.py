@@ -75,12 +75,17 @@ class OllamaLLM(LLM):
             stream = await self._client.chat(
                 model=self.model, messages=payload, format=fmt, options=options, stream=True
             )
-            async for chunk in stream:
-                last = chunk
-                text = chunk.message.content or ""
-                if text:
-                    parts.append(text)
-                    await on_text(text)
+            try:
+                async for chunk in stream:
+                    last = chunk
+                    text = chunk.message.content or ""
+                    if text:
+                        parts.append(text)
+                        await on_text(text)
+            finally:
+                # When on_text stops the reply (a budget), the connection
+                # closes now, and Ollama stops generating.
+                await stream.aclose()  # type: ignore[attr-defined]  # an async generator
             return ChatReply(
                 "".join(parts),
                 self._usage(last, started),

@@ -81,6 +81,14 @@ function badge(status, extra = "") {
   return h("span", { class: `badge ${extra}`, "data-status": status, text: status });
 }
 
+/** " · cost 0.0123 (openai:gpt-4o 0.0123)": what LLM calls cost, if priced. */
+function costText(usage) {
+  const models = Object.entries(usage.costs || {});
+  if (!models.length) return "";
+  const money = (x) => Number(x.toPrecision(4)).toString();
+  return ` · cost ${money(usage.cost)} (${models.map(([m, c]) => `${m} ${money(c)}`).join(", ")})`;
+}
+
 function tokens(usage) {
   return usage.input_tokens + usage.output_tokens;
 }
@@ -230,7 +238,7 @@ function taskPage(taskId) {
       h("span", { class: "facts" },
         h("span", { text: `task ${t.id}` }), h("span", { text: `owner ${t.owner}` }),
         h("span", { text: `${t.succeeded}/${t.total} done` }),
-        h("span", { text: `${tokens(t.usage).toLocaleString()} tokens` }),
+        h("span", { text: `${tokens(t.usage).toLocaleString()} tokens${costText(t.usage)}` }),
         h("span", { text: `created ${ago(t.created_at)}` }),
         t.error ? h("span", { text: `error: ${t.error}` }) : ""));
     const unfinished = UNFINISHED.has(t.status);
@@ -317,7 +325,7 @@ function taskPage(taskId) {
         h("dt", { text: "capability" }), h("dd", { text: s.capability + routeText(s.requires) + (s.requires_approval ? " (needs approval)" : "") }),
         h("dt", { text: "attempt" }), h("dd", { text: `${s.attempt}${s.worker ? ` on ${s.worker}` : ""}` }),
         h("dt", { text: "timings" }), h("dd", { text: `ready ${clock(s.ready_at)} · started ${clock(s.started_at)} · ended ${clock(s.finished_at)}` }),
-        h("dt", { text: "tokens" }), h("dd", { text: `${s.usage.input_tokens} in, ${s.usage.output_tokens} out, ${s.usage.calls} calls ${s.usage.models.join(", ")}` }),
+        h("dt", { text: "tokens" }), h("dd", { text: `${s.usage.input_tokens} in, ${s.usage.output_tokens} out, ${s.usage.calls} calls ${s.usage.models.join(", ")}${costText(s.usage)}` }),
         s.cache_hit ? [h("dt", { text: "cache" }), h("dd", { text: "reused an identical earlier output" })] : "",
         s.error ? [h("dt", { text: "error" }), h("dd", { text: s.error })] : ""),
       h("h2", { text: "Instruction" }), h("pre", { text: s.instruction }),

@@ -54,13 +54,13 @@ local items, backoff, backoff_max = unpack(PAYLOAD) -- FailArgs
 local committed, ready, finished, held, replan = {}, {}, {}, {}, {}
 for i, item in ipairs(items) do
   local task, sub, attempt, error, retryable, counts, usage, worker_id, jitter,
-    wants_replan, send_back = unpack(item) -- FailItem
+    wants_replan, send_back, budget_exceeded = unpack(item) -- FailItem
   local lost_only = counts == 0
   committed[i] = 0
   local over = nil
   if held_by(task, sub, attempt, worker_id) then
     add_usage(task, usage)
-    over = enforce_budget(task)
+    over = enforce_budget(task, budget_exceeded == 1 and sub or nil, error)
   end
   if over ~= nil then
     committed[i] = 1

@@ -207,19 +207,55 @@ local function add_usage(task, usage_json)
     end
     redis.call('HSET', tk, 'models', models)
   end
+  -- Money by model: a JSON map, and its sum as a number the budget reads.
+  if type(u.costs) == 'table' and next(u.costs) ~= nil then
+    local costs = cjson.decode(redis.call('HGET', tk, 'costs') or '{}')
+    local added = 0
+    for m, c in pairs(u.costs) do
+      c = tonumber(c) or 0
+      if c > 0 then
+        costs[m] = (tonumber(costs[m]) or 0) + c
+        added = added + c
+      end
+    end
+    if added > 0 then
+      redis.call('HSET', tk, 'costs', cjson.encode(costs))
+      redis.call('HINCRBYFLOAT', tk, 'cost', added)
+    end
+  end
 end
 
--- A task that has used more tokens than its max_tokens ends FAILED with
--- BUDGET_EXCEEDED: nothing new starts, running attempts are cancelled.
--- Returns the attempts workers held (to stop), or nil within budget.
-local function enforce_budget(task)
+-- A task that has used more tokens than its max_tokens, or cost more than
+-- its max_cost, ends FAILED with BUDGET_EXCEEDED: nothing new starts,
+-- running attempts are cancelled. So does one whose worker stopped a
+-- subtask, `cut_by`, where the budget ran out (`why`: how). Returns the
+-- attempts workers held (to stop), or nil within budget.
+local function enforce_budget(task, cut_by, why)
   local tk = k_task(task)
-  local v = redis.call('HMGET', tk, 'max_tokens', 'in_tokens', 'out_tokens', 'status')
-  local limit = tonumber(v[1] or '0') or 0
-  if limit <= 0 or TASK_TERMINAL[v[4]] then return nil end
+  local v = redis.call('HMGET', tk, 'max_tokens', 'in_tokens', 'out_tokens', 'status',
+    'max_cost', 'cost')
+  local limit, max_cost = tonumber(v[1] or '0') or 0, tonumber(v[5] or '0') or 0
+  if (limit <= 0 and max_cost <= 0) or TASK_TERMINAL[v[4]] then return nil end
   local used = tonumber(v[2] or '0') + tonumber(v[3] or '0')
-  if used <= limit then return nil end
-  local reason = 'BUDGET_EXCEEDED: the task used ' .. used .. ' tokens; its max_tokens is ' .. limit
+  local cost = tonumber(v[6] or '0') or 0
+  local reason
+  if limit > 0 and used > limit then
+    reason = 'the task used ' .. used .. ' tokens; its max_tokens is ' .. limit
+  elseif max_cost > 0 and cost > max_cost then
+    reason = string.format('the task cost %.6g; its max_cost is %.6g', cost, max_cost)
+  elseif cut_by ~= nil then
+    reason = 'the task\'s budget ran out (' .. used .. ' tokens' ..
+      (limit > 0 and (' of its max_tokens ' .. limit) or '') ..
+      (max_cost > 0 and string.format(', cost %.6g of its max_cost %.6g', cost, max_cost) or '') ..
+      ')'
+  else
+    return nil
+  end
+  if cut_by ~= nil then
+    reason = reason .. '; in ' .. cut_by .. ', ' ..
+      string.gsub(why or 'it stopped', '^BUDGET_EXCEEDED: ', '')
+  end
+  reason = 'BUDGET_EXCEEDED: ' .. reason
   return finish_task(task, 'FAILED', reason, 'task.failed', reason, 'BUDGET_EXCEEDED')
 end
 
@@ -490,7 +526,8 @@ end
 -- once with the stored output, and no worker runs it: its dependents that
 -- become READY go into `ready`, its task into `finished` if it ended.
 -- Returns {attempt, title, instruction, capability, params, inputs =
--- {{dep, title, output}, ...}, timeout, stall, context_tokens, context},
+-- {{dep, title, output}, ...}, timeout, stall, context_tokens, context,
+-- budget_tokens, budget_cost},
 -- 'hit', or nil if the subtask is not READY (cancelled, or queued twice)
 -- or its task is not running. GOALS and TRACES collect what the
 -- assignments of each task share, for the reply.
@@ -516,10 +553,21 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
     local new = NEW_TASK[task]
     if new then
       tv = {new.stall, new.ctx_tokens, new.ctx_mode, new.cache_ttl, new.goal, new.traceparent, '',
-        new.owner or ''}
+        new.owner or '', new.max_tokens, new.max_cost}
     else
       tv = redis.call('HMGET', tk, 'stall', 'ctx_tokens', 'ctx_mode', 'cache_ttl', 'goal',
-        'traceparent', 'paused', 'owner')
+        'traceparent', 'paused', 'owner', 'max_tokens', 'max_cost')
+    end
+    -- What the task may still spend (0: no limit), read only if it has a
+    -- budget: its attempts are told, and stop their generation there.
+    tv[11], tv[12] = 0, 0
+    local limit, max_cost = tonumber(tv[9] or '0') or 0, tonumber(tv[10] or '0') or 0
+    if limit > 0 or max_cost > 0 then
+      local u = redis.call('HMGET', tk, 'in_tokens', 'out_tokens', 'cost')
+      if limit > 0 then
+        tv[11] = math.max(limit - tonumber(u[1] or '0') - tonumber(u[2] or '0'), 1)
+      end
+      if max_cost > 0 then tv[12] = math.max(max_cost - tonumber(u[3] or '0'), 1e-9) end
     end
     TASK_SHARED[task] = tv
     GOALS[task] = tv[5] or ''
@@ -569,7 +617,7 @@ local function assign_one(task, sub, worker_id, worker, fingerprint, ready, fini
     'worker_id', worker_id, 'assigned_at', NOW, 'progress', '')
   emit(task, 'subtask.assigned', sub, 'ASSIGNED', 'assigned to ' .. worker, attempt, worker)
   return {attempt, st[3], st[4], st[5], st[6], inputs, tonumber(st[8] or '0'),
-    tonumber(tv[1] or '0'), tonumber(tv[2] or '0'), tv[3] or ''}
+    tonumber(tv[1] or '0'), tonumber(tv[2] or '0'), tv[3] or '', tv[11], tv[12]}
 end
 
 -- Hand subtasks that just became READY straight to free worker slots the
