@@ -53,6 +53,7 @@ class ChatCall:
 class HTTPError:
     status: int
     message: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 Responder = Callable[[ChatCall], "str | HTTPError"]
@@ -167,7 +168,8 @@ class FakeOllama:
                 )
                 reply = fake.answer(call)
                 if isinstance(reply, HTTPError):
-                    self._json(reply.status, {"error": {"message": reply.message}})
+                    refusal: dict[str, Any] = {"error": {"message": reply.message}}
+                    self._json(reply.status, refusal, reply.headers)
                     return
                 usage = {"prompt_tokens": sum(len(m["content"]) // 4 for m in call.messages),
                          "completion_tokens": 7}  # fmt: skip
@@ -194,9 +196,13 @@ class FakeOllama:
                     self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.write(b"0\r\n\r\n")
 
-            def _json(self, status: int, payload: Any) -> None:
+            def _json(
+                self, status: int, payload: Any, headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

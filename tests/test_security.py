@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -80,7 +81,7 @@ def secured(settings: SupervisorSettings, pki: Minted, **changes: Any) -> Superv
 
 @pytest.fixture
 async def secure(supervisor_settings: SupervisorSettings, pki: Minted) -> AsyncIterator[Supervisor]:
-    server = Supervisor(secured(supervisor_settings, pki))
+    server = Supervisor(secured(supervisor_settings, pki, rate_limits="openai:*=60"))
     await server.start()
     yield server
     await server.stop(grace=0.5)
@@ -167,6 +168,26 @@ async def test_each_role_reaches_only_its_own_service(secure: Supervisor, pki: M
             first: Any = await call.read()
             assert first.HasField("welcome")
             call.cancel()
+        # TakeRate is the workers' too; what they ask is checked.
+        take = workers_pb2_grpc.WorkerServiceStub(ch).TakeRate
+        request = wpb.TakeRateRequest(model="openai:gpt-4o", requests=1, tokens=10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await take(request, metadata=token_metadata(TOKENS["alice"][0]))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        worker = token_metadata(TOKENS["w1"][0])
+        assert (await take(request, metadata=worker)).wait.ToNanoseconds() == 0
+        for bad, why in (
+            (wpb.TakeRateRequest(model="acme:x", requests=1), "'acme:x' has no rate limit here"),
+            (wpb.TakeRateRequest(model="openai:*", requests=5), "take 0 or 1 requests"),
+            (
+                wpb.TakeRateRequest(model="openai:*", pause=Duration(seconds=3600)),
+                "a pause is 0 to 120 seconds",
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await take(bad, metadata=worker)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert why in (refused.value.details() or "")
 
 
 async def test_another_principals_task_costs_one_small_read_not_the_task(

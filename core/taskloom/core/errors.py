@@ -119,6 +119,15 @@ class LLMUnavailable(Unavailable):
     """The LLM server cannot be reached."""
 
 
+class RateLimited(LLMUnavailable):
+    """The provider refused the call for its rate limit (HTTP 429);
+    ``retry_after``: how long it asked to wait, if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class SupervisorUnavailable(Unavailable):
     """No supervisor answers at the configured address."""
 

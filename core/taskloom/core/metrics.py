@@ -78,6 +78,19 @@ class LLMMetrics:
             ["model", "direction"],
             registry=registry,
         )
+        self.rate_waits = Counter(
+            "taskloom_llm_rate_limit_waits",
+            "Waits before an LLM call, by model and reason (limit: the shared "
+            "TASKLOOM_RATE_LIMITS bucket was empty; provider: it answered 429)",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.rate_wait_seconds = Counter(
+            "taskloom_llm_rate_limit_wait_seconds",
+            "Time LLM calls waited for rate limits, by model",
+            ["model"],
+            registry=registry,
+        )
         self.cost = Counter(
             "taskloom_llm_cost",
             "What LLM calls cost by model, in the price table's currency (US dollars "

@@ -22,6 +22,63 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class TakeRateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    PAUSE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """provider:model, as usage names it, or the limit's pattern (its bucket)."""
+    requests: _builtins.int
+    """1 before a call (with its prompt's tokens); 0 after it, with the
+    reply's tokens, taken whatever is left.
+    """
+    tokens: _builtins.int
+    @_builtins.property
+    def pause(self) -> _duration_pb2.Duration:
+        """The provider refused a call for its rate limit (HTTP 429) and asked to
+        wait this long: the bucket refuses everyone meanwhile (at most 120 s).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        pause: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pause", b"pause"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pause", b"pause", "requests", b"requests", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TakeRateRequest: _TypeAlias = TakeRateRequest  # noqa: Y015
+
+@_typing.final
+class TakeRateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        wait: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TakeRateResponse: _TypeAlias = TakeRateResponse  # noqa: Y015
+
+@_typing.final
 class AttemptRef(_message.Message):
     """AttemptRef names one attempt of one subtask. Every report carries it, and a
     report for an attempt that no longer holds the subtask is discarded.
@@ -501,6 +558,27 @@ class Welcome(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RateLimitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___RateLimit: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___RateLimit | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SESSION_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
@@ -510,6 +588,7 @@ class Welcome(_message.Message):
     IDLE_SILENCE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_ACKS_FIELD_NUMBER: _builtins.int
     PRICES_FIELD_NUMBER: _builtins.int
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     supervisor_id: _builtins.str
     max_output_bytes: _builtins.int
@@ -542,6 +621,12 @@ class Welcome(_message.Message):
         built-in table).
         """
 
+    @_builtins.property
+    def rate_limits(self) -> _containers.MessageMap[_builtins.str, Global___RateLimit]:
+        """Model pattern -> its rate limit (TASKLOOM_RATE_LIMITS): calls to these
+        models take from a bucket shared through TakeRate.
+        """
+
     def __init__(
         self,
         *,
@@ -554,14 +639,39 @@ class Welcome(_message.Message):
         idle_silence: _builtins.bool = ...,
         heartbeat_acks: _builtins.bool = ...,
         prices: _abc.Mapping[_builtins.str, Global___Price] | None = ...,
+        rate_limits: _abc.Mapping[_builtins.str, Global___RateLimit] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_acks", b"heartbeat_acks", "heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "prices", b"prices", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_acks", b"heartbeat_acks", "heartbeat_interval", b"heartbeat_interval", "idle_silence", b"idle_silence", "lease_ttl", b"lease_ttl", "max_output_bytes", b"max_output_bytes", "prices", b"prices", "rate_limits", b"rate_limits", "session_id", b"session_id", "supervisor_id", b"supervisor_id", "truncate_output", b"truncate_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """Per minute; 0: no limit on that."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    requests_per_minute: _builtins.int
+    tokens_per_minute: _builtins.int
+    def __init__(
+        self,
+        *,
+        requests_per_minute: _builtins.int = ...,
+        tokens_per_minute: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
 @_typing.final
 class Price(_message.Message):

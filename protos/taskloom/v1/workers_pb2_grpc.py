@@ -40,6 +40,11 @@ class WorkerServiceStub:
                 request_serializer=taskloom_dot_v1_dot_workers__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=taskloom_dot_v1_dot_workers__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.TakeRate = channel.unary_unary(
+                '/taskloom.v1.WorkerService/TakeRate',
+                request_serializer=taskloom_dot_v1_dot_workers__pb2.TakeRateRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_workers__pb2.TakeRateResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -56,6 +61,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeRate(self, request, context):
+        """TakeRate takes from the shared bucket of a model's rate limit (one of
+        Welcome.rate_limits) before or after an LLM call: the wait is zero when
+        taken, else how long until the bucket would have it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +77,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=taskloom_dot_v1_dot_workers__pb2.ConnectRequest.FromString,
                     response_serializer=taskloom_dot_v1_dot_workers__pb2.ConnectResponse.SerializeToString,
+            ),
+            'TakeRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeRate,
+                    request_deserializer=taskloom_dot_v1_dot_workers__pb2.TakeRateRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_workers__pb2.TakeRateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +112,33 @@ class WorkerService:
             '/taskloom.v1.WorkerService/Connect',
             taskloom_dot_v1_dot_workers__pb2.ConnectRequest.SerializeToString,
             taskloom_dot_v1_dot_workers__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskloom.v1.WorkerService/TakeRate',
+            taskloom_dot_v1_dot_workers__pb2.TakeRateRequest.SerializeToString,
+            taskloom_dot_v1_dot_workers__pb2.TakeRateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class WorkerServiceStub:
     Items that come in numbers (assignments, acks, reports) are repeated
     fields so that either side can batch many into one frame.
     """
+    TakeRate: _grpc.UnaryUnaryMultiCallable[_workers_pb2.TakeRateRequest, _workers_pb2.TakeRateResponse]
+    """TakeRate takes from the shared bucket of a model's rate limit (one of
+    Welcome.rate_limits) before or after an LLM call: the wait is zero when
+    taken, else how long until the bucket would have it.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -50,6 +55,11 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     supervisor answers Welcome; then assignments flow down and reports up.
     Items that come in numbers (assignments, acks, reports) are repeated
     fields so that either side can batch many into one frame.
+    """
+    TakeRate: _aio.UnaryUnaryMultiCallable[_workers_pb2.TakeRateRequest, _workers_pb2.TakeRateResponse]  # type: ignore[assignment]
+    """TakeRate takes from the shared bucket of a model's rate limit (one of
+    Welcome.rate_limits) before or after an LLM call: the wait is zero when
+    taken, else how long until the bucket would have it.
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +75,17 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         supervisor answers Welcome; then assignments flow down and reports up.
         Items that come in numbers (assignments, acks, reports) are repeated
         fields so that either side can batch many into one frame.
+        """
+
+    @_abc_1.abstractmethod
+    def TakeRate(
+        self,
+        request: _workers_pb2.TakeRateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workers_pb2.TakeRateResponse, _abc.Awaitable[_workers_pb2.TakeRateResponse]]:
+        """TakeRate takes from the shared bucket of a model's rate limit (one of
+        Welcome.rate_limits) before or after an LLM call: the wait is zero when
+        taken, else how long until the bucket would have it.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

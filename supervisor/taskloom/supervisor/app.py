@@ -41,6 +41,7 @@ from taskloom.core.llm import LLM, create_llm
 from taskloom.core.logs import hide_grpc_metadata
 from taskloom.core.metrics import InstrumentedLLM, serve_metrics
 from taskloom.core.prices import load_prices
+from taskloom.core.ratelimits import RateLimitedLLM, RateLimiter
 from taskloom.core.roles import load_roles
 from taskloom.supervisor.console import Console
 from taskloom.supervisor.interceptors import server_interceptors
@@ -125,8 +126,14 @@ class Supervisor:
         self.prices = load_prices(settings.prices_file)
         """What LLM calls cost (``TASKLOOM_PRICES_FILE``): the planner's, and
         workers', who get it in their Welcome."""
-        self.llm = InstrumentedLLM(
-            llm or create_llm(settings), self.metrics.llm, "plan", prices=self.prices
+        self.rate_limits = settings.rate_limit_table()
+        """Providers' limits (``TASKLOOM_RATE_LIMITS``): the planner keeps to
+        them here, workers through ``TakeRate``."""
+        self.llm = RateLimitedLLM(
+            InstrumentedLLM(
+                llm or create_llm(settings), self.metrics.llm, "plan", prices=self.prices
+            ),
+            RateLimiter(self.rate_limits, self.store.take_rate, self.metrics.llm),
         )
         self.planner = Planner(
             self.llm,
@@ -307,7 +314,7 @@ class Supervisor:
             TaskServicer(self.current, self.quotas), server
         )
         workers_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.current, self.settings, self.prices), server
+            WorkerServicer(self.current, self.settings, self.prices, self.rate_limits), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

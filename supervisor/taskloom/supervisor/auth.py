@@ -8,7 +8,7 @@ call (UNAUTHENTICATED, PERMISSION_DENIED) or runs it with the principal in
 
     method                               client  worker  admin   no token
     TaskService/*                          yes      -      yes      -
-    WorkerService/Connect                   -      yes     yes      -
+    WorkerService/Connect, TakeRate         -      yes     yes      -
     grpc.reflection.*                      yes     yes     yes      -
     grpc.health.v1.Health/*                yes     yes     yes     yes
 
@@ -57,7 +57,9 @@ current_credential: contextvars.ContextVar[bytes] = contextvars.ContextVar(
 stream opened with it can be closed when it is revoked or expires."""
 
 OPEN_PREFIX = "/grpc.health.v1.Health/"
-WORKER_METHODS = frozenset({"/taskloom.v1.WorkerService/Connect"})
+WORKER_METHODS = frozenset(
+    {"/taskloom.v1.WorkerService/Connect", "/taskloom.v1.WorkerService/TakeRate"}
+)
 CLIENT_PREFIX = "/taskloom.v1.TaskService/"
 ANY_ROLE_PREFIX = "/grpc.reflection."
 LOG_EVERY = 10.0

@@ -20,6 +20,7 @@ from taskloom.core.model import (
     WorkerInfo,
 )
 from taskloom.core.prices import Price
+from taskloom.core.ratelimits import Limit
 from taskloom.core.status import error_detail, status_code
 from taskloom.supervisor.scheduler import (
     AckReports,
@@ -177,9 +178,14 @@ def welcome_to_pb(
     max_output_bytes: int = 0,
     truncate_output: bool = False,
     prices: Mapping[str, Price] | None = None,
+    rate_limits: Mapping[str, Limit] | None = None,
 ) -> wpb.ConnectResponse:
     return wpb.ConnectResponse(
         welcome=wpb.Welcome(
+            rate_limits={
+                m: wpb.RateLimit(requests_per_minute=r.requests, tokens_per_minute=r.tokens)
+                for m, r in (rate_limits or {}).items()
+            },
             prices={
                 m: wpb.Price(input=p.input, output=p.output) for m, p in (prices or {}).items()
             },

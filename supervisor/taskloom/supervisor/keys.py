@@ -17,6 +17,7 @@ scripts get the same key builders, generated from the templates below by
     {prefix}leader:epoch             string  counter; each new lease takes the next number
     {prefix}deadlines                zset    tasks with a max_duration, scored by when it ends
     {prefix}cache:{key}              string  a cached subtask output (key: SHA-1 of its inputs)
+    {prefix}rate:{key}               hash    a rate limit's token bucket (key: its model pattern)
     {prefix}owner:{key}:tasks        zset    one principal's tasks, scored by creation time
     {prefix}owner:{key}:active       zset    its unfinished tasks (for the in-flight limit)
     {prefix}owners                   set     principals that own tasks (to trim their indexes)
@@ -48,6 +49,7 @@ _TEMPLATES = {
     "leader_epoch": "leader:epoch",
     "deadlines": "deadlines",
     "cache": "cache:{key}",
+    "rate": "rate:{key}",
     "owner_tasks": "owner:{key}:tasks",
     "owner_active": "owner:{key}:active",
     "owners": "owners",

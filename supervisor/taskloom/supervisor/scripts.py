@@ -40,6 +40,7 @@ SCRIPTS = (
     "pause",
     "stage",
     "release",
+    "ratelimit",
 )
 """The scripts in ``lua/``, each loaded with ``lib.lua`` in front of it."""
 
@@ -120,6 +121,25 @@ class Budget(NamedTuple):
     """Bytes the owner stores until they expire (0: no limit)."""
     subtasks: int
     size: int
+
+
+class RateArgs(NamedTuple):
+    bucket: str
+    """The limit's model pattern (``TASKLOOM_RATE_LIMITS``)."""
+    rpm: int
+    tpm: int
+    requests: int
+    """0: take ``tokens`` whatever is left (a reply's, after its call)."""
+    tokens: int
+    pause: float
+    """Seconds to refuse everyone (a provider's 429); 0: none."""
+    burst: float
+    """Seconds of its rate the bucket holds."""
+
+
+class RateReply(TypedDict):
+    wait: float
+    """0: taken; else seconds until the bucket would have it."""
 
 
 class ReleaseArgs(NamedTuple):

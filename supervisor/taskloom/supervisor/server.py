@@ -19,12 +19,14 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from opentelemetry import trace
 
+from taskloom.core import wire
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
 from taskloom.core.limits import batches, cut_text
 from taskloom.core.model import Assignment, Event
 from taskloom.core.plan import CAPABILITY_RE, LABEL_RE
 from taskloom.core.prices import PriceTable
+from taskloom.core.ratelimits import MAX_PAUSE, LimitTable
 from taskloom.core.status import abort
 from taskloom.core.tracing import parent, tracing
 from taskloom.supervisor import codec
@@ -62,6 +64,8 @@ MAX_CAPABILITIES = 64
 """Capabilities one worker may offer."""
 MAX_LABELS = 32
 MAX_NAME_CHARS = 128
+MAX_RATE_TOKENS = 10_000_000
+"""The most tokens one TakeRate may take (a call's prompt or reply)."""
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 """A worker's own id: plain, and without ``/``, which joins it to its principal."""
 MAX_SUBMIT_BATCH = 1_000
@@ -334,11 +338,37 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     """One bidirectional stream per worker: assignments down, reports up."""
 
     def __init__(
-        self, current: Current, settings: SupervisorSettings, prices: PriceTable | None = None
+        self,
+        current: Current,
+        settings: SupervisorSettings,
+        prices: PriceTable | None = None,
+        rate_limits: LimitTable | None = None,
     ) -> None:
         self._current = current
         self._settings = settings
         self._prices = prices or PriceTable()
+        self._limits = rate_limits or LimitTable()
+
+    @_unary
+    async def TakeRate(
+        self, request: wpb.TakeRateRequest, context: Context
+    ) -> wpb.TakeRateResponse:
+        found = self._limits.find(request.model)
+        if found is None:
+            raise InvalidArgument(
+                f"{request.model[:128]!r} has no rate limit here (TASKLOOM_RATE_LIMITS)",
+                field="model",
+            )
+        pause = request.pause.ToNanoseconds() / 1e9
+        if request.requests not in (0, 1) or not 0 <= request.tokens <= MAX_RATE_TOKENS:
+            raise InvalidArgument(
+                f"take 0 or 1 requests and 0 to {MAX_RATE_TOKENS:,} tokens", field="tokens"
+            )
+        if not 0 <= pause <= MAX_PAUSE:
+            raise InvalidArgument(f"a pause is 0 to {MAX_PAUSE:g} seconds", field="pause")
+        store = self._current().store
+        wait = await store.take_rate(*found, request.requests, request.tokens, pause)
+        return wpb.TakeRateResponse(wait=wire.duration(wait))
 
     async def Connect(self, request_iterator: Any, context: Context) -> None:  # type: ignore[override]
         # Reads go through context.read() (the reader task), writes through
@@ -390,6 +420,7 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
                     max_output_bytes=self._settings.max_output_bytes,
                     truncate_output=self._settings.output_overflow == "truncate",
                     prices=self._prices.prices,
+                    rate_limits=self._limits.limits,
                 )
             )
             await self._write(session, context)

@@ -17,6 +17,7 @@ from taskloom.core.channel import (
 )
 from taskloom.core.errors import ConfigError
 from taskloom.core.plan import PlanLimits
+from taskloom.core.ratelimits import LimitTable, parse_limits
 from taskloom.core.settings import (
     Address,
     DurationMap,
@@ -139,6 +140,11 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     per million tokens (``*`` patterns allowed), over the built-in one (local
     models free, a few hosted models at list price): what tasks' ``max_cost``
     and costs are counted in. Workers get it from the supervisor."""
+    rate_limits: str = ""
+    """Providers' limits, ``MODEL=RPM[/TPM]`` comma-separated (``openai:*=500/30000,
+    ollama:llama3.2=60``; ``*`` patterns, one shared bucket each): requests and
+    tokens per minute that every worker and the planner keep to together,
+    waiting rather than failing."""
     approval_capabilities: StrList = ()
     """Capabilities whose every subtask a person must approve before it runs
     (e.g. ``shell,email``), whatever the plan says: a goal's text never
@@ -245,6 +251,15 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
             )
         return value
 
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits(cls, value: str) -> str:
+        try:
+            parse_limits(value)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("TASKLOOM_RATE_LIMITS: ")) from None
+        return value
+
     @field_validator("advertise")
     @classmethod
     def _advertise(cls, value: str) -> str:
@@ -282,6 +297,9 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
             max_concurrent_streams=self.max_streams_per_connection,
             keepalive=self.keepalive(),
         )
+
+    def rate_limit_table(self) -> LimitTable:
+        return LimitTable(parse_limits(self.rate_limits))
 
     def timeout_for(self, capability: str) -> float:
         return self.timeouts.get(capability, self.subtask_timeout)

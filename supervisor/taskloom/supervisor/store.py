@@ -65,6 +65,7 @@ from taskloom.core.model import (
     TaskStatus,
     Usage,
 )
+from taskloom.core.ratelimits import BURST_SECONDS, Limit
 from taskloom.supervisor import records, scripts
 from taskloom.supervisor.keys import REDIS_TIMEOUT, Keys, lua_prelude
 from taskloom.supervisor.outcomes import OfferedSlots, Outcome, ReadyItem
@@ -305,6 +306,27 @@ class Store:
         ]
         reply = await self._line.eval(self._sources[name], self._shas[name], args)
         return json.loads(reply)
+
+    # -- rate limits -----------------------------------------------------------------
+
+    @_translated
+    async def take_rate(
+        self,
+        bucket: str,
+        limit: Limit,
+        requests: int,
+        tokens: int,
+        pause: float,
+        *,
+        now: float | None = None,
+    ) -> float:
+        """Take from a rate limit's shared bucket (``ratelimit.lua``): seconds
+        to wait, 0 if taken. Not fenced: buckets are not task state."""
+        args = scripts.RateArgs(
+            bucket, limit.requests, limit.tokens, requests, tokens, pause, BURST_SECONDS
+        )
+        reply = cast(scripts.RateReply, await self._run("ratelimit", args, fenced=False, now=now))
+        return float(reply["wait"])
 
     # -- the leader lease --------------------------------------------------------
 

@@ -31,7 +31,9 @@ from taskloom.core.auth import token_metadata
 from taskloom.core.channel import followed_tls, open_channel
 from taskloom.core.model import Assignment, AttemptRef
 from taskloom.core.prices import Price
+from taskloom.core.ratelimits import Limit
 from taskloom.core.status import leader_of
+from taskloom.core.wire import duration
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.v1 import workers_pb2_grpc
 from taskloom.worker import codec
@@ -41,6 +43,10 @@ from taskloom.worker.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 
 WELCOME_TIMEOUT = 10.0
+RATE_TIMEOUT = 10.0
+"""How long a TakeRate may take."""
+RATE_RETRY = 1.0
+"""While no supervisor answers TakeRate, how long a call waits before asking again."""
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
@@ -51,6 +57,7 @@ class SessionHandler(Protocol):
     def cache_keys(self) -> dict[str, str]: ...
     def labels(self) -> dict[str, str]: ...
     def on_prices(self, prices: dict[str, Price]) -> None: ...
+    def on_rate_limits(self, limits: dict[str, Limit]) -> None: ...
     def unacked(self) -> list[Report]: ...
     def running(self) -> int: ...
     def draining(self) -> bool: ...
@@ -70,6 +77,8 @@ class Connection:
         self._call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse] | None = None
         self._closing = asyncio.Event()
         self.connected = asyncio.Event()
+        self._stub: workers_pb2_grpc.WorkerServiceAsyncStub | None = None
+        """The stub of the session that was welcomed last (for TakeRate)."""
         self.heartbeat_interval = 5.0
         self.lease_ttl = 15.0
         self.max_output_bytes = 0
@@ -83,6 +92,29 @@ class Connection:
         silence from it means it no longer hears this worker."""
         self.last_contact = time.monotonic()
         """When the supervisor was last heard from (any message)."""
+
+    async def take_rate(
+        self, bucket: str, limit: Limit, requests: int, tokens: int, pause: float
+    ) -> float:
+        """Take from a rate limit's shared bucket through the supervisor
+        (``TakeRate``): seconds to wait, 0 if taken. While no supervisor
+        answers, a second (the caller asks again)."""
+        del limit  # the supervisor's table is the one that counts
+        stub, model = self._stub, bucket
+        if stub is None:
+            return RATE_RETRY
+        try:
+            reply = await stub.TakeRate(
+                wpb.TakeRateRequest(
+                    model=model, requests=requests, tokens=tokens, pause=duration(pause)
+                ),
+                metadata=token_metadata(self._settings.bearer_token()),
+                timeout=RATE_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as e:
+            logger.warning("cannot take from the rate limit of %s: %s", model, e.details())
+            return RATE_RETRY
+        return reply.wait.ToNanoseconds() / 1e9
 
     def send(self, item: Outgoing) -> None:
         """Queue an item for the current session; dropped while disconnected
@@ -210,6 +242,13 @@ class Connection:
             self.heartbeat_acks = welcome.heartbeat_acks
             if welcome.prices:
                 handler.on_prices({m: Price(p.input, p.output) for m, p in welcome.prices.items()})
+            handler.on_rate_limits(
+                {
+                    m: Limit(r.requests_per_minute, r.tokens_per_minute)
+                    for m, r in welcome.rate_limits.items()
+                }
+            )
+            self._stub = stub
             self.last_contact = time.monotonic()
             logger.info(
                 "connected to supervisor %s at %s",

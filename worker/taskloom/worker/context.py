@@ -17,6 +17,7 @@ from taskloom.core.llm.base import WrappedLLM
 from taskloom.core.metrics import InstrumentedLLM
 from taskloom.core.model import Assignment, AttemptRef, ContextMode, Input, Usage
 from taskloom.core.prices import PriceTable
+from taskloom.core.ratelimits import RateLimiter
 
 STREAM_INTERVAL = 0.1
 """Streamed output is sent at most this often per subtask (~10 messages/s)."""
@@ -131,8 +132,8 @@ class MeteredLLM(WrappedLLM):
                     )
             await on_text(piece)  # type: ignore[misc]  # only passed on with on_text
 
-        try:
-            reply = await super().chat(
+        async def make() -> ChatReply:
+            return await self.inner.chat(
                 messages,
                 schema=schema,
                 temperature=temperature,
@@ -140,6 +141,20 @@ class MeteredLLM(WrappedLLM):
                 max_tokens=cap,
                 context_tokens=context_tokens,
             )
+
+        limiter = self._context.limiter
+        try:
+            if limiter is None:
+                reply = await make()
+            else:
+                # Its waits are the subtask's progress (so it is not stalled).
+                limited = limiter.limited(self.describe())
+                tokens = (
+                    (prompt or sum(self.count_tokens(m.content) for m in messages))
+                    if limited
+                    else 0
+                )
+                reply = await limiter.call(self.describe(), tokens, make, self._context.progress)
         except (asyncio.CancelledError, BudgetExhausted):
             # Stopped mid-call: the tokens sent and streamed were spent, as
             # far as they can be counted here.
@@ -190,6 +205,8 @@ class SubtaskContext:
     """What the subtask's LLM calls cost so far; every call through ``llm`` adds to it."""
     prices: PriceTable = field(default_factory=PriceTable)
     """What the worker prices LLM calls with (the supervisor's table)."""
+    limiter: RateLimiter | None = None
+    """Keeps LLM calls to the shared rate limits and waits out a provider's 429."""
     _pending: list[str] = field(default_factory=list)
     _last_stream: float = 0.0
     _llm: MeteredLLM | None = None

@@ -47,6 +47,7 @@ from taskloom.core.model import (
 )
 from taskloom.core.plan import LABEL_RE
 from taskloom.core.prices import Price, PriceTable
+from taskloom.core.ratelimits import Limit, LimitTable, RateLimiter
 from taskloom.core.roles import ROLE_PARAM
 from taskloom.core.tracing import (
     attempt_span_id,
@@ -129,6 +130,8 @@ class Worker:
         self._draining = False
         self._stopped = asyncio.Event()
         self._connection = Connection(self.settings, self.worker_id, self)
+        self.rate_limiter = RateLimiter(LimitTable(), self._connection.take_rate, self.metrics.llm)
+        """Keeps every subtask's LLM calls to the supervisor's rate limits."""
         self._logger = logging.getLogger("taskloom.worker.handler")
         self.metrics.watch(
             self.running, self.settings.concurrency, self._connection.connected.is_set
@@ -166,6 +169,11 @@ class Worker:
     def on_prices(self, prices: dict[str, Price]) -> None:
         """The supervisor's price table (its Welcome): what LLM calls are priced with."""
         self._metered.prices = PriceTable(prices)
+
+    def on_rate_limits(self, limits: dict[str, Limit]) -> None:
+        """The supervisor's rate limits (its Welcome): which models' calls
+        take from a shared bucket first."""
+        self.rate_limiter.table = LimitTable(limits)
 
     def check(self) -> None:
         """Every advertised capability needs a handler."""
@@ -382,6 +390,7 @@ class Worker:
             self._logger,
             report_progress,
             prices=self._metered.prices,
+            limiter=self.rate_limiter,
             _lease=self.lease_valid,
         )
         span = trace.get_current_span()

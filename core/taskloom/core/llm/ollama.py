@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import httpx
 import ollama
 
-from taskloom.core.errors import LLMError, LLMUnavailable
+from taskloom.core.errors import LLMError, LLMUnavailable, RateLimited
 from taskloom.core.llm.base import DEFAULT_CONTEXT_TOKENS, LLM, ChatMessage, ChatReply, TextCallback
 from taskloom.core.model import Usage
 
@@ -148,7 +148,9 @@ class OllamaLLM(LLM):
             "or point OLLAMA_HOST at a running server"
         )
 
-    def _refused(self, error: ollama.ResponseError) -> LLMError:
+    def _refused(self, error: ollama.ResponseError) -> LLMError | RateLimited:
+        if error.status_code == 429:
+            return RateLimited(f"Ollama at {self.host} is rate-limiting: {error.error}")
         if error.status_code == 404:
             return LLMError(
                 f"Ollama at {self.host} does not have model {self.model!r}; "

@@ -9,6 +9,7 @@ anyway) and is not sent it again. Streaming uses server-sent events with
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from taskloom.core.errors import LLMError, LLMUnavailable
+from taskloom.core.errors import LLMError, LLMUnavailable, RateLimited
 from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback
 from taskloom.core.model import Usage
 
@@ -169,7 +170,12 @@ class OpenAILLM(LLM):
                 response.status_code,
                 f"the server at {self.base_url} refused the API key ({detail}); set OPENAI_API_KEY",
             )
-        if response.status_code >= 500 or response.status_code == 429:
+        if response.status_code == 429:
+            raise RateLimited(
+                f"the server at {self.base_url} is rate-limiting: {detail}",
+                retry_after(response.headers),
+            )
+        if response.status_code >= 500:
             raise LLMUnavailable(
                 f"the server at {self.base_url} answered {response.status_code}: {detail}"
             )
@@ -177,6 +183,24 @@ class OpenAILLM(LLM):
             response.status_code,
             f"the server at {self.base_url} answered {response.status_code}: {detail}",
         )
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """How long a 429 asks to wait: ``retry-after-ms``, else ``Retry-After`` in
+    seconds or as an HTTP date; None when it does not say."""
+    try:
+        if "retry-after-ms" in headers:
+            return max(float(headers["retry-after-ms"]) / 1000, 0.0)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(when.timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
 
 
 class OpenAIRefused(LLMError):
