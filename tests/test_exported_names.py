@@ -46,7 +46,7 @@ def test_the_errors_users_catch_are_one_tree() -> None:
         "TaskloomError", "ConfigError", "InvalidArgument", "PlanError", "TaskNotFound",
         "TaskFinished", "Unauthenticated", "PermissionDenied", "ResourceExhausted",
         "BudgetSpent", "Unavailable", "StoreUnavailable", "LLMUnavailable",
-        "SupervisorUnavailable", "NotLeader", "OutcomeUnknown", "LLMError",
+        "SupervisorUnavailable", "NotLeader", "OutcomeUnknown", "LLMError", "RateLimited",
     }  # fmt: skip
     # The module docstring draws the tree: every class is in it.
     for name in public:

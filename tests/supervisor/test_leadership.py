@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskloom.client import TaskloomClient
-from taskloom.core.errors import NotLeader
+from taskloom.core.errors import ConfigError, NotLeader
 from taskloom.core.localredis import free_port
 from taskloom.core.model import AttemptRef, Event, EventType, TaskStatus
 from taskloom.core.status import leader_of
@@ -305,3 +305,41 @@ async def test_a_call_made_while_the_standby_takes_over_waits_for_it(
             task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
         assert standby.orchestrator is not None
     assert task.status == TaskStatus.SUCCEEDED, task.error
+
+
+async def test_a_supervisor_restarted_at_once_leads_at_once_and_its_workers_keep_their_work(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    # A lease that would take 9 s to lapse, workers that fence their attempts
+    # after 6 s without their supervisor: waiting the lease out would cost
+    # every running subtask a second attempt.
+    settings = supervisor_settings.model_copy(
+        update={"leader_ttl": 9.0, "lease_ttl": 6.0, "heartbeat_interval": 1.0}
+    )
+    address = f"127.0.0.1:{free_port()}"
+    first = await processes.supervisor(settings, listen=address, name="first")
+    processes.worker(address, name="w1")
+    async with TaskloomClient(address) as client:
+        steps = [(f"g{i}", "gate", f"G{i}") for i in range(4)]
+        task_id = await client.submit("survives a restart", plan=plan(*steps))
+        started = [processes.test_dir / f"started-g{i}-1" for i in range(4)]
+        await eventually(lambda: all(p.exists() for p in started))
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        # The same host and address: the same identity in the lease.
+        await processes.supervisor(settings, listen=address, name="again")
+        for i in range(4):
+            (processes.test_dir / f"open-g{i}").write_text("")
+        task = await wait_status(client, task_id, TaskStatus.SUCCEEDED, TaskStatus.FAILED)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert [s.attempt for s in task.subtasks] == [1, 1, 1, 1]
+    assert "took back its own leader lease" in processes.log("again")
+
+
+async def test_two_supervisors_cannot_listen_on_one_address(
+    supervisor_settings: SupervisorSettings,
+) -> None:
+    async with Supervisor(supervisor_settings) as first:
+        taken = supervisor_settings.model_copy(update={"listen": first.address})
+        with pytest.raises(ConfigError, match="cannot listen"):
+            await Supervisor(taken).start()

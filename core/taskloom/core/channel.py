@@ -114,6 +114,9 @@ def server_options(limits: ServerLimits | None = None) -> Options:
     if min_ping_interval_ms is None:
         min_ping_interval_ms = min(MIN_PING_INTERVAL_MS, limits.keepalive.time_ms // 2)
     return [
+        # One process per address: a supervisor's address is part of its
+        # identity in the leader lease (see SupervisorSettings.supervisor_id).
+        ("grpc.so_reuseport", 0),
         ("grpc.max_send_message_length", limits.max_send_bytes),
         ("grpc.max_receive_message_length", limits.max_receive_bytes),
         *_keepalive(limits.keepalive),

@@ -18,6 +18,7 @@ providers for their clients, ``taskloom.core.status`` for gRPC.
     ├── Unavailable              a dependency cannot be reached; retrying may help
     │   ├── StoreUnavailable     Redis
     │   ├── LLMUnavailable       the LLM server
+    │   │   └── RateLimited      it refused the call for its rate limit (429)
     │   ├── SupervisorUnavailable
     │   ├── NotLeader            this supervisor is a standby, or lost its lease
     │   └── OutcomeUnknown       a submit may or may not have been stored; retry with its key

@@ -375,6 +375,7 @@ PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
     StoppedItem,
     ReviseArgs,
     SpendArgs,
+    RateArgs,
     ExpireArgs,
     ApproveArgs,
     RejectArgs,
@@ -466,10 +467,12 @@ class OkReply(TypedDict):
     ok: int
 
 
-class LeadReply(TypedDict):
+class LeadReply(TypedDict, total=False):
     ok: int
     token: str
     """The token holding the lease now ('' for none)."""
+    was: str
+    """After an acquire: the token of this holder's earlier lease it replaced ('' for none)."""
 
 
 class CancelSubtaskReply(OutcomeReply, total=False):

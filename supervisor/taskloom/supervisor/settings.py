@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -91,8 +90,13 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """Redis connections for transitions and reads; more operations at once wait."""
     redis_prefix: str = Field(default="taskloom:", min_length=1)
     """Prefix of every Redis key, so several clusters or tests can share a server."""
-    supervisor_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    """This supervisor's name in logs, in the leader lease and in Welcome."""
+    supervisor_id: str = Field(default_factory=socket.gethostname)
+    """This supervisor's name in logs, in the leader lease and in Welcome (the
+    host's, or pod's, name). With its address it is who holds the lease: a
+    supervisor restarted on the same host and address takes its lease back at
+    once instead of waiting it out, and its workers keep their running
+    subtasks. Two live supervisors never share it: they cannot listen on one
+    address."""
 
     heartbeat_interval: Seconds = 5.0
     """How often a worker that runs something heartbeats (an idle one is silent)."""

@@ -354,6 +354,12 @@ class Store:
     async def _lead(self, op: str, holder: str, ttl: float) -> tuple[bool, str]:
         args = scripts.LeadArgs(op, holder, int(ttl * 1000))  # type: ignore[arg-type]
         reply = cast(scripts.LeadReply, await self._run("lead", args, fenced=False))
+        if reply.get("was"):
+            logger.info(
+                "took back its own leader lease (%s still named it: it restarted, or "
+                "stepped down, with the same identity)",
+                reply["was"],
+            )
         return bool(reply["ok"]), str(reply["token"])
 
     # -- creating tasks --------------------------------------------------------

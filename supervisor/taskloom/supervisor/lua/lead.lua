@@ -7,7 +7,8 @@
 --   renew:   extend it if the token (holder) still holds it.
 --   release: give it up if the token still holds it (a clean shutdown, so a
 --            standby takes over at once rather than after the TTL).
--- Returns LeadReply: ok, and the token now holding the lease ('' for none).
+-- Returns LeadReply: ok, the token now holding the lease ('' for none), and
+-- for an acquire that succeeded, the token it replaced ('' for none).
 local op, holder, ttl_ms = unpack(PAYLOAD) -- LeadArgs
 local key = k_leader()
 local current = redis.call('GET', key)
@@ -18,7 +19,7 @@ if op == 'acquire' then
   end
   local token = redis.call('INCR', k_leader_epoch()) .. '/' .. holder
   redis.call('SET', key, token, 'PX', ttl_ms)
-  return cjson.encode({ok = 1, token = token})
+  return cjson.encode({ok = 1, token = token, was = current or ''})
 end
 if current ~= holder then
   return cjson.encode({ok = 0, token = current or ''})
