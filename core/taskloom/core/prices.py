@@ -24,7 +24,7 @@ import fnmatch
 import json
 import logging
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,24 +59,32 @@ BUILTIN_PRICES: Mapping[str, Price] = {
 }
 
 
+def patterns_of(keys: Iterable[str]) -> list[str]:
+    """The keys of a model table that are patterns, longest (most specific) first."""
+    return sorted((k for k in keys if any(c in k for c in "*?[")), key=len, reverse=True)
+
+
+def entry_for(model: str, entries: Mapping[str, object], patterns: list[str]) -> str | None:
+    """Which key of a model table ``model`` falls under: its exact name, else
+    the longest pattern it matches (``patterns_of``); None for none."""
+    if model in entries:
+        return model
+    return next((p for p in patterns if fnmatch.fnmatchcase(model, p)), None)
+
+
 class PriceTable:
     """Model → price: an exact name first, else the longest matching pattern."""
 
     def __init__(self, prices: Mapping[str, Price] = BUILTIN_PRICES) -> None:
         self.prices = dict(prices)
-        self._patterns = sorted(
-            (p for p in self.prices if any(c in p for c in "*?[")), key=len, reverse=True
-        )
+        self._patterns = patterns_of(self.prices)
         self._warned: set[str] = set()
 
     def price(self, model: str) -> Price | None:
         """The price of ``model`` (``provider:model``), None if the table has none."""
-        found = self.prices.get(model)
-        if found is not None:
-            return found
-        for pattern in self._patterns:
-            if fnmatch.fnmatchcase(model, pattern):
-                return self.prices[pattern]
+        key = entry_for(model, self.prices, self._patterns)
+        if key is not None:
+            return self.prices[key]
         if model not in self._warned:
             self._warned.add(model)
             logger.warning(

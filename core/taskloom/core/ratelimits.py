@@ -18,7 +18,6 @@ backoff when it did not say, and the call is made again.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 from taskloom.core.errors import ConfigError, RateLimited
 from taskloom.core.llm.base import LLM, ChatMessage, ChatReply, TextCallback, WrappedLLM
 from taskloom.core.metrics import LLMMetrics
+from taskloom.core.prices import entry_for, patterns_of
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +71,11 @@ class LimitTable:
 
     def __init__(self, limits: Mapping[str, Limit] | None = None) -> None:
         self.limits = dict(limits or {})
-        self._patterns = sorted(
-            (p for p in self.limits if any(c in p for c in "*?[")), key=len, reverse=True
-        )
+        self._patterns = patterns_of(self.limits)
 
     def find(self, model: str) -> tuple[str, Limit] | None:
-        if model in self.limits:
-            return model, self.limits[model]
-        for pattern in self._patterns:
-            if fnmatch.fnmatchcase(model, pattern):
-                return pattern, self.limits[pattern]
-        return None
+        key = entry_for(model, self.limits, self._patterns)
+        return None if key is None else (key, self.limits[key])
 
 
 Acquire = Callable[[str, Limit, int, int, float], Awaitable[float]]
