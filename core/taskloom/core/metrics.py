@@ -165,23 +165,20 @@ class InstrumentedLLM(WrappedLLM):
 
     def priced(self, reply: ChatReply) -> ChatReply:
         """``reply`` with its usage's cost (none for a model without a price)."""
-        usage = reply.usage
-        cost = self.prices.cost(self.describe(), usage.input_tokens, usage.output_tokens)
-        if not cost:
-            return reply
-        self._metrics.cost.labels(self.describe()).inc(cost)
-        return replace(reply, usage=replace(usage, costs={self.describe(): cost}))
+        usage = self._costed(reply.usage)
+        return reply if usage is reply.usage else replace(reply, usage=usage)
 
     def charge(self, usage: Usage) -> Usage:
         """``usage`` (of a call that did not return: cancelled, cut) priced and counted."""
-        cost = self.prices.cost(self.describe(), usage.input_tokens, usage.output_tokens)
-        model = self.describe()
-        self._metrics.tokens.labels(model, "input").inc(usage.input_tokens)
-        self._metrics.tokens.labels(model, "output").inc(usage.output_tokens)
-        if not cost:
-            return usage
-        self._metrics.cost.labels(model).inc(cost)
-        return replace(usage, costs={model: cost})
+        self._metrics.tokens.labels(usage.model, "input").inc(usage.input_tokens)
+        self._metrics.tokens.labels(usage.model, "output").inc(usage.output_tokens)
+        return self._costed(usage)
+
+    def _costed(self, usage: Usage) -> Usage:
+        costed = self.prices.costed(usage)
+        if costed.costs:
+            self._metrics.cost.labels(usage.model).inc(costed.cost)
+        return costed
 
 
 # A ``_created`` series per counter and histogram doubles what is scraped and

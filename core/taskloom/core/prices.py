@@ -25,11 +25,12 @@ import json
 import logging
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from taskloom.core.errors import ConfigError
+from taskloom.core.model import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class PriceTable:
     def cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
         price = self.price(model)
         return price.cost(input_tokens, output_tokens) if price is not None else 0.0
+
+    def costed(self, usage: Usage) -> Usage:
+        """``usage`` (of one model's calls) with what it cost (unchanged when free)."""
+        cost = self.cost(usage.model, usage.input_tokens, usage.output_tokens)
+        return replace(usage, costs={usage.model: cost}) if cost else usage
 
 
 def parse_prices(document: Any, source: str) -> dict[str, Price]:

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from taskloom.core.errors import TaskloomError
@@ -106,10 +106,14 @@ class MeteredLLM(WrappedLLM):
         context_tokens: int = 0,
     ) -> ChatReply:
         started = time.monotonic()
+        model, limiter = self.describe(), self._context.limiter
         budgeted = bool(
             self._context.assignment.budget_tokens or self._context.assignment.budget_cost
         )
-        prompt = sum(self.count_tokens(m.content) for m in messages) if budgeted else 0
+        limited = limiter is not None and limiter.limited(model)
+        # Counted once, and only where a budget or a rate limit needs it (or
+        # a call is stopped midway, below).
+        prompt = sum(self.count_tokens(m.content) for m in messages) if budgeted or limited else -1
         room = self._room(prompt) if budgeted else None
         cap = max_tokens if room is None else min(max_tokens or room, room)
         # The cap stops a backend that honours it; a streamed reply from one
@@ -142,27 +146,23 @@ class MeteredLLM(WrappedLLM):
                 context_tokens=context_tokens,
             )
 
-        limiter = self._context.limiter
         try:
             if limiter is None:
                 reply = await make()
             else:
                 # Its waits are the subtask's progress (so it is not stalled).
-                limited = limiter.limited(self.describe())
-                tokens = (
-                    (prompt or sum(self.count_tokens(m.content) for m in messages))
-                    if limited
-                    else 0
-                )
-                reply = await limiter.call(self.describe(), tokens, make, self._context.progress)
+                tokens = prompt if limited else 0
+                reply = await limiter.call(model, tokens, make, self._context.progress)
         except (asyncio.CancelledError, BudgetExhausted):
             # Stopped mid-call: the tokens sent and streamed were spent, as
             # far as they can be counted here.
             self._context.usage += self._charge(
                 Usage(
-                    input_tokens=prompt or sum(self.count_tokens(m.content) for m in messages),
+                    input_tokens=prompt
+                    if prompt >= 0
+                    else sum(self.count_tokens(m.content) for m in messages),
                     output_tokens=self.count_tokens("".join(parts)) if parts else 0,
-                    model=self.describe(),
+                    model=model,
                     seconds=time.monotonic() - started,
                     calls=1,
                 )
@@ -170,9 +170,7 @@ class MeteredLLM(WrappedLLM):
             raise
         except BaseException:
             # A call that failed still took time.
-            self._context.usage += Usage(
-                model=self.describe(), seconds=time.monotonic() - started, calls=1
-            )
+            self._context.usage += Usage(model=model, seconds=time.monotonic() - started, calls=1)
             raise
         self._context.usage += reply.usage
         if room is not None and cap == room and reply.usage.output_tokens >= room:
@@ -185,8 +183,7 @@ class MeteredLLM(WrappedLLM):
         inner = self.inner
         if isinstance(inner, InstrumentedLLM):
             return inner.charge(usage)
-        cost = self._context.prices.cost(usage.model, usage.input_tokens, usage.output_tokens)
-        return replace(usage, costs={usage.model: cost}) if cost else usage
+        return self._context.prices.costed(usage)
 
     async def close(self) -> None:
         """The worker's model outlives the subtask: nothing to close here."""
