@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import systems
+from bench import client_side, systems
 from bench.harness import Meter, Result, markdown, percentile
 from taskloom.core.localredis import LocalRedis
 
@@ -271,6 +271,16 @@ def main() -> None:
         default="always",
         help="the bench Redis's appendfsync (default always: nothing acknowledged is lost)",
     )
+    client = sub.add_parser(
+        "client", help="per-task speed from the client's side, systems interleaved by rounds"
+    )
+    client.add_argument("--systems", default=",".join(ALL))
+    client.add_argument("--rounds", type=int, default=11)
+    client.add_argument("--tasks", type=int, default=3_000, help="tasks per throughput figure")
+    client.add_argument("--samples", type=int, default=200, help="tasks at rest per round")
+    client.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    client.add_argument("--quick", action="store_true", help="tiny N: a smoke run")
+    client.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -283,6 +293,9 @@ def main() -> None:
         print(f"skipping {name}: not installed (pip install -e '.[bench]')", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.command == "client":
+        client_rounds(args, names, skipped)
+        return
     with (
         tempfile.TemporaryDirectory() as tmp,
         LocalRedis(Path(tmp) / "redis", appendfsync=args.redis_fsync) as redis,
@@ -327,6 +340,54 @@ def main() -> None:
         + (f"\nReference (same machine):\n\n| path | figure |\n|---|---:|\n{ref}\n" if ref else "")
     )
     (args.out / "latest.md").write_text(text)
+    print(text)
+
+
+def client_rounds(args: argparse.Namespace, names: list[str], skipped: list[str]) -> None:
+    """``python -m bench client``: every system started once, then rounds of
+    every scenario on each in turn (rotated), ratios per round."""
+    n = 100 if args.quick else args.tasks
+    samples = 10 if args.quick else args.samples
+    rounds = client_side.Rounds()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalRedis(Path(tmp) / "redis", appendfsync="always") as redis,
+    ):
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        started: dict[str, Any] = {}
+        try:
+            for name in names:
+                started[name] = make(name, redis, logs)
+                started[name].start(args.workers)
+            chain = systems.chain_of(10 if args.quick else 100)
+            for i in range(1 if args.quick else args.rounds):
+                order = names[i % len(names) :] + names[: i % len(names)]
+                print(f"round {i + 1}: {', '.join(order)} ...", flush=True)
+                client_side.run_round(rounds, started, order, n=n, samples=samples, chain=chain)
+        finally:
+            for system in started.values():
+                system.stop()
+    summary = rounds.summary(names)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    document = {
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "commit": _commit(),
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "redis_fsync": "always",
+        "skipped": skipped,
+        **summary,
+        "per_round": {f"{k[0]} / {k[1]}": v for k, v in rounds.figures.items()},
+    }
+    (args.out / "client.json").write_text(json.dumps(document, indent=2) + "\n")
+    text = (
+        f"Machine: {document['machine']}; commit {document['commit']}; {document['date']}; "
+        "Redis appendfsync always (Ray in memory).\n"
+        f"Command: `{document['command']}`. Median (min-max) over the rounds; the ratio is "
+        "taken in each round.\n\n" + client_side.markdown(summary, names)
+    )
+    (args.out / "client.md").write_text(text)
     print(text)
 
 

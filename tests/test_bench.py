@@ -41,3 +41,26 @@ def test_a_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     }
     assert all(v > 0 for v in document["reference"].values())
     assert "| scenario | system |" in (tmp_path / "latest.md").read_text()
+
+
+def test_a_quick_client_side_run_gives_every_figure_and_the_loads(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "client", "--quick", "--systems", "taskloom,celery",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    document = json.loads((tmp_path / "client.json").read_text())
+    rows = {r["scenario"]: r for r in document["rows"]}
+    assert set(rows) == {
+        "100 tasks, submit + wait, 64 coroutines",
+        "100 tasks, submit_many + results",
+        "one task at rest, submit -> result, p50",
+        "one task at rest, submit -> result, p99",
+        "chain of 10, makespan",
+    }
+    for row in rows.values():
+        for system in ("taskloom", "celery"):
+            assert row[system]["median"] > 0, (row, system)
+    assert len(document["load_average_before_rounds"]) == 1
+    assert "| scenario | taskloom | celery |" in (tmp_path / "client.md").read_text()

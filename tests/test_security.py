@@ -679,7 +679,13 @@ async def test_batches_keep_to_the_callers_own_tasks_and_allowance(
             with pytest.raises(TaskNotFound):
                 async for _ in bob.wait_many([mine]):
                     pass
+            with pytest.raises(TaskNotFound):
+                [t async for t in bob.finished([mine])]
             await root.cancel(mine)
+            # It ended a moment ago: answered from memory, and still not his.
+            with pytest.raises(TaskNotFound):
+                await bob.wait(mine)
+            assert (await alice.wait(mine)).status == TaskStatus.CANCELLED
             ended = [e async for e in alice.wait_many([mine])]
             assert [(e.task_id, e.status) for e in ended] == [(mine, "CANCELLED")]
     finally:

@@ -20,6 +20,7 @@ from taskloom.core.llm import ChatMessage, OllamaLLM
 from taskloom.core.metrics import InstrumentedLLM, LLMMetrics
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.sessions import SUBMIT_SPAN
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.worker import Worker, WorkerSettings
 from tests.conftest import Processes
@@ -95,8 +96,11 @@ async def test_a_task_is_one_trace_from_planning_to_the_llm_calls_of_each_attemp
         assert "taskloom.completion" not in call_attributes
         assert "SECRET OUTPUT" not in json.dumps(call_attributes)
 
-    # gRPC server spans come from the OpenTelemetry instrumentation.
-    assert any(s.name == "/taskloom.v1.TaskService/SubmitTask" for s in finished)
+    # The SDK submits on its Session: each submit has a server span there, in
+    # the caller's trace (unary calls get theirs from the instrumentation).
+    (submit,) = [s for s in in_trace if s.name == SUBMIT_SPAN]
+    assert submit.kind == trace.SpanKind.SERVER
+    assert root.parent is not None and root.parent.span_id == submit.context.span_id
 
     # The events name the trace; task.submitted and plan.requested their spans.
     trace_hex = f"{trace_id:032x}"

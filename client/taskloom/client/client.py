@@ -37,6 +37,7 @@ import grpc
 from opentelemetry import propagate
 
 from taskloom.client import codec
+from taskloom.client.session import Session
 from taskloom.client.settings import ClientSettings
 from taskloom.core.auth import token_metadata
 from taskloom.core.channel import followed_tls, is_loopback, open_channel
@@ -117,6 +118,7 @@ class TaskloomClient:
         ]
         self._stubs: list[Any] = [tasks_pb2_grpc.TaskServiceStub(c) for c in self._channels]
         self._current = 0
+        self._session: Session | None = None
 
     async def __aenter__(self) -> TaskloomClient:
         return self
@@ -130,6 +132,8 @@ class TaskloomClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
         for channel in self._channels:
             await channel.close()
 
@@ -256,13 +260,23 @@ class TaskloomClient:
         call never stores the task twice.
         """
         request = _submit_request(goal, plan, TaskOptions.of(options, **fields), idempotency_key)
+        # On the shared Session: concurrent submits travel together.
         try:
-            response: pb.SubmitTaskResponse = await self._call(
-                lambda s: s.SubmitTask, request, repeatable=True
-            )
+            result = await self._shared().submit(request)
         except Unavailable as e:
             raise _unknown(e, request.idempotency_key) from None
-        return response.task_id
+        if result.HasField("error"):
+            error = codec.error_from_pb(result.error)
+            if isinstance(error, Unavailable):
+                raise _unknown(error, request.idempotency_key) from None
+            raise error
+        return result.task_id
+
+    def _shared(self) -> Session:
+        """The Session stream ``submit`` and ``wait`` share (opened at first use)."""
+        if self._session is None:
+            self._session = Session(self)
+        return self._session
 
     async def submit_many(
         self, tasks: Iterable[str | Mapping[str, Any]], **defaults: Any
@@ -495,10 +509,38 @@ class TaskloomClient:
         return deadline, min(delay * 2, 5.0)
 
     async def wait(self, task_id: str) -> Task:
-        """Block until the task ends; returns it with its subtasks."""
-        async for _ in self.watch(task_id, terminal_only=True):
-            pass
+        """Block until the task ends; returns it with its subtasks.
+
+        Waits on the shared Session stream, whose answer carries the task as
+        it ended (a task too large for one message is read with ``get``)."""
+        end = await self._shared().wait(task_id)
+        if end.HasField("task"):
+            return codec.task_from_pb(end.task)
         return await self.get(task_id)
+
+    async def finished(self, task_ids: Iterable[str]) -> AsyncGenerator[Task, None]:
+        """Each task, with its subtasks and result, as it ends (in the order
+        they end), until every one has: ``wait`` for many tasks at once, on
+        the shared Session stream. An unknown task, or another caller's,
+        raises ``TaskNotFound``."""
+        ids = builtins.list(dict.fromkeys(task_ids))
+        arrived: asyncio.Queue[pb.TaskEnded | TaskloomError] = asyncio.Queue()
+        session = self._shared()
+        session.listen(ids, arrived.put_nowait)
+        try:
+            for _ in ids:
+                end = await arrived.get()
+                if isinstance(end, TaskloomError):
+                    raise end
+                if end.HasField("error"):
+                    raise codec.error_from_pb(end.error)
+                if end.HasField("task"):
+                    yield codec.task_from_pb(end.task)
+                else:
+                    yield await self.get(end.task_id)
+        finally:
+            for task_id in ids:
+                session.forget(task_id, arrived.put_nowait)
 
     async def wait_many(self, task_ids: Iterable[str]) -> AsyncGenerator[Event, None]:
         """Each task's terminal event as the task ends, until every one has
@@ -720,7 +762,10 @@ class SyncTaskloomClient:
     def wait_many(self, task_ids: Iterable[str]) -> Iterator[Event]:
         return self._iterate(self._client.wait_many(task_ids))
 
-    def _iterate(self, events: AsyncGenerator[Event, None]) -> Iterator[Event]:
+    def finished(self, task_ids: Iterable[str]) -> Iterator[Task]:
+        return self._iterate(self._client.finished(task_ids))
+
+    def _iterate(self, events: AsyncGenerator[T, None]) -> Iterator[T]:
         try:
             while True:
                 try:

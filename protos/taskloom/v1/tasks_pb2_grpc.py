@@ -70,6 +70,11 @@ class TaskServiceStub:
                 request_serializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
                 response_deserializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/taskloom.v1.TaskService/Session',
+                request_serializer=taskloom_dot_v1_dot_tasks__pb2.SessionRequest.SerializeToString,
+                response_deserializer=taskloom_dot_v1_dot_tasks__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.ApproveTask = channel.unary_unary(
                 '/taskloom.v1.TaskService/ApproveTask',
                 request_serializer=taskloom_dot_v1_dot_tasks__pb2.ApproveTaskRequest.SerializeToString,
@@ -167,6 +172,21 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Session carries many submits and waits on one stream: what the SDK's
+        submit() and wait() share, so that concurrent calls travel together and
+        no call pays for a stream of its own. Each submit is answered with its
+        ref; each task waited for is answered once, when it ends, with its
+        terminal event and (unless it is too large for one message) the task
+        with its subtasks. A refused submit or wait is answered with its error;
+        the stream goes on. A broken stream is resumed by sending again what had
+        no answer: submits carry idempotency keys, and an ended task is answered
+        at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ApproveTask(self, request, context):
         """Steering a task: each is one atomic step, logged in the task's events
         with who took it and why; the task's owner or an admin may take it.
@@ -255,6 +275,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WaitTasks,
                     request_deserializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.FromString,
                     response_serializer=taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=taskloom_dot_v1_dot_tasks__pb2.SessionRequest.FromString,
+                    response_serializer=taskloom_dot_v1_dot_tasks__pb2.SessionResponse.SerializeToString,
             ),
             'ApproveTask': grpc.unary_unary_rpc_method_handler(
                     servicer.ApproveTask,
@@ -477,6 +502,33 @@ class TaskService:
             '/taskloom.v1.TaskService/WaitTasks',
             taskloom_dot_v1_dot_tasks__pb2.WaitTasksRequest.SerializeToString,
             taskloom_dot_v1_dot_tasks__pb2.WaitTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/taskloom.v1.TaskService/Session',
+            taskloom_dot_v1_dot_tasks__pb2.SessionRequest.SerializeToString,
+            taskloom_dot_v1_dot_tasks__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,17 @@ class TaskServiceStub:
     resumed by asking again for the tasks whose events did not arrive. An
     unknown task (or another caller's) ends the stream with NOT_FOUND.
     """
+    Session: _grpc.StreamStreamMultiCallable[_tasks_pb2.SessionRequest, _tasks_pb2.SessionResponse]
+    """Session carries many submits and waits on one stream: what the SDK's
+    submit() and wait() share, so that concurrent calls travel together and
+    no call pays for a stream of its own. Each submit is answered with its
+    ref; each task waited for is answered once, when it ends, with its
+    terminal event and (unless it is too large for one message) the task
+    with its subtasks. A refused submit or wait is answered with its error;
+    the stream goes on. A broken stream is resumed by sending again what had
+    no answer: submits carry idempotency keys, and an ended task is answered
+    at once.
+    """
     ApproveTask: _grpc.UnaryUnaryMultiCallable[_tasks_pb2.ApproveTaskRequest, _tasks_pb2.ApproveTaskResponse]
     """Steering a task: each is one atomic step, logged in the task's events
     with who took it and why; the task's owner or an admin may take it.
@@ -125,6 +136,17 @@ class TaskServiceAsyncStub(TaskServiceStub):
     A task that ended already is answered at once, so a broken stream is
     resumed by asking again for the tasks whose events did not arrive. An
     unknown task (or another caller's) ends the stream with NOT_FOUND.
+    """
+    Session: _aio.StreamStreamMultiCallable[_tasks_pb2.SessionRequest, _tasks_pb2.SessionResponse]  # type: ignore[assignment]
+    """Session carries many submits and waits on one stream: what the SDK's
+    submit() and wait() share, so that concurrent calls travel together and
+    no call pays for a stream of its own. Each submit is answered with its
+    ref; each task waited for is answered once, when it ends, with its
+    terminal event and (unless it is too large for one message) the task
+    with its subtasks. A refused submit or wait is answered with its error;
+    the stream goes on. A broken stream is resumed by sending again what had
+    no answer: submits carry idempotency keys, and an ended task is answered
+    at once.
     """
     ApproveTask: _aio.UnaryUnaryMultiCallable[_tasks_pb2.ApproveTaskRequest, _tasks_pb2.ApproveTaskResponse]  # type: ignore[assignment]
     """Steering a task: each is one atomic step, logged in the task's events
@@ -226,6 +248,23 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         A task that ended already is answered at once, so a broken stream is
         resumed by asking again for the tasks whose events did not arrive. An
         unknown task (or another caller's) ends the stream with NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tasks_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tasks_pb2.SessionResponse], _abc.AsyncIterator[_tasks_pb2.SessionResponse]]:
+        """Session carries many submits and waits on one stream: what the SDK's
+        submit() and wait() share, so that concurrent calls travel together and
+        no call pays for a stream of its own. Each submit is answered with its
+        ref; each task waited for is answered once, when it ends, with its
+        terminal event and (unless it is too large for one message) the task
+        with its subtasks. A refused submit or wait is answered with its error;
+        the stream goes on. A broken stream is resumed by sending again what had
+        no answer: submits carry idempotency keys, and an ended task is answered
+        at once.
         """
 
     @_abc_1.abstractmethod

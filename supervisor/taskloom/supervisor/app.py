@@ -406,6 +406,10 @@ class Supervisor:
             if session.credential and not self.tokens.valid(session.credential, now):
                 logger.warning("closing %s: its token was revoked or has expired", session)
                 session.close(Unauthenticated("this worker's token was revoked or has expired"))
+        for client in list(self.orchestrator.watching.sessions):
+            if client.credential and not self.tokens.valid(client.credential, now):
+                logger.warning("closing %s: its token was revoked or has expired", client)
+                client.close(Unauthenticated("this client's token was revoked or has expired"))
 
     async def _watch_files(self) -> None:
         """Reload the tokens file when it changes; close streams whose token

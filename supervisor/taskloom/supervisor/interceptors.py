@@ -9,6 +9,7 @@ server spans (skipped unless tracing is set up).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +25,12 @@ from taskloom.supervisor.auth import Authenticator, Refused
 
 
 class _Traced(grpc.aio.ServerInterceptor):
-    """OpenTelemetry's server spans, except on the worker stream: its wrapper
-    expects request iterators, and Connect reads and writes on the context."""
+    """OpenTelemetry's server spans, except on the worker stream (its wrapper
+    expects request iterators, and Connect reads and writes on the context)
+    and on a client's Session, which lasts as long as the client: each
+    submit on it carries the caller's trace context instead."""
 
-    UNTRACED = frozenset({"/taskloom.v1.WorkerService/Connect"})
+    UNTRACED = frozenset({"/taskloom.v1.WorkerService/Connect", "/taskloom.v1.TaskService/Session"})
 
     def __init__(self) -> None:
         self._otel = aio_server_interceptor()  # type: ignore[no-untyped-call]
@@ -130,6 +133,11 @@ class Measured(grpc.aio.ServerInterceptor):
                 try:
                     async for reply in behavior(request, context):
                         yield reply
+                except asyncio.CancelledError:
+                    # gRPC cancels the handler of a call its client gave up
+                    # (before ``context.cancelled()`` says so).
+                    code = "CANCELLED"
+                    raise
                 except BaseException:
                     code = _code(context, failed=True)
                     raise

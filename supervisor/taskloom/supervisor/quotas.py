@@ -72,8 +72,15 @@ class Quotas:
     @contextlib.contextmanager
     def watching(self, principal: Principal) -> Iterator[None]:
         """Hold one of the principal's watch streams for the block's duration."""
-        if principal.admin:
+        self.take_watch(principal)
+        try:
             yield
+        finally:
+            self.give_watch(principal)
+
+    def take_watch(self, principal: Principal) -> None:
+        """Take one of the principal's watch streams, or ResourceExhausted."""
+        if principal.admin:
             return
         if self._watches[principal.name] >= self._settings.max_watches:
             self._metrics.refused.labels("max_watches").inc()
@@ -83,9 +90,11 @@ class Quotas:
                 subject="max_watches",
             )
         self._watches[principal.name] += 1
-        try:
-            yield
-        finally:
-            self._watches[principal.name] -= 1
-            if not self._watches[principal.name]:
-                del self._watches[principal.name]
+
+    def give_watch(self, principal: Principal) -> None:
+        """Give back what ``take_watch`` took."""
+        if principal.admin:
+            return
+        self._watches[principal.name] -= 1
+        if not self._watches[principal.name]:
+            del self._watches[principal.name]

@@ -41,6 +41,7 @@ SCRIPTS = (
     "stage",
     "release",
     "ratelimit",
+    "snapshot",
 )
 """The scripts in ``lua/``, each loaded with ``lib.lua`` in front of it."""
 
@@ -135,6 +136,12 @@ class RateArgs(NamedTuple):
     """Seconds to refuse everyone (a provider's 429); 0: none."""
     burst: float
     """Seconds of its rate the bucket holds."""
+
+
+class SnapshotArgs(NamedTuple):
+    task_ids: list[str]
+    max_subtasks: int
+    """A task with more subtasks is left out of the reply."""
 
 
 class RateReply(TypedDict):
@@ -376,6 +383,7 @@ PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
     ReviseArgs,
     SpendArgs,
     RateArgs,
+    SnapshotArgs,
     ExpireArgs,
     ApproveArgs,
     RejectArgs,

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -23,7 +23,7 @@ from taskloom.core import wire
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
 from taskloom.core.limits import batches, cut_text
-from taskloom.core.model import Assignment, Event
+from taskloom.core.model import Assignment, Event, Task
 from taskloom.core.plan import CAPABILITY_RE, LABEL_RE
 from taskloom.core.prices import PriceTable
 from taskloom.core.ratelimits import MAX_PAUSE, LimitTable
@@ -41,6 +41,7 @@ from taskloom.supervisor.scheduler import (
     Outgoing,
     WorkerSession,
 )
+from taskloom.supervisor.sessions import SNAPSHOT_SUBTASKS, ClientSession, registered
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.v1 import tasks_pb2 as pb
 from taskloom.v1 import tasks_pb2_grpc, workers_pb2_grpc
@@ -313,6 +314,32 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             async for events in orchestrator.watching.wait_many(task_ids, principal=principal):
                 for frame in frames(events):
                     yield pb.WaitTasksResponse(events=[codec.event_to_pb(e) for e in frame])
+
+    @_streaming
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionRequest], context: Context
+    ) -> AsyncGenerator[pb.SessionResponse, None]:
+        principal = current_principal.get()
+        orchestrator = self._current()
+
+        async def submit(request: pb.SubmitTaskRequest) -> tuple[str, bool]:
+            return await self._submit(orchestrator, request)
+
+        async def snapshots(task_ids: list[str]) -> dict[str, Task]:
+            return await orchestrator.store.snapshots(task_ids, SNAPSHOT_SUBTASKS)
+
+        watching = orchestrator.watching
+        session = ClientSession(
+            principal,
+            current_credential.get(),
+            submit,
+            watching.waiter(principal),
+            snapshots,
+            self._quotas,
+        )
+        with registered(watching.sessions, session):
+            async for response in session.serve(request_iterator):
+                yield response
 
 
 MAX_TRACE_LINKS = 32

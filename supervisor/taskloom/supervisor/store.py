@@ -852,6 +852,24 @@ class Store:
         return records.decode_task(raw, children)
 
     @_translated
+    async def snapshots(self, task_ids: Sequence[str], max_subtasks: int) -> dict[str, Task]:
+        """Tasks with their subtasks, in one read-only script whatever their
+        number (``snapshot.lua``); left out: those that do not exist and
+        those with more than ``max_subtasks`` subtasks (``get_task`` reads
+        them)."""
+        known = [t for t in dict.fromkeys(task_ids) if plain(t)]
+        found: dict[str, Task] = {}
+        for start in range(0, len(known), PIPELINE_CHUNK):
+            args = scripts.SnapshotArgs(known[start : start + PIPELINE_CHUNK], max_subtasks)
+            reply = records.mapped(await self._run("snapshot", args, fenced=False))
+            for task_id, entry in reply.items():
+                subtasks = tuple(
+                    records.decode_subtask(row) for row in records.listed(entry["subtasks"]) if row
+                )
+                found[task_id] = records.decode_task(records.mapped(entry["task"]), subtasks)
+        return found
+
+    @_translated
     async def task_owner(self, task_id: str) -> str | None:
         """Who submitted the task, or None if there is no such task."""
         if not plain(task_id):

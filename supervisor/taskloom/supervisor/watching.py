@@ -14,10 +14,11 @@ import asyncio
 import re
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 from taskloom.core.auth import LOCAL_ADMIN, Principal
-from taskloom.core.errors import InvalidArgument, TaskNotFound, Unavailable
+from taskloom.core.errors import InvalidArgument, TaskloomError, TaskNotFound, Unavailable
 from taskloom.core.model import Event, EventType, TaskStatus
 from taskloom.supervisor.events import EventHub
 from taskloom.supervisor.store import Store
@@ -51,6 +52,9 @@ class Watching:
         self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
         """Who waits for each task's end (terminal-only watches)."""
         self._closing = asyncio.Event()
+        self.sessions: set[Any] = set()
+        """The clients' Session streams (``sessions.ClientSession``): closed
+        when their token is revoked."""
 
     def start(self) -> None:
         self.events.start()
@@ -58,6 +62,8 @@ class Watching:
     async def stop(self) -> None:
         """End every watch and wait (their clients resume at the next leader)."""
         self._closing.set()
+        for session in list(self.sessions):
+            session.close(Unavailable("the supervisor is shutting down; the SDK resumes"))
         await self.events.stop()
 
     # -- what the orchestrator tells -------------------------------------------------
@@ -142,85 +148,130 @@ class Watching:
         """Each task's terminal event as the task ends, those that end together
         in one list, without reading their logs; done once every task has
         ended. An unknown task, or another principal's, raises TaskNotFound
-        (what was yielded stands).
-
-        A task this term created needs no read at first: its owner is known,
-        and its end will be handed over, or was, a moment ago
-        (``_recent_ends``). The others are read, and every task is read again
-        each WATCH_WAIT, so a task ended some other way is seen; the reads of
-        all the tasks waiting are one pipelined batch."""
-        arrived: asyncio.Queue[tuple[str, Event | None]] = asyncio.Queue()
-        waits = _Waits(self._ended, arrived)
-        ended: list[Event] = []
-        unread: list[str] = []
+        (what was yielded stands)."""
+        waiter = self.waiter(principal)
         try:
-            for task_id in task_ids:
-                waits.listen(task_id)
-                recent = self._recent_ends.get(task_id)
-                if recent is not None and time.monotonic() - recent[2] < RECENT_ENDS_TTL:
-                    _owned(task_id, recent[0], principal)
-                    ended.append(recent[1])
-                    waits.forget(task_id)
-                elif task_id in self._owners:
-                    _owned(task_id, self._owners[task_id], principal)
-                else:
-                    unread.append(task_id)
-            while True:
-                if unread:
-                    ended += await self._read_ends(unread, waits, principal)
-                    unread = []
-                if ended:
-                    yield ended
-                    ended = []
-                if not waits.waiting:
-                    return
-                if self._closing.is_set():
-                    raise Unavailable(
-                        "the supervisor is shutting down; wait or watch again to resume"
-                    )
-                try:
-                    async with asyncio.timeout(WATCH_WAIT):
-                        news = [await arrived.get()]
-                except TimeoutError:
-                    unread = list(waits.waiting)
-                    continue
-                while not arrived.empty():
-                    news.append(arrived.get_nowait())
-                for task_id, event in news:
-                    if task_id not in waits.waiting:
-                        continue
-                    waits.forget(task_id)
-                    if event is not None:
-                        ended.append(event)
-                    else:  # ended with no event to hand over: read it
-                        waits.listen(task_id)
-                        unread.append(task_id)
+            waiter.add(task_ids)
+            while waiter.waiting:
+                ends = await waiter.next()
+                for _, end in ends:
+                    if isinstance(end, TaskloomError):
+                        raise end
+                yield [end for _, end in ends if isinstance(end, Event)]
         finally:
-            waits.close()
+            waiter.close()
 
-    async def _read_ends(
-        self, task_ids: list[str], waits: _Waits, principal: Principal
-    ) -> list[Event]:
-        """The terminal events of those of ``task_ids`` that have ended, read
-        from Redis (and forgotten by ``waits``)."""
-        found = await self._store.endings(task_ids, 10)
-        ended = []
+    def waiter(self, principal: Principal = LOCAL_ADMIN) -> Waiter:
+        """Waits for the ends of tasks added to it as it goes (a Session's)."""
+        return Waiter(self, principal)
+
+
+End = tuple[str, Event | TaskloomError]
+"""A task waited for, and its terminal event or why it cannot be waited for."""
+
+
+class Waiter:
+    """The ends of the tasks added to it, as they come.
+
+    A task this term created needs no read at first: its owner is known,
+    and its end will be handed over, or was, a moment ago
+    (``Watching._recent_ends``). The others are read, and every task still
+    waited for is read again each WATCH_WAIT, so a task ended some other way
+    is seen; the reads of all the tasks waiting are one pipelined batch."""
+
+    def __init__(self, watching: Watching, principal: Principal) -> None:
+        self._watching = watching
+        self._principal = principal
+        self._arrived: asyncio.Queue[tuple[str, Event | None]] = asyncio.Queue()
+        self._waits = _Waits(watching._ended, self._arrived)
+        self._ready: list[End] = []
+        self._unread: list[str] = []
+        self._read_at = time.monotonic()
+
+    @property
+    def waiting(self) -> int:
+        """Tasks added whose end has not been handed out yet."""
+        return len(self._waits.waiting) + len(self._ready)
+
+    def add(self, task_ids: Iterable[str]) -> None:
+        """Wait for these too (a task waited for already counts once)."""
+        watching = self._watching
         for task_id in task_ids:
-            if task_id not in waits.waiting:
+            if task_id in self._waits.waiting:
+                continue
+            self._waits.listen(task_id)
+            recent = watching._recent_ends.get(task_id)
+            if recent is not None and time.monotonic() - recent[2] < RECENT_ENDS_TTL:
+                self._settle(task_id, recent[0], recent[1])
+            elif task_id in watching._owners:
+                if not _may_see(watching._owners[task_id], self._principal):
+                    self._settle(task_id, None, None)
+            else:
+                self._unread.append(task_id)
+        self._arrived.put_nowait(("", None))  # wakes ``next``
+
+    def _settle(self, task_id: str, owner: str | None, event: Event | None) -> None:
+        self._waits.forget(task_id)
+        if event is None or not _may_see(owner, self._principal):
+            self._ready.append((task_id, TaskNotFound(task_id)))
+        else:
+            self._ready.append((task_id, event))
+
+    async def next(self) -> list[End]:
+        """The next ends, those that came together; waits until there is one.
+        Raises Unavailable when the supervisor steps down."""
+        while True:
+            if time.monotonic() - self._read_at >= WATCH_WAIT:
+                self._unread = list(dict.fromkeys([*self._unread, *self._waits.waiting]))
+            if self._unread:
+                unread, self._unread = self._unread, []
+                self._read_at = time.monotonic()
+                await self._read_ends(unread)
+            if self._ready:
+                ready, self._ready = self._ready, []
+                return ready
+            if self._watching._closing.is_set():
+                raise Unavailable("the supervisor is shutting down; wait or watch again to resume")
+            try:
+                async with asyncio.timeout(max(0.0, self._read_at + WATCH_WAIT - time.monotonic())):
+                    news = [await self._arrived.get()]
+            except TimeoutError:
+                continue
+            while not self._arrived.empty():
+                news.append(self._arrived.get_nowait())
+            for task_id, event in news:
+                if task_id not in self._waits.waiting:
+                    continue  # a wake-up, or handed out already
+                if event is not None:
+                    self._waits.forget(task_id)
+                    self._ready.append((task_id, event))
+                else:  # ended with no event to hand over: read it
+                    self._waits.forget(task_id)
+                    self._waits.listen(task_id)
+                    self._unread.append(task_id)
+
+    async def _read_ends(self, task_ids: list[str]) -> None:
+        """Read from Redis which of ``task_ids`` have ended."""
+        found = await self._watching._store.endings(task_ids, 10)
+        for task_id in task_ids:
+            if task_id not in self._waits.waiting:
                 continue  # its end arrived during the read
             owner, status, events = found[task_id]
-            _owned(task_id, owner, principal)
+            if not _may_see(owner, self._principal):
+                self._settle(task_id, None, None)
+                continue
             if status is None or not status.terminal:
                 continue
             last = next((e for e in reversed(events) if e.terminal), None)
-            if task_id in self._owners:
+            if task_id in self._watching._owners:
                 # It ended before we heard of it (the reply of its write was
                 # lost, or is on its way): end it here.
-                self._unheard_end(task_id, status, last)
+                self._watching._unheard_end(task_id, status, last)
             if last is not None:
-                ended.append(last)
-                waits.forget(task_id)
-        return ended
+                self._settle(task_id, owner, last)
+
+    def close(self) -> None:
+        self._waits.close()
 
 
 class _Waits:
@@ -293,5 +344,9 @@ def _owned(task_id: str, owner: str | None, principal: Principal) -> None:
     """TaskNotFound unless the task exists and is the caller's (or the caller
     is an admin): another principal's task does not exist, as far as a
     client can tell."""
-    if owner is None or not (principal.admin or owner == principal.name):
+    if not _may_see(owner, principal):
         raise TaskNotFound(task_id)
+
+
+def _may_see(owner: str | None, principal: Principal) -> bool:
+    return owner is not None and (principal.admin or owner == principal.name)

@@ -1,0 +1,156 @@
+"""The Session stream that the SDK's submit() and wait() share: a real
+supervisor, Redis and worker processes, and the raw stream for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from taskloom.client import TaskloomClient
+from taskloom.core.errors import TaskNotFound
+from taskloom.core.model import TaskStatus
+from taskloom.supervisor import sessions
+from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.metrics import SupervisorMetrics
+from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.v1 import tasks_pb2 as pb
+from taskloom.v1 import tasks_pb2_grpc
+from tests.conftest import Processes
+from tests.helpers import eventually, plan
+from tests.test_metrics import scrape, value
+
+
+async def test_concurrent_submits_and_waits_share_one_stream_and_need_no_reads(
+    supervisor_settings: SupervisorSettings, processes: Processes
+) -> None:
+    """200 coroutines, each submitting a task and waiting for it: one Session
+    stream carries them all, each wait returns the task with its result and
+    subtasks, and no GetTask, SubmitTask or WatchTask call is made."""
+    settings = supervisor_settings.model_copy(update={"metrics_port": 0})
+    async with Supervisor(settings, metrics=SupervisorMetrics(CollectorRegistry())) as supervisor:
+        processes.worker(supervisor.address, capabilities="echo")
+        async with TaskloomClient(supervisor.address) as client:
+
+            async def one(i: int) -> None:
+                task = await client.wait(
+                    await client.submit(f"echo {i}", plan=plan(("a", "echo", f"n{i}")))
+                )
+                assert task.status == TaskStatus.SUCCEEDED, task.error
+                assert task.result == f"n{i}"
+                ((subtask,),) = [task.subtasks]
+                assert (subtask.id, subtask.output, subtask.attempt) == ("a", f"n{i}", 1)
+
+            await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 120)
+        text = await asyncio.to_thread(scrape, supervisor.metrics_port)
+
+    def started(method: str) -> float:
+        return sum(
+            value(text, "grpc_server_started_total", grpc_service="taskloom.v1.TaskService",
+                  grpc_method=method, grpc_type=kind) or 0
+            for kind in ("unary", "server_stream", "bidi_stream")
+        )  # fmt: skip
+
+    assert started("Session") == 1
+    assert started("SubmitTask") + started("GetTask") + started("WatchTask") == 0
+
+
+async def test_a_task_too_large_to_send_with_its_end_is_read_instead(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    processes.worker(supervisor.address, capabilities="echo")
+    size = sessions.SNAPSHOT_SUBTASKS + 1
+    wide = plan(*((f"s{i}", "echo", f"x{i}") for i in range(size)))
+    small = plan(("a", "echo", "y"))
+    big_id, small_id = await client.submit("wide", plan=wide), await client.submit("s", plan=small)
+    tasks = {t.id: t async for t in client.finished([big_id, small_id, big_id])}
+    assert set(tasks) == {big_id, small_id}
+    assert len(tasks[big_id].subtasks) == size
+    assert tasks[big_id].status == TaskStatus.SUCCEEDED
+    assert tasks[small_id].result == "y"
+
+
+async def test_bad_waits_are_answered_one_by_one_and_the_stream_goes_on(
+    supervisor: Supervisor, client: TaskloomClient
+) -> None:
+    mine = await client.submit("gated", plan=plan(("a", "echo", "x")), approve_plan=True)
+    async with grpc.aio.insecure_channel(supervisor.address) as channel:
+        call = tasks_pb2_grpc.TaskServiceStub(channel).Session()
+        await call.write(pb.SessionRequest(waits=["0" * 20, "no such/../key", mine]))
+        response = await call.read()
+        refused = {e.task_id: e.error for e in response.ended}
+        assert set(refused) == {"0" * 20, "no such/../key"}
+        assert {e.code for e in refused.values()} == {grpc.StatusCode.NOT_FOUND.value[0]}
+        # The stream goes on: a submit, then the end of the waited-for task.
+        request = pb.SubmitTaskRequest(goal="more", idempotency_key="k")
+        request.plan.subtasks.add(id="a", capability="echo", instruction="x")
+        await call.write(pb.SessionRequest(submits=[pb.SessionSubmit(ref=7, task=request)]))
+        response = await call.read()
+        assert response.submitted[0].ref == 7
+        assert response.submitted[0].result.task_id
+        await client.reject(mine, reason="no")
+        response = await call.read()
+        ((ended,),) = [response.ended]
+        assert (ended.task_id, ended.event.type, ended.task.status) == (
+            mine, "task.cancelled", pb.TASK_STATUS_CANCELLED
+        )  # fmt: skip
+        call.cancel()
+
+
+async def test_an_oversized_request_ends_the_stream_with_a_clear_error(
+    supervisor: Supervisor,
+) -> None:
+    async with grpc.aio.insecure_channel(supervisor.address) as channel:
+        call = tasks_pb2_grpc.TaskServiceStub(channel).Session()
+        too_many = [pb.SessionSubmit(ref=i) for i in range(sessions.MAX_SESSION_SUBMITS + 1)]
+        await call.write(pb.SessionRequest(submits=too_many))
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call.read()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1,001 submits in one SessionRequest" in str(e.value.details())
+
+
+async def test_a_wait_and_a_submit_survive_a_supervisor_restart(
+    supervisor_settings: SupervisorSettings, listen_address: str
+) -> None:
+    """The stream breaks while a wait is pending; the SDK opens it again at
+    the next supervisor and the wait gets its answer there."""
+    settings = supervisor_settings.model_copy(update={"listen": listen_address})
+    first = Supervisor(settings)
+    await first.start()
+    async with TaskloomClient(listen_address) as client:
+        gated = plan(("a", "echo", "x"))
+        task_id = await client.submit("held", plan=gated, approve_plan=True)
+        waiting = asyncio.ensure_future(client.wait(task_id))
+        await eventually(lambda: first.orchestrator is not None
+                         and any(s._waiter.waiting for s in first.orchestrator.watching.sessions))  # fmt: skip
+        await first.stop(grace=0.5)
+        assert not waiting.done()
+        second = Supervisor(settings)
+        await second.start()
+        try:
+            # A submit on the broken stream goes to the new supervisor.
+            other = await client.submit("after", plan=gated, approve_plan=True)
+            await client.reject(task_id, reason="no")
+            task = await asyncio.wait_for(waiting, 30)
+            assert (task.id, task.status) == (task_id, TaskStatus.CANCELLED)
+            assert (await client.get(other)).status == TaskStatus.AWAITING_APPROVAL
+        finally:
+            await second.stop(grace=0.5)
+
+
+async def test_another_callers_task_cannot_be_waited_for(
+    supervisor: Supervisor, client: TaskloomClient
+) -> None:
+    """Without tokens every caller is the local admin; the ownership checks
+    themselves are in test_security. Here: an unknown id raises TaskNotFound
+    from wait() and finished(), and the session goes on."""
+    with pytest.raises(TaskNotFound):
+        await client.wait("0" * 20)
+    with pytest.raises(TaskNotFound):
+        [t async for t in client.finished(["1" * 20])]
+    task_id = await client.submit("ok", plan=plan(("a", "echo", "x")), approve_plan=True)
+    await client.reject(task_id)
+    assert (await client.wait(task_id)).status == TaskStatus.CANCELLED
