@@ -657,6 +657,30 @@ async def test_per_principal_limits_stop_one_client_without_touching_others(
         await server.stop(grace=0.5)
 
 
+async def test_the_submit_rate_counts_subtasks_not_calls(
+    supervisor_settings: SupervisorSettings, pki: Minted
+) -> None:
+    server = Supervisor(secured(supervisor_settings, pki, submit_rate=0.01, submit_burst=4))
+    await server.start()
+    try:
+        async with connect(server, pki, "alice") as alice, connect(server, pki, "bob") as bob:
+            three = plan(("a", "gate", "x"), ("b", "gate", "y"), ("c", "gate", "z"))
+            await alice.submit("three", plan=three)  # 3 of the 4
+            with pytest.raises(ResourceExhausted) as e:
+                await alice.submit("two", plan=plan(("a", "gate", "x"), ("b", "gate", "y")))
+            assert e.value.subject == "submit_rate"
+            assert "more than 0.01 subtasks a second" in str(e.value)
+            await alice.submit("one", plan=GATED)  # the one left
+            # A plan larger than the burst goes when the allowance is full,
+            # and leaves it in debt.
+            six = plan(*((f"s{i}", "gate", "x") for i in range(6)))
+            await bob.submit("six", plan=six)
+            with pytest.raises(ResourceExhausted):
+                await bob.submit("one", plan=GATED)
+    finally:
+        await server.stop(grace=0.5)
+
+
 async def test_batches_keep_to_the_callers_own_tasks_and_allowance(
     supervisor_settings: SupervisorSettings, pki: Minted
 ) -> None:

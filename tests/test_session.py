@@ -4,13 +4,15 @@ supervisor, Redis and worker processes, and the raw stream for bad input."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 from taskloom.client import TaskloomClient
-from taskloom.core.errors import TaskNotFound
+from taskloom.core.errors import ResourceExhausted, TaskNotFound
 from taskloom.core.model import TaskStatus
 from taskloom.supervisor import sessions
 from taskloom.supervisor.app import Supervisor
@@ -79,7 +81,7 @@ async def test_bad_waits_are_answered_one_by_one_and_the_stream_goes_on(
     async with grpc.aio.insecure_channel(supervisor.address) as channel:
         call = tasks_pb2_grpc.TaskServiceStub(channel).Session()
         await call.write(pb.SessionRequest(waits=["0" * 20, "no such/../key", mine]))
-        response = await call.read()
+        response = await _read(call)
         refused = {e.task_id: e.error for e in response.ended}
         assert set(refused) == {"0" * 20, "no such/../key"}
         assert {e.code for e in refused.values()} == {grpc.StatusCode.NOT_FOUND.value[0]}
@@ -87,11 +89,11 @@ async def test_bad_waits_are_answered_one_by_one_and_the_stream_goes_on(
         request = pb.SubmitTaskRequest(goal="more", idempotency_key="k")
         request.plan.subtasks.add(id="a", capability="echo", instruction="x")
         await call.write(pb.SessionRequest(submits=[pb.SessionSubmit(ref=7, task=request)]))
-        response = await call.read()
+        response = await _read(call)
         assert response.submitted[0].ref == 7
         assert response.submitted[0].result.task_id
         await client.reject(mine, reason="no")
-        response = await call.read()
+        response = await _read(call)
         ((ended,),) = [response.ended]
         assert (ended.task_id, ended.event.type, ended.task.status) == (
             mine, "task.cancelled", pb.TASK_STATUS_CANCELLED
@@ -124,8 +126,12 @@ async def test_a_wait_and_a_submit_survive_a_supervisor_restart(
         gated = plan(("a", "echo", "x"))
         task_id = await client.submit("held", plan=gated, approve_plan=True)
         waiting = asyncio.ensure_future(client.wait(task_id))
-        await eventually(lambda: first.orchestrator is not None
-                         and any(s._waiter.waiting for s in first.orchestrator.watching.sessions))  # fmt: skip
+
+        def waited() -> bool:
+            current = first.orchestrator
+            return current is not None and any(s._waiter.waiting for s in current.watching.sessions)
+
+        await eventually(waited)
         await first.stop(grace=0.5)
         assert not waiting.done()
         second = Supervisor(settings)
@@ -154,3 +160,35 @@ async def test_another_callers_task_cannot_be_waited_for(
     task_id = await client.submit("ok", plan=plan(("a", "echo", "x")), approve_plan=True)
     await client.reject(task_id)
     assert (await client.wait(task_id)).status == TaskStatus.CANCELLED
+
+
+async def test_past_its_capacity_the_cluster_refuses_new_work_until_it_catches_up(
+    supervisor_settings: SupervisorSettings, processes: Processes, test_dir: Path
+) -> None:
+    """A worker with one slot, held; a second subtask waits for it. Once that
+    has waited past TASKLOOM_ADMIT_QUEUE_WAIT, submits are refused with
+    RESOURCE_EXHAUSTED (whoever sends them), and taken again once it runs.
+    Work nobody can run (no worker offers it) is not a backlog."""
+    settings = supervisor_settings.model_copy(update={"admit_queue_wait": 0.5})
+    async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
+        processes.worker(supervisor.address, capabilities="gate", concurrency=1)
+        orphan = await client.submit("nobody runs it", plan=plan(("x", "echo", "x")))
+        task_id = await client.submit("two", plan=plan(("a", "gate", "A"), ("b", "gate", "B")))
+        await eventually(lambda: supervisor.orchestrator is not None
+                         and supervisor.orchestrator.scheduler.backlog() > 0.6)  # fmt: skip
+        with pytest.raises(ResourceExhausted) as refused:
+            await client.submit("more", plan=plan(("c", "gate", "C")))
+        assert refused.value.subject == "backlog"
+        assert "TASKLOOM_ADMIT_QUEUE_WAIT" in str(refused.value)
+        for gate in "abc":
+            (test_dir / f"open-{gate}").touch()
+        assert (await client.wait(task_id)).status == TaskStatus.SUCCEEDED
+        late = await client.submit("more", plan=plan(("c", "gate", "C")))
+        assert (await client.wait(late)).status == TaskStatus.SUCCEEDED
+        assert (await client.get(orphan)).status == TaskStatus.RUNNING
+
+
+async def _read(call: Any) -> pb.SessionResponse:
+    response = await call.read()
+    assert isinstance(response, pb.SessionResponse), response
+    return response

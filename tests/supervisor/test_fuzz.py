@@ -194,7 +194,8 @@ async def untouched(client: TaskloomClient, held: Held) -> None:
 _SERVICE: Any = pb.DESCRIPTOR.services_by_name["TaskService"]
 _REQUESTS = st.sampled_from(
     [
-        (m.name, m.input_type._concrete_class, m.server_streaming)  # every RPC of TaskService
+        # every RPC of TaskService, and whether it streams requests and answers
+        (m.name, m.input_type._concrete_class, m.client_streaming, m.server_streaming)
         for m in _SERVICE.methods
     ]
 )
@@ -213,7 +214,7 @@ async def test_any_request_gets_a_status_and_the_supervisor_keeps_serving(
     data: st.DataObject,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    method, cls, streaming = data.draw(_REQUESTS)
+    method, cls, sending, streaming = data.draw(_REQUESTS)
     request = data.draw(messages(cls, [*held.strings, "llm", "gate", "echo"]))
     if getattr(request, "task_id", None) == held.task_id and method not in WITNESS_SAFE:
         request.task_id += "-not"  # changing it is allowed; it is the witness here
@@ -221,7 +222,8 @@ async def test_any_request_gets_a_status_and_the_supervisor_keeps_serving(
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         try:
             if streaming:
-                async for _ in getattr(stub, method)(request, timeout=0.5):
+                sent = iter([request]) if sending else request  # a Session: one message
+                async for _ in getattr(stub, method)(sent, timeout=0.5):
                     pass
             else:
                 await getattr(stub, method)(request, timeout=30)

@@ -7,6 +7,7 @@ import json
 import signal
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -268,3 +269,17 @@ async def test_a_worker_with_json_logs_tags_its_lines_with_the_attempt(
     assert failed and failed[0]["task_id"] == task.id
     assert (failed[0]["subtask_id"], failed[0]["attempt"]) == ("a", 1)
     assert "RuntimeError: flaky failure on attempt 1" in failed[0]["exception"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "slots"),
+    [
+        ({"capabilities": "echo,noop"}, 64),  # async handlers: I/O-bound
+        ({"capabilities": "llm"}, 8),  # a model server
+        ({"capabilities": "llm,echo", "llm": "openai:gpt-4o-mini"}, 8),
+        ({"capabilities": "llm", "llm": "embedded:smollm2"}, 1),  # one call at a time
+        ({"capabilities": "echo", "concurrency": 3}, 3),  # said outright
+    ],
+)
+def test_a_workers_slots_default_to_what_it_runs(fields: dict[str, Any], slots: int) -> None:
+    assert WorkerSettings.load(**fields).concurrency == slots

@@ -906,7 +906,8 @@ DEMO_PLAN = Plan(
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 1000),
-    help="Slots of each worker [4; 1 with the embedded model, which answers one call at a time]",
+    help="Slots of each worker [by what it runs: 1 for llm on the embedded model, which "
+    "answers one call at a time; 8 for llm on a model server; 64 for other handlers]",
 )
 @click.option(
     "--data-dir",
@@ -996,9 +997,12 @@ def up(
         except TaskloomError as e:
             _fail(e)
     if concurrency is None:
-        # A worker advertises what its model can run: the embedded one answers
-        # one call at a time, so more slots would only queue on its lock.
-        concurrency = 1 if (llm or "").startswith("embedded:") else 4
+        from taskloom.worker.settings import default_concurrency
+
+        # What the workers would choose themselves (shown below).
+        concurrency = default_concurrency(
+            tuple(c.strip() for c in offered.split(",")), (llm or "ollama:").partition(":")[0]
+        )
     cluster = LocalCluster(
         data_dir=data_dir,
         workers=workers,

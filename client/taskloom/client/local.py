@@ -89,7 +89,7 @@ class LocalCluster:
         listen: str | None = None,
         redis_url: str | None = None,
         capabilities: str = "llm,echo",
-        concurrency: int = 4,
+        concurrency: int = 0,
         redis_fsync: str = "always",
         llm: str | None = None,
         console_port: int | None = None,
@@ -157,6 +157,7 @@ class LocalCluster:
                         self.listen,
                         "--capabilities",
                         self.capabilities,
+                        # 0: the worker's default, by what it runs.
                         "--concurrency",
                         str(self.concurrency),
                         "--name",

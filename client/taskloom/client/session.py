@@ -225,8 +225,12 @@ class Session:
                     size += weight
                 waits = [t for t in self._unsent_waits[:MESSAGE_WAITS] if t in self._waits]
                 del self._unsent_waits[:MESSAGE_WAITS]
-                if submits or waits:
+                if not (submits or waits):
+                    continue
+                try:
                     await call.write(pb.SessionRequest(submits=submits, waits=waits))
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    return  # the stream broke: the reader sees why, and sends all again
 
     def _answered(self, response: pb.SessionResponse) -> None:
         for submitted in response.submitted:

@@ -31,15 +31,18 @@ class _Bucket:
         self.tokens = float(burst)
         self.updated = time.monotonic()
 
-    def take(self) -> float:
-        """0.0 if a token was taken, else how many seconds until one is there."""
+    def take(self, n: int = 1) -> float:
+        """0.0 if ``n`` tokens were taken, else how many seconds until they
+        are there. More than ``burst`` are taken once the bucket is full,
+        leaving it in debt: the next take waits until it is paid off."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        needed = min(float(n), self.burst)
+        if self.tokens >= needed:
+            self.tokens -= n
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (needed - self.tokens) / self.rate
 
 
 class Quotas:
@@ -51,8 +54,9 @@ class Quotas:
         self._buckets: dict[str, _Bucket] = {}
         self._watches: defaultdict[str, int] = defaultdict(int)
 
-    def admit_submit(self, principal: Principal) -> None:
-        """Take one submit from the principal's allowance, or ResourceExhausted."""
+    def admit_submit(self, principal: Principal, work: int = 1) -> None:
+        """Take ``work`` (a task's subtasks, 1 for a task still to be planned)
+        from the principal's allowance, or ResourceExhausted."""
         if principal.admin:
             return
         bucket = self._buckets.get(principal.name)
@@ -60,13 +64,28 @@ class Quotas:
             bucket = self._buckets[principal.name] = _Bucket(
                 self._settings.submit_rate, self._settings.submit_burst
             )
-        wait = bucket.take()
+        wait = bucket.take(work)
         if wait:
             self._metrics.refused.labels("submit_rate").inc()
             raise ResourceExhausted(
-                f"{principal.name} submits faster than {self._settings.submit_rate:g} tasks "
+                f"{principal.name} submits more than {self._settings.submit_rate:g} subtasks "
                 f"a second (TASKLOOM_SUBMIT_RATE); retry in {wait:.1f}s",
                 subject="submit_rate",
+            )
+
+    def admit_load(self, waited: float) -> None:
+        """ResourceExhausted while the cluster is behind: the oldest subtask a
+        connected worker could run has waited ``waited`` seconds for a slot,
+        longer than ``admit_queue_wait``. More work would only make every task
+        later; the caller retries once the backlog drains."""
+        limit = self._settings.admit_queue_wait
+        if limit and waited > limit:
+            self._metrics.refused.labels("backlog").inc()
+            raise ResourceExhausted(
+                f"the cluster is behind: runnable subtasks have waited {waited:.0f}s for a "
+                f"worker, more than {limit:g}s (TASKLOOM_ADMIT_QUEUE_WAIT); retry later, "
+                "or add workers",
+                subject="backlog",
             )
 
     @contextlib.contextmanager

@@ -212,6 +212,11 @@ DEADLINE_GRACE = 2.0
 """The worker enforces the timeout itself; the supervisor steps in this much later."""
 
 
+BACKLOG_LOOKS = 256
+"""Queued subtasks ``Scheduler.backlog`` looks past (oldest first) for one a
+connected worker could run."""
+
+
 class Scheduler:
     """READY queues, worker sessions and leases; dispatches in batches."""
 
@@ -231,7 +236,10 @@ class Scheduler:
         self._clock = clock
         self._queues: dict[str, list[tuple[int, int, ReadyItem]]] = defaultdict(list)
         self._ready_since: dict[tuple[str, str], float] = {}
-        """When each queued subtask became dispatchable: for queue wait and age."""
+        """When each queued subtask became dispatchable: for queue wait and age
+        (in the order they did: the first is the oldest)."""
+        self._ready_route: dict[tuple[str, str], str] = {}
+        """The route (queue key) of each of those."""
         self._delayed: list[tuple[float, int, ReadyItem]] = []
         self._waiting: Counter[str] = Counter()
         """Task → its entries in the queues and the delayed heap, so that
@@ -278,7 +286,9 @@ class Scheduler:
         self._wake.set()
 
     def _push(self, item: ReadyItem) -> None:
-        self._ready_since.setdefault((item.task_id, item.subtask_id), self._clock())
+        key = (item.task_id, item.subtask_id)
+        self._ready_since.setdefault(key, self._clock())
+        self._ready_route.setdefault(key, item.capability)
         heapq.heappush(self._queues[item.capability], (-item.priority, next(self._seq), item))
         self._waiting[item.task_id] += 1
 
@@ -307,6 +317,19 @@ class Scheduler:
             stats[capability] = (len(entries), now - oldest)
         return stats
 
+    def backlog(self) -> float:
+        """How long (seconds) the oldest READY subtask that a connected worker
+        could run has waited for a free slot; 0 if none waits. What waits for
+        a worker nobody runs is not the cluster being behind: it is skipped."""
+        now = self._clock()
+        for looked, (key, since) in enumerate(self._ready_since.items()):
+            route = self._ready_route.get(key)
+            if route and (self._capable.get(route) or self._able(route)):
+                return now - since
+            if looked >= BACKLOG_LOOKS:
+                break
+        return 0.0
+
     def set_task_limit(self, task_id: str, max_parallel: int) -> None:
         """At most ``max_parallel`` attempts of the task in flight (0: no limit)."""
         if max_parallel > 0:
@@ -332,6 +355,7 @@ class Scheduler:
         self._delayed = [entry for entry in self._delayed if entry[2].task_id != task_id]
         for key in [k for k in self._ready_since if k[0] == task_id]:
             del self._ready_since[key]
+            self._ready_route.pop(key, None)
         heapq.heapify(self._delayed)
 
     # -- workers -------------------------------------------------------------------
@@ -694,6 +718,7 @@ class Scheduler:
         for (item, session), assignment in zip(picks, assignments, strict=True):
             session.reserved -= 1
             since = self._ready_since.pop((item.task_id, item.subtask_id), None)
+            self._ready_route.pop((item.task_id, item.subtask_id), None)
             if since is not None and assignment is not None:
                 waits.append((item.capability, now - since))
             if assignment is None:

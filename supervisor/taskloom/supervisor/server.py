@@ -166,7 +166,9 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         self, orchestrator: Orchestrator, request: pb.SubmitTaskRequest
     ) -> tuple[str, bool]:
         principal = current_principal.get()
-        self._quotas.admit_submit(principal)
+        self._quotas.admit_load(orchestrator.scheduler.backlog())
+        work = len(request.plan.subtasks) if request.HasField("plan") else 1
+        self._quotas.admit_submit(principal, max(work, 1))
         plan = codec.plan_from_pb(request.plan) if request.HasField("plan") else None
         return await orchestrator.commands.submit(
             request.goal,

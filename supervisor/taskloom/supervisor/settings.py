@@ -226,10 +226,19 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     """An admin's unfinished subtasks, at most."""
     admin_max_stored_bytes: int = Field(default=4 * 1024**3, ge=1024)
     """The bytes an admin's tasks may keep."""
-    submit_rate: float = Field(default=20.0, gt=0)
-    """Submits per second one principal may make on average ..."""
-    submit_burst: int = Field(default=100, ge=1)
-    """... and at once."""
+    admit_queue_wait: Seconds = 30.0
+    """Refuse new tasks (RESOURCE_EXHAUSTED, ``backlog``), whoever submits
+    them, while the oldest subtask that a connected worker could run has
+    waited longer than this for a free slot: the cluster is past what it can
+    run, and more work would queue without bound. 0: never refuse."""
+    submit_rate: float = Field(default=2_000.0, gt=0)
+    """Work one principal may submit per second on average, in subtasks: a
+    task counts the subtasks of its explicit plan, 1 while its plan is still to
+    be made. The default is about a third of what one supervisor on two cores
+    runs (``docs/benchmarks.md``), so one client alone cannot take it all ..."""
+    submit_burst: int = Field(default=20_000, ge=1)
+    """... and at once (a larger plan goes once the allowance is full, leaving
+    it in debt)."""
 
     # -- connections ------------------------------------------------------------
     max_connection_idle: Seconds = 300.0

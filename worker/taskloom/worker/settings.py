@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import ClassVar
+from typing import ClassVar, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from taskloom.core.channel import DEFAULT_MAX_MESSAGE_BYTES
 from taskloom.core.settings import (
@@ -17,6 +17,19 @@ from taskloom.core.settings import (
     Seconds,
     StrList,
 )
+
+SLOTS_EMBEDDED = 1
+SLOTS_LLM = 8
+SLOTS_ASYNC = 64
+"""Default slots of a worker by what it runs (``WorkerSettings.concurrency``)."""
+
+
+def default_concurrency(capabilities: tuple[str, ...], provider: str) -> int:
+    """A worker's slots when ``--concurrency`` is not given: by its handlers."""
+    slots = [SLOTS_ASYNC]
+    if "llm" in capabilities:
+        slots.append(SLOTS_EMBEDDED if provider == "embedded" else SLOTS_LLM)
+    return min(slots)
 
 
 class WorkerSettings(LLMSettings, ConnectionSettings):
@@ -48,8 +61,12 @@ class WorkerSettings(LLMSettings, ConnectionSettings):
     (the worker connects to whichever leads)."""
     capabilities: StrList = ("llm",)
     """What this worker runs; each needs a handler (built in: llm, echo)."""
-    concurrency: int = Field(default=4, ge=1, le=10_000)
-    """Subtasks run at once."""
+    concurrency: int = Field(default=0, ge=0, le=10_000)
+    """Subtasks run at once. 0 (the default): by what the worker runs, the
+    smallest that applies: 1 for ``llm`` on the embedded model (it answers one
+    call at a time), 8 for ``llm`` on a model server, 64 for other handlers
+    (async, I/O-bound: a slot waiting on a call costs nothing). Set it for
+    handlers that burn CPU."""
     labels: LabelMap = Field(default_factory=dict)
     """What this worker is, as ``KEY=VALUE`` pairs (``gpu=true,zone=eu``): a
     subtask that ``requires`` labels runs only on workers with all of them. An
@@ -75,3 +92,12 @@ class WorkerSettings(LLMSettings, ConnectionSettings):
         if not value:
             raise ValueError("name at least one capability, e.g. llm")
         return value
+
+    @model_validator(mode="after")
+    def _slots(self) -> Self:
+        if not self.concurrency:
+            # Frozen settings: set once, here, as they are made.
+            object.__setattr__(
+                self, "concurrency", default_concurrency(tuple(self.capabilities), self.provider)
+            )
+        return self
