@@ -192,3 +192,41 @@ async def _read(call: Any) -> pb.SessionResponse:
     response = await call.read()
     assert isinstance(response, pb.SessionResponse), response
     return response
+
+
+async def test_a_small_task_comes_with_its_end_and_a_larger_one_is_read(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes
+) -> None:
+    """The write that ends a task of up to 8 subtasks returns it as it ended,
+    so a wait reads nothing; a larger one is read once, when it ends."""
+    processes.worker(supervisor.address, capabilities="echo")
+    reads: list[list[str]] = []
+    read = supervisor.store.snapshots
+
+    async def counted(task_ids: list[str], max_subtasks: int) -> Any:
+        reads.append(list(task_ids))
+        return await read(task_ids, max_subtasks)
+
+    supervisor.store.snapshots = counted  # type: ignore[method-assign]
+
+    async def run(size: int) -> None:
+        steps = plan(*((f"s{i}", "echo", f"x{i}") for i in range(size)))
+        task_id = await client.submit(f"{size}", plan=steps, approve_plan=True)
+        waiting = asyncio.ensure_future(client.wait(task_id))
+
+        def waited() -> bool:
+            current = supervisor.orchestrator
+            return current is not None and any(
+                s._waiter.waiting for s in current.watching.sessions
+            )
+
+        await eventually(waited)  # the wait is in before the task can end
+        await client.approve(task_id)
+        task = await asyncio.wait_for(waiting, 30)
+        assert task.status == TaskStatus.SUCCEEDED
+        assert [s.output for s in task.subtasks] == [f"x{i}" for i in range(size)]
+
+    await run(8)
+    assert reads == []
+    await run(9)
+    assert len(reads) == 1

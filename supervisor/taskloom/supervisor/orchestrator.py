@@ -390,7 +390,12 @@ class Orchestrator:
         for task_id in outcome.reopened:
             self.watching.reopened(task_id)
         for task_id, status in zip(outcome.finished, outcome.finished_status, strict=False):
-            self.task_ended(task_id, TaskStatus(status), outcome.ended.get(task_id))
+            self.task_ended(
+                task_id,
+                TaskStatus(status),
+                outcome.ended.get(task_id),
+                outcome.snapshots.get(task_id),
+            )
         self.scheduler.release(refs)
         self.scheduler.enqueue(outcome.ready)
         for task_id, subtask_id in outcome.replan:
@@ -405,10 +410,17 @@ class Orchestrator:
         self._spans[task_id] = span
         self.watching.created(task_id, owner)
 
-    def task_ended(self, task_id: str, status: TaskStatus, event: Event | None = None) -> None:
+    def task_ended(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        event: Event | None = None,
+        snapshot: Any = None,
+    ) -> None:
         """The task ended: tell who waits for its end (with its terminal
-        event, if the write that ended it returned one) and end its span."""
-        self.watching.ended(task_id, event)
+        event, and the task as it ended, if the write that ended it returned
+        them) and end its span."""
+        self.watching.ended(task_id, event, snapshot)
         for key in [k for k in self.awaiting if k[0] == task_id]:
             del self.awaiting[key]
         span = self._spans.pop(task_id, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from taskloom.core.model import Assignment, AttemptRef, Event
 
@@ -64,6 +64,8 @@ class Outcome:
     """Subtasks that became READY and were assigned at once to offered workers."""
     ended: dict[str, Event] = field(default_factory=dict)
     """The terminal event of each task in ``finished``."""
+    snapshots: dict[str, Any] = field(default_factory=dict)
+    """Each of those with few subtasks, as it ended (``records.decode_snapshot``)."""
     awaiting: list[tuple[str, str]] = field(default_factory=list)
     """``(task, subtask)`` that began to wait for a person's approval (subtask
     '' for a task's plan)."""

@@ -455,7 +455,14 @@ def decode_outcome(reply: OutcomeReply) -> Outcome:
             task_id: decode_event(
                 task_id, eid, {"type": kind, "status": status, "message": message, "trace": trace}
             )
-            for task_id, (eid, kind, status, message, trace) in mapped(reply.get("ended")).items()
+            for task_id, (eid, kind, status, message, trace, *_) in mapped(
+                reply.get("ended")
+            ).items()
+        },
+        snapshots={
+            task_id: entry[5]
+            for task_id, entry in mapped(reply.get("ended")).items()
+            if len(entry) > 5
         },
         awaiting=[(t, s) for t, s in listed(reply.get("awaiting"))],
         approved=[(t, s, float(w)) for t, s, w in listed(reply.get("approved"))],
@@ -473,6 +480,14 @@ def decode_outcome(reply: OutcomeReply) -> Outcome:
 
 def encode_page_token(score: float, task_id: str) -> str:
     return base64.urlsafe_b64encode(f"{score!r}:{task_id}".encode()).decode()
+
+
+def decode_snapshot(raw: Any) -> Task:
+    """A task as ``snapshot.lua`` (or a script that ended it) read it:
+    ``{task: {field: value}, subtasks: [{field: value}, ...]}``."""
+    entry = mapped(raw)
+    subtasks = tuple(decode_subtask(row) for row in listed(entry.get("subtasks")) if row)
+    return decode_task(mapped(entry.get("task")), subtasks)
 
 
 def decode_page_token(token: str) -> tuple[float, str]:

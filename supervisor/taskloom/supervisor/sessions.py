@@ -30,6 +30,7 @@ from taskloom.core.model import Event, Task
 from taskloom.core.tracing import tracer, tracing
 from taskloom.supervisor import codec
 from taskloom.supervisor.quotas import Quotas
+from taskloom.supervisor.records import decode_snapshot
 from taskloom.supervisor.watching import Waiter
 from taskloom.v1 import tasks_pb2 as pb
 
@@ -224,9 +225,13 @@ class ClientSession:
     async def _ends(self) -> None:
         while True:
             ends = await self._waiter.next()
-            ended = [task_id for task_id, end in ends if isinstance(end, Event)]
-            tasks = await self._snapshots(ended) if ended else {}
-            for task_id, end in ends:
+            # The writes that ended small tasks returned them; the others are
+            # read, all in one script.
+            tasks = {t: decode_snapshot(raw) for t, end, raw in ends if raw is not None}
+            unread = [t for t, end, _ in ends if isinstance(end, Event) and t not in tasks]
+            if unread:
+                tasks.update(await self._snapshots(unread))
+            for task_id, end, _ in ends:
                 self._put(*_answer(task_id, end, tasks.get(task_id)))
             if not self._waiter.waiting:
                 self._release()

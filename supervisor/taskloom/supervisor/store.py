@@ -863,10 +863,7 @@ class Store:
             args = scripts.SnapshotArgs(known[start : start + PIPELINE_CHUNK], max_subtasks)
             reply = records.mapped(await self._run("snapshot", args, fenced=False))
             for task_id, entry in reply.items():
-                subtasks = tuple(
-                    records.decode_subtask(row) for row in records.listed(entry["subtasks"]) if row
-                )
-                found[task_id] = records.decode_task(records.mapped(entry["task"]), subtasks)
+                found[task_id] = records.decode_snapshot(entry)
         return found
 
     @_translated

@@ -33,6 +33,9 @@ answered from memory; older ones are read from Redis."""
 
 Ended = Callable[[str, TaskStatus, Event | None], None]
 """Told when a wait finds that a task this term created has ended unheard of."""
+Ending = tuple[Event | None, Any]
+"""A task's terminal event (None: read it) and the task as it ended, as the
+write that ended it returned it (``records.decode_snapshot``; None: none)."""
 
 
 class Watching:
@@ -49,7 +52,7 @@ class Watching:
         """Owner, terminal event and time of the last RECENT_ENDS of those tasks
         to end: a client that waits for a task it just submitted often asks
         after the end."""
-        self._ended: defaultdict[str, set[asyncio.Future[Event | None]]] = defaultdict(set)
+        self._ended: defaultdict[str, set[asyncio.Future[Ending]]] = defaultdict(set)
         """Who waits for each task's end (terminal-only watches)."""
         self._closing = asyncio.Event()
         self.sessions: set[Any] = set()
@@ -72,12 +75,13 @@ class Watching:
         """A task this term created: its end will be handed over, not read."""
         self._owners[task_id] = owner
 
-    def ended(self, task_id: str, event: Event | None) -> None:
+    def ended(self, task_id: str, event: Event | None, snapshot: Any = None) -> None:
         """The task ended: tell who waits for its end (with its terminal
-        event, if the write that ended it returned one)."""
+        event and the task as it ended, if the write that ended it returned
+        them)."""
         for waiter in self._ended.pop(task_id, ()):
             if not waiter.done():
-                waiter.set_result(event)
+                waiter.set_result((event, snapshot))
         owner = self._owners.pop(task_id, None)
         if owner is not None and event is not None:
             self._recent_ends[task_id] = (owner, event, time.monotonic())
@@ -154,10 +158,10 @@ class Watching:
             waiter.add(task_ids)
             while waiter.waiting:
                 ends = await waiter.next()
-                for _, end in ends:
+                for _, end, _ in ends:
                     if isinstance(end, TaskloomError):
                         raise end
-                yield [end for _, end in ends if isinstance(end, Event)]
+                yield [end for _, end, _ in ends if isinstance(end, Event)]
         finally:
             waiter.close()
 
@@ -166,8 +170,9 @@ class Watching:
         return Waiter(self, principal)
 
 
-End = tuple[str, Event | TaskloomError]
-"""A task waited for, and its terminal event or why it cannot be waited for."""
+End = tuple[str, Event | TaskloomError, Any]
+"""A task waited for, its terminal event or why it cannot be waited for, and
+the task as it ended if the write that ended it returned it (``Ending``)."""
 
 
 class Waiter:
@@ -182,7 +187,7 @@ class Waiter:
     def __init__(self, watching: Watching, principal: Principal) -> None:
         self._watching = watching
         self._principal = principal
-        self._arrived: asyncio.Queue[tuple[str, Event | None]] = asyncio.Queue()
+        self._arrived: asyncio.Queue[tuple[str, Ending]] = asyncio.Queue()
         self._waits = _Waits(watching._ended, self._arrived)
         self._ready: list[End] = []
         self._unread: list[str] = []
@@ -208,14 +213,16 @@ class Waiter:
                     self._settle(task_id, None, None)
             else:
                 self._unread.append(task_id)
-        self._arrived.put_nowait(("", None))  # wakes ``next``
+        self._arrived.put_nowait(("", (None, None)))  # wakes ``next``
 
-    def _settle(self, task_id: str, owner: str | None, event: Event | None) -> None:
+    def _settle(
+        self, task_id: str, owner: str | None, event: Event | None, snapshot: Any = None
+    ) -> None:
         self._waits.forget(task_id)
         if event is None or not _may_see(owner, self._principal):
-            self._ready.append((task_id, TaskNotFound(task_id)))
+            self._ready.append((task_id, TaskNotFound(task_id), None))
         else:
-            self._ready.append((task_id, event))
+            self._ready.append((task_id, event, snapshot))
 
     async def next(self) -> list[End]:
         """The next ends, those that came together; waits until there is one.
@@ -239,12 +246,12 @@ class Waiter:
                 continue
             while not self._arrived.empty():
                 news.append(self._arrived.get_nowait())
-            for task_id, event in news:
+            for task_id, (event, snapshot) in news:
                 if task_id not in self._waits.waiting:
                     continue  # a wake-up, or handed out already
                 if event is not None:
                     self._waits.forget(task_id)
-                    self._ready.append((task_id, event))
+                    self._ready.append((task_id, event, snapshot))
                 else:  # ended with no event to hand over: read it
                     self._waits.forget(task_id)
                     self._waits.listen(task_id)
@@ -280,17 +287,17 @@ class _Waits:
 
     def __init__(
         self,
-        registry: defaultdict[str, set[asyncio.Future[Event | None]]],
-        arrived: asyncio.Queue[tuple[str, Event | None]],
+        registry: defaultdict[str, set[asyncio.Future[Ending]]],
+        arrived: asyncio.Queue[tuple[str, Ending]],
     ) -> None:
         self._registry = registry
         self._arrived = arrived
         self._loop = asyncio.get_running_loop()
-        self.waiting: dict[str, asyncio.Future[Event | None]] = {}
+        self.waiting: dict[str, asyncio.Future[Ending]] = {}
 
     def listen(self, task_id: str) -> None:
         # Registered before any read: an end between the two still reaches us.
-        future: asyncio.Future[Event | None] = self._loop.create_future()
+        future: asyncio.Future[Ending] = self._loop.create_future()
         future.add_done_callback(
             lambda f: None if f.cancelled() else self._arrived.put_nowait((task_id, f.result()))
         )

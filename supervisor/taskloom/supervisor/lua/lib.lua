@@ -141,6 +141,21 @@ local ENDED = {}
 -- move it from the active to the finished index and start its retention
 -- clock. Returns the attempts that were held by workers, so the caller can
 -- tell those workers to stop: {{task, sub, attempt}, ...}.
+-- A hash as a table of its fields.
+local function hash_of(key)
+  local flat = redis.call('HGETALL', key)
+  local out = {}
+  for i = 1, #flat, 2 do
+    out[flat[i]] = flat[i + 1]
+  end
+  return out
+end
+
+-- A task that ends with at most this many subtasks is sent with its terminal
+-- event as it is then (`ended[task][6]`: {task = {...}, subtasks = {{...}}}),
+-- so that whoever waits for it needs no read.
+local INLINE_SNAPSHOT = 8
+
 local function finish_task(task, status, err, etype, message, reason, actor)
   local tk = k_task(task)
   -- What failed or was cancelled is kept for a shorter time.
@@ -186,6 +201,13 @@ local function finish_task(task, status, err, etype, message, reason, actor)
   redis.call('EXPIRE', tk, retention)
   redis.call('EXPIRE', k_subtasks(task), retention)
   redis.call('EXPIRE', k_events(task), retention)
+  if #subs <= INLINE_SNAPSHOT then
+    local snapshot = {task = hash_of(tk), subtasks = {}}
+    for i, sub in ipairs(subs) do
+      snapshot.subtasks[i] = hash_of(k_subtask(task, sub))
+    end
+    ENDED[task][6] = snapshot
+  end
   return held
 end
 

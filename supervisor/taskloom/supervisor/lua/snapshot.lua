@@ -4,23 +4,15 @@
 -- {[task] = {task = {field = value}, subtasks = {{field = value}, ...}}} for
 -- the tasks that exist and have at most max_subtasks subtasks.
 local task_ids, max_subtasks = unpack(PAYLOAD) -- SnapshotArgs
-local function hash(key)
-  local flat = redis.call('HGETALL', key)
-  local out = {}
-  for i = 1, #flat, 2 do
-    out[flat[i]] = flat[i + 1]
-  end
-  return out
-end
 local found = {}
 for _, task in ipairs(task_ids) do
-  local raw = hash(k_task(task))
+  local raw = hash_of(k_task(task))
   if next(raw) ~= nil then
     local ids = redis.call('LRANGE', k_subtasks(task), 0, max_subtasks)
     if #ids <= max_subtasks then
       local subs = {}
       for i, sub in ipairs(ids) do
-        subs[i] = hash(k_subtask(task, sub))
+        subs[i] = hash_of(k_subtask(task, sub))
       end
       found[task] = {task = raw, subtasks = subs}
     end
