@@ -4,6 +4,7 @@ supervisor, Redis and worker processes, and the raw stream for bad input."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import ResourceExhausted, TaskNotFound
-from taskloom.core.model import TaskStatus
+from taskloom.core.model import Task, TaskStatus
 from taskloom.supervisor import sessions
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.metrics import SupervisorMetrics
@@ -203,7 +204,7 @@ async def test_a_small_task_comes_with_its_end_and_a_larger_one_is_read(
     reads: list[list[str]] = []
     read = supervisor.store.snapshots
 
-    async def counted(task_ids: list[str], max_subtasks: int) -> Any:
+    async def counted(task_ids: Sequence[str], max_subtasks: int) -> dict[str, Task]:
         reads.append(list(task_ids))
         return await read(task_ids, max_subtasks)
 
@@ -216,9 +217,7 @@ async def test_a_small_task_comes_with_its_end_and_a_larger_one_is_read(
 
         def waited() -> bool:
             current = supervisor.orchestrator
-            return current is not None and any(
-                s._waiter.waiting for s in current.watching.sessions
-            )
+            return current is not None and any(s._waiter.waiting for s in current.watching.sessions)
 
         await eventually(waited)  # the wait is in before the task can end
         await client.approve(task_id)
