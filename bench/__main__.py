@@ -161,7 +161,7 @@ class Run:
                 self.result("taskloom", f"memory per 10k live subtasks: {label}", "MB").add(value)
             # After the memory: the heap these tasks grow would hide the live subtasks' cost.
             single = 200 if self.args.quick else 3_000
-            for batched, how in ((False, "SubmitTask + WatchTask each"),
+            for batched, how in ((False, "submit + WatchTask each"),
                                  (True, "SubmitTasks + WaitTasks")):  # fmt: skip
                 label = f"no-op x{single:,}, one task each, {how}"
                 self.timed(
