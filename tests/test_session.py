@@ -229,3 +229,50 @@ async def test_a_small_task_comes_with_its_end_and_a_larger_one_is_read(
     assert reads == []
     await run(9)
     assert len(reads) == 1
+
+
+class _OldSupervisor(tasks_pb2_grpc.TaskServiceServicer):
+    """A supervisor from before the Session: the unary calls and WatchTask,
+    relayed to a real one; Session is left to the generated base class, which
+    answers UNIMPLEMENTED."""
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    async def SubmitTask(self, request: Any, context: Any) -> Any:
+        return await self._stub.SubmitTask(request)
+
+    async def GetTask(self, request: Any, context: Any) -> Any:
+        return await self._stub.GetTask(request)
+
+    async def WatchTask(self, request: Any, context: Any) -> Any:
+        async for response in self._stub.WatchTask(request):
+            yield response
+
+    async def WaitTasks(self, request: Any, context: Any) -> Any:
+        async for response in self._stub.WaitTasks(request):
+            yield response
+
+
+async def test_against_a_supervisor_without_sessions_the_sdk_goes_unary(
+    supervisor: Supervisor, processes: Processes
+) -> None:
+    processes.worker(supervisor.address, capabilities="echo")
+    async with grpc.aio.insecure_channel(supervisor.address) as channel:
+        old = grpc.aio.server()
+        # The stubs call every method abstract; the old server lacks the new ones.
+        relay = _OldSupervisor(tasks_pb2_grpc.TaskServiceStub(channel))  # type: ignore[abstract]
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(relay, old)
+        port = old.add_insecure_port("127.0.0.1:0")
+        await old.start()
+        try:
+            async with TaskloomClient(f"127.0.0.1:{port}") as client:
+                task_id = await client.submit("old", plan=plan(("a", "echo", "x")))
+                assert (await client.wait(task_id)).result == "x"
+                more = [
+                    await client.submit(f"{i}", plan=plan(("a", "echo", f"{i}"))) for i in range(3)
+                ]
+                results = {t.id: t.result async for t in client.finished(more)}
+                assert results == {t: str(i) for i, t in enumerate(more)}
+        finally:
+            await old.stop(0)

@@ -37,7 +37,7 @@ import grpc
 from opentelemetry import propagate
 
 from taskloom.client import codec
-from taskloom.client.session import Session
+from taskloom.client.session import Session, SessionUnsupported
 from taskloom.client.settings import ClientSettings
 from taskloom.core.auth import token_metadata
 from taskloom.core.channel import followed_tls, is_loopback, open_channel
@@ -119,6 +119,8 @@ class TaskloomClient:
         self._stubs: list[Any] = [tasks_pb2_grpc.TaskServiceStub(c) for c in self._channels]
         self._current = 0
         self._session: Session | None = None
+        self._sessionless = False
+        """The supervisor has no Session (older than this SDK): unary calls."""
 
     async def __aenter__(self) -> TaskloomClient:
         return self
@@ -262,9 +264,20 @@ class TaskloomClient:
         request = _submit_request(goal, plan, TaskOptions.of(options, **fields), idempotency_key)
         # On the shared Session: concurrent submits travel together.
         try:
+            if self._sessionless:
+                raise SessionUnsupported
             result = await self._shared().submit(request)
         except Unavailable as e:
             raise _unknown(e, request.idempotency_key) from None
+        except SessionUnsupported:
+            self._sessionless = True
+            try:
+                response: pb.SubmitTaskResponse = await self._call(
+                    lambda s: s.SubmitTask, request, repeatable=True
+                )
+            except Unavailable as e:
+                raise _unknown(e, request.idempotency_key) from None
+            return response.task_id
         if result.HasField("error"):
             error = codec.error_from_pb(result.error)
             if isinstance(error, Unavailable):
@@ -485,15 +498,21 @@ class TaskloomClient:
                 call.cancel()
 
     async def _stream_broke(
-        self, e: grpc.aio.AioRpcError, deadline: float | None, delay: float
+        self,
+        e: grpc.aio.AioRpcError,
+        deadline: float | None,
+        delay: float,
+        *,
+        resumable: bool = False,
     ) -> tuple[float, float]:
         """After a stream failed: raise its error unless the supervisor went
-        away; else move to the next address and pause. Returns the deadline
-        (``reconnect_timeout`` from the first failure) and the next pause."""
+        away (or the stream is ``resumable`` whatever broke it); else move to
+        the next address and pause. Returns the deadline (``reconnect_timeout``
+        from the first failure) and the next pause."""
         error = from_rpc_error(e, target=self._addresses[self._current])
         # A server that stops cancels the streams it still has open:
         # from here that is the supervisor going away, not our cancel.
-        gone = e.code() == grpc.StatusCode.CANCELLED
+        gone = resumable or e.code() == grpc.StatusCode.CANCELLED
         if not (gone or isinstance(error, Unavailable)):
             raise error from None
         followed = await self._follow(error, self._current)
@@ -513,7 +532,15 @@ class TaskloomClient:
 
         Waits on the shared Session stream, whose answer carries the task as
         it ended (a task too large for one message is read with ``get``)."""
-        end = await self._shared().wait(task_id)
+        try:
+            if self._sessionless:
+                raise SessionUnsupported
+            end = await self._shared().wait(task_id)
+        except SessionUnsupported:
+            self._sessionless = True
+            async for _ in self.watch(task_id, terminal_only=True):
+                pass
+            return await self.get(task_id)
         if end.HasField("task"):
             return codec.task_from_pb(end.task)
         return await self.get(task_id)
@@ -524,13 +551,24 @@ class TaskloomClient:
         the shared Session stream. An unknown task, or another caller's,
         raises ``TaskNotFound``."""
         ids = builtins.list(dict.fromkeys(task_ids))
-        arrived: asyncio.Queue[pb.TaskEnded | TaskloomError] = asyncio.Queue()
+        if self._sessionless:
+            async for event in self.wait_many(ids):
+                yield await self.get(event.task_id)
+            return
+        arrived: asyncio.Queue[pb.TaskEnded | Exception] = asyncio.Queue()
         session = self._shared()
         session.listen(ids, arrived.put_nowait)
         try:
             for _ in ids:
                 end = await arrived.get()
-                if isinstance(end, TaskloomError):
+                if isinstance(end, SessionUnsupported):
+                    # A supervisor older than the Session (this comes before
+                    # any answer): wait for them unary.
+                    self._sessionless = True
+                    async for event in self.wait_many(ids):
+                        yield await self.get(event.task_id)
+                    return
+                if isinstance(end, Exception):
                     raise end
                 if end.HasField("error"):
                     raise codec.error_from_pb(end.error)

@@ -40,7 +40,22 @@ MESSAGE_WAITS = 10_000
 MESSAGE_BYTES = 1024 * 1024
 """Bytes of submits per SessionRequest: well under the supervisor's 4 MiB default."""
 
-Ended = Callable[[pb.TaskEnded | TaskloomError], None]
+FINAL = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
+"""A stream that ends so is not opened again: what waits on it fails with why."""
+
+
+class SessionUnsupported(Exception):
+    """The supervisor has no Session (it is older than this SDK): the client
+    falls back to unary calls."""
+
+
+Ended = Callable[[pb.TaskEnded | Exception], None]
 """Told of a task's end, or of why it cannot be waited for any more."""
 
 
@@ -109,10 +124,10 @@ class Session:
         raises what keeps it from being waited for."""
         future: asyncio.Future[pb.TaskEnded] = asyncio.get_running_loop().create_future()
 
-        def ended(end: pb.TaskEnded | TaskloomError) -> None:
+        def ended(end: pb.TaskEnded | Exception) -> None:
             if future.done():
                 return
-            if isinstance(end, TaskloomError):
+            if isinstance(end, Exception):
                 future.set_exception(end)
             elif end.HasField("error"):
                 future.set_exception(codec.error_from_pb(end.error))
@@ -184,6 +199,13 @@ class Session:
                     self._answered(response)
                 # Ended by the supervisor (it is going away): open it again.
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # A supervisor older than the Session: the calls go unary.
+                    self._fail(SessionUnsupported(e.details() or "no Session"))
+                    return
+                if e.code() in FINAL:
+                    self._fail(from_rpc_error(e, target=client._addresses[index]))
+                    return
                 if not self._pending:
                     return  # nothing to resume; the next call opens a stream
                 # Submits wait for a leader as long as a unary call would
@@ -193,7 +215,10 @@ class Session:
                 if now - broken_since >= client.settings.unavailable_grace:
                     self._fail_submits(from_rpc_error(e, target=client._addresses[index]))
                 try:
-                    deadline, delay = await client._stream_broke(e, deadline, delay)
+                    # Any other failure of the stream (a supervisor going
+                    # away, a transport error gRPC reports as INTERNAL) is
+                    # resumed: the stream holds nothing that is not sent again.
+                    deadline, delay = await client._stream_broke(e, deadline, delay, resumable=True)
                 except TaskloomError as error:
                     self._fail(error)
                     return
@@ -263,7 +288,7 @@ class Session:
         asyncio.get_running_loop().call_later(min(0.1 * 2**tries, 1.0), self._resend, ref)
         return True
 
-    def _fail_submits(self, error: TaskloomError) -> None:
+    def _fail_submits(self, error: Exception) -> None:
         for _, future in list(self._submits.values()):
             if not future.done():
                 future.set_exception(error)
@@ -274,7 +299,7 @@ class Session:
             self._unsent_submits.append(ref)
             self._kick()
 
-    def _fail(self, error: TaskloomError) -> None:
+    def _fail(self, error: Exception) -> None:
         """Answer everything pending with ``error``."""
         self._fail_submits(error)
         waits, self._waits = self._waits, {}
