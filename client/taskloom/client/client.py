@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import threading
 import time
@@ -532,18 +533,10 @@ class TaskloomClient:
 
         Waits on the shared Session stream, whose answer carries the task as
         it ended (a task too large for one message is read with ``get``)."""
-        try:
-            if self._sessionless:
-                raise SessionUnsupported
-            end = await self._shared().wait(task_id)
-        except SessionUnsupported:
-            self._sessionless = True
-            async for _ in self.watch(task_id, terminal_only=True):
-                pass
-            return await self.get(task_id)
-        if end.HasField("task"):
-            return codec.task_from_pb(end.task)
-        return await self.get(task_id)
+        async with contextlib.aclosing(self.finished([task_id])) as ended:
+            async for task in ended:
+                return task
+        raise AssertionError("finished() ended without the task")  # pragma: no cover
 
     async def finished(self, task_ids: Iterable[str]) -> AsyncGenerator[Task, None]:
         """Each task, with its subtasks and result, as it ends (in the order

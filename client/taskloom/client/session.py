@@ -119,27 +119,6 @@ class Session:
             self._retry_until.pop(ref, None)
             self._resting.discard(ref)
 
-    async def wait(self, task_id: str) -> pb.TaskEnded:
-        """The task's end: its terminal event and (if it fitted) the task;
-        raises what keeps it from being waited for."""
-        future: asyncio.Future[pb.TaskEnded] = asyncio.get_running_loop().create_future()
-
-        def ended(end: pb.TaskEnded | Exception) -> None:
-            if future.done():
-                return
-            if isinstance(end, Exception):
-                future.set_exception(end)
-            elif end.HasField("error"):
-                future.set_exception(codec.error_from_pb(end.error))
-            else:
-                future.set_result(end)
-
-        self.listen([task_id], ended)
-        try:
-            return await future
-        finally:
-            self.forget(task_id, ended)
-
     def listen(self, task_ids: list[str], ended: Ended) -> None:
         """Call ``ended`` with each task's end, once, as it comes."""
         for task_id in task_ids:

@@ -171,6 +171,10 @@ class ClientSession:
         self._read_all = True
         self._news.set()
 
+    def _refuse(self, task_ids: list[str], error: TaskloomError) -> None:
+        for task_id in task_ids:
+            self._put(*_answer(task_id, error, None))
+
     def _release(self) -> None:
         if self._holding:
             self._holding = False
@@ -181,18 +185,17 @@ class ClientSession:
             try:
                 self._quotas.take_watch(self.principal)
             except ResourceExhausted as e:
-                for task_id in task_ids:
-                    self._put(256, pb.TaskEnded(task_id=task_id[:64], error=codec.error_to_pb(e)))
+                self._refuse(task_ids, e)
                 return
             self._holding = True
         room = max(0, MAX_SESSION_WAITS - self._waiter.waiting)
-        for task_id in task_ids[room:]:
-            error = ResourceExhausted(
+        if task_ids[room:]:
+            full = ResourceExhausted(
                 f"this session already waits for {MAX_SESSION_WAITS:,} tasks; wait for "
                 "fewer at once",
                 subject="session_waits",
             )
-            self._put(256, pb.TaskEnded(task_id=task_id[:64], error=codec.error_to_pb(error)))
+            self._refuse(task_ids[room:], full)
         self._waiter.add(task_ids[:room])
         if not self._waiter.waiting:
             self._release()
