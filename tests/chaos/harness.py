@@ -42,6 +42,7 @@ from taskloom.client.local import wait_serving
 from taskloom.core.errors import ConfigError, Unavailable
 from taskloom.core.localredis import LocalRedis, free_port
 from taskloom.core.model import Task
+from taskloom.supervisor.records import decode_archive
 from tests.chaos.checker import Verdict, check
 from tests.chaos.users import Users
 from tests.fake_ollama import ChatCall, FakeOllama
@@ -288,6 +289,8 @@ class Cluster:
             "TASKLOOM_REDIS_URL": self.redis_url,
             "TASKLOOM_REDIS_PREFIX": PREFIX,
             "TASKLOOM_HEARTBEAT_INTERVAL": "0.3",
+            # Finished tasks are compacted during the faults, not after the run.
+            "TASKLOOM_COMPACT_AFTER": "1",
             "TASKLOOM_LEASE_TTL": str(self.lease_ttl),
             "TASKLOOM_LEADER_TTL": str(self.leader_ttl),
             "TASKLOOM_RETRY_BACKOFF": "0.05",
@@ -437,12 +440,18 @@ class Cluster:
         """The run's history (also written to history.jsonl), the graph and the stored outputs."""
         client: Any = self.redis_client()
         try:
-            events = client.xrange(f"{PREFIX}task:{task_id}:events")
             subs = client.lrange(f"{PREFIX}task:{task_id}:subs", 0, -1)
-            pipe = client.pipeline(transaction=False)
-            for sub in subs:
-                pipe.hmget(f"{PREFIX}task:{task_id}:sub:{sub}", ["deps", "output"])
-            rows = pipe.execute()
+            if client.hget(f"{PREFIX}task:{task_id}", "archived"):
+                # Compacted (TASKLOOM_COMPACT_AFTER below): read as it was.
+                archive = decode_archive(client.get(f"{PREFIX}task:{task_id}:archive"))
+                events = archive.events
+                rows = [[row.get("deps"), row.get("output")] for row in archive.subtasks]
+            else:
+                events = client.xrange(f"{PREFIX}task:{task_id}:events")
+                pipe = client.pipeline(transaction=False)
+                for sub in subs:
+                    pipe.hmget(f"{PREFIX}task:{task_id}:sub:{sub}", ["deps", "output"])
+                rows = pipe.execute()
         finally:
             client.close()
         plan = {sub: json.loads(deps or "[]") for sub, (deps, _) in zip(subs, rows, strict=True)}

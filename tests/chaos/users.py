@@ -155,13 +155,15 @@ class Users:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.3)
-            except TaskFinished:
-                raise
-            except TaskloomError:
+            except TaskloomError as e:
+                # The SDK sends a call again when a failover lost its answer,
+                # so a conflict may be our own first try having landed.
+                if waiting_in is None:
+                    raise
                 task = await self._call(lambda c: c.get(task_id))
-                if waiting_in is not None and task.status != waiting_in:
+                if task.status != waiting_in:
                     return  # an earlier try landed
-                raise
+                raise e from None
 
     async def settle(self, timeout: float = 120.0) -> None:
         """After the faults: submit again what stayed unknown, with its key."""

@@ -129,20 +129,26 @@ class LocalRedis:
                 f.write(f"requirepass {self.password}\n")
             args.insert(1, str(conf))
         # It logs to its file; holding our stdout open would keep a reader of
-        # it (a test, a pipe) waiting after we are gone.
-        self.process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=self._preexec,
-        )
+        # it (a test, a pipe) waiting after we are gone. What it says before
+        # its log is open (or what the C library says as it aborts) goes to a
+        # file beside the log.
+        with (self.data_dir / "redis.stderr").open("ab") as stderr:
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=self._preexec,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                log = self.data_dir / "redis.log"
-                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                tail = "".join(
+                    log.read_text(errors="replace")[-2000:]
+                    for log in (self.data_dir / "redis.log", self.data_dir / "redis.stderr")
+                    if log.exists()
+                )
                 raise ConfigError(f"redis-server exited with {self.process.returncode}: {tail}")
             if self._answers():
                 logger.info("redis-server (%s) on %s", self.binary.source, self.url)

@@ -117,6 +117,7 @@ class Supervisor:
             prefix=settings.redis_prefix,
             retention=settings.retention,
             unsuccessful_retention=settings.unsuccessful_retention,
+            compact_after=settings.compact_after,
             max_connections=settings.redis_max_connections,
             retry_backoff=settings.retry_backoff,
             min_replicas=settings.replicas,

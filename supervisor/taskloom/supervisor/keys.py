@@ -9,6 +9,7 @@ scripts get the same key builders, generated from the templates below by
     {prefix}task:{task}:subs         list    its subtask ids in plan order
     {prefix}task:{task}:sub:{sub}    hash    one subtask's fields
     {prefix}task:{task}:events       stream  the task's event log
+    {prefix}task:{task}:archive      string  a finished task's subtasks and log, compacted
     {prefix}tasks                    zset    every task, scored by creation time
     {prefix}active                   zset    tasks not yet finished (for recovery)
     {prefix}finished                 zset    finished tasks, scored by finish time
@@ -25,6 +26,12 @@ scripts get the same key builders, generated from the templates below by
     {prefix}sizes                    hash    finished task → "bytes owner", until it expires
     {prefix}staging                  zset    tasks whose large plan is being written, by start
     {prefix}hub:{id}                 stream  wakes one supervisor's event hub (short-lived)
+    {prefix}compact                  zset    finished tasks not yet compacted, by finish time
+
+A finished task is compacted a while after it ends (``TASKLOOM_COMPACT_AFTER``):
+its subtask hashes and its event log become one string, ``archive`` (zlib,
+base64), and its hash says ``archived``; readers and the one script that can
+run a finished task again (``rework``) know both forms.
 
 The fields of the task and subtask hashes and of the event entries are
 listed in ``records``.
@@ -41,6 +48,7 @@ _TEMPLATES = {
     "subtasks": "task:{task}:subs",
     "subtask": "task:{task}:sub:{sub}",
     "events": "task:{task}:events",
+    "archive": "task:{task}:archive",
     "tasks_index": "tasks",
     "active_index": "active",
     "finished_index": "finished",
@@ -57,6 +65,7 @@ _TEMPLATES = {
     "sizes": "sizes",
     "staging": "staging",
     "hub": "hub:{key}",
+    "compact": "compact",
 }
 
 
@@ -74,6 +83,7 @@ class Keys:
         self.owners = prefix + _TEMPLATES["owners"]
         self.sizes = prefix + _TEMPLATES["sizes"]
         self.staging = prefix + _TEMPLATES["staging"]
+        self.compact = prefix + _TEMPLATES["compact"]
 
     def task(self, task: str) -> str:
         return self.prefix + _TEMPLATES["task"].format(task=task)
@@ -86,6 +96,9 @@ class Keys:
 
     def events(self, task: str) -> str:
         return self.prefix + _TEMPLATES["events"].format(task=task)
+
+    def archive(self, task: str) -> str:
+        return self.prefix + _TEMPLATES["archive"].format(task=task)
 
     def idempotency(self, key: str) -> str:
         return self.prefix + _TEMPLATES["idempotency"].format(key=key)

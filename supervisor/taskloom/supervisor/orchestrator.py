@@ -30,6 +30,7 @@ from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from taskloom.core.errors import StoreUnavailable
 from taskloom.core.limits import cut_text, fit_output
+from taskloom.core.memory import release_memory
 from taskloom.core.model import (
     AttemptRef,
     Event,
@@ -58,6 +59,12 @@ T = TypeVar("T")
 DEADLINE_INTERVAL = 1.0
 """How often tasks are checked against their max_duration."""
 JANITOR_INTERVAL = 60.0
+COMPACT_INTERVAL = 1.0
+"""Seconds between looks for finished tasks to compact."""
+COMPACT_BATCH = 100
+"""Tasks compacted per look (more if that many were due)."""
+LARGE_TASK = 1_000
+"""Subtasks of a task whose end returns the supervisor's freed memory to the system."""
 STREAM_PIECE_BYTES = 64 * 1024
 """Largest piece of streamed text one message may log (a worker sends one
 every 0.1 s, so an honest one stays far below)."""
@@ -102,6 +109,7 @@ class Orchestrator:
         self._loops = [
             asyncio.create_task(self.scheduler.run(), name="taskloom-dispatch"),
             asyncio.create_task(self._janitor(), name="taskloom-janitor"),
+            asyncio.create_task(self._compactor(), name="taskloom-compactor"),
             asyncio.create_task(self._resync_forever(), name="taskloom-resync"),
             asyncio.create_task(self._deadlines_forever(), name="taskloom-deadlines"),
         ]
@@ -549,6 +557,24 @@ class Orchestrator:
                 await self.store.sweep_staging()
             except StoreUnavailable as e:
                 logger.warning("janitor: %s", e)
+
+    async def _compactor(self) -> None:
+        """Compact finished tasks once they are ``compact_after`` old (store.compact)."""
+        while True:
+            await asyncio.sleep(COMPACT_INTERVAL)
+            try:
+                largest = 0
+                while True:
+                    due, most = await self.store.compact_finished(limit=COMPACT_BATCH)
+                    largest = max(largest, most)
+                    if due < COMPACT_BATCH:  # else more may be due
+                        break
+            except StoreUnavailable as e:
+                logger.warning("compactor: %s", e)
+                continue
+            if largest >= LARGE_TASK:
+                # What a large task took while it ran goes back to the system.
+                release_memory()
 
 
 def _finish_span(span: Span, status: TaskStatus) -> None:

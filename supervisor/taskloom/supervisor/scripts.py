@@ -42,6 +42,8 @@ SCRIPTS = (
     "release",
     "ratelimit",
     "snapshot",
+    "compact",
+    "restore",
 )
 """The scripts in ``lua/``, each loaded with ``lib.lua`` in front of it."""
 
@@ -142,6 +144,39 @@ class SnapshotArgs(NamedTuple):
     task_ids: list[str]
     max_subtasks: int
     """A task with more subtasks is left out of the reply."""
+
+
+class CompactArgs(NamedTuple):
+    """Compact a finished task as it was read (compact.lua)."""
+
+    task: str
+    token: str
+    """The task's ``finished_at`` as read: compact only that ending of it."""
+    blob: str
+    """Its subtasks and log, as ``records.encode_archive`` packs them."""
+    last_event: str
+    """The id of its newest event as read ('' if none)."""
+    subs: list[str]
+    """The subtask hashes this call deletes."""
+    first: int
+    """1: the first call, which stores the archive; 0: a later one."""
+
+
+class RestoreArgs(NamedTuple):
+    """Put a compacted task back as it was (restore.lua)."""
+
+    task: str
+    token: str
+    """Its ``archived`` field as read."""
+    subtasks: list[list[str]]
+    """Each subtask: its id, then its fields and values."""
+    events: list[list[str]]
+    """Each event: its id, then its fields and values."""
+
+
+class CompactReply(TypedDict):
+    done: list[int]
+    """For each item: 1 if it was compacted (or its part deleted)."""
 
 
 class RateReply(TypedDict):
@@ -384,6 +419,8 @@ PAYLOADS: tuple[type[tuple[Any, ...]], ...] = (
     SpendArgs,
     RateArgs,
     SnapshotArgs,
+    CompactArgs,
+    RestoreArgs,
     ExpireArgs,
     ApproveArgs,
     RejectArgs,
@@ -504,3 +541,5 @@ class ControlReply(OutcomeReply, total=False):
     """Why nothing changed, in words ('' if the action was taken)."""
     conflict: int
     """1: refused for the state of the task or subtask (else: a bad request)."""
+    archived: int
+    """1: nothing changed, the task is compacted (rework: restore it, ask again)."""

@@ -129,6 +129,10 @@ class SupervisorSettings(LLMSettings, KeepaliveSettings):
     unsuccessful_retention: Seconds = 86400.0
     """How long a task that failed or was cancelled is kept (at most ``retention``):
     what failed is looked at soon or not at all, and is what a runaway client makes most."""
+    compact_after: Seconds = 60.0
+    """How long after it ends a task is compacted: its subtasks and event log
+    become one compressed string (tens of bytes a subtask instead of ~800).
+    Reads are the same either way; a retry of a compacted task unpacks it first."""
 
     capabilities: StrList = ("llm",)
     """Capabilities plans may use even while no worker offering them is connected."""

@@ -15,6 +15,7 @@ Redis errors are translated here, and only here, into ``StoreUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -86,6 +87,15 @@ _BLOCKING = frozenset({"read_streams"})
 _UNAVAILABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError)
 PIPELINE_CHUNK = 1_000
 """Commands per pipelined round trip when reading many tasks at once."""
+COMPACT_CHUNK = 500
+"""Subtask hashes deleted per script when a large task is compacted."""
+COMPACT_SMALL = 100
+"""A task with at most this many subtasks is compacted with others, in one script."""
+COMPACT_SMALL_BATCH = 50
+"""Small tasks read per pipelined round trip when compacting."""
+COMPACT_EVENTS = 2_000
+"""Events read per page of a log being compacted."""
+ARCHIVES_CACHED = 16
 RETRY_BACKOFF_MAX = 60.0
 """The longest wait before a retry (seconds)."""
 
@@ -197,8 +207,15 @@ class Store:
         retry_backoff_max: float = RETRY_BACKOFF_MAX,
         min_replicas: int = 0,
         replica_timeout: float = 1.0,
+        compact_after: float = 60.0,
     ) -> None:
         self.keys = Keys(prefix)
+        self.compact_after = compact_after
+        """Seconds after its end that a finished task is compacted (``compact``)."""
+        self._archives: collections.OrderedDict[tuple[str, str], records.Archive] = (
+            collections.OrderedDict()
+        )
+        """The archives read last (a watcher pages through one's log)."""
         self.retry_backoff = retry_backoff
         """Seconds before a subtask's second attempt; doubles for each failure."""
         self.retry_backoff_max = retry_backoff_max
@@ -811,7 +828,12 @@ class Store:
             reason,
             False if text is None else text,
         )
-        return _controlled(task_id, subtask_id, await self._run("rework", args))
+        reply = await self._run("rework", args)
+        if reply.get("archived"):
+            # Compacted: put it back as it was, then ask again.
+            await self._restore(task_id)
+            reply = await self._run("rework", args)
+        return _controlled(task_id, subtask_id, reply)
 
     @_translated
     async def pause(self, task_id: str, paused: bool, actor: str, reason: str) -> Outcome:
@@ -842,7 +864,11 @@ class Store:
         if not raw:
             raise TaskNotFound(task_id)
         children: tuple[Subtask, ...] = ()
-        if subtasks:
+        if subtasks and raw.get("archived"):
+            archive = await self._archive(task_id, raw["archived"])
+            rows = archive.subtasks if archive is not None else []
+            children = tuple(records.decode_subtask(row) for row in rows)
+        elif subtasks:
             ids = await self._redis.lrange(self.keys.subtasks(task_id), 0, -1)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for sid in ids:
@@ -863,8 +889,30 @@ class Store:
             args = scripts.SnapshotArgs(known[start : start + PIPELINE_CHUNK], max_subtasks)
             reply = records.mapped(await self._run("snapshot", args, fenced=False))
             for task_id, entry in reply.items():
+                if entry.get("archived"):
+                    raw = records.mapped(entry.get("task"))
+                    archive = await self._archive(task_id, str(raw.get("archived", "")))
+                    rows = archive.subtasks if archive is not None else []
+                    if len(rows) > max_subtasks:
+                        continue
+                    entry = {"task": raw, "subtasks": rows}
                 found[task_id] = records.decode_snapshot(entry)
         return found
+
+    async def _archive(self, task_id: str, token: str) -> records.Archive | None:
+        """A compacted task's archive (None if it expired meanwhile)."""
+        key = (task_id, token)
+        if (cached := self._archives.get(key)) is not None:
+            self._archives.move_to_end(key)
+            return cached
+        blob = await self._redis.get(self.keys.archive(task_id))
+        if blob is None:
+            return None
+        archive = records.decode_archive(blob)
+        self._archives[key] = archive
+        while len(self._archives) > ARCHIVES_CACHED:
+            self._archives.popitem(last=False)
+        return archive
 
     @_translated
     async def task_owner(self, task_id: str) -> str | None:
@@ -948,6 +996,12 @@ class Store:
         costs bounded memory however long the log."""
         start = f"({after}" if after and after != "0" else "-"
         entries = await self._redis.xrange(self.keys.events(task_id), start, "+", count=count)
+        if not entries and plain(task_id):
+            # Nothing new, or a compacted task: its log is in its archive.
+            token = await self._redis.hget(self.keys.task(task_id), "archived")
+            archive = await self._archive(task_id, token) if token else None
+            if archive is not None:
+                entries = archive.events_after(after, count)
         return [decode_event(task_id, eid, fields) for eid, fields in entries]
 
     @_translated
@@ -965,13 +1019,18 @@ class Store:
         for start in range(0, len(known), PIPELINE_CHUNK):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for task_id in known[start : start + PIPELINE_CHUNK]:
-                    pipe.hmget(self.keys.task(task_id), ["owner", "status"])
+                    pipe.hmget(self.keys.task(task_id), ["owner", "status", "archived"])
                 heads += await pipe.execute()
         ended = []
-        for task_id, (owner, status) in zip(known, heads, strict=True):
+        for task_id, (owner, status, archived) in zip(known, heads, strict=True):
             if status is not None:
                 found[task_id] = (str(owner or ""), TaskStatus(status), [])
-                if TaskStatus(status).terminal:
+                if archived:
+                    archive = await self._archive(task_id, archived)
+                    last = archive.events[-count:] if archive is not None and count else []
+                    events = [decode_event(task_id, i, f) for i, f in last]
+                    found[task_id] = (str(owner or ""), TaskStatus(status), events)
+                elif TaskStatus(status).terminal:
                     ended.append(task_id)
         for start in range(0, len(ended), PIPELINE_CHUNK):
             chunk = ended[start : start + PIPELINE_CHUNK]
@@ -1051,6 +1110,117 @@ class Store:
             )
         return recovered
 
+    # -- compaction ----------------------------------------------------------------
+
+    @_translated
+    async def compact_finished(self, now: float | None = None, limit: int = 100) -> tuple[int, int]:
+        """Compact up to ``limit`` tasks that ended ``compact_after`` seconds
+        ago or more; returns how many were due (``limit``: maybe more are)
+        and the most subtasks one of them had."""
+        due = await self._redis.zrangebyscore(
+            self.keys.compact,
+            "-inf",
+            (now or time.time()) - self.compact_after,
+            start=0,
+            num=limit,
+        )
+        return len(due), await self.compact(*due)
+
+    @_translated
+    async def compact(self, *task_ids: str) -> int:
+        """Turn finished tasks' subtask hashes and logs into archives
+        (compact.lua): small ones read in a few pipelined round trips and
+        written by one script, a large one in parts. Returns the most
+        subtasks a compacted task had (0: none was compacted -- changed
+        since it was read, gone, running again or compacted already)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hmget(self.keys.task(task_id), ["finished_at", "archived"])
+                pipe.lrange(self.keys.subtasks(task_id), 0, -1)
+            heads = await pipe.execute()
+        found = [
+            (task_id, token or "", ids)
+            for task_id, (token, archived), ids in zip(
+                task_ids, heads[::2], heads[1::2], strict=True
+            )
+            if token is not None and not archived
+        ]
+        # What is gone or compacted already leaves the queue (compact.lua).
+        kept = {task_id for task_id, _, _ in found}
+        gone = [scripts.CompactArgs(t, "", "", "", [], 1) for t in task_ids if t not in kept]
+        small = [f for f in found if len(f[2]) <= COMPACT_SMALL]
+        largest = 0
+        for task_id, token, ids in found:
+            if len(ids) > COMPACT_SMALL:
+                largest = max(largest, await self._compact_large(task_id, token, ids))
+        items = list(gone)
+        for start in range(0, len(small), COMPACT_SMALL_BATCH):
+            batch = small[start : start + COMPACT_SMALL_BATCH]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for task_id, _, ids in batch:
+                    for sid in ids:
+                        pipe.hgetall(self.keys.subtask(task_id, sid))
+                    pipe.xrange(self.keys.events(task_id), count=COMPACT_EVENTS)
+                rows = iter(await pipe.execute())
+            for task_id, token, ids in batch:
+                writer = records.ArchiveWriter()
+                writer.subtasks(next(rows) for _ in ids)
+                events = next(rows)
+                if len(events) == COMPACT_EVENTS:  # a long log: read it in pages
+                    largest = max(largest, await self._compact_large(task_id, token, ids))
+                    continue
+                writer.events(events)
+                last = events[-1][0] if events else ""
+                items.append(scripts.CompactArgs(task_id, token, writer.close(), last, ids, 1))
+        if items:
+            done = records.listed(records.mapped(await self._run("compact", items)).get("done"))
+            for item, ok in zip(items, done, strict=False):
+                if ok:
+                    largest = max(largest, len(item.subs), 1)
+        return largest
+
+    async def _compact_large(self, task_id: str, token: str, ids: list[str]) -> int:
+        writer = records.ArchiveWriter()
+        for start in range(0, len(ids), PIPELINE_CHUNK):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in ids[start : start + PIPELINE_CHUNK]:
+                    pipe.hgetall(self.keys.subtask(task_id, sid))
+                writer.subtasks(await pipe.execute())
+        last, cursor = "", "-"
+        while page := await self._redis.xrange(
+            self.keys.events(task_id), cursor, "+", count=COMPACT_EVENTS
+        ):
+            writer.events(page)
+            last = page[-1][0]
+            cursor = f"({last}"
+        first = scripts.CompactArgs(task_id, token, writer.close(), last, ids[:COMPACT_CHUNK], 1)
+        done = records.listed(records.mapped(await self._run("compact", [first])).get("done"))
+        if not done or not done[0]:
+            return 0
+        for start in range(COMPACT_CHUNK, len(ids), COMPACT_CHUNK):
+            rest = scripts.CompactArgs(
+                task_id, token, "", last, ids[start : start + COMPACT_CHUNK], 0
+            )
+            done = records.listed(records.mapped(await self._run("compact", [rest])).get("done"))
+            if not done or not done[0]:
+                break
+        return len(ids)
+
+    async def _restore(self, task_id: str) -> None:
+        """Put a compacted task back as it was (restore.lua), for a person
+        who runs it again."""
+        token = await self._redis.hget(self.keys.task(task_id), "archived")
+        archive = await self._archive(task_id, token) if token else None
+        if archive is None:
+            return
+        args = scripts.RestoreArgs(
+            task_id,
+            token,
+            [[row.get("id", ""), *_flat(row)] for row in archive.subtasks],
+            [[eid, *_flat(fields)] for eid, fields in archive.events],
+        )
+        await self._run("restore", args)
+
     @_translated
     async def trim_indexes(self, now: float | None = None) -> int:
         """Drop tasks past their retention from the indexes; returns how many."""
@@ -1075,6 +1245,10 @@ CREATE_CHUNK = 500
 """Subtasks per script when a large plan is written in parts."""
 CREATE_CHUNK_BYTES = 256 * 1024
 """... and no more bytes of them than this per script."""
+
+
+def _flat(fields: Mapping[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _plan_size(plan: Plan) -> int:

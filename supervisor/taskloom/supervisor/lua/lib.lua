@@ -156,6 +156,11 @@ end
 -- so that whoever waits for it needs no read.
 local INLINE_SNAPSHOT = 8
 
+-- A task that ends with more subtasks than this does not give each of their
+-- hashes an expiry (a command each, in the script that ends it): it is
+-- compacted at once instead, which deletes them (compact.lua).
+local EXPIRE_EACH = 1000
+
 local function finish_task(task, status, err, etype, message, reason, actor)
   local tk = k_task(task)
   -- What failed or was cancelled is kept for a shorter time.
@@ -166,6 +171,7 @@ local function finish_task(task, status, err, etype, message, reason, actor)
     'failure_reason', reason or '')
   redis.call('ZREM', k_deadlines(), task)
   local subs = redis.call('LRANGE', k_subtasks(task), 0, -1)
+  local expiring = #subs <= EXPIRE_EACH
   local held = {}
   for _, sub in ipairs(subs) do
     local sk = k_subtask(task, sub)
@@ -181,7 +187,7 @@ local function finish_task(task, status, err, etype, message, reason, actor)
         end
       end
     end
-    redis.call('EXPIRE', sk, retention)
+    if expiring then redis.call('EXPIRE', sk, retention) end
   end
   ENDED[task] = {emit(task, etype, '', status, message, 0, '', '', actor), etype, status, message,
     TRACE_IDS[task]}
@@ -201,6 +207,8 @@ local function finish_task(task, status, err, etype, message, reason, actor)
   redis.call('EXPIRE', tk, retention)
   redis.call('EXPIRE', k_subtasks(task), retention)
   redis.call('EXPIRE', k_events(task), retention)
+  -- The supervisor compacts it a while later (compact.lua); a large one at once.
+  redis.call('ZADD', k_compact(), expiring and NOW or 0, task)
   if #subs <= INLINE_SNAPSHOT then
     local snapshot = {task = hash_of(tk), subtasks = {}}
     for i, sub in ipairs(subs) do
@@ -395,10 +403,13 @@ local function settle(task, finished)
     return
   end
   local missing = {}
-  for _, sub in ipairs(cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')) do
-    local v = redis.call('HMGET', k_subtask(task, sub), 'status', 'provided')
-    if v[1] ~= 'SUCCEEDED' and v[2] ~= '1' then
-      table.insert(missing, sub)
+  -- With nothing settled otherwise, every subtask succeeded: no need to look.
+  if settled > 0 then
+    for _, sub in ipairs(cjson.decode(redis.call('HGET', tk, 'result_from') or '[]')) do
+      local v = redis.call('HMGET', k_subtask(task, sub), 'status', 'provided')
+      if v[1] ~= 'SUCCEEDED' and v[2] ~= '1' then
+        table.insert(missing, sub)
+      end
     end
   end
   if #missing == 0 then
@@ -813,6 +824,7 @@ local function reopen(task, actor, why)
   redis.call('PERSIST', k_subtasks(task))
   redis.call('PERSIST', k_events(task))
   redis.call('ZREM', k_finished_index(), task)
+  redis.call('ZREM', k_compact(), task)
   local created = tonumber(v[2] or NOW)
   redis.call('ZADD', k_active_index(), created, task)
   if v[1] and v[1] ~= '' then redis.call('ZADD', k_owner_active(v[1]), created, task) end

@@ -7,10 +7,14 @@
 -- Returns ControlReply.
 local op, task, sub, actor, reason, text = unpack(PAYLOAD) -- ReworkArgs
 local tk = k_task(task)
-local t = redis.call('HMGET', tk, 'status', 'failed_by', 'failure_reason')
+local t = redis.call('HMGET', tk, 'status', 'failed_by', 'failure_reason', 'archived')
 local tstatus = t[1]
 if not tstatus then
   return cjson.encode({task_status = ''})
+end
+if t[4] then
+  -- Compacted: the supervisor restores it (restore.lua) and asks again.
+  return cjson.encode({task_status = tstatus, archived = 1})
 end
 local sk = k_subtask(task, sub)
 local s = redis.call('HMGET', sk, 'status', 'deps', 'tolerant')

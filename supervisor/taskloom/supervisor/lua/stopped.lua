@@ -5,7 +5,10 @@
 -- PAYLOAD: {StoppedItem, ...}. Returns OkReply.
 for _, item in ipairs(PAYLOAD) do
   local task, sub, attempt, worker, usage, worker_id = unpack(item) -- StoppedItem
-  if redis.call('EXISTS', k_task(task)) == 1 then
+  -- Not for a task gone or compacted (its log and hashes are in its archive;
+  -- its attempts were stopped long before).
+  local t = redis.call('HMGET', k_task(task), 'status', 'archived')
+  if t[1] and not t[2] then
     local sk = k_subtask(task, sub)
     local v = redis.call('HMGET', sk, 'status', 'attempt', 'worker_id', 'charged', 'usage')
     if usage ~= '' and tonumber(v[2]) == attempt and v[3] == worker_id
