@@ -132,7 +132,10 @@ class LocalRedis:
         # it (a test, a pipe) waiting after we are gone. What it says before
         # its log is open (or what the C library says as it aborts) goes to a
         # file beside the log.
-        with (self.data_dir / "redis.stderr").open("ab") as stderr:
+        stderr_fd = os.open(
+            self.data_dir / "redis.stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        with os.fdopen(stderr_fd, "ab") as stderr:
             self.process = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
