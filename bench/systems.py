@@ -48,6 +48,12 @@ class System(Protocol):
         ``rate`` is None (idle), else submitted open-loop at ``rate``/s."""
         ...
 
+    def open_loop(self, count: int, rate: float) -> float:
+        """Submit ``count`` no-ops open-loop at ``rate``/s as ``latencies``
+        does; returns the seconds from the first submit to the last end.
+        Offered past its capacity, ``count`` over that is the sustained peak."""
+        ...
+
 
 # -- taskloom -----------------------------------------------------------------------------
 
@@ -210,11 +216,9 @@ class Taskloom:
         a task of rate * TICK subtasks, open-loop: submitted without waiting,
         all waited for at the end. (Ray and Celery submit one task at a time;
         a taskloom task per subtask would measure task overhead instead.)
-        Latency is from the moment a subtask became READY (its ``created_at``
-        in Redis, written by the same step) to the no-op's start on the
+        Latency is from the moment a subtask became READY (its ``ready_at``,
+        written by the step that created it) to the no-op's start on the
         worker, both on this machine's clock."""
-        from redis.asyncio import Redis
-
         from taskloom.core.model import Plan, PlannedSubtask
 
         per = 1 if rate is None else max(1, round(rate * TICK))
@@ -223,33 +227,39 @@ class Taskloom:
         async def run() -> list[str]:
             if rate is None:
                 return [await self._run_plan(plan) for _ in range(count)]
-            jobs = []
-            start = time.perf_counter()
-            for i in range(max(1, count // per)):
-                await asyncio.sleep(max(0.0, start + i * per / rate - time.perf_counter()))
-                jobs.append(
-                    asyncio.ensure_future(self.client.submit("bench", plan=plan, cache=False))
-                )
-            task_ids = [str(t) for t in await asyncio.gather(*jobs)]
-            for task_id in task_ids:
-                await self._succeeded(task_id)
-            return task_ids
+            return (await self._open_loop(plan, count, rate))[0]
 
         async def measured(task_ids: list[str]) -> list[float]:
-            redis = Redis.from_url(self.redis_url, decode_responses=True)
+            # Through the SDK: a task compacted meanwhile reads the same.
             out = []
-            try:
-                for task_id in task_ids:
-                    for i in range(per):
-                        key = f"{self.prefix}task:{task_id}:sub:s{i}"
-                        ready, output = await redis.hmget(key, ["created_at", "output"])
-                        out.append(float(str(output)) - float(str(ready)))
-            finally:
-                await redis.aclose()
+            for task_id in task_ids:
+                task = await self.client.get(task_id)
+                out += [float(s.output) - (s.ready_at or 0.0) for s in task.subtasks]
             return out
 
         task_ids = self.loop.run_until_complete(run())
         return self.loop.run_until_complete(measured(task_ids))
+
+    def open_loop(self, count: int, rate: float) -> float:
+        from taskloom.core.model import Plan, PlannedSubtask
+
+        per = max(1, round(rate * TICK))
+        plan = Plan(tuple(PlannedSubtask(f"s{i}", "", "x", "noop") for i in range(per)), False)
+        return self.loop.run_until_complete(self._open_loop(plan, count, rate))[1]
+
+    async def _open_loop(self, plan: Any, count: int, rate: float) -> tuple[list[str], float]:
+        """Every TICK a task of the subtasks due meanwhile, not waiting; then
+        all waited for. Returns their ids and the seconds it all took."""
+        per = len(plan.subtasks)
+        jobs = []
+        start = time.perf_counter()
+        for i in range(max(1, count // per)):
+            await asyncio.sleep(max(0.0, start + i * per / rate - time.perf_counter()))
+            jobs.append(asyncio.ensure_future(self.client.submit("bench", plan=plan, cache=False)))
+        task_ids = [str(t) for t in await asyncio.gather(*jobs)]
+        for task_id in task_ids:
+            await self._succeeded(task_id)
+        return task_ids, time.perf_counter() - start
 
 
 # -- Celery --------------------------------------------------------------------------------
@@ -385,6 +395,11 @@ class Celery:
             pending.append((time.time(), noop.delay()))
         return [float(r.get(timeout=60)) - sent for sent, r in pending]
 
+    def open_loop(self, count: int, rate: float) -> float:
+        start = time.perf_counter()
+        self.latencies(count, rate)
+        return time.perf_counter() - start
+
 
 # -- Ray -------------------------------------------------------------------------------------
 
@@ -464,6 +479,11 @@ class Ray:
             time.sleep(max(0.0, start + i / rate - time.perf_counter()))
             pending.append((time.time(), self.remote.remote()))
         return [self.ray.get(ref) - sent for sent, ref in pending]
+
+    def open_loop(self, count: int, rate: float) -> float:
+        start = time.perf_counter()
+        self.latencies(count, rate)
+        return time.perf_counter() - start
 
 
 def _ray_noop(*deps: object) -> float:
