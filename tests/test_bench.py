@@ -25,7 +25,8 @@ def test_a_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     for system in ("taskloom", "celery"):
         for kind in ("no-op x200, pre-filled", "no-op x200, streaming", "scaling",
                      "makespan", "dispatch latency idle", "overhead on a 0.2 s task",
-                     "open-loop sustained peak", "dispatch latency open-loop 80% of peak"):  # fmt: skip
+                     "open-loop sustained peak",
+                     "dispatch latency open-loop 80% of peak"):  # fmt: skip
             assert (system, kind) in scenarios, (system, kind)
     assert ("taskloom", "memory per 10k live subtasks") in scenarios
     one_each = [r for r in rows if "one task each" in r["scenario"]]

@@ -177,6 +177,14 @@ async def test_a_large_task_is_compacted_at_once_and_in_parts(
     task_id = await client.submit("large", plan=steps)
     done = await client.wait(task_id)
     assert done.status == TaskStatus.SUCCEEDED
+    # Its result joins more outputs than the script that ends it writes
+    # (RESULT_JOIN_MAX): its readers join them, the same in every view.
+    assert await raw_redis.hget(f"{prefix}task:{task_id}", "result") is None
+    joined = "\n\n".join(f"## {s.title or s.id}\n\n{s.output}" for s in done.subtasks)
+    assert done.result == joined and done.subtasks[-1].output in joined
+    assert (await client.get(task_id, subtasks=False)).result == joined
+    listed = [t for t in await client.list() if t.id == task_id]
+    assert [t.result for t in listed] == [joined]
     # Due at once, whatever compact_after says (the supervisor's own loop
     # may get there first).
     due = await raw_redis.zscore(f"{prefix}compact", task_id)
@@ -185,3 +193,4 @@ async def test_a_large_task_is_compacted_at_once_and_in_parts(
     keys = await footprint(raw_redis, prefix, task_id)
     assert sorted(keys) == [f"task:{task_id}", f"task:{task_id}:archive", f"task:{task_id}:subs"]
     assert await client.get(task_id) == done
+    assert (await client.get(task_id, subtasks=False)).result == joined

@@ -57,6 +57,7 @@ TASK_FIELDS = frozenset(
         "settled",  # subtasks that ended without succeeding
         "result_from",  # JSON list of the subtasks its result is taken from
         "result", "error", "finished_at", "failure_reason",
+        "result_parts",  # set instead of result when it joins too many outputs (lib.lua)
         "first_failure",  # the first subtask failure, for the task's error
         "replan_pending",  # the failed subtask the planner is replacing
         "in_tokens", "out_tokens", "llm_calls", "llm_seconds", "models",  # LLM usage
@@ -339,7 +340,27 @@ def _costs(doc: Any) -> dict[str, float]:
     return {str(m): float(c) for m, c in doc.items()} if isinstance(doc, dict) else {}
 
 
+def join_result(from_ids: Sequence[str], outputs: Mapping[str, tuple[str, str]]) -> str:
+    """A task's result as ``task_result`` in lib.lua makes it, from each
+    subtask's (title, output): for a result the script left to its readers."""
+    if len(from_ids) == 1:
+        return outputs.get(from_ids[0], ("", ""))[1]
+    parts = []
+    for sid in from_ids:
+        title, output = outputs.get(sid, ("", ""))
+        parts.append(f"## {title or sid}\n\n{output}")
+    return "\n\n".join(parts)
+
+
+def result_from(raw: Mapping[str, str]) -> list[str]:
+    """The ids a task's result is taken from."""
+    return [str(i) for i in listed(json.loads(raw.get("result_from") or "[]"))]
+
+
 def decode_task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
+    result = raw.get("result", "")
+    if raw.get("result_parts") and subtasks:
+        result = join_result(result_from(raw), {s.id: (s.title, s.output) for s in subtasks})
     return Task(
         id=raw["id"],
         goal=raw.get("goal", ""),
@@ -347,7 +368,7 @@ def decode_task(raw: Mapping[str, str], subtasks: tuple[Subtask, ...]) -> Task:
         options=decode_options(raw.get("options")),
         created_at=float(raw.get("created_at") or 0.0),
         updated_at=float(raw.get("updated_at") or 0.0),
-        result=raw.get("result", ""),
+        result=result,
         error=raw.get("error", ""),
         finished_at=_time(raw.get("finished_at")),
         subtasks_total=int(raw.get("total") or 0),

@@ -32,6 +32,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from dataclasses import replace
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -875,7 +876,29 @@ class Store:
                     pipe.hgetall(self.keys.subtask(task_id, sid))
                 rows = await pipe.execute()
             children = tuple(records.decode_subtask(row) for row in rows if row)
-        return records.decode_task(raw, children)
+        task = records.decode_task(raw, children)
+        if raw.get("result_parts") and not subtasks:
+            task = replace(task, result=await self._joined_result(task_id, raw))
+        return task
+
+    async def _joined_result(self, task_id: str, raw: Mapping[str, str]) -> str:
+        """The result of a task whose end left it to its readers
+        (``result_parts``), from its subtasks' titles and outputs."""
+        ids = records.result_from(raw)
+        outputs: dict[str, tuple[str, str]] = {}
+        if raw.get("archived"):
+            archive = await self._archive(task_id, raw["archived"])
+            for row in archive.subtasks if archive is not None else []:
+                outputs[row.get("id", "")] = (row.get("title", ""), row.get("output", ""))
+        else:
+            for start in range(0, len(ids), PIPELINE_CHUNK):
+                chunk = ids[start : start + PIPELINE_CHUNK]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for sid in chunk:
+                        pipe.hmget(self.keys.subtask(task_id, sid), ["title", "output"])
+                    for sid, (title, output) in zip(chunk, await pipe.execute(), strict=True):
+                        outputs[sid] = (title or "", output or "")
+        return records.join_result(ids, outputs)
 
     @_translated
     async def snapshots(self, task_ids: Sequence[str], max_subtasks: int) -> dict[str, Task]:
@@ -979,6 +1002,8 @@ class Store:
                 task = records.decode_task(row, ())
                 if wanted and task.status not in wanted:
                     continue
+                if row.get("result_parts"):
+                    task = replace(task, result=await self._joined_result(tid, row))
                 found.append(task)
                 if len(found) == page_size:
                     return found, records.encode_page_token(score, tid)

@@ -317,10 +317,19 @@ local function statuses_of(finished)
   return out
 end
 
+-- A result joined from more outputs than this is not written by the script
+-- that ends the task (reading them all would hold Redis several microseconds
+-- an output): the task's hash says how many (`result_parts`), and readers
+-- join them (`records.join_result`).
+local RESULT_JOIN_MAX = 1000
+
 -- The task's result: the output of the one subtask it is taken from, or the
--- outputs of several under their titles.
+-- outputs of several under their titles (nil and their number if too many).
 local function task_result(task)
   local from = cjson.decode(redis.call('HGET', k_task(task), 'result_from') or '[]')
+  if #from > RESULT_JOIN_MAX then
+    return nil, #from
+  end
   if #from == 1 then
     return redis.call('HGET', k_subtask(task, from[1]), 'output') or ''
   end
@@ -413,7 +422,12 @@ local function settle(task, finished)
     end
   end
   if #missing == 0 then
-    redis.call('HSET', tk, 'result', task_result(task))
+    local result, parts = task_result(task)
+    if result then
+      redis.call('HSET', tk, 'result', result)
+    else
+      redis.call('HSET', tk, 'result_parts', parts)
+    end
     local message = 'all subtasks succeeded'
     if settled > 0 then
       message = settled .. ' subtask(s) failed, were cancelled or skipped; the result covers the rest'
@@ -818,8 +832,8 @@ local function reopen(task, actor, why)
   end
   TASK_STATUS[task] = 'RUNNING'
   redis.call('HSET', tk, 'status', 'RUNNING', 'updated_at', NOW)
-  redis.call('HDEL', tk, 'error', 'failure_reason', 'finished_at', 'result', 'first_failure',
-    'failed_by')
+  redis.call('HDEL', tk, 'error', 'failure_reason', 'finished_at', 'result', 'result_parts',
+    'first_failure', 'failed_by')
   redis.call('PERSIST', tk)
   redis.call('PERSIST', k_subtasks(task))
   redis.call('PERSIST', k_events(task))
