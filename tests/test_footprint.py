@@ -6,6 +6,7 @@ and runs again as before."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,37 +18,6 @@ from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
 from tests.conftest import Processes, stop_or_explain
 from tests.helpers import eventually, plan, wait_status
-
-MOST_BYTES = 4_500
-"""A finished one-subtask task's keys, at most (8,855 with Redis's defaults:
-its hash a hashtable, its event log's node preallocated at 4 KiB)."""
-
-
-async def test_a_finished_small_task_keeps_little_of_redis(
-    supervisor: Supervisor,
-    client: TaskloomClient,
-    processes: Processes,
-    redis_server: LocalRedis,
-    prefix: str,
-) -> None:
-    processes.worker(supervisor.address, capabilities="echo")
-    task_id = await client.submit("small", plan=plan(("a", "echo", "some output")))
-    assert (await client.wait(task_id)).status == TaskStatus.SUCCEEDED
-    raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        keys = [k async for k in raw.scan_iter(f"{prefix}task:{task_id}*")]
-        sizes = {k: await raw.memory_usage(k, samples=0) or 0 for k in keys}
-        encoding = await raw.object("encoding", f"{prefix}task:{task_id}")
-    finally:
-        await raw.aclose()
-    assert len(keys) == 4, keys  # the task, its events, its subtask, their list
-    assert encoding == "listpack", encoding
-    assert sum(sizes.values()) <= MOST_BYTES, sizes
-
-
-MOST_BYTES_PER_SUBTASK = 200
-"""A compacted task's keys, per subtask (about 800 before: a hash of ~540
-bytes and ~300 of log)."""
 
 
 @pytest.fixture
@@ -62,6 +32,38 @@ async def footprint(raw: aioredis.Redis, prefix: str, task_id: str) -> dict[str,
     return {k.removeprefix(prefix): await raw.memory_usage(k, samples=0) or 0 for k in keys}
 
 
+def echo_steps(count: int) -> dict[str, Any]:
+    """A plan of ``count`` independent echo steps, s0, s1, ..."""
+    return plan(*((f"s{i}", "echo", f"part {i}") for i in range(count)))
+
+
+MOST_BYTES = 4_500
+"""A finished one-subtask task's keys, at most (8,855 with Redis's defaults:
+its hash a hashtable, its event log's node preallocated at 4 KiB)."""
+
+
+async def test_a_finished_small_task_keeps_little_of_redis(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    raw_redis: aioredis.Redis,
+    prefix: str,
+) -> None:
+    processes.worker(supervisor.address, capabilities="echo")
+    task_id = await client.submit("small", plan=plan(("a", "echo", "some output")))
+    assert (await client.wait(task_id)).status == TaskStatus.SUCCEEDED
+    sizes = await footprint(raw_redis, prefix, task_id)
+    encoding = await raw_redis.object("encoding", f"{prefix}task:{task_id}")
+    assert len(sizes) == 4, sizes  # the task, its events, its subtask, their list
+    assert encoding == "listpack", encoding
+    assert sum(sizes.values()) <= MOST_BYTES, sizes
+
+
+MOST_BYTES_PER_SUBTASK = 200
+"""A compacted task's keys, per subtask (about 800 before: a hash of ~540
+bytes and ~300 of log)."""
+
+
 async def test_a_compacted_task_keeps_a_fraction_and_reads_watches_and_waits_the_same(
     supervisor: Supervisor,
     client: TaskloomClient,
@@ -70,7 +72,7 @@ async def test_a_compacted_task_keeps_a_fraction_and_reads_watches_and_waits_the
     prefix: str,
 ) -> None:
     processes.worker(supervisor.address, capabilities="echo")
-    steps = plan(*((f"s{i}", "echo", f"part {i}") for i in range(100)))
+    steps = echo_steps(100)
     task_id = await client.submit("many", plan=steps)
     before = await client.wait(task_id)
     assert before.status == TaskStatus.SUCCEEDED
@@ -173,7 +175,7 @@ async def test_a_large_task_is_compacted_at_once_and_in_parts(
     # More subtasks than the script that ends a task gives expiries to one by
     # one (EXPIRE_EACH in lib.lua), and than compact.lua deletes at a time.
     processes.worker(supervisor.address, capabilities="echo")
-    steps = plan(*((f"s{i}", "echo", f"part {i}") for i in range(1_100)))
+    steps = echo_steps(1_100)
     task_id = await client.submit("large", plan=steps)
     done = await client.wait(task_id)
     assert done.status == TaskStatus.SUCCEEDED

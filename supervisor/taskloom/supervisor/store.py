@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections.abc import (
+    AsyncIterator,
     Awaitable,
     Callable,
     Coroutine,
@@ -871,15 +872,28 @@ class Store:
             children = tuple(records.decode_subtask(row) for row in rows)
         elif subtasks:
             ids = await self._redis.lrange(self.keys.subtasks(task_id), 0, -1)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for sid in ids:
-                    pipe.hgetall(self.keys.subtask(task_id, sid))
-                rows = await pipe.execute()
-            children = tuple(records.decode_subtask(row) for row in rows if row)
+            children = tuple(
+                [
+                    records.decode_subtask(row)
+                    async for rows in self._subtask_hashes(task_id, ids)
+                    for row in rows
+                    if row
+                ]
+            )
         task = records.decode_task(raw, children)
         if raw.get("result_parts") and not subtasks:
             task = replace(task, result=await self._joined_result(task_id, raw))
         return task
+
+    async def _subtask_hashes(
+        self, task_id: str, ids: Sequence[str]
+    ) -> AsyncIterator[list[dict[str, str]]]:
+        """The hashes of these subtasks, a pipelined round trip of them at a time."""
+        for start in range(0, len(ids), PIPELINE_CHUNK):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in ids[start : start + PIPELINE_CHUNK]:
+                    pipe.hgetall(self.keys.subtask(task_id, sid))
+                yield await pipe.execute()
 
     async def _joined_result(self, task_id: str, raw: Mapping[str, str]) -> str:
         """The result of a task whose end left it to its readers
@@ -1206,11 +1220,8 @@ class Store:
 
     async def _compact_large(self, task_id: str, token: str, ids: list[str]) -> int:
         writer = records.ArchiveWriter()
-        for start in range(0, len(ids), PIPELINE_CHUNK):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for sid in ids[start : start + PIPELINE_CHUNK]:
-                    pipe.hgetall(self.keys.subtask(task_id, sid))
-                writer.subtasks(await pipe.execute())
+        async for rows in self._subtask_hashes(task_id, ids):
+            writer.subtasks(rows)
         last, cursor = "", "-"
         while page := await self._redis.xrange(
             self.keys.events(task_id), cursor, "+", count=COMPACT_EVENTS

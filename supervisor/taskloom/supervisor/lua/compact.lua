@@ -14,27 +14,26 @@ for i, item in ipairs(PAYLOAD) do
   local v = redis.call('HMGET', tk, 'status', 'finished_at', 'archived')
   done[i] = 0
   if first == 1 then
-    local last = ''
-    if v[1] and TASK_TERMINAL[v[1]] and not v[3] then
-      local newest = redis.call('XREVRANGE', k_events(task), '+', '-', 'COUNT', 1)
-      if newest[1] then last = newest[1][1] end
-    end
     if not v[1] or not TASK_TERMINAL[v[1]] or v[3] then
       -- Gone (expired), running again (reopen took it off the queue) or
       -- already compacted: nothing to do now or later.
       redis.call('ZREM', k_compact(), task)
-    elseif v[2] ~= token or last ~= last_event then
-      -- Something happened to it since it was read: read it again later.
-      redis.call('ZADD', k_compact(), NOW, task)
     else
-      local ak = k_archive(task)
-      redis.call('SET', ak, blob)
-      local ttl = redis.call('PTTL', tk)
-      if ttl > 0 then redis.call('PEXPIRE', ak, ttl) end
-      redis.call('HSET', tk, 'archived', token)
-      redis.call('UNLINK', k_events(task))
-      redis.call('ZREM', k_compact(), task)
-      done[i] = 1
+      local newest = redis.call('XREVRANGE', k_events(task), '+', '-', 'COUNT', 1)
+      local last = newest[1] and newest[1][1] or ''
+      if v[2] ~= token or last ~= last_event then
+        -- Something happened to it since it was read: read it again later.
+        redis.call('ZADD', k_compact(), NOW, task)
+      else
+        local ak = k_archive(task)
+        redis.call('SET', ak, blob)
+        local ttl = redis.call('PTTL', tk)
+        if ttl > 0 then redis.call('PEXPIRE', ak, ttl) end
+        redis.call('HSET', tk, 'archived', token)
+        redis.call('UNLINK', k_events(task))
+        redis.call('ZREM', k_compact(), task)
+        done[i] = 1
+      end
     end
   elseif v[3] == token then
     done[i] = 1
