@@ -242,14 +242,25 @@ async def test_grpc_calls_are_counted_by_method_type_and_code(
             for _ in range(2):
                 with pytest.raises(TaskNotFound):
                     await client.get("0" * 20)
-        text = await asyncio.to_thread(scrape, supervisor.metrics_port)
 
-    def handled(method: str, kind: str, code: str, service: str = "TaskService") -> float | None:
-        return value(text, "grpc_server_handled_total", grpc_service=f"taskloom.v1.{service}",
-                     grpc_method=method, grpc_type=kind, grpc_code=code)  # fmt: skip
+        text = ""
 
-    # The SDK submits on its Session stream, which counts once, when the
-    # client closes it.
+        def handled(
+            method: str, kind: str, code: str, service: str = "TaskService"
+        ) -> float | None:
+            return value(text, "grpc_server_handled_total", grpc_service=f"taskloom.v1.{service}",
+                         grpc_method=method, grpc_type=kind, grpc_code=code)  # fmt: skip
+
+        # The SDK submits on its Session stream, which counts once, when the
+        # server sees the client close it: that happens after the client's
+        # close returns, so the scrape waits for it.
+        async def session_counted() -> bool:
+            nonlocal text
+            text = await asyncio.to_thread(scrape, supervisor.metrics_port)
+            return handled("Session", "bidi_stream", "CANCELLED") is not None
+
+        await eventually(session_counted)
+
     assert handled("Session", "bidi_stream", "CANCELLED") == 1
     assert handled("SubmitTask", "unary", "OK") is None
     assert handled("GetTask", "unary", "NOT_FOUND") == 2
