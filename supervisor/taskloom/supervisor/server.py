@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import re
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
@@ -23,7 +24,15 @@ from taskloom.core import wire
 from taskloom.core.auth import LOCAL_ADMIN, Principal
 from taskloom.core.errors import InvalidArgument, PermissionDenied, TaskloomError, Unavailable
 from taskloom.core.limits import batches, cut_text
-from taskloom.core.model import Assignment, Event, Task
+from taskloom.core.model import (
+    Assignment,
+    AttemptRef,
+    Event,
+    ProgressUpdate,
+    SubtaskFailure,
+    SubtaskResult,
+    Task,
+)
 from taskloom.core.plan import CAPABILITY_RE, LABEL_RE
 from taskloom.core.prices import PriceTable
 from taskloom.core.ratelimits import MAX_PAUSE, LimitTable
@@ -491,25 +500,25 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
     async def _read(
         self, orchestrator: Orchestrator, session: WorkerSession, context: Context
     ) -> None:
+        """Write a worker's reports as they come, several messages at once.
+
+        A receiver reads the stream ahead into an ``_Inbox``; the reports
+        that arrive while one write is in Redis go together in the next
+        (group commit). A slow Redis (an fsync that takes milliseconds)
+        then gets bigger writes, not a longer queue of small ones: the
+        worker's results are committed at the pace they come, not one
+        message per round trip."""
+        inbox = _Inbox()
+        receiver = asyncio.create_task(
+            _receive(orchestrator, session, context, inbox), name=f"receive-{session.id[:8]}"
+        )
         try:
-            while True:
-                request = await context.read()
-                if request is grpc.aio.EOF:
-                    break
-                kind = request.WhichOneof("message")
-                draining = request.heartbeat.draining if kind == "heartbeat" else None
-                orchestrator.heard_from(session, draining=draining)
-                if kind == "heartbeat":
-                    session.send(HeartbeatAck())
-                    continue
-                if kind == "hello":
-                    session.close(InvalidArgument("Hello may only be sent once per stream"))
-                    return
-                # Nothing more is read from this worker until its reports are
-                # written: however long Redis takes, that is not its silence.
+            while messages := await inbox.take():
+                # However long Redis takes to write them, that is not the
+                # worker's silence (the receiver may be waiting for room).
                 session.writing += 1
                 try:
-                    await _report(orchestrator, session, request, kind)
+                    await _report(orchestrator, session, messages)
                 finally:
                     session.writing -= 1
                     orchestrator.heard_from(session)
@@ -519,13 +528,98 @@ class WorkerServicer(workers_pb2_grpc.WorkerServiceServicer):
             logger.warning("closing %s: %s", session, e)
             session.close(e)
             return
-        except grpc.aio.AioRpcError:
-            pass
         except Exception:
             logger.exception("error on %s", session)
             session.close(TaskloomError("internal error in the supervisor; see its log"))
             return
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
         session.close()
+
+
+READ_AHEAD = 4 * 1024 * 1024
+"""Report bytes read from one worker and not written yet, at most (a message
+larger than this is let in alone): beyond it the stream is not read, and
+HTTP/2 flow control slows the worker."""
+WRITE_BYTES = 2 * 1024 * 1024
+"""Report bytes written together, at most (a worker's frames are up to 2 MiB)."""
+MERGED = frozenset({"accepted", "progress", "completed", "failed"})
+"""Reports written together; a ``stopped`` goes alone, in its place."""
+
+
+class _Inbox:
+    """A worker's report messages, read and not yet written (``READ_AHEAD``)."""
+
+    def __init__(self) -> None:
+        self._messages: deque[tuple[wpb.ConnectRequest, int]] = deque()
+        self._bytes = 0
+        self._ended = False
+        self._changed = asyncio.Condition()
+
+    async def put(self, message: wpb.ConnectRequest) -> None:
+        """Keep ``message``; waits while the inbox is full."""
+        size = message.ByteSize()
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not self._messages or self._bytes + size <= READ_AHEAD
+            )
+            self._messages.append((message, size))
+            self._bytes += size
+            self._changed.notify_all()
+
+    async def end(self) -> None:
+        """Nothing more comes: ``take`` returns what is left, then nothing."""
+        async with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    async def take(self) -> list[wpb.ConnectRequest]:
+        """The next messages to write together, in the order they came:
+        those of ``MERGED`` kinds up to ``WRITE_BYTES``, or one other.
+        Waits for one; ``[]`` once the stream has ended and all were taken."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._messages) or self._ended)
+            taken: list[wpb.ConnectRequest] = []
+            size = 0
+            while self._messages:
+                message, n = self._messages[0]
+                merged = message.WhichOneof("message") in MERGED
+                if taken and (not merged or size + n > WRITE_BYTES):
+                    break
+                self._messages.popleft()
+                taken.append(message)
+                size += n
+                if not merged:
+                    break
+            self._bytes -= size
+            self._changed.notify_all()
+            return taken
+
+
+async def _receive(
+    orchestrator: Orchestrator, session: WorkerSession, context: Context, inbox: _Inbox
+) -> None:
+    """Read a worker's stream: heartbeats are answered here, reports go to ``inbox``."""
+    try:
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                break
+            kind = request.WhichOneof("message")
+            draining = request.heartbeat.draining if kind == "heartbeat" else None
+            orchestrator.heard_from(session, draining=draining)
+            if kind == "heartbeat":
+                session.send(HeartbeatAck())
+                continue
+            if kind == "hello":
+                session.close(InvalidArgument("Hello may only be sent once per stream"))
+                break
+            await inbox.put(request)
+    except grpc.aio.AioRpcError:
+        pass
+    await inbox.end()
 
 
 def assignment_size(a: Assignment) -> int:
@@ -587,26 +681,43 @@ def bound_worker_id(principal: Principal, worker_id: str) -> str:
 
 
 async def _report(
-    orchestrator: Orchestrator, session: WorkerSession, request: wpb.ConnectRequest, kind: str
+    orchestrator: Orchestrator, session: WorkerSession, messages: list[wpb.ConnectRequest]
 ) -> None:
-    """Write one message of a worker's reports; results and failures are
-    acknowledged once written."""
+    """Write a worker's report messages as one: the starts, the progress,
+    the results, then the failures (the order each attempt's reports come
+    in); results and failures are acknowledged once written. An attempt
+    that ended in the same messages is not written as started: its end says
+    it ran, as a worker's own batching does."""
     # Reports count only for attempts given to this worker (see held_by).
     worker_id = session.info.worker_id
-    if kind == "accepted":
-        refs = [codec.ref_from_pb(r) for r in request.accepted.refs]
-        await orchestrator.accepted(refs, worker_id)
-    elif kind == "progress":
-        await orchestrator.progress(
-            codec.progress_from_pb(request.progress), worker_id, session=session
-        )
-    elif kind == "completed":
-        acks = await orchestrator.completed(codec.results_from_pb(request.completed), worker_id)
-        session.send(AckReports(tuple(acks)))
-    elif kind == "stopped":
-        await orchestrator.stopped(session, codec.stopped_from_pb(request.stopped))
-    elif kind == "failed":
-        acks = await orchestrator.failed(codec.failures_from_pb(request.failed), worker_id)
+    accepted: list[AttemptRef] = []
+    progress: list[ProgressUpdate] = []
+    results: list[SubtaskResult] = []
+    failures: list[SubtaskFailure] = []
+    for message in messages:
+        kind = message.WhichOneof("message")
+        if kind == "accepted":
+            accepted += [codec.ref_from_pb(r) for r in message.accepted.refs]
+        elif kind == "progress":
+            progress += codec.progress_from_pb(message.progress)
+        elif kind == "completed":
+            results += codec.results_from_pb(message.completed)
+        elif kind == "failed":
+            failures += codec.failures_from_pb(message.failed)
+        elif kind == "stopped":
+            await orchestrator.stopped(session, codec.stopped_from_pb(message.stopped))
+    ended = {r.ref for r in results} | {f.ref for f in failures}
+    started = [r for r in accepted if r not in ended]
+    if started:
+        await orchestrator.accepted(started, worker_id)
+    if progress:
+        await orchestrator.progress(progress, worker_id, session=session)
+    acks: list[AttemptRef] = []
+    if results:
+        acks += await orchestrator.completed(results, worker_id)
+    if failures:
+        acks += await orchestrator.failed(failures, worker_id)
+    if results or failures:
         session.send(AckReports(tuple(acks)))
 
 

