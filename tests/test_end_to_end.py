@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,38 @@ async def test_waiting_for_a_task_that_ended_unheard_of_sees_its_end(
     # Seen once, the end is remembered like any other.
     assert [e.id for e in await _collect_terminal(client, task_id)] == [only.id]
     (test_dir / "open-g").touch()
+
+
+class _Clock:
+    """``time`` for the watching module, counting its looks at the clock."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def monotonic(self) -> float:
+        self.looks += 1
+        return time.monotonic()
+
+
+async def test_a_session_that_waits_for_nothing_costs_nothing(
+    supervisor: Supervisor, client: TaskloomClient, processes: Processes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A client's Session stream that has had its tasks' ends sleeps until the
+    next periodic look (WATCH_WAIT away). It used to spin once that time had
+    passed with nothing to wait for: each look at once timed out and looked
+    again, 12 % of a loaded supervisor's CPU."""
+    monkeypatch.setattr(watching, "WATCH_WAIT", 0.05)
+    processes.worker(supervisor.address, capabilities="echo")
+    task_id = await client.submit("one", plan=plan(("a", "echo", "1")))
+    assert (await client.wait(task_id)).status == TaskStatus.SUCCEEDED
+    clock = _Clock()
+    monkeypatch.setattr(watching, "time", clock)
+    began = time.monotonic()
+    await asyncio.sleep(1.0)
+    # A few looks per WATCH_WAIT at most (the spin made thousands a second).
+    periods = (time.monotonic() - began) / watching.WATCH_WAIT + 1
+    assert clock.looks <= 4 * periods, (clock.looks, periods)
 
 
 async def _collect_terminal(client: TaskloomClient, task_id: str) -> list[Event]:

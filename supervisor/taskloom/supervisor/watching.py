@@ -229,6 +229,9 @@ class Waiter:
         Raises Unavailable when the supervisor steps down."""
         while True:
             if time.monotonic() - self._read_at >= WATCH_WAIT:
+                # Also when nothing waits: the next look is a WATCH_WAIT away
+                # (a session that waits for nothing must not spin).
+                self._read_at = time.monotonic()
                 self._unread = list(dict.fromkeys([*self._unread, *self._waits.waiting]))
             if self._unread:
                 unread, self._unread = self._unread, []
