@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from pathlib import Path
 
@@ -14,8 +15,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from taskloom.client import TaskloomClient
 from taskloom.core.errors import ConfigError, NotLeader, OutcomeUnknown, StoreUnavailable
 from taskloom.core.localredis import LocalRedis, free_port
-from taskloom.core.model import TaskStatus
+from taskloom.core.model import Assignment, AttemptRef, TaskStatus, WorkerInfo
+from taskloom.supervisor import server
 from taskloom.supervisor.app import Supervisor
+from taskloom.supervisor.scheduler import (
+    AckReports,
+    AssignBatch,
+    CancelAttempts,
+    HeartbeatAck,
+    WorkerSession,
+)
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.v1 import workers_pb2 as wpb
 from taskloom.v1 import workers_pb2_grpc
@@ -141,3 +150,57 @@ async def test_a_port_in_use_is_a_clear_configuration_error(
         with pytest.raises(ConfigError, match=f"cannot listen on {address}: .*another process"):
             await server.start()
         await server.stop(grace=0)
+
+
+class _Sent:
+    """A stream's write side, keeping what was written (a pure unit test of
+    how ``_send`` merges a session's messages)."""
+
+    def __init__(self) -> None:
+        self.messages: list[wpb.ConnectResponse] = []
+
+    async def write(self, message: wpb.ConnectResponse) -> None:
+        self.messages.append(message)
+
+
+def _acks(message: wpb.ConnectResponse) -> list[str]:
+    assert message.HasField("ack"), message
+    return [r.subtask_id for r in message.ack.refs]
+
+
+async def test_acknowledgements_wait_to_go_together_and_assignments_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "ACK_DELAY", 3600.0)
+    session = WorkerSession(WorkerInfo("w", "w", frozenset({"echo"}), 4), 0.0)
+    sent = _Sent()
+    ref = functools.partial(AttemptRef, "t")
+    work = Assignment("t", "x", 1, "echo", "", "do", "g")
+    for message in (AckReports((ref("a", 1),)), HeartbeatAck(), AssignBatch((work,))):
+        session.send(message)
+    sending = asyncio.create_task(server._send(session, sent))  # type: ignore[arg-type]
+    try:
+        # The assignment goes at once; the acknowledgements wait.
+        await eventually(lambda: len(sent.messages) >= 1)
+        assert sent.messages[0].HasField("assign")
+        session.send(AckReports((ref("b", 1), ref("c", 2))))
+        await asyncio.sleep(0.1)
+        assert len(sent.messages) == 1
+        # A cancel takes them with it, all in one Ack, first.
+        session.send(CancelAttempts((ref("x", 1),), "stop"))
+        await eventually(lambda: len(sent.messages) >= 3)
+        assert _acks(sent.messages[1]) == ["a", "b", "c"]
+        assert sent.messages[2].HasField("cancel")
+        # Alone, they go when their time is up.
+        monkeypatch.setattr(server, "ACK_DELAY", 0.01)
+        session.send(AckReports((ref("d", 1),)))
+        await eventually(lambda: len(sent.messages) >= 4)
+        assert _acks(sent.messages[3]) == ["d"]
+        # A close takes what waits with it.
+        monkeypatch.setattr(server, "ACK_DELAY", 3600.0)
+        session.send(AckReports((ref("e", 1),)))
+        session.close()
+        await asyncio.wait_for(sending, 5)
+        assert len(sent.messages) == 5 and _acks(sent.messages[4]) == ["e"]
+    finally:
+        sending.cancel()

@@ -105,8 +105,9 @@ class WorkerSession:
         self.reserved = 0
         self.last_seen = now
         self.writing = 0
-        """Its reports being written to Redis now. Its later messages wait
-        unread meanwhile, so its silence does not count (see ``reap``)."""
+        """Its reports being written to Redis now. Its later messages may wait
+        unread meanwhile (once 4 MiB of them are read ahead), so its silence
+        does not count (see ``reap``)."""
         self.draining = False
         self.closed = False
         self.credential = b""
