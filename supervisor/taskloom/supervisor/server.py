@@ -637,9 +637,7 @@ async def _send(session: WorkerSession, context: Context) -> None:
                 if not acks:
                     due = loop.time() + ACK_DELAY
                 acks.append(message)
-        rest: list[Outgoing] = [
-            m for m in pending if not isinstance(m, AckReports | HeartbeatAck)
-        ]
+        rest: list[Outgoing] = [m for m in pending if not isinstance(m, AckReports | HeartbeatAck)]
         # A cancel, a drain or a close takes the acknowledgements with it.
         if acks and (loop.time() >= due or any(not isinstance(m, AssignBatch) for m in rest)):
             rest, acks = [*acks, *rest], []
