@@ -16,6 +16,7 @@ from taskloom.core.localredis import LocalRedis
 from taskloom.core.model import AttemptRef, TaskStatus, Usage
 from taskloom.supervisor.app import Supervisor
 from taskloom.supervisor.settings import SupervisorSettings
+from taskloom.supervisor.store import Store
 from tests.conftest import Processes, stop_or_explain
 from tests.helpers import eventually, plan, wait_status
 
@@ -163,6 +164,34 @@ async def test_the_supervisor_compacts_what_ended_by_itself(
             assert await raw_redis.zcard(f"{prefix}compact") == 0
     finally:
         await stop_or_explain(server)
+
+
+async def test_a_read_that_compaction_overtakes_reads_the_archive(
+    supervisor: Supervisor,
+    client: TaskloomClient,
+    processes: Processes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader finds the task not compacted, then its subtasks gone: the
+    compaction landed between its two reads. It reads the archive instead of
+    returning a task without subtasks (the supervisor's own loop can get
+    there at any moment)."""
+    processes.worker(supervisor.address, capabilities="echo")
+    task_id = await client.submit("raced", plan=plan(("a", "echo", "A"), ("b", "echo", "B")))
+    done = await client.wait(task_id)
+    reads = Store._subtask_hashes
+    overtaken: list[str] = []
+
+    async def compacted_first(self: Store, task: str, ids: Any) -> AsyncIterator[Any]:
+        if not overtaken:
+            overtaken.append(task)
+            await self.compact(task)
+        async for rows in reads(self, task, ids):
+            yield rows
+
+    monkeypatch.setattr(Store, "_subtask_hashes", compacted_first)
+    assert await client.get(task_id) == done
+    assert overtaken == [task_id]
 
 
 async def test_a_large_task_is_compacted_at_once_and_in_parts(

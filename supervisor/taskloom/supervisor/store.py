@@ -187,6 +187,11 @@ def _translated(
     return wrapper
 
 
+def _titled(rows: Mapping[str, Mapping[str, str]]) -> dict[str, tuple[str, str]]:
+    """Each subtask's title and output, for ``records.join_result``."""
+    return {sid: (row.get("title", ""), row.get("output", "")) for sid, row in rows.items()}
+
+
 def _cancellation_swallowed() -> None:
     """Raise CancelledError if the current task was cancelled during the call."""
     current = asyncio.current_task()
@@ -873,14 +878,10 @@ class Store:
             children = tuple(records.decode_subtask(row) for row in rows)
         elif subtasks:
             ids = await self._redis.lrange(self.keys.subtasks(task_id), 0, -1)
-            children = tuple(
-                [
-                    records.decode_subtask(row)
-                    async for rows in self._subtask_hashes(task_id, ids)
-                    for row in rows
-                    if row
-                ]
-            )
+            found = [row async for rows in self._subtask_hashes(task_id, ids) for row in rows]
+            if not all(found) and await self._compacted_meanwhile(task_id):
+                return await self.get_task(task_id)
+            children = tuple(records.decode_subtask(row) for row in found if row)
         task = records.decode_task(raw, children)
         if raw.get("result_parts") and not subtasks:
             task = replace(task, result=await self._joined_result(task_id, raw))
@@ -900,20 +901,22 @@ class Store:
         """The result of a task whose end left it to its readers
         (``result_parts``), from its subtasks' titles and outputs."""
         ids = records.result_from(raw)
-        outputs: dict[str, tuple[str, str]] = {}
-        if raw.get("archived"):
-            archive = await self._archive(task_id, raw["archived"])
-            for row in archive.subtasks if archive is not None else []:
-                outputs[row.get("id", "")] = (row.get("title", ""), row.get("output", ""))
-        else:
-            for start in range(0, len(ids), PIPELINE_CHUNK):
-                chunk = ids[start : start + PIPELINE_CHUNK]
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for sid in chunk:
-                        pipe.hmget(self.keys.subtask(task_id, sid), ["title", "output"])
-                    for sid, (title, output) in zip(chunk, await pipe.execute(), strict=True):
-                        outputs[sid] = (title or "", output or "")
-        return records.join_result(ids, outputs)
+        token = raw.get("archived")
+        if not token:
+            found = [row async for rows in self._subtask_hashes(task_id, ids) for row in rows]
+            if all(found) or not await self._compacted_meanwhile(task_id):
+                parts = dict(zip(ids, found, strict=True))
+                return records.join_result(ids, _titled(parts))
+            token = await self._redis.hget(self.keys.task(task_id), "archived")
+        archive = await self._archive(task_id, token) if token else None
+        rows = archive.subtasks if archive is not None else []
+        return records.join_result(ids, _titled({row.get("id", ""): row for row in rows}))
+
+    async def _compacted_meanwhile(self, task_id: str) -> bool:
+        """Whether a task whose subtask hashes a read found missing was
+        compacted during the read (its hashes go, its archive has them):
+        the read must go to the archive instead."""
+        return bool(await self._redis.hexists(self.keys.task(task_id), "archived"))
 
     @_translated
     async def snapshots(self, task_ids: Sequence[str], max_subtasks: int) -> dict[str, Task]:
