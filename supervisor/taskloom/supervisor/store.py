@@ -879,7 +879,7 @@ class Store:
         elif subtasks:
             ids = await self._redis.lrange(self.keys.subtasks(task_id), 0, -1)
             found = [row async for rows in self._subtask_hashes(task_id, ids) for row in rows]
-            if not all(found) and await self._compacted_meanwhile(task_id):
+            if not all(found) and await self._archived_meanwhile(task_id):
                 return await self.get_task(task_id)
             children = tuple(records.decode_subtask(row) for row in found if row)
         task = records.decode_task(raw, children)
@@ -904,19 +904,20 @@ class Store:
         token = raw.get("archived")
         if not token:
             found = [row async for rows in self._subtask_hashes(task_id, ids) for row in rows]
-            if all(found) or not await self._compacted_meanwhile(task_id):
+            token = "" if all(found) else await self._archived_meanwhile(task_id)
+            if not token:
                 parts = dict(zip(ids, found, strict=True))
                 return records.join_result(ids, _titled(parts))
-            token = await self._redis.hget(self.keys.task(task_id), "archived")
         archive = await self._archive(task_id, token) if token else None
         rows = archive.subtasks if archive is not None else []
         return records.join_result(ids, _titled({row.get("id", ""): row for row in rows}))
 
-    async def _compacted_meanwhile(self, task_id: str) -> bool:
-        """Whether a task whose subtask hashes a read found missing was
-        compacted during the read (its hashes go, its archive has them):
-        the read must go to the archive instead."""
-        return bool(await self._redis.hexists(self.keys.task(task_id), "archived"))
+    async def _archived_meanwhile(self, task_id: str) -> str:
+        """The archive token of a task whose subtask hashes a read found
+        missing, if it was compacted during the read (its hashes go, its
+        archive has them): the read must go to the archive instead. ''
+        if it was not."""
+        return await self._redis.hget(self.keys.task(task_id), "archived") or ""
 
     @_translated
     async def snapshots(self, task_ids: Sequence[str], max_subtasks: int) -> dict[str, Task]:
