@@ -5,7 +5,9 @@ that kills the primary.
 
 Two replicas, so that one is left to acknowledge writes (``WAIT``) after the
 other is promoted. Sentinel is tuned to act fast (a primary silent for 1 s is down; two of the
-three sentinels must agree), so that a failover takes a few seconds.
+three sentinels must agree), so that a failover takes a few seconds. An election that splits
+the votes is tried again after twice ``failover-timeout``: 4 s here (Sentinel's default is
+6 minutes), which a slow CI machine did hit with 5 s.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from taskloom.core.localredis import free_port
 
 MASTER = "taskloom"
 DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 2000
+FAILOVER_BOUND = 30.0
+"""How long a failover may take here, at worst: detection, two split
+elections, promotion. What a client given this grace must live through."""
 GUARD = 60.0
 """Only so that a broken setup fails instead of hanging."""
 
@@ -69,7 +75,7 @@ class ReplicatedRedis:
                 f"logfile {folder / 'sentinel.log'}\n"
                 f"sentinel monitor {MASTER} 127.0.0.1 {self.ports['a']} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {MASTER} 5000\n"
+                f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {MASTER} 1\n"
             )
             self.sentinels.append(self._spawn([self.sentinel, str(conf)]))

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from taskloom.client import TaskloomClient
+from taskloom.client import ClientSettings, TaskloomClient
 from taskloom.core.errors import StoreUnavailable
 from taskloom.core.model import Plan, PlannedSubtask, TaskOptions, TaskStatus
 from taskloom.supervisor.settings import SupervisorSettings
 from taskloom.supervisor.store import Store
 from tests.conftest import Processes
 from tests.helpers import eventually, plan, wait_status
-from tests.sentinel import MISSING, ReplicatedRedis, sentinel_binaries
+from tests.sentinel import FAILOVER_BOUND, MISSING, ReplicatedRedis, sentinel_binaries
 
 pytestmark = pytest.mark.skipif(sentinel_binaries() is None, reason=MISSING)
 
@@ -108,7 +108,10 @@ async def test_a_cluster_on_sentinel_finishes_every_task_across_a_failover(
     settings = supervisor_settings.model_copy(update={"redis_url": replicated.url})
     await processes.supervisor(settings, listen=listen_address)
     processes.worker(listen_address, concurrency=8)
-    async with TaskloomClient(listen_address) as client:
+    # Submits made during the failover wait for it, as a user who runs on
+    # Sentinel is told to set up: a grace longer than a failover can take.
+    patient = ClientSettings.load(supervisor=listen_address, unavailable_grace=FAILOVER_BOUND)
+    async with TaskloomClient(settings=patient) as client:
         # Some tasks wait at a gate while the primary dies; others are
         # submitted around the failover.
         gated = [

@@ -160,6 +160,8 @@ class TaskloomClient:
         turn into ``OutcomeUnknown``."""
         deadline: float | None = None
         pause = 0.1
+        doubt: TaskloomError | None = None
+        """A repeatable call's first try that may have taken effect unanswered."""
         while True:
             errors: builtins.list[TaskloomError] = []
             order = [(self._current + step) % len(self._stubs) for step in range(len(self._stubs))]
@@ -176,6 +178,8 @@ class TaskloomClient:
                         self._current = index
                         raise error from None
                     errors.append(error)
+                    if doubt is None and not isinstance(error, NotLeader):
+                        doubt = error
                     # A standby names the leader: go there next, at once.
                     followed = await self._follow(error, index) if follows < 2 else None
                     if followed is not None:
@@ -200,7 +204,11 @@ class TaskloomClient:
                         self.settings.unavailable_grace,
                     )
             if not waiting or time.monotonic() + pause > deadline:
-                raise _most_telling(errors) from None
+                last = _most_telling(errors)
+                if repeatable and doubt is not None and isinstance(last, NotLeader):
+                    # None leads now, but an earlier try may have been stored.
+                    raise Unavailable(f"{last}; before that: {doubt}") from None
+                raise last from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
@@ -689,8 +697,10 @@ def _request_of(item: Mapping[str, Any]) -> pb.SubmitTaskRequest:
 
 def _unknown(error: Unavailable, key: str) -> Unavailable:
     """What a submit that got no trustworthy answer raises: ``OutcomeUnknown``
-    (safe to repeat with ``key``), unless nothing could have been stored (no
-    supervisor leads)."""
+    (safe to repeat with ``key``), unless nothing could have been stored: every
+    try was refused by a standby, or fenced (``NotLeader``). The callers turn a
+    ``NotLeader`` after a try that may have been stored into ``OutcomeUnknown``
+    themselves."""
     if isinstance(error, NotLeader | OutcomeUnknown):
         return error
     return OutcomeUnknown(str(error), key)

@@ -23,7 +23,7 @@ import grpc
 from opentelemetry import propagate
 
 from taskloom.client import codec
-from taskloom.core.errors import TaskloomError, Unavailable
+from taskloom.core.errors import NotLeader, OutcomeUnknown, TaskloomError, Unavailable
 from taskloom.core.status import from_rpc_error
 from taskloom.core.tracing import tracing
 from taskloom.v1 import tasks_pb2 as pb
@@ -72,6 +72,12 @@ class Session:
         and how often they were."""
         self._resting: set[int] = set()
         """Of those, the ones waiting to be sent again."""
+        self._in_flight: set[int] = set()
+        """Submits written to the current stream and not answered on it."""
+        self._doubted: set[int] = set()
+        """Submits a try of which may have been stored unacknowledged (no
+        answer came, or Redis was away): a final "none leads" does not tell
+        their outcome."""
         self._waits: dict[str, list[Ended]] = {}
         """Tasks waited for with no answer yet, and who waits."""
         self._unsent_submits: list[int] = []
@@ -94,30 +100,50 @@ class Session:
         self._submits[ref] = (item, future)
         self._unsent_submits.append(ref)
         self._kick()
-        settings = self._client.settings
-        given_up: float | None = None
         try:
-            while True:
-                # Each try has ``timeout`` to be answered, as a unary call
-                # would; one that is not is sent again (its key makes that
-                # safe) until ``unavailable_grace`` has passed.
-                try:
-                    async with asyncio.timeout(settings.timeout):
-                        return await asyncio.shield(future)
-                except TimeoutError:
-                    now = time.monotonic()
-                    given_up = given_up or now + settings.unavailable_grace
-                    if now >= given_up:
-                        raise Unavailable(
-                            f"the supervisor did not answer within {settings.timeout:g}s "
-                            "(TASKLOOM_TIMEOUT)"
-                        ) from None
-                    self._unsent_submits.append(ref)
-                    self._kick()
+            result = await self._answer(ref, future)
+            if result.HasField("error") and ref in self._doubted:
+                error = codec.error_from_pb(result.error)
+                if isinstance(error, NotLeader):
+                    raise error
+            return result
+        except NotLeader as e:
+            if ref not in self._doubted:
+                raise  # every try was refused: it is surely not stored
+            raise OutcomeUnknown(
+                f"{e} (an earlier try may have been stored before it stepped down)",
+                request.idempotency_key,
+            ) from None
         finally:
             self._submits.pop(ref, None)
             self._retry_until.pop(ref, None)
             self._resting.discard(ref)
+            self._in_flight.discard(ref)
+            self._doubted.discard(ref)
+
+    async def _answer(
+        self, ref: int, future: asyncio.Future[pb.SubmitTaskResult]
+    ) -> pb.SubmitTaskResult:
+        settings = self._client.settings
+        given_up: float | None = None
+        while True:
+            # Each try has ``timeout`` to be answered, as a unary call would;
+            # one that is not is sent again (its key makes that safe) until
+            # ``unavailable_grace`` has passed.
+            try:
+                async with asyncio.timeout(settings.timeout):
+                    return await asyncio.shield(future)
+            except TimeoutError:
+                self._doubted.add(ref)
+                now = time.monotonic()
+                given_up = given_up or now + settings.unavailable_grace
+                if now >= given_up:
+                    raise Unavailable(
+                        f"the supervisor did not answer within {settings.timeout:g}s "
+                        "(TASKLOOM_TIMEOUT)"
+                    ) from None
+                self._unsent_submits.append(ref)
+                self._kick()
 
     def listen(self, task_ids: list[str], ended: Ended) -> None:
         """Call ``ended`` with each task's end, once, as it comes."""
@@ -202,6 +228,9 @@ class Session:
                     self._fail(error)
                     return
             finally:
+                # What was sent on it and not answered may have been stored.
+                self._doubted |= self._in_flight
+                self._in_flight.clear()
                 writer.cancel()
                 call.cancel()
 
@@ -231,6 +260,7 @@ class Session:
                 del self._unsent_waits[:MESSAGE_WAITS]
                 if not (submits or waits):
                     continue
+                self._in_flight.update(item.ref for item in submits)
                 try:
                     await call.write(pb.SessionRequest(submits=submits, waits=waits))
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
@@ -241,6 +271,7 @@ class Session:
             pending = self._submits.get(submitted.ref)
             if pending is None:
                 continue
+            self._in_flight.discard(submitted.ref)
             result = submitted.result
             if result.HasField("error") and self._again(submitted.ref, result.error):
                 continue
@@ -254,8 +285,11 @@ class Session:
         """Whether a submit refused with ``error`` is sent again: while the
         supervisor steps down or Redis is away, for up to ``unavailable_grace``
         (its key makes a second store impossible)."""
-        if not isinstance(codec.error_from_pb(error), Unavailable):
+        refused = codec.error_from_pb(error)
+        if not isinstance(refused, Unavailable):
             return False
+        if not isinstance(refused, NotLeader):
+            self._doubted.add(ref)  # Redis away: the write may have landed
         now = time.monotonic()
         until, tries = self._retry_until.get(
             ref, (now + self._client.settings.unavailable_grace, 0)
