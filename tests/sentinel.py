@@ -89,6 +89,10 @@ class ReplicatedRedis:
             "--port", str(self.ports[name]), "--bind", "127.0.0.1",
             "--dir", str(folder), "--logfile", str(folder / "redis.log"),
             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+            # A replica that cannot resync in part (after a failover, one that
+            # had more of the log than the promoted one) starts a full sync at
+            # once, not after Redis 7's 5 s wait for more replicas to join it.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if replica_of:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
