@@ -103,13 +103,16 @@ async def test_a_supervisor_without_redis_says_so_at_start(
         await Supervisor(settings).start()
 
 
+@pytest.mark.parametrize("unary", [False, True], ids=["session", "unary"])
 async def test_while_redis_is_down_calls_fail_fast_and_work_resumes_when_it_returns(
-    supervisor_settings: SupervisorSettings, tmp_path: Path, processes: Processes
+    supervisor_settings: SupervisorSettings, tmp_path: Path, processes: Processes, unary: bool
 ) -> None:
     redis = LocalRedis(tmp_path / "redis")
     redis.start()
     settings = supervisor_settings.model_copy(update={"redis_url": redis.url})
     async with Supervisor(settings) as supervisor, TaskloomClient(supervisor.address) as client:
+        # unary: submit as against a supervisor older than the Session stream.
+        client._sessionless = unary
         processes.worker(supervisor.address)
         done = await client.wait(await client.submit("before", plan=plan(("a", "echo", "1"))))
         assert done.status == TaskStatus.SUCCEEDED
