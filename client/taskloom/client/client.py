@@ -207,7 +207,9 @@ class TaskloomClient:
                 last = _most_telling(errors)
                 if repeatable and doubt is not None and isinstance(last, NotLeader):
                     # None leads now, but an earlier try may have been stored.
-                    raise Unavailable(f"{last}; before that: {doubt}") from None
+                    raise Unavailable(
+                        f"{last}; an earlier try may have been stored: {doubt}"
+                    ) from None
                 raise last from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
@@ -698,9 +700,8 @@ def _request_of(item: Mapping[str, Any]) -> pb.SubmitTaskRequest:
 def _unknown(error: Unavailable, key: str) -> Unavailable:
     """What a submit that got no trustworthy answer raises: ``OutcomeUnknown``
     (safe to repeat with ``key``), unless nothing could have been stored: every
-    try was refused by a standby, or fenced (``NotLeader``). The callers turn a
-    ``NotLeader`` after a try that may have been stored into ``OutcomeUnknown``
-    themselves."""
+    try was refused by a standby, or fenced (``NotLeader``). After a try that
+    may have been stored, the callers raise a plain ``Unavailable`` instead."""
     if isinstance(error, NotLeader | OutcomeUnknown):
         return error
     return OutcomeUnknown(str(error), key)

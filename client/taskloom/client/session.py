@@ -23,7 +23,7 @@ import grpc
 from opentelemetry import propagate
 
 from taskloom.client import codec
-from taskloom.core.errors import NotLeader, OutcomeUnknown, TaskloomError, Unavailable
+from taskloom.core.errors import NotLeader, TaskloomError, Unavailable
 from taskloom.core.status import from_rpc_error
 from taskloom.core.tracing import tracing
 from taskloom.v1 import tasks_pb2 as pb
@@ -72,8 +72,6 @@ class Session:
         and how often they were."""
         self._resting: set[int] = set()
         """Of those, the ones waiting to be sent again."""
-        self._in_flight: set[int] = set()
-        """Submits written to the current stream and not answered on it."""
         self._doubted: set[int] = set()
         """Submits a try of which may have been stored unacknowledged (no
         answer came, or Redis was away): a final "none leads" does not tell
@@ -110,15 +108,13 @@ class Session:
         except NotLeader as e:
             if ref not in self._doubted:
                 raise  # every try was refused: it is surely not stored
-            raise OutcomeUnknown(
-                f"{e} (an earlier try may have been stored before it stepped down)",
-                request.idempotency_key,
-            ) from None
+            # None leads now, but an earlier try may have been stored: the
+            # client makes this OutcomeUnknown.
+            raise Unavailable(f"{e}; an earlier try may have been stored") from None
         finally:
             self._submits.pop(ref, None)
             self._retry_until.pop(ref, None)
             self._resting.discard(ref)
-            self._in_flight.discard(ref)
             self._doubted.discard(ref)
 
     async def _answer(
@@ -229,8 +225,10 @@ class Session:
                     return
             finally:
                 # What was sent on it and not answered may have been stored.
-                self._doubted |= self._in_flight
-                self._in_flight.clear()
+                unsent = set(self._unsent_submits)
+                self._doubted.update(
+                    r for r in self._submits if r not in unsent and r not in self._resting
+                )
                 writer.cancel()
                 call.cancel()
 
@@ -260,7 +258,6 @@ class Session:
                 del self._unsent_waits[:MESSAGE_WAITS]
                 if not (submits or waits):
                     continue
-                self._in_flight.update(item.ref for item in submits)
                 try:
                     await call.write(pb.SessionRequest(submits=submits, waits=waits))
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
@@ -271,7 +268,6 @@ class Session:
             pending = self._submits.get(submitted.ref)
             if pending is None:
                 continue
-            self._in_flight.discard(submitted.ref)
             result = submitted.result
             if result.HasField("error") and self._again(submitted.ref, result.error):
                 continue
